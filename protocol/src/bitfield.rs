@@ -1,0 +1,134 @@
+//! [`Bitfield`]: which pieces of a file a peer holds.
+//!
+//! The wire form follows BEP 3: one bit per piece, the most significant bit of byte 0 is piece
+//! 0, exactly `ceil(pieces / 8)` bytes, and the spare bits at the end are zero.
+
+use crate::id::PieceIndex;
+
+/// A fixed-length set of piece indices.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bitfield {
+    bytes: Vec<u8>,
+    len: u32,
+}
+
+impl std::fmt::Debug for Bitfield {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bitfield({}/{})", self.count_ones(), self.len)
+    }
+}
+
+impl Bitfield {
+    /// An empty bitfield for `len` pieces.
+    #[must_use]
+    pub fn new(len: u32) -> Self {
+        Self {
+            bytes: vec![0; len.div_ceil(8) as usize],
+            len,
+        }
+    }
+
+    /// A bitfield for `len` pieces with every piece set.
+    #[must_use]
+    pub fn full(len: u32) -> Self {
+        let mut b = Self::new(len);
+        for i in 0..len {
+            b.set(i);
+        }
+        b
+    }
+
+    /// Parses the wire form for a file of `len` pieces; `None` when the byte count is not
+    /// `ceil(len / 8)` or a spare bit is set.
+    #[must_use]
+    pub fn from_bytes(bytes: &[u8], len: u32) -> Option<Self> {
+        if bytes.len() != len.div_ceil(8) as usize {
+            return None;
+        }
+        let spare = (bytes.len() * 8) as u64 - u64::from(len);
+        if spare > 0 {
+            let last = *bytes.last()?;
+            if last & ((1u8 << spare) - 1) != 0 {
+                return None;
+            }
+        }
+        Some(Self {
+            bytes: bytes.to_vec(),
+            len,
+        })
+    }
+
+    /// The wire form.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The number of pieces the bitfield covers.
+    #[must_use]
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// True when the bitfield covers no pieces.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether piece `index` is set; false for an index out of range.
+    #[must_use]
+    pub fn get(&self, index: PieceIndex) -> bool {
+        index < self.len && self.bytes[(index / 8) as usize] & (0x80 >> (index % 8)) != 0
+    }
+
+    /// Sets piece `index`; an index out of range is ignored.
+    pub fn set(&mut self, index: PieceIndex) {
+        if index < self.len {
+            self.bytes[(index / 8) as usize] |= 0x80 >> (index % 8);
+        }
+    }
+
+    /// Clears piece `index`; an index out of range is ignored.
+    pub fn clear(&mut self, index: PieceIndex) {
+        if index < self.len {
+            self.bytes[(index / 8) as usize] &= !(0x80 >> (index % 8));
+        }
+    }
+
+    /// The number of pieces set.
+    #[must_use]
+    pub fn count_ones(&self) -> u32 {
+        self.bytes.iter().map(|b| b.count_ones()).sum()
+    }
+
+    /// True when every piece is set.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.count_ones() == self.len
+    }
+
+    /// The indices of the pieces set, ascending.
+    pub fn ones(&self) -> impl Iterator<Item = PieceIndex> + '_ {
+        (0..self.len).filter(|&i| self.get(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_is_msb_first_and_rejects_spare_bits() {
+        let mut b = Bitfield::new(10);
+        b.set(0);
+        b.set(9);
+        assert_eq!(b.as_bytes(), &[0x80, 0x40]);
+        assert_eq!(Bitfield::from_bytes(&[0x80, 0x40], 10), Some(b.clone()));
+        assert_eq!(Bitfield::from_bytes(&[0x80, 0x41], 10), None);
+        assert_eq!(Bitfield::from_bytes(&[0x80], 10), None);
+        assert_eq!(b.ones().collect::<Vec<_>>(), vec![0, 9]);
+        assert!(Bitfield::full(10).is_full());
+        assert!(!b.get(10));
+    }
+}

@@ -1,0 +1,41 @@
+//! Shoal's wire protocol and content identity types.
+//!
+//! This crate holds no I/O and spawns no tasks. It gives:
+//!
+//! - [`ContentId`], [`Sha256Digest`] and the piece geometry every node derives from a file's
+//!   length alone ([`piece_size_for`]), so no piece size is ever negotiated;
+//! - [`Bitfield`], the set of pieces a peer holds;
+//! - the peer messages ([`message`]) as domain types, converted from the private prost types with
+//!   `TryFrom`, so a malformed message from a peer is a [`DecodeError`] and never a panic;
+//! - length-prefix framing ([`frame`]) with a hard byte limit per message type, checked before a
+//!   body is buffered.
+//!
+//! The protocol names, limits and flows are documented in `docs/protocol.md`.
+
+pub mod bitfield;
+pub mod frame;
+pub mod id;
+pub mod message;
+
+mod proto {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/shoal.peer.v1.rs"));
+}
+
+pub use bitfield::Bitfield;
+pub use id::{
+    ContentId, MAX_CONTENT_LEN_BYTES, MAX_PIECE_SIZE_BYTES, MIN_PIECE_SIZE_BYTES, PieceIndex,
+    Sha256Digest, TARGET_PIECE_COUNT, piece_size_for,
+};
+pub use message::{
+    DecodeError, HaveKey, HaveRequest, HaveResponse, LayerRequest, LayerResponse, Message,
+    PieceRequest, PieceResponse,
+};
+
+/// The protocol name of the have query, on which a node asks what a peer holds of a content id
+/// or of a SHA-256 digest.
+pub const HAVE_PROTOCOL: &str = "/shoal/have/1.0.0";
+/// The protocol name of the piece layer fetch.
+pub const LAYER_PROTOCOL: &str = "/shoal/layer/1.0.0";
+/// The protocol name of the piece fetch.
+pub const PIECE_PROTOCOL: &str = "/shoal/piece/1.0.0";

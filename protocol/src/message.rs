@@ -1,0 +1,449 @@
+//! Peer messages as domain types, and their encoding.
+//!
+//! Each type implements [`Message`]: [`Message::encode`] gives the protobuf body (no prefix) and
+//! [`Message::decode`] checks [`Message::MAX_LEN_BYTES`] and every field, so a malformed message is
+//! a [`DecodeError`], never a panic. The prost types stay private to this crate.
+
+use bytes::Bytes;
+use prost::Message as _;
+use thiserror::Error;
+
+use crate::{
+    bitfield::Bitfield,
+    id::{ContentId, MAX_CONTENT_LEN_BYTES, MAX_PIECE_SIZE_BYTES, PieceIndex, Sha256Digest},
+    proto,
+};
+
+/// Pieces in the largest file: [`MAX_CONTENT_LEN_BYTES`] / [`MAX_PIECE_SIZE_BYTES`].
+const MAX_PIECES: u64 = MAX_CONTENT_LEN_BYTES / MAX_PIECE_SIZE_BYTES;
+/// Room for field tags, lengths and small fields around the bulk of a message, in bytes.
+const ENVELOPE_BYTES: usize = 256;
+
+/// A message that could not be decoded; names what was wrong.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body exceeds the limit of its message type.
+    #[error("{message} of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The message type.
+        message: &'static str,
+        /// The body length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The bytes are not valid protobuf for the message type.
+    #[error("malformed {message}: {reason}")]
+    Malformed {
+        /// The message type.
+        message: &'static str,
+        /// What the protobuf decoder reported.
+        reason: String,
+    },
+    /// A field is missing or holds an impossible value.
+    #[error("invalid field {field} in {message}")]
+    InvalidField {
+        /// The message type.
+        message: &'static str,
+        /// The field.
+        field: &'static str,
+    },
+}
+
+/// A peer message with a byte limit.
+pub trait Message: Sized {
+    /// The message's name in errors.
+    const NAME: &'static str;
+    /// The largest encoded body accepted, in bytes (without the length prefix).
+    const MAX_LEN_BYTES: usize;
+
+    /// The protobuf body, without a length prefix.
+    fn encode(&self) -> Vec<u8>;
+
+    /// Decodes and checks a body.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLarge`] over [`Self::MAX_LEN_BYTES`], [`DecodeError::Malformed`] for bad
+    /// protobuf, [`DecodeError::InvalidField`] for a missing or impossible field.
+    fn decode(body: Bytes) -> Result<Self, DecodeError>;
+}
+
+fn check_len<M: Message>(body: &Bytes) -> Result<(), DecodeError> {
+    if body.len() > M::MAX_LEN_BYTES {
+        return Err(DecodeError::TooLarge {
+            message: M::NAME,
+            len: body.len(),
+            limit: M::MAX_LEN_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn malformed(message: &'static str) -> impl FnOnce(prost::DecodeError) -> DecodeError {
+    move |e| DecodeError::Malformed {
+        message,
+        reason: e.to_string(),
+    }
+}
+
+fn invalid(message: &'static str, field: &'static str) -> DecodeError {
+    DecodeError::InvalidField { message, field }
+}
+
+fn cid_to_proto(id: &ContentId) -> proto::ContentId {
+    proto::ContentId {
+        blake3: Bytes::copy_from_slice(id.hash()),
+        length: id.length(),
+    }
+}
+
+fn cid_from_proto(
+    id: Option<proto::ContentId>,
+    message: &'static str,
+) -> Result<ContentId, DecodeError> {
+    let id = id.ok_or_else(|| invalid(message, "content_id"))?;
+    let hash: [u8; 32] = id
+        .blake3
+        .as_ref()
+        .try_into()
+        .map_err(|_| invalid(message, "content_id.blake3"))?;
+    ContentId::new(hash, id.length).map_err(|_| invalid(message, "content_id.length"))
+}
+
+/// What a have query looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HaveKey {
+    /// A content id the asker trusts.
+    ContentId(ContentId),
+    /// A SHA-256 digest; the answer's content id is an untrusted claim.
+    Sha256(Sha256Digest),
+}
+
+/// `/shoal/have/1.0.0` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaveRequest(pub HaveKey);
+
+impl Message for HaveRequest {
+    const NAME: &'static str = "HaveRequest";
+    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        let key = match &self.0 {
+            HaveKey::ContentId(id) => proto::have_request::Key::ContentId(cid_to_proto(id)),
+            HaveKey::Sha256(d) => proto::have_request::Key::Sha256(Bytes::copy_from_slice(&d.0)),
+        };
+        proto::HaveRequest { key: Some(key) }.encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        let msg = proto::HaveRequest::decode(body).map_err(malformed(Self::NAME))?;
+        match msg.key {
+            Some(proto::have_request::Key::ContentId(id)) => Ok(Self(HaveKey::ContentId(
+                cid_from_proto(Some(id), Self::NAME)?,
+            ))),
+            Some(proto::have_request::Key::Sha256(d)) => {
+                let d: [u8; 32] = d
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| invalid(Self::NAME, "sha256"))?;
+                Ok(Self(HaveKey::Sha256(Sha256Digest(d))))
+            }
+            None => Err(invalid(Self::NAME, "key")),
+        }
+    }
+}
+
+/// `/shoal/have/1.0.0` response: the content id the peer holds and which pieces of it, or
+/// `None` when it holds nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaveResponse(pub Option<(ContentId, Bitfield)>);
+
+impl Message for HaveResponse {
+    const NAME: &'static str = "HaveResponse";
+    const MAX_LEN_BYTES: usize = MAX_PIECES.div_ceil(8) as usize + ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        let msg = match &self.0 {
+            Some((id, bits)) => proto::HaveResponse {
+                content_id: Some(cid_to_proto(id)),
+                bitfield: Bytes::copy_from_slice(bits.as_bytes()),
+            },
+            None => proto::HaveResponse::default(),
+        };
+        msg.encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        let msg = proto::HaveResponse::decode(body).map_err(malformed(Self::NAME))?;
+        if msg.content_id.is_none() {
+            return Ok(Self(None));
+        }
+        let id = cid_from_proto(msg.content_id, Self::NAME)?;
+        let bits = Bitfield::from_bytes(&msg.bitfield, id.piece_count())
+            .ok_or_else(|| invalid(Self::NAME, "bitfield"))?;
+        Ok(Self(Some((id, bits))))
+    }
+}
+
+/// `/shoal/layer/1.0.0` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRequest(pub ContentId);
+
+impl Message for LayerRequest {
+    const NAME: &'static str = "LayerRequest";
+    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        proto::LayerRequest {
+            content_id: Some(cid_to_proto(&self.0)),
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        let msg = proto::LayerRequest::decode(body).map_err(malformed(Self::NAME))?;
+        Ok(Self(cid_from_proto(msg.content_id, Self::NAME)?))
+    }
+}
+
+/// `/shoal/layer/1.0.0` response: the piece layer (one 32-byte BLAKE3 chaining value per piece),
+/// or `None` when the peer does not hold it. The count is checked against the content id by
+/// the receiver, which knows which content it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerResponse(pub Option<Vec<[u8; 32]>>);
+
+impl Message for LayerResponse {
+    const NAME: &'static str = "LayerResponse";
+    const MAX_LEN_BYTES: usize = MAX_PIECES as usize * 32 + ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        match &self.0 {
+            Some(cvs) => proto::LayerResponse {
+                chaining_values: cvs.iter().flatten().copied().collect::<Vec<u8>>().into(),
+                found: true,
+            },
+            None => proto::LayerResponse::default(),
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        let msg = proto::LayerResponse::decode(body).map_err(malformed(Self::NAME))?;
+        if !msg.found {
+            return Ok(Self(None));
+        }
+        if msg.chaining_values.len() % 32 != 0 {
+            return Err(invalid(Self::NAME, "chaining_values"));
+        }
+        let cvs = msg
+            .chaining_values
+            .chunks_exact(32)
+            .map(|c| {
+                let mut cv = [0u8; 32];
+                cv.copy_from_slice(c);
+                cv
+            })
+            .collect();
+        Ok(Self(Some(cvs)))
+    }
+}
+
+/// `/shoal/piece/1.0.0` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceRequest {
+    /// The content the piece belongs to.
+    pub content_id: ContentId,
+    /// The piece's index; less than the content's piece count.
+    pub index: PieceIndex,
+}
+
+impl Message for PieceRequest {
+    const NAME: &'static str = "PieceRequest";
+    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        proto::PieceRequest {
+            content_id: Some(cid_to_proto(&self.content_id)),
+            index: self.index,
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        let msg = proto::PieceRequest::decode(body).map_err(malformed(Self::NAME))?;
+        let content_id = cid_from_proto(msg.content_id, Self::NAME)?;
+        if msg.index >= content_id.piece_count() {
+            return Err(invalid(Self::NAME, "index"));
+        }
+        Ok(Self {
+            content_id,
+            index: msg.index,
+        })
+    }
+}
+
+/// `/shoal/piece/1.0.0` response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceResponse {
+    /// The piece's bytes. The receiver checks the length and the chaining value.
+    Data(Bytes),
+    /// The peer does not hold this verified piece.
+    NotFound,
+    /// The peer is at its upload limit.
+    Busy,
+}
+
+impl Message for PieceResponse {
+    const NAME: &'static str = "PieceResponse";
+    const MAX_LEN_BYTES: usize = MAX_PIECE_SIZE_BYTES as usize + ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        use proto::piece_response::Status;
+        let (status, data) = match self {
+            Self::Data(d) => (Status::Ok, d.clone()),
+            Self::NotFound => (Status::NotFound, Bytes::new()),
+            Self::Busy => (Status::Busy, Bytes::new()),
+        };
+        proto::PieceResponse {
+            status: status as i32,
+            data,
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        use proto::piece_response::Status;
+        check_len::<Self>(&body)?;
+        let msg = proto::PieceResponse::decode(body).map_err(malformed(Self::NAME))?;
+        match Status::try_from(msg.status) {
+            Ok(Status::Ok) => Ok(Self::Data(msg.data)),
+            Ok(Status::NotFound) => Ok(Self::NotFound),
+            Ok(Status::Busy) => Ok(Self::Busy),
+            Err(_) => Err(invalid(Self::NAME, "status")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
+        let body = Bytes::from(m.encode());
+        assert!(body.len() <= M::MAX_LEN_BYTES);
+        assert_eq!(&M::decode(body).unwrap(), m);
+    }
+
+    fn id(len: u64) -> ContentId {
+        ContentId::new([7; 32], len).unwrap()
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(&HaveRequest(HaveKey::ContentId(id(5))));
+        round_trip(&HaveRequest(HaveKey::Sha256(Sha256Digest([9; 32]))));
+        round_trip(&HaveResponse(None));
+        let mut bits = Bitfield::new(id(100_000).piece_count());
+        bits.set(3);
+        round_trip(&HaveResponse(Some((id(100_000), bits))));
+        round_trip(&LayerRequest(id(1)));
+        round_trip(&LayerResponse(None));
+        round_trip(&LayerResponse(Some(vec![[1; 32], [2; 32]])));
+        round_trip(&PieceRequest {
+            content_id: id(40_000),
+            index: 2,
+        });
+        round_trip(&PieceResponse::Data(Bytes::from_static(b"abc")));
+        round_trip(&PieceResponse::NotFound);
+        round_trip(&PieceResponse::Busy);
+    }
+
+    #[test]
+    fn the_largest_messages_fit_their_limits() {
+        let big = ContentId::new([0; 32], MAX_CONTENT_LEN_BYTES).unwrap();
+        round_trip(&HaveResponse(Some((big, Bitfield::full(big.piece_count())))));
+        round_trip(&LayerResponse(Some(vec![[3; 32]; big.piece_count() as usize])));
+        round_trip(&PieceResponse::Data(Bytes::from(vec![
+            0u8;
+            MAX_PIECE_SIZE_BYTES as usize
+        ])));
+    }
+
+    #[test]
+    fn invalid_fields_are_typed_errors() {
+        let body = Bytes::from(
+            proto::PieceRequest {
+                content_id: Some(cid_to_proto(&id(40_000))),
+                index: 3,
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            PieceRequest::decode(body),
+            Err(invalid("PieceRequest", "index"))
+        );
+        let body = Bytes::from(
+            proto::HaveResponse {
+                content_id: Some(proto::ContentId {
+                    blake3: Bytes::from_static(&[1; 31]),
+                    length: 1,
+                }),
+                bitfield: Bytes::new(),
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            HaveResponse::decode(body),
+            Err(invalid("HaveResponse", "content_id.blake3"))
+        );
+        assert_eq!(
+            HaveRequest::decode(Bytes::new()),
+            Err(invalid("HaveRequest", "key"))
+        );
+        let body = Bytes::from(
+            proto::LayerResponse {
+                chaining_values: Bytes::from_static(&[0; 33]),
+                found: true,
+            }
+            .encode_to_vec(),
+        );
+        assert!(LayerResponse::decode(body).is_err());
+    }
+
+    #[test]
+    fn oversized_bodies_are_refused_before_parsing() {
+        let body = Bytes::from(vec![0u8; HaveRequest::MAX_LEN_BYTES + 1]);
+        assert!(matches!(
+            HaveRequest::decode(body),
+            Err(DecodeError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_bodies_are_errors() {
+        let full = PieceResponse::Data(Bytes::from(vec![5u8; 1000])).encode();
+        for cut in [1, 2, 10, full.len() - 1] {
+            assert!(PieceResponse::decode(Bytes::copy_from_slice(&full[..cut])).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let b = Bytes::from(data);
+            let _ = HaveRequest::decode(b.clone());
+            let _ = HaveResponse::decode(b.clone());
+            let _ = LayerRequest::decode(b.clone());
+            let _ = LayerResponse::decode(b.clone());
+            let _ = PieceRequest::decode(b.clone());
+            let _ = PieceResponse::decode(b);
+        }
+    }
+}
