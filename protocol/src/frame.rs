@@ -129,7 +129,13 @@ mod tests {
         let (buf, n) = encode_prefix(1001);
         let mut dec = LengthPrefix::new(1000);
         let res: Result<Vec<_>, _> = buf[..n].iter().map(|&b| dec.push(b)).collect();
-        assert_eq!(res, Err(FrameError::TooLarge { len: 1001, limit: 1000 }));
+        assert_eq!(
+            res,
+            Err(FrameError::TooLarge {
+                len: 1001,
+                limit: 1000
+            })
+        );
         let mut dec = LengthPrefix::new(usize::MAX);
         let mut err = None;
         for _ in 0..11 {

@@ -192,7 +192,17 @@ mod tests {
 
     #[test]
     fn piece_size_is_a_clamped_power_of_two() {
-        for length in [0, 1, 1023, 1024, 16 << 10, (16 << 20) + 1, 1 << 30, 5 << 30, 1 << 40] {
+        for length in [
+            0,
+            1,
+            1023,
+            1024,
+            16 << 10,
+            (16 << 20) + 1,
+            1 << 30,
+            5 << 30,
+            1 << 40,
+        ] {
             let size = piece_size_for(length);
             assert!(size.is_power_of_two());
             assert!((MIN_PIECE_SIZE_BYTES..=MAX_PIECE_SIZE_BYTES).contains(&size));
@@ -220,7 +230,11 @@ mod tests {
         let id = ContentId::new([0xab; 32], 42).unwrap();
         assert_eq!(id.to_string().parse::<ContentId>().unwrap(), id);
         assert!("zz:1".parse::<ContentId>().is_err());
-        assert!(format!("{}:x", "ab".repeat(32)).parse::<ContentId>().is_err());
+        assert!(
+            format!("{}:x", "ab".repeat(32))
+                .parse::<ContentId>()
+                .is_err()
+        );
         assert_eq!(
             ContentId::new([0; 32], MAX_CONTENT_LEN_BYTES + 1),
             Err(ParseError::TooLong(MAX_CONTENT_LEN_BYTES + 1))

@@ -368,11 +368,18 @@ mod tests {
     #[test]
     fn the_largest_messages_fit_their_limits() {
         let big = ContentId::new([0; 32], MAX_CONTENT_LEN_BYTES).unwrap();
-        round_trip(&HaveResponse(Some((big, Bitfield::full(big.piece_count())))));
-        round_trip(&LayerResponse(Some(vec![[3; 32]; big.piece_count() as usize])));
+        round_trip(&HaveResponse(Some((
+            big,
+            Bitfield::full(big.piece_count()),
+        ))));
+        round_trip(&LayerResponse(Some(vec![
+            [3; 32];
+            big.piece_count() as usize
+        ])));
         round_trip(&PieceResponse::Data(Bytes::from(vec![
             0u8;
-            MAX_PIECE_SIZE_BYTES as usize
+            MAX_PIECE_SIZE_BYTES
+                as usize
         ])));
     }
 
