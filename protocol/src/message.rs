@@ -113,8 +113,8 @@ fn cid_from_proto(
 /// What a have query looks up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HaveKey {
-    /// A content id the asker trusts.
-    ContentId(ContentId),
+    /// A BLAKE3 hash the asker trusts; the answer's content id must carry the same hash.
+    Blake3([u8; 32]),
     /// A SHA-256 digest; the answer's content id is an untrusted claim.
     Sha256(Sha256Digest),
 }
@@ -129,7 +129,7 @@ impl Message for HaveRequest {
 
     fn encode(&self) -> Vec<u8> {
         let key = match &self.0 {
-            HaveKey::ContentId(id) => proto::have_request::Key::ContentId(cid_to_proto(id)),
+            HaveKey::Blake3(h) => proto::have_request::Key::Blake3(Bytes::copy_from_slice(h)),
             HaveKey::Sha256(d) => proto::have_request::Key::Sha256(Bytes::copy_from_slice(&d.0)),
         };
         proto::HaveRequest { key: Some(key) }.encode_to_vec()
@@ -139,9 +139,13 @@ impl Message for HaveRequest {
         check_len::<Self>(&body)?;
         let msg = proto::HaveRequest::decode(body).map_err(malformed(Self::NAME))?;
         match msg.key {
-            Some(proto::have_request::Key::ContentId(id)) => Ok(Self(HaveKey::ContentId(
-                cid_from_proto(Some(id), Self::NAME)?,
-            ))),
+            Some(proto::have_request::Key::Blake3(h)) => {
+                let h: [u8; 32] = h
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| invalid(Self::NAME, "blake3"))?;
+                Ok(Self(HaveKey::Blake3(h)))
+            }
             Some(proto::have_request::Key::Sha256(d)) => {
                 let d: [u8; 32] = d
                     .as_ref()
@@ -347,7 +351,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        round_trip(&HaveRequest(HaveKey::ContentId(id(5))));
+        round_trip(&HaveRequest(HaveKey::Blake3([5; 32])));
         round_trip(&HaveRequest(HaveKey::Sha256(Sha256Digest([9; 32]))));
         round_trip(&HaveResponse(None));
         let mut bits = Bitfield::new(id(100_000).piece_count());

@@ -1,0 +1,743 @@
+//! The download driver: fetches one file of a job from peers and the origin, verifying every
+//! piece, and carries out what the [`Scheduler`] decides.
+//!
+//! One call of [`download_file`] is one file. It:
+//! 1. asks connected peers what they hold, by BLAKE3 hash (trusted) or by SHA-256 (the answer's
+//!    content id is an untrusted claim), unless the file has no digest or must come from the
+//!    origin alone;
+//! 2. fetches the piece layer from a peer and checks it against the content id (a peer whose
+//!    layer fails is banned);
+//! 3. writes pieces at their offsets into the temporary file, each checked against the layer on
+//!    arrival (or, with no layer, recorded to derive the content id at the end), on a dedicated
+//!    thread; a second thread computes the SHA-256 in file order;
+//! 4. checks the whole file against the expected digests. When a SHA-256 claim turns out false,
+//!    the claimers are banned, every byte is discarded and the file is fetched again from the
+//!    origin alone.
+//!
+//! Memory stays bounded: at most [`scheduler::Config::max_in_flight`] peer pieces plus a few
+//! origin pieces are held at once, whatever the file's size.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    fs::{File, OpenOptions},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use shoal_protocol::{Bitfield, HaveKey, PieceIndex, PieceResponse};
+use shoal_validator::{ContentId, Expected, LayerBuilder, PieceLayer, Sha256Digest, Sha256Stream};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use url::Url;
+
+use crate::{
+    job::{ErrorContext, JobError},
+    origin::{self, OriginError, Remote},
+    scheduler::{self, Action, Scheduler, Source},
+    store::ContentStore,
+    swarm,
+};
+
+/// How often connected peers are asked again what they hold, during a download.
+const PEER_REFRESH: Duration = Duration::from_secs(2);
+/// How often the driver wakes up to retry backed-off peers.
+const TICK: Duration = Duration::from_millis(100);
+/// Origin pieces buffered between the HTTP stream and the verifier.
+const ORIGIN_QUEUE: usize = 4;
+/// Pieces buffered in front of the verifier thread.
+const VERIFY_QUEUE: usize = 4;
+
+/// What a ban is about: a content id's hash, or a SHA-256 whose claim a peer made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum BanKey {
+    /// Served bytes or a layer that failed against this BLAKE3 hash.
+    Blake3([u8; 32]),
+    /// Claimed a content id for this SHA-256 that turned out false.
+    Sha256(Sha256Digest),
+}
+
+/// Node-wide record of banned peers per content.
+#[derive(Debug, Default)]
+pub(crate) struct Bans(Mutex<HashMap<BanKey, HashSet<PeerId>>>);
+
+impl Bans {
+    /// Bans `peer` for `key`; true when it was not banned before.
+    pub(crate) fn ban(&self, key: BanKey, peer: PeerId) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key).or_default().insert(peer)
+    }
+
+    /// Whether `peer` is banned for `key`.
+    pub(crate) fn is_banned(&self, key: BanKey, peer: &PeerId) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&key).is_some_and(|s| s.contains(peer))
+    }
+}
+
+/// What a download reports as it goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Update {
+    /// The file's length (and content id, if known) became known; progress restarts at zero.
+    Started {
+        length: u64,
+        content_id: Option<ContentId>,
+    },
+    /// A piece verified and was written.
+    Piece { bytes: u64, from_peer: bool },
+    /// A piece failed verification and was discarded.
+    Rejected,
+    /// A peer was banned.
+    Banned,
+}
+
+/// The shared parts of the node a download uses.
+#[derive(Clone)]
+pub(crate) struct Env {
+    pub(crate) swarm: swarm::Handle,
+    pub(crate) origin: origin::Client,
+    pub(crate) store: Arc<ContentStore>,
+    pub(crate) bans: Arc<Bans>,
+    pub(crate) scheduler: scheduler::Config,
+    /// How long to wait for a first peer connection when peers are configured.
+    pub(crate) discovery_wait: Duration,
+}
+
+/// One file to download.
+pub(crate) struct FileTask {
+    pub(crate) index: usize,
+    pub(crate) url: Url,
+    pub(crate) expected: Expected,
+    pub(crate) temp: PathBuf,
+    /// Use only the origin (after the caller rejected peer content).
+    pub(crate) origin_only: bool,
+}
+
+/// A downloaded and verified file.
+#[derive(Clone, Debug)]
+pub(crate) struct Downloaded {
+    pub(crate) content_id: ContentId,
+    pub(crate) sha256: Sha256Digest,
+    /// True when any byte came from a peer.
+    pub(crate) from_peers: bool,
+}
+
+/// Why a download stopped.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Cancelled,
+    Fatal(JobError),
+    Transient(JobError),
+}
+
+enum AttemptFailure {
+    Failure(Failure),
+    /// The SHA-256 → content id claim was false: fetch again from the origin.
+    ClaimFailed,
+}
+
+impl From<Failure> for AttemptFailure {
+    fn from(f: Failure) -> Self {
+        Self::Failure(f)
+    }
+}
+
+fn local_error(index: usize, path: &Path, e: &std::io::Error) -> Failure {
+    Failure::Fatal(JobError {
+        context: ErrorContext::LocalFile,
+        file: Some(index),
+        description: format!("{}: {e}", path.display()),
+    })
+}
+
+fn origin_failure(index: usize, e: &OriginError) -> Failure {
+    let error = JobError {
+        context: if e.is_transient() {
+            ErrorContext::Transport
+        } else {
+            ErrorContext::RemoteFile
+        },
+        file: Some(index),
+        description: e.to_string(),
+    };
+    if e.is_transient() {
+        Failure::Transient(error)
+    } else {
+        Failure::Fatal(error)
+    }
+}
+
+/// Downloads one file into its temporary file and verifies it.
+pub(crate) async fn download_file(
+    env: &Env,
+    task: &FileTask,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Downloaded, Failure> {
+    match attempt(env, task, task.origin_only, cancel, progress).await {
+        Ok(d) => Ok(d),
+        Err(AttemptFailure::Failure(f)) => Err(f),
+        Err(AttemptFailure::ClaimFailed) => {
+            info!(url = %task.url, "peer claim for SHA-256 was false; fetching from the origin");
+            match attempt(env, task, true, cancel, progress).await {
+                Ok(d) => Ok(d),
+                Err(AttemptFailure::Failure(f)) => Err(f),
+                Err(AttemptFailure::ClaimFailed) => Err(Failure::Fatal(JobError {
+                    context: ErrorContext::RemoteFile,
+                    file: Some(task.index),
+                    description: format!("{} does not match its expected digest", task.url),
+                })),
+            }
+        }
+    }
+}
+
+/// A peer's answer to a have query.
+type Answer = (PeerId, ContentId, Bitfield);
+
+async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey) -> Vec<Answer> {
+    let peers: Vec<PeerId> = env
+        .swarm
+        .connected_peers()
+        .await
+        .into_iter()
+        .filter(|p| !env.bans.is_banned(ban, p))
+        .collect();
+    let asks = peers.into_iter().map(|peer| {
+        let swarm = env.swarm.clone();
+        async move {
+            match swarm.have(peer, key).await {
+                Ok(resp) => resp.0.map(|(id, bits)| (peer, id, bits)),
+                Err(e) => {
+                    debug!("have query failed: {e}");
+                    None
+                }
+            }
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+async fn wait_for_peers(env: &Env) {
+    let deadline = Instant::now() + env.discovery_wait;
+    while env.swarm.connected_peers().await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The thread that verifies and writes pieces, and the one that hashes SHA-256 in order.
+struct Writer {
+    tx: mpsc::Sender<(PieceIndex, Source, Bytes)>,
+    thread: std::thread::JoinHandle<Result<WriterEnd, std::io::Error>>,
+}
+
+struct WriterEnd {
+    builder: Option<LayerBuilder>,
+    sha256: Option<Sha256Digest>,
+}
+
+enum Checker {
+    Layer(PieceLayer),
+    Builder(LayerBuilder),
+}
+
+struct Verified {
+    index: PieceIndex,
+    source: Source,
+    bytes: u64,
+    result: Result<(), String>,
+}
+
+fn spawn_writer(
+    file: File,
+    checker: Checker,
+    piece_size: u64,
+    piece_count: u32,
+    out: mpsc::Sender<Verified>,
+) -> Writer {
+    let (tx, mut rx) = mpsc::channel::<(PieceIndex, Source, Bytes)>(VERIFY_QUEUE);
+    let thread = std::thread::spawn(move || {
+        let file = Arc::new(file);
+        let (sha_tx, sha_rx) = std::sync::mpsc::sync_channel::<(PieceIndex, Bytes)>(VERIFY_QUEUE);
+        let sha_file = file.clone();
+        let sha_thread =
+            std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, piece_count));
+        let mut checker = checker;
+        while let Some((index, source, bytes)) = rx.blocking_recv() {
+            let result = match &mut checker {
+                Checker::Layer(layer) => layer.verify_piece(index, &bytes),
+                Checker::Builder(b) => b.add_piece(index, &bytes),
+            }
+            .map_err(|e| e.to_string());
+            if result.is_ok() {
+                file.write_all_at(&bytes, u64::from(index) * piece_size)?;
+                let _ = sha_tx.send((index, bytes.clone()));
+            }
+            let _ = out.blocking_send(Verified {
+                index,
+                source,
+                bytes: bytes.len() as u64,
+                result,
+            });
+        }
+        drop(sha_tx);
+        let sha256 = sha_thread
+            .join()
+            .map_err(|_| std::io::Error::other("SHA-256 thread panicked"))??;
+        Ok(WriterEnd {
+            builder: match checker {
+                Checker::Builder(b) => Some(b),
+                Checker::Layer(_) => None,
+            },
+            sha256,
+        })
+    });
+    Writer { tx, thread }
+}
+
+/// Hashes the file in order: pieces that arrive in order are hashed from memory, the others
+/// are read back from the file when their turn comes. `None` unless every piece arrived.
+fn sha_in_order(
+    file: &File,
+    rx: std::sync::mpsc::Receiver<(PieceIndex, Bytes)>,
+    piece_size: u64,
+    piece_count: u32,
+) -> Result<Option<Sha256Digest>, std::io::Error> {
+    let mut sha = Sha256Stream::new();
+    let mut next: PieceIndex = 0;
+    let mut later = BTreeSet::new();
+    let mut buf = Vec::new();
+    let length_of = |i: PieceIndex, last_len: usize| -> usize {
+        if i + 1 == piece_count {
+            last_len
+        } else {
+            piece_size as usize
+        }
+    };
+    let mut last_len = piece_size as usize;
+    for (index, bytes) in rx {
+        if index + 1 == piece_count {
+            last_len = bytes.len();
+        }
+        if index != next {
+            later.insert(index);
+            continue;
+        }
+        sha.update(&bytes);
+        next += 1;
+        while later.remove(&next) {
+            buf.resize(length_of(next, last_len), 0);
+            file.read_exact_at(&mut buf, u64::from(next) * piece_size)?;
+            sha.update(&buf);
+            next += 1;
+        }
+    }
+    Ok((next == piece_count).then(|| sha.finish()))
+}
+
+enum Fetched {
+    Piece(PieceIndex, Source, Bytes),
+    Failed(PieceIndex, Source, String),
+    OriginEnd(Result<(), OriginError>),
+}
+
+#[allow(clippy::too_many_lines)]
+async fn attempt(
+    env: &Env,
+    task: &FileTask,
+    origin_only: bool,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Downloaded, AttemptFailure> {
+    let expected = task.expected;
+    let use_peers = !origin_only && !expected.is_none();
+    // 1. Discovery.
+    let mut choice: Option<(ContentId, Vec<Answer>, BanKey)> = None;
+    if use_peers {
+        wait_for_peers(env).await;
+        let (key, ban) = match (expected.blake3, expected.sha256) {
+            (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
+            (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
+            (None, None) => unreachable!("use_peers needs a digest"),
+        };
+        let mut answers = ask_peers(env, key, ban).await;
+        if let Some(h) = expected.blake3 {
+            answers.retain(|(_, id, _)| *id.hash() == h);
+        }
+        let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
+        for a in answers {
+            groups.entry(a.1).or_default().push(a);
+        }
+        choice = groups
+            .into_iter()
+            .max_by_key(|(id, v)| (v.len(), *id))
+            .map(|(id, v)| (id, v, ban));
+    }
+    let claimed = expected.blake3.is_none() && choice.is_some();
+    // 2. The piece layer, from the first peer whose layer verifies.
+    let mut layer = None;
+    let mut peers: Vec<Answer> = Vec::new();
+    if let Some((id, answers, _)) = &choice {
+        for (peer, _, bits) in answers {
+            if env.bans.is_banned(BanKey::Blake3(*id.hash()), peer) {
+                continue;
+            }
+            if layer.is_none() {
+                let got = if id.piece_count() <= 1 {
+                    Ok(shoal_protocol::LayerResponse(Some(Vec::new())))
+                } else {
+                    env.swarm.layer(*peer, *id).await
+                };
+                match got.map(|r| r.0) {
+                    Ok(Some(cvs)) => match PieceLayer::verify(*id, cvs) {
+                        Ok(l) => layer = Some(l),
+                        Err(e) => {
+                            warn!(%peer, "piece layer rejected: {e}");
+                            if env.bans.ban(BanKey::Blake3(*id.hash()), *peer) {
+                                progress(Update::Banned);
+                            }
+                            continue;
+                        }
+                    },
+                    Ok(None) => continue,
+                    Err(e) => {
+                        debug!("layer request failed: {e}");
+                        continue;
+                    }
+                }
+            }
+            peers.push((*peer, *id, bits.clone()));
+        }
+    }
+    // 3. Length, from the layer or the origin.
+    let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
+    let length = match &layer {
+        Some(l) => l.content_id().length(),
+        None => {
+            let r = env
+                .origin
+                .probe(&task.url)
+                .await
+                .map_err(|e| origin_failure(task.index, &e))?;
+            let len = r.length;
+            let _ = remote.set(r);
+            len
+        }
+    };
+    let geometry = ContentId::new([0; 32], length).map_err(|e| {
+        Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!("{}: {e}", task.url),
+        })
+    })?;
+    let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
+    progress(Update::Started {
+        length,
+        content_id: layer.as_ref().map(PieceLayer::content_id),
+    });
+    // 4. The temporary file.
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&task.temp)
+        .and_then(|f| f.set_len(length).map(|()| f))
+        .map_err(|e| local_error(task.index, &task.temp, &e))?;
+    if let Some(l) = &layer {
+        env.store.remove_at(&l.content_id(), &task.temp);
+        env.store
+            .insert(l.clone(), Bitfield::new(piece_count), task.temp.clone());
+    }
+    let (verified_tx, mut verified_rx) = mpsc::channel::<Verified>(256);
+    let checker = match &layer {
+        Some(l) => Checker::Layer(l.clone()),
+        None => Checker::Builder(LayerBuilder::new(length).map_err(|e| {
+            Failure::Fatal(JobError {
+                context: ErrorContext::RemoteFile,
+                file: Some(task.index),
+                description: e.to_string(),
+            })
+        })?),
+    };
+    let writer = spawn_writer(file, checker, piece_size, piece_count, verified_tx);
+    // 5. Schedule.
+    let mut sched = Scheduler::new(piece_count, env.scheduler.clone());
+    let content_id = layer.as_ref().map(PieceLayer::content_id);
+    if layer.is_some() {
+        for (peer, _, bits) in &peers {
+            sched.set_peer(*peer, bits.clone());
+        }
+    }
+    let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
+    let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(4);
+    let mut in_verifier = 0usize;
+    let mut last_refresh = Instant::now();
+    let mut from_peers = false;
+    let mut tick = tokio::time::interval(TICK);
+    let run_cancel = cancel.child_token();
+    let _guard = run_cancel.clone().drop_guard();
+    let result: Result<(), AttemptFailure> = loop {
+        if sched.is_complete() && in_verifier == 0 {
+            break Ok(());
+        }
+        for action in sched.next_actions(Instant::now()) {
+            match action {
+                Action::Peer { peer, index } => {
+                    let (swarm, tx, id) = (env.swarm.clone(), peer_tx.clone(), content_id);
+                    let Some(id) = id else { continue };
+                    tokio::spawn(async move {
+                        let msg = match swarm.piece(peer, id, index).await {
+                            Ok(PieceResponse::Data(b)) => {
+                                Fetched::Piece(index, Source::Peer(peer), b)
+                            }
+                            Ok(other) => {
+                                Fetched::Failed(index, Source::Peer(peer), format!("{other:?}"))
+                            }
+                            Err(e) => Fetched::Failed(index, Source::Peer(peer), e.to_string()),
+                        };
+                        let _ = tx.send(msg).await;
+                    });
+                }
+                Action::Origin { start, end } => {
+                    let (origin, url, tx, remote) = (
+                        env.origin.clone(),
+                        task.url.clone(),
+                        origin_tx.clone(),
+                        remote.clone(),
+                    );
+                    let token = run_cancel.clone();
+                    tokio::spawn(async move {
+                        let run = async {
+                            let r = remote.get_or_try_init(|| origin.probe(&url)).await?.clone();
+                            if r.length != length {
+                                return Err(OriginError::Changed {
+                                    url: url.clone(),
+                                    detail: format!(
+                                        "the origin has {} bytes, the content id {length}",
+                                        r.length
+                                    ),
+                                });
+                            }
+                            let mut index = start;
+                            let range = u64::from(start) * piece_size
+                                ..(u64::from(end) * piece_size).min(length);
+                            origin
+                                .fetch(&url, &r, range, piece_size, |bytes| {
+                                    let (tx, i) = (tx.clone(), index);
+                                    index += 1;
+                                    async move {
+                                        tx.send(Fetched::Piece(i, Source::Origin, bytes))
+                                            .await
+                                            .is_ok()
+                                    }
+                                })
+                                .await
+                        };
+                        let res = tokio::select! {
+                            () = token.cancelled() => return,
+                            r = run => r,
+                        };
+                        let _ = tx.send(Fetched::OriginEnd(res)).await;
+                    });
+                }
+            }
+        }
+        if layer.is_some() && last_refresh.elapsed() >= PEER_REFRESH {
+            last_refresh = Instant::now();
+            if let Some(id) = content_id {
+                let (env2, tx) = (env.clone(), refresh_tx.clone());
+                tokio::spawn(async move {
+                    let key = BanKey::Blake3(*id.hash());
+                    let answers = ask_peers(&env2, HaveKey::Blake3(*id.hash()), key).await;
+                    let _ = tx.try_send(
+                        answers
+                            .into_iter()
+                            .filter(|(p, i, _)| *i == id && !env2.bans.is_banned(key, p))
+                            .collect(),
+                    );
+                });
+            }
+        }
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break Err(Failure::Cancelled.into()),
+            Some(v) = verified_rx.recv() => {
+                in_verifier -= 1;
+                match v.result {
+                    Ok(()) => {
+                        sched.on_done(v.index, v.source);
+                        if let Some(id) = &content_id {
+                            env.store.mark_verified(id, &task.temp, v.index);
+                        }
+                        let from_peer = matches!(v.source, Source::Peer(_));
+                        from_peers |= from_peer;
+                        progress(Update::Piece { bytes: v.bytes, from_peer });
+                    }
+                    Err(reason) => {
+                        progress(Update::Rejected);
+                        match v.source {
+                            Source::Peer(peer) => {
+                                warn!(%peer, index = v.index, "piece rejected, peer banned: {reason}");
+                                sched.on_corrupt(v.index, peer);
+                                if let Some(id) = &content_id
+                                    && env.bans.ban(BanKey::Blake3(*id.hash()), peer)
+                                {
+                                    progress(Update::Banned);
+                                }
+                            }
+                            Source::Origin if claimed => break Err(AttemptFailure::ClaimFailed),
+                            Source::Origin => {
+                                break Err(Failure::Fatal(JobError {
+                                    context: ErrorContext::RemoteFile,
+                                    file: Some(task.index),
+                                    description: format!(
+                                        "piece {} from {} fails verification against content id {}: {reason}",
+                                        v.index,
+                                        task.url,
+                                        content_id.map(|c| c.to_string()).unwrap_or_default()
+                                    ),
+                                }).into());
+                            }
+                        }
+                    }
+                }
+            }
+            Some(f) = origin_rx.recv() => match f {
+                Fetched::Piece(index, source, bytes) => {
+                    in_verifier += 1;
+                    if writer.tx.send((index, source, bytes)).await.is_err() {
+                        break Err(Failure::Fatal(JobError {
+                            context: ErrorContext::LocalFile,
+                            file: Some(task.index),
+                            description: format!("writing {} failed", task.temp.display()),
+                        }).into());
+                    }
+                }
+                Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
+                Fetched::OriginEnd(Err(e)) => {
+                    sched.on_origin_run_end();
+                    if claimed && matches!(e, OriginError::Changed { .. }) {
+                        break Err(AttemptFailure::ClaimFailed);
+                    }
+                    break Err(origin_failure(task.index, &e).into());
+                }
+                Fetched::Failed(..) => {}
+            },
+            Some(f) = peer_rx.recv() => match f {
+                Fetched::Piece(index, source, bytes) => {
+                    in_verifier += 1;
+                    if writer.tx.send((index, source, bytes)).await.is_err() {
+                        break Err(Failure::Fatal(JobError {
+                            context: ErrorContext::LocalFile,
+                            file: Some(task.index),
+                            description: format!("writing {} failed", task.temp.display()),
+                        }).into());
+                    }
+                }
+                Fetched::Failed(index, source, reason) => {
+                    debug!(index, ?source, "piece fetch failed: {reason}");
+                    sched.on_failed(index, source, Instant::now());
+                }
+                Fetched::OriginEnd(_) => {}
+            },
+            Some(answers) = refresh_rx.recv() => {
+                for (peer, _, bits) in answers {
+                    sched.set_peer(peer, bits);
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    };
+    run_cancel.cancel();
+    drop(writer.tx);
+    let end = tokio::task::spawn_blocking(move || writer.thread.join())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    if let Err(e) = result {
+        if let Some(id) = &content_id {
+            env.store.remove_at(id, &task.temp);
+        }
+        return Err(e);
+    }
+    let end = match end {
+        Some(Ok(end)) => end,
+        Some(Err(e)) => return Err(local_error(task.index, &task.temp, &e).into()),
+        None => {
+            return Err(local_error(
+                task.index,
+                &task.temp,
+                &std::io::Error::other("writer thread failed"),
+            )
+            .into());
+        }
+    };
+    // 6. Whole-file checks.
+    let layer = match (layer, end.builder) {
+        (Some(l), _) => l,
+        (None, Some(b)) => b.finish().ok_or_else(|| {
+            Failure::Fatal(JobError {
+                context: ErrorContext::LocalFile,
+                file: Some(task.index),
+                description: "pieces missing at the end".into(),
+            })
+        })?,
+        (None, None) => unreachable!("a writer without a layer has a builder"),
+    };
+    let id = layer.content_id();
+    let sha256 = end.sha256.ok_or_else(|| {
+        Failure::Fatal(JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(task.index),
+            description: "SHA-256 could not be computed".into(),
+        })
+    })?;
+    if let Err(e) = expected.check_content_id(&id) {
+        // Only origin bytes reach here without a trusted layer.
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!("{}: {e}", task.url),
+        })
+        .into());
+    }
+    if let Err(e) = expected.check_sha256(sha256) {
+        env.store.remove_at(&id, &task.temp);
+        if claimed && from_peers {
+            if let Some((_, answers, ban)) = &choice {
+                for (peer, _, _) in answers {
+                    if env.bans.ban(*ban, *peer) {
+                        progress(Update::Banned);
+                    }
+                }
+            }
+            return Err(AttemptFailure::ClaimFailed);
+        }
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!("{}: {e}", task.url),
+        })
+        .into());
+    }
+    // Verified: serve it, and answer SHA-256 lookups for it.
+    env.store
+        .insert(layer, Bitfield::full(piece_count), task.temp.clone());
+    env.store.set_sha256(&id, sha256);
+    Ok(Downloaded {
+        content_id: id,
+        sha256,
+        from_peers,
+    })
+}

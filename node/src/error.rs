@@ -1,0 +1,62 @@
+//! The node's error type.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::job::{InvalidState, JobId};
+
+/// Errors of the node's API.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// No job has this id.
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The operation is not allowed in the job's state (BITS `BG_E_INVALID_STATE`).
+    #[error(transparent)]
+    InvalidState(#[from] InvalidState),
+    /// Resume of a job without files (BITS `BG_E_EMPTY`).
+    #[error("job {0} has no files")]
+    Empty(JobId),
+    /// A URL that is not `http` or `https`, or does not parse.
+    #[error("bad URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A local name that escapes its directory, names a directory, or lacks a parent.
+    #[error("bad local name {path}: {reason}")]
+    BadLocalName {
+        /// The path as given.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Two files of one job with the same local name.
+    #[error("local name {0} is already used by another file of the job")]
+    DuplicateLocalName(PathBuf),
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The libp2p swarm could not be built or bound.
+    #[error("swarm: {0}")]
+    Swarm(String),
+    /// The HTTP client could not be built.
+    #[error("origin client: {0}")]
+    Origin(String),
+    /// A file to seed could not be hashed.
+    #[error("cannot hash {path}: {reason}")]
+    Hash {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,398 @@
+//! The job model: BITS job states, priorities, files, errors and the one state machine every
+//! state change goes through.
+//!
+//! State names and the transitions follow `IBackgroundCopyJob` (Resume, Suspend, Cancel,
+//! Complete) and `BG_JOB_STATE`; see `docs/jobs.md` for the full table and the choices made
+//! where BITS is silent.
+
+use std::{fmt, path::PathBuf, time::SystemTime};
+
+use shoal_validator::{ContentId, Expected, ValidationState};
+use thiserror::Error;
+use uuid::Uuid;
+
+/// A job's id (a random UUID), as BITS's job GUID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// A fresh random id.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// A job's priority (BITS `BG_JOB_PRIORITY`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// Transfers as fast as possible, before every other priority.
+    Foreground,
+    /// Background, before Normal and Low.
+    High,
+    /// Background, the default.
+    #[default]
+    Normal,
+    /// Background, last.
+    Low,
+}
+
+/// A job's state (BITS `BG_JOB_STATE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Waiting to run.
+    Queued,
+    /// Looking for sources: asking peers and contacting the origin.
+    Connecting,
+    /// Bytes are arriving.
+    Transferring,
+    /// Paused by the caller; a new job starts here.
+    Suspended,
+    /// A fatal error; the caller may fix it and Resume, or Cancel.
+    Error,
+    /// A recoverable error (no source reachable); retried after the job's retry delay.
+    TransientError,
+    /// Every file has been transferred and verified; waiting for Complete.
+    Transferred,
+    /// Completed: the files are under their names. Final.
+    Acknowledged,
+    /// Cancelled: temporary files deleted. Final.
+    Cancelled,
+}
+
+impl State {
+    /// True for Acknowledged and Cancelled, from which nothing leaves.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Acknowledged | Self::Cancelled)
+    }
+
+    /// True while the job's runner should be working (Queued, Connecting, Transferring,
+    /// TransientError).
+    #[must_use]
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Self::Queued | Self::Connecting | Self::Transferring | Self::TransientError
+        )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What moves a job from one state to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// The caller's Resume (`IBackgroundCopyJob::Resume`).
+    Resume,
+    /// The caller's Suspend (`IBackgroundCopyJob::Suspend`).
+    Suspend,
+    /// The caller's Cancel (`IBackgroundCopyJob::Cancel`).
+    Cancel,
+    /// The caller's Complete (`IBackgroundCopyJob::Complete`).
+    Complete,
+    /// The caller added a file (`IBackgroundCopyJob::AddFile`).
+    AddFile,
+    /// The runner started looking for sources.
+    Connect,
+    /// The first bytes arrived.
+    Transfer,
+    /// Every file verified and was validated.
+    AllTransferred,
+    /// A recoverable failure.
+    TransientFailure,
+    /// A fatal failure.
+    Fail,
+    /// The retry delay after a TransientError elapsed.
+    Retry,
+}
+
+/// An illegal transition; the job is unchanged.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{transition:?} is not allowed in state {from}")]
+pub struct InvalidState {
+    /// The state the job was in.
+    pub from: State,
+    /// The transition attempted.
+    pub transition: Transition,
+}
+
+/// The state a job moves to on `transition` from `from`, or [`InvalidState`].
+///
+/// Resume with no files (BITS `BG_E_EMPTY`) is checked by the caller, which knows the files.
+///
+/// # Errors
+/// [`InvalidState`] for any transition the table in `docs/jobs.md` does not list.
+pub fn next_state(from: State, transition: Transition) -> Result<State, InvalidState> {
+    use State as S;
+    use Transition as T;
+    let to = match (from, transition) {
+        (S::Suspended | S::Error | S::TransientError, T::Resume) => S::Queued,
+        (S::Queued | S::Connecting | S::Transferring | S::Transferred, T::Resume) => from,
+        (
+            S::Queued | S::Connecting | S::Transferring | S::TransientError | S::Error,
+            T::Suspend,
+        ) => S::Suspended,
+        (S::Suspended, T::Suspend) => S::Suspended,
+        (s, T::Cancel) if !s.is_final() => S::Cancelled,
+        (s, T::Complete) if !s.is_final() => S::Acknowledged,
+        (S::Transferred, T::AddFile) => S::Queued,
+        (s, T::AddFile) if !s.is_final() => s,
+        (S::Queued | S::TransientError, T::Connect) => S::Connecting,
+        (S::Connecting | S::Transferring, T::Connect) => from,
+        (S::Connecting | S::Transferring, T::Transfer) => S::Transferring,
+        (S::Queued | S::Connecting | S::Transferring, T::AllTransferred) => S::Transferred,
+        (S::Queued | S::Connecting | S::Transferring | S::TransientError, T::TransientFailure) => {
+            S::TransientError
+        }
+        (S::Queued | S::Connecting | S::Transferring | S::TransientError, T::Fail) => S::Error,
+        (S::TransientError, T::Retry) => S::Queued,
+        _ => {
+            return Err(InvalidState { from, transition });
+        }
+    };
+    Ok(to)
+}
+
+/// Where a job error happened (BITS `BG_ERROR_CONTEXT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorContext {
+    /// No further context.
+    None,
+    /// The remote file: the origin answered with an error, or its content changed or failed
+    /// verification.
+    RemoteFile,
+    /// The local file: creating, writing or renaming it failed.
+    LocalFile,
+    /// The transport: connections to the origin or peers failed.
+    Transport,
+    /// The caller rejected a file through its validation verdict.
+    Validation,
+    /// The caller's notification handler.
+    Notification,
+}
+
+/// A job's error: where it happened, which file, and a description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobError {
+    /// Where it happened.
+    pub context: ErrorContext,
+    /// The index of the file concerned, if any.
+    pub file: Option<usize>,
+    /// A one-line description naming what was wrong (a URL, a path, a digest).
+    pub description: String,
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.context, self.description)
+    }
+}
+
+/// A file to add to a job (`IBackgroundCopyJob::AddFile` plus the expected digests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSpec {
+    /// The origin URL, `http` or `https`.
+    pub url: url::Url,
+    /// The local name: the path the file takes on Complete.
+    pub local_name: PathBuf,
+    /// The expected digests; with none, only the origin is used.
+    pub expected: Expected,
+}
+
+/// A snapshot of one file of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The origin URL.
+    pub url: url::Url,
+    /// The local name.
+    pub local_name: PathBuf,
+    /// The temporary file beside the local name that holds the bytes until Complete.
+    pub temp_name: PathBuf,
+    /// The expected digests.
+    pub expected: Expected,
+    /// The content id once known (expected BLAKE3, a peer's claim, or computed).
+    pub content_id: Option<ContentId>,
+    /// The SHA-256 computed over the verified file.
+    pub sha256: Option<shoal_validator::Sha256Digest>,
+    /// Length in bytes, once known.
+    pub bytes_total: Option<u64>,
+    /// Verified bytes written so far.
+    pub bytes_transferred: u64,
+    /// Verified bytes that came from peers.
+    pub bytes_from_peers: u64,
+    /// Verified bytes that came from the origin.
+    pub bytes_from_origin: u64,
+    /// True once every byte verified and the caller validated the file.
+    pub transferred: bool,
+    /// The caller's verdict.
+    pub validation_state: ValidationState,
+}
+
+/// Counters of a job's trouble with peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Pieces that failed verification and were discarded.
+    pub pieces_rejected: u64,
+    /// Peers banned for serving bad data or a false claim.
+    pub peers_banned: u64,
+}
+
+/// A snapshot of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobInfo {
+    /// The id.
+    pub id: JobId,
+    /// The display name.
+    pub display_name: String,
+    /// The priority.
+    pub priority: Priority,
+    /// The state.
+    pub state: State,
+    /// The files, in the order they were added.
+    pub files: Vec<FileInfo>,
+    /// The last error, if the job is or was in Error or TransientError.
+    pub error: Option<JobError>,
+    /// Trouble with peers.
+    pub peer_stats: PeerStats,
+    /// Creation time.
+    pub created: SystemTime,
+    /// Last modification time (any state or progress change).
+    pub modified: SystemTime,
+    /// When the job reached Transferred.
+    pub transfer_completed: Option<SystemTime>,
+}
+
+impl JobInfo {
+    /// Total bytes of the files whose length is known.
+    #[must_use]
+    pub fn bytes_total(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.bytes_total).sum()
+    }
+
+    /// Verified bytes so far, over all files.
+    #[must_use]
+    pub fn bytes_transferred(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_transferred).sum()
+    }
+
+    /// Verified bytes from peers, over all files.
+    #[must_use]
+    pub fn bytes_from_peers(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_from_peers).sum()
+    }
+
+    /// Verified bytes from the origin, over all files.
+    #[must_use]
+    pub fn bytes_from_origin(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_from_origin).sum()
+    }
+
+    /// Files transferred and validated.
+    #[must_use]
+    pub fn files_transferred(&self) -> usize {
+        self.files.iter().filter(|f| f.transferred).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{State as S, Transition as T, *};
+
+    const ALL: [S; 9] = [
+        S::Queued,
+        S::Connecting,
+        S::Transferring,
+        S::Suspended,
+        S::Error,
+        S::TransientError,
+        S::Transferred,
+        S::Acknowledged,
+        S::Cancelled,
+    ];
+
+    #[test]
+    fn final_states_refuse_everything() {
+        for t in [
+            T::Resume,
+            T::Suspend,
+            T::Cancel,
+            T::Complete,
+            T::AddFile,
+            T::Connect,
+        ] {
+            for s in [S::Acknowledged, S::Cancelled] {
+                assert_eq!(
+                    next_state(s, t),
+                    Err(InvalidState {
+                        from: s,
+                        transition: t
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cancel_and_complete_work_from_every_live_state() {
+        for s in ALL.into_iter().filter(|s| !s.is_final()) {
+            assert_eq!(next_state(s, T::Cancel), Ok(S::Cancelled));
+            assert_eq!(next_state(s, T::Complete), Ok(S::Acknowledged));
+        }
+    }
+
+    #[test]
+    fn the_normal_life_of_a_job() {
+        let mut s = S::Suspended;
+        for (t, want) in [
+            (T::Resume, S::Queued),
+            (T::Connect, S::Connecting),
+            (T::Transfer, S::Transferring),
+            (T::TransientFailure, S::TransientError),
+            (T::Retry, S::Queued),
+            (T::Connect, S::Connecting),
+            (T::AllTransferred, S::Transferred),
+            (T::AddFile, S::Queued),
+            (T::Connect, S::Connecting),
+            (T::AllTransferred, S::Transferred),
+            (T::Complete, S::Acknowledged),
+        ] {
+            s = next_state(s, t).unwrap();
+            assert_eq!(s, want, "after {t:?}");
+        }
+    }
+
+    #[test]
+    fn runner_transitions_need_an_active_job() {
+        assert!(next_state(S::Suspended, T::Connect).is_err());
+        assert!(next_state(S::Suspended, T::Transfer).is_err());
+        assert!(next_state(S::Transferred, T::Fail).is_err());
+        assert!(next_state(S::Error, T::Retry).is_err());
+        assert!(next_state(S::Transferred, T::Suspend).is_err());
+        assert_eq!(next_state(S::Error, T::Resume), Ok(S::Queued));
+    }
+}

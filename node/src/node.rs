@@ -1,0 +1,845 @@
+//! [`Node`]: the embeddable node, with its builder and the BITS-style job API.
+
+use std::{
+    collections::HashMap,
+    path::{Component, Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use libp2p::{Multiaddr, PeerId, identity};
+use shoal_protocol::Bitfield;
+use shoal_validator::{ContentId, ValidationState};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    Error,
+    download::{self, Bans, Env, Failure, FileTask, Update},
+    events::{Callback, Event, TransferredFile},
+    job::{
+        ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, PeerStats, Priority, State,
+        Transition, next_state,
+    },
+    origin, scheduler,
+    store::ContentStore,
+    swarm,
+};
+
+/// Capacity of the event broadcast; slow subscribers miss old events rather than block the node.
+const EVENT_CAPACITY: usize = 1024;
+
+/// Builds a [`Node`].
+#[derive(Debug, Default)]
+pub struct Builder {
+    swarm: swarm::Config,
+    origin: origin::Config,
+    scheduler: scheduler::Config,
+    retry_delay: Option<Duration>,
+    discovery_wait: Option<Duration>,
+    keypair: Option<identity::Keypair>,
+}
+
+impl Builder {
+    /// Replaces the listen addresses (default: TCP and QUIC on every interface, random ports).
+    #[must_use]
+    pub fn listen(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.swarm.listen = addrs;
+        self
+    }
+
+    /// Adds a static peer, with or without a trailing `/p2p/PEER_ID`.
+    #[must_use]
+    pub fn peer(mut self, addr: Multiaddr) -> Self {
+        self.swarm.peers.push(addr);
+        self
+    }
+
+    /// Turns mDNS discovery on or off (default off). mDNS multicasts to 224.0.0.251.
+    #[must_use]
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.swarm.mdns = on;
+        self
+    }
+
+    /// Bounds concurrent uploads (default 32); more piece requests are answered Busy.
+    #[must_use]
+    pub fn max_concurrent_uploads(mut self, n: usize) -> Self {
+        self.swarm.max_concurrent_uploads = n;
+        self
+    }
+
+    /// Sets how this node answers peers; anything but Honest is for tests and demos.
+    #[must_use]
+    pub fn serve_mode(mut self, mode: swarm::ServeMode) -> Self {
+        self.swarm.serve_mode = mode;
+        self
+    }
+
+    /// Origin client settings.
+    #[must_use]
+    pub fn origin(mut self, config: origin::Config) -> Self {
+        self.origin = config;
+        self
+    }
+
+    /// Scheduler limits.
+    #[must_use]
+    pub fn scheduler(mut self, config: scheduler::Config) -> Self {
+        self.scheduler = config;
+        self
+    }
+
+    /// The default retry delay of new jobs (BITS `SetMinimumRetryDelay`, default 600 s): the
+    /// wait after a TransientError and between calls of a failing JobTransferred handler.
+    #[must_use]
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = Some(delay);
+        self
+    }
+
+    /// How long a download waits for a first peer connection when peers are configured
+    /// (default 2 s).
+    #[must_use]
+    pub fn discovery_wait(mut self, wait: Duration) -> Self {
+        self.discovery_wait = Some(wait);
+        self
+    }
+
+    /// Uses this identity instead of a fresh random one.
+    #[must_use]
+    pub fn keypair(mut self, keypair: identity::Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// Starts the node: binds the listen addresses and spawns the swarm.
+    ///
+    /// # Errors
+    /// [`Error::Swarm`] when a transport cannot be built or an address bound,
+    /// [`Error::Origin`] when the HTTP client cannot be built.
+    pub async fn build(self) -> Result<Node, Error> {
+        let store = Arc::new(ContentStore::new());
+        let shutdown = CancellationToken::new();
+        let keypair = self
+            .keypair
+            .unwrap_or_else(identity::Keypair::generate_ed25519);
+        let has_peers = !self.swarm.peers.is_empty() || self.swarm.mdns;
+        let (handle, task) =
+            swarm::spawn(keypair, self.swarm, store.clone(), shutdown.clone()).await?;
+        let origin = origin::Client::new(self.origin).map_err(|e| Error::Origin(e.to_string()))?;
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let default_wait = if has_peers {
+            Duration::from_secs(2)
+        } else {
+            Duration::ZERO
+        };
+        Ok(Node {
+            inner: Arc::new(Inner {
+                env: Env {
+                    swarm: handle,
+                    origin,
+                    store,
+                    bans: Arc::new(Bans::default()),
+                    scheduler: self.scheduler,
+                    discovery_wait: self.discovery_wait.unwrap_or(default_wait),
+                },
+                jobs: Mutex::new(HashMap::new()),
+                events,
+                shutdown,
+                swarm_task: Mutex::new(Some(task)),
+                retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
+            }),
+        })
+    }
+}
+
+struct JobRecord {
+    info: JobInfo,
+    callback: Option<Arc<dyn Callback>>,
+    retry_delay: Duration,
+    /// Per file: fetch from the origin alone (the caller rejected peer content).
+    origin_only: Vec<bool>,
+    /// Per file: renamed to its local name by Complete.
+    completed: Vec<bool>,
+    runner: Option<CancellationToken>,
+}
+
+struct Inner {
+    env: Env,
+    jobs: Mutex<HashMap<JobId, Arc<Mutex<JobRecord>>>>,
+    events: broadcast::Sender<Event>,
+    shutdown: CancellationToken,
+    swarm_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    retry_delay: Duration,
+}
+
+/// A Shoal node: a libp2p peer that runs download jobs and serves verified content.
+///
+/// Cheap to clone; every clone is the same node. Dropping the last clone does not stop it: call
+/// [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
+    let name = local
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let short = &job.0.simple().to_string()[..8];
+    local.with_file_name(format!(".{name}.{short}.shoal-part"))
+}
+
+/// Checks a local name: no `..`, a file name, a parent directory that exists, not a directory.
+fn check_local_name(path: &Path) -> Result<(), Error> {
+    let bad = |reason: &str| Error::BadLocalName {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(bad("a local name may not contain '..'"));
+    }
+    if path.file_name().is_none() {
+        return Err(bad("no file name"));
+    }
+    if path.is_dir() {
+        return Err(bad("it is an existing directory"));
+    }
+    let parent = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Err(bad("no parent directory")),
+    };
+    if !parent.is_dir() {
+        return Err(bad("its directory does not exist"));
+    }
+    Ok(())
+}
+
+impl Node {
+    /// A builder with the defaults.
+    #[must_use]
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// This node's peer id.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.env.swarm.peer_id()
+    }
+
+    /// The addresses this node listens on, each ending in `/p2p/PEER_ID`.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.env.swarm.listen_addrs().await
+    }
+
+    /// The peers connected now.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        self.inner.env.swarm.connected_peers().await
+    }
+
+    /// Dials a peer.
+    pub async fn dial(&self, addr: Multiaddr) {
+        self.inner.env.swarm.dial(addr).await;
+    }
+
+    /// Subscribes to this node's events.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Hashes the file at `path` and serves it to peers under its content id (and its SHA-256).
+    ///
+    /// # Errors
+    /// [`Error::Hash`] when the file cannot be read.
+    pub async fn seed(&self, path: impl AsRef<Path>) -> Result<ContentId, Error> {
+        let path = path.as_ref().to_owned();
+        let p = path.clone();
+        let digests = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&p)?;
+            let len = file.metadata()?.len();
+            shoal_validator::hash_reader(std::io::BufReader::new(file), len)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .await
+        .map_err(|e| Error::Hash {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
+        .map_err(|e| Error::Hash {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let id = digests.content_id();
+        self.inner.env.store.insert(
+            digests.layer,
+            Bitfield::full(id.piece_count()),
+            path.clone(),
+        );
+        self.inner.env.store.set_sha256(&id, digests.sha256);
+        info!(%id, path = %path.display(), "seeding");
+        Ok(id)
+    }
+
+    /// Creates a job (BITS `CreateJob`); it starts Suspended.
+    pub fn create_job(&self, display_name: &str, priority: Priority) -> JobId {
+        let id = JobId::new();
+        let now = SystemTime::now();
+        let record = JobRecord {
+            info: JobInfo {
+                id,
+                display_name: display_name.to_owned(),
+                priority,
+                state: State::Suspended,
+                files: Vec::new(),
+                error: None,
+                peer_stats: PeerStats::default(),
+                created: now,
+                modified: now,
+                transfer_completed: None,
+            },
+            callback: None,
+            retry_delay: self.inner.retry_delay,
+            origin_only: Vec::new(),
+            completed: Vec::new(),
+            runner: None,
+        };
+        self.lock_jobs().insert(id, Arc::new(Mutex::new(record)));
+        id
+    }
+
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<Mutex<JobRecord>>>> {
+        self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn job(&self, id: JobId) -> Result<Arc<Mutex<JobRecord>>, Error> {
+        self.lock_jobs()
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownJob(id))
+    }
+
+    /// Sets the job's callback (BITS `SetNotifyInterface`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`].
+    pub fn set_callback(&self, job: JobId, callback: Arc<dyn Callback>) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        lock(&slot).callback = Some(callback);
+        Ok(())
+    }
+
+    /// Sets the job's retry delay (BITS `SetMinimumRetryDelay`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`].
+    pub fn set_retry_delay(&self, job: JobId, delay: Duration) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        lock(&slot).retry_delay = delay;
+        Ok(())
+    }
+
+    /// Adds a file to a job (BITS `AddFile`). Adding to a Transferred job queues it again.
+    ///
+    /// # Errors
+    /// [`Error::BadUrl`] for a scheme other than http/https, [`Error::BadLocalName`],
+    /// [`Error::DuplicateLocalName`], [`Error::InvalidState`] on a final job,
+    /// [`Error::UnknownJob`].
+    pub fn add_file(&self, job: JobId, spec: FileSpec) -> Result<(), Error> {
+        if !matches!(spec.url.scheme(), "http" | "https") {
+            return Err(Error::BadUrl {
+                url: spec.url.to_string(),
+                reason: "only http and https URLs are supported".into(),
+            });
+        }
+        check_local_name(&spec.local_name)?;
+        let slot = self.job(job)?;
+        let start = {
+            let mut rec = lock(&slot);
+            if rec
+                .info
+                .files
+                .iter()
+                .any(|f| f.local_name == spec.local_name)
+            {
+                return Err(Error::DuplicateLocalName(spec.local_name));
+            }
+            let to = next_state(rec.info.state, Transition::AddFile)?;
+            rec.info.files.push(FileInfo {
+                temp_name: temp_name_for(&spec.local_name, job),
+                url: spec.url,
+                local_name: spec.local_name,
+                expected: spec.expected,
+                content_id: None,
+                sha256: None,
+                bytes_total: None,
+                bytes_transferred: 0,
+                bytes_from_peers: 0,
+                bytes_from_origin: 0,
+                transferred: false,
+                validation_state: ValidationState::Unknown,
+            });
+            rec.origin_only.push(false);
+            rec.completed.push(false);
+            let changed = to != rec.info.state;
+            self.set_state(&mut rec, to);
+            changed && to == State::Queued
+        };
+        if start {
+            self.start_runner(job, &slot);
+        }
+        Ok(())
+    }
+
+    fn set_state(&self, rec: &mut JobRecord, to: State) {
+        let changed = rec.info.state != to;
+        rec.info.state = to;
+        rec.info.modified = SystemTime::now();
+        if changed {
+            let _ = self.inner.events.send(Event::JobModification {
+                job: rec.info.id,
+                state: to,
+            });
+            if let Some(cb) = &rec.callback {
+                cb.job_modification(rec.info.clone());
+            }
+        }
+    }
+
+    /// Starts or restarts a job (BITS `Resume`).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] without files (BITS `BG_E_EMPTY`), [`Error::InvalidState`] on a final
+    /// job, [`Error::UnknownJob`].
+    pub fn resume(&self, job: JobId) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        {
+            let mut rec = lock(&slot);
+            if rec.info.files.is_empty() {
+                return Err(Error::Empty(job));
+            }
+            let to = next_state(rec.info.state, Transition::Resume)?;
+            if to == State::Queued {
+                rec.info.error = None;
+            }
+            self.set_state(&mut rec, to);
+        }
+        self.start_runner(job, &slot);
+        Ok(())
+    }
+
+    /// Pauses a job (BITS `Suspend`); its temporary files stay.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] on a Transferred or final job, [`Error::UnknownJob`].
+    pub fn suspend(&self, job: JobId) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        let mut rec = lock(&slot);
+        let to = next_state(rec.info.state, Transition::Suspend)?;
+        if let Some(t) = rec.runner.take() {
+            t.cancel();
+        }
+        self.set_state(&mut rec, to);
+        Ok(())
+    }
+
+    /// Cancels a job (BITS `Cancel`): stops it and deletes its temporary files.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] on a final job, [`Error::UnknownJob`].
+    pub fn cancel(&self, job: JobId) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        let mut rec = lock(&slot);
+        let to = next_state(rec.info.state, Transition::Cancel)?;
+        if let Some(t) = rec.runner.take() {
+            t.cancel();
+        }
+        for f in &rec.info.files {
+            self.forget_temp(f);
+        }
+        self.set_state(&mut rec, to);
+        Ok(())
+    }
+
+    fn forget_temp(&self, f: &FileInfo) {
+        if let Some(id) = &f.content_id {
+            self.inner.env.store.remove_at(id, &f.temp_name);
+        }
+        let _ = std::fs::remove_file(&f.temp_name);
+    }
+
+    /// Ends a job (BITS `Complete`): renames each transferred and validated file's temporary
+    /// file to its local name, deletes the other temporary files, and moves the job to
+    /// Acknowledged. Called during a transfer, only the files already transferred are kept.
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] on a Cancelled or Acknowledged job, [`Error::Io`] when a rename
+    /// fails (the job then keeps its state and its remaining temporary files, so Complete can
+    /// be called again), [`Error::UnknownJob`].
+    pub fn complete(&self, job: JobId) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        let mut rec = lock(&slot);
+        let to = next_state(rec.info.state, Transition::Complete)?;
+        if let Some(t) = rec.runner.take() {
+            t.cancel();
+        }
+        for i in 0..rec.info.files.len() {
+            let f = rec.info.files[i].clone();
+            if rec.completed[i] {
+                continue;
+            }
+            if !f.transferred {
+                self.forget_temp(&f);
+                continue;
+            }
+            if f.local_name.is_dir() {
+                return Err(Error::BadLocalName {
+                    path: f.local_name.clone(),
+                    reason: "it became a directory".into(),
+                });
+            }
+            let io = |e| Error::Io {
+                path: f.local_name.clone(),
+                source: e,
+            };
+            std::fs::File::open(&f.temp_name)
+                .and_then(|file| file.sync_all())
+                .map_err(io)?;
+            std::fs::rename(&f.temp_name, &f.local_name).map_err(io)?;
+            if let Some(dir) = f.local_name.parent()
+                && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                })
+            {
+                let _ = d.sync_all();
+            }
+            if let Some(id) = &f.content_id {
+                self.inner
+                    .env
+                    .store
+                    .relocate(id, &f.temp_name, f.local_name.clone());
+            }
+            rec.completed[i] = true;
+        }
+        self.set_state(&mut rec, to);
+        Ok(())
+    }
+
+    /// A snapshot of a job (BITS `GetState`, `GetProgress`, `GetError`, `GetTimes`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`].
+    pub fn info(&self, job: JobId) -> Result<JobInfo, Error> {
+        let slot = self.job(job)?;
+        Ok(lock(&slot).info.clone())
+    }
+
+    /// Snapshots of every job.
+    #[must_use]
+    pub fn jobs(&self) -> Vec<JobInfo> {
+        let slots: Vec<_> = self.lock_jobs().values().cloned().collect();
+        slots.iter().map(|s| lock(s).info.clone()).collect()
+    }
+
+    /// Stops the node: cancels running jobs' transfers and the swarm.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let task = self
+            .inner
+            .swarm_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    fn start_runner(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
+        let mut rec = lock(slot);
+        if rec.runner.is_some() || rec.info.state != State::Queued {
+            return;
+        }
+        let token = self.inner.shutdown.child_token();
+        rec.runner = Some(token.clone());
+        let node = self.clone();
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            node.run_job(job, &slot, &token).await;
+            let mut rec = lock(&slot);
+            if rec
+                .runner
+                .as_ref()
+                .is_some_and(|t| t.is_cancelled() || !token.is_cancelled())
+            {
+                rec.runner = None;
+            }
+        });
+    }
+
+    /// Moves the job on `t` unless the runner was stopped; false when it was.
+    fn runner_transition(
+        &self,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+        t: Transition,
+    ) -> bool {
+        let mut rec = lock(slot);
+        if token.is_cancelled() {
+            return false;
+        }
+        match next_state(rec.info.state, t) {
+            Ok(to) => {
+                self.set_state(&mut rec, to);
+                true
+            }
+            Err(e) => {
+                warn!("runner transition refused: {e}");
+                false
+            }
+        }
+    }
+
+    async fn sleep_or_cancel(token: &CancellationToken, d: Duration) -> bool {
+        tokio::select! {
+            () = token.cancelled() => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn fail(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken, error: JobError) {
+        let (info, cb, delay) = {
+            let mut rec = lock(slot);
+            rec.info.error = Some(error.clone());
+            (rec.info.clone(), rec.callback.clone(), rec.retry_delay)
+        };
+        if !self.runner_transition(slot, token, Transition::Fail) {
+            return;
+        }
+        warn!(job = %info.id, "job error: {error}");
+        let _ = self.inner.events.send(Event::JobError {
+            job: info.id,
+            error: error.clone(),
+        });
+        if let Some(cb) = cb {
+            while cb.job_error(info.clone(), error.clone()).await.is_err() {
+                if !Self::sleep_or_cancel(token, delay).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_lines)]
+    async fn run_job(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken) {
+        'attempts: loop {
+            if !self.runner_transition(slot, token, Transition::Connect) {
+                return;
+            }
+            let count = lock(slot).info.files.len();
+            let mut i = 0;
+            while i < count.max(lock(slot).info.files.len()) {
+                let (task, done) = {
+                    let rec = lock(slot);
+                    let f = &rec.info.files[i];
+                    (
+                        FileTask {
+                            index: i,
+                            url: f.url.clone(),
+                            expected: f.expected,
+                            temp: f.temp_name.clone(),
+                            origin_only: rec.origin_only[i],
+                        },
+                        f.transferred,
+                    )
+                };
+                if done {
+                    i += 1;
+                    continue;
+                }
+                let progress = |u: Update| self.on_update(slot, token, i, u);
+                let result =
+                    download::download_file(&self.inner.env, &task, token, &progress).await;
+                match result {
+                    Ok(d) => {
+                        let (info, cb) = {
+                            let mut rec = lock(slot);
+                            let f = &mut rec.info.files[i];
+                            f.content_id = Some(d.content_id);
+                            f.sha256 = Some(d.sha256);
+                            (rec.info.clone(), rec.callback.clone())
+                        };
+                        let file = TransferredFile {
+                            index: i,
+                            temp_name: task.temp.clone(),
+                            from_peers: d.from_peers,
+                        };
+                        let _ = self.inner.events.send(Event::FileTransferred {
+                            job,
+                            file: file.clone(),
+                        });
+                        let verdict = match cb {
+                            Some(cb) => cb.file_transferred(info, file).await,
+                            None => ValidationState::Valid,
+                        };
+                        if token.is_cancelled() {
+                            return;
+                        }
+                        let rejected_origin_content = {
+                            let mut rec = lock(slot);
+                            rec.info.files[i].validation_state = verdict;
+                            if verdict == ValidationState::Invalid {
+                                self.inner.env.store.remove_at(&d.content_id, &task.temp);
+                                if d.from_peers && !task.origin_only {
+                                    info!(%job, file = i, "caller rejected peer content; refetching from the origin");
+                                    rec.origin_only[i] = true;
+                                    false
+                                } else {
+                                    true
+                                }
+                            } else {
+                                rec.info.files[i].transferred = true;
+                                rec.info.modified = SystemTime::now();
+                                i += 1;
+                                false
+                            }
+                        };
+                        if rejected_origin_content {
+                            let url = task.url.clone();
+                            self.fail(
+                                slot,
+                                token,
+                                JobError {
+                                    context: ErrorContext::Validation,
+                                    file: Some(i),
+                                    description: format!(
+                                        "the caller rejected the content of {url} from the origin"
+                                    ),
+                                },
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                    Err(Failure::Cancelled) => return,
+                    Err(Failure::Fatal(e)) => {
+                        self.fail(slot, token, e).await;
+                        return;
+                    }
+                    Err(Failure::Transient(e)) => {
+                        let delay = {
+                            let mut rec = lock(slot);
+                            rec.info.error = Some(e.clone());
+                            rec.retry_delay
+                        };
+                        warn!(%job, "transient error, retrying in {delay:?}: {e}");
+                        if !self.runner_transition(slot, token, Transition::TransientFailure)
+                            || !Self::sleep_or_cancel(token, delay).await
+                            || !self.runner_transition(slot, token, Transition::Retry)
+                        {
+                            return;
+                        }
+                        continue 'attempts;
+                    }
+                }
+            }
+            break;
+        }
+        {
+            let mut rec = lock(slot);
+            if token.is_cancelled() {
+                return;
+            }
+            rec.info.transfer_completed = Some(SystemTime::now());
+        }
+        if !self.runner_transition(slot, token, Transition::AllTransferred) {
+            return;
+        }
+        let _ = self.inner.events.send(Event::JobTransferred { job });
+        let (cb, delay) = {
+            let rec = lock(slot);
+            (rec.callback.clone(), rec.retry_delay)
+        };
+        if let Some(cb) = cb {
+            loop {
+                let info = lock(slot).info.clone();
+                if info.state != State::Transferred {
+                    return;
+                }
+                match cb.job_transferred(info).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        warn!(%job, "JobTransferred handler failed, calling again in {delay:?}: {e}");
+                        if !Self::sleep_or_cancel(token, delay).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_update(
+        &self,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+        index: usize,
+        u: Update,
+    ) {
+        let first_piece = {
+            let mut rec = lock(slot);
+            rec.info.modified = SystemTime::now();
+            match u {
+                Update::Started { length, content_id } => {
+                    let f = &mut rec.info.files[index];
+                    f.bytes_total = Some(length);
+                    f.content_id = content_id;
+                    f.bytes_transferred = 0;
+                    f.bytes_from_peers = 0;
+                    f.bytes_from_origin = 0;
+                    false
+                }
+                Update::Piece { bytes, from_peer } => {
+                    let f = &mut rec.info.files[index];
+                    f.bytes_transferred += bytes;
+                    if from_peer {
+                        f.bytes_from_peers += bytes;
+                    } else {
+                        f.bytes_from_origin += bytes;
+                    }
+                    rec.info.state == State::Connecting
+                }
+                Update::Rejected => {
+                    rec.info.peer_stats.pieces_rejected += 1;
+                    false
+                }
+                Update::Banned => {
+                    rec.info.peer_stats.peers_banned += 1;
+                    false
+                }
+            }
+        };
+        if first_piece {
+            self.runner_transition(slot, token, Transition::Transfer);
+        }
+    }
+}
+
+fn lock(slot: &Mutex<JobRecord>) -> std::sync::MutexGuard<'_, JobRecord> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,424 @@
+//! The origin client: HTTP and HTTPS downloads of byte ranges with reqwest.
+//!
+//! - Pieces are fetched with `Range` requests (RFC 9110 §14). A server that ignores `Range` and
+//!   answers 200 with the whole body still works: the client then reads from the start and skips
+//!   to the bytes it needs.
+//! - Redirects are followed (reqwest's default policy, at most 10).
+//! - 5xx, 408, 429, connection resets and timeouts are retried with exponential backoff
+//!   ([`Config::retries`], [`Config::backoff`]); once retries run out the error is transient, and
+//!   the job goes to TransientError rather than Error.
+//! - The first response's `ETag` (or `Last-Modified`) is remembered and sent as `If-Range` on
+//!   every later request. Content that changes mid-job (a 200 where a 206 was asked for, another
+//!   ETag, another length) is [`OriginError::Changed`], never a corrupt file.
+//! - 404, 410, 403 and 401 are fatal errors naming the URL.
+
+use std::{ops::Range, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use reqwest::{StatusCode, header};
+use thiserror::Error;
+use url::Url;
+
+/// Origin client settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Retries of one request after a transient failure.
+    pub retries: u32,
+    /// The first retry's delay; doubled each time, at most 8 s.
+    pub backoff: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of a response.
+    pub read_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            retries: 5,
+            backoff: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An origin failure.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum OriginError {
+    /// 404 or 410.
+    #[error("{url} was not found (HTTP {status})")]
+    NotFound {
+        /// The URL.
+        url: Url,
+        /// The status code.
+        status: u16,
+    },
+    /// 401 or 403.
+    #[error("access to {url} was denied (HTTP {status})")]
+    Denied {
+        /// The URL.
+        url: Url,
+        /// The status code.
+        status: u16,
+    },
+    /// Another 4xx the client cannot fix by retrying.
+    #[error("{url} answered HTTP {status}")]
+    Status {
+        /// The URL.
+        url: Url,
+        /// The status code.
+        status: u16,
+    },
+    /// The content changed during the job (ETag, Last-Modified or length differ, or `If-Range`
+    /// failed).
+    #[error("the content at {url} changed during the job: {detail}")]
+    Changed {
+        /// The URL.
+        url: Url,
+        /// What differed.
+        detail: String,
+    },
+    /// The response is unusable (no length, a wrong Content-Range).
+    #[error("{url} gave an unusable response: {detail}")]
+    BadResponse {
+        /// The URL.
+        url: Url,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Network failures or 5xx that outlasted the retries.
+    #[error("{url} is unreachable: {detail}")]
+    Unreachable {
+        /// The URL.
+        url: Url,
+        /// The last failure.
+        detail: String,
+    },
+}
+
+impl OriginError {
+    /// True when trying again later may succeed (the job goes to TransientError).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+}
+
+/// What the origin told about a resource on first contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    /// The resource's length in bytes.
+    pub length: u64,
+    /// Whether the server honours `Range`.
+    pub ranges: bool,
+    /// The validator to send as `If-Range` and compare: the ETag, else Last-Modified.
+    pub validator: Option<String>,
+}
+
+/// The origin HTTP client; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    config: Config,
+}
+
+enum Attempt<T> {
+    Done(T),
+    Retry(String),
+}
+
+fn install_crypto_provider() {
+    // reqwest is built without a default provider; ring is the one libp2p already uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Client {
+    /// A client with `config`.
+    ///
+    /// # Errors
+    /// [`OriginError::BadResponse`] is never returned here; a failure to build the TLS stack is
+    /// reported as [`crate::Error::Origin`] by the caller.
+    pub fn new(config: Config) -> Result<Self, reqwest::Error> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .build()?;
+        Ok(Self { http, config })
+    }
+
+    /// Waits before retry `attempt` (0-based) after `detail`, or gives up with
+    /// [`OriginError::Unreachable`] once the retries are spent.
+    async fn backoff(&self, url: &Url, attempt: u32, detail: String) -> Result<(), OriginError> {
+        if attempt >= self.config.retries {
+            return Err(OriginError::Unreachable {
+                url: url.clone(),
+                detail,
+            });
+        }
+        tracing::debug!(%url, attempt, "origin retry after: {detail}");
+        let delay = self
+            .config
+            .backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(Duration::from_secs(8));
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    fn classify(url: &Url, status: StatusCode) -> Result<Attempt<()>, OriginError> {
+        let code = status.as_u16();
+        match code {
+            200..=299 => Ok(Attempt::Done(())),
+            404 | 410 => Err(OriginError::NotFound {
+                url: url.clone(),
+                status: code,
+            }),
+            401 | 403 => Err(OriginError::Denied {
+                url: url.clone(),
+                status: code,
+            }),
+            408 | 429 | 500..=599 => Ok(Attempt::Retry(format!("HTTP {code}"))),
+            _ => Err(OriginError::Status {
+                url: url.clone(),
+                status: code,
+            }),
+        }
+    }
+
+    /// Learns the resource's length, Range support and validator with a one-byte range request.
+    ///
+    /// # Errors
+    /// Fatal [`OriginError`]s for 4xx, [`OriginError::BadResponse`] without a length, and
+    /// [`OriginError::Unreachable`] after the retries.
+    pub async fn probe(&self, url: &Url) -> Result<Remote, OriginError> {
+        let mut attempt = 0;
+        loop {
+            match self.probe_once(url).await? {
+                Attempt::Done(r) => return Ok(r),
+                Attempt::Retry(detail) => self.backoff(url, attempt, detail).await?,
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn probe_once(&self, url: &Url) -> Result<Attempt<Remote>, OriginError> {
+        let resp = match self
+            .http
+            .get(url.clone())
+            .header(header::RANGE, "bytes=0-0")
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Attempt::Retry(e.to_string())),
+        };
+        if let Attempt::Retry(d) = Self::classify(url, resp.status())? {
+            return Ok(Attempt::Retry(d));
+        }
+        let validator = validator_of(resp.headers());
+        let remote = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            let (_, total) =
+                content_range(resp.headers()).ok_or_else(|| OriginError::BadResponse {
+                    url: url.clone(),
+                    detail: "206 without a Content-Range total".into(),
+                })?;
+            Remote {
+                length: total,
+                ranges: true,
+                validator,
+            }
+        } else {
+            let length = resp
+                .content_length()
+                .ok_or_else(|| OriginError::BadResponse {
+                    url: url.clone(),
+                    detail: "no Content-Length".into(),
+                })?;
+            Remote {
+                length,
+                ranges: false,
+                validator,
+            }
+        };
+        // Dropping the response closes a 200's body early.
+        Ok(Attempt::Done(remote))
+    }
+
+    /// Streams bytes `range` of the resource (end exclusive) as pieces of `piece_size` bytes
+    /// aligned to `range.start`; each complete piece is passed to `sink`, which returns false
+    /// to stop. A stream broken midway is resumed from the next missing piece, within the
+    /// retries.
+    ///
+    /// # Errors
+    /// As [`Client::probe`], plus [`OriginError::Changed`] when the content changed.
+    pub async fn fetch<F>(
+        &self,
+        url: &Url,
+        remote: &Remote,
+        range: Range<u64>,
+        piece_size: u64,
+        mut sink: impl FnMut(Bytes) -> F,
+    ) -> Result<(), OriginError>
+    where
+        F: Future<Output = bool>,
+    {
+        let mut pos = range.start;
+        let mut attempt = 0;
+        loop {
+            let before = pos;
+            match self
+                .fetch_once(url, remote, &mut pos, range.end, piece_size, &mut sink)
+                .await?
+            {
+                Attempt::Done(()) => return Ok(()),
+                Attempt::Retry(detail) => {
+                    if pos > before {
+                        // Progress resets the count: a long transfer over a flaky link goes on.
+                        attempt = 0;
+                    }
+                    self.backoff(url, attempt, detail).await?;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn fetch_once<F>(
+        &self,
+        url: &Url,
+        remote: &Remote,
+        pos: &mut u64,
+        end: u64,
+        piece_size: u64,
+        sink: &mut impl FnMut(Bytes) -> F,
+    ) -> Result<Attempt<()>, OriginError>
+    where
+        F: Future<Output = bool>,
+    {
+        if *pos >= end {
+            return Ok(Attempt::Done(()));
+        }
+        let mut req = self.http.get(url.clone());
+        if remote.ranges {
+            req = req.header(header::RANGE, format!("bytes={}-{}", *pos, end - 1));
+            if let Some(v) = &remote.validator {
+                req = req.header(header::IF_RANGE, v);
+            }
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Ok(Attempt::Retry(e.to_string())),
+        };
+        if let Attempt::Retry(d) = Self::classify(url, resp.status())? {
+            return Ok(Attempt::Retry(d));
+        }
+        check_same(url, remote, &resp, *pos, end)?;
+        let mut skip = if remote.ranges { 0 } else { *pos };
+        let mut body = resp.bytes_stream();
+        let mut buf = BytesMut::with_capacity(piece_size.min(end - *pos) as usize);
+        while let Some(chunk) = body.next().await {
+            let mut chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => return Ok(Attempt::Retry(e.to_string())),
+            };
+            if skip > 0 {
+                let n = skip.min(chunk.len() as u64);
+                let _ = chunk.split_to(n as usize);
+                skip -= n;
+            }
+            while !chunk.is_empty() {
+                let piece_len = piece_size.min(end - *pos) as usize;
+                let take = (piece_len - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk.split_to(take));
+                if buf.len() == piece_len {
+                    let piece = buf.split().freeze();
+                    *pos += piece.len() as u64;
+                    let more = sink(piece).await;
+                    if !more || *pos >= end {
+                        return Ok(Attempt::Done(()));
+                    }
+                    buf.reserve(piece_size.min(end - *pos) as usize);
+                }
+            }
+        }
+        Ok(Attempt::Retry(format!(
+            "response ended at byte {} of {end}",
+            *pos + buf.len() as u64
+        )))
+    }
+}
+
+fn validator_of(h: &header::HeaderMap) -> Option<String> {
+    let etag = h
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.starts_with("W/"));
+    etag.or_else(|| h.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()))
+        .map(str::to_owned)
+}
+
+/// `Content-Range: bytes START-END/TOTAL` → (START, TOTAL).
+fn content_range(h: &header::HeaderMap) -> Option<(u64, u64)> {
+    let v = h.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (start, _) = span.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
+fn check_same(
+    url: &Url,
+    remote: &Remote,
+    resp: &reqwest::Response,
+    start: u64,
+    end: u64,
+) -> Result<(), OriginError> {
+    let changed = |detail: String| OriginError::Changed {
+        url: url.clone(),
+        detail,
+    };
+    let validator = validator_of(resp.headers());
+    if remote.validator.is_some() && validator.is_some() && validator != remote.validator {
+        return Err(changed(format!(
+            "validator {:?} became {:?}",
+            remote.validator, validator
+        )));
+    }
+    if remote.ranges {
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(changed(format!(
+                "asked for bytes {start}-{} and got HTTP {} (If-Range failed)",
+                end - 1,
+                resp.status().as_u16()
+            )));
+        }
+        match content_range(resp.headers()) {
+            Some((s, total)) if s == start && total == remote.length => {}
+            Some((s, total)) => {
+                return Err(changed(format!(
+                    "Content-Range starts at {s} of {total}, expected {start} of {}",
+                    remote.length
+                )));
+            }
+            None => {
+                return Err(OriginError::BadResponse {
+                    url: url.clone(),
+                    detail: "206 without Content-Range".into(),
+                });
+            }
+        }
+    } else if let Some(len) = resp.content_length()
+        && len != remote.length
+    {
+        return Err(changed(format!(
+            "length {len} bytes, was {} bytes",
+            remote.length
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,747 @@
+//! The libp2p swarm: transports, the [`Behaviour`], and the event loop that owns the swarm.
+//!
+//! The event loop task alone touches the `Swarm`. The rest of the node talks to it through a
+//! cloneable [`Handle`] whose methods send a [`Command`] over a bounded channel and await the
+//! answer on a oneshot. Inbound requests are answered from the [`ContentStore`] by short-lived
+//! tasks (disk reads never run on the loop), at most [`Config::max_concurrent_uploads`] at once;
+//! beyond that a piece request is answered Busy.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    marker::PhantomData,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, mdns, noise, ping,
+    request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
+    swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle},
+    tcp, yamux,
+};
+use shoal_protocol::{
+    Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, LAYER_PROTOCOL, LayerRequest,
+    LayerResponse, Message, PIECE_PROTOCOL, PieceRequest, PieceResponse, frame::LengthPrefix,
+};
+use shoal_validator::ContentId;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{Error, store::ContentStore};
+
+/// Capacity of the command channel into the event loop.
+const COMMAND_QUEUE: usize = 256;
+/// How often the loop redials configured peers that are not connected.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(3);
+
+/// A request-response codec for one request and one response type of [`shoal_protocol`]: a varint
+/// length prefix, then the protobuf body, with the message type's byte limit checked before
+/// the body is read.
+pub struct Codec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> Default for Codec<Req, Resp> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for Codec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+async fn read_message<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
+    let mut prefix = LengthPrefix::new(M::MAX_LEN_BYTES);
+    let len = loop {
+        let mut byte = [0u8; 1];
+        io.read_exact(&mut byte).await?;
+        match prefix.push(byte[0]) {
+            Ok(Some(len)) => break len,
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    };
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    M::decode(Bytes::from(body)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    msg: &M,
+) -> io::Result<()> {
+    let body = msg.encode();
+    let (prefix, n) = shoal_protocol::frame::encode_prefix(body.len() as u64);
+    io.write_all(&prefix[..n]).await?;
+    io.write_all(&body).await?;
+    io.flush().await
+}
+
+impl<Req, Resp> request_response::Codec for Codec<Req, Resp>
+where
+    Req: Message + Send + Sync + 'static,
+    Resp: Message + Send + Sync + 'static,
+{
+    type Protocol = StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_message(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &req).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: Resp,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_message(io, &resp).await
+    }
+}
+
+type HaveBehaviour = request_response::Behaviour<Codec<HaveRequest, HaveResponse>>;
+type LayerBehaviour = request_response::Behaviour<Codec<LayerRequest, LayerResponse>>;
+type PieceBehaviour = request_response::Behaviour<Codec<PieceRequest, PieceResponse>>;
+
+mod behaviour {
+    #![allow(missing_docs)]
+
+    use super::{
+        HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle, identify, mdns,
+        ping,
+    };
+
+    /// Shoal's network behaviour: identify, ping, optional mDNS, and the three peer protocols.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        pub(super) identify: identify::Behaviour,
+        pub(super) ping: ping::Behaviour,
+        pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+        pub(super) have: HaveBehaviour,
+        pub(super) layer: LayerBehaviour,
+        pub(super) piece: PieceBehaviour,
+    }
+}
+
+pub use behaviour::{Behaviour, BehaviourEvent};
+
+/// How this node answers peers. Anything but `Honest` exists for tests and `shoal demo`, to play
+/// a rogue peer on the real wire protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Serve only verified bytes, truthfully.
+    #[default]
+    Honest,
+    /// Flip a byte in every piece served.
+    FlipBytes,
+    /// Serve a piece layer with one chaining value altered.
+    WrongLayer,
+    /// Claim every piece of the content it holds, then answer NotFound for every odd piece.
+    FalseHave,
+    /// Answer every SHA-256 lookup with the content id of some other content it holds.
+    LyingSha256,
+}
+
+/// Swarm settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and redial while not connected (with or without `/p2p/ID`).
+    pub peers: Vec<Multiaddr>,
+    /// Whether to discover LAN peers with mDNS (multicast to 224.0.0.251).
+    pub mdns: bool,
+    /// The most inbound piece requests served at once; more are answered Busy.
+    pub max_concurrent_uploads: usize,
+    /// Timeout of one piece request, in seconds.
+    pub piece_timeout: Duration,
+    /// How this node answers peers.
+    pub serve_mode: ServeMode,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+            ],
+            peers: Vec::new(),
+            mdns: false,
+            max_concurrent_uploads: 32,
+            piece_timeout: Duration::from_secs(30),
+            serve_mode: ServeMode::Honest,
+        }
+    }
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// The request failed on the network (timeout, closed connection, unsupported protocol,
+    /// malformed response).
+    #[error("request to {peer} failed: {reason}")]
+    Failed {
+        /// The peer.
+        peer: PeerId,
+        /// What libp2p reported.
+        reason: String,
+    },
+    /// The swarm has shut down.
+    #[error("the swarm has shut down")]
+    Shutdown,
+}
+
+/// An outbound request to a peer.
+#[derive(Debug)]
+enum OutRequest {
+    Have(
+        HaveRequest,
+        oneshot::Sender<Result<HaveResponse, RequestError>>,
+    ),
+    Layer(
+        LayerRequest,
+        oneshot::Sender<Result<LayerResponse, RequestError>>,
+    ),
+    Piece(
+        PieceRequest,
+        oneshot::Sender<Result<PieceResponse, RequestError>>,
+    ),
+}
+
+/// A command to the event loop.
+#[derive(Debug)]
+enum Command {
+    Request(PeerId, OutRequest),
+    Dial(Multiaddr),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    RespondPiece(ResponseChannel<PieceResponse>, PieceResponse),
+}
+
+/// A cloneable handle to the swarm's event loop.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl Handle {
+    /// This node's peer id.
+    #[must_use]
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn request<R>(
+        &self,
+        peer: PeerId,
+        make: impl FnOnce(oneshot::Sender<Result<R, RequestError>>) -> OutRequest,
+    ) -> Result<R, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request(peer, make(tx)))
+            .await
+            .map_err(|_| RequestError::Shutdown)?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Asks `peer` what it holds of `key`.
+    ///
+    /// # Errors
+    /// [`RequestError`] when the request fails.
+    pub async fn have(&self, peer: PeerId, key: HaveKey) -> Result<HaveResponse, RequestError> {
+        self.request(peer, |tx| OutRequest::Have(HaveRequest(key), tx))
+            .await
+    }
+
+    /// Asks `peer` for the piece layer of `id`.
+    ///
+    /// # Errors
+    /// [`RequestError`] when the request fails.
+    pub async fn layer(&self, peer: PeerId, id: ContentId) -> Result<LayerResponse, RequestError> {
+        self.request(peer, |tx| OutRequest::Layer(LayerRequest(id), tx))
+            .await
+    }
+
+    /// Asks `peer` for piece `index` of `id`.
+    ///
+    /// # Errors
+    /// [`RequestError`] when the request fails.
+    pub async fn piece(
+        &self,
+        peer: PeerId,
+        id: ContentId,
+        index: u32,
+    ) -> Result<PieceResponse, RequestError> {
+        self.request(peer, |tx| {
+            OutRequest::Piece(
+                PieceRequest {
+                    content_id: id,
+                    index,
+                },
+                tx,
+            )
+        })
+        .await
+    }
+
+    /// The peers connected now.
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::ConnectedPeers(tx))
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The addresses this node listens on, each ending in `/p2p/PEER_ID`.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Dials `addr` once (with or without `/p2p/ID`).
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Dial(addr)).await;
+    }
+}
+
+fn request_config(timeout: Duration) -> request_response::Config {
+    request_response::Config::default()
+        .with_request_timeout(timeout)
+        .with_max_concurrent_streams(512)
+}
+
+/// Builds the swarm and spawns its event loop; the loop stops when `shutdown` is cancelled.
+///
+/// # Errors
+/// [`Error::Swarm`] when a transport cannot be built or a listen address cannot be bound.
+pub(crate) async fn spawn(
+    keypair: identity::Keypair,
+    config: Config,
+    store: Arc<ContentStore>,
+    shutdown: CancellationToken,
+) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
+    let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
+    let mdns_on = config.mdns;
+    let piece_timeout = config.piece_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| swarm_err(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/shoal/1.0.0".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                mdns: Toggle::from(mdns),
+                have: request_response::Behaviour::new(
+                    [(StreamProtocol::new(HAVE_PROTOCOL), ProtocolSupport::Full)],
+                    request_config(Duration::from_secs(10)),
+                ),
+                layer: request_response::Behaviour::new(
+                    [(StreamProtocol::new(LAYER_PROTOCOL), ProtocolSupport::Full)],
+                    request_config(Duration::from_secs(20)),
+                ),
+                piece: request_response::Behaviour::new(
+                    [(StreamProtocol::new(PIECE_PROTOCOL), ProtocolSupport::Full)],
+                    request_config(piece_timeout),
+                ),
+            })
+        })
+        .map_err(|e| swarm_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| Error::Swarm(format!("cannot listen on {addr}: {e}")))?;
+    }
+    for addr in &config.peers {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, "cannot dial peer: {e}");
+        }
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let peer_id = *swarm.local_peer_id();
+    let handle = Handle {
+        commands: tx.clone(),
+        peer_id,
+    };
+    let event_loop = EventLoop {
+        swarm,
+        commands: rx,
+        self_tx: tx,
+        store,
+        uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
+        serve_mode: config.serve_mode,
+        static_peers: config.peers,
+        pending_have: HashMap::new(),
+        pending_layer: HashMap::new(),
+        pending_piece: HashMap::new(),
+        listen_addrs: HashSet::new(),
+    };
+    let task = tokio::spawn(event_loop.run(shutdown));
+    // Wait until the listeners are bound so `listen_addrs` is useful at once.
+    for _ in 0..100 {
+        if !handle.listen_addrs().await.is_empty() || config.listen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((handle, task))
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    /// Serving tasks send their answers back through this.
+    self_tx: mpsc::Sender<Command>,
+    store: Arc<ContentStore>,
+    /// Bounds concurrent uploads.
+    uploads: Arc<Semaphore>,
+    serve_mode: ServeMode,
+    static_peers: Vec<Multiaddr>,
+    pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
+    pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
+    pending_piece: HashMap<OutboundRequestId, oneshot::Sender<Result<PieceResponse, RequestError>>>,
+    listen_addrs: HashSet<Multiaddr>,
+}
+
+impl EventLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(cmd) = self.commands.recv() => self.on_command(cmd),
+                _ = redial.tick() => self.redial(),
+            }
+        }
+        debug!("swarm event loop stopped");
+    }
+
+    fn redial(&mut self) {
+        for addr in self.static_peers.clone() {
+            let known = addr.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            let connected = known.is_some_and(|id| self.swarm.is_connected(&id));
+            if !connected && (known.is_some() || self.swarm.connected_peers().next().is_none()) {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let b = self.swarm.behaviour_mut();
+        match cmd {
+            Command::Request(peer, OutRequest::Have(req, tx)) => {
+                let id = b.have.send_request(&peer, req);
+                self.pending_have.insert(id, tx);
+            }
+            Command::Request(peer, OutRequest::Layer(req, tx)) => {
+                let id = b.layer.send_request(&peer, req);
+                self.pending_layer.insert(id, tx);
+            }
+            Command::Request(peer, OutRequest::Piece(req, tx)) => {
+                let id = b.piece.send_request(&peer, req);
+                self.pending_piece.insert(id, tx);
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    warn!(%addr, "cannot dial: {e}");
+                }
+            }
+            Command::ConnectedPeers(tx) => {
+                let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(tx) => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(me)))
+                    .collect();
+                let _ = tx.send(addrs);
+            }
+            Command::RespondPiece(ch, r) => {
+                let _ = b.piece.send_response(ch, r);
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addrs.insert(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.remove(&address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                debug!(%peer_id, "connected");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Have(e)) => self.on_have(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Layer(e)) => self.on_layer(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Piece(e)) => self.on_piece(e),
+            _ => {}
+        }
+    }
+
+    fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
+        use request_response::{Event, Message as M};
+        match e {
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.pending_have.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(tx) = self.pending_have.remove(&request_id) {
+                    let _ = tx.send(Err(RequestError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::Message {
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.0));
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .have
+                    .send_response(channel, response);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_layer(&mut self, e: request_response::Event<LayerRequest, LayerResponse>) {
+        use request_response::{Event, Message as M};
+        match e {
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.pending_layer.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(tx) = self.pending_layer.remove(&request_id) {
+                    let _ = tx.send(Err(RequestError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::Message {
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let mut layer = self.store.layer(&request.0);
+                if self.serve_mode == ServeMode::WrongLayer
+                    && let Some(cv) = layer.as_mut().and_then(|l| l.first_mut())
+                {
+                    cv[0] ^= 0xff;
+                }
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .layer
+                    .send_response(channel, LayerResponse(layer));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_piece(&mut self, e: request_response::Event<PieceRequest, PieceResponse>) {
+        use request_response::{Event, Message as M};
+        match e {
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.pending_piece.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(tx) = self.pending_piece.remove(&request_id) {
+                    let _ = tx.send(Err(RequestError::Failed {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::Message {
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .piece
+                        .send_response(channel, PieceResponse::Busy);
+                    return;
+                };
+                let store = self.store.clone();
+                let tx = self.self_tx.clone();
+                let mode = self.serve_mode;
+                tokio::spawn(async move {
+                    let response =
+                        tokio::task::spawn_blocking(move || serve_piece(&store, mode, &request))
+                            .await
+                            .unwrap_or(PieceResponse::NotFound);
+                    let _ = tx.send(Command::RespondPiece(channel, response)).await;
+                    drop(permit);
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+fn answer_have(
+    store: &ContentStore,
+    mode: ServeMode,
+    key: &HaveKey,
+) -> Option<(ContentId, Bitfield)> {
+    match (mode, key) {
+        (ServeMode::FalseHave, HaveKey::Blake3(_)) => {
+            // Claim every piece of whatever it holds under that hash.
+            let (id, _) = store.have(key)?;
+            Some((id, Bitfield::full(id.piece_count())))
+        }
+        (ServeMode::LyingSha256, HaveKey::Sha256(_)) => store
+            .list()
+            .into_iter()
+            .max_by_key(|(id, _)| id.length())
+            .and_then(|(id, _)| store.have(&HaveKey::Blake3(*id.hash()))),
+        _ => store.have(key),
+    }
+}
+
+fn serve_piece(store: &ContentStore, mode: ServeMode, req: &PieceRequest) -> PieceResponse {
+    let piece = store.read_piece(&req.content_id, req.index);
+    match (mode, piece) {
+        (ServeMode::FalseHave, _) if req.index % 2 == 1 => PieceResponse::NotFound,
+        (ServeMode::FlipBytes, Some(bytes)) => {
+            let mut v = bytes.to_vec();
+            let mid = v.len() / 2;
+            if let Some(b) = v.get_mut(mid) {
+                *b ^= 0x01;
+            }
+            PieceResponse::Data(Bytes::from(v))
+        }
+        (_, Some(bytes)) => PieceResponse::Data(bytes),
+        (_, None) => PieceResponse::NotFound,
+    }
+}
