@@ -616,6 +616,7 @@ async fn attempt(
             Some(f) = origin_rx.recv() => match f {
                 Fetched::Piece(index, source, bytes) => {
                     in_verifier += 1;
+                    sched.on_received(index);
                     if writer.tx.send((index, source, bytes)).await.is_err() {
                         break Err(Failure::Fatal(JobError {
                             context: ErrorContext::LocalFile,
@@ -637,6 +638,7 @@ async fn attempt(
             Some(f) = peer_rx.recv() => match f {
                 Fetched::Piece(index, source, bytes) => {
                     in_verifier += 1;
+                    sched.on_received(index);
                     if writer.tx.send((index, source, bytes)).await.is_err() {
                         break Err(Failure::Fatal(JobError {
                             context: ErrorContext::LocalFile,

@@ -80,8 +80,10 @@ impl Default for Config {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Piece {
-    Missing { peer_failures: u8 },
+    Missing,
     InFlight(Source),
+    /// The bytes arrived and wait for verification.
+    Verifying(Source),
     Done(Source),
 }
 
@@ -98,6 +100,8 @@ struct Peer {
 pub struct Scheduler {
     config: Config,
     pieces: Vec<Piece>,
+    /// Per piece: failed peer attempts so far.
+    peer_failures: Vec<u8>,
     peers: HashMap<PeerId, Peer>,
     banned: Vec<PeerId>,
     origin_busy: bool,
@@ -111,7 +115,8 @@ impl Scheduler {
     pub fn new(piece_count: u32, config: Config) -> Self {
         Self {
             config,
-            pieces: vec![Piece::Missing { peer_failures: 0 }; piece_count as usize],
+            pieces: vec![Piece::Missing; piece_count as usize],
+            peer_failures: vec![0; piece_count as usize],
             peers: HashMap::new(),
             banned: Vec::new(),
             origin_busy: false,
@@ -180,7 +185,7 @@ impl Scheduler {
         !self.origin_allowed
             && !self.is_busy()
             && (0..self.pieces.len() as u32).any(|i| {
-                matches!(self.pieces[i as usize], Piece::Missing { .. })
+                self.pieces[i as usize] == Piece::Missing
                     && !self.peers.values().any(|p| p.have.get(i))
             })
     }
@@ -199,13 +204,9 @@ impl Scheduler {
     }
 
     fn needs_origin(&self, index: u32) -> bool {
-        match self.pieces[index as usize] {
-            Piece::Missing { peer_failures } => {
-                peer_failures >= self.config.peer_attempts
-                    || !self.peers.values().any(|p| p.have.get(index))
-            }
-            _ => false,
-        }
+        self.pieces[index as usize] == Piece::Missing
+            && (self.peer_failures[index as usize] >= self.config.peer_attempts
+                || !self.peers.values().any(|p| p.have.get(index)))
     }
 
     /// The fetches to start now.
@@ -214,8 +215,8 @@ impl Scheduler {
         // Peers: rarest first among pieces some eligible peer holds.
         let mut wanted: Vec<(usize, u32)> = (0..self.pieces.len() as u32)
             .filter(|&i| {
-                matches!(self.pieces[i as usize], Piece::Missing { peer_failures }
-                    if peer_failures < self.config.peer_attempts)
+                self.pieces[i as usize] == Piece::Missing
+                    && self.peer_failures[i as usize] < self.config.peer_attempts
             })
             .map(|i| (self.peers.values().filter(|p| p.have.get(i)).count(), i))
             .filter(|(n, _)| *n > 0)
@@ -273,6 +274,16 @@ impl Scheduler {
         let _ = index;
     }
 
+    /// The bytes of piece `index` arrived and went to verification; an origin run that ends
+    /// now no longer takes the piece back.
+    pub fn on_received(&mut self, index: PieceIndex) {
+        if let Some(p) = self.pieces.get_mut(index as usize)
+            && let Piece::InFlight(source) = *p
+        {
+            *p = Piece::Verifying(source);
+        }
+    }
+
     /// Piece `index` arrived from `source` and verified.
     pub fn on_done(&mut self, index: PieceIndex, source: Source) {
         self.release(index, source);
@@ -306,13 +317,9 @@ impl Scheduler {
             }
         }
         if let Some(p) = self.pieces.get_mut(index as usize) {
-            let before = match *p {
-                Piece::Missing { peer_failures } => peer_failures,
-                _ => 0,
-            };
-            *p = Piece::Missing {
-                peer_failures: before.saturating_add(bump),
-            };
+            *p = Piece::Missing;
+            self.peer_failures[index as usize] =
+                self.peer_failures[index as usize].saturating_add(bump);
         }
     }
 
@@ -322,7 +329,7 @@ impl Scheduler {
         self.release(index, Source::Peer(peer));
         self.ban(peer);
         if let Some(p) = self.pieces.get_mut(index as usize) {
-            *p = Piece::Missing { peer_failures: 0 };
+            *p = Piece::Missing;
         }
     }
 
@@ -332,7 +339,7 @@ impl Scheduler {
         self.origin_busy = false;
         for p in &mut self.pieces {
             if *p == Piece::InFlight(Source::Origin) {
-                *p = Piece::Missing { peer_failures: 0 };
+                *p = Piece::Missing;
             }
         }
     }

@@ -1,0 +1,209 @@
+//! The multi-node test harness: [`TestOrigin`], an in-process HTTP origin that counts what it
+//! serves and misbehaves on request, and [`test_node`], a node bound to 127.0.0.1 with mDNS off.
+//!
+//! Everything listens on 127.0.0.1 only; nothing is sent to any other address.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::Bytes;
+use shoal_node::{Node, origin, scheduler, swarm::ServeMode};
+
+/// What the test origin serves and how it misbehaves.
+#[derive(Default)]
+pub struct OriginState {
+    files: Mutex<HashMap<String, (Bytes, String)>>,
+    /// Bytes of response bodies sent.
+    pub bytes_served: AtomicU64,
+    /// Requests answered (all statuses).
+    pub requests: AtomicU32,
+    /// Answer this many next requests with 500.
+    pub fail_next: AtomicU32,
+    /// Ignore `Range` and always send the whole body with 200.
+    pub no_range: AtomicBool,
+    /// Cut the next body after this many bytes (0: never).
+    pub cut_next_after: AtomicU64,
+}
+
+/// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
+pub struct TestOrigin {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its state: files, counters and misbehaviour switches.
+    pub state: Arc<OriginState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestOrigin {
+    /// Starts an origin on a random loopback port.
+    pub async fn start() -> Self {
+        let state = Arc::new(OriginState::default());
+        let app = Router::new()
+            .route("/{name}", get(serve))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state, task }
+    }
+
+    /// Serves `bytes` at `/name`, replacing what was there (with a new ETag).
+    pub fn put(&self, name: &str, bytes: impl Into<Bytes>) {
+        let bytes = bytes.into();
+        let etag = format!("\"{}\"", &blake3::hash(&bytes).to_hex()[..16]);
+        self.state
+            .files
+            .lock()
+            .expect("origin lock")
+            .insert(name.to_owned(), (bytes, etag));
+    }
+
+    /// The URL of `/name`.
+    pub fn url(&self, name: &str) -> url::Url {
+        format!("http://{}/{name}", self.addr)
+            .parse()
+            .expect("valid URL")
+    }
+
+    /// Bytes of bodies sent so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.state.bytes_served.load(Ordering::SeqCst)
+    }
+}
+
+fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {
+    let v = h.get(header::RANGE)?.to_str().ok()?;
+    let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
+    let start: u64 = a.parse().ok()?;
+    let end: u64 = if b.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+    };
+    (start <= end).then_some((start, end))
+}
+
+async fn serve(
+    State(state): State<Arc<OriginState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    if state
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let Some((bytes, etag)) = state.files.lock().expect("origin lock").get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let len = bytes.len() as u64;
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.to_str().ok() == Some(etag.as_str()));
+    let range = if state.no_range.load(Ordering::SeqCst) || !if_range_ok {
+        None
+    } else {
+        parse_range(&headers, len)
+    };
+    let (status, body, content_range) = match range {
+        Some((s, e)) => (
+            StatusCode::PARTIAL_CONTENT,
+            bytes.slice(s as usize..=e as usize),
+            Some(format!("bytes {s}-{e}/{len}")),
+        ),
+        None => (StatusCode::OK, bytes, None),
+    };
+    let cut = state.cut_next_after.swap(0, Ordering::SeqCst);
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::ETAG, etag)
+        .header(header::CONTENT_LENGTH, body.len());
+    if !state.no_range.load(Ordering::SeqCst) {
+        builder = builder.header(header::ACCEPT_RANGES, "bytes");
+    }
+    if let Some(cr) = content_range {
+        builder = builder.header(header::CONTENT_RANGE, cr);
+    }
+    let body = if cut > 0 && cut < body.len() as u64 {
+        state.bytes_served.fetch_add(cut, Ordering::SeqCst);
+        let head = body.slice(..cut as usize);
+        Body::from_stream(futures::stream::iter(vec![
+            Ok::<_, std::io::Error>(head),
+            Err(std::io::Error::other("connection cut by the test origin")),
+        ]))
+    } else {
+        state
+            .bytes_served
+            .fetch_add(body.len() as u64, Ordering::SeqCst);
+        Body::from(body)
+    };
+    builder.body(body).expect("valid response")
+}
+
+/// Deterministic test content of `len` bytes, different for each `seed`.
+pub fn content(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A node on 127.0.0.1 (TCP), mDNS off, short retry delay and origin backoff, dialing `peers`.
+pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
+    let mut b = Node::builder()
+        .listen(vec![
+            "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
+        ])
+        .mdns(false)
+        .serve_mode(mode)
+        .retry_delay(Duration::from_millis(200))
+        .origin(origin::Config {
+            retries: 3,
+            backoff: Duration::from_millis(20),
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(5),
+        })
+        .scheduler(scheduler::Config {
+            peer_backoff: Duration::from_millis(50),
+            ..scheduler::Config::default()
+        });
+    for p in peers {
+        for a in p.listen_addrs().await {
+            b = b.peer(a);
+        }
+    }
+    b.build().await.expect("node starts on 127.0.0.1")
+}

@@ -1,0 +1,610 @@
+//! Multi-node scenarios on 127.0.0.1 with mDNS off. Each test bounds its own duration and uses
+//! its own temporary directory.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use sha2::Digest as _;
+use shoal_node::{
+    Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
+    TransferredFile, ValidationState, job::ErrorContext, swarm::ServeMode,
+};
+use shoal_tests::{TestOrigin, content, test_node};
+use shoal_validator::Sha256Digest;
+
+/// Upper bound of any single scenario.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn sha256_of(bytes: &[u8]) -> Sha256Digest {
+    Sha256Digest(sha2::Sha256::digest(bytes).into())
+}
+
+fn blake3_of(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// Records what the node called, answers validation with queued verdicts, and fails
+/// JobTransferred a set number of times.
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<String>>,
+    verdicts: Mutex<Vec<ValidationState>>,
+    fail_transferred: AtomicU32,
+    transferred_calls: AtomicU32,
+}
+
+impl Recorder {
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Callback for Recorder {
+    fn file_transferred(
+        &self,
+        _job: JobInfo,
+        file: TransferredFile,
+    ) -> BoxFuture<'static, ValidationState> {
+        self.log.lock().unwrap().push(format!(
+            "FileTransferred {} peers={}",
+            file.index, file.from_peers
+        ));
+        let v = {
+            let mut q = self.verdicts.lock().unwrap();
+            if q.is_empty() {
+                ValidationState::Valid
+            } else {
+                q.remove(0)
+            }
+        };
+        Box::pin(async move { v })
+    }
+
+    fn job_transferred(&self, _job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
+        self.transferred_calls.fetch_add(1, Ordering::SeqCst);
+        self.log.lock().unwrap().push("JobTransferred".into());
+        let fail = self
+            .fail_transferred
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if fail {
+                Err(CallbackError("not yet".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn job_error(
+        &self,
+        _job: JobInfo,
+        error: shoal_node::job::JobError,
+    ) -> BoxFuture<'static, Result<(), CallbackError>> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("JobError {:?}", error.context));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn wait_for(node: &Node, job: JobId, want: &[State]) -> JobInfo {
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    loop {
+        let info = node.info(job).unwrap();
+        if want.contains(&info.state) {
+            return info;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job stuck in {:?} (error {:?}), wanted {want:?}",
+            info.state,
+            info.error
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spec(url: url::Url, local: &Path, expected: Expected) -> FileSpec {
+    FileSpec {
+        url,
+        local_name: local.to_owned(),
+        expected,
+    }
+}
+
+/// Creates a one-file job with `rec` as callback and resumes it.
+fn start_job(node: &Node, file: FileSpec, rec: &Arc<Recorder>) -> JobId {
+    let job = node.create_job("test", Priority::Normal);
+    node.set_callback(job, rec.clone()).unwrap();
+    node.set_retry_delay(job, Duration::from_millis(100))
+        .unwrap();
+    node.add_file(job, file).unwrap();
+    node.resume(job).unwrap();
+    job
+}
+
+async fn seed_node(dir: &Path, name: &str, bytes: &[u8], mode: ServeMode) -> Node {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    let node = test_node(&[], mode).await;
+    node.seed(&path).await.unwrap();
+    node
+}
+
+#[tokio::test]
+async fn origin_only_job_transfers_verifies_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(3_000_000, 1);
+    origin.put("a.bin", data.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    let mut events = node.subscribe();
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("a.bin");
+    let expected = Expected {
+        blake3: None,
+        sha256: Some(sha256_of(&data)),
+    };
+    let job = start_job(&node, spec(origin.url("a.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    // The file does not exist under its name before Complete; the temporary file does.
+    assert!(!dest.exists());
+    assert!(info.files[0].temp_name.exists());
+    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
+    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(info.files[0].content_id.unwrap().hash(), &blake3_of(&data));
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert!(!info.files[0].temp_name.exists());
+    assert_eq!(node.info(job).unwrap().state, State::Acknowledged);
+    assert_eq!(
+        rec.log(),
+        vec!["FileTransferred 0 peers=false", "JobTransferred"]
+    );
+    // Events come in BITS order: Queued, Connecting, Transferring, FileTransferred,
+    // Transferred, JobTransferred, Acknowledged.
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(match e {
+            shoal_node::Event::JobModification { state, .. } => format!("{state}"),
+            shoal_node::Event::FileTransferred { .. } => "FileTransferred".into(),
+            shoal_node::Event::JobTransferred { .. } => "JobTransferred".into(),
+            shoal_node::Event::JobError { .. } => "JobError".into(),
+        });
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "Queued",
+            "Connecting",
+            "Transferring",
+            "FileTransferred",
+            "Transferred",
+            "JobTransferred",
+            "Acknowledged"
+        ]
+    );
+    // Complete on an Acknowledged job is InvalidState.
+    assert!(matches!(node.complete(job), Err(Error::InvalidState(_))));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_seed_three_leechers_take_most_pieces_from_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(8 << 20, 2);
+    origin.put("big.bin", data.clone());
+    let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    let mut leechers = Vec::new();
+    for _ in 0..3 {
+        leechers.push(test_node(std::slice::from_ref(&seed), ServeMode::Honest).await);
+    }
+    let mut jobs = Vec::new();
+    for (i, node) in leechers.iter().enumerate() {
+        let rec = Arc::new(Recorder::default());
+        let dest = dir.path().join(format!("out{i}.bin"));
+        let job = start_job(node, spec(origin.url("big.bin"), &dest, expected), &rec);
+        jobs.push((node, job, dest, rec));
+    }
+    let mut from_peers = 0;
+    for (node, job, dest, rec) in &jobs {
+        let info = wait_for(node, *job, &[State::Transferred]).await;
+        from_peers += info.bytes_from_peers();
+        node.complete(*job).unwrap();
+        assert_eq!(std::fs::read(dest).unwrap(), data);
+        assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);
+    }
+    // Most pieces came from peers: the origin served less than one copy in all.
+    assert!(
+        origin.bytes_served() < data.len() as u64,
+        "origin served {} bytes for 3 × {} bytes",
+        origin.bytes_served(),
+        data.len()
+    );
+    assert!(from_peers > 2 * data.len() as u64);
+    for (node, ..) in &jobs {
+        node.shutdown().await;
+    }
+    seed.shutdown().await;
+}
+
+#[tokio::test]
+async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(4 << 20, 3);
+    origin.put("f.bin", data.clone());
+    let flip = seed_node(dir.path(), "r1.bin", &data, ServeMode::FlipBytes).await;
+    // Claims every piece, answers NotFound for half of them: it loses score, it is not banned.
+    let layer = seed_node(dir.path(), "r2.bin", &data, ServeMode::FalseHave).await;
+    let honest = seed_node(dir.path(), "h.bin", &data, ServeMode::Honest).await;
+    let node = test_node(
+        &[flip.clone(), layer.clone(), honest.clone()],
+        ServeMode::Honest,
+    )
+    .await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    // Make sure all three peers are connected before the job asks around.
+    for _ in 0..100 {
+        if node.connected_peers().await.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert!(
+        info.peer_stats.pieces_rejected >= 1,
+        "{:?}",
+        info.peer_stats
+    );
+    assert_eq!(info.peer_stats.peers_banned, 1, "{:?}", info.peer_stats);
+    assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);
+    for n in [node, flip, layer, honest] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1 << 20, 12);
+    origin.put("f.bin", data.clone());
+    let rogue = seed_node(dir.path(), "r.bin", &data, ServeMode::WrongLayer).await;
+    let node = test_node(std::slice::from_ref(&rogue), ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(info.peer_stats.peers_banned, 1);
+    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(origin.bytes_served(), data.len() as u64 + 1);
+    node.shutdown().await;
+    rogue.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lying_sha256_claim_is_refetched_from_the_origin_and_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(2 << 20, 4);
+    let other = content(2 << 20, 5);
+    origin.put("f.bin", data.clone());
+    // The liar holds other content and claims it is what the SHA-256 names.
+    let liar = seed_node(dir.path(), "other.bin", &other, ServeMode::LyingSha256).await;
+    let node = test_node(std::slice::from_ref(&liar), ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let expected = Expected {
+        blake3: None,
+        sha256: Some(sha256_of(&data)),
+    };
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
+    assert_eq!(info.peer_stats.peers_banned, 1);
+    node.shutdown().await;
+    liar.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1 << 20, 6);
+    origin.put("f.bin", data.clone());
+    let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
+    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    // Invalid on peer content: the file comes again, from the origin alone.
+    let rec = Arc::new(Recorder::default());
+    rec.verdicts.lock().unwrap().push(ValidationState::Invalid);
+    let dest = dir.path().join("a.bin");
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    assert_eq!(
+        rec.log(),
+        vec![
+            "FileTransferred 0 peers=true",
+            "FileTransferred 0 peers=false",
+            "JobTransferred"
+        ]
+    );
+    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    // Invalid on origin content: the job goes to Error.
+    let rec = Arc::new(Recorder::default());
+    rec.verdicts.lock().unwrap().push(ValidationState::Invalid);
+    let dest = dir.path().join("b.bin");
+    let job = start_job(
+        &node,
+        spec(origin.url("f.bin"), &dest, Expected::default()),
+        &rec,
+    );
+    let info = wait_for(&node, job, &[State::Error]).await;
+    assert_eq!(info.error.unwrap().context, ErrorContext::Validation);
+    assert_eq!(
+        rec.log(),
+        vec!["FileTransferred 0 peers=false", "JobError Validation"]
+    );
+    assert!(!dest.exists());
+    node.shutdown().await;
+    seed.shutdown().await;
+}
+
+#[tokio::test]
+async fn complete_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let small = content(100_000, 7);
+    origin.put("small.bin", small.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    // A job whose second file cannot arrive: Complete keeps only the first.
+    let job = node.create_job("early", Priority::Normal);
+    let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
+    node.add_file(job, spec(origin.url("small.bin"), &a, Expected::default()))
+        .unwrap();
+    node.add_file(
+        job,
+        spec(origin.url("missing.bin"), &b, Expected::default()),
+    )
+    .unwrap();
+    node.set_retry_delay(job, Duration::from_secs(3600))
+        .unwrap();
+    node.resume(job).unwrap();
+    let info = wait_for(&node, job, &[State::Error]).await;
+    assert!(info.files[0].transferred && !info.files[1].transferred);
+    let err = info.error.unwrap();
+    assert_eq!(err.context, ErrorContext::RemoteFile);
+    assert!(err.description.contains("missing.bin"), "{err}");
+    assert!(!a.exists() && !b.exists());
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), small);
+    assert!(!b.exists());
+    assert!(!info.files[1].temp_name.exists());
+    // Complete after Cancel is InvalidState, and Cancel deletes the temporary files.
+    let job = node.create_job("cancelled", Priority::Low);
+    let c = dir.path().join("c.bin");
+    node.add_file(job, spec(origin.url("small.bin"), &c, Expected::default()))
+        .unwrap();
+    node.resume(job).unwrap();
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.cancel(job).unwrap();
+    assert!(!info.files[0].temp_name.exists());
+    assert!(matches!(node.complete(job), Err(Error::InvalidState(_))));
+    assert!(!c.exists());
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = test_node(&[], ServeMode::Honest).await;
+    let job = node.create_job("bad", Priority::Normal);
+    assert!(matches!(node.resume(job), Err(Error::Empty(_))));
+    let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
+    let escape = dir.path().join("sub/../../x.bin");
+    assert!(matches!(
+        node.add_file(job, spec(url.clone(), &escape, Expected::default())),
+        Err(Error::BadLocalName { .. })
+    ));
+    assert!(matches!(
+        node.add_file(job, spec(url.clone(), dir.path(), Expected::default())),
+        Err(Error::BadLocalName { .. })
+    ));
+    let ftp: url::Url = "ftp://127.0.0.1/x".parse().unwrap();
+    assert!(matches!(
+        node.add_file(job, spec(ftp, &dir.path().join("y"), Expected::default())),
+        Err(Error::BadUrl { .. })
+    ));
+    let ok = dir.path().join("ok.bin");
+    node.add_file(job, spec(url.clone(), &ok, Expected::default()))
+        .unwrap();
+    assert!(matches!(
+        node.add_file(job, spec(url, &ok, Expected::default())),
+        Err(Error::DuplicateLocalName(_))
+    ));
+    assert!(matches!(node.info(JobId::new()), Err(Error::UnknownJob(_))));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn origin_misbehaviour_is_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1_500_000, 8);
+    origin.put("f.bin", data.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: Some(sha256_of(&data)),
+    };
+    let run = async |name: &str| -> (JobInfo, PathBuf) {
+        let rec = Arc::new(Recorder::default());
+        let dest = dir.path().join(name);
+        let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+        let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
+        if info.state == State::Transferred {
+            node.complete(job).unwrap();
+        }
+        (info, dest)
+    };
+    // No Range support: a 200 with the whole body still works.
+    origin.state.no_range.store(true, Ordering::SeqCst);
+    let (info, dest) = run("norange.bin").await;
+    assert_eq!(info.state, State::Transferred, "{:?}", info.error);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    origin.state.no_range.store(false, Ordering::SeqCst);
+    // 500 twice, then 200: retried.
+    origin.state.fail_next.store(2, Ordering::SeqCst);
+    let (info, dest) = run("retry.bin").await;
+    assert_eq!(info.state, State::Transferred, "{:?}", info.error);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    // A body cut midway is resumed with a Range request.
+    origin.state.cut_next_after.store(0, Ordering::SeqCst);
+    let requests_before = origin.state.requests.load(Ordering::SeqCst);
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("cut.bin");
+    let job = node.create_job("cut", Priority::Normal);
+    node.set_callback(job, rec).unwrap();
+    node.add_file(job, spec(origin.url("f.bin"), &dest, expected))
+        .unwrap();
+    origin.state.cut_next_after.store(0, Ordering::SeqCst);
+    node.resume(job).unwrap();
+    // The probe is the first request; cut the body of the second.
+    for _ in 0..100 {
+        if origin.state.requests.load(Ordering::SeqCst) > requests_before {
+            origin.state.cut_next_after.store(700_000, Ordering::SeqCst);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
+    assert_eq!(info.state, State::Transferred, "{:?}", info.error);
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1 << 20, 9);
+    origin.put("f.bin", data.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    let state = origin.state.clone();
+    // Swap the content right after the probe: every range request then fails If-Range.
+    let job = node.create_job("changing", Priority::Normal);
+    let dest = dir.path().join("out.bin");
+    node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
+        .unwrap();
+    let before = state.requests.load(Ordering::SeqCst);
+    node.resume(job).unwrap();
+    for _ in 0..1000 {
+        if state.requests.load(Ordering::SeqCst) > before {
+            origin.put("f.bin", content(1 << 20, 10));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let info = wait_for(&node, job, &[State::Error, State::Transferred]).await;
+    if info.state == State::Error {
+        let e = info.error.unwrap();
+        assert!(e.description.contains("changed"), "{e}");
+        assert!(!dest.exists());
+    } else {
+        // The swap came after the whole body was sent: the file is one consistent version.
+        node.complete(job).unwrap();
+        let got = std::fs::read(&dest).unwrap();
+        assert!(got == data || got == content(1 << 20, 10));
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failing_job_transferred_handler_is_called_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    origin.put("f.bin", content(50_000, 11));
+    let node = test_node(&[], ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    rec.fail_transferred.store(2, Ordering::SeqCst);
+    let job = start_job(
+        &node,
+        spec(
+            origin.url("f.bin"),
+            &dir.path().join("f.bin"),
+            Expected::default(),
+        ),
+        &rec,
+    );
+    wait_for(&node, job, &[State::Transferred]).await;
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while rec.transferred_calls.load(Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a fourth call the chance to happen if the node were wrong.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 3);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_file_is_an_error_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let node = test_node(&[], ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    let job = start_job(
+        &node,
+        spec(
+            origin.url("nope.bin"),
+            &dir.path().join("n.bin"),
+            Expected::default(),
+        ),
+        &rec,
+    );
+    let info = wait_for(&node, job, &[State::Error]).await;
+    let e = info.error.unwrap();
+    assert!(e.description.contains("/nope.bin"), "{e}");
+    assert!(e.description.contains("404"), "{e}");
+    assert_eq!(rec.log(), vec!["JobError RemoteFile"]);
+    node.shutdown().await;
+}
