@@ -1,1 +1,369 @@
-fn main() {}
+//! The `shoal` command line: `get`, `seed`, `hash` and `demo`.
+//!
+//! Only argument parsing, tracing setup, progress display and the `anyhow` edge live here; the
+//! work is done by the `shoal_node` library.
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use futures::future::BoxFuture;
+use indicatif::{ProgressBar, ProgressStyle};
+use libp2p::Multiaddr;
+use shoal_node::{
+    Callback, CallbackError, Expected, FileSpec, JobInfo, Node, Priority, Sha256Digest, State, demo,
+};
+use tokio::sync::mpsc;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Peer-to-peer delivery optimization with verified pieces"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download files from peers and their origin, verified, then complete the job.
+    Get(GetArgs),
+    /// Serve files to peers.
+    Seed {
+        /// Files to serve.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Address to listen on (repeatable).
+        #[arg(long)]
+        listen: Vec<Multiaddr>,
+    },
+    /// Print a file's content id (BLAKE3, as b3sum), SHA-256, length and pieces.
+    Hash {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Run a self-contained swarm on 127.0.0.1: origin, seed, nodes, rogue peers.
+    Demo {
+        /// Downloading nodes, rogue ones included.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Size in bytes of the generated file.
+        #[arg(long, default_value_t = 64 << 20)]
+        size: u64,
+        /// Serve the real files of this directory instead of a generated one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// How many of the nodes serve corrupt pieces.
+        #[arg(long, default_value_t = 1)]
+        rogue: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    /// Origin URLs (http or https).
+    #[arg(required = true)]
+    urls: Vec<url::Url>,
+    /// Output: the file (one URL, or an existing directory), or a directory (several URLs).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Expected SHA-256 in hex, one per URL in the order of the URLs.
+    #[arg(long)]
+    sha256: Vec<String>,
+    /// Expected BLAKE3 in hex (as b3sum prints), one per URL in the order of the URLs.
+    #[arg(long)]
+    blake3: Vec<String>,
+    /// A peer's multiaddr, with or without /p2p/PEER_ID (repeatable).
+    #[arg(long)]
+    peer: Vec<Multiaddr>,
+    /// Address to listen on (repeatable).
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// Keep serving the downloaded files for this many seconds after completing.
+    #[arg(long, default_value_t = 0)]
+    seed_for: u64,
+    /// Do not discover LAN peers with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("shoal: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Get(args) => get(args).await,
+        Command::Seed { files, listen } => seed(files, listen).await,
+        Command::Hash { file } => hash(&file),
+        Command::Demo {
+            nodes,
+            size,
+            dir,
+            rogue,
+        } => {
+            if rogue > nodes {
+                bail!("--rogue {rogue} exceeds --nodes {nodes}");
+            }
+            let report = demo::run(
+                demo::Config {
+                    nodes,
+                    rogue,
+                    size,
+                    dir,
+                },
+                |line| eprintln!("{line}"),
+            )
+            .await?;
+            for (name, len) in &report.files {
+                println!("file {name}: {len} bytes");
+            }
+            print!("{report}");
+            if !report.all_verified() {
+                bail!("a final file differs from the origin's");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn hash(file: &Path) -> Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let d = shoal_validator::hash_reader(std::io::BufReader::new(f), len)
+        .with_context(|| format!("cannot hash {}", file.display()))?;
+    let id = d.content_id();
+    println!("blake3      {}", id.hash_hex());
+    println!("sha256      {}", d.sha256);
+    println!("length      {len}");
+    println!("piece size  {}", id.piece_size());
+    println!("pieces      {}", id.piece_count());
+    println!("content id  {id}");
+    Ok(())
+}
+
+async fn seed(files: Vec<PathBuf>, listen: Vec<Multiaddr>) -> Result<()> {
+    let mut b = Node::builder();
+    if !listen.is_empty() {
+        b = b.listen(listen);
+    }
+    let node = b.build().await?;
+    println!("peer id {}", node.peer_id());
+    for a in node.listen_addrs().await {
+        println!("listening {a}");
+    }
+    for f in &files {
+        let id = node.seed(f).await?;
+        println!("{}  {}", id, f.display());
+    }
+    tokio::signal::ctrl_c().await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Completes the job when it is transferred, and reports the end either way.
+struct Finisher {
+    node: Node,
+    done: mpsc::Sender<std::result::Result<(), String>>,
+}
+
+impl Callback for Finisher {
+    fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
+        let result = self.node.complete(job.id).map_err(|e| e.to_string());
+        let done = self.done.clone();
+        Box::pin(async move {
+            let _ = done.send(result).await;
+            Ok(())
+        })
+    }
+
+    fn job_error(
+        &self,
+        _job: JobInfo,
+        error: shoal_node::job::JobError,
+    ) -> BoxFuture<'static, Result<(), CallbackError>> {
+        let done = self.done.clone();
+        Box::pin(async move {
+            let _ = done.send(Err(error.description)).await;
+            Ok(())
+        })
+    }
+}
+
+fn digests(args: &GetArgs) -> Result<Vec<Expected>> {
+    let n = args.urls.len();
+    if !args.sha256.is_empty() && args.sha256.len() != n {
+        bail!("give --sha256 once per URL ({n}), or not at all");
+    }
+    if !args.blake3.is_empty() && args.blake3.len() != n {
+        bail!("give --blake3 once per URL ({n}), or not at all");
+    }
+    (0..n)
+        .map(|i| {
+            Ok(Expected {
+                sha256: args
+                    .sha256
+                    .get(i)
+                    .map(|h| h.parse::<Sha256Digest>())
+                    .transpose()
+                    .context("bad --sha256")?,
+                blake3: args
+                    .blake3
+                    .get(i)
+                    .map(|h| shoal_protocol::id::parse_blake3_hex(h))
+                    .transpose()
+                    .context("bad --blake3")?,
+            })
+        })
+        .collect()
+}
+
+fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
+    let name_of = |u: &url::Url| -> Result<String> {
+        let seg = u
+            .path_segments()
+            .and_then(|mut s| s.next_back())
+            .filter(|s| !s.is_empty())
+            .with_context(|| format!("{u} has no file name in its path; give -o FILE"))?;
+        let name = percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .with_context(|| format!("{u}: file name is not UTF-8"))?
+            .into_owned();
+        if name == ".." || name == "." || name.contains('/') {
+            bail!("{u}: unusable file name {name:?}");
+        }
+        Ok(name)
+    };
+    if args.urls.len() == 1 && !args.output.is_dir() {
+        return Ok(vec![args.output.clone()]);
+    }
+    if !args.output.is_dir() {
+        bail!(
+            "-o {} must be an existing directory when several URLs are given",
+            args.output.display()
+        );
+    }
+    args.urls
+        .iter()
+        .map(|u| Ok(args.output.join(name_of(u)?)))
+        .collect()
+}
+
+async fn get(args: GetArgs) -> Result<()> {
+    let expected = digests(&args)?;
+    let names = local_names(&args)?;
+    let mut b = Node::builder().mdns(!args.no_mdns);
+    if !args.listen.is_empty() {
+        b = b.listen(args.listen.clone());
+    }
+    for p in &args.peer {
+        b = b.peer(p.clone());
+    }
+    let node = b.build().await?;
+    let job = node.create_job("shoal get", Priority::Foreground);
+    for ((url, name), exp) in args.urls.iter().zip(&names).zip(&expected) {
+        node.add_file(
+            job,
+            FileSpec {
+                url: url.clone(),
+                local_name: name.clone(),
+                expected: *exp,
+            },
+        )?;
+    }
+    let (tx, mut rx) = mpsc::channel(1);
+    node.set_callback(
+        job,
+        Arc::new(Finisher {
+            node: node.clone(),
+            done: tx,
+        }),
+    )?;
+    node.set_retry_delay(job, Duration::from_secs(5))?;
+    let start = Instant::now();
+    node.resume(job)?;
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(if tty { 100 } else { 1000 }));
+    let outcome = loop {
+        tokio::select! {
+            r = rx.recv() => break r.unwrap_or_else(|| Err("the node stopped".into())),
+            _ = tick.tick() => {
+                let info = node.info(job)?;
+                let share = if info.bytes_transferred() > 0 {
+                    100 * info.bytes_from_peers() / info.bytes_transferred()
+                } else { 0 };
+                if let Some(bar) = &bar {
+                    bar.set_length(info.bytes_total());
+                    bar.set_position(info.bytes_transferred());
+                    bar.set_message(format!("{} · {share}% from peers", info.state));
+                } else {
+                    eprintln!("{} {}/{} bytes, {share}% from peers",
+                        info.state, info.bytes_transferred(), info.bytes_total());
+                }
+                if info.state == State::TransientError
+                    && let Some(e) = &info.error {
+                        eprintln!("transient error, retrying: {}", e.description);
+                }
+            }
+        }
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let info = node.info(job)?;
+    if let Err(reason) = outcome {
+        node.shutdown().await;
+        bail!("{reason}");
+    }
+    println!(
+        "{} file(s), {} bytes in {:.1} s: {} from peers, {} from the origin; {} pieces rejected, {} peers banned",
+        info.files.len(),
+        info.bytes_transferred(),
+        start.elapsed().as_secs_f64(),
+        info.bytes_from_peers(),
+        info.bytes_from_origin(),
+        info.peer_stats.pieces_rejected,
+        info.peer_stats.peers_banned
+    );
+    for f in &info.files {
+        println!("{}", f.local_name.display());
+    }
+    if args.seed_for > 0 {
+        for a in node.listen_addrs().await {
+            println!("seeding on {a}");
+        }
+        tokio::time::sleep(Duration::from_secs(args.seed_for)).await;
+    }
+    node.shutdown().await;
+    Ok(())
+}
