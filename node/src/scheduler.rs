@@ -1,7 +1,7 @@
 //! The piece scheduler: a pure, deterministic state machine that decides which piece to fetch
 //! from which source.
 //!
-//! It does no I/O and reads no clock: the driver ([`crate::download`]) passes `now` in, feeds it
+//! It does no I/O and reads no clock: the download driver passes `now` in, feeds it
 //! what happened ([`Scheduler::on_done`], [`Scheduler::on_failed`], [`Scheduler::on_corrupt`],
 //! [`Scheduler::set_peer`]) and carries out the [`Action`]s that [`Scheduler::next_actions`]
 //! returns.

@@ -1,7 +1,7 @@
 //! The libp2p swarm: transports, the [`Behaviour`], and the event loop that owns the swarm.
 //!
 //! The event loop task alone touches the `Swarm`. The rest of the node talks to it through a
-//! cloneable [`Handle`] whose methods send a [`Command`] over a bounded channel and await the
+//! cloneable [`Handle`] whose methods send a command over a bounded channel and await the
 //! answer on a oneshot. Inbound requests are answered from the [`ContentStore`] by short-lived
 //! tasks (disk reads never run on the loop), at most [`Config::max_concurrent_uploads`] at once;
 //! beyond that a piece request is answered Busy.
