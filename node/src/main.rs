@@ -342,6 +342,8 @@ async fn get(args: GetArgs) -> Result<()> {
     }
     let info = node.info(job)?;
     if let Err(reason) = outcome {
+        // Cancel deletes the temporary files; nothing is left behind.
+        let _ = node.cancel(job);
         node.shutdown().await;
         bail!("{reason}");
     }
