@@ -608,3 +608,28 @@ async fn a_missing_file_is_an_error_naming_the_url() {
     assert_eq!(rec.log(), vec!["JobError RemoteFile"]);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn suspend_and_resume_finish_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(2_000_000, 13);
+    origin.put("f.bin", data.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    let job = node.create_job("pausing", Priority::High);
+    let dest = dir.path().join("f.bin");
+    node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
+        .unwrap();
+    node.resume(job).unwrap();
+    node.suspend(job).unwrap();
+    assert_eq!(node.info(job).unwrap().state, State::Suspended);
+    // Suspended stays suspended: nothing moves it on its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(node.info(job).unwrap().state, State::Suspended);
+    node.resume(job).unwrap();
+    wait_for(&node, job, &[State::Transferred]).await;
+    assert!(matches!(node.suspend(job), Err(Error::InvalidState(_))));
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    node.shutdown().await;
+}
