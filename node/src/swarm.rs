@@ -75,10 +75,11 @@ async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     msg: &M,
 ) -> io::Result<()> {
-    let body = msg.encode();
-    let (prefix, n) = shoal_protocol::frame::encode_prefix(body.len() as u64);
+    let (head, bulk) = msg.encode_parts();
+    let (prefix, n) = shoal_protocol::frame::encode_prefix((head.len() + bulk.len()) as u64);
     io.write_all(&prefix[..n]).await?;
-    io.write_all(&body).await?;
+    io.write_all(&head).await?;
+    io.write_all(&bulk).await?;
     io.flush().await
 }
 

@@ -91,8 +91,10 @@ fn write_payload(path: &Path, size: u64) -> std::io::Result<()> {
     out.flush()
 }
 
-/// Runs `cmd` under GNU time; returns (seconds, peak RSS in KiB, stdout).
+/// Runs `cmd` under GNU time; returns (seconds, peak RSS in KiB, stdout). Dirty pages of the
+/// previous run are written back first (`sync`, not timed), so no run pays for another's.
 fn timed(cmd: &[&str]) -> Result<(f64, u64, String), String> {
+    let _ = Command::new("sync").status();
     let out = Command::new("/usr/bin/time")
         .arg("-f")
         .arg("BENCH %e %M")
@@ -113,10 +115,7 @@ fn timed(cmd: &[&str]) -> Result<(f64, u64, String), String> {
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or("bad time")?;
-    let rss = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad rss")?;
+    let rss = parts.next().and_then(|s| s.parse().ok()).ok_or("bad rss")?;
     Ok((secs, rss, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
@@ -193,8 +192,18 @@ fn run() -> Result<(), String> {
         curl_t.push(t);
         let _ = std::fs::remove_file(&out);
         let (t, rss, stdout) = timed(&[
-            &shoal, "get", &url, "-o", &out_s, "--sha256", &sha256, "--blake3", &blake3,
-            "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
+            &shoal,
+            "get",
+            &url,
+            "-o",
+            &out_s,
+            "--sha256",
+            &sha256,
+            "--blake3",
+            &blake3,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
         ])?;
         if !stdout.contains(&format!("{} from the origin", args.size)) {
             return Err(format!("unexpected shoal get summary: {stdout}"));
@@ -202,7 +211,10 @@ fn run() -> Result<(), String> {
         shoal_t.push(t);
         shoal_rss.push(rss as f64 / 1024.0);
         let _ = std::fs::remove_file(&out);
-        eprintln!("run {run}: curl {:.2} s, shoal get {t:.2} s, {rss} KiB", curl_t[run]);
+        eprintln!(
+            "run {run}: curl {:.2} s, shoal get {t:.2} s, {rss} KiB",
+            curl_t[run]
+        );
     }
     let (c, s, r) = (
         median(&mut curl_t),
@@ -213,7 +225,12 @@ fn run() -> Result<(), String> {
     // 2. One seed, one leecher.
     let mut seed = Guard(
         Command::new(&args.shoal)
-            .args(["seed", &payload.to_string_lossy(), "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args([
+                "seed",
+                &payload.to_string_lossy(),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -234,11 +251,23 @@ fn run() -> Result<(), String> {
     let (mut p2p_t, mut p2p_rss) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         let (t, rss, stdout) = timed(&[
-            &shoal, "get", &url, "-o", &out_s, "--blake3", &blake3, "--peer", &peer, "--no-mdns",
-            "--listen", "/ip4/127.0.0.1/tcp/0",
+            &shoal,
+            "get",
+            &url,
+            "-o",
+            &out_s,
+            "--blake3",
+            &blake3,
+            "--peer",
+            &peer,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
         ])?;
         if !stdout.contains(&format!("{} from peers", args.size)) {
-            return Err(format!("leecher did not get everything from the seed: {stdout}"));
+            return Err(format!(
+                "leecher did not get everything from the seed: {stdout}"
+            ));
         }
         p2p_t.push(t);
         p2p_rss.push(rss as f64 / 1024.0);
