@@ -633,3 +633,38 @@ async fn suspend_and_resume_finish_the_job() {
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_leecher_fetches_from_a_seed_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(3 << 20, 14);
+    origin.put("f.bin", data.clone());
+    let path = dir.path().join("seed.bin");
+    std::fs::write(&path, &data).unwrap();
+    let seed = Node::builder()
+        .listen(vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()])
+        .mdns(false)
+        .build()
+        .await
+        .unwrap();
+    seed.seed(&path).await.unwrap();
+    let addrs = seed.listen_addrs().await;
+    assert!(addrs.iter().all(|a| a.to_string().contains("/quic-v1/")));
+    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
+    // With the content id known and a seed holding every piece, the origin is never contacted.
+    assert_eq!(origin.bytes_served(), 0);
+    node.shutdown().await;
+    seed.shutdown().await;
+}
