@@ -245,6 +245,12 @@ impl Node {
         self.inner.env.swarm.listen_addrs().await
     }
 
+    /// What this node has served to peers so far.
+    #[must_use]
+    pub fn upload_stats(&self) -> swarm::UploadStats {
+        self.inner.env.swarm.upload_stats()
+    }
+
     /// The peers connected now.
     pub async fn connected_peers(&self) -> Vec<PeerId> {
         self.inner.env.swarm.connected_peers().await

@@ -18,7 +18,9 @@ use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, mdns, noise, ping,
-    request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
+    request_response::{
+        self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
+    },
     swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle},
     tcp, yamux,
 };
@@ -27,7 +29,7 @@ use shoal_protocol::{
     LayerResponse, Message, PIECE_PROTOCOL, PieceRequest, PieceResponse, frame::LengthPrefix,
 };
 use shoal_validator::ContentId;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -247,7 +249,30 @@ enum Command {
     Dial(Multiaddr),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    RespondPiece(ResponseChannel<PieceResponse>, PieceResponse),
+    RespondPiece(
+        InboundRequestId,
+        ResponseChannel<PieceResponse>,
+        PieceResponse,
+        OwnedSemaphorePermit,
+    ),
+}
+
+/// Counters of what this node served to peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Pieces sent to peers.
+    pub pieces: u64,
+    /// Bytes of pieces sent to peers.
+    pub bytes: u64,
+    /// Piece requests answered Busy because [`Config::max_concurrent_uploads`] were running.
+    pub busy: u64,
+}
+
+#[derive(Debug, Default)]
+struct UploadCounters {
+    pieces: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    busy: std::sync::atomic::AtomicU64,
 }
 
 /// A cloneable handle to the swarm's event loop.
@@ -255,6 +280,7 @@ enum Command {
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
+    uploads: Arc<UploadCounters>,
 }
 
 impl Handle {
@@ -262,6 +288,17 @@ impl Handle {
     #[must_use]
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// What this node has served to peers so far.
+    #[must_use]
+    pub fn upload_stats(&self) -> UploadStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        UploadStats {
+            pieces: self.uploads.pieces.load(Relaxed),
+            bytes: self.uploads.bytes.load(Relaxed),
+            busy: self.uploads.busy.load(Relaxed),
+        }
     }
 
     async fn request<R>(
@@ -420,9 +457,11 @@ pub(crate) async fn spawn(
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let peer_id = *swarm.local_peer_id();
+    let counters = Arc::new(UploadCounters::default());
     let handle = Handle {
         commands: tx.clone(),
         peer_id,
+        uploads: counters.clone(),
     };
     let event_loop = EventLoop {
         swarm,
@@ -430,6 +469,8 @@ pub(crate) async fn spawn(
         self_tx: tx,
         store,
         uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
+        upload_permits: HashMap::new(),
+        counters,
         serve_mode: config.serve_mode,
         static_peers: config.peers,
         pending_have: HashMap::new(),
@@ -454,8 +495,11 @@ struct EventLoop {
     /// Serving tasks send their answers back through this.
     self_tx: mpsc::Sender<Command>,
     store: Arc<ContentStore>,
-    /// Bounds concurrent uploads.
+    /// Bounds concurrent uploads: a permit is held from the request until its response is
+    /// flushed (or fails).
     uploads: Arc<Semaphore>,
+    upload_permits: HashMap<InboundRequestId, OwnedSemaphorePermit>,
+    counters: Arc<UploadCounters>,
     serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
@@ -524,8 +568,15 @@ impl EventLoop {
                     .collect();
                 let _ = tx.send(addrs);
             }
-            Command::RespondPiece(ch, r) => {
-                let _ = b.piece.send_response(ch, r);
+            Command::RespondPiece(id, ch, r, permit) => {
+                if let PieceResponse::Data(d) = &r {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.counters.pieces.fetch_add(1, Relaxed);
+                    self.counters.bytes.fetch_add(d.len() as u64, Relaxed);
+                }
+                if b.piece.send_response(ch, r).is_ok() {
+                    self.upload_permits.insert(id, permit);
+                }
             }
         }
     }
@@ -679,13 +730,22 @@ impl EventLoop {
                     }));
                 }
             }
+            Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } => {
+                self.upload_permits.remove(&request_id);
+            }
             Event::Message {
-                message: M::Request {
-                    request, channel, ..
-                },
+                message:
+                    M::Request {
+                        request_id,
+                        request,
+                        channel,
+                    },
                 ..
             } => {
                 let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
+                    self.counters
+                        .busy
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = self
                         .swarm
                         .behaviour_mut()
@@ -701,11 +761,11 @@ impl EventLoop {
                         tokio::task::spawn_blocking(move || serve_piece(&store, mode, &request))
                             .await
                             .unwrap_or(PieceResponse::NotFound);
-                    let _ = tx.send(Command::RespondPiece(channel, response)).await;
-                    drop(permit);
+                    let _ = tx
+                        .send(Command::RespondPiece(request_id, channel, response, permit))
+                        .await;
                 });
             }
-            _ => {}
         }
     }
 }

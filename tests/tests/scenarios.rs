@@ -668,3 +668,40 @@ async fn a_leecher_fetches_from_a_seed_over_quic() {
     node.shutdown().await;
     seed.shutdown().await;
 }
+
+#[tokio::test]
+async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(2 << 20, 15);
+    origin.put("f.bin", data.clone());
+    let path = dir.path().join("seed.bin");
+    std::fs::write(&path, &data).unwrap();
+    let seed = Node::builder()
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+        .mdns(false)
+        .max_concurrent_uploads(1)
+        .build()
+        .await
+        .unwrap();
+    seed.seed(&path).await.unwrap();
+    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let served = seed.upload_stats();
+    // The leecher keeps several requests in flight; the seed takes one at a time.
+    assert!(served.busy > 0, "{served:?}");
+    assert_eq!(served.bytes, info.files[0].bytes_from_peers);
+    // Busy is not bad faith: nobody was banned.
+    assert_eq!(info.peer_stats.peers_banned, 0);
+    node.shutdown().await;
+    seed.shutdown().await;
+}
