@@ -22,6 +22,7 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
+use futures::StreamExt;
 use shoal_node::{Node, origin, scheduler, swarm::ServeMode};
 
 /// What the test origin serves and how it misbehaves.
@@ -38,6 +39,8 @@ pub struct OriginState {
     pub no_range: AtomicBool,
     /// Cut the next body after this many bytes (0: never).
     pub cut_next_after: AtomicU64,
+    /// Send bodies at this many bytes per second (0: as fast as possible).
+    pub throttle_bytes_per_sec: AtomicU64,
 }
 
 /// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
@@ -159,6 +162,23 @@ async fn serve(
             Ok::<_, std::io::Error>(head),
             Err(std::io::Error::other("connection cut by the test origin")),
         ]))
+    } else if let rate @ 1.. = state.throttle_bytes_per_sec.load(Ordering::SeqCst) {
+        // Chunks of 16 KiB, each after the delay the rate asks for; bytes are counted as sent.
+        const CHUNK: usize = 16 * 1024;
+        let counter = state.clone();
+        let chunks: Vec<Bytes> = (0..body.len().div_ceil(CHUNK))
+            .map(|i| body.slice(i * CHUNK..((i + 1) * CHUNK).min(body.len())))
+            .collect();
+        Body::from_stream(futures::stream::iter(chunks).then(move |c| {
+            let counter = counter.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs_f64(c.len() as f64 / rate as f64)).await;
+                counter
+                    .bytes_served
+                    .fetch_add(c.len() as u64, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(c)
+            }
+        }))
     } else {
         state
             .bytes_served

@@ -705,3 +705,55 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
     node.shutdown().await;
     seed.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(2 << 20, 16);
+    origin.put("f.bin", data.clone());
+    // The origin is slow, and the only seed serves the even pieces alone (it claims all).
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(512 * 1024, Ordering::SeqCst);
+    let half = seed_node(dir.path(), "half.bin", &data, ServeMode::FalseHave).await;
+    let a = test_node(std::slice::from_ref(&half), ServeMode::Honest).await;
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: None,
+    };
+    let rec_a = Arc::new(Recorder::default());
+    let job_a = start_job(
+        &a,
+        spec(origin.url("f.bin"), &dir.path().join("a.bin"), expected),
+        &rec_a,
+    );
+    // Once A holds some verified pieces, B starts; B knows only A.
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while a.info(job_a).unwrap().bytes_from_peers() == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = test_node(std::slice::from_ref(&a), ServeMode::Honest).await;
+    let rec_b = Arc::new(Recorder::default());
+    let dest_b = dir.path().join("b.bin");
+    let job_b = start_job(&b, spec(origin.url("f.bin"), &dest_b, expected), &rec_b);
+    while b.info(job_b).unwrap().bytes_from_peers() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B got nothing from A"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // B received verified pieces from A while A was still transferring.
+    assert_ne!(a.info(job_a).unwrap().state, State::Transferred);
+    assert!(a.upload_stats().pieces > 0);
+    wait_for(&b, job_b, &[State::Transferred]).await;
+    b.complete(job_b).unwrap();
+    assert_eq!(std::fs::read(&dest_b).unwrap(), data);
+    wait_for(&a, job_a, &[State::Transferred]).await;
+    for n in [a, b, half] {
+        n.shutdown().await;
+    }
+}
