@@ -64,6 +64,7 @@ impl TestOrigin {
         let state = Arc::new(OriginState::default());
         let app = Router::new()
             .route("/{name}", get(serve))
+            .route("/redirect/{name}", get(redirect))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -97,6 +98,15 @@ impl TestOrigin {
     pub fn bytes_served(&self) -> u64 {
         self.state.bytes_served.load(Ordering::SeqCst)
     }
+}
+
+/// `/redirect/NAME` answers 302 to `/NAME`.
+async fn redirect(Path(name): Path<String>) -> Response {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, format!("/{name}"))
+        .body(Body::empty())
+        .expect("valid response")
 }
 
 fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {

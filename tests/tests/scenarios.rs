@@ -484,6 +484,17 @@ async fn origin_misbehaviour_is_survived() {
         }
         (info, dest)
     };
+    // A redirect is followed.
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("redirected.bin");
+    let url = format!("http://{}/redirect/f.bin", origin.addr)
+        .parse()
+        .unwrap();
+    let job = start_job(&node, spec(url, &dest, expected), &rec);
+    let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
+    assert_eq!(info.state, State::Transferred, "{:?}", info.error);
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
     // No Range support: a 200 with the whole body still works.
     origin.state.no_range.store(true, Ordering::SeqCst);
     let (info, dest) = run("norange.bin").await;
