@@ -217,6 +217,24 @@ impl Client {
             Ok(r) => r,
             Err(e) => return Ok(Attempt::Retry(e.to_string())),
         };
+        if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+            // An empty resource has no byte 0: `Content-Range: bytes */0`.
+            let length = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes */"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .ok_or_else(|| OriginError::BadResponse {
+                    url: url.clone(),
+                    detail: "416 without a Content-Range length".into(),
+                })?;
+            return Ok(Attempt::Done(Remote {
+                length,
+                ranges: true,
+                validator: validator_of(resp.headers()),
+            }));
+        }
         if let Attempt::Retry(d) = Self::classify(url, resp.status())? {
             return Ok(Attempt::Retry(d));
         }

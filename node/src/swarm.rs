@@ -182,7 +182,7 @@ pub struct Config {
     pub mdns: bool,
     /// The most inbound piece requests served at once; more are answered Busy.
     pub max_concurrent_uploads: usize,
-    /// Timeout of one piece request, in seconds.
+    /// Timeout of one piece request.
     pub piece_timeout: Duration,
     /// How this node answers peers.
     pub serve_mode: ServeMode,

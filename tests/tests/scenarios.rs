@@ -495,6 +495,19 @@ async fn origin_misbehaviour_is_survived() {
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
     node.complete(job).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
+    // An empty file transfers too.
+    origin.put("empty.bin", Vec::new());
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("empty.bin");
+    let empty = Expected {
+        blake3: Some(blake3_of(&[])),
+        sha256: Some(sha256_of(&[])),
+    };
+    let job = start_job(&node, spec(origin.url("empty.bin"), &dest, empty), &rec);
+    let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
+    assert_eq!(info.state, State::Transferred, "{:?}", info.error);
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), Vec::<u8>::new());
     // No Range support: a 200 with the whole body still works.
     origin.state.no_range.store(true, Ordering::SeqCst);
     let (info, dest) = run("norange.bin").await;
