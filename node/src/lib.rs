@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod config;
 pub mod demo;
 pub(crate) mod download;
 mod error;

@@ -43,6 +43,9 @@ enum Command {
         /// Address to listen on (repeatable).
         #[arg(long)]
         listen: Vec<Multiaddr>,
+        /// Node settings (see configs/shoal.toml); flags override them.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print a file's content id (BLAKE3, as b3sum), SHA-256, length and pieces.
     Hash {
@@ -92,6 +95,24 @@ struct GetArgs {
     /// Do not discover LAN peers with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Node settings (see configs/shoal.toml); flags override them.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Give up when no source has been reachable for this many seconds (the job stays in
+    /// TransientError that long; BITS's no-progress timeout).
+    #[arg(long, default_value_t = 60)]
+    no_progress_timeout: u64,
+}
+
+/// A builder with the settings of `config`, if given.
+fn builder(config: Option<&Path>) -> Result<shoal_node::Builder> {
+    let b = Node::builder();
+    match config {
+        Some(path) => {
+            Ok(shoal_node::config::Config::load(path)?.apply(b, &path.display().to_string())?)
+        }
+        None => Ok(b),
+    }
 }
 
 #[tokio::main]
@@ -112,7 +133,11 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Get(args) => get(args).await,
-        Command::Seed { files, listen } => seed(files, listen).await,
+        Command::Seed {
+            files,
+            listen,
+            config,
+        } => seed(files, listen, config).await,
         Command::Hash { file } => hash(&file),
         Command::Demo {
             nodes,
@@ -160,8 +185,8 @@ fn hash(file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn seed(files: Vec<PathBuf>, listen: Vec<Multiaddr>) -> Result<()> {
-    let mut b = Node::builder();
+async fn seed(files: Vec<PathBuf>, listen: Vec<Multiaddr>, config: Option<PathBuf>) -> Result<()> {
+    let mut b = builder(config.as_deref())?;
     if !listen.is_empty() {
         b = b.listen(listen);
     }
@@ -270,7 +295,10 @@ fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
 async fn get(args: GetArgs) -> Result<()> {
     let expected = digests(&args)?;
     let names = local_names(&args)?;
-    let mut b = Node::builder().mdns(!args.no_mdns);
+    let mut b = builder(args.config.as_deref())?;
+    if args.no_mdns || args.config.is_none() {
+        b = b.mdns(!args.no_mdns);
+    }
     if !args.listen.is_empty() {
         b = b.listen(args.listen.clone());
     }
@@ -314,6 +342,8 @@ async fn get(args: GetArgs) -> Result<()> {
         None
     };
     let mut tick = tokio::time::interval(Duration::from_millis(if tty { 100 } else { 1000 }));
+    let no_progress = Duration::from_secs(args.no_progress_timeout);
+    let mut stalled_since: Option<Instant> = None;
     let outcome = loop {
         tokio::select! {
             r = rx.recv() => break r.unwrap_or_else(|| Err("the node stopped".into())),
@@ -330,9 +360,14 @@ async fn get(args: GetArgs) -> Result<()> {
                     eprintln!("{} {}/{} bytes, {share}% from peers",
                         info.state, info.bytes_transferred(), info.bytes_total());
                 }
-                if info.state == State::TransientError
-                    && let Some(e) = &info.error {
-                        eprintln!("transient error, retrying: {}", e.description);
+                if info.state == State::TransientError {
+                    let since = *stalled_since.get_or_insert_with(Instant::now);
+                    let reason = info.error.as_ref().map(|e| e.description.clone()).unwrap_or_default();
+                    if since.elapsed() >= no_progress {
+                        break Err(format!("no progress for {} s: {reason}", no_progress.as_secs()));
+                    }
+                } else if info.bytes_transferred() > 0 || info.state == State::Transferring {
+                    stalled_since = None;
                 }
             }
         }

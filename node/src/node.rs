@@ -99,8 +99,8 @@ impl Builder {
         self
     }
 
-    /// How long a download waits for a first peer connection when peers are configured
-    /// (default 2 s).
+    /// How long a download waits for a first peer connection when static peers or mDNS are
+    /// configured (default 2 s; without either, downloads do not wait).
     #[must_use]
     pub fn discovery_wait(mut self, wait: Duration) -> Self {
         self.discovery_wait = Some(wait);
@@ -130,8 +130,9 @@ impl Builder {
             swarm::spawn(keypair, self.swarm, store.clone(), shutdown.clone()).await?;
         let origin = origin::Client::new(self.origin).map_err(|e| Error::Origin(e.to_string()))?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
-        let default_wait = if has_peers {
-            Duration::from_secs(2)
+        // Waiting for peers makes sense only when some may come.
+        let discovery_wait = if has_peers {
+            self.discovery_wait.unwrap_or(Duration::from_secs(2))
         } else {
             Duration::ZERO
         };
@@ -143,7 +144,7 @@ impl Builder {
                     store,
                     bans: Arc::new(Bans::default()),
                     scheduler: self.scheduler,
-                    discovery_wait: self.discovery_wait.unwrap_or(default_wait),
+                    discovery_wait,
                 },
                 jobs: Mutex::new(HashMap::new()),
                 events,

@@ -215,7 +215,7 @@ impl Client {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(e.to_string())),
+            Err(e) => return Ok(Attempt::Retry(describe(&e))),
         };
         if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
             // An empty resource has no byte 0: `Content-Range: bytes */0`.
@@ -330,7 +330,7 @@ impl Client {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(e.to_string())),
+            Err(e) => return Ok(Attempt::Retry(describe(&e))),
         };
         if let Attempt::Retry(d) = Self::classify(url, resp.status())? {
             return Ok(Attempt::Retry(d));
@@ -342,7 +342,7 @@ impl Client {
         while let Some(chunk) = body.next().await {
             let mut chunk = match chunk {
                 Ok(c) => c,
-                Err(e) => return Ok(Attempt::Retry(e.to_string())),
+                Err(e) => return Ok(Attempt::Retry(describe(&e))),
             };
             if skip > 0 {
                 let n = skip.min(chunk.len() as u64);
@@ -369,6 +369,18 @@ impl Client {
             *pos + buf.len() as u64
         )))
     }
+}
+
+/// An error with its chain of causes ("error sending request: connection refused").
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn validator_of(h: &header::HeaderMap) -> Option<String> {

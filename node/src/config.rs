@@ -1,0 +1,236 @@
+//! The node's configuration file (TOML).
+//!
+//! Every key is optional and defaults to the value in `configs/shoal.toml`, which documents
+//! them all. An unknown key, a value of the wrong type or a bad multiaddr is a
+//! [`ConfigError`] naming the file and the key; the node does not start with it.
+
+use std::{path::Path, time::Duration};
+
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+use crate::{Builder, origin, scheduler};
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: String,
+    /// What was wrong, naming the key.
+    pub reason: String,
+}
+
+/// `[node]`: the swarm.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Addresses to listen on (multiaddrs).
+    pub listen: Option<Vec<String>>,
+    /// Static peers (multiaddrs, with or without `/p2p/PEER_ID`).
+    pub peers: Option<Vec<String>>,
+    /// mDNS discovery of LAN peers (multicast to 224.0.0.251).
+    pub mdns: Option<bool>,
+    /// Piece requests served at once; more are answered Busy.
+    pub max_concurrent_uploads: Option<usize>,
+}
+
+/// `[origin]`: the HTTP client.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSection {
+    /// Retries of one request after a transient failure.
+    pub retries: Option<u32>,
+    /// First retry delay in seconds, doubled per retry up to 8 s.
+    pub backoff_seconds: Option<f64>,
+    /// Connect timeout in seconds.
+    pub connect_timeout_seconds: Option<f64>,
+    /// Longest wait for the next bytes of a response, in seconds.
+    pub read_timeout_seconds: Option<f64>,
+}
+
+/// `[scheduler]`: piece requests to peers.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// Requests in flight to one peer.
+    pub max_requests_per_peer: Option<usize>,
+    /// Peer requests in flight in all.
+    pub max_requests_in_flight: Option<usize>,
+    /// Longest origin run while peers are around, in pieces.
+    pub max_origin_run_pieces: Option<u32>,
+    /// Failed peer attempts after which a piece goes to the origin.
+    pub peer_attempts: Option<u8>,
+    /// First backoff of a failing peer in seconds, doubled per failure up to 30 s.
+    pub peer_backoff_seconds: Option<f64>,
+}
+
+/// `[jobs]`: job defaults.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSection {
+    /// Default retry delay of new jobs in seconds (BITS minimum retry delay).
+    pub retry_delay_seconds: Option<f64>,
+    /// How long a download waits for a first peer connection, in seconds.
+    pub discovery_wait_seconds: Option<f64>,
+}
+
+/// A whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[node]`.
+    #[serde(default)]
+    pub node: NodeSection,
+    /// `[origin]`.
+    #[serde(default)]
+    pub origin: OriginSection,
+    /// `[scheduler]`.
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+    /// `[jobs]`.
+    #[serde(default)]
+    pub jobs: JobsSection,
+}
+
+fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(v).map_err(|_| ConfigError {
+        path: path.to_owned(),
+        reason: format!("{key} = {v} is not a number of seconds >= 0"),
+    })
+}
+
+fn addrs(path: &str, key: &str, list: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
+    list.iter()
+        .map(|a| {
+            a.parse().map_err(|e| ConfigError {
+                path: path.to_owned(),
+                reason: format!("{key}: {a:?} is not a multiaddr: {e}"),
+            })
+        })
+        .collect()
+}
+
+impl Config {
+    /// Parses TOML text; `path` names the source in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for bad TOML, an unknown key or a value of the wrong type.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the file cannot be read or parsed.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Applies the settings to a builder; `path` names the source in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a bad multiaddr or a negative duration.
+    pub fn apply(&self, mut b: Builder, path: &str) -> Result<Builder, ConfigError> {
+        let n = &self.node;
+        if let Some(l) = &n.listen {
+            b = b.listen(addrs(path, "node.listen", l)?);
+        }
+        for p in addrs(path, "node.peers", n.peers.as_deref().unwrap_or_default())? {
+            b = b.peer(p);
+        }
+        if let Some(m) = n.mdns {
+            b = b.mdns(m);
+        }
+        if let Some(u) = n.max_concurrent_uploads {
+            b = b.max_concurrent_uploads(u);
+        }
+        let o = &self.origin;
+        let mut origin = origin::Config::default();
+        if let Some(r) = o.retries {
+            origin.retries = r;
+        }
+        if let Some(s) = o.backoff_seconds {
+            origin.backoff = seconds(path, "origin.backoff_seconds", s)?;
+        }
+        if let Some(s) = o.connect_timeout_seconds {
+            origin.connect_timeout = seconds(path, "origin.connect_timeout_seconds", s)?;
+        }
+        if let Some(s) = o.read_timeout_seconds {
+            origin.read_timeout = seconds(path, "origin.read_timeout_seconds", s)?;
+        }
+        b = b.origin(origin);
+        let s = &self.scheduler;
+        let mut sched = scheduler::Config::default();
+        if let Some(v) = s.max_requests_per_peer {
+            sched.max_per_peer = v;
+        }
+        if let Some(v) = s.max_requests_in_flight {
+            sched.max_in_flight = v;
+        }
+        if let Some(v) = s.max_origin_run_pieces {
+            sched.max_origin_run = v;
+        }
+        if let Some(v) = s.peer_attempts {
+            sched.peer_attempts = v;
+        }
+        if let Some(v) = s.peer_backoff_seconds {
+            sched.peer_backoff = seconds(path, "scheduler.peer_backoff_seconds", v)?;
+        }
+        b = b.scheduler(sched);
+        if let Some(v) = self.jobs.retry_delay_seconds {
+            b = b.retry_delay(seconds(path, "jobs.retry_delay_seconds", v)?);
+        }
+        if let Some(v) = self.jobs.discovery_wait_seconds {
+            b = b.discovery_wait(seconds(path, "jobs.discovery_wait_seconds", v)?);
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_example_config_parses_and_applies() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = Config::load(&path).unwrap();
+                c.apply(crate::Node::builder(), &path.display().to_string())
+                    .unwrap();
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1, "no example configs in {}", dir.display());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_file() {
+        let e = Config::parse("[node]\nmdsn = true\n", "x.toml").unwrap_err();
+        assert!(e.to_string().starts_with("x.toml: "), "{e}");
+        assert!(e.to_string().contains("mdsn"), "{e}");
+        let e = Config::parse("[nodes]\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("nodes"), "{e}");
+        let e = Config::parse("[origin]\nretries = \"five\"\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("retries"), "{e}");
+        let c = Config::parse("[node]\nlisten = [\"/ip4/nope\"]\n", "x.toml").unwrap();
+        let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
+        assert!(e.to_string().contains("node.listen"), "{e}");
+        let c = Config::parse("[jobs]\nretry_delay_seconds = -1.0\n", "x.toml").unwrap();
+        let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
+        assert!(e.to_string().contains("jobs.retry_delay_seconds"), "{e}");
+    }
+}
