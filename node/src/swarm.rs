@@ -806,3 +806,52 @@ fn serve_piece(store: &ContentStore, mode: ServeMode, req: &PieceRequest) -> Pie
         (_, None) => PieceResponse::NotFound,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::io::Cursor;
+    use shoal_protocol::frame::encode_prefix;
+
+    use super::*;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let (p, n) = encode_prefix(body.len() as u64);
+        let mut v = p[..n].to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn a_piece_round_trips_through_the_stream_codec() {
+        let msg = PieceResponse::Data(Bytes::from(vec![7u8; 100_000]));
+        let mut out = Cursor::new(Vec::new());
+        write_message(&mut out, &msg).await.unwrap();
+        let mut input = Cursor::new(out.into_inner());
+        let back: PieceResponse = read_message(&mut input).await.unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[tokio::test]
+    async fn truncated_and_oversized_frames_are_errors() {
+        let body = PieceResponse::Data(Bytes::from(vec![1u8; 1000])).encode();
+        let whole = framed(&body);
+        for cut in [0, 1, 2, whole.len() / 2, whole.len() - 1] {
+            let mut input = Cursor::new(whole[..cut].to_vec());
+            let r: io::Result<PieceResponse> = read_message(&mut input).await;
+            assert_eq!(
+                r.unwrap_err().kind(),
+                io::ErrorKind::UnexpectedEof,
+                "cut {cut}"
+            );
+        }
+        // A have request announcing more than its limit is refused before its body is read.
+        let (p, n) = encode_prefix(HaveRequest::MAX_LEN_BYTES as u64 + 1);
+        let mut input = Cursor::new(p[..n].to_vec());
+        let r: io::Result<HaveRequest> = read_message(&mut input).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // Garbage of the right length is InvalidData too.
+        let mut input = Cursor::new(framed(&[0xff; 40]));
+        let r: io::Result<PieceRequest> = read_message(&mut input).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+}
