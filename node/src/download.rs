@@ -257,7 +257,7 @@ struct Verified {
 }
 
 /// The alignment O_DIRECT needs for offsets, lengths and buffer addresses, in bytes.
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = swarm::BULK_ALIGN;
 
 /// Writes pieces at their offsets. Where the file system allows it, aligned pieces go through a
 /// second descriptor opened with `O_DIRECT`: on the 2-core machines Shoal is measured on, the
@@ -299,9 +299,15 @@ impl PieceWriter {
             && aligned
             && bytes.len() + DIRECT_ALIGN <= self.scratch.len()
         {
-            let start = self.scratch.as_ptr().align_offset(DIRECT_ALIGN);
-            let window = &mut self.scratch[start..start + bytes.len()];
-            window.copy_from_slice(bytes);
+            // Pieces from peers arrive aligned (`swarm::read_body`); others are copied first.
+            let window = if bytes.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+                bytes
+            } else {
+                let start = self.scratch.as_ptr().align_offset(DIRECT_ALIGN);
+                let window = &mut self.scratch[start..start + bytes.len()];
+                window.copy_from_slice(bytes);
+                window
+            };
             match direct.write_all_at(window, offset) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
