@@ -329,18 +329,22 @@ async fn get(args: GetArgs) -> Result<()> {
     let start = Instant::now();
     node.resume(job)?;
     let tty = std::io::stderr().is_terminal();
+    let bar_style = ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     let bar = if tty {
-        let bar = ProgressBar::new(0);
+        // A spinner until the length is known, then the bar.
+        let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         Some(bar)
     } else {
         None
     };
+    let mut bar_has_length = false;
     let mut tick = tokio::time::interval(Duration::from_millis(if tty { 100 } else { 1000 }));
     let no_progress = Duration::from_secs(args.no_progress_timeout);
     let mut stalled_since: Option<Instant> = None;
@@ -353,8 +357,16 @@ async fn get(args: GetArgs) -> Result<()> {
                     100 * info.bytes_from_peers() / info.bytes_transferred()
                 } else { 0 };
                 if let Some(bar) = &bar {
-                    bar.set_length(info.bytes_total());
-                    bar.set_position(info.bytes_transferred());
+                    if info.bytes_total() > 0 && !bar_has_length {
+                        bar.set_style(bar_style.clone());
+                        bar_has_length = true;
+                    }
+                    if bar_has_length {
+                        bar.set_length(info.bytes_total());
+                        bar.set_position(info.bytes_transferred());
+                    } else {
+                        bar.tick();
+                    }
                     bar.set_message(format!("{} · {share}% from peers", info.state));
                 } else {
                     eprintln!("{} {}/{} bytes, {share}% from peers",
