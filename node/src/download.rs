@@ -407,6 +407,18 @@ fn sha_in_order(
     Ok((next == piece_count).then(|| sha.finish()))
 }
 
+/// The next fetch result from the origin or from a peer. Cancel safe: `recv` is.
+async fn next_fetched(
+    origin: &mut mpsc::Receiver<Fetched>,
+    peers: &mut mpsc::Receiver<Fetched>,
+) -> Option<Fetched> {
+    tokio::select! {
+        Some(f) = origin.recv() => Some(f),
+        Some(f) = peers.recv() => Some(f),
+        else => None,
+    }
+}
+
 enum Fetched {
     Piece(PieceIndex, Source, Bytes),
     Failed(PieceIndex, Source, String),
@@ -684,29 +696,7 @@ async fn attempt(
                     }
                 }
             }
-            Some(f) = origin_rx.recv() => match f {
-                Fetched::Piece(index, source, bytes) => {
-                    in_verifier += 1;
-                    sched.on_received(index);
-                    if writer.tx.send((index, source, bytes)).await.is_err() {
-                        break Err(Failure::Fatal(JobError {
-                            context: ErrorContext::LocalFile,
-                            file: Some(task.index),
-                            description: format!("writing {} failed", task.temp.display()),
-                        }).into());
-                    }
-                }
-                Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
-                Fetched::OriginEnd(Err(e)) => {
-                    sched.on_origin_run_end();
-                    if claimed && matches!(e, OriginError::Changed { .. }) {
-                        break Err(AttemptFailure::ClaimFailed);
-                    }
-                    break Err(origin_failure(task.index, &e).into());
-                }
-                Fetched::Failed(..) => {}
-            },
-            Some(f) = peer_rx.recv() => match f {
+            Some(f) = next_fetched(&mut origin_rx, &mut peer_rx) => match f {
                 Fetched::Piece(index, source, bytes) => {
                     in_verifier += 1;
                     sched.on_received(index);
@@ -722,7 +712,14 @@ async fn attempt(
                     debug!(index, ?source, "piece fetch failed: {reason}");
                     sched.on_failed(index, source, Instant::now());
                 }
-                Fetched::OriginEnd(_) => {}
+                Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
+                Fetched::OriginEnd(Err(e)) => {
+                    sched.on_origin_run_end();
+                    if claimed && matches!(e, OriginError::Changed { .. }) {
+                        break Err(AttemptFailure::ClaimFailed);
+                    }
+                    break Err(origin_failure(task.index, &e).into());
+                }
             },
             Some(answers) = refresh_rx.recv() => {
                 for (peer, _, bits) in answers {

@@ -636,140 +636,38 @@ impl EventLoop {
     }
 
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
-        use request_response::{Event, Message as M};
-        match e {
-            Event::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(tx) = self.pending_have.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(tx) = self.pending_have.remove(&request_id) {
-                    let _ = tx.send(Err(RequestError::Failed {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::Message {
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.0));
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .have
-                    .send_response(channel, response);
-            }
-            _ => {}
+        if let Routed::Request(_, request, channel) = route(&mut self.pending_have, e) {
+            let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.0));
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .have
+                .send_response(channel, response);
         }
     }
 
     fn on_layer(&mut self, e: request_response::Event<LayerRequest, LayerResponse>) {
-        use request_response::{Event, Message as M};
-        match e {
-            Event::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(tx) = self.pending_layer.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
+        if let Routed::Request(_, request, channel) = route(&mut self.pending_layer, e) {
+            let mut layer = self.store.layer(&request.0);
+            if self.serve_mode == ServeMode::WrongLayer
+                && let Some(cv) = layer.as_mut().and_then(|l| l.first_mut())
+            {
+                cv[0] ^= 0xff;
             }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(tx) = self.pending_layer.remove(&request_id) {
-                    let _ = tx.send(Err(RequestError::Failed {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::Message {
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let mut layer = self.store.layer(&request.0);
-                if self.serve_mode == ServeMode::WrongLayer
-                    && let Some(cv) = layer.as_mut().and_then(|l| l.first_mut())
-                {
-                    cv[0] ^= 0xff;
-                }
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .layer
-                    .send_response(channel, LayerResponse(layer));
-            }
-            _ => {}
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .layer
+                .send_response(channel, LayerResponse(layer));
         }
     }
 
     fn on_piece(&mut self, e: request_response::Event<PieceRequest, PieceResponse>) {
-        use request_response::{Event, Message as M};
-        match e {
-            Event::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(tx) = self.pending_piece.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(tx) = self.pending_piece.remove(&request_id) {
-                    let _ = tx.send(Err(RequestError::Failed {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } => {
+        match route(&mut self.pending_piece, e) {
+            Routed::Finished(request_id) => {
                 self.upload_permits.remove(&request_id);
             }
-            Event::Message {
-                message:
-                    M::Request {
-                        request_id,
-                        request,
-                        channel,
-                    },
-                ..
-            } => {
+            Routed::Request(request_id, request, channel) => {
                 let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
                     self.counters
                         .busy
@@ -794,6 +692,67 @@ impl EventLoop {
                         .await;
                 });
             }
+            Routed::Handled => {}
+        }
+    }
+}
+
+/// What [`route`] left for the caller.
+enum Routed<Req, Resp> {
+    /// An inbound request to answer.
+    Request(InboundRequestId, Req, ResponseChannel<Resp>),
+    /// An inbound request's response was sent, or failed.
+    Finished(InboundRequestId),
+    /// Nothing left to do.
+    Handled,
+}
+
+/// Routes a request-response event: a response or failure of one of our requests goes to the
+/// caller waiting in `pending`; an inbound request and the end of one are handed back.
+fn route<Req, Resp>(
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, RequestError>>>,
+    e: request_response::Event<Req, Resp>,
+) -> Routed<Req, Resp> {
+    use request_response::{Event, Message as M};
+    match e {
+        Event::Message {
+            message:
+                M::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(tx) = pending.remove(&request_id) {
+                let _ = tx.send(Ok(response));
+            }
+            Routed::Handled
+        }
+        Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(tx) = pending.remove(&request_id) {
+                let _ = tx.send(Err(RequestError::Failed {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+            Routed::Handled
+        }
+        Event::Message {
+            message:
+                M::Request {
+                    request_id,
+                    request,
+                    channel,
+                },
+            ..
+        } => Routed::Request(request_id, request, channel),
+        Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } => {
+            Routed::Finished(request_id)
         }
     }
 }
