@@ -203,29 +203,21 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
         files.len(),
         files.iter().map(|f| f.1).sum::<u64>()
     ));
-    // Expected digests: SHA-256 only for real files (as apt publishes), both for generated.
+    // Expected digests, from one pass over each file: SHA-256 only for real files (as apt
+    // publishes), both for generated ones.
     let mut expected = Vec::new();
-    for (path, _) in &files {
-        let sha = sha256_file(path).map_err(io_err(path))?;
-        let blake3 = if config.dir.is_none() {
-            let p = path.clone();
-            let file = std::fs::File::open(&p).map_err(io_err(&p))?;
-            let len = file.metadata().map_err(io_err(&p))?.len();
-            Some(
-                *shoal_validator::hash_reader(std::io::BufReader::new(file), len)
-                    .map_err(|e| Error::Hash {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .content_id()
-                    .hash(),
-            )
-        } else {
-            None
-        };
+    for (path, len) in &files {
+        let file = std::fs::File::open(path).map_err(io_err(path))?;
+        let digests =
+            shoal_validator::hash_reader(std::io::BufReader::new(file), *len).map_err(|e| {
+                Error::Hash {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         expected.push(Expected {
-            blake3,
-            sha256: Some(sha),
+            blake3: config.dir.is_none().then(|| *digests.content_id().hash()),
+            sha256: Some(digests.sha256),
         });
     }
     let (addr, origin_task) = start_origin(origin_dir.clone()).await?;

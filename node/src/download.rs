@@ -563,9 +563,11 @@ async fn attempt(
     }
     let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
-    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(4);
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(1);
     let mut in_verifier = 0usize;
     let mut last_refresh = Instant::now();
+    // At most one have round is out at a time, however slow the peers answer.
+    let mut refreshing = false;
     let mut from_peers = false;
     let mut tick = tokio::time::interval(TICK);
     let run_cancel = cancel.child_token();
@@ -636,19 +638,22 @@ async fn attempt(
                 }
             }
         }
-        if layer.is_some() && last_refresh.elapsed() >= PEER_REFRESH {
+        if layer.is_some() && !refreshing && last_refresh.elapsed() >= PEER_REFRESH {
             last_refresh = Instant::now();
             if let Some(id) = content_id {
+                refreshing = true;
                 let (env2, tx) = (env.clone(), refresh_tx.clone());
                 tokio::spawn(async move {
                     let key = BanKey::Blake3(*id.hash());
                     let answers = ask_peers(&env2, HaveKey::Blake3(*id.hash()), key).await;
-                    let _ = tx.try_send(
-                        answers
-                            .into_iter()
-                            .filter(|(p, i, _)| *i == id && !env2.bans.is_banned(key, p))
-                            .collect(),
-                    );
+                    let _ = tx
+                        .send(
+                            answers
+                                .into_iter()
+                                .filter(|(p, i, _)| *i == id && !env2.bans.is_banned(key, p))
+                                .collect(),
+                        )
+                        .await;
                 });
             }
         }
@@ -722,6 +727,8 @@ async fn attempt(
                 }
             },
             Some(answers) = refresh_rx.recv() => {
+                refreshing = false;
+                last_refresh = Instant::now();
                 for (peer, _, bits) in answers {
                     sched.set_peer(peer, bits);
                 }

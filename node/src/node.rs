@@ -588,13 +588,10 @@ impl Node {
         let slot = slot.clone();
         tokio::spawn(async move {
             node.run_job(job, &slot, &token).await;
-            let mut rec = lock(&slot);
-            if rec
-                .runner
-                .as_ref()
-                .is_some_and(|t| t.is_cancelled() || !token.is_cancelled())
-            {
-                rec.runner = None;
+            // A runner that was stopped had its token taken by whoever stopped it (and a new
+            // runner may hold the slot now); one that ended on its own still holds the slot.
+            if !token.is_cancelled() {
+                lock(&slot).runner = None;
             }
         });
     }

@@ -138,8 +138,8 @@ impl Client {
     /// A client with `config`.
     ///
     /// # Errors
-    /// [`OriginError::BadResponse`] is never returned here; a failure to build the TLS stack is
-    /// reported as [`crate::Error::Origin`] by the caller.
+    /// The `reqwest::Error` when the HTTP client or its TLS stack cannot be built; the node
+    /// reports it as [`crate::Error::Origin`].
     pub fn new(config: Config) -> Result<Self, reqwest::Error> {
         install_crypto_provider();
         let http = reqwest::Client::builder()

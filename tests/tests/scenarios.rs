@@ -30,6 +30,14 @@ fn blake3_of(bytes: &[u8]) -> [u8; 32] {
     *blake3::hash(bytes).as_bytes()
 }
 
+/// Expects `bytes` by BLAKE3 alone, the case where pieces verify from the first byte.
+fn blake3_only(bytes: &[u8]) -> Expected {
+    Expected {
+        blake3: Some(blake3_of(bytes)),
+        sha256: None,
+    }
+}
+
 /// Records what the node called, answers validation with queued verdicts, and fails
 /// JobTransferred a set number of times.
 #[derive(Default)]
@@ -205,10 +213,7 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     let data = content(8 << 20, 2);
     origin.put("big.bin", data.clone());
     let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     let mut leechers = Vec::new();
     for _ in 0..3 {
         leechers.push(test_node(std::slice::from_ref(&seed), ServeMode::Honest).await);
@@ -259,10 +264,7 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
     .await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     // Make sure all three peers are connected before the job asks around.
     for _ in 0..100 {
         if node.connected_peers().await.len() == 3 {
@@ -296,10 +298,7 @@ async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
     let node = test_node(std::slice::from_ref(&rogue), ServeMode::Honest).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).unwrap();
@@ -346,10 +345,7 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
     origin.put("f.bin", data.clone());
     let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
     let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     // Invalid on peer content: the file comes again, from the origin alone.
     let rec = Arc::new(Recorder::default());
     rec.verdicts.lock().unwrap().push(ValidationState::Invalid);
@@ -678,10 +674,7 @@ async fn a_leecher_fetches_from_a_seed_over_quic() {
     let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).unwrap();
@@ -712,10 +705,7 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
     let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).unwrap();
@@ -743,10 +733,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
         .store(512 * 1024, Ordering::SeqCst);
     let half = seed_node(dir.path(), "half.bin", &data, ServeMode::FalseHave).await;
     let a = test_node(std::slice::from_ref(&half), ServeMode::Honest).await;
-    let expected = Expected {
-        blake3: Some(blake3_of(&data)),
-        sha256: None,
-    };
+    let expected = blake3_only(&data);
     let rec_a = Arc::new(Recorder::default());
     let job_a = start_job(
         &a,
