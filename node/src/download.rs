@@ -18,7 +18,7 @@
 //! origin pieces are held at once, whatever the file's size.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
@@ -51,6 +51,10 @@ const TICK: Duration = Duration::from_millis(100);
 const ORIGIN_QUEUE: usize = 4;
 /// Pieces buffered in front of the verifier thread.
 const VERIFY_QUEUE: usize = 4;
+/// Bytes of early pieces the SHA-256 thread keeps in memory rather than read back from disk
+/// (pieces written with `O_DIRECT` are not in the page cache, so reading them back is disk I/O).
+/// 16 MiB covers the reordering of one peer's pipeline even with 1 MiB pieces.
+const SHA_HOLD_BYTES: usize = 16 << 20;
 
 /// What a ban is about: a content id's hash, or a SHA-256 whose claim a peer made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -367,8 +371,9 @@ fn spawn_writer(
     Writer { tx, thread }
 }
 
-/// Hashes the file in order: pieces that arrive in order are hashed from memory, the others
-/// are read back from the file when their turn comes. `None` unless every piece arrived.
+/// Hashes the file in order: pieces that arrive in order are hashed from memory, and so are
+/// pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back from
+/// the file when their turn comes. `None` unless every piece arrived.
 fn sha_in_order(
     file: &File,
     rx: std::sync::mpsc::Receiver<(PieceIndex, Bytes)>,
@@ -377,7 +382,10 @@ fn sha_in_order(
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
     let mut sha = Sha256Stream::new();
     let mut next: PieceIndex = 0;
-    let mut later = BTreeSet::new();
+    // Pieces that arrived ahead of `next`: kept in memory while they fit in
+    // `SHA_HOLD_BYTES`, otherwise (`None`) read back from the file when their turn comes.
+    let mut later: BTreeMap<PieceIndex, Option<Bytes>> = BTreeMap::new();
+    let mut held = 0usize;
     let mut buf = Vec::new();
     let length_of = |i: PieceIndex, last_len: usize| -> usize {
         if i + 1 == piece_count {
@@ -392,15 +400,24 @@ fn sha_in_order(
             last_len = bytes.len();
         }
         if index != next {
-            later.insert(index);
+            let keep = held + bytes.len() <= SHA_HOLD_BYTES;
+            if keep {
+                held += bytes.len();
+            }
+            later.insert(index, keep.then_some(bytes));
             continue;
         }
         sha.update(&bytes);
         next += 1;
-        while later.remove(&next) {
-            buf.resize(length_of(next, last_len), 0);
-            file.read_exact_at(&mut buf, u64::from(next) * piece_size)?;
-            sha.update(&buf);
+        while let Some(piece) = later.remove(&next) {
+            if let Some(bytes) = piece {
+                held -= bytes.len();
+                sha.update(&bytes);
+            } else {
+                buf.resize(length_of(next, last_len), 0);
+                file.read_exact_at(&mut buf, u64::from(next) * piece_size)?;
+                sha.update(&buf);
+            }
             next += 1;
         }
     }

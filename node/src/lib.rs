@@ -32,6 +32,7 @@ pub mod origin;
 pub mod scheduler;
 pub mod store;
 pub mod swarm;
+mod tls;
 
 pub use error::Error;
 pub use events::{Callback, CallbackError, Event, TransferredFile};

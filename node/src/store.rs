@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    os::unix::fs::FileExt,
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     sync::RwLock,
 };
@@ -144,10 +144,13 @@ impl ContentStore {
             }
             (e.path.clone(), id.piece_range(index)?)
         };
-        let file = File::open(path).ok()?;
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        file.read_exact_at(&mut buf, range.start).ok()?;
-        Some(Bytes::from(buf))
+        let len = (range.end - range.start) as usize;
+        let mut file = File::open(path).ok()?;
+        file.seek(SeekFrom::Start(range.start)).ok()?;
+        // `read_to_end` fills spare capacity without zeroing it first.
+        let mut buf = Vec::with_capacity(len);
+        file.take(len as u64).read_to_end(&mut buf).ok()?;
+        (buf.len() == len).then(|| Bytes::from(buf))
     }
 
     /// The content ids held, with how many pieces of each are verified.

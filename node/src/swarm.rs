@@ -434,7 +434,8 @@ pub(crate) async fn spawn(
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            // TLS with AES-GCM first (see `tls`); noise for peers that only speak noise.
+            (crate::tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|e| swarm_err(&e))?
