@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sha256: args.next().map(|h| h.parse()).transpose()?,
     };
     let node = Node::builder().build().await?;
-    let job = node.create_job("update", Priority::Normal);
+    let job = node.create_job("update", Priority::Normal)?;
     node.add_file(
         job,
         FileSpec {

@@ -262,7 +262,7 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
     for (i, (node, rogue)) in nodes.iter().enumerate() {
         let out = work.path().join(format!("node{i}"));
         std::fs::create_dir(&out).map_err(io_err(&out))?;
-        let job = node.create_job(&format!("demo {i}"), Priority::Foreground);
+        let job = node.create_job(&format!("demo {i}"), Priority::Foreground)?;
         for ((path, _), exp) in files.iter().zip(&expected) {
             let name = path
                 .file_name()

@@ -36,8 +36,9 @@ use tracing::{debug, info, warn};
 use url::Url;
 
 use crate::{
-    job::{ErrorContext, JobError},
+    job::{ErrorContext, JobError, JobId},
     origin::{self, OriginError, Remote},
+    persist::{ResumeDisk, StateStore},
     scheduler::{self, Action, Scheduler, Source},
     store::ContentStore,
     swarm,
@@ -86,10 +87,12 @@ impl Bans {
 /// What a download reports as it goes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Update {
-    /// The file's length (and content id, if known) became known; progress restarts at zero.
+    /// The file's length (and content id, if known) became known; progress restarts at
+    /// `resumed` bytes (pieces kept from an earlier run).
     Started {
         length: u64,
         content_id: Option<ContentId>,
+        resumed: u64,
     },
     /// A piece verified and was written.
     Piece { bytes: u64, from_peer: bool },
@@ -119,12 +122,80 @@ pub(crate) struct FileTask {
     pub(crate) temp: PathBuf,
     /// Use only the origin (after the caller rejected peer content).
     pub(crate) origin_only: bool,
+    /// Pieces already in the temporary file from an earlier run (after a restart).
+    pub(crate) resume: Option<ResumePoint>,
+    /// Where to record pieces once they are on disk: the node's state store.
+    pub(crate) durable: Option<Durable>,
+}
+
+/// What an earlier run left in a file's temporary file, as the state store recorded it.
+#[derive(Clone, Debug)]
+pub(crate) struct ResumePoint {
+    /// Pieces written and flushed; each is checked again before it is trusted.
+    pub(crate) pieces: Bitfield,
+    /// What the pieces are pieces of.
+    pub(crate) meta: ResumeDisk,
+    /// The layer they were verified against, itself checked against `meta.content_id`.
+    pub(crate) layer: Option<PieceLayer>,
+}
+
+impl ResumePoint {
+    /// The resume point of stored rows, if they describe usable pieces: the bitmap's length
+    /// matches the stored length, a stored layer verifies against the stored content id, and
+    /// that content id carries the expected BLAKE3 (when one is expected).
+    pub(crate) fn from_stored(
+        pieces: Option<&[u8]>,
+        meta: Option<&ResumeDisk>,
+        layer: Option<&[shoal_validator::ChainingValue]>,
+        expected: &Expected,
+    ) -> Option<Self> {
+        let meta = meta?;
+        let geometry = ContentId::new([0; 32], meta.length).ok()?;
+        let pieces = Bitfield::from_bytes(pieces?, geometry.piece_count())?;
+        let layer = match &meta.content_id {
+            None => None,
+            Some(text) => {
+                let id: ContentId = text.parse().ok()?;
+                if id.length() != meta.length || expected.check_content_id(&id).is_err() {
+                    return None;
+                }
+                Some(PieceLayer::verify(id, layer?.to_vec()).ok()?)
+            }
+        };
+        Some(Self {
+            pieces,
+            meta: meta.clone(),
+            layer,
+        })
+    }
+
+    /// Bytes of the pieces it holds.
+    pub(crate) fn bytes(&self) -> u64 {
+        let Ok(geometry) = ContentId::new([0; 32], self.meta.length) else {
+            return 0;
+        };
+        self.pieces
+            .ones()
+            .filter_map(|i| geometry.piece_range(i))
+            .map(|r| r.end - r.start)
+            .sum()
+    }
+}
+
+/// The state store and the file's key in it.
+#[derive(Clone, Debug)]
+pub(crate) struct Durable {
+    pub(crate) store: Arc<StateStore>,
+    pub(crate) job: JobId,
+    pub(crate) index: u32,
 }
 
 /// A downloaded and verified file.
 #[derive(Clone, Debug)]
 pub(crate) struct Downloaded {
     pub(crate) content_id: ContentId,
+    /// The layer the pieces verified against, or derived from them.
+    pub(crate) layer: PieceLayer,
     pub(crate) sha256: Sha256Digest,
     /// True when any byte came from a peer.
     pub(crate) from_peers: bool,
@@ -182,12 +253,13 @@ pub(crate) async fn download_file(
     cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, Failure> {
-    match attempt(env, task, task.origin_only, cancel, progress).await {
+    let resume = task.resume.as_ref();
+    match attempt(env, task, task.origin_only, resume, cancel, progress).await {
         Ok(d) => Ok(d),
         Err(AttemptFailure::Failure(f)) => Err(f),
         Err(AttemptFailure::ClaimFailed) => {
             info!(url = %task.url, "peer claim for SHA-256 was false; fetching from the origin");
-            match attempt(env, task, true, cancel, progress).await {
+            match attempt(env, task, true, None, cancel, progress).await {
                 Ok(d) => Ok(d),
                 Err(AttemptFailure::Failure(f)) => Err(f),
                 Err(AttemptFailure::ClaimFailed) => Err(Failure::Fatal(JobError {
@@ -322,39 +394,97 @@ impl PieceWriter {
     }
 }
 
+/// What the writer thread records with each checkpoint.
+struct Checkpointing {
+    durable: Durable,
+    meta: ResumeDisk,
+    /// The trusted layer, written with the first checkpoint.
+    layer: Option<Vec<shoal_validator::ChainingValue>>,
+    /// The origin resource, once probed: its validator goes into the record.
+    remote: Arc<OnceCell<Remote>>,
+}
+
+/// Pieces the writer takes from its queue before it flushes and records them.
+const CHECKPOINT_BATCH: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_writer(
     path: PathBuf,
     file: File,
     checker: Checker,
     piece_size: u64,
-    piece_count: u32,
+    length: u64,
+    resumed: Bitfield,
+    mut checkpointing: Option<Checkpointing>,
     out: mpsc::Sender<Verified>,
 ) -> Writer {
     let (tx, mut rx) = mpsc::channel::<(PieceIndex, Source, Bytes)>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let file = Arc::new(file);
         let mut writer = PieceWriter::new(file.clone(), &path, piece_size);
-        let (sha_tx, sha_rx) = std::sync::mpsc::sync_channel::<(PieceIndex, Bytes)>(VERIFY_QUEUE);
+        let (sha_tx, sha_rx) =
+            std::sync::mpsc::sync_channel::<(PieceIndex, Option<Bytes>)>(VERIFY_QUEUE);
         let sha_file = file.clone();
         let sha_thread =
-            std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, piece_count));
+            std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, length));
+        let mut on_disk = resumed;
+        // Pieces kept from an earlier run are hashed from the file.
+        for index in on_disk.ones() {
+            let _ = sha_tx.send((index, None));
+        }
         let mut checker = checker;
-        while let Some((index, source, bytes)) = rx.blocking_recv() {
-            let result = match &mut checker {
-                Checker::Layer(layer) => layer.verify_piece(index, &bytes),
-                Checker::Builder(b) => b.add_piece(index, &bytes),
+        let mut results = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < CHECKPOINT_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
-            .map_err(|e| e.to_string());
-            if result.is_ok() {
-                writer.write(u64::from(index) * piece_size, &bytes)?;
-                let _ = sha_tx.send((index, bytes.clone()));
+            let mut wrote = false;
+            for (index, source, bytes) in batch {
+                let result = match &mut checker {
+                    Checker::Layer(layer) => layer.verify_piece(index, &bytes),
+                    Checker::Builder(b) => b.add_piece(index, &bytes),
+                }
+                .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    writer.write(u64::from(index) * piece_size, &bytes)?;
+                    on_disk.set(index);
+                    wrote = true;
+                    if let (Some(c), Source::Peer(_)) = (&mut checkpointing, source) {
+                        c.meta.from_peers = true;
+                    }
+                    let _ = sha_tx.send((index, Some(bytes.clone())));
+                }
+                results.push(Verified {
+                    index,
+                    source,
+                    bytes: bytes.len() as u64,
+                    result,
+                });
             }
-            let _ = out.blocking_send(Verified {
-                index,
-                source,
-                bytes: bytes.len() as u64,
-                result,
-            });
+            // Data first, then the record that says it is there.
+            if let Some(c) = &mut checkpointing
+                && wrote
+            {
+                file.sync_data()?;
+                c.meta.validator = c.remote.get().and_then(|r| r.validator.clone());
+                c.durable
+                    .store
+                    .checkpoint(
+                        c.durable.job,
+                        c.durable.index,
+                        &on_disk,
+                        &c.meta,
+                        c.layer.take().as_deref(),
+                    )
+                    .map_err(std::io::Error::other)?;
+            }
+            for v in results.drain(..) {
+                let _ = out.blocking_send(v);
+            }
         }
         drop(sha_tx);
         let sha256 = sha_thread
@@ -371,57 +501,90 @@ fn spawn_writer(
     Writer { tx, thread }
 }
 
-/// Hashes the file in order: pieces that arrive in order are hashed from memory, and so are
-/// pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back from
-/// the file when their turn comes. `None` unless every piece arrived.
+/// Hashes the file in order. Pieces come with their bytes, or without (`None`: already in the
+/// file, kept from an earlier run). Pieces that arrive in order are hashed from memory, and so
+/// are pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back
+/// from the file when their turn comes. `None` unless every piece arrived.
 fn sha_in_order(
     file: &File,
-    rx: std::sync::mpsc::Receiver<(PieceIndex, Bytes)>,
+    rx: std::sync::mpsc::Receiver<(PieceIndex, Option<Bytes>)>,
     piece_size: u64,
-    piece_count: u32,
+    length: u64,
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
+    let piece_count = u32::try_from(length.div_ceil(piece_size)).unwrap_or(u32::MAX);
     let mut sha = Sha256Stream::new();
     let mut next: PieceIndex = 0;
-    // Pieces that arrived ahead of `next`: kept in memory while they fit in
-    // `SHA_HOLD_BYTES`, otherwise (`None`) read back from the file when their turn comes.
+    // Pieces ahead of `next`: with their bytes while they fit in `SHA_HOLD_BYTES`, else
+    // `None`, to be read back from the file.
     let mut later: BTreeMap<PieceIndex, Option<Bytes>> = BTreeMap::new();
     let mut held = 0usize;
     let mut buf = Vec::new();
-    let length_of = |i: PieceIndex, last_len: usize| -> usize {
-        if i + 1 == piece_count {
-            last_len
-        } else {
-            piece_size as usize
-        }
+    let mut hash_from_file = |sha: &mut Sha256Stream, index: PieceIndex| {
+        let start = u64::from(index) * piece_size;
+        let len = (length - start).min(piece_size);
+        buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+        file.read_exact_at(&mut buf, start)?;
+        sha.update(&buf);
+        Ok::<(), std::io::Error>(())
     };
-    let mut last_len = piece_size as usize;
     for (index, bytes) in rx {
-        if index + 1 == piece_count {
-            last_len = bytes.len();
-        }
         if index != next {
-            let keep = held + bytes.len() <= SHA_HOLD_BYTES;
-            if keep {
-                held += bytes.len();
-            }
-            later.insert(index, keep.then_some(bytes));
+            let keep = bytes
+                .filter(|b| held + b.len() <= SHA_HOLD_BYTES)
+                .inspect(|b| held += b.len());
+            later.insert(index, keep);
             continue;
         }
-        sha.update(&bytes);
+        match bytes {
+            Some(b) => sha.update(&b),
+            None => hash_from_file(&mut sha, index)?,
+        }
         next += 1;
         while let Some(piece) = later.remove(&next) {
-            if let Some(bytes) = piece {
-                held -= bytes.len();
-                sha.update(&bytes);
-            } else {
-                buf.resize(length_of(next, last_len), 0);
-                file.read_exact_at(&mut buf, u64::from(next) * piece_size)?;
-                sha.update(&buf);
+            match piece {
+                Some(b) => {
+                    held -= b.len();
+                    sha.update(&b);
+                }
+                None => hash_from_file(&mut sha, next)?,
             }
             next += 1;
         }
     }
     Ok((next == piece_count).then(|| sha.finish()))
+}
+
+/// Checks again the pieces an earlier run left in `temp`: against the layer, or hashed into
+/// the content id being derived. Returns the pieces that pass, and the checker to go on with.
+fn recheck(
+    temp: &Path,
+    geometry: ContentId,
+    pieces: &Bitfield,
+    mut checker: Checker,
+) -> std::io::Result<(Bitfield, Checker)> {
+    let file = File::open(temp)?;
+    let mut kept = Bitfield::new(pieces.len());
+    let mut buf = Vec::new();
+    for index in pieces.ones() {
+        let Some(range) = geometry.piece_range(index) else {
+            continue;
+        };
+        buf.resize(
+            usize::try_from(range.end - range.start).unwrap_or(usize::MAX),
+            0,
+        );
+        file.read_exact_at(&mut buf, range.start)?;
+        let ok = match &mut checker {
+            Checker::Layer(l) => l.verify_piece(index, &buf).is_ok(),
+            Checker::Builder(b) => b.add_piece(index, &buf).is_ok(),
+        };
+        if ok {
+            kept.set(index);
+        } else {
+            warn!(path = %temp.display(), index, "a piece kept from an earlier run fails its check; fetching it again");
+        }
+    }
+    Ok((kept, checker))
 }
 
 /// The next fetch result from the origin or from a peer. Cancel safe: `recv` is.
@@ -447,6 +610,7 @@ async fn attempt(
     env: &Env,
     task: &FileTask,
     origin_only: bool,
+    resume: Option<&ResumePoint>,
     cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, AttemptFailure> {
@@ -469,14 +633,25 @@ async fn attempt(
         for a in answers {
             groups.entry(a.1).or_default().push(a);
         }
-        choice = groups
-            .into_iter()
-            .max_by_key(|(id, v)| (v.len(), *id))
-            .map(|(id, v)| (id, v, ban));
+        choice = match resume.and_then(|r| r.layer.as_ref()) {
+            // Resuming pieces verified against a layer: stay with that content.
+            Some(l) => {
+                let id = l.content_id();
+                Some((id, groups.remove(&id).unwrap_or_default(), ban))
+            }
+            None => groups
+                .into_iter()
+                .max_by_key(|(id, v)| (v.len(), *id))
+                .map(|(id, v)| (id, v, ban)),
+        };
     }
     let claimed = expected.blake3.is_none() && choice.is_some();
-    // 2. The piece layer, from the first peer whose layer verifies.
-    let mut layer = None;
+    // 2. The piece layer: the resumed one, or from the first peer whose layer verifies.
+    let mut layer = if use_peers {
+        resume.and_then(|r| r.layer.clone())
+    } else {
+        None
+    };
     let mut peers: Vec<Answer> = Vec::new();
     if let Some((id, answers, _)) = &choice {
         for (peer, _, bits) in answers {
@@ -533,45 +708,129 @@ async fn attempt(
         })
     })?;
     let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
-    progress(Update::Started {
-        length,
-        content_id: layer.as_ref().map(PieceLayer::content_id),
-    });
-    // 4. The temporary file.
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&task.temp)
-        .and_then(|f| f.set_len(length).map(|()| f))
-        .map_err(|e| local_error(task.index, &task.temp, &e))?;
-    if let Some(l) = &layer {
-        env.store.remove_at(&l.content_id(), &task.temp);
-        env.store
-            .insert(l.clone(), Bitfield::new(piece_count), task.temp.clone());
+    // 4. The temporary file: pieces of an earlier run are kept if they are pieces of this
+    // content (same length; same layer, or from the origin with the same validator).
+    let local = |e: std::io::Error| AttemptFailure::from(local_error(task.index, &task.temp, &e));
+    if resume.is_some_and(|r| r.pieces.count_ones() > 0) && !task.temp.exists() {
+        return Err(local(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the temporary file with the pieces of an earlier run vanished",
+        )));
     }
-    let (verified_tx, mut verified_rx) = mpsc::channel::<Verified>(256);
-    let checker = match &layer {
-        Some(l) => Checker::Layer(l.clone()),
-        None => Checker::Builder(LayerBuilder::new(length).map_err(|e| {
-            Failure::Fatal(JobError {
+    let resume = resume.filter(|r| {
+        r.meta.length == length
+            && r.pieces.len() == piece_count
+            && r.pieces.count_ones() > 0
+            && match &layer {
+                Some(_) => true,
+                None => {
+                    let now = remote.get().and_then(|x| x.validator.clone());
+                    match (&r.meta.validator, &now) {
+                        (Some(a), Some(b)) => a == b,
+                        // Without validators, only a digest checked at the end can tell.
+                        (None, None) => !expected.is_none(),
+                        _ => false,
+                    }
+                }
+            }
+    });
+    let file = match resume {
+        Some(_) => OpenOptions::new().read(true).write(true).open(&task.temp),
+        None => {
+            if let Some(d) = &task.durable {
+                // Forget an earlier run's pieces before the file is emptied.
+                d.store
+                    .clear_pieces(d.job, d.index)
+                    .map_err(|e| local(std::io::Error::other(e)))?;
+            }
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&task.temp)
+        }
+    }
+    .and_then(|f| f.set_len(length).map(|()| f))
+    .map_err(local)?;
+    let builder = || {
+        LayerBuilder::new(length).map_err(|e| {
+            AttemptFailure::from(Failure::Fatal(JobError {
                 context: ErrorContext::RemoteFile,
                 file: Some(task.index),
                 description: e.to_string(),
-            })
-        })?),
+            }))
+        })
     };
+    let (kept, checker) = match resume {
+        None => (
+            Bitfield::new(piece_count),
+            match &layer {
+                Some(l) => Checker::Layer(l.clone()),
+                None => Checker::Builder(builder()?),
+            },
+        ),
+        Some(r) => {
+            let checker = match &layer {
+                Some(l) => Checker::Layer(l.clone()),
+                None => Checker::Builder(builder()?),
+            };
+            let (pieces, temp) = (r.pieces.clone(), task.temp.clone());
+            tokio::task::spawn_blocking(move || recheck(&temp, geometry, &pieces, checker))
+                .await
+                .map_err(|e| local(std::io::Error::other(e)))?
+                .map_err(local)?
+        }
+    };
+    let resumed_bytes: u64 = kept
+        .ones()
+        .filter_map(|i| geometry.piece_range(i))
+        .map(|r| r.end - r.start)
+        .sum();
+    if resume.is_some() {
+        info!(
+            url = %task.url,
+            pieces = kept.count_ones(),
+            "resuming with pieces from an earlier run"
+        );
+    }
+    progress(Update::Started {
+        length,
+        content_id: layer.as_ref().map(PieceLayer::content_id),
+        resumed: resumed_bytes,
+    });
+    if let Some(l) = &layer {
+        env.store.remove_at(&l.content_id(), &task.temp);
+        env.store.insert(l.clone(), kept.clone(), task.temp.clone());
+    }
+    let (verified_tx, mut verified_rx) = mpsc::channel::<Verified>(256);
+    let checkpointing = task.durable.clone().map(|durable| Checkpointing {
+        durable,
+        meta: ResumeDisk {
+            length,
+            content_id: layer.as_ref().map(|l| l.content_id().to_string()),
+            claimed,
+            validator: None,
+            from_peers: resume.is_some_and(|r| r.meta.from_peers),
+        },
+        layer: layer.as_ref().map(|l| l.chaining_values().to_vec()),
+        remote: remote.clone(),
+    });
     let writer = spawn_writer(
         task.temp.clone(),
         file,
         checker,
         piece_size,
-        piece_count,
+        length,
+        kept.clone(),
+        checkpointing,
         verified_tx,
     );
     // 5. Schedule.
     let mut sched = Scheduler::new(piece_count, env.scheduler.clone());
+    for index in kept.ones() {
+        sched.set_done(index, Source::Origin);
+    }
     let content_id = layer.as_ref().map(PieceLayer::content_id);
     if layer.is_some() {
         for (peer, _, bits) in &peers {
@@ -585,7 +844,7 @@ async fn attempt(
     let mut last_refresh = Instant::now();
     // At most one have round is out at a time, however slow the peers answer.
     let mut refreshing = false;
-    let mut from_peers = false;
+    let mut from_peers = resume.is_some_and(|r| r.meta.from_peers);
     let mut tick = tokio::time::interval(TICK);
     let run_cancel = cancel.child_token();
     let _guard = run_cancel.clone().drop_guard();
@@ -826,11 +1085,15 @@ async fn attempt(
         .into());
     }
     // Verified: serve it, and answer SHA-256 lookups for it.
-    env.store
-        .insert(layer, Bitfield::full(piece_count), task.temp.clone());
+    env.store.insert(
+        layer.clone(),
+        Bitfield::full(piece_count),
+        task.temp.clone(),
+    );
     env.store.set_sha256(&id, sha256);
     Ok(Downloaded {
         content_id: id,
+        layer,
         sha256,
         from_peers,
     })

@@ -51,6 +51,9 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("origin client: {0}")]
     Origin(String),
+    /// The state store failed (the daemon's durable state).
+    #[error(transparent)]
+    State(#[from] crate::persist::PersistError),
     /// A file to seed could not be hashed.
     #[error("cannot hash {path}: {reason}")]
     Hash {

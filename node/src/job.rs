@@ -5,7 +5,11 @@
 //! Complete) and `BG_JOB_STATE`; see `docs/jobs.md` for the full table and the choices made
 //! where BITS is silent.
 
-use std::{fmt, path::PathBuf, time::SystemTime};
+use std::{
+    fmt,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use shoal_validator::{ContentId, Expected, ValidationState};
 use thiserror::Error;
@@ -253,6 +257,55 @@ pub struct FileInfo {
     pub validation_state: ValidationState,
 }
 
+/// Notification flags (BITS `BG_NOTIFY_*`, same values): which events a job's owner is told
+/// of, by an API client or the notify command line.
+pub mod notify {
+    /// JobTransferred (`BG_NOTIFY_JOB_TRANSFERRED`).
+    pub const JOB_TRANSFERRED: u32 = 0x1;
+    /// JobError (`BG_NOTIFY_JOB_ERROR`).
+    pub const JOB_ERROR: u32 = 0x2;
+    /// No notifications at all (`BG_NOTIFY_DISABLE`).
+    pub const DISABLE: u32 = 0x4;
+    /// JobModification (`BG_NOTIFY_JOB_MODIFICATION`).
+    pub const JOB_MODIFICATION: u32 = 0x8;
+    /// FileTransferred (`BG_NOTIFY_FILE_TRANSFERRED`).
+    pub const FILE_TRANSFERRED: u32 = 0x10;
+    /// BITS's default: JobTransferred and JobError.
+    pub const DEFAULT: u32 = JOB_TRANSFERRED | JOB_ERROR;
+}
+
+/// A job's settable properties (BITS `SetMinimumRetryDelay`, `SetNoProgressTimeout`,
+/// `SetNotifyFlags`, `SetNotifyCmdLine`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobProperties {
+    /// How long to wait after a TransientError, and between notification attempts that were
+    /// not acknowledged. BITS default 600 s, minimum 5 s (the node enforces the minimum where
+    /// the caller sets it through the API).
+    pub retry_delay: Duration,
+    /// How long a job may go without progress in TransientError before it moves to Error.
+    /// BITS default 14 days; zero means at the first transient error.
+    pub no_progress_timeout: Duration,
+    /// [`notify`] flags.
+    pub notify_flags: u32,
+    /// The program and arguments run when no client takes a JobTransferred or JobError
+    /// notification (BITS `SetNotifyCmdLine`); the job id is appended as the last argument.
+    pub notify_cmdline: Option<Vec<String>>,
+}
+
+/// The minimum retry delay BITS allows, in seconds.
+pub const MIN_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+impl Default for JobProperties {
+    fn default() -> Self {
+        Self {
+            retry_delay: Duration::from_secs(600),
+            no_progress_timeout: Duration::from_secs(14 * 24 * 3600),
+            notify_flags: notify::DEFAULT,
+            notify_cmdline: None,
+        }
+    }
+}
+
 /// Counters of a job's trouble with peers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerStats {
@@ -273,6 +326,11 @@ pub struct JobInfo {
     pub priority: Priority,
     /// The state.
     pub state: State,
+    /// The Unix user that owns the job (the daemon's API caller), or `None` for jobs made
+    /// through the library.
+    pub owner: Option<u32>,
+    /// The settable properties.
+    pub properties: JobProperties,
     /// The files, in the order they were added.
     pub files: Vec<FileInfo>,
     /// The last error, if the job is or was in Error or TransientError.

@@ -11,7 +11,7 @@
 //! # async fn demo() -> Result<(), shoal_node::Error> {
 //! use shoal_node::{FileSpec, Node, Priority};
 //! let node = Node::builder().build().await?;
-//! let job = node.create_job("update", Priority::Normal);
+//! let job = node.create_job("update", Priority::Normal)?;
 //! node.add_file(job, FileSpec {
 //!     url: "https://example.org/pkg.deb".parse().unwrap(),
 //!     local_name: "pkg.deb".into(),
@@ -29,6 +29,7 @@ pub mod events;
 pub mod job;
 mod node;
 pub mod origin;
+pub mod persist;
 pub mod scheduler;
 pub mod store;
 pub mod swarm;

@@ -306,7 +306,7 @@ async fn get(args: GetArgs) -> Result<()> {
         b = b.peer(p.clone());
     }
     let node = b.build().await?;
-    let job = node.create_job("shoal get", Priority::Foreground);
+    let job = node.create_job("shoal get", Priority::Foreground)?;
     for ((url, name), exp) in args.urls.iter().zip(&names).zip(&expected) {
         node.add_file(
             job,

@@ -9,20 +9,22 @@ use std::{
 
 use libp2p::{Multiaddr, PeerId, identity};
 use shoal_protocol::Bitfield;
-use shoal_validator::{ContentId, ValidationState};
+use shoal_validator::{ContentId, PieceLayer, ValidationState};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
     Error,
-    download::{self, Bans, Env, Failure, FileTask, Update},
+    download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
     events::{Callback, Event, TransferredFile},
     job::{
-        ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, PeerStats, Priority, State,
-        Transition, next_state,
+        ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo, JobProperties,
+        PeerStats, Priority, State, Transition, next_state,
     },
-    origin, scheduler,
+    origin,
+    persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
+    scheduler,
     store::ContentStore,
     swarm,
 };
@@ -39,6 +41,7 @@ pub struct Builder {
     retry_delay: Option<Duration>,
     discovery_wait: Option<Duration>,
     keypair: Option<identity::Keypair>,
+    state_dir: Option<PathBuf>,
 }
 
 impl Builder {
@@ -114,17 +117,45 @@ impl Builder {
         self
     }
 
+    /// Keeps jobs in a state database under `dir` (created with mode 0700), so they survive
+    /// restarts and crashes: at build the node reloads every job, checks the pieces its
+    /// temporary files hold, and resumes the jobs that were active. The node's identity is
+    /// kept there too, unless [`Builder::keypair`] gives one. See [`crate::persist`].
+    #[must_use]
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// Starts the node: binds the listen addresses and spawns the swarm.
     ///
     /// # Errors
     /// [`Error::Swarm`] when a transport cannot be built or an address bound,
-    /// [`Error::Origin`] when the HTTP client cannot be built.
+    /// [`Error::Origin`] when the HTTP client cannot be built, [`Error::State`] when the state
+    /// database cannot be opened, is another program's, or holds a record that does not
+    /// decode (naming it).
     pub async fn build(self) -> Result<Node, Error> {
         let store = Arc::new(ContentStore::new());
         let shutdown = CancellationToken::new();
-        let keypair = self
-            .keypair
-            .unwrap_or_else(identity::Keypair::generate_ed25519);
+        let (state, stored) = match &self.state_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                let (state, stored) = tokio::task::spawn_blocking(move || {
+                    let state = StateStore::open(&dir)?;
+                    let stored = state.load()?;
+                    Ok::<_, PersistError>((state, stored))
+                })
+                .await
+                .map_err(|e| Error::Swarm(e.to_string()))??;
+                (Some(Arc::new(state)), stored)
+            }
+            None => (None, Vec::new()),
+        };
+        let keypair = match (self.keypair, &state) {
+            (Some(k), _) => k,
+            (None, Some(state)) => state_identity(state)?,
+            (None, None) => identity::Keypair::generate_ed25519(),
+        };
         let has_peers = !self.swarm.peers.is_empty() || self.swarm.mdns;
         let (handle, task) =
             swarm::spawn(keypair, self.swarm, store.clone(), shutdown.clone()).await?;
@@ -136,7 +167,7 @@ impl Builder {
         } else {
             Duration::ZERO
         };
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 env: Env {
                     swarm: handle,
@@ -151,20 +182,46 @@ impl Builder {
                 shutdown,
                 swarm_task: Mutex::new(Some(task)),
                 retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
+                state: Mutex::new(state),
             }),
-        })
+        };
+        node.restore(stored);
+        Ok(node)
     }
+}
+
+/// The node identity kept in the state database, made on first use.
+fn state_identity(state: &StateStore) -> Result<identity::Keypair, Error> {
+    if let Some(bytes) = state.meta("identity")? {
+        return identity::Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+            Error::State(PersistError::Corrupt {
+                what: "meta identity".into(),
+                detail: e.to_string(),
+            })
+        });
+    }
+    let key = identity::Keypair::generate_ed25519();
+    let bytes = key.to_protobuf_encoding().map_err(|e| {
+        Error::State(PersistError::Corrupt {
+            what: "meta identity".into(),
+            detail: e.to_string(),
+        })
+    })?;
+    state.put_meta("identity", &bytes)?;
+    Ok(key)
 }
 
 struct JobRecord {
     info: JobInfo,
     callback: Option<Arc<dyn Callback>>,
-    retry_delay: Duration,
     /// Per file: fetch from the origin alone (the caller rejected peer content).
     origin_only: Vec<bool>,
     /// Per file: renamed to its local name by Complete.
     completed: Vec<bool>,
     runner: Option<CancellationToken>,
+    /// Held by a runner for its whole life, so a new runner starts only after the one it
+    /// replaces has stopped writing.
+    run_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Inner {
@@ -174,6 +231,9 @@ struct Inner {
     shutdown: CancellationToken,
     swarm_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     retry_delay: Duration,
+    /// The state database, when the node keeps jobs across restarts; taken (closed) by
+    /// [`Node::shutdown`].
+    state: Mutex<Option<Arc<StateStore>>>,
 }
 
 /// A Shoal node: a libp2p peer that runs download jobs and serves verified content.
@@ -301,16 +361,40 @@ impl Node {
         Ok(id)
     }
 
-    /// Creates a job (BITS `CreateJob`); it starts Suspended.
-    pub fn create_job(&self, display_name: &str, priority: Priority) -> JobId {
+    /// Creates a job (BITS `CreateJob`) with the default properties; it starts Suspended.
+    ///
+    /// # Errors
+    /// [`Error::State`] when the job cannot be stored (with a state directory).
+    pub fn create_job(&self, display_name: &str, priority: Priority) -> Result<JobId, Error> {
+        self.create_job_with(display_name, priority, None, None)
+    }
+
+    /// Creates a job owned by the Unix user `owner` (the daemon's API caller; `None` for the
+    /// library), with `properties` (default: the node's retry delay and BITS's defaults).
+    ///
+    /// # Errors
+    /// [`Error::State`] when the job cannot be stored (with a state directory).
+    pub fn create_job_with(
+        &self,
+        display_name: &str,
+        priority: Priority,
+        owner: Option<u32>,
+        properties: Option<JobProperties>,
+    ) -> Result<JobId, Error> {
         let id = JobId::new();
         let now = SystemTime::now();
+        let properties = properties.unwrap_or_else(|| JobProperties {
+            retry_delay: self.inner.retry_delay,
+            ..JobProperties::default()
+        });
         let record = JobRecord {
             info: JobInfo {
                 id,
                 display_name: display_name.to_owned(),
                 priority,
                 state: State::Suspended,
+                owner,
+                properties,
                 files: Vec::new(),
                 error: None,
                 peer_stats: PeerStats::default(),
@@ -319,13 +403,154 @@ impl Node {
                 transfer_completed: None,
             },
             callback: None,
-            retry_delay: self.inner.retry_delay,
             origin_only: Vec::new(),
             completed: Vec::new(),
             runner: None,
+            run_lock: Arc::default(),
         };
+        self.save(&record)?;
         self.lock_jobs().insert(id, Arc::new(Mutex::new(record)));
-        id
+        Ok(id)
+    }
+
+    /// The state database, if the node has one and is not shut down.
+    fn state(&self) -> Option<Arc<StateStore>> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Writes a job's record to the state database (or removes it once final). Without a
+    /// state directory it does nothing.
+    fn save(&self, rec: &JobRecord) -> Result<(), Error> {
+        let Some(state) = self.state() else {
+            return Ok(());
+        };
+        if rec.info.state.is_final() {
+            state.remove_job(rec.info.id)?;
+            return Ok(());
+        }
+        let files: Vec<(u32, FileDisk)> = rec
+            .info
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                (
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                    FileDisk::of(f, rec.origin_only[i], rec.completed[i]),
+                )
+            })
+            .collect();
+        state.put_job(rec.info.id, &JobDisk::of(&rec.info), &files)?;
+        Ok(())
+    }
+
+    /// [`Node::save`] for the runner, which has nobody to return an error to: logs it.
+    fn save_logged(&self, rec: &JobRecord) {
+        if let Err(e) = self.save(rec) {
+            warn!(job = %rec.info.id, "cannot store the job: {e}");
+        }
+    }
+
+    /// Reloads the jobs of the state database (at build).
+    fn restore(&self, stored: Vec<StoredJob>) {
+        for s in stored {
+            let id = s.id;
+            let mut files = Vec::with_capacity(s.files.len());
+            let mut flags = Vec::with_capacity(s.files.len());
+            let mut bad = None;
+            for (i, f) in s.files.iter().enumerate() {
+                match f.file.to_info(&format!("job {id} file {i}")) {
+                    Ok(mut info) => {
+                        info.bytes_transferred = ResumePoint::from_stored(
+                            f.pieces.as_deref(),
+                            f.resume.as_ref(),
+                            f.layer.as_deref(),
+                            &info.expected,
+                        )
+                        .map_or(0, |r| r.bytes());
+                        if info.transferred {
+                            info.bytes_transferred = info.bytes_total.unwrap_or(0);
+                        }
+                        files.push(info);
+                        flags.push((f.file.origin_only, f.file.completed));
+                    }
+                    Err(e) => bad = Some(e),
+                }
+            }
+            let info = match bad {
+                Some(e) => Err(e),
+                None => s.job.to_info(id, files),
+            };
+            let mut info = match info {
+                Ok(i) => i,
+                Err(e) => {
+                    warn!(job = %id, "cannot restore the job: {e}");
+                    continue;
+                }
+            };
+            // Files that verified keep serving; a vanished temporary file is an error.
+            let mut vanished = None;
+            for (i, f) in info.files.iter().enumerate() {
+                let done = f.transferred && !flags[i].1;
+                if done && !f.temp_name.exists() {
+                    vanished = Some(i);
+                }
+                if done
+                    && let Some(layer) = s.files[i].layer.as_ref().and_then(|cvs| {
+                        f.content_id
+                            .and_then(|id| PieceLayer::verify(id, cvs.clone()).ok())
+                    })
+                {
+                    let count = layer.content_id().piece_count();
+                    self.inner
+                        .env
+                        .store
+                        .insert(layer, Bitfield::full(count), f.temp_name.clone());
+                    if let (Some(id), Some(sha)) = (f.content_id, f.sha256) {
+                        self.inner.env.store.set_sha256(&id, sha);
+                    }
+                }
+            }
+            let was = info.state;
+            if let Some(i) = vanished
+                && !was.is_final()
+            {
+                info.state = State::Error;
+                info.error = Some(JobError {
+                    context: ErrorContext::LocalFile,
+                    file: Some(i),
+                    description: format!(
+                        "{}: the temporary file of a transferred file vanished",
+                        info.files[i].temp_name.display()
+                    ),
+                });
+            } else if was.is_active() {
+                // It was working when the node stopped: it goes on.
+                info.state = State::Queued;
+            }
+            info!(job = %id, state = %info.state, "restored job");
+            let record = JobRecord {
+                origin_only: flags.iter().map(|f| f.0).collect(),
+                completed: flags.iter().map(|f| f.1).collect(),
+                info,
+                callback: None,
+                runner: None,
+                run_lock: Arc::default(),
+            };
+            if record.info.state != was {
+                self.save_logged(&record);
+            }
+            let start = record.info.state == State::Queued;
+            let slot = Arc::new(Mutex::new(record));
+            self.lock_jobs().insert(id, slot.clone());
+            if start {
+                self.start_runner(id, &slot);
+            }
+        }
     }
 
     fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<Mutex<JobRecord>>>> {
@@ -352,11 +577,42 @@ impl Node {
     /// Sets the job's retry delay (BITS `SetMinimumRetryDelay`).
     ///
     /// # Errors
-    /// [`Error::UnknownJob`].
+    /// [`Error::UnknownJob`], [`Error::State`].
     pub fn set_retry_delay(&self, job: JobId, delay: Duration) -> Result<(), Error> {
+        self.modify(job, |info| {
+            info.properties.retry_delay = delay;
+            Ok(())
+        })
+    }
+
+    /// Changes a job's display name, priority or properties (BITS `SetDisplayName`,
+    /// `SetPriority`, `SetMinimumRetryDelay`, `SetNoProgressTimeout`, `SetNotifyFlags`,
+    /// `SetNotifyCmdLine`): `change` edits the job's snapshot; only those fields are kept.
+    ///
+    /// # Errors
+    /// What `change` returns, [`Error::InvalidState`] on a final job, [`Error::UnknownJob`],
+    /// [`Error::State`].
+    pub fn modify(
+        &self,
+        job: JobId,
+        change: impl FnOnce(&mut JobInfo) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let slot = self.job(job)?;
-        lock(&slot).retry_delay = delay;
-        Ok(())
+        let mut rec = lock(&slot);
+        if rec.info.state.is_final() {
+            return Err(InvalidState {
+                from: rec.info.state,
+                transition: Transition::AddFile,
+            }
+            .into());
+        }
+        let mut info = rec.info.clone();
+        change(&mut info)?;
+        rec.info.display_name = info.display_name;
+        rec.info.priority = info.priority;
+        rec.info.properties = info.properties;
+        rec.info.modified = SystemTime::now();
+        self.save(&rec)
     }
 
     /// Adds a file to a job (BITS `AddFile`). Adding to a Transferred job queues it again.
@@ -403,6 +659,13 @@ impl Node {
             rec.completed.push(false);
             let changed = to != rec.info.state;
             self.set_state(&mut rec, to);
+            if let Err(e) = self.save(&rec) {
+                // Not stored, so not added: the caller may try again.
+                rec.info.files.pop();
+                rec.origin_only.pop();
+                rec.completed.pop();
+                return Err(e);
+            }
             changed && to == State::Queued
         };
         if start {
@@ -443,6 +706,7 @@ impl Node {
                 rec.info.error = None;
             }
             self.set_state(&mut rec, to);
+            self.save(&rec)?;
         }
         self.start_runner(job, &slot);
         Ok(())
@@ -460,7 +724,7 @@ impl Node {
             t.cancel();
         }
         self.set_state(&mut rec, to);
-        Ok(())
+        self.save(&rec)
     }
 
     /// Cancels a job (BITS `Cancel`): stops it and deletes its temporary files.
@@ -478,7 +742,7 @@ impl Node {
             self.forget_temp(f);
         }
         self.set_state(&mut rec, to);
-        Ok(())
+        self.save(&rec)
     }
 
     fn forget_temp(&self, f: &FileInfo) {
@@ -542,9 +806,10 @@ impl Node {
                     .relocate(id, &f.temp_name, f.local_name.clone());
             }
             rec.completed[i] = true;
+            self.save(&rec)?;
         }
         self.set_state(&mut rec, to);
-        Ok(())
+        self.save(&rec)
     }
 
     /// A snapshot of a job (BITS `GetState`, `GetProgress`, `GetError`, `GetTimes`).
@@ -563,7 +828,9 @@ impl Node {
         slots.iter().map(|s| lock(s).info.clone()).collect()
     }
 
-    /// Stops the node: cancels running jobs' transfers and the swarm.
+    /// Stops the node: cancels running jobs' transfers and the swarm, waits until every job
+    /// runner has stopped writing, and closes the state database (the jobs stay in it, in the
+    /// state they were in, for the next start).
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         let task = self
@@ -575,6 +842,19 @@ impl Node {
         if let Some(t) = task {
             let _ = t.await;
         }
+        let locks: Vec<_> = self
+            .lock_jobs()
+            .values()
+            .map(|slot| lock(slot).run_lock.clone())
+            .collect();
+        for l in locks {
+            let _ = l.lock().await;
+        }
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     fn start_runner(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
@@ -586,7 +866,13 @@ impl Node {
         rec.runner = Some(token.clone());
         let node = self.clone();
         let slot = slot.clone();
+        let run_lock = rec.run_lock.clone();
         tokio::spawn(async move {
+            // Wait until a runner this one replaces has stopped writing.
+            let _running = run_lock.lock().await;
+            if token.is_cancelled() {
+                return;
+            }
             node.run_job(job, &slot, &token).await;
             // A runner that was stopped had its token taken by whoever stopped it (and a new
             // runner may hold the slot now); one that ended on its own still holds the slot.
@@ -610,6 +896,7 @@ impl Node {
         match next_state(rec.info.state, t) {
             Ok(to) => {
                 self.set_state(&mut rec, to);
+                self.save_logged(&rec);
                 true
             }
             Err(e) => {
@@ -630,7 +917,11 @@ impl Node {
         let (info, cb, delay) = {
             let mut rec = lock(slot);
             rec.info.error = Some(error.clone());
-            (rec.info.clone(), rec.callback.clone(), rec.retry_delay)
+            (
+                rec.info.clone(),
+                rec.callback.clone(),
+                rec.info.properties.retry_delay,
+            )
         };
         if !self.runner_transition(slot, token, Transition::Fail) {
             return;
@@ -668,6 +959,12 @@ impl Node {
                             expected: f.expected,
                             temp: f.temp_name.clone(),
                             origin_only: rec.origin_only[i],
+                            resume: None,
+                            durable: self.state().map(|store| Durable {
+                                store,
+                                job,
+                                index: u32::try_from(i).unwrap_or(u32::MAX),
+                            }),
                         },
                         f.transferred,
                     )
@@ -675,6 +972,17 @@ impl Node {
                 if done {
                     i += 1;
                     continue;
+                }
+                // With a state store, pick up the pieces an earlier run left on disk.
+                let mut task = task;
+                if let Some(d) = &task.durable {
+                    let (store, index) = (d.store.clone(), d.index);
+                    let file = lock(slot).info.files[i].clone();
+                    task.resume =
+                        tokio::task::spawn_blocking(move || store.resume_point(job, index, &file))
+                            .await
+                            .ok()
+                            .flatten();
                 }
                 let progress = |u: Update| self.on_update(slot, token, i, u);
                 let result =
@@ -686,8 +994,18 @@ impl Node {
                             let f = &mut rec.info.files[i];
                             f.content_id = Some(d.content_id);
                             f.sha256 = Some(d.sha256);
+                            self.save_logged(&rec);
                             (rec.info.clone(), rec.callback.clone())
                         };
+                        if let Some(d2) = &task.durable {
+                            // The derived or trusted layer, so a restart can serve the file.
+                            let (store, index, layer) =
+                                (d2.store.clone(), d2.index, d.layer.clone());
+                            let _ = tokio::task::spawn_blocking(move || {
+                                store.record_layer(job, index, &layer)
+                            })
+                            .await;
+                        }
                         let file = TransferredFile {
                             index: i,
                             temp_name: task.temp.clone(),
@@ -707,8 +1025,13 @@ impl Node {
                         let rejected_origin_content = {
                             let mut rec = lock(slot);
                             rec.info.files[i].validation_state = verdict;
-                            if verdict == ValidationState::Invalid {
+                            let rejected = if verdict == ValidationState::Invalid {
                                 self.inner.env.store.remove_at(&d.content_id, &task.temp);
+                                if let Some(d2) = &task.durable
+                                    && let Err(e) = d2.store.clear_pieces(job, d2.index)
+                                {
+                                    warn!(%job, "cannot forget rejected pieces: {e}");
+                                }
                                 if d.from_peers && !task.origin_only {
                                     info!(%job, file = i, "caller rejected peer content; refetching from the origin");
                                     rec.origin_only[i] = true;
@@ -721,7 +1044,9 @@ impl Node {
                                 rec.info.modified = SystemTime::now();
                                 i += 1;
                                 false
-                            }
+                            };
+                            self.save_logged(&rec);
+                            rejected
                         };
                         if rejected_origin_content {
                             let url = task.url.clone();
@@ -749,7 +1074,7 @@ impl Node {
                         let delay = {
                             let mut rec = lock(slot);
                             rec.info.error = Some(e.clone());
-                            rec.retry_delay
+                            rec.info.properties.retry_delay
                         };
                         warn!(%job, "transient error, retrying in {delay:?}: {e}");
                         if !self.runner_transition(slot, token, Transition::TransientFailure)
@@ -777,7 +1102,7 @@ impl Node {
         let _ = self.inner.events.send(Event::JobTransferred { job });
         let (cb, delay) = {
             let rec = lock(slot);
-            (rec.callback.clone(), rec.retry_delay)
+            (rec.callback.clone(), rec.info.properties.retry_delay)
         };
         if let Some(cb) = cb {
             loop {
@@ -809,13 +1134,20 @@ impl Node {
             let mut rec = lock(slot);
             rec.info.modified = SystemTime::now();
             match u {
-                Update::Started { length, content_id } => {
+                Update::Started {
+                    length,
+                    content_id,
+                    resumed,
+                } => {
                     let f = &mut rec.info.files[index];
                     f.bytes_total = Some(length);
                     f.content_id = content_id;
-                    f.bytes_transferred = 0;
-                    f.bytes_from_peers = 0;
-                    f.bytes_from_origin = 0;
+                    f.bytes_transferred = resumed;
+                    if resumed == 0 {
+                        f.bytes_from_peers = 0;
+                        f.bytes_from_origin = 0;
+                    }
+                    self.save_logged(&rec);
                     false
                 }
                 Update::Piece { bytes, from_peer } => {

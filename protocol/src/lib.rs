@@ -25,7 +25,7 @@ mod proto {
 pub use bitfield::Bitfield;
 pub use id::{
     ContentId, MAX_CONTENT_LEN_BYTES, MAX_PIECE_SIZE_BYTES, MIN_PIECE_SIZE_BYTES, PieceIndex,
-    Sha256Digest, TARGET_PIECE_COUNT, piece_size_for,
+    Sha256Digest, TARGET_PIECE_COUNT, parse_blake3_hex, piece_size_for,
 };
 pub use message::{
     DecodeError, HaveKey, HaveRequest, HaveResponse, LayerRequest, LayerResponse, Message,

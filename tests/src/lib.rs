@@ -213,6 +213,24 @@ pub fn content(len: usize, seed: u8) -> Vec<u8> {
 
 /// A node on 127.0.0.1 (TCP), mDNS off, short retry delay and origin backoff, dialing `peers`.
 pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
+    test_builder(peers, mode)
+        .await
+        .build()
+        .await
+        .expect("node starts on 127.0.0.1")
+}
+
+/// A [`test_node`] with no peers that keeps its jobs in the state directory `state`.
+pub async fn stateful_node(state: &std::path::Path) -> Node {
+    test_builder(&[], ServeMode::Honest)
+        .await
+        .state_dir(state)
+        .build()
+        .await
+        .expect("node starts with its state directory")
+}
+
+async fn test_builder(peers: &[Node], mode: ServeMode) -> shoal_node::Builder {
     let mut b = Node::builder()
         .listen(vec![
             "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
@@ -235,5 +253,5 @@ pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
             b = b.peer(a);
         }
     }
-    b.build().await.expect("node starts on 127.0.0.1")
+    b
 }

@@ -16,7 +16,7 @@ use shoal_node::{
     Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
     TransferredFile, ValidationState, job::ErrorContext, swarm::ServeMode,
 };
-use shoal_tests::{TestOrigin, content, test_node};
+use shoal_tests::{TestOrigin, content, stateful_node, test_node};
 use shoal_validator::Sha256Digest;
 
 /// Upper bound of any single scenario.
@@ -131,7 +131,7 @@ fn spec(url: url::Url, local: &Path, expected: Expected) -> FileSpec {
 
 /// Creates a one-file job with `rec` as callback and resumes it.
 fn start_job(node: &Node, file: FileSpec, rec: &Arc<Recorder>) -> JobId {
-    let job = node.create_job("test", Priority::Normal);
+    let job = node.create_job("test", Priority::Normal).unwrap();
     node.set_callback(job, rec.clone()).unwrap();
     node.set_retry_delay(job, Duration::from_millis(100))
         .unwrap();
@@ -391,7 +391,7 @@ async fn complete_semantics() {
     origin.put("small.bin", small.clone());
     let node = test_node(&[], ServeMode::Honest).await;
     // A job whose second file cannot arrive: Complete keeps only the first.
-    let job = node.create_job("early", Priority::Normal);
+    let job = node.create_job("early", Priority::Normal).unwrap();
     let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
     node.add_file(job, spec(origin.url("small.bin"), &a, Expected::default()))
         .unwrap();
@@ -414,7 +414,7 @@ async fn complete_semantics() {
     assert!(!b.exists());
     assert!(!info.files[1].temp_name.exists());
     // Complete after Cancel is InvalidState, and Cancel deletes the temporary files.
-    let job = node.create_job("cancelled", Priority::Low);
+    let job = node.create_job("cancelled", Priority::Low).unwrap();
     let c = dir.path().join("c.bin");
     node.add_file(job, spec(origin.url("small.bin"), &c, Expected::default()))
         .unwrap();
@@ -431,7 +431,7 @@ async fn complete_semantics() {
 async fn bad_input_is_refused_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let node = test_node(&[], ServeMode::Honest).await;
-    let job = node.create_job("bad", Priority::Normal);
+    let job = node.create_job("bad", Priority::Normal).unwrap();
     assert!(matches!(node.resume(job), Err(Error::Empty(_))));
     let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
     let escape = dir.path().join("sub/../../x.bin");
@@ -520,7 +520,7 @@ async fn origin_misbehaviour_is_survived() {
     let requests_before = origin.state.requests.load(Ordering::SeqCst);
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("cut.bin");
-    let job = node.create_job("cut", Priority::Normal);
+    let job = node.create_job("cut", Priority::Normal).unwrap();
     node.set_callback(job, rec).unwrap();
     node.add_file(job, spec(origin.url("f.bin"), &dest, expected))
         .unwrap();
@@ -550,7 +550,7 @@ async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
     let node = test_node(&[], ServeMode::Honest).await;
     let state = origin.state.clone();
     // Swap the content right after the probe: every range request then fails If-Range.
-    let job = node.create_job("changing", Priority::Normal);
+    let job = node.create_job("changing", Priority::Normal).unwrap();
     let dest = dir.path().join("out.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
         .unwrap();
@@ -636,7 +636,7 @@ async fn suspend_and_resume_finish_the_job() {
     let data = content(2_000_000, 13);
     origin.put("f.bin", data.clone());
     let node = test_node(&[], ServeMode::Honest).await;
-    let job = node.create_job("pausing", Priority::High);
+    let job = node.create_job("pausing", Priority::High).unwrap();
     let dest = dir.path().join("f.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
         .unwrap();
@@ -767,4 +767,161 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     for n in [a, b, half] {
         n.shutdown().await;
     }
+}
+
+/// Starts a job on a stateful node against a slow origin and waits until at least `part` of
+/// its bytes are verified on disk. Returns the job and the bytes verified by then.
+async fn part_way(
+    node: &Node,
+    url: url::Url,
+    dest: &Path,
+    expected: Expected,
+    part: u64,
+) -> (JobId, u64) {
+    let job = node.create_job("restart", Priority::Normal).unwrap();
+    node.set_retry_delay(job, Duration::from_millis(100))
+        .unwrap();
+    node.add_file(job, spec(url, dest, expected)).unwrap();
+    node.resume(job).unwrap();
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    loop {
+        let done = node.info(job).unwrap().bytes_transferred();
+        if done >= part {
+            return (job, done);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_survives_a_restart_and_keeps_the_pieces_it_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let origin = TestOrigin::start().await;
+    // 4 MiB: 256 pieces of 16 KiB, sent at 2 MiB/s.
+    let data = content(4 << 20, 21);
+    origin.put("r.bin", data.clone());
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(2 << 20, Ordering::SeqCst);
+    let dest = dir.path().join("r.bin");
+    let expected = Expected {
+        blake3: Some(blake3_of(&data)),
+        sha256: Some(sha256_of(&data)),
+    };
+    let first = stateful_node(&state).await;
+    let first_peer = first.peer_id();
+    let (job, before) = part_way(&first, origin.url("r.bin"), &dest, expected, 1 << 20).await;
+    first.shutdown().await;
+    drop(first);
+
+    let second = stateful_node(&state).await;
+    // Same identity, same job, and the verified pieces are still counted.
+    assert_eq!(second.peer_id(), first_peer);
+    let info = second.info(job).unwrap();
+    assert_eq!(info.display_name, "restart");
+    assert!(
+        info.files[0].bytes_transferred >= before,
+        "{} bytes kept, {before} were verified before the stop",
+        info.files[0].bytes_transferred
+    );
+    let info = wait_for(&second, job, &[State::Transferred]).await;
+    assert_eq!(info.files[0].bytes_transferred, data.len() as u64);
+    second.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    // The origin sent the file once, plus at most what was in flight at the stop: one origin
+    // run of 16 pieces and the queues behind it (4 + 4 pieces), plus the probes.
+    let piece = 16 * 1024;
+    let refetched = origin.bytes_served().saturating_sub(data.len() as u64);
+    assert!(
+        refetched <= 24 * piece + 16,
+        "{refetched} bytes fetched twice"
+    );
+    // A completed job leaves the state database.
+    second.shutdown().await;
+    drop(second);
+    let third = stateful_node(&state).await;
+    assert!(third.jobs().is_empty());
+    third.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_temporary_file_vanished_is_an_error_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let origin = TestOrigin::start().await;
+    let data = content(4 << 20, 22);
+    origin.put("v.bin", data.clone());
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(2 << 20, Ordering::SeqCst);
+    let dest = dir.path().join("v.bin");
+    let first = stateful_node(&state).await;
+    let (job, _) = part_way(
+        &first,
+        origin.url("v.bin"),
+        &dest,
+        blake3_only(&data),
+        1 << 20,
+    )
+    .await;
+    let temp = first.info(job).unwrap().files[0].temp_name.clone();
+    first.shutdown().await;
+    drop(first);
+    std::fs::remove_file(&temp).unwrap();
+
+    let second = stateful_node(&state).await;
+    let info = wait_for(&second, job, &[State::Error]).await;
+    let error = info.error.unwrap();
+    assert_eq!(error.context, ErrorContext::LocalFile);
+    assert!(error.description.contains("vanished"), "{error}");
+    // The node runs on: the job can still be cancelled.
+    second.cancel(job).unwrap();
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_suspended_job_stays_suspended_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let origin = TestOrigin::start().await;
+    let data = content(4 << 20, 23);
+    origin.put("s.bin", data.clone());
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(2 << 20, Ordering::SeqCst);
+    let dest = dir.path().join("s.bin");
+    let first = stateful_node(&state).await;
+    let (job, _) = part_way(
+        &first,
+        origin.url("s.bin"),
+        &dest,
+        blake3_only(&data),
+        512 << 10,
+    )
+    .await;
+    first.suspend(job).unwrap();
+    first.shutdown().await;
+    drop(first);
+
+    let second = stateful_node(&state).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = second.info(job).unwrap();
+    assert_eq!(info.state, State::Suspended);
+    let served = origin.bytes_served();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        origin.bytes_served(),
+        served,
+        "a suspended job fetched bytes"
+    );
+    second.resume(job).unwrap();
+    wait_for(&second, job, &[State::Transferred]).await;
+    second.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    second.shutdown().await;
 }

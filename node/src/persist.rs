@@ -1,0 +1,862 @@
+//! The node's durable state: jobs, their files, per-file verified-piece bitmaps and piece
+//! layers, in one redb database (`state.redb`) under the state directory.
+//!
+//! Every write is one redb transaction, committed durably (redb's default: the commit has
+//! reached the disk when [`StateStore`]'s method returns). What a caller was told succeeded is
+//! therefore on disk, and survives `kill -9` and power loss alike.
+//!
+//! Tables (keys are a job's UUID as `u128`, and a file's index within its job):
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `meta` | name | `format` → `shoal-state/1`; `identity` → the node's libp2p key (protobuf) |
+//! | `jobs` | job | [`JobDisk`] as JSON |
+//! | `files` | (job, file) | [`FileDisk`] as JSON |
+//! | `pieces` | (job, file) | the bitmap of pieces verified and flushed to the temporary file |
+//! | `resume` | (job, file) | [`ResumeDisk`] as JSON: what the bitmap is a bitmap of |
+//! | `layers` | (job, file) | the trusted piece layer: 32-byte chaining values, concatenated |
+//!
+//! The invariant between the temporary files and `pieces`: a bit is committed only after its
+//! piece was written and the file flushed with `fdatasync` (see `download` and
+//! `docs/operations.md`). At start every bit is checked again against the layer (or hashed
+//! into the content id being derived) before it is trusted, so a torn or altered temporary
+//! file costs a refetch, never a wrong byte.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use shoal_protocol::Bitfield;
+use shoal_validator::{
+    ChainingValue, ContentId, Expected, PieceLayer, Sha256Digest, ValidationState,
+};
+use thiserror::Error;
+
+use crate::{
+    download::ResumePoint,
+    job::{
+        ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats, Priority, State,
+    },
+};
+
+/// The value of `meta/format` this code writes and reads.
+const FORMAT: &[u8] = b"shoal-state/1";
+/// The database file's name in the state directory.
+pub const DB_FILE: &str = "state.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+const FILES: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("files");
+const PIECES: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("pieces");
+const RESUME: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("resume");
+const LAYERS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("layers");
+
+/// Errors of the state store.
+#[derive(Debug, Error)]
+pub enum PersistError {
+    /// The state directory could not be created or the database opened (a corrupt file, one
+    /// locked by another daemon, or a permission problem).
+    #[error("cannot open the state database {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<redb::Error>,
+    },
+    /// The file is a redb database, but not Shoal's (no or another `format` marker).
+    #[error("{path} is not a Shoal state database (format {found:?}, expected {expected:?})")]
+    Foreign {
+        /// The database file.
+        path: PathBuf,
+        /// The marker found, if any.
+        found: Option<String>,
+        /// The marker this version writes.
+        expected: String,
+    },
+    /// A record could not be decoded.
+    #[error("corrupt state record {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A read or write failed.
+    #[error("state database: {0}")]
+    Db(#[from] Box<redb::Error>),
+}
+
+fn db_err(e: impl Into<redb::Error>) -> PersistError {
+    PersistError::Db(Box::new(e.into()))
+}
+
+/// A job as stored: everything of [`JobInfo`] but the files, plus what only the node keeps.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct JobDisk {
+    pub(crate) display_name: String,
+    pub(crate) priority: String,
+    pub(crate) state: String,
+    pub(crate) owner: Option<u32>,
+    pub(crate) error: Option<ErrorDisk>,
+    pub(crate) pieces_rejected: u64,
+    pub(crate) peers_banned: u64,
+    pub(crate) created_ms: u64,
+    pub(crate) modified_ms: u64,
+    pub(crate) transfer_completed_ms: Option<u64>,
+    pub(crate) retry_delay_s: u64,
+    pub(crate) no_progress_timeout_s: u64,
+    pub(crate) notify_flags: u32,
+    pub(crate) notify_cmdline: Option<Vec<String>>,
+    pub(crate) file_count: u32,
+}
+
+/// A job error as stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct ErrorDisk {
+    pub(crate) context: String,
+    pub(crate) file: Option<u32>,
+    pub(crate) description: String,
+}
+
+/// A file as stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct FileDisk {
+    pub(crate) url: String,
+    pub(crate) local_name: PathBuf,
+    pub(crate) temp_name: PathBuf,
+    pub(crate) blake3: Option<String>,
+    pub(crate) sha256: Option<String>,
+    /// The content id (`hash:length`) once known.
+    pub(crate) content_id: Option<String>,
+    pub(crate) computed_sha256: Option<String>,
+    pub(crate) bytes_total: Option<u64>,
+    pub(crate) bytes_from_peers: u64,
+    pub(crate) bytes_from_origin: u64,
+    pub(crate) transferred: bool,
+    pub(crate) validation: String,
+    pub(crate) origin_only: bool,
+    pub(crate) completed: bool,
+}
+
+/// What a file's bitmap refers to: the content being assembled in its temporary file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ResumeDisk {
+    /// The file's length in bytes.
+    pub(crate) length: u64,
+    /// The content id (`hash:length`) when a trusted or claimed layer is in use.
+    pub(crate) content_id: Option<String>,
+    /// True when that content id is a peer's untrusted claim for the expected SHA-256.
+    pub(crate) claimed: bool,
+    /// The origin's validator (ETag or Last-Modified) when origin bytes were used.
+    pub(crate) validator: Option<String>,
+    /// True when some of the pieces came from peers.
+    pub(crate) from_peers: bool,
+}
+
+/// A stored job with its files, as [`StateStore::load`] returns it.
+#[derive(Debug)]
+pub(crate) struct StoredJob {
+    pub(crate) id: JobId,
+    pub(crate) job: JobDisk,
+    pub(crate) files: Vec<StoredFile>,
+}
+
+/// A stored file with its bitmap and layer, if any.
+#[derive(Debug)]
+pub(crate) struct StoredFile {
+    pub(crate) file: FileDisk,
+    /// The raw bitmap; its length is checked against the content id by the loader.
+    pub(crate) pieces: Option<Vec<u8>>,
+    pub(crate) resume: Option<ResumeDisk>,
+    pub(crate) layer: Option<Vec<ChainingValue>>,
+}
+
+/// The redb database of a node's durable state. `Send + Sync`; every method blocks on disk
+/// I/O (call it from a blocking context in async code).
+#[derive(Debug)]
+pub struct StateStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (or creates) `DIR/state.redb`, creating `DIR` with mode 0700 if needed, and
+    /// checks the format marker.
+    ///
+    /// # Errors
+    /// [`PersistError::Open`] when the directory or file cannot be created or opened, or the
+    /// file is corrupt or held by another process; [`PersistError::Foreign`] when the file is
+    /// another program's database or another format version.
+    pub fn open(dir: &Path) -> Result<Self, PersistError> {
+        let path = dir.join(DB_FILE);
+        let open_err = |e: redb::Error| PersistError::Open {
+            path: path.clone(),
+            source: Box::new(e),
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| open_err(redb::Error::Io(e)))?;
+        }
+        let fresh = !path.exists();
+        // The integrity check reads the whole file: state databases are small, and a file
+        // damaged while the daemon was down is reported instead of trusted.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .create(&path)
+            .map_err(|e| open_err(e.into()))?;
+        let store = Self { db, path };
+        if fresh {
+            store.put_meta("format", FORMAT)?;
+        }
+        let found = store.meta("format")?;
+        if found.as_deref() != Some(FORMAT) {
+            return Err(PersistError::Foreign {
+                path: store.path.clone(),
+                found: found.map(|f| String::from_utf8_lossy(&f).into_owned()),
+                expected: String::from_utf8_lossy(FORMAT).into_owned(),
+            });
+        }
+        Ok(store)
+    }
+
+    /// The database file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A value of the `meta` table.
+    ///
+    /// # Errors
+    /// [`PersistError::Db`] when the read fails.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err(e)),
+        };
+        Ok(table.get(name).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a value of the `meta` table, durably.
+    ///
+    /// # Errors
+    /// [`PersistError::Db`] when the write fails.
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), PersistError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(META)
+            .map_err(db_err)?
+            .insert(name, value)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Writes a job's record and, for each `(index, file)` given, that file's record.
+    pub(crate) fn put_job(
+        &self,
+        id: JobId,
+        job: &JobDisk,
+        files: &[(u32, FileDisk)],
+    ) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let json = serde_json::to_vec(job).map_err(|e| corrupt(&format!("job {id}"), &e))?;
+            tx.open_table(JOBS)
+                .map_err(db_err)?
+                .insert(key, json.as_slice())
+                .map_err(db_err)?;
+            let mut table = tx.open_table(FILES).map_err(db_err)?;
+            for (index, file) in files {
+                let json = serde_json::to_vec(file)
+                    .map_err(|e| corrupt(&format!("job {id} file {index}"), &e))?;
+                table
+                    .insert((key, *index), json.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records the pieces of a file now on disk (call only after the temporary file was
+    /// flushed), what they are pieces of, and, when given, the trusted layer. Does nothing
+    /// when the job is no longer stored (cancelled or completed meanwhile), so a late
+    /// checkpoint cannot bring a job back.
+    pub(crate) fn checkpoint(
+        &self,
+        id: JobId,
+        index: u32,
+        pieces: &Bitfield,
+        resume: &ResumeDisk,
+        layer: Option<&[ChainingValue]>,
+    ) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            if tx
+                .open_table(JOBS)
+                .map_err(db_err)?
+                .get(key)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok(());
+            }
+            tx.open_table(PIECES)
+                .map_err(db_err)?
+                .insert((key, index), pieces.as_bytes())
+                .map_err(db_err)?;
+            let json = serde_json::to_vec(resume)
+                .map_err(|e| corrupt(&format!("job {id} file {index} resume"), &e))?;
+            tx.open_table(RESUME)
+                .map_err(db_err)?
+                .insert((key, index), json.as_slice())
+                .map_err(db_err)?;
+            if let Some(cvs) = layer {
+                let flat: Vec<u8> = cvs.iter().flatten().copied().collect();
+                tx.open_table(LAYERS)
+                    .map_err(db_err)?
+                    .insert((key, index), flat.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The pieces an earlier run of this file left on disk, if the stored rows describe
+    /// usable ones (see [`ResumePoint::from_stored`]). Read errors count as nothing stored.
+    pub(crate) fn resume_point(
+        &self,
+        id: JobId,
+        index: u32,
+        file: &FileInfo,
+    ) -> Option<ResumePoint> {
+        let key = (id.0.as_u128(), index);
+        let tx = self.db.begin_read().ok()?;
+        let get = |def: TableDefinition<(u128, u32), &[u8]>| -> Option<Vec<u8>> {
+            let table = tx.open_table(def).ok()?;
+            table.get(key).ok().flatten().map(|v| v.value().to_vec())
+        };
+        let pieces = get(PIECES)?;
+        let meta: ResumeDisk = serde_json::from_slice(&get(RESUME)?).ok()?;
+        let layer = get(LAYERS).map(|flat| cvs_of(&flat)).transpose().ok()?;
+        ResumePoint::from_stored(Some(&pieces), Some(&meta), layer.as_deref(), &file.expected)
+    }
+
+    /// Stores the layer of a file that verified, so that after a restart the node can serve it
+    /// again. Does nothing when the job is no longer stored.
+    pub(crate) fn record_layer(
+        &self,
+        id: JobId,
+        index: u32,
+        layer: &PieceLayer,
+    ) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            if tx
+                .open_table(JOBS)
+                .map_err(db_err)?
+                .get(key)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok(());
+            }
+            let flat: Vec<u8> = layer.chaining_values().iter().flatten().copied().collect();
+            tx.open_table(LAYERS)
+                .map_err(db_err)?
+                .insert((key, index), flat.as_slice())
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Forgets a file's bitmap, resume record and layer (its bytes were discarded).
+    pub(crate) fn clear_pieces(&self, id: JobId, index: u32) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        for def in [PIECES, RESUME, LAYERS] {
+            tx.open_table(def)
+                .map_err(db_err)?
+                .remove((key, index))
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Removes a job and everything of its files.
+    pub(crate) fn remove_job(&self, id: JobId) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let range = (key, 0)..=(key, u32::MAX);
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            tx.open_table(JOBS)
+                .map_err(db_err)?
+                .remove(key)
+                .map_err(db_err)?;
+            for def in [FILES, PIECES, RESUME, LAYERS] {
+                let mut table = tx.open_table(def).map_err(db_err)?;
+                table
+                    .retain_in(range.clone(), |_, _| false)
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Reads every stored job with its files, bitmaps and layers.
+    ///
+    /// # Errors
+    /// [`PersistError::Corrupt`] naming the record that does not decode; [`PersistError::Db`].
+    pub(crate) fn load(&self) -> Result<Vec<StoredJob>, PersistError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let jobs = match tx.open_table(JOBS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err(e)),
+        };
+        let open = |def| match tx.open_table(def) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(db_err(e)),
+        };
+        let (files, pieces, resumes, layers) =
+            (open(FILES)?, open(PIECES)?, open(RESUME)?, open(LAYERS)?);
+        let mut out = Vec::new();
+        for row in jobs.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let key = k.value();
+            let id = JobId(uuid::Uuid::from_u128(key));
+            let job: JobDisk =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt(&format!("job {id}"), &e))?;
+            let mut stored = Vec::new();
+            for index in 0..job.file_count {
+                let what = format!("job {id} file {index}");
+                let raw = files
+                    .as_ref()
+                    .map(|t| t.get((key, index)))
+                    .transpose()
+                    .map_err(db_err)?
+                    .flatten()
+                    .ok_or_else(|| PersistError::Corrupt {
+                        what: what.clone(),
+                        detail: "missing".into(),
+                    })?;
+                let file: FileDisk =
+                    serde_json::from_slice(raw.value()).map_err(|e| corrupt(&what, &e))?;
+                let bits = pieces
+                    .as_ref()
+                    .map(|t| t.get((key, index)))
+                    .transpose()
+                    .map_err(db_err)?
+                    .flatten()
+                    .map(|v| v.value().to_vec());
+                let resume = resumes
+                    .as_ref()
+                    .map(|t| t.get((key, index)))
+                    .transpose()
+                    .map_err(db_err)?
+                    .flatten()
+                    .map(|v| {
+                        serde_json::from_slice::<ResumeDisk>(v.value())
+                            .map_err(|e| corrupt(&format!("{what} resume"), &e))
+                    })
+                    .transpose()?;
+                let layer = layers
+                    .as_ref()
+                    .map(|t| t.get((key, index)))
+                    .transpose()
+                    .map_err(db_err)?
+                    .flatten()
+                    .map(|v| {
+                        cvs_of(v.value()).map_err(|detail| PersistError::Corrupt {
+                            what: format!("{what} layer"),
+                            detail,
+                        })
+                    })
+                    .transpose()?;
+                stored.push(StoredFile {
+                    file,
+                    pieces: bits,
+                    resume,
+                    layer,
+                });
+            }
+            out.push(StoredJob {
+                id,
+                job,
+                files: stored,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Chaining values from their concatenation.
+fn cvs_of(flat: &[u8]) -> Result<Vec<ChainingValue>, String> {
+    if !flat.len().is_multiple_of(32) {
+        return Err(format!("{} bytes is not a multiple of 32", flat.len()));
+    }
+    Ok(flat
+        .chunks_exact(32)
+        .map(|c| {
+            let mut cv = [0u8; 32];
+            cv.copy_from_slice(c);
+            cv
+        })
+        .collect())
+}
+
+fn corrupt(what: &str, e: &dyn std::fmt::Display) -> PersistError {
+    PersistError::Corrupt {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+pub(crate) fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl JobDisk {
+    /// The stored form of a job's fields.
+    pub(crate) fn of(info: &JobInfo) -> Self {
+        Self {
+            display_name: info.display_name.clone(),
+            priority: format!("{:?}", info.priority),
+            state: format!("{:?}", info.state),
+            owner: info.owner,
+            error: info.error.as_ref().map(|e| ErrorDisk {
+                context: format!("{:?}", e.context),
+                file: e.file.map(|f| u32::try_from(f).unwrap_or(u32::MAX)),
+                description: e.description.clone(),
+            }),
+            pieces_rejected: info.peer_stats.pieces_rejected,
+            peers_banned: info.peer_stats.peers_banned,
+            created_ms: to_ms(info.created),
+            modified_ms: to_ms(info.modified),
+            transfer_completed_ms: info.transfer_completed.map(to_ms),
+            retry_delay_s: info.properties.retry_delay.as_secs(),
+            no_progress_timeout_s: info.properties.no_progress_timeout.as_secs(),
+            notify_flags: info.properties.notify_flags,
+            notify_cmdline: info.properties.notify_cmdline.clone(),
+            file_count: u32::try_from(info.files.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The job's fields back, with `files`; errors name the field that does not parse.
+    pub(crate) fn to_info(&self, id: JobId, files: Vec<FileInfo>) -> Result<JobInfo, PersistError> {
+        let bad = |field: &str, value: &str| PersistError::Corrupt {
+            what: format!("job {id}"),
+            detail: format!("{field} {value:?}"),
+        };
+        Ok(JobInfo {
+            id,
+            display_name: self.display_name.clone(),
+            priority: parse_priority(&self.priority)
+                .ok_or_else(|| bad("priority", &self.priority))?,
+            state: parse_state(&self.state).ok_or_else(|| bad("state", &self.state))?,
+            owner: self.owner,
+            files,
+            error: match &self.error {
+                None => None,
+                Some(e) => Some(JobError {
+                    context: parse_context(&e.context)
+                        .ok_or_else(|| bad("error context", &e.context))?,
+                    file: e.file.map(|f| f as usize),
+                    description: e.description.clone(),
+                }),
+            },
+            peer_stats: PeerStats {
+                pieces_rejected: self.pieces_rejected,
+                peers_banned: self.peers_banned,
+            },
+            created: from_ms(self.created_ms),
+            modified: from_ms(self.modified_ms),
+            transfer_completed: self.transfer_completed_ms.map(from_ms),
+            properties: JobProperties {
+                retry_delay: Duration::from_secs(self.retry_delay_s),
+                no_progress_timeout: Duration::from_secs(self.no_progress_timeout_s),
+                notify_flags: self.notify_flags,
+                notify_cmdline: self.notify_cmdline.clone(),
+            },
+        })
+    }
+}
+
+impl FileDisk {
+    /// The stored form of a file, with the node-only flags.
+    pub(crate) fn of(f: &FileInfo, origin_only: bool, completed: bool) -> Self {
+        Self {
+            url: f.url.to_string(),
+            local_name: f.local_name.clone(),
+            temp_name: f.temp_name.clone(),
+            blake3: f.expected.blake3.map(hex::encode),
+            sha256: f.expected.sha256.map(|d| d.to_string()),
+            content_id: f.content_id.map(|c| c.to_string()),
+            computed_sha256: f.sha256.map(|d| d.to_string()),
+            bytes_total: f.bytes_total,
+            bytes_from_peers: f.bytes_from_peers,
+            bytes_from_origin: f.bytes_from_origin,
+            transferred: f.transferred,
+            validation: format!("{:?}", f.validation_state),
+            origin_only,
+            completed,
+        }
+    }
+
+    /// The file back (with no bytes transferred yet: the loader counts them from the bitmap).
+    pub(crate) fn to_info(&self, what: &str) -> Result<FileInfo, PersistError> {
+        let bad = |field: &str, value: &str| PersistError::Corrupt {
+            what: what.to_owned(),
+            detail: format!("{field} {value:?}"),
+        };
+        let hex32 = |field: &str, v: &Option<String>| -> Result<Option<[u8; 32]>, PersistError> {
+            v.as_deref()
+                .map(|s| shoal_protocol::parse_blake3_hex(s).map_err(|_| bad(field, s)))
+                .transpose()
+        };
+        Ok(FileInfo {
+            url: self.url.parse().map_err(|_| bad("url", &self.url))?,
+            local_name: self.local_name.clone(),
+            temp_name: self.temp_name.clone(),
+            expected: Expected {
+                blake3: hex32("blake3", &self.blake3)?,
+                sha256: hex32("sha256", &self.sha256)?.map(Sha256Digest),
+            },
+            content_id: self
+                .content_id
+                .as_deref()
+                .map(|s| s.parse::<ContentId>().map_err(|_| bad("content id", s)))
+                .transpose()?,
+            sha256: hex32("computed sha256", &self.computed_sha256)?.map(Sha256Digest),
+            bytes_total: self.bytes_total,
+            bytes_transferred: 0,
+            bytes_from_peers: self.bytes_from_peers,
+            bytes_from_origin: self.bytes_from_origin,
+            transferred: self.transferred,
+            validation_state: match self.validation.as_str() {
+                "Unknown" => ValidationState::Unknown,
+                "Valid" => ValidationState::Valid,
+                "Invalid" => ValidationState::Invalid,
+                other => return Err(bad("validation state", other)),
+            },
+        })
+    }
+}
+
+fn parse_priority(s: &str) -> Option<Priority> {
+    Some(match s {
+        "Foreground" => Priority::Foreground,
+        "High" => Priority::High,
+        "Normal" => Priority::Normal,
+        "Low" => Priority::Low,
+        _ => return None,
+    })
+}
+
+fn parse_state(s: &str) -> Option<State> {
+    Some(match s {
+        "Queued" => State::Queued,
+        "Connecting" => State::Connecting,
+        "Transferring" => State::Transferring,
+        "Suspended" => State::Suspended,
+        "Error" => State::Error,
+        "TransientError" => State::TransientError,
+        "Transferred" => State::Transferred,
+        "Acknowledged" => State::Acknowledged,
+        "Cancelled" => State::Cancelled,
+        _ => return None,
+    })
+}
+
+fn parse_context(s: &str) -> Option<ErrorContext> {
+    Some(match s {
+        "None" => ErrorContext::None,
+        "RemoteFile" => ErrorContext::RemoteFile,
+        "LocalFile" => ErrorContext::LocalFile,
+        "Transport" => ErrorContext::Transport,
+        "Validation" => ErrorContext::Validation,
+        "Notification" => ErrorContext::Notification,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::FileInfo;
+
+    fn info(files: usize) -> JobInfo {
+        let now = from_ms(to_ms(SystemTime::now()));
+        JobInfo {
+            id: JobId::new(),
+            display_name: "update".into(),
+            priority: Priority::High,
+            state: State::Transferring,
+            owner: Some(1000),
+            properties: JobProperties {
+                notify_cmdline: Some(vec!["/bin/true".into(), "x y".into()]),
+                ..JobProperties::default()
+            },
+            files: (0..files)
+                .map(|i| FileInfo {
+                    url: format!("http://127.0.0.1:1/f{i}").parse().unwrap(),
+                    local_name: format!("/tmp/f{i}").into(),
+                    temp_name: format!("/tmp/.f{i}.part").into(),
+                    expected: Expected {
+                        blake3: Some([i as u8; 32]),
+                        sha256: None,
+                    },
+                    content_id: None,
+                    sha256: Some(Sha256Digest([7; 32])),
+                    bytes_total: Some(100),
+                    bytes_transferred: 0,
+                    bytes_from_peers: 60,
+                    bytes_from_origin: 40,
+                    transferred: i == 0,
+                    validation_state: ValidationState::Valid,
+                })
+                .collect(),
+            error: Some(JobError {
+                context: ErrorContext::Transport,
+                file: Some(1),
+                description: "refused".into(),
+            }),
+            peer_stats: PeerStats {
+                pieces_rejected: 3,
+                peers_banned: 1,
+            },
+            created: now,
+            modified: now,
+            transfer_completed: None,
+        }
+    }
+
+    fn put(store: &StateStore, info: &JobInfo) {
+        let files: Vec<(u32, FileDisk)> = info
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i as u32, FileDisk::of(f, i == 1, false)))
+            .collect();
+        store.put_job(info.id, &JobDisk::of(info), &files).unwrap();
+    }
+
+    #[test]
+    fn a_job_comes_back_as_it_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = info(2);
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            put(&store, &job);
+        }
+        let store = StateStore::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1);
+        let s = &loaded[0];
+        let files: Vec<FileInfo> = s
+            .files
+            .iter()
+            .map(|f| f.file.to_info("f").unwrap())
+            .collect();
+        assert!(s.files[1].file.origin_only && !s.files[0].file.origin_only);
+        assert_eq!(s.job.to_info(s.id, files).unwrap(), job);
+    }
+
+    #[test]
+    fn checkpoints_give_a_resume_point_and_removal_forgets_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let data = vec![5u8; 100_000];
+        let layer = shoal_validator::hash_reader(&data[..], data.len() as u64)
+            .unwrap()
+            .layer;
+        let mut job = info(1);
+        job.files[0].expected.blake3 = Some(*layer.content_id().hash());
+        put(&store, &job);
+        let mut bits = Bitfield::new(layer.content_id().piece_count());
+        bits.set(1);
+        let meta = ResumeDisk {
+            length: data.len() as u64,
+            content_id: Some(layer.content_id().to_string()),
+            claimed: false,
+            validator: None,
+            from_peers: true,
+        };
+        store
+            .checkpoint(job.id, 0, &bits, &meta, Some(layer.chaining_values()))
+            .unwrap();
+        let r = store.resume_point(job.id, 0, &job.files[0]).unwrap();
+        assert_eq!(r.pieces, bits);
+        assert_eq!(r.layer.as_ref(), Some(&layer));
+        assert_eq!(r.bytes(), layer.content_id().piece_size());
+
+        // Another expected BLAKE3: the stored pieces are not pieces of this file.
+        let mut other = job.files[0].clone();
+        other.expected.blake3 = Some([9; 32]);
+        assert!(store.resume_point(job.id, 0, &other).is_none());
+
+        store.remove_job(job.id).unwrap();
+        assert!(store.load().unwrap().is_empty());
+        assert!(store.resume_point(job.id, 0, &job.files[0]).is_none());
+        // A late checkpoint of a removed job does not bring it back.
+        store.checkpoint(job.id, 0, &bits, &meta, None).unwrap();
+        assert!(store.resume_point(job.id, 0, &job.files[0]).is_none());
+    }
+
+    #[test]
+    fn foreign_and_corrupt_state_is_reported() {
+        // Not a redb file at all.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE), b"hello, this is not a database").unwrap();
+        let e = StateStore::open(dir.path()).unwrap_err();
+        assert!(matches!(e, PersistError::Open { .. }), "{e}");
+
+        // A redb database of another program.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("format", b"other".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let e = StateStore::open(dir.path()).unwrap_err();
+        assert!(matches!(e, PersistError::Foreign { .. }), "{e}");
+        assert!(e.to_string().contains("other"), "{e}");
+
+        // A job record that does not decode is named.
+        let dir = tempfile::tempdir().unwrap();
+        let id = JobId::new();
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(JOBS)
+                .unwrap()
+                .insert(id.0.as_u128(), b"{not json".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let e = StateStore::open(dir.path()).unwrap().load().unwrap_err();
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+    }
+}
