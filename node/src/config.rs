@@ -4,12 +4,18 @@
 //! them all. An unknown key, a value of the wrong type or a bad multiaddr is a
 //! [`ConfigError`] naming the file and the key; the node does not start with it.
 
-use std::{path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use libp2p::Multiaddr;
 use serde::Deserialize;
 
-use crate::{Builder, origin, scheduler};
+use shoal_validator::ValidationState;
+
+use crate::{Builder, daemon::DaemonConfig, origin, scheduler};
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,38 @@ pub struct JobsSection {
     pub discovery_wait_seconds: Option<f64>,
 }
 
+/// `[daemon]`: the daemon's state, control API, limits and notifications.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// The state directory (jobs, pieces on disk, identity).
+    pub state_dir: Option<String>,
+    /// The Unix socket of the control API.
+    pub socket: Option<String>,
+    /// The socket's permission bits, in octal ("0660").
+    pub socket_mode: Option<String>,
+    /// A loopback `IP:PORT` to serve the API on as well, with the bearer token.
+    pub tcp: Option<String>,
+    /// The file holding the bearer token for `tcp`.
+    pub token_file: Option<String>,
+    /// The user that TCP callers with the token act as.
+    pub tcp_uid: Option<u32>,
+    /// Live jobs per user.
+    pub jobs_per_user: Option<usize>,
+    /// Live jobs on the machine.
+    pub jobs_per_machine: Option<usize>,
+    /// Files per job.
+    pub files_per_job: Option<usize>,
+    /// How long a FileTransferred verdict is awaited from a client, in seconds.
+    pub validation_timeout_seconds: Option<f64>,
+    /// The verdict when none comes in time: "valid" or "invalid".
+    pub validation_default: Option<String>,
+    /// JobTransferred / JobError notifications in flight per user.
+    pub notifications_in_flight_per_user: Option<usize>,
+    /// Jobs idle this long are cancelled (BITS JobInactivityTimeout), in seconds.
+    pub inactivity_timeout_seconds: Option<f64>,
+}
+
 /// A whole configuration file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +129,9 @@ pub struct Config {
     /// `[jobs]`.
     #[serde(default)]
     pub jobs: JobsSection,
+    /// `[daemon]`.
+    #[serde(default)]
+    pub daemon: DaemonSection,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -193,7 +234,99 @@ impl Config {
         if let Some(v) = self.jobs.discovery_wait_seconds {
             b = b.discovery_wait(seconds(path, "jobs.discovery_wait_seconds", v)?);
         }
+        if let Some(v) = self.daemon.inactivity_timeout_seconds {
+            b = b.inactivity_timeout(seconds(path, "daemon.inactivity_timeout_seconds", v)?);
+        }
         Ok(b)
+    }
+
+    /// The daemon's state directory: `[daemon] state_dir`, default
+    /// [`crate::daemon::DEFAULT_STATE_DIR`].
+    #[must_use]
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(
+            self.daemon
+                .state_dir
+                .as_deref()
+                .unwrap_or(crate::daemon::DEFAULT_STATE_DIR),
+        )
+    }
+
+    /// The daemon's settings; `path` names the source in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key for a bad socket mode, TCP address, verdict or duration.
+    pub fn daemon(&self, path: &str) -> Result<DaemonConfig, ConfigError> {
+        let d = &self.daemon;
+        let bad = |key: &str, why: String| ConfigError {
+            path: path.to_owned(),
+            reason: format!("daemon.{key}: {why}"),
+        };
+        let mut c = DaemonConfig::default();
+        if let Some(s) = &d.socket {
+            c.socket = PathBuf::from(s);
+        }
+        if let Some(m) = &d.socket_mode {
+            c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    bad(
+                        "socket_mode",
+                        format!("{m:?} is not octal permission bits like \"0660\""),
+                    )
+                })?;
+        }
+        if let Some(t) = &d.tcp {
+            let addr: SocketAddr = t
+                .parse()
+                .map_err(|e| bad("tcp", format!("{t:?} is not IP:PORT: {e}")))?;
+            if !addr.ip().is_loopback() {
+                return Err(bad("tcp", format!("{addr} is not a loopback address")));
+            }
+            c.tcp = Some(addr);
+            if d.token_file.is_none() {
+                return Err(bad("token_file", "required with daemon.tcp".into()));
+            }
+        }
+        c.token_file = d.token_file.as_ref().map(PathBuf::from);
+        if let Some(u) = d.tcp_uid {
+            c.tcp_uid = u;
+        }
+        if let Some(v) = d.jobs_per_user {
+            c.limits.jobs_per_user = v;
+        }
+        if let Some(v) = d.jobs_per_machine {
+            c.limits.jobs_per_machine = v;
+        }
+        if let Some(v) = d.files_per_job {
+            c.limits.files_per_job = v;
+        }
+        if let Some(v) = d.validation_timeout_seconds {
+            c.notify.validation_timeout = seconds(path, "daemon.validation_timeout_seconds", v)?;
+        }
+        if let Some(v) = &d.validation_default {
+            c.notify.validation_default = match v.as_str() {
+                "valid" => ValidationState::Valid,
+                "invalid" => ValidationState::Invalid,
+                other => {
+                    return Err(bad(
+                        "validation_default",
+                        format!("{other:?} is neither \"valid\" nor \"invalid\""),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = d.notifications_in_flight_per_user {
+            if v == 0 {
+                return Err(bad(
+                    "notifications_in_flight_per_user",
+                    "must be at least 1".into(),
+                ));
+            }
+            c.notify.in_flight_per_user = v;
+        }
+        Ok(c)
     }
 }
 
@@ -211,6 +344,7 @@ mod tests {
                 let c = Config::load(&path).unwrap();
                 c.apply(crate::Node::builder(), &path.display().to_string())
                     .unwrap();
+                c.daemon(&path.display().to_string()).unwrap();
                 seen += 1;
             }
         }
@@ -232,5 +366,23 @@ mod tests {
         let c = Config::parse("[jobs]\nretry_delay_seconds = -1.0\n", "x.toml").unwrap();
         let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
         assert!(e.to_string().contains("jobs.retry_delay_seconds"), "{e}");
+        for (text, key) in [
+            (
+                "[daemon]\ntcp = \"0.0.0.0:7788\"\ntoken_file = \"t\"\n",
+                "daemon.tcp",
+            ),
+            ("[daemon]\ntcp = \"127.0.0.1:7788\"\n", "daemon.token_file"),
+            ("[daemon]\nsocket_mode = \"0999\"\n", "daemon.socket_mode"),
+            (
+                "[daemon]\nvalidation_default = \"maybe\"\n",
+                "daemon.validation_default",
+            ),
+        ] {
+            let c = Config::parse(text, "x.toml").unwrap();
+            let e = c.daemon("x.toml").unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        let e = Config::parse("[daemon]\nsocket_path = \"/x\"\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("socket_path"), "{e}");
     }
 }

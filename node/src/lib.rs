@@ -22,6 +22,8 @@
 //! ```
 
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod demo;
 pub(crate) mod download;
 mod error;
@@ -38,5 +40,5 @@ mod tls;
 pub use error::Error;
 pub use events::{Callback, CallbackError, Event, TransferredFile};
 pub use job::{FileSpec, JobId, JobInfo, Priority, State};
-pub use node::{Builder, Node};
+pub use node::{Builder, CallbackFactory, Node};
 pub use shoal_validator::{ContentId, Expected, Sha256Digest, ValidationState};

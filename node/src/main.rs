@@ -1,4 +1,4 @@
-//! The `shoal` command line: `get`, `seed`, `hash` and `demo`.
+//! The `shoal` command line: `get`, `seed`, `hash`, `demo`, `daemon`, `job` and `status`.
 //!
 //! Only argument parsing, tracing setup, progress display and the `anyhow` edge live here; the
 //! work is done by the `shoal_node` library.
@@ -19,6 +19,8 @@ use shoal_node::{
     Callback, CallbackError, Expected, FileSpec, JobInfo, Node, Priority, Sha256Digest, State, demo,
 };
 use tokio::sync::mpsc;
+
+mod jobcli;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,28 @@ enum Command {
     Hash {
         /// The file.
         file: PathBuf,
+    },
+    /// Run the daemon: one node with a state directory, and the control API on a Unix socket.
+    Daemon {
+        /// Settings (see configs/shoal.toml; the [daemon] section).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage jobs of the running daemon (like bitsadmin).
+    Job {
+        #[command(subcommand)]
+        command: jobcli::JobCommand,
+        /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
+    /// Show the daemon's status: peers, jobs by state, bytes by source, uploads.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Run a self-contained swarm on 127.0.0.1: origin, seed, nodes, rogue peers.
     Demo {
@@ -102,6 +126,12 @@ struct GetArgs {
     /// TransientError that long; BITS's no-progress timeout).
     #[arg(long, default_value_t = 60)]
     no_progress_timeout: u64,
+    /// Run an embedded node even when a daemon answers on the socket.
+    #[arg(long)]
+    no_daemon: bool,
+    /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 /// A builder with the settings of `config`, if given.
@@ -125,7 +155,11 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("shoal: {e:#}");
+        // The daemon's answers carry a message that names what was wrong; print just that.
+        match e.downcast_ref::<tonic::Status>() {
+            Some(status) => eprintln!("shoal: {}", status.message()),
+            None => eprintln!("shoal: {e:#}"),
+        }
         std::process::exit(1);
     }
 }
@@ -139,6 +173,13 @@ async fn run(cli: Cli) -> Result<()> {
             config,
         } => seed(files, listen, config).await,
         Command::Hash { file } => hash(&file),
+        Command::Daemon { config } => jobcli::daemon(config.as_deref()).await,
+        Command::Job { command, socket } => {
+            jobcli::job(command, &jobcli::socket_path(socket.as_deref())).await
+        }
+        Command::Status { json, socket } => {
+            jobcli::status(&jobcli::socket_path(socket.as_deref()), json).await
+        }
         Command::Demo {
             nodes,
             size,
@@ -295,6 +336,21 @@ fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
 async fn get(args: GetArgs) -> Result<()> {
     let expected = digests(&args)?;
     let names = local_names(&args)?;
+    if !args.no_daemon {
+        let socket = jobcli::socket_path(args.socket.as_deref());
+        if socket.exists()
+            && let Ok(client) = jobcli::connect(&socket).await
+        {
+            return jobcli::get_via_daemon(
+                client,
+                &args.urls,
+                &names,
+                &expected,
+                args.no_progress_timeout,
+            )
+            .await;
+        }
+    }
     let mut b = builder(args.config.as_deref())?;
     if args.no_mdns || args.config.is_none() {
         b = b.mdns(!args.no_mdns);

@@ -33,7 +33,7 @@ use crate::{
 const EVENT_CAPACITY: usize = 1024;
 
 /// Builds a [`Node`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Builder {
     swarm: swarm::Config,
     origin: origin::Config,
@@ -42,6 +42,21 @@ pub struct Builder {
     discovery_wait: Option<Duration>,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
+    callbacks: Option<CallbackFactory>,
+    inactivity_timeout: Option<Duration>,
+}
+
+/// Makes the callback of each job, from its snapshot: at creation and when a job is reloaded
+/// from the state directory. `None` leaves the job without one.
+pub type CallbackFactory = Arc<dyn Fn(&JobInfo) -> Option<Arc<dyn Callback>> + Send + Sync>;
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("swarm", &self.swarm)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Builder {
@@ -127,6 +142,23 @@ impl Builder {
         self
     }
 
+    /// Gives every job a callback made by `factory` (the daemon's notification delivery), also
+    /// jobs reloaded from the state directory: those in Transferred or Error get their
+    /// notification again, as nobody may have acknowledged it before the stop.
+    #[must_use]
+    pub fn callbacks(mut self, factory: CallbackFactory) -> Self {
+        self.callbacks = Some(factory);
+        self
+    }
+
+    /// Cancels jobs that nobody changed and that made no progress for `timeout` (BITS
+    /// JobInactivityTimeout, default 90 days), deleting their temporary files.
+    #[must_use]
+    pub fn inactivity_timeout(mut self, timeout: Duration) -> Self {
+        self.inactivity_timeout = Some(timeout);
+        self
+    }
+
     /// Starts the node: binds the listen addresses and spawns the swarm.
     ///
     /// # Errors
@@ -183,9 +215,14 @@ impl Builder {
                 swarm_task: Mutex::new(Some(task)),
                 retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
                 state: Mutex::new(state),
+                callbacks: self.callbacks,
             }),
         };
         node.restore(stored);
+        node.spawn_inactivity_sweeper(
+            self.inactivity_timeout
+                .unwrap_or(Duration::from_secs(90 * 24 * 3600)),
+        );
         Ok(node)
     }
 }
@@ -222,6 +259,13 @@ struct JobRecord {
     /// Held by a runner for its whole life, so a new runner starts only after the one it
     /// replaces has stopped writing.
     run_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Cuts short a retry delay ([`Node::retry_now`]).
+    wake: Arc<tokio::sync::Notify>,
+    /// When the job entered TransientError with no progress since (the no-progress timer).
+    transient_since: Option<tokio::time::Instant>,
+    /// The last change by the caller or progress (the inactivity timer; tokio's clock, so
+    /// that tests can advance it).
+    touched: tokio::time::Instant,
 }
 
 struct Inner {
@@ -234,6 +278,7 @@ struct Inner {
     /// The state database, when the node keeps jobs across restarts; taken (closed) by
     /// [`Node::shutdown`].
     state: Mutex<Option<Arc<StateStore>>>,
+    callbacks: Option<CallbackFactory>,
 }
 
 /// A Shoal node: a libp2p peer that runs download jobs and serves verified content.
@@ -387,7 +432,7 @@ impl Node {
             retry_delay: self.inner.retry_delay,
             ..JobProperties::default()
         });
-        let record = JobRecord {
+        let mut record = JobRecord {
             info: JobInfo {
                 id,
                 display_name: display_name.to_owned(),
@@ -407,7 +452,13 @@ impl Node {
             completed: Vec::new(),
             runner: None,
             run_lock: Arc::default(),
+            wake: Arc::default(),
+            transient_since: None,
+            touched: tokio::time::Instant::now(),
         };
+        if let Some(f) = &self.inner.callbacks {
+            record.callback = f(&record.info);
+        }
         self.save(&record)?;
         self.lock_jobs().insert(id, Arc::new(Mutex::new(record)));
         Ok(id)
@@ -533,22 +584,33 @@ impl Node {
                 info.state = State::Queued;
             }
             info!(job = %id, state = %info.state, "restored job");
+            let idle = SystemTime::now()
+                .duration_since(info.modified)
+                .unwrap_or_default();
+            let now = tokio::time::Instant::now();
+            let callback = self.inner.callbacks.as_ref().and_then(|f| f(&info));
             let record = JobRecord {
                 origin_only: flags.iter().map(|f| f.0).collect(),
                 completed: flags.iter().map(|f| f.1).collect(),
                 info,
-                callback: None,
+                callback,
                 runner: None,
                 run_lock: Arc::default(),
+                wake: Arc::default(),
+                transient_since: None,
+                touched: now.checked_sub(idle).unwrap_or(now),
             };
             if record.info.state != was {
                 self.save_logged(&record);
             }
-            let start = record.info.state == State::Queued;
+            let state = record.info.state;
             let slot = Arc::new(Mutex::new(record));
             self.lock_jobs().insert(id, slot.clone());
-            if start {
-                self.start_runner(id, &slot);
+            match state {
+                State::Queued => self.start_runner(id, &slot),
+                // Notifications nobody acknowledged before the stop are delivered again.
+                State::Transferred | State::Error => self.start_notifier(id, &slot),
+                _ => {}
             }
         }
     }
@@ -612,6 +674,7 @@ impl Node {
         rec.info.priority = info.priority;
         rec.info.properties = info.properties;
         rec.info.modified = SystemTime::now();
+        rec.touched = tokio::time::Instant::now();
         self.save(&rec)
     }
 
@@ -678,6 +741,7 @@ impl Node {
         let changed = rec.info.state != to;
         rec.info.state = to;
         rec.info.modified = SystemTime::now();
+        rec.touched = tokio::time::Instant::now();
         if changed {
             let _ = self.inner.events.send(Event::JobModification {
                 job: rec.info.id,
@@ -906,11 +970,135 @@ impl Node {
         }
     }
 
-    async fn sleep_or_cancel(token: &CancellationToken, d: Duration) -> bool {
+    /// Waits `d`, or less if [`Node::retry_now`] wakes the job; false when cancelled.
+    async fn sleep_or_cancel(
+        token: &CancellationToken,
+        slot: &Arc<Mutex<JobRecord>>,
+        d: Duration,
+    ) -> bool {
+        let wake = lock(slot).wake.clone();
         tokio::select! {
             () = token.cancelled() => false,
             () = tokio::time::sleep(d) => true,
+            () = wake.notified() => true,
         }
+    }
+
+    /// Cuts short the job's current retry delay: a transfer after a TransientError, or a
+    /// notification nobody acknowledged, is tried again at once (the daemon calls this when a
+    /// client starts watching).
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`].
+    pub fn retry_now(&self, job: JobId) -> Result<(), Error> {
+        let slot = self.job(job)?;
+        lock(&slot).wake.notify_one();
+        Ok(())
+    }
+
+    /// Delivers JobTransferred to the job's callback until it returns Ok or the job leaves
+    /// Transferred (BITS: called until S_OK is returned).
+    async fn deliver_transferred(
+        &self,
+        job: JobId,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+    ) {
+        loop {
+            let (info, cb) = {
+                let rec = lock(slot);
+                (rec.info.clone(), rec.callback.clone())
+            };
+            let Some(cb) = cb else { return };
+            if info.state != State::Transferred || token.is_cancelled() {
+                return;
+            }
+            let delay = info.properties.retry_delay;
+            match cb.job_transferred(info).await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(%job, "JobTransferred not acknowledged, again in {delay:?}: {e}");
+                    if !Self::sleep_or_cancel(token, slot, delay).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers JobError until the callback returns Ok or the job leaves Error.
+    async fn deliver_error(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken) {
+        loop {
+            let (info, cb) = {
+                let rec = lock(slot);
+                (rec.info.clone(), rec.callback.clone())
+            };
+            let (Some(cb), Some(error)) = (cb, info.error.clone()) else {
+                return;
+            };
+            if info.state != State::Error || token.is_cancelled() {
+                return;
+            }
+            let delay = info.properties.retry_delay;
+            if cb.job_error(info, error).await.is_ok()
+                || !Self::sleep_or_cancel(token, slot, delay).await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Runs the notification delivery of a reloaded Transferred or Error job.
+    fn start_notifier(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
+        let mut rec = lock(slot);
+        if rec.runner.is_some() || rec.callback.is_none() {
+            return;
+        }
+        let token = self.inner.shutdown.child_token();
+        rec.runner = Some(token.clone());
+        let state = rec.info.state;
+        drop(rec);
+        let (node, slot) = (self.clone(), slot.clone());
+        tokio::spawn(async move {
+            match state {
+                State::Transferred => node.deliver_transferred(job, &slot, &token).await,
+                State::Error => node.deliver_error(&slot, &token).await,
+                _ => {}
+            }
+            if !token.is_cancelled() {
+                lock(&slot).runner = None;
+            }
+        });
+    }
+
+    /// Cancels, every so often, jobs idle for longer than `timeout`.
+    fn spawn_inactivity_sweeper(&self, timeout: Duration) {
+        let node = self.clone();
+        let period = (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(period) => {}
+                }
+                let idle: Vec<JobId> = node
+                    .lock_jobs()
+                    .iter()
+                    .filter(|(_, slot)| {
+                        let rec = lock(slot);
+                        !rec.info.state.is_final() && rec.touched.elapsed() >= timeout
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for job in idle {
+                    info!(%job, "no change for {timeout:?}: cancelling (inactivity timeout)");
+                    if let Err(e) = node.cancel(job) {
+                        warn!(%job, "cannot cancel an inactive job: {e}");
+                    }
+                }
+            }
+        });
     }
 
     async fn fail(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken, error: JobError) {
@@ -931,13 +1119,8 @@ impl Node {
             job: info.id,
             error: error.clone(),
         });
-        if let Some(cb) = cb {
-            while cb.job_error(info.clone(), error.clone()).await.is_err() {
-                if !Self::sleep_or_cancel(token, delay).await {
-                    return;
-                }
-            }
-        }
+        let _ = (cb, delay);
+        self.deliver_error(slot, token).await;
     }
 
     #[allow(clippy::too_many_lines)]
@@ -1071,14 +1254,40 @@ impl Node {
                         return;
                     }
                     Err(Failure::Transient(e)) => {
-                        let delay = {
+                        let (delay, timed_out) = {
                             let mut rec = lock(slot);
                             rec.info.error = Some(e.clone());
-                            rec.info.properties.retry_delay
+                            // The no-progress timer runs from the first transient error with
+                            // no progress since (BITS SetNoProgressTimeout).
+                            let since = *rec
+                                .transient_since
+                                .get_or_insert_with(tokio::time::Instant::now);
+                            (
+                                rec.info.properties.retry_delay,
+                                since.elapsed() >= rec.info.properties.no_progress_timeout,
+                            )
                         };
+                        if timed_out {
+                            let timeout = lock(slot).info.properties.no_progress_timeout;
+                            warn!(%job, "no progress for {timeout:?}: {e}");
+                            self.fail(
+                                slot,
+                                token,
+                                JobError {
+                                    description: format!(
+                                        "no progress within the no-progress timeout ({} s): {}",
+                                        timeout.as_secs(),
+                                        e.description
+                                    ),
+                                    ..e
+                                },
+                            )
+                            .await;
+                            return;
+                        }
                         warn!(%job, "transient error, retrying in {delay:?}: {e}");
                         if !self.runner_transition(slot, token, Transition::TransientFailure)
-                            || !Self::sleep_or_cancel(token, delay).await
+                            || !Self::sleep_or_cancel(token, slot, delay).await
                             || !self.runner_transition(slot, token, Transition::Retry)
                         {
                             return;
@@ -1100,27 +1309,7 @@ impl Node {
             return;
         }
         let _ = self.inner.events.send(Event::JobTransferred { job });
-        let (cb, delay) = {
-            let rec = lock(slot);
-            (rec.callback.clone(), rec.info.properties.retry_delay)
-        };
-        if let Some(cb) = cb {
-            loop {
-                let info = lock(slot).info.clone();
-                if info.state != State::Transferred {
-                    return;
-                }
-                match cb.job_transferred(info).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        warn!(%job, "JobTransferred handler failed, calling again in {delay:?}: {e}");
-                        if !Self::sleep_or_cancel(token, delay).await {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
+        self.deliver_transferred(job, slot, token).await;
     }
 
     fn on_update(
@@ -1151,6 +1340,8 @@ impl Node {
                     false
                 }
                 Update::Piece { bytes, from_peer } => {
+                    rec.transient_since = None;
+                    rec.touched = tokio::time::Instant::now();
                     let f = &mut rec.info.files[index];
                     f.bytes_transferred += bytes;
                     if from_peer {

@@ -255,3 +255,107 @@ async fn test_builder(peers: &[Node], mode: ServeMode) -> shoal_node::Builder {
     }
     b
 }
+
+/// A daemon running in this process on a Unix socket in a test directory, with callers
+/// identified by the `x-test-uid` request header instead of the socket's peer credentials
+/// (the test cannot run as a second Unix user).
+pub struct TestDaemon {
+    /// The socket path.
+    pub socket: std::path::PathBuf,
+    /// The daemon's node.
+    pub node: Node,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Takes the caller's uid from the `x-test-uid` header.
+struct HeaderUid;
+
+impl shoal_node::daemon::Credentials for HeaderUid {
+    fn caller(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        _: &tonic::Extensions,
+    ) -> Option<shoal_node::daemon::Caller> {
+        let uid = metadata.get("x-test-uid")?.to_str().ok()?.parse().ok()?;
+        Some(shoal_node::daemon::Caller { uid })
+    }
+}
+
+impl TestDaemon {
+    /// Starts a daemon with `config` (its socket is replaced by one in `dir`), its state in
+    /// `dir/state`, the settings of [`test_node`].
+    pub async fn start(
+        dir: &std::path::Path,
+        mut config: shoal_node::daemon::DaemonConfig,
+    ) -> Self {
+        config.socket = dir.join("shoal.sock");
+        let socket = config.socket.clone();
+        let builder = test_builder(&[], ServeMode::Honest)
+            .await
+            .state_dir(dir.join("state"));
+        let daemon = shoal_node::daemon::Daemon::start(builder, config)
+            .await
+            .expect("daemon starts")
+            .with_credentials(Arc::new(HeaderUid));
+        let node = daemon.node().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            daemon
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("daemon serves");
+        });
+        while !socket.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            socket,
+            node,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A client calling as user `uid`.
+    pub async fn client(&self, uid: u32) -> Client {
+        let channel =
+            tonic::transport::Endpoint::try_from(format!("unix://{}", self.socket.display()))
+                .expect("socket URI")
+                .connect()
+                .await
+                .expect("connect to the daemon");
+        shoal_node::control::control_client::ControlClient::with_interceptor(channel, AsUid(uid))
+    }
+
+    /// Stops the daemon and its node.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        // Bounded: a stop that hangs fails the test instead of blocking the run.
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+            .await
+            .expect("the daemon stops within 20 s")
+            .expect("the daemon task ends cleanly");
+    }
+}
+
+/// A control API client with the `x-test-uid` header.
+pub type Client = shoal_node::control::control_client::ControlClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AsUid>,
+>;
+
+/// Adds `x-test-uid` to every request.
+#[derive(Clone, Copy)]
+pub struct AsUid(pub u32);
+
+impl tonic::service::Interceptor for AsUid {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert("x-test-uid", self.0.to_string().parse().expect("ascii"));
+        Ok(req)
+    }
+}

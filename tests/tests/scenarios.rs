@@ -12,11 +12,12 @@ use std::{
 
 use futures::future::BoxFuture;
 use sha2::Digest as _;
+use shoal_node::control as pb;
 use shoal_node::{
     Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
     TransferredFile, ValidationState, job::ErrorContext, swarm::ServeMode,
 };
-use shoal_tests::{TestOrigin, content, stateful_node, test_node};
+use shoal_tests::{TestDaemon, TestOrigin, content, stateful_node, test_node};
 use shoal_validator::Sha256Digest;
 
 /// Upper bound of any single scenario.
@@ -924,4 +925,542 @@ async fn a_suspended_job_stays_suspended_after_a_restart() {
     second.complete(job).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     second.shutdown().await;
+}
+
+// ---- The daemon's control API (in-process daemon; callers named by the x-test-uid header).
+
+/// A temporary directory any user may create files in (the test's callers are made-up uids,
+/// and the daemon lets a user add files only where that user may write).
+fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+fn create(name: &str) -> pb::CreateJobRequest {
+    pb::CreateJobRequest {
+        display_name: name.into(),
+        priority: pb::Priority::Normal as i32,
+    }
+}
+
+fn jref(job: &str) -> pb::JobRef {
+    pb::JobRef { job: job.into() }
+}
+
+fn add(job: &str, url: &url::Url, local: &Path, data: &[u8]) -> pb::AddFileRequest {
+    pb::AddFileRequest {
+        job: job.into(),
+        url: url.to_string(),
+        local_name: local.display().to_string(),
+        blake3: hex::encode(blake3_of(data)),
+        sha256: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn api_jobs_belong_to_their_user_and_limits_hold() {
+    let dir = shared_dir();
+    let config = shoal_node::daemon::DaemonConfig {
+        limits: shoal_node::daemon::Limits {
+            jobs_per_user: 2,
+            jobs_per_machine: 3,
+            files_per_job: 1,
+        },
+        ..Default::default()
+    };
+    let d = TestDaemon::start(dir.path(), config).await;
+    let (mut alice, mut bob, mut root) = (
+        d.client(1000).await,
+        d.client(1001).await,
+        d.client(0).await,
+    );
+    let a = alice
+        .create_job(create("alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.owner, 1000);
+    // Bob can neither see nor change Alice's job; it answers like an unknown job.
+    for status in [
+        bob.get_job(jref(&a.id)).await.unwrap_err(),
+        bob.cancel(jref(&a.id)).await.unwrap_err(),
+        bob.resume(jref(&a.id)).await.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    }
+    let listed = bob
+        .list_jobs(pb::ListJobsRequest { owner: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty());
+    assert_eq!(
+        bob.list_jobs(pb::ListJobsRequest { owner: Some(1000) })
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::PermissionDenied
+    );
+    // Root sees and changes every job.
+    let all = root
+        .list_jobs(pb::ListJobsRequest { owner: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.jobs.len(), 1);
+    root.get_job(jref(&a.id)).await.unwrap();
+
+    // Limits: two jobs per user, three per machine, one file per job.
+    alice.create_job(create("alice 2")).await.unwrap();
+    let e = alice.create_job(create("alice 3")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("jobs_per_user"), "{e:?}");
+    bob.create_job(create("bob")).await.unwrap();
+    let e = root.create_job(create("root")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("jobs_per_machine"), "{e:?}");
+    let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
+    let local = dir.path().join("x");
+    alice
+        .add_file(add(&a.id, &url, &local, b"x"))
+        .await
+        .unwrap();
+    let e = alice
+        .add_file(add(&a.id, &url, &dir.path().join("y"), b"y"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    // A cancelled job no longer counts.
+    alice.cancel(jref(&a.id)).await.unwrap();
+    alice.create_job(create("alice 3")).await.unwrap();
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn api_bad_input_gets_a_clear_status_and_the_daemon_runs_on() {
+    let dir = shared_dir();
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    let job = c.create_job(create("bad")).await.unwrap().into_inner().id;
+    let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
+    let cases: Vec<(tonic::Status, tonic::Code, &str)> = vec![
+        (
+            c.get_job(jref("7d2f6c9e-0000-4000-8000-000000000000"))
+                .await
+                .unwrap_err(),
+            tonic::Code::NotFound,
+            "no job",
+        ),
+        (
+            c.get_job(jref("not-a-uuid")).await.unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "not a job id",
+        ),
+        (
+            c.add_file(pb::AddFileRequest {
+                url: "ftp://example.org/x".into(),
+                ..add(&job, &url, &dir.path().join("a"), b"a")
+            })
+            .await
+            .unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "ftp://example.org/x",
+        ),
+        (
+            c.add_file(pb::AddFileRequest {
+                local_name: format!("{}/../escape", dir.path().display()),
+                ..add(&job, &url, &dir.path().join("a"), b"a")
+            })
+            .await
+            .unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "..",
+        ),
+        (
+            c.add_file(pb::AddFileRequest {
+                local_name: "relative/name".into(),
+                ..add(&job, &url, &dir.path().join("a"), b"a")
+            })
+            .await
+            .unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "absolute",
+        ),
+        (
+            c.add_file(pb::AddFileRequest {
+                blake3: "xyz".into(),
+                ..add(&job, &url, &dir.path().join("a"), b"a")
+            })
+            .await
+            .unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "blake3",
+        ),
+        (
+            c.resume(jref(&job)).await.unwrap_err(),
+            tonic::Code::FailedPrecondition,
+            "no files",
+        ),
+    ];
+    for (status, code, needle) in cases {
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{status:?} should mention {needle:?}"
+        );
+    }
+    c.add_file(add(&job, &url, &dir.path().join("a"), b"a"))
+        .await
+        .unwrap();
+    let dup = c
+        .add_file(add(&job, &url, &dir.path().join("a"), b"a"))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::AlreadyExists, "{dup:?}");
+    let e = c
+        .set_properties(pb::SetPropertiesRequest {
+            job: job.clone(),
+            retry_delay_seconds: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Still serving.
+    c.status(pb::StatusRequest {}).await.unwrap();
+    let info = c.get_job(jref(&job)).await.unwrap().into_inner();
+    assert_eq!(info.files.len(), 1);
+    d.stop().await;
+}
+
+/// Reads the stream until an event of `job` matching `pick` arrives (bounded wait).
+async fn next_event<T>(
+    stream: &mut tonic::Streaming<pb::Event>,
+    job: &str,
+    wait: Duration,
+    pick: impl Fn(&pb::event::Kind) -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(ev))) if ev.job == job => {
+                if let Some(t) = ev.kind.as_ref().and_then(&pick) {
+                    return Some(t);
+                }
+            }
+            Ok(Ok(Some(_))) => {}
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn api_job_transferred_is_delivered_until_acknowledged_and_then_no_more() {
+    let dir = shared_dir();
+    let origin = TestOrigin::start().await;
+    let data = content(200_000, 41);
+    origin.put("n.bin", data.clone());
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    let job = c
+        .create_job(create("notify"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.add_file(add(
+        &job,
+        &origin.url("n.bin"),
+        &dir.path().join("n.bin"),
+        &data,
+    ))
+    .await
+    .unwrap();
+    // The node's retry delay for new jobs is 200 ms in tests (below the API's 5 s minimum).
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            job: job.clone(),
+            progress: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.resume(jref(&job)).await.unwrap();
+    let transferred = |k: &pb::event::Kind| match k {
+        pb::event::Kind::JobTransferred(t) => Some(t.delivery),
+        _ => None,
+    };
+    let first = next_event(&mut stream, &job, SCENARIO_TIMEOUT, transferred)
+        .await
+        .expect("JobTransferred");
+    // Not acknowledged: delivered again after the retry delay, with a new delivery id.
+    let second = next_event(&mut stream, &job, Duration::from_secs(10), transferred)
+        .await
+        .expect("JobTransferred again");
+    assert_ne!(first, second);
+    assert!(
+        !c.acknowledge(pb::AcknowledgeRequest { delivery: first })
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted
+    );
+    assert!(
+        c.acknowledge(pb::AcknowledgeRequest { delivery: second })
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted
+    );
+    // Acknowledged: no more deliveries, however long we wait (five retry delays).
+    assert_eq!(
+        next_event(&mut stream, &job, Duration::from_secs(1), transferred).await,
+        None
+    );
+    c.complete(jref(&job)).await.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("n.bin")).unwrap(), data);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn api_notify_command_line_runs_and_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(100_000, 42);
+    origin.put("m.bin", data.clone());
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(0).await;
+    let job = c
+        .create_job(create("cmdline"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.add_file(add(
+        &job,
+        &origin.url("m.bin"),
+        &dir.path().join("m.bin"),
+        &data,
+    ))
+    .await
+    .unwrap();
+    // The program logs its last argument (the job id) and fails on its first run.
+    let log = dir.path().join("notified");
+    let script = format!(
+        "echo \"$0\" >> {0}; test $(wc -l < {0}) -ge 2",
+        log.display()
+    );
+    c.set_properties(pb::SetPropertiesRequest {
+        job: job.clone(),
+        notify_cmdline: Some(pb::CommandLine {
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.resume(jref(&job)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    loop {
+        let lines = std::fs::read_to_string(&log).unwrap_or_default();
+        if lines.lines().count() >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "notify command ran {} times",
+            lines.lines().count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It succeeded on its second run: not run again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        vec![job.as_str(), job.as_str()]
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn api_validation_verdicts_come_from_the_client_or_the_timeout() {
+    let dir = shared_dir();
+    let origin = TestOrigin::start().await;
+    let data = content(150_000, 43);
+    origin.put("v.bin", data.clone());
+    let config = shoal_node::daemon::DaemonConfig {
+        notify: shoal_node::daemon::NotifyConfig {
+            validation_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let d = TestDaemon::start(dir.path(), config).await;
+    let mut c = d.client(1000).await;
+    let flags = shoal_node::job::notify::DEFAULT | shoal_node::job::notify::FILE_TRANSFERRED;
+    let verdict_asked = |k: &pb::event::Kind| match k {
+        pb::event::Kind::FileTransferred(f) if f.awaits_verdict => Some(f.file),
+        _ => None,
+    };
+    // 1. The client says Invalid on origin content: the job goes to Error (Validation).
+    let job = c
+        .create_job(create("invalid"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.add_file(add(
+        &job,
+        &origin.url("v.bin"),
+        &dir.path().join("v1.bin"),
+        &data,
+    ))
+    .await
+    .unwrap();
+    c.set_properties(pb::SetPropertiesRequest {
+        job: job.clone(),
+        notify_flags: Some(flags),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            job: job.clone(),
+            progress: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.resume(jref(&job)).await.unwrap();
+    let file = next_event(&mut stream, &job, SCENARIO_TIMEOUT, verdict_asked)
+        .await
+        .expect("FileTransferred");
+    c.set_validation_state(pb::SetValidationStateRequest {
+        job: job.clone(),
+        file,
+        state: pb::ValidationState::Invalid as i32,
+    })
+    .await
+    .unwrap();
+    let info = wait_for(&d.node, job.parse().unwrap(), &[State::Error]).await;
+    assert_eq!(info.error.unwrap().context, ErrorContext::Validation);
+    // 2. Nobody answers: after the validation timeout the file counts as Valid.
+    let job = c
+        .create_job(create("silent"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.add_file(add(
+        &job,
+        &origin.url("v.bin"),
+        &dir.path().join("v2.bin"),
+        &data,
+    ))
+    .await
+    .unwrap();
+    c.set_properties(pb::SetPropertiesRequest {
+        job: job.clone(),
+        notify_flags: Some(flags),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            job: job.clone(),
+            progress: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.resume(jref(&job)).await.unwrap();
+    next_event(&mut stream, &job, SCENARIO_TIMEOUT, verdict_asked)
+        .await
+        .expect("FileTransferred");
+    let info = wait_for(&d.node, job.parse().unwrap(), &[State::Transferred]).await;
+    assert_eq!(info.files[0].validation_state, ValidationState::Valid);
+    // A verdict nobody asked for is refused.
+    let e = c
+        .set_validation_state(pb::SetValidationStateRequest {
+            job: job.clone(),
+            file: 0,
+            state: pb::ValidationState::Valid as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    d.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_fire_no_progress_then_inactivity() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder()
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+        .mdns(false)
+        .retry_delay(Duration::from_secs(30))
+        .inactivity_timeout(Duration::from_secs(3600))
+        .origin(shoal_node::origin::Config {
+            retries: 0,
+            backoff: Duration::from_millis(10),
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+        })
+        .build()
+        .await
+        .unwrap();
+    // Nothing listens on port 9 of 127.0.0.1: every attempt is a transient error.
+    let url: url::Url = "http://127.0.0.1:9/nothing".parse().unwrap();
+    let job = node.create_job("stalled", Priority::Normal).unwrap();
+    node.modify(job, |i| {
+        i.properties.no_progress_timeout = Duration::from_secs(300);
+        Ok(())
+    })
+    .unwrap();
+    node.add_file(
+        job,
+        spec(url.clone(), &dir.path().join("s"), Expected::default()),
+    )
+    .unwrap();
+    node.resume(job).unwrap();
+    // Within the timeout it stays in TransientError (retried every 30 s)...
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let info = node.info(job).unwrap();
+    assert_eq!(info.state, State::TransientError, "{:?}", info.error);
+    // ...and moves to Error once 300 s passed without progress.
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let info = node.info(job).unwrap();
+    assert_eq!(info.state, State::Error);
+    assert!(
+        info.error
+            .unwrap()
+            .description
+            .contains("no-progress timeout")
+    );
+    // A timeout of 0 fails at the first transient error.
+    let quick = node.create_job("quick", Priority::Normal).unwrap();
+    node.modify(quick, |i| {
+        i.properties.no_progress_timeout = Duration::ZERO;
+        Ok(())
+    })
+    .unwrap();
+    node.add_file(quick, spec(url, &dir.path().join("q"), Expected::default()))
+        .unwrap();
+    node.resume(quick).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(node.info(quick).unwrap().state, State::Error);
+    // Inactivity: a job nobody touches for an hour is cancelled.
+    let idle = node.create_job("idle", Priority::Low).unwrap();
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    assert_eq!(node.info(idle).unwrap().state, State::Suspended);
+    // The sweep runs every tenth of the timeout, so within 3600 + 360 s.
+    tokio::time::sleep(Duration::from_secs(2400)).await;
+    assert_eq!(node.info(idle).unwrap().state, State::Cancelled);
+    node.shutdown().await;
 }

@@ -1,0 +1,384 @@
+//! Notification delivery: API clients watching events, the acknowledgements and verdicts they
+//! send back, the notify command line, and the per-user bound on notifications in flight.
+//!
+//! Each job's [`Callback`] is a [`JobCallback`]. BITS calls `JobTransferred` until the
+//! callback returns `S_OK`; here:
+//! 1. if a client of the job's owner (or root) is watching, the event goes to every such
+//!    client with a delivery id, and the first [`Hub::acknowledge`] of that id is the `S_OK`;
+//! 2. if no client is watching, or none acknowledged within the job's retry delay, the job's
+//!    notify command line runs (as the job's owner, with the job id as its last argument) and
+//!    exit status 0 is the `S_OK`;
+//! 3. otherwise the node calls again after the retry delay; a client that starts watching cuts
+//!    that delay short ([`crate::Node::retry_now`]).
+//!
+//! JobError goes the same way. FileTransferred asks watching clients for a verdict
+//! ([`Hub::set_verdict`]); with nobody watching, or no answer within the validation timeout,
+//! the file counts as the configured default (Valid unless configured otherwise).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use shoal_validator::ValidationState;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::{
+    control::{self as pb, event::Kind},
+    events::{Callback, CallbackError, TransferredFile},
+    job::{JobError, JobId, JobInfo, notify},
+};
+
+/// Events queued for one watching client before it is considered gone.
+const WATCH_QUEUE: usize = 256;
+
+/// One client's `Watch` stream.
+struct Watcher {
+    uid: u32,
+    job: Option<JobId>,
+    progress: bool,
+    tx: mpsc::Sender<Result<pb::Event, tonic::Status>>,
+}
+
+impl Watcher {
+    fn sees(&self, job: JobId, owner: Option<u32>) -> bool {
+        (self.uid == 0 || owner == Some(self.uid)) && self.job.is_none_or(|j| j == job)
+    }
+}
+
+/// Settings of notification delivery.
+#[derive(Clone, Debug)]
+pub struct NotifyConfig {
+    /// How long a FileTransferred verdict is awaited from a watching client.
+    pub validation_timeout: Duration,
+    /// The verdict when nobody answers in time.
+    pub validation_default: ValidationState,
+    /// JobTransferred / JobError notifications in flight per user at a time.
+    pub in_flight_per_user: usize,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            validation_timeout: Duration::from_secs(60),
+            validation_default: ValidationState::Valid,
+            in_flight_per_user: 4,
+        }
+    }
+}
+
+/// The daemon's notification hub, shared by the API service and every job's callback.
+pub struct Hub {
+    config: NotifyConfig,
+    next_id: AtomicU64,
+    watchers: Mutex<HashMap<u64, Watcher>>,
+    /// Delivery id → the waiting callback.
+    acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// (job, file) → the waiting callback.
+    verdicts: Mutex<HashMap<(JobId, usize), oneshot::Sender<ValidationState>>>,
+    /// Per user: notifications in flight.
+    in_flight: Mutex<HashMap<u32, Arc<Semaphore>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// A hub with `config`.
+    #[must_use]
+    pub fn new(config: NotifyConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            next_id: AtomicU64::new(1),
+            watchers: Mutex::new(HashMap::new()),
+            acks: Mutex::new(HashMap::new()),
+            verdicts: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn next(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a watching client; returns its id and the receiving end of its stream.
+    pub(crate) fn watch(
+        &self,
+        uid: u32,
+        job: Option<JobId>,
+        progress: bool,
+    ) -> (u64, mpsc::Receiver<Result<pb::Event, tonic::Status>>) {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let id = self.next();
+        locked(&self.watchers).insert(
+            id,
+            Watcher {
+                uid,
+                job,
+                progress,
+                tx,
+            },
+        );
+        (id, rx)
+    }
+
+    /// Sends `event` of `job` (owned by `owner`) to every client that may see it; returns how
+    /// many took it. Clients whose stream is closed or full are dropped.
+    pub(crate) fn send(&self, job: JobId, owner: Option<u32>, event: &pb::Event) -> usize {
+        let progress = matches!(event.kind, Some(Kind::Progress(_)));
+        let mut watchers = locked(&self.watchers);
+        let mut sent = 0;
+        watchers.retain(|_, w| {
+            if !w.sees(job, owner) || (progress && !w.progress) {
+                return !w.tx.is_closed();
+            }
+            match w.tx.try_send(Ok(event.clone())) {
+                Ok(()) => {
+                    sent += 1;
+                    true
+                }
+                Err(_) => false,
+            }
+        });
+        sent
+    }
+
+    /// Ends every client's stream (at shutdown, so that the server's graceful stop does not
+    /// wait for streams that never end).
+    pub(crate) fn close_all(&self) {
+        locked(&self.watchers).clear();
+    }
+
+    /// Whether a client that may see `job` is watching.
+    pub(crate) fn watched(&self, job: JobId, owner: Option<u32>) -> bool {
+        locked(&self.watchers)
+            .values()
+            .any(|w| w.sees(job, owner) && !w.tx.is_closed())
+    }
+
+    /// Whether any client watches with progress events.
+    pub(crate) fn wants_progress(&self) -> bool {
+        locked(&self.watchers)
+            .values()
+            .any(|w| w.progress && !w.tx.is_closed())
+    }
+
+    /// Acknowledges delivery `id`; false when it is unknown or already answered.
+    pub(crate) fn acknowledge(&self, id: u64) -> bool {
+        locked(&self.acks)
+            .remove(&id)
+            .is_some_and(|tx| tx.send(()).is_ok())
+    }
+
+    /// Answers the pending verdict of `file` of `job`; false when none is pending.
+    pub(crate) fn set_verdict(&self, job: JobId, file: usize, state: ValidationState) -> bool {
+        locked(&self.verdicts)
+            .remove(&(job, file))
+            .is_some_and(|tx| tx.send(state).is_ok())
+    }
+
+    fn permits(&self, uid: u32) -> Arc<Semaphore> {
+        locked(&self.in_flight)
+            .entry(uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.in_flight_per_user.max(1))))
+            .clone()
+    }
+
+    /// Delivers a notification that needs an acknowledgement (steps 1 and 2 of the module
+    /// docs). Ok when acknowledged.
+    async fn deliver(
+        self: Arc<Self>,
+        info: JobInfo,
+        kind: impl Fn(u64) -> Kind,
+        what: &'static str,
+    ) -> Result<(), CallbackError> {
+        let owner_key = info.owner.unwrap_or(0);
+        let permits = self.permits(owner_key);
+        let _permit = permits
+            .acquire_owned()
+            .await
+            .map_err(|_| CallbackError("notification bound closed".into()))?;
+        if self.watched(info.id, info.owner) {
+            let id = self.next();
+            let (tx, rx) = oneshot::channel();
+            locked(&self.acks).insert(id, tx);
+            let event = pb::Event {
+                job: info.id.to_string(),
+                kind: Some(kind(id)),
+            };
+            if self.send(info.id, info.owner, &event) > 0 {
+                let acked = tokio::time::timeout(info.properties.retry_delay, rx).await;
+                locked(&self.acks).remove(&id);
+                if matches!(acked, Ok(Ok(()))) {
+                    info!(job = %info.id, "{what} acknowledged by a client");
+                    return Ok(());
+                }
+            } else {
+                locked(&self.acks).remove(&id);
+            }
+        }
+        if let Some(argv) = &info.properties.notify_cmdline {
+            return run_cmdline(argv, info.id, info.owner, what).await;
+        }
+        Err(CallbackError(format!(
+            "no client acknowledged {what} and the job has no notify command line"
+        )))
+    }
+}
+
+/// Runs the notify command line with the job id appended, as the job's owner when the daemon
+/// runs as root. Exit status 0 acknowledges.
+async fn run_cmdline(
+    argv: &[String],
+    job: JobId,
+    owner: Option<u32>,
+    what: &str,
+) -> Result<(), CallbackError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(CallbackError("empty notify command line".into()));
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .arg(job.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY-free: `geteuid` has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && let Some(uid) = owner.filter(|&u| u != 0) {
+        cmd.uid(uid);
+        if let Some(gid) = primary_gid(uid) {
+            cmd.gid(gid);
+        }
+    }
+    let status = cmd
+        .status()
+        .await
+        .map_err(|e| CallbackError(format!("cannot run {program}: {e}")))?;
+    if status.success() {
+        info!(%job, "{what}: notify command line {program} succeeded");
+        Ok(())
+    } else {
+        warn!(%job, "{what}: notify command line {program} failed: {status}");
+        Err(CallbackError(format!("{program} exited with {status}")))
+    }
+}
+
+/// The primary group of `uid`, from the password database.
+fn primary_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
+    // getpwuid_r writes only within them.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &raw mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        );
+        (rc == 0 && !out.is_null()).then_some(pwd.pw_gid)
+    }
+}
+
+/// The callback the daemon gives each job: delivery through the [`Hub`].
+#[derive(Debug)]
+pub(crate) struct JobCallback {
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl Callback for JobCallback {
+    fn file_transferred(
+        &self,
+        job: JobInfo,
+        file: TransferredFile,
+    ) -> BoxFuture<'static, ValidationState> {
+        let hub = self.hub.clone();
+        Box::pin(async move {
+            let default = hub.config.validation_default;
+            let flags = job.properties.notify_flags;
+            let ask = flags & notify::FILE_TRANSFERRED != 0 && flags & notify::DISABLE == 0;
+            let event = |awaits| pb::Event {
+                job: job.id.to_string(),
+                kind: Some(Kind::FileTransferred(pb::FileTransferred {
+                    file: u32::try_from(file.index).unwrap_or(u32::MAX),
+                    temp_name: file.temp_name.display().to_string(),
+                    from_peers: file.from_peers,
+                    awaits_verdict: awaits,
+                })),
+            };
+            if !ask || !hub.watched(job.id, job.owner) {
+                hub.send(job.id, job.owner, &event(false));
+                return default;
+            }
+            let (tx, rx) = oneshot::channel();
+            locked(&hub.verdicts).insert((job.id, file.index), tx);
+            hub.send(job.id, job.owner, &event(true));
+            let verdict = tokio::time::timeout(hub.config.validation_timeout, rx).await;
+            locked(&hub.verdicts).remove(&(job.id, file.index));
+            match verdict {
+                Ok(Ok(v)) => v,
+                _ => {
+                    info!(job = %job.id, file = file.index, "no verdict in time; the file counts as {default:?}");
+                    default
+                }
+            }
+        })
+    }
+
+    fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
+        let hub = self.hub.clone();
+        Box::pin(async move {
+            let flags = job.properties.notify_flags;
+            if flags & notify::DISABLE != 0 || flags & notify::JOB_TRANSFERRED == 0 {
+                return Ok(());
+            }
+            hub.deliver(
+                job,
+                |delivery| Kind::JobTransferred(pb::JobTransferred { delivery }),
+                "JobTransferred",
+            )
+            .await
+        })
+    }
+
+    fn job_error(
+        &self,
+        job: JobInfo,
+        error: JobError,
+    ) -> BoxFuture<'static, Result<(), CallbackError>> {
+        let hub = self.hub.clone();
+        Box::pin(async move {
+            let flags = job.properties.notify_flags;
+            if flags & notify::DISABLE != 0 || flags & notify::JOB_ERROR == 0 {
+                return Ok(());
+            }
+            let error = super::service::error_to_pb(&error);
+            hub.deliver(
+                job,
+                move |delivery| {
+                    Kind::JobError(pb::JobErrorEvent {
+                        delivery,
+                        error: Some(error.clone()),
+                    })
+                },
+                "JobError",
+            )
+            .await
+        })
+    }
+}

@@ -1,0 +1,576 @@
+//! The gRPC `Control` service: BITS operations on the daemon's node, with per-user ownership
+//! and limits.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::Stream;
+use shoal_validator::{Expected, Sha256Digest, ValidationState};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Caller, Credentials, Limits, hub::Hub};
+use crate::{
+    Error, Node,
+    control::{self as pb, control_server::Control},
+    job::{
+        ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, MIN_RETRY_DELAY, Priority,
+        State,
+    },
+    persist::to_ms,
+};
+
+/// The service: the node, the hub, who is calling, and the limits.
+pub(crate) struct Service {
+    pub(crate) node: Node,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) credentials: Arc<dyn Credentials>,
+    pub(crate) limits: Limits,
+}
+
+/// The gRPC status of a node error.
+fn status_of(e: &Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::UnknownJob(_) => Status::not_found(msg),
+        Error::InvalidState(_) | Error::Empty(_) => Status::failed_precondition(msg),
+        Error::BadUrl { .. } | Error::BadLocalName { .. } => Status::invalid_argument(msg),
+        Error::DuplicateLocalName(_) => Status::already_exists(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+/// Runs a blocking node call (it may commit to the state database) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| status_of(&e))
+}
+
+fn parse_job(text: &str) -> Result<JobId, Status> {
+    text.parse()
+        .map_err(|_| Status::invalid_argument(format!("{text:?} is not a job id (a UUID)")))
+}
+
+fn priority_of(p: i32) -> Result<Priority, Status> {
+    match pb::Priority::try_from(p) {
+        Ok(pb::Priority::Foreground) => Ok(Priority::Foreground),
+        Ok(pb::Priority::High) => Ok(Priority::High),
+        Ok(pb::Priority::Normal | pb::Priority::Unspecified) => Ok(Priority::Normal),
+        Ok(pb::Priority::Low) => Ok(Priority::Low),
+        Err(_) => Err(Status::invalid_argument(format!("unknown priority {p}"))),
+    }
+}
+
+fn priority_to_pb(p: Priority) -> pb::Priority {
+    match p {
+        Priority::Foreground => pb::Priority::Foreground,
+        Priority::High => pb::Priority::High,
+        Priority::Normal => pb::Priority::Normal,
+        Priority::Low => pb::Priority::Low,
+    }
+}
+
+pub(crate) fn state_to_pb(s: State) -> pb::JobState {
+    match s {
+        State::Queued => pb::JobState::Queued,
+        State::Connecting => pb::JobState::Connecting,
+        State::Transferring => pb::JobState::Transferring,
+        State::Suspended => pb::JobState::Suspended,
+        State::Error => pb::JobState::Error,
+        State::TransientError => pb::JobState::TransientError,
+        State::Transferred => pb::JobState::Transferred,
+        State::Acknowledged => pb::JobState::Acknowledged,
+        State::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// The wire form of a job error.
+pub(crate) fn error_to_pb(e: &JobError) -> pb::JobError {
+    pb::JobError {
+        context: match e.context {
+            ErrorContext::None => pb::ErrorContext::None,
+            ErrorContext::RemoteFile => pb::ErrorContext::RemoteFile,
+            ErrorContext::LocalFile => pb::ErrorContext::LocalFile,
+            ErrorContext::Transport => pb::ErrorContext::Transport,
+            ErrorContext::Validation => pb::ErrorContext::Validation,
+            ErrorContext::Notification => pb::ErrorContext::Notification,
+        } as i32,
+        file: e.file.map(|f| u32::try_from(f).unwrap_or(u32::MAX)),
+        description: e.description.clone(),
+    }
+}
+
+fn validation_to_pb(v: ValidationState) -> pb::ValidationState {
+    match v {
+        ValidationState::Unknown => pb::ValidationState::Unknown,
+        ValidationState::Valid => pb::ValidationState::Valid,
+        ValidationState::Invalid => pb::ValidationState::Invalid,
+    }
+}
+
+fn file_to_pb(f: &FileInfo) -> pb::File {
+    pb::File {
+        url: f.url.to_string(),
+        local_name: f.local_name.display().to_string(),
+        temp_name: f.temp_name.display().to_string(),
+        expected_blake3: f.expected.blake3.map(hex::encode).unwrap_or_default(),
+        expected_sha256: f.expected.sha256.map(|d| d.to_string()).unwrap_or_default(),
+        content_id: f.content_id.map(|c| c.to_string()).unwrap_or_default(),
+        sha256: f.sha256.map(|d| d.to_string()).unwrap_or_default(),
+        bytes_total: f.bytes_total,
+        bytes_transferred: f.bytes_transferred,
+        bytes_from_peers: f.bytes_from_peers,
+        bytes_from_origin: f.bytes_from_origin,
+        transferred: f.transferred,
+        validation_state: validation_to_pb(f.validation_state) as i32,
+    }
+}
+
+/// The wire form of a job snapshot.
+pub(crate) fn job_to_pb(info: &JobInfo) -> pb::Job {
+    pb::Job {
+        id: info.id.to_string(),
+        display_name: info.display_name.clone(),
+        priority: priority_to_pb(info.priority) as i32,
+        state: state_to_pb(info.state) as i32,
+        owner: info.owner.unwrap_or(0),
+        files: info.files.iter().map(file_to_pb).collect(),
+        error: info.error.as_ref().map(error_to_pb),
+        created_ms: to_ms(info.created),
+        modified_ms: to_ms(info.modified),
+        transfer_completed_ms: info.transfer_completed.map_or(0, to_ms),
+        bytes_total: info.bytes_total(),
+        bytes_transferred: info.bytes_transferred(),
+        bytes_from_peers: info.bytes_from_peers(),
+        bytes_from_origin: info.bytes_from_origin(),
+        pieces_rejected: info.peer_stats.pieces_rejected,
+        peers_banned: info.peer_stats.peers_banned,
+        retry_delay_seconds: info.properties.retry_delay.as_secs(),
+        no_progress_timeout_seconds: info.properties.no_progress_timeout.as_secs(),
+        notify_flags: info.properties.notify_flags,
+        notify_cmdline: info.properties.notify_cmdline.clone().unwrap_or_default(),
+    }
+}
+
+/// The progress event of a job.
+pub(crate) fn progress_of(info: &JobInfo) -> pb::Event {
+    pb::Event {
+        job: info.id.to_string(),
+        kind: Some(pb::event::Kind::Progress(pb::Progress {
+            state: state_to_pb(info.state) as i32,
+            bytes_total: info.bytes_total(),
+            bytes_transferred: info.bytes_transferred(),
+            bytes_from_peers: info.bytes_from_peers(),
+            bytes_from_origin: info.bytes_from_origin(),
+            files: info
+                .files
+                .iter()
+                .map(|f| pb::FileProgress {
+                    bytes_total: f.bytes_total,
+                    bytes_transferred: f.bytes_transferred,
+                })
+                .collect(),
+        })),
+    }
+}
+
+fn parse_digest(field: &str, text: &str) -> Result<Option<[u8; 32]>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    shoal_protocol::parse_blake3_hex(text)
+        .map(Some)
+        .map_err(|_| Status::invalid_argument(format!("{field}: {text:?} is not 64 hex digits")))
+}
+
+/// Whether `uid` may create files in `dir`: root may; others when they own it and it is
+/// writable by its owner, or it is writable by everyone.
+fn may_write_in(uid: u32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return true;
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) => (m.uid() == uid && m.mode() & 0o200 != 0) || m.mode() & 0o002 != 0,
+        Err(_) => false,
+    }
+}
+
+impl Service {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        self.credentials
+            .caller(req.metadata(), req.extensions())
+            .ok_or_else(|| Status::unauthenticated("the caller's credentials are unknown"))
+    }
+
+    /// The job, if the caller may see it; other users' jobs answer NOT_FOUND like unknown ones.
+    fn visible(&self, caller: Caller, text: &str) -> Result<JobInfo, Status> {
+        let id = parse_job(text)?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        if caller.may_see(info.owner) {
+            Ok(info)
+        } else {
+            Err(Status::not_found(Error::UnknownJob(id).to_string()))
+        }
+    }
+
+    async fn job_call(
+        &self,
+        req: Request<pb::JobRef>,
+        op: fn(&Node, JobId) -> Result<(), Error>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let id = self.visible(caller, &req.get_ref().job)?.id;
+        let node = self.node.clone();
+        blocking(move || op(&node, id)).await?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for Service {
+    type WatchStream = EventStream;
+
+    async fn create_job(
+        &self,
+        req: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let priority = priority_of(r.priority)?;
+        let live: Vec<JobInfo> = self
+            .node
+            .jobs()
+            .into_iter()
+            .filter(|j| !j.state.is_final())
+            .collect();
+        if live.len() >= self.limits.jobs_per_machine {
+            return Err(Status::resource_exhausted(format!(
+                "the machine has {} jobs, the limit (jobs_per_machine)",
+                self.limits.jobs_per_machine
+            )));
+        }
+        let mine = live.iter().filter(|j| j.owner == Some(caller.uid)).count();
+        if mine >= self.limits.jobs_per_user {
+            return Err(Status::resource_exhausted(format!(
+                "user {} has {mine} jobs, the limit (jobs_per_user)",
+                caller.uid
+            )));
+        }
+        let node = self.node.clone();
+        let id = blocking(move || {
+            node.create_job_with(&r.display_name, priority, Some(caller.uid), None)
+        })
+        .await?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn add_file(
+        &self,
+        req: Request<pb::AddFileRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let info = self.visible(caller, &r.job)?;
+        if info.files.len() >= self.limits.files_per_job {
+            return Err(Status::resource_exhausted(format!(
+                "the job has {} files, the limit (files_per_job)",
+                self.limits.files_per_job
+            )));
+        }
+        let url: url::Url = r
+            .url
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("bad URL {:?}: {e}", r.url)))?;
+        let local = PathBuf::from(&r.local_name);
+        if !local.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "local name {:?} must be an absolute path",
+                r.local_name
+            )));
+        }
+        if let Some(dir) = local.parent()
+            && dir.is_dir()
+            && !may_write_in(caller.uid, dir)
+        {
+            return Err(Status::permission_denied(format!(
+                "user {} may not create files in {}",
+                caller.uid,
+                dir.display()
+            )));
+        }
+        let expected = Expected {
+            blake3: parse_digest("blake3", &r.blake3)?,
+            sha256: parse_digest("sha256", &r.sha256)?.map(Sha256Digest),
+        };
+        let (node, id) = (self.node.clone(), info.id);
+        blocking(move || {
+            node.add_file(
+                id,
+                FileSpec {
+                    url,
+                    local_name: local,
+                    expected,
+                },
+            )
+        })
+        .await?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn resume(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        self.job_call(req, Node::resume).await
+    }
+
+    async fn suspend(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        self.job_call(req, Node::suspend).await
+    }
+
+    async fn cancel(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        self.job_call(req, Node::cancel).await
+    }
+
+    async fn complete(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        self.job_call(req, Node::complete).await
+    }
+
+    async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let info = self.visible(caller, &req.get_ref().job)?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(&req)?;
+        let only = req.get_ref().owner;
+        if only.is_some() && caller.uid != 0 {
+            return Err(Status::permission_denied(
+                "only root may list another user's jobs",
+            ));
+        }
+        // Acknowledged and Cancelled jobs are gone, as in BITS.
+        let mut jobs: Vec<JobInfo> = self
+            .node
+            .jobs()
+            .into_iter()
+            .filter(|j| caller.may_see(j.owner) && !j.state.is_final())
+            .filter(|j| only.is_none_or(|u| j.owner == Some(u)))
+            .collect();
+        jobs.sort_by_key(|j| j.created);
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(job_to_pb).collect(),
+        }))
+    }
+
+    async fn set_properties(
+        &self,
+        req: Request<pb::SetPropertiesRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = self.visible(caller, &r.job)?.id;
+        let priority = r.priority.map(priority_of).transpose()?;
+        if let Some(s) = r.retry_delay_seconds
+            && Duration::from_secs(s) < MIN_RETRY_DELAY
+        {
+            return Err(Status::invalid_argument(format!(
+                "retry delay {s} s is below the minimum of {} s",
+                MIN_RETRY_DELAY.as_secs()
+            )));
+        }
+        let cmdline = match r.notify_cmdline {
+            None => None,
+            Some(c) if c.argv.is_empty() => Some(None),
+            Some(c) => {
+                if !Path::new(&c.argv[0]).is_absolute() {
+                    return Err(Status::invalid_argument(format!(
+                        "notify program {:?} must be an absolute path",
+                        c.argv[0]
+                    )));
+                }
+                Some(Some(c.argv))
+            }
+        };
+        let node = self.node.clone();
+        blocking(move || {
+            node.modify(id, |info| {
+                if let Some(n) = r.display_name {
+                    info.display_name = n;
+                }
+                if let Some(p) = priority {
+                    info.priority = p;
+                }
+                if let Some(s) = r.retry_delay_seconds {
+                    info.properties.retry_delay = Duration::from_secs(s);
+                }
+                if let Some(s) = r.no_progress_timeout_seconds {
+                    info.properties.no_progress_timeout = Duration::from_secs(s);
+                }
+                if let Some(f) = r.notify_flags {
+                    info.properties.notify_flags = f;
+                }
+                if let Some(c) = cmdline {
+                    info.properties.notify_cmdline = c;
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn set_validation_state(
+        &self,
+        req: Request<pb::SetValidationStateRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let info = self.visible(caller, &r.job)?;
+        let state = match pb::ValidationState::try_from(r.state) {
+            Ok(pb::ValidationState::Valid) => ValidationState::Valid,
+            Ok(pb::ValidationState::Invalid) => ValidationState::Invalid,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the verdict must be VALID or INVALID",
+                ));
+            }
+        };
+        let file = r.file as usize;
+        if file >= info.files.len() {
+            return Err(Status::invalid_argument(format!(
+                "the job has no file {file}"
+            )));
+        }
+        if !self.hub.set_verdict(info.id, file, state) {
+            return Err(Status::failed_precondition(format!(
+                "file {file} of job {} is not waiting for a verdict",
+                info.id
+            )));
+        }
+        let info = self.node.info(info.id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let job = if r.job.is_empty() {
+            None
+        } else {
+            Some(self.visible(caller, &r.job)?.id)
+        };
+        let (_, rx) = self.hub.watch(caller.uid, job, r.progress);
+        // Notifications waiting for a retry go out now that someone listens.
+        for info in self.node.jobs() {
+            if caller.may_see(info.owner)
+                && job.is_none_or(|j| j == info.id)
+                && matches!(info.state, State::Transferred | State::Error)
+            {
+                let _ = self.node.retry_now(info.id);
+            }
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn acknowledge(
+        &self,
+        req: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
+        self.caller(&req)?;
+        let accepted = self.hub.acknowledge(req.get_ref().delivery);
+        Ok(Response::new(pb::AcknowledgeResponse { accepted }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let caller = self.caller(&req)?;
+        let jobs: Vec<JobInfo> = self
+            .node
+            .jobs()
+            .into_iter()
+            .filter(|j| caller.may_see(j.owner))
+            .collect();
+        let mut by_state: HashMap<String, u32> = HashMap::new();
+        for j in &jobs {
+            *by_state
+                .entry(state_to_pb(j.state).as_str_name().to_owned())
+                .or_default() += 1;
+        }
+        let uploads = self.node.upload_stats();
+        Ok(Response::new(pb::NodeStatus {
+            peer_id: self.node.peer_id().to_string(),
+            listen_addrs: self
+                .node
+                .listen_addrs()
+                .await
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            connected_peers: u32::try_from(self.node.connected_peers().await.len())
+                .unwrap_or(u32::MAX),
+            jobs_by_state: by_state,
+            bytes_from_peers: jobs.iter().map(JobInfo::bytes_from_peers).sum(),
+            bytes_from_origin: jobs.iter().map(JobInfo::bytes_from_origin).sum(),
+            upload_pieces: uploads.pieces,
+            upload_bytes: uploads.bytes,
+            upload_busy: uploads.busy,
+        }))
+    }
+}
+
+/// Forwards the node's JobModification events to watching clients, and sends Progress events
+/// of active jobs every `period` while someone wants them.
+pub(crate) async fn forward_events(node: Node, hub: Arc<Hub>, period: Duration) {
+    let mut events = node.subscribe();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(crate::Event::JobModification { job, state }) => {
+                    let owner = node.info(job).ok().and_then(|i| i.owner);
+                    hub.send(job, owner, &pb::Event {
+                        job: job.to_string(),
+                        kind: Some(pb::event::Kind::JobModification(pb::JobModification {
+                            state: state_to_pb(state) as i32,
+                        })),
+                    });
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                if hub.wants_progress() {
+                    for info in node.jobs() {
+                        if info.state.is_active() {
+                            hub.send(info.id, info.owner, &progress_of(&info));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! `shoal daemon`, `shoal job ...` and `shoal status`: the daemon and its bitsadmin-like
+//! client over the control API.
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Subcommand, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::json;
+use shoal_node::{
+    control::{self as pb, control_client::ControlClient, event::Kind},
+    daemon::{DEFAULT_SOCKET, Daemon},
+};
+use tonic::transport::Channel;
+
+/// The socket: `--socket`, else `$SHOAL_SOCKET`, else the default.
+pub(crate) fn socket_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_owned)
+        .or_else(|| std::env::var_os("SHOAL_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// A client of the daemon at `socket`.
+pub(crate) async fn connect(socket: &Path) -> Result<ControlClient<Channel>> {
+    let channel = tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))?
+        .connect()
+        .await
+        .with_context(|| format!("no Shoal daemon answers on {}", socket.display()))?;
+    Ok(ControlClient::new(channel))
+}
+
+/// `shoal daemon --config FILE`.
+pub(crate) async fn daemon(config: Option<&Path>) -> Result<()> {
+    let (builder, cfg, name) = match config {
+        Some(path) => {
+            let name = path.display().to_string();
+            let c = shoal_node::config::Config::load(path)?;
+            let b = c
+                .apply(shoal_node::Node::builder(), &name)?
+                .state_dir(c.state_dir());
+            (b, c.daemon(&name)?, name)
+        }
+        None => {
+            let c = shoal_node::config::Config::default();
+            (
+                shoal_node::Node::builder().state_dir(c.state_dir()),
+                c.daemon("defaults")?,
+                "defaults".into(),
+            )
+        }
+    };
+    let socket = cfg.socket.clone();
+    let d = Daemon::start(builder, cfg)
+        .await
+        .with_context(|| format!("cannot start the daemon ({name})"))?;
+    eprintln!("shoal daemon: peer id {}", d.node().peer_id());
+    for a in d.node().listen_addrs().await {
+        eprintln!("shoal daemon: listening {a}");
+    }
+    eprintln!("shoal daemon: control API on {}", socket.display());
+    d.serve(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum PriorityArg {
+    Foreground,
+    High,
+    Normal,
+    Low,
+}
+
+impl From<PriorityArg> for pb::Priority {
+    fn from(p: PriorityArg) -> Self {
+        match p {
+            PriorityArg::Foreground => Self::Foreground,
+            PriorityArg::High => Self::High,
+            PriorityArg::Normal => Self::Normal,
+            PriorityArg::Low => Self::Low,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Verdict {
+    Valid,
+    Invalid,
+}
+
+/// `shoal job ...`.
+#[derive(Subcommand)]
+pub(crate) enum JobCommand {
+    /// Create a job (it starts Suspended); prints its id.
+    Create {
+        /// Display name.
+        name: String,
+        #[arg(long, value_enum, default_value = "normal")]
+        priority: PriorityArg,
+    },
+    /// Add a file: URL and local name (made absolute against the current directory).
+    Add {
+        job: String,
+        url: String,
+        local: PathBuf,
+        /// Expected SHA-256, 64 hex digits.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Expected BLAKE3, 64 hex digits (as b3sum prints).
+        #[arg(long)]
+        blake3: Option<String>,
+    },
+    /// Start or restart a job (BITS Resume).
+    Resume { job: String },
+    /// Pause a job (BITS Suspend).
+    Suspend { job: String },
+    /// Stop a job and delete its temporary files (BITS Cancel).
+    Cancel { job: String },
+    /// Give the transferred files their names (BITS Complete).
+    Complete { job: String },
+    /// List your jobs (root: all jobs).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job: state, progress, files and their sources, error, times.
+    Info {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show per-file progress bars until the job is transferred (or fails).
+    Monitor { job: String },
+    /// Change a job's properties.
+    Set {
+        job: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum)]
+        priority: Option<PriorityArg>,
+        /// Minimum retry delay in seconds (at least 5).
+        #[arg(long)]
+        retry_delay: Option<u64>,
+        /// No-progress timeout in seconds (0: fail at the first transient error).
+        #[arg(long)]
+        no_progress_timeout: Option<u64>,
+        /// BG_NOTIFY_* flags (1 transferred, 2 error, 4 disable, 8 modification, 16 file).
+        #[arg(long)]
+        notify_flags: Option<u32>,
+        /// The notify program and its arguments (the job id is appended); "" clears it.
+        #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+        notify_cmd: Option<Vec<String>>,
+    },
+    /// Answer a FileTransferred notification: the file's verdict.
+    Validate {
+        job: String,
+        /// The file's index in the job.
+        file: u32,
+        #[arg(value_enum)]
+        verdict: Verdict,
+    },
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Queued => "Queued",
+        pb::JobState::Connecting => "Connecting",
+        pb::JobState::Transferring => "Transferring",
+        pb::JobState::Suspended => "Suspended",
+        pb::JobState::Error => "Error",
+        pb::JobState::TransientError => "TransientError",
+        pb::JobState::Transferred => "Transferred",
+        pb::JobState::Acknowledged => "Acknowledged",
+        pb::JobState::Cancelled => "Cancelled",
+        pb::JobState::Unspecified => "Unknown",
+    }
+}
+
+fn priority_name(p: i32) -> &'static str {
+    match pb::Priority::try_from(p).unwrap_or(pb::Priority::Normal) {
+        pb::Priority::Foreground => "Foreground",
+        pb::Priority::High => "High",
+        pb::Priority::Low => "Low",
+        pb::Priority::Normal | pb::Priority::Unspecified => "Normal",
+    }
+}
+
+fn context_name(c: i32) -> &'static str {
+    match pb::ErrorContext::try_from(c).unwrap_or(pb::ErrorContext::None) {
+        pb::ErrorContext::None => "None",
+        pb::ErrorContext::RemoteFile => "RemoteFile",
+        pb::ErrorContext::LocalFile => "LocalFile",
+        pb::ErrorContext::Transport => "Transport",
+        pb::ErrorContext::Validation => "Validation",
+        pb::ErrorContext::Notification => "Notification",
+    }
+}
+
+/// A job as JSON (the `--json` output).
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    json!({
+        "id": j.id,
+        "display_name": j.display_name,
+        "priority": priority_name(j.priority),
+        "state": state_name(j.state),
+        "owner": j.owner,
+        "bytes_total": j.bytes_total,
+        "bytes_transferred": j.bytes_transferred,
+        "bytes_from_peers": j.bytes_from_peers,
+        "bytes_from_origin": j.bytes_from_origin,
+        "pieces_rejected": j.pieces_rejected,
+        "peers_banned": j.peers_banned,
+        "created_ms": j.created_ms,
+        "modified_ms": j.modified_ms,
+        "transfer_completed_ms": (j.transfer_completed_ms != 0).then_some(j.transfer_completed_ms),
+        "retry_delay_seconds": j.retry_delay_seconds,
+        "no_progress_timeout_seconds": j.no_progress_timeout_seconds,
+        "notify_flags": j.notify_flags,
+        "notify_cmdline": j.notify_cmdline,
+        "error": j.error.as_ref().map(|e| json!({
+            "context": context_name(e.context),
+            "file": e.file,
+            "description": e.description,
+        })),
+        "files": j.files.iter().map(|f| json!({
+            "url": f.url,
+            "local_name": f.local_name,
+            "temp_name": f.temp_name,
+            "expected_blake3": (!f.expected_blake3.is_empty()).then_some(&f.expected_blake3),
+            "expected_sha256": (!f.expected_sha256.is_empty()).then_some(&f.expected_sha256),
+            "content_id": (!f.content_id.is_empty()).then_some(&f.content_id),
+            "sha256": (!f.sha256.is_empty()).then_some(&f.sha256),
+            "bytes_total": f.bytes_total,
+            "bytes_transferred": f.bytes_transferred,
+            "bytes_from_peers": f.bytes_from_peers,
+            "bytes_from_origin": f.bytes_from_origin,
+            "transferred": f.transferred,
+            "validation_state": match f.validation_state { 1 => "Valid", 2 => "Invalid", _ => "Unknown" },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_info(j: &pb::Job) {
+    println!("job        {}", j.id);
+    println!("name       {}", j.display_name);
+    println!("state      {}", state_name(j.state));
+    println!("priority   {}", priority_name(j.priority));
+    println!("owner      {}", j.owner);
+    println!(
+        "progress   {}/{} bytes ({} from peers, {} from the origin)",
+        j.bytes_transferred, j.bytes_total, j.bytes_from_peers, j.bytes_from_origin
+    );
+    println!(
+        "peers      {} pieces rejected, {} peers banned",
+        j.pieces_rejected, j.peers_banned
+    );
+    if let Some(e) = &j.error {
+        println!("error      {}: {}", context_name(e.context), e.description);
+    }
+    println!(
+        "retry      {} s, no-progress timeout {} s, notify flags {:#x}{}",
+        j.retry_delay_seconds,
+        j.no_progress_timeout_seconds,
+        j.notify_flags,
+        if j.notify_cmdline.is_empty() {
+            String::new()
+        } else {
+            format!(", notify command {:?}", j.notify_cmdline)
+        }
+    );
+    for (i, f) in j.files.iter().enumerate() {
+        let total = f.bytes_total.map_or("?".into(), |t| t.to_string());
+        println!(
+            "file {i}     {} -> {} {}/{} bytes (peers {}, origin {}){}",
+            f.url,
+            f.local_name,
+            f.bytes_transferred,
+            total,
+            f.bytes_from_peers,
+            f.bytes_from_origin,
+            if f.transferred { ", transferred" } else { "" }
+        );
+    }
+}
+
+/// Runs a `shoal job` command against the daemon at `socket`.
+pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
+    let mut c = connect(socket).await?;
+    let jr = |job: String| pb::JobRef { job };
+    match cmd {
+        JobCommand::Create { name, priority } => {
+            let j = c
+                .create_job(pb::CreateJobRequest {
+                    display_name: name,
+                    priority: pb::Priority::from(priority) as i32,
+                })
+                .await?
+                .into_inner();
+            println!("{}", j.id);
+        }
+        JobCommand::Add {
+            job,
+            url,
+            local,
+            sha256,
+            blake3,
+        } => {
+            let local = std::path::absolute(&local)
+                .with_context(|| format!("cannot make {} absolute", local.display()))?;
+            c.add_file(pb::AddFileRequest {
+                job,
+                url,
+                local_name: local.display().to_string(),
+                blake3: blake3.unwrap_or_default(),
+                sha256: sha256.unwrap_or_default(),
+            })
+            .await?;
+        }
+        JobCommand::Resume { job } => {
+            c.resume(jr(job)).await?;
+        }
+        JobCommand::Suspend { job } => {
+            c.suspend(jr(job)).await?;
+        }
+        JobCommand::Cancel { job } => {
+            c.cancel(jr(job)).await?;
+        }
+        JobCommand::Complete { job } => {
+            c.complete(jr(job)).await?;
+        }
+        JobCommand::List { json } => {
+            let jobs = c
+                .list_jobs(pb::ListJobsRequest { owner: None })
+                .await?
+                .into_inner()
+                .jobs;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?
+                );
+            } else {
+                println!(
+                    "{:<36}  {:<14}  {:<10}  {:>5}  {:>21}  NAME",
+                    "JOB", "STATE", "PRIORITY", "FILES", "BYTES"
+                );
+                for j in &jobs {
+                    println!(
+                        "{:<36}  {:<14}  {:<10}  {:>5}  {:>21}  {}",
+                        j.id,
+                        state_name(j.state),
+                        priority_name(j.priority),
+                        j.files.len(),
+                        format!("{}/{}", j.bytes_transferred, j.bytes_total),
+                        j.display_name
+                    );
+                }
+            }
+        }
+        JobCommand::Info { job, json } => {
+            let j = c.get_job(jr(job)).await?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job_json(&j))?);
+            } else {
+                print_info(&j);
+            }
+        }
+        JobCommand::Monitor { job } => monitor(&mut c, job).await?,
+        JobCommand::Set {
+            job,
+            name,
+            priority,
+            retry_delay,
+            no_progress_timeout,
+            notify_flags,
+            notify_cmd,
+        } => {
+            c.set_properties(pb::SetPropertiesRequest {
+                job,
+                display_name: name,
+                priority: priority.map(|p| pb::Priority::from(p) as i32),
+                retry_delay_seconds: retry_delay,
+                no_progress_timeout_seconds: no_progress_timeout,
+                notify_flags,
+                notify_cmdline: notify_cmd.map(|argv| pb::CommandLine {
+                    argv: argv.into_iter().filter(|a| !a.is_empty()).collect(),
+                }),
+            })
+            .await?;
+        }
+        JobCommand::Validate { job, file, verdict } => {
+            c.set_validation_state(pb::SetValidationStateRequest {
+                job,
+                file,
+                state: match verdict {
+                    Verdict::Valid => pb::ValidationState::Valid,
+                    Verdict::Invalid => pb::ValidationState::Invalid,
+                } as i32,
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-file progress bars until the job is Transferred (exit 0) or in Error (exit 1).
+async fn monitor(c: &mut ControlClient<Channel>, job: String) -> Result<()> {
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            job: job.clone(),
+            progress: true,
+        })
+        .await?
+        .into_inner();
+    let j = c
+        .get_job(pb::JobRef { job: job.clone() })
+        .await?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template(
+        "{prefix:>4} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bars: Vec<ProgressBar> = j
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let b = multi.add(ProgressBar::new(f.bytes_total.unwrap_or(0)));
+            b.set_style(style.clone());
+            b.set_prefix(format!("#{i}"));
+            b.set_message(f.local_name.clone());
+            b.set_position(f.bytes_transferred);
+            if !tty {
+                b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            b
+        })
+        .collect();
+    let mut state = j.state;
+    loop {
+        if state == pb::JobState::Transferred as i32 || state == pb::JobState::Acknowledged as i32 {
+            for b in &bars {
+                b.finish();
+            }
+            println!("{job}: {}", state_name(state));
+            return Ok(());
+        }
+        if state == pb::JobState::Error as i32 || state == pb::JobState::Cancelled as i32 {
+            let j = c
+                .get_job(pb::JobRef { job: job.clone() })
+                .await?
+                .into_inner();
+            let why = j.error.map(|e| e.description).unwrap_or_default();
+            bail!("{job}: {} {why}", state_name(state));
+        }
+        let Some(ev) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .unwrap_or(Ok(None))?
+        else {
+            // No event for a while (or the stream ended): ask.
+            state = c
+                .get_job(pb::JobRef { job: job.clone() })
+                .await?
+                .into_inner()
+                .state;
+            continue;
+        };
+        match ev.kind {
+            Some(Kind::Progress(p)) => {
+                state = p.state;
+                for (b, f) in bars.iter().zip(&p.files) {
+                    if let Some(t) = f.bytes_total {
+                        b.set_length(t);
+                    }
+                    b.set_position(f.bytes_transferred);
+                }
+                if !tty {
+                    eprintln!(
+                        "{} {}/{} bytes",
+                        state_name(p.state),
+                        p.bytes_transferred,
+                        p.bytes_total
+                    );
+                }
+            }
+            Some(Kind::JobModification(m)) => state = m.state,
+            Some(Kind::JobTransferred(_)) => state = pb::JobState::Transferred as i32,
+            Some(Kind::JobError(_)) => state = pb::JobState::Error as i32,
+            _ => {}
+        }
+    }
+}
+
+/// `shoal status`.
+pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
+    let mut c = connect(socket).await?;
+    let s = c.status(pb::StatusRequest {}).await?.into_inner();
+    let by_state: BTreeMap<_, _> = s.jobs_by_state.iter().collect();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "peer_id": s.peer_id,
+                "listen_addrs": s.listen_addrs,
+                "connected_peers": s.connected_peers,
+                "jobs_by_state": by_state,
+                "bytes_from_peers": s.bytes_from_peers,
+                "bytes_from_origin": s.bytes_from_origin,
+                "upload_pieces": s.upload_pieces,
+                "upload_bytes": s.upload_bytes,
+                "upload_busy": s.upload_busy,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("peer id          {}", s.peer_id);
+    for a in &s.listen_addrs {
+        println!("listening        {a}");
+    }
+    println!("connected peers  {}", s.connected_peers);
+    let jobs: Vec<String> = by_state.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "jobs             {}",
+        if jobs.is_empty() {
+            "none".into()
+        } else {
+            jobs.join(", ")
+        }
+    );
+    println!(
+        "bytes            {} from peers, {} from the origin",
+        s.bytes_from_peers, s.bytes_from_origin
+    );
+    println!(
+        "uploads          {} pieces, {} bytes, {} answered Busy",
+        s.upload_pieces, s.upload_bytes, s.upload_busy
+    );
+    Ok(())
+}
+
+/// `shoal get` through a running daemon: one Foreground job, polled until it is transferred,
+/// then completed. The job survives this process: if it is interrupted, the job goes on in
+/// the daemon (see `shoal job list`).
+pub(crate) async fn get_via_daemon(
+    mut c: ControlClient<Channel>,
+    urls: &[url::Url],
+    names: &[PathBuf],
+    expected: &[shoal_node::Expected],
+    no_progress_timeout: u64,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let j = c
+        .create_job(pb::CreateJobRequest {
+            display_name: "shoal get".into(),
+            priority: pb::Priority::Foreground as i32,
+        })
+        .await?
+        .into_inner();
+    let job = j.id;
+    eprintln!("shoal get: job {job} in the daemon");
+    let outcome = async {
+        for ((url, name), exp) in urls.iter().zip(names).zip(expected) {
+            let local = std::path::absolute(name)
+                .with_context(|| format!("cannot make {} absolute", name.display()))?;
+            c.add_file(pb::AddFileRequest {
+                job: job.clone(),
+                url: url.to_string(),
+                local_name: local.display().to_string(),
+                blake3: exp.blake3.map(hex::encode).unwrap_or_default(),
+                sha256: exp.sha256.map(|d| d.to_string()).unwrap_or_default(),
+            })
+            .await?;
+        }
+        c.set_properties(pb::SetPropertiesRequest {
+            job: job.clone(),
+            retry_delay_seconds: Some(5),
+            no_progress_timeout_seconds: Some(no_progress_timeout),
+            ..Default::default()
+        })
+        .await?;
+        c.resume(pb::JobRef { job: job.clone() }).await?;
+        loop {
+            let j = c
+                .get_job(pb::JobRef { job: job.clone() })
+                .await?
+                .into_inner();
+            match pb::JobState::try_from(j.state) {
+                Ok(pb::JobState::Transferred) => {
+                    let j = c
+                        .complete(pb::JobRef { job: job.clone() })
+                        .await?
+                        .into_inner();
+                    return Ok::<_, anyhow::Error>(j);
+                }
+                Ok(pb::JobState::Error) => {
+                    bail!(
+                        "{}",
+                        j.error
+                            .map(|e| e.description)
+                            .unwrap_or_else(|| "job error".into())
+                    );
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    .await;
+    let j = match outcome {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = c.cancel(pb::JobRef { job: job.clone() }).await;
+            return Err(e);
+        }
+    };
+    println!(
+        "{} file(s), {} bytes in {:.1} s: {} from peers, {} from the origin; {} pieces rejected, {} peers banned",
+        j.files.len(),
+        j.bytes_transferred,
+        start.elapsed().as_secs_f64(),
+        j.bytes_from_peers,
+        j.bytes_from_origin,
+        j.pieces_rejected,
+        j.peers_banned
+    );
+    for f in &j.files {
+        println!("{}", f.local_name);
+    }
+    Ok(())
+}
