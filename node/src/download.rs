@@ -126,6 +126,9 @@ pub(crate) struct FileTask {
     pub(crate) resume: Option<ResumePoint>,
     /// Where to record pieces once they are on disk: the node's state store.
     pub(crate) durable: Option<Durable>,
+    /// The Unix user the temporary file is given to (the job's owner), when the node runs as
+    /// root.
+    pub(crate) owner: Option<u32>,
 }
 
 /// What an earlier run left in a file's temporary file, as the state store recorded it.
@@ -554,6 +557,19 @@ fn sha_in_order(
     Ok((next == piece_count).then(|| sha.finish()))
 }
 
+/// Gives the file to `owner` (and the owner's primary group) when this process runs as root
+/// and the owner is another user; otherwise leaves it as it is.
+fn give_to_owner(file: &File, owner: Option<u32>) -> std::io::Result<()> {
+    // SAFETY: `geteuid` has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match owner {
+        Some(uid) if root && uid != 0 => {
+            std::os::unix::fs::fchown(file, Some(uid), crate::daemon::primary_gid(uid))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks again the pieces an earlier run left in `temp`: against the layer, or hashed into
 /// the content id being derived. Returns the pieces that pass, and the checker to go on with.
 fn recheck(
@@ -753,6 +769,7 @@ async fn attempt(
     }
     .and_then(|f| f.set_len(length).map(|()| f))
     .map_err(local)?;
+    give_to_owner(&file, task.owner).map_err(local)?;
     let builder = || {
         LayerBuilder::new(length).map_err(|e| {
             AttemptFailure::from(Failure::Fatal(JobError {

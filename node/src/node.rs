@@ -1143,6 +1143,7 @@ impl Node {
                             temp: f.temp_name.clone(),
                             origin_only: rec.origin_only[i],
                             resume: None,
+                            owner: rec.info.owner,
                             durable: self.state().map(|store| Durable {
                                 store,
                                 job,

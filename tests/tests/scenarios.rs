@@ -1222,6 +1222,15 @@ async fn api_job_transferred_is_delivered_until_acknowledged_and_then_no_more() 
     );
     c.complete(jref(&job)).await.unwrap();
     assert_eq!(std::fs::read(dir.path().join("n.bin")).unwrap(), data);
+    // A daemon running as root gives the file to the job's owner (user 1000 here).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let probe = dir.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let me = std::fs::metadata(&probe).unwrap().uid();
+        let owner = std::fs::metadata(dir.path().join("n.bin")).unwrap().uid();
+        assert_eq!(owner, if me == 0 { 1000 } else { me });
+    }
     d.stop().await;
 }
 

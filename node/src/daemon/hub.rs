@@ -259,7 +259,7 @@ async fn run_cmdline(
     let root = unsafe { libc::geteuid() } == 0;
     if root && let Some(uid) = owner.filter(|&u| u != 0) {
         cmd.uid(uid);
-        if let Some(gid) = primary_gid(uid) {
+        if let Some(gid) = super::primary_gid(uid) {
             cmd.gid(gid);
         }
     }
@@ -273,25 +273,6 @@ async fn run_cmdline(
     } else {
         warn!(%job, "{what}: notify command line {program} failed: {status}");
         Err(CallbackError(format!("{program} exited with {status}")))
-    }
-}
-
-/// The primary group of `uid`, from the password database.
-fn primary_gid(uid: u32) -> Option<u32> {
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
-    // getpwuid_r writes only within them.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            uid,
-            &raw mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &raw mut out,
-        );
-        (rc == 0 && !out.is_null()).then_some(pwd.pw_gid)
     }
 }
 

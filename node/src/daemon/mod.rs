@@ -354,3 +354,22 @@ fn read_token(path: Option<&Path>) -> Result<String, DaemonError> {
     }
     Ok(token)
 }
+
+/// The primary group of `uid`, from the password database.
+pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
+    // getpwuid_r writes only within them.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &raw mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        );
+        (rc == 0 && !out.is_null()).then_some(pwd.pw_gid)
+    }
+}
