@@ -79,6 +79,10 @@ pub struct JobsSection {
     pub retry_delay_seconds: Option<f64>,
     /// How long a download waits for a first peer connection, in seconds.
     pub discovery_wait_seconds: Option<f64>,
+    /// Jobs transferring at once; the others wait in Queued by priority.
+    pub max_active: Option<usize>,
+    /// How long a job keeps its transfer slot while a job of its priority waits, in seconds.
+    pub time_slice_seconds: Option<f64>,
 }
 
 /// `[daemon]`: the daemon's state, control API, limits and notifications.
@@ -233,6 +237,18 @@ impl Config {
         }
         if let Some(v) = self.jobs.discovery_wait_seconds {
             b = b.discovery_wait(seconds(path, "jobs.discovery_wait_seconds", v)?);
+        }
+        if let Some(v) = self.jobs.max_active {
+            if v == 0 {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: "jobs.max_active must be at least 1".into(),
+                });
+            }
+            b = b.max_active_jobs(v);
+        }
+        if let Some(v) = self.jobs.time_slice_seconds {
+            b = b.time_slice(seconds(path, "jobs.time_slice_seconds", v)?);
         }
         if let Some(v) = self.daemon.inactivity_timeout_seconds {
             b = b.inactivity_timeout(seconds(path, "daemon.inactivity_timeout_seconds", v)?);

@@ -129,6 +129,9 @@ pub(crate) struct FileTask {
     /// The Unix user the temporary file is given to (the job's owner), when the node runs as
     /// root.
     pub(crate) owner: Option<u32>,
+    /// Filled when the download stops with verified pieces in the temporary file: where the
+    /// next run of this file can go on from (without a state store too).
+    pub(crate) left: Mutex<Option<ResumePoint>>,
 }
 
 /// What an earlier run left in a file's temporary file, as the state store recorded it.
@@ -140,6 +143,10 @@ pub(crate) struct ResumePoint {
     pub(crate) meta: ResumeDisk,
     /// The layer they were verified against, itself checked against `meta.content_id`.
     pub(crate) layer: Option<PieceLayer>,
+    /// Set when this process verified the pieces itself and kept the file open to nobody else
+    /// (a download that stopped): the pieces need no second check, and `builder` holds their
+    /// chaining values when the file has no layer.
+    pub(crate) trusted: Option<Option<LayerBuilder>>,
 }
 
 impl ResumePoint {
@@ -169,6 +176,7 @@ impl ResumePoint {
             pieces,
             meta: meta.clone(),
             layer,
+            trusted: None,
         })
     }
 
@@ -321,6 +329,8 @@ struct Writer {
 struct WriterEnd {
     builder: Option<LayerBuilder>,
     sha256: Option<Sha256Digest>,
+    /// The pieces verified and written.
+    on_disk: Bitfield,
 }
 
 enum Checker {
@@ -499,6 +509,7 @@ fn spawn_writer(
                 Checker::Layer(_) => None,
             },
             sha256,
+            on_disk,
         })
     });
     Writer { tx, thread }
@@ -787,6 +798,28 @@ async fn attempt(
                 None => Checker::Builder(builder()?),
             },
         ),
+        // Pieces this process verified and wrote in a run that stopped: no second check.
+        // (Against the same layer, or into the content id being derived.)
+        Some(ResumePoint {
+            pieces,
+            trusted: Some(kept_builder),
+            layer: before,
+            ..
+        }) if match (&layer, before, kept_builder) {
+            (Some(now), Some(before), _) => now == before,
+            (None, None, Some(_)) => true,
+            _ => false,
+        } =>
+        {
+            (
+                pieces.clone(),
+                match (&layer, kept_builder) {
+                    (Some(l), _) => Checker::Layer(l.clone()),
+                    (None, Some(b)) => Checker::Builder(b.clone()),
+                    (None, None) => unreachable!("guarded"),
+                },
+            )
+        }
         Some(r) => {
             let checker = match &layer {
                 Some(l) => Checker::Layer(l.clone()),
@@ -1038,6 +1071,24 @@ async fn attempt(
     if let Err(e) = result {
         if let Some(id) = &content_id {
             env.store.remove_at(id, &task.temp);
+        }
+        // Unless the bytes are discarded (a false claim), the next run may keep the pieces.
+        if !matches!(e, AttemptFailure::ClaimFailed)
+            && let Some(Ok(end)) = &end
+            && end.on_disk.count_ones() > 0
+        {
+            *task.left.lock().unwrap_or_else(|e| e.into_inner()) = Some(ResumePoint {
+                pieces: end.on_disk.clone(),
+                meta: ResumeDisk {
+                    length,
+                    content_id: content_id.map(|c| c.to_string()),
+                    claimed,
+                    validator: remote.get().and_then(|r| r.validator.clone()),
+                    from_peers,
+                },
+                layer: layer.clone(),
+                trusted: Some(end.builder.clone()),
+            });
         }
         return Err(e);
     }

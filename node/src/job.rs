@@ -133,6 +133,8 @@ pub enum Transition {
     Fail,
     /// The retry delay after a TransientError elapsed.
     Retry,
+    /// The job gave its transfer slot to another job and waits for one again.
+    Requeue,
 }
 
 /// An illegal transition; the job is unchanged.
@@ -175,6 +177,7 @@ pub fn next_state(from: State, transition: Transition) -> Result<State, InvalidS
         }
         (S::Queued | S::Connecting | S::Transferring | S::TransientError, T::Fail) => S::Error,
         (S::TransientError, T::Retry) => S::Queued,
+        (S::Queued | S::Connecting | S::Transferring, T::Requeue) => S::Queued,
         _ => {
             return Err(InvalidState { from, transition });
         }

@@ -33,6 +33,7 @@ mod node;
 pub mod origin;
 pub mod persist;
 pub mod scheduler;
+mod slots;
 pub mod store;
 pub mod swarm;
 mod tls;

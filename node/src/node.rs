@@ -25,6 +25,7 @@ use crate::{
     origin,
     persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
     scheduler,
+    slots::Slots,
     store::ContentStore,
     swarm,
 };
@@ -44,6 +45,8 @@ pub struct Builder {
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
     inactivity_timeout: Option<Duration>,
+    max_active_jobs: Option<usize>,
+    time_slice: Option<Duration>,
 }
 
 /// Makes the callback of each job, from its snapshot: at creation and when a job is reloaded
@@ -159,6 +162,21 @@ impl Builder {
         self
     }
 
+    /// How many jobs transfer at once (default 4); the others wait in Queued, Foreground first,
+    /// then High, Normal, Low, round-robin within a priority (see `docs/jobs.md`).
+    #[must_use]
+    pub fn max_active_jobs(mut self, n: usize) -> Self {
+        self.max_active_jobs = Some(n);
+        self
+    }
+
+    /// How long a job keeps its transfer slot while a job of its priority waits (default 60 s).
+    #[must_use]
+    pub fn time_slice(mut self, slice: Duration) -> Self {
+        self.time_slice = Some(slice);
+        self
+    }
+
     /// Starts the node: binds the listen addresses and spawns the swarm.
     ///
     /// # Errors
@@ -216,8 +234,13 @@ impl Builder {
                 retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
                 state: Mutex::new(state),
                 callbacks: self.callbacks,
+                slots: Slots::new(
+                    self.max_active_jobs.unwrap_or(4),
+                    self.time_slice.unwrap_or(Duration::from_secs(60)),
+                ),
             }),
         };
+        tokio::spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
         node.restore(stored);
         node.spawn_inactivity_sweeper(
             self.inactivity_timeout
@@ -255,6 +278,8 @@ struct JobRecord {
     origin_only: Vec<bool>,
     /// Per file: renamed to its local name by Complete.
     completed: Vec<bool>,
+    /// Per file: where a stopped download left off (pieces verified and written).
+    left: Vec<Option<ResumePoint>>,
     runner: Option<CancellationToken>,
     /// Held by a runner for its whole life, so a new runner starts only after the one it
     /// replaces has stopped writing.
@@ -279,6 +304,7 @@ struct Inner {
     /// [`Node::shutdown`].
     state: Mutex<Option<Arc<StateStore>>>,
     callbacks: Option<CallbackFactory>,
+    slots: Slots,
 }
 
 /// A Shoal node: a libp2p peer that runs download jobs and serves verified content.
@@ -450,6 +476,7 @@ impl Node {
             callback: None,
             origin_only: Vec::new(),
             completed: Vec::new(),
+            left: Vec::new(),
             runner: None,
             run_lock: Arc::default(),
             wake: Arc::default(),
@@ -592,6 +619,7 @@ impl Node {
             let record = JobRecord {
                 origin_only: flags.iter().map(|f| f.0).collect(),
                 completed: flags.iter().map(|f| f.1).collect(),
+                left: vec![None; flags.len()],
                 info,
                 callback,
                 runner: None,
@@ -671,6 +699,9 @@ impl Node {
         let mut info = rec.info.clone();
         change(&mut info)?;
         rec.info.display_name = info.display_name;
+        if rec.info.priority != info.priority {
+            self.inner.slots.set_priority(job, info.priority);
+        }
         rec.info.priority = info.priority;
         rec.info.properties = info.properties;
         rec.info.modified = SystemTime::now();
@@ -720,6 +751,7 @@ impl Node {
             });
             rec.origin_only.push(false);
             rec.completed.push(false);
+            rec.left.push(None);
             let changed = to != rec.info.state;
             self.set_state(&mut rec, to);
             if let Err(e) = self.save(&rec) {
@@ -727,6 +759,7 @@ impl Node {
                 rec.info.files.pop();
                 rec.origin_only.pop();
                 rec.completed.pop();
+                rec.left.pop();
                 return Err(e);
             }
             changed && to == State::Queued
@@ -1101,216 +1134,257 @@ impl Node {
         });
     }
 
-    async fn fail(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken, error: JobError) {
-        let (info, cb, delay) = {
+    /// Moves the job to Error with `error` and broadcasts JobError; the runner delivers the
+    /// notification after it gave up its transfer slot.
+    fn fail(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken, error: JobError) {
+        let job = {
             let mut rec = lock(slot);
             rec.info.error = Some(error.clone());
-            (
-                rec.info.clone(),
-                rec.callback.clone(),
-                rec.info.properties.retry_delay,
-            )
+            rec.info.id
         };
         if !self.runner_transition(slot, token, Transition::Fail) {
             return;
         }
-        warn!(job = %info.id, "job error: {error}");
-        let _ = self.inner.events.send(Event::JobError {
-            job: info.id,
-            error: error.clone(),
-        });
-        let _ = (cb, delay);
-        self.deliver_error(slot, token).await;
+        warn!(%job, "job error: {error}");
+        let _ = self.inner.events.send(Event::JobError { job, error });
     }
 
-    #[allow(clippy::too_many_lines)]
+    /// The life of a queued job: wait for a transfer slot, transfer, and deliver the
+    /// notifications once the slot is given back.
     async fn run_job(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken) {
-        'attempts: loop {
-            if !self.runner_transition(slot, token, Transition::Connect) {
+        loop {
+            let priority = lock(slot).info.priority;
+            let Some(guard) = self.inner.slots.acquire(job, priority, token).await else {
+                return;
+            };
+            let end = self.transfer(job, slot, &guard.preempt).await;
+            let preempted = guard.preempt.is_cancelled() && !token.is_cancelled();
+            drop(guard);
+            if token.is_cancelled() {
                 return;
             }
-            let count = lock(slot).info.files.len();
-            let mut i = 0;
-            while i < count.max(lock(slot).info.files.len()) {
-                let (task, done) = {
-                    let rec = lock(slot);
-                    let f = &rec.info.files[i];
-                    (
-                        FileTask {
-                            index: i,
-                            url: f.url.clone(),
-                            expected: f.expected,
-                            temp: f.temp_name.clone(),
-                            origin_only: rec.origin_only[i],
-                            resume: None,
-                            owner: rec.info.owner,
-                            durable: self.state().map(|store| Durable {
-                                store,
-                                job,
-                                index: u32::try_from(i).unwrap_or(u32::MAX),
-                            }),
-                        },
-                        f.transferred,
-                    )
-                };
-                if done {
-                    i += 1;
-                    continue;
-                }
-                // With a state store, pick up the pieces an earlier run left on disk.
-                let mut task = task;
-                if let Some(d) = &task.durable {
-                    let (store, index) = (d.store.clone(), d.index);
-                    let file = lock(slot).info.files[i].clone();
-                    task.resume =
-                        tokio::task::spawn_blocking(move || store.resume_point(job, index, &file))
-                            .await
-                            .ok()
-                            .flatten();
-                }
-                let progress = |u: Update| self.on_update(slot, token, i, u);
-                let result =
-                    download::download_file(&self.inner.env, &task, token, &progress).await;
-                match result {
-                    Ok(d) => {
-                        let (info, cb) = {
-                            let mut rec = lock(slot);
-                            let f = &mut rec.info.files[i];
-                            f.content_id = Some(d.content_id);
-                            f.sha256 = Some(d.sha256);
-                            self.save_logged(&rec);
-                            (rec.info.clone(), rec.callback.clone())
-                        };
-                        if let Some(d2) = &task.durable {
-                            // The derived or trusted layer, so a restart can serve the file.
-                            let (store, index, layer) =
-                                (d2.store.clone(), d2.index, d.layer.clone());
-                            let _ = tokio::task::spawn_blocking(move || {
-                                store.record_layer(job, index, &layer)
-                            })
-                            .await;
-                        }
-                        let file = TransferredFile {
-                            index: i,
-                            temp_name: task.temp.clone(),
-                            from_peers: d.from_peers,
-                        };
-                        let _ = self.inner.events.send(Event::FileTransferred {
-                            job,
-                            file: file.clone(),
-                        });
-                        let verdict = match cb {
-                            Some(cb) => cb.file_transferred(info, file).await,
-                            None => ValidationState::Valid,
-                        };
-                        if token.is_cancelled() {
-                            return;
-                        }
-                        let rejected_origin_content = {
-                            let mut rec = lock(slot);
-                            rec.info.files[i].validation_state = verdict;
-                            let rejected = if verdict == ValidationState::Invalid {
-                                self.inner.env.store.remove_at(&d.content_id, &task.temp);
-                                if let Some(d2) = &task.durable
-                                    && let Err(e) = d2.store.clear_pieces(job, d2.index)
-                                {
-                                    warn!(%job, "cannot forget rejected pieces: {e}");
-                                }
-                                if d.from_peers && !task.origin_only {
-                                    info!(%job, file = i, "caller rejected peer content; refetching from the origin");
-                                    rec.origin_only[i] = true;
-                                    false
-                                } else {
-                                    true
-                                }
-                            } else {
-                                rec.info.files[i].transferred = true;
-                                rec.info.modified = SystemTime::now();
-                                i += 1;
-                                false
-                            };
-                            self.save_logged(&rec);
-                            rejected
-                        };
-                        if rejected_origin_content {
-                            let url = task.url.clone();
-                            self.fail(
-                                slot,
-                                token,
-                                JobError {
-                                    context: ErrorContext::Validation,
-                                    file: Some(i),
-                                    description: format!(
-                                        "the caller rejected the content of {url} from the origin"
-                                    ),
-                                },
-                            )
-                            .await;
-                            return;
-                        }
-                    }
-                    Err(Failure::Cancelled) => return,
-                    Err(Failure::Fatal(e)) => {
-                        self.fail(slot, token, e).await;
+            match end {
+                Ended::Stopped if preempted => {
+                    info!(%job, "yielding the transfer slot");
+                    if !self.runner_transition(slot, token, Transition::Requeue) {
                         return;
                     }
-                    Err(Failure::Transient(e)) => {
-                        let (delay, timed_out) = {
-                            let mut rec = lock(slot);
-                            rec.info.error = Some(e.clone());
-                            // The no-progress timer runs from the first transient error with
-                            // no progress since (BITS SetNoProgressTimeout).
-                            let since = *rec
-                                .transient_since
-                                .get_or_insert_with(tokio::time::Instant::now);
-                            (
-                                rec.info.properties.retry_delay,
-                                since.elapsed() >= rec.info.properties.no_progress_timeout,
-                            )
-                        };
-                        if timed_out {
-                            let timeout = lock(slot).info.properties.no_progress_timeout;
-                            warn!(%job, "no progress for {timeout:?}: {e}");
-                            self.fail(
-                                slot,
-                                token,
-                                JobError {
-                                    description: format!(
-                                        "no progress within the no-progress timeout ({} s): {}",
-                                        timeout.as_secs(),
-                                        e.description
-                                    ),
-                                    ..e
-                                },
-                            )
-                            .await;
-                            return;
-                        }
-                        warn!(%job, "transient error, retrying in {delay:?}: {e}");
-                        if !self.runner_transition(slot, token, Transition::TransientFailure)
-                            || !Self::sleep_or_cancel(token, slot, delay).await
-                            || !self.runner_transition(slot, token, Transition::Retry)
-                        {
-                            return;
-                        }
-                        continue 'attempts;
+                }
+                Ended::Stopped => return,
+                Ended::Transient(delay) => {
+                    if !Self::sleep_or_cancel(token, slot, delay).await
+                        || !self.runner_transition(slot, token, Transition::Retry)
+                    {
+                        return;
                     }
                 }
+                Ended::Failed => {
+                    self.deliver_error(slot, token).await;
+                    return;
+                }
+                Ended::Transferred => {
+                    let _ = self.inner.events.send(Event::JobTransferred { job });
+                    self.deliver_transferred(job, slot, token).await;
+                    return;
+                }
             }
-            break;
+        }
+    }
+
+    /// The transfer of every file not yet transferred, while the job holds a slot. `token` is
+    /// the slot's preempt token (a child of the runner's).
+    #[allow(clippy::too_many_lines)]
+    async fn transfer(
+        &self,
+        job: JobId,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+    ) -> Ended {
+        if !self.runner_transition(slot, token, Transition::Connect) {
+            return Ended::Stopped;
+        }
+        let mut i = 0;
+        while i < lock(slot).info.files.len() {
+            let (mut task, done) = {
+                let mut rec = lock(slot);
+                let resume = rec.left.get_mut(i).and_then(Option::take);
+                let f = &rec.info.files[i];
+                (
+                    FileTask {
+                        index: i,
+                        url: f.url.clone(),
+                        expected: f.expected,
+                        temp: f.temp_name.clone(),
+                        origin_only: rec.origin_only[i],
+                        resume,
+                        owner: rec.info.owner,
+                        durable: self.state().map(|store| Durable {
+                            store,
+                            job,
+                            index: u32::try_from(i).unwrap_or(u32::MAX),
+                        }),
+                        left: Mutex::new(None),
+                    },
+                    f.transferred,
+                )
+            };
+            if done {
+                i += 1;
+                continue;
+            }
+            // With a state store, pick up the pieces an earlier run left on disk.
+            if let Some(d) = &task.durable {
+                let (store, index) = (d.store.clone(), d.index);
+                let file = lock(slot).info.files[i].clone();
+                if let Some(r) =
+                    tokio::task::spawn_blocking(move || store.resume_point(job, index, &file))
+                        .await
+                        .ok()
+                        .flatten()
+                {
+                    task.resume = Some(r);
+                }
+            }
+            let progress = |u: Update| self.on_update(slot, token, i, u);
+            let result = download::download_file(&self.inner.env, &task, token, &progress).await;
+            // Pieces verified and written by a download that stopped: the next run keeps them.
+            if result.is_err() {
+                let left = task.left.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(slot_left) = lock(slot).left.get_mut(i) {
+                    *slot_left = left;
+                }
+            }
+            match result {
+                Ok(d) => {
+                    let (info, cb) = {
+                        let mut rec = lock(slot);
+                        let f = &mut rec.info.files[i];
+                        f.content_id = Some(d.content_id);
+                        f.sha256 = Some(d.sha256);
+                        self.save_logged(&rec);
+                        (rec.info.clone(), rec.callback.clone())
+                    };
+                    if let Some(d2) = &task.durable {
+                        // The derived or trusted layer, so a restart can serve the file.
+                        let (store, index, layer) = (d2.store.clone(), d2.index, d.layer.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            store.record_layer(job, index, &layer)
+                        })
+                        .await;
+                    }
+                    let file = TransferredFile {
+                        index: i,
+                        temp_name: task.temp.clone(),
+                        from_peers: d.from_peers,
+                    };
+                    let _ = self.inner.events.send(Event::FileTransferred {
+                        job,
+                        file: file.clone(),
+                    });
+                    let verdict = match cb {
+                        Some(cb) => cb.file_transferred(info, file).await,
+                        None => ValidationState::Valid,
+                    };
+                    if token.is_cancelled() {
+                        return Ended::Stopped;
+                    }
+                    let rejected_origin_content = {
+                        let mut rec = lock(slot);
+                        rec.info.files[i].validation_state = verdict;
+                        let rejected = if verdict == ValidationState::Invalid {
+                            self.inner.env.store.remove_at(&d.content_id, &task.temp);
+                            if let Some(d2) = &task.durable
+                                && let Err(e) = d2.store.clear_pieces(job, d2.index)
+                            {
+                                warn!(%job, "cannot forget rejected pieces: {e}");
+                            }
+                            if d.from_peers && !task.origin_only {
+                                info!(%job, file = i, "caller rejected peer content; refetching from the origin");
+                                rec.origin_only[i] = true;
+                                false
+                            } else {
+                                true
+                            }
+                        } else {
+                            rec.info.files[i].transferred = true;
+                            rec.info.modified = SystemTime::now();
+                            i += 1;
+                            false
+                        };
+                        self.save_logged(&rec);
+                        rejected
+                    };
+                    if rejected_origin_content {
+                        let url = task.url.clone();
+                        self.fail(
+                            slot,
+                            token,
+                            JobError {
+                                context: ErrorContext::Validation,
+                                file: Some(i),
+                                description: format!(
+                                    "the caller rejected the content of {url} from the origin"
+                                ),
+                            },
+                        );
+                        return Ended::Failed;
+                    }
+                }
+                Err(Failure::Cancelled) => return Ended::Stopped,
+                Err(Failure::Fatal(e)) => {
+                    self.fail(slot, token, e);
+                    return Ended::Failed;
+                }
+                Err(Failure::Transient(e)) => {
+                    let (delay, timed_out) = {
+                        let mut rec = lock(slot);
+                        rec.info.error = Some(e.clone());
+                        // The no-progress timer runs from the first transient error with no
+                        // progress since (BITS SetNoProgressTimeout).
+                        let since = *rec
+                            .transient_since
+                            .get_or_insert_with(tokio::time::Instant::now);
+                        (
+                            rec.info.properties.retry_delay,
+                            since.elapsed() >= rec.info.properties.no_progress_timeout,
+                        )
+                    };
+                    if timed_out {
+                        let timeout = lock(slot).info.properties.no_progress_timeout;
+                        warn!(%job, "no progress for {timeout:?}: {e}");
+                        self.fail(
+                            slot,
+                            token,
+                            JobError {
+                                description: format!(
+                                    "no progress within the no-progress timeout ({} s): {}",
+                                    timeout.as_secs(),
+                                    e.description
+                                ),
+                                ..e
+                            },
+                        );
+                        return Ended::Failed;
+                    }
+                    warn!(%job, "transient error, retrying in {delay:?}: {e}");
+                    if !self.runner_transition(slot, token, Transition::TransientFailure) {
+                        return Ended::Stopped;
+                    }
+                    return Ended::Transient(delay);
+                }
+            }
         }
         {
             let mut rec = lock(slot);
             if token.is_cancelled() {
-                return;
+                return Ended::Stopped;
             }
             rec.info.transfer_completed = Some(SystemTime::now());
         }
         if !self.runner_transition(slot, token, Transition::AllTransferred) {
-            return;
+            return Ended::Stopped;
         }
-        let _ = self.inner.events.send(Event::JobTransferred { job });
-        self.deliver_transferred(job, slot, token).await;
+        Ended::Transferred
     }
 
     fn on_update(
@@ -1366,6 +1440,18 @@ impl Node {
             self.runner_transition(slot, token, Transition::Transfer);
         }
     }
+}
+
+/// How a job's transfer (while it held a slot) ended.
+enum Ended {
+    /// Stopped by Suspend, Cancel, shutdown, or preemption.
+    Stopped,
+    /// In TransientError; retry after this delay.
+    Transient(Duration),
+    /// In Error.
+    Failed,
+    /// Every file transferred.
+    Transferred,
 }
 
 fn lock(slot: &Mutex<JobRecord>) -> std::sync::MutexGuard<'_, JobRecord> {

@@ -1473,3 +1473,102 @@ async fn timeouts_fire_no_progress_then_inactivity() {
     assert_eq!(node.info(idle).unwrap().state, State::Cancelled);
     node.shutdown().await;
 }
+
+/// Waits until `cond` holds of the job's snapshot.
+async fn until(node: &Node, job: JobId, what: &str, cond: impl Fn(&JobInfo) -> bool) -> JobInfo {
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    loop {
+        let info = node.info(job).unwrap();
+        if cond(&info) {
+            return info;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: job in {:?} with {} bytes",
+            info.state,
+            info.bytes_transferred()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(2 << 20, Ordering::SeqCst);
+    let files: Vec<Vec<u8>> = (0..4).map(|i| content(2 << 20, 50 + i)).collect();
+    for (i, f) in files.iter().enumerate() {
+        origin.put(&format!("{i}.bin"), f.clone());
+    }
+    // One transfer slot; a job yields to one of its priority after 300 ms.
+    let node = Node::builder()
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+        .mdns(false)
+        .max_active_jobs(1)
+        .time_slice(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let start = |i: usize, priority: Priority| {
+        let job = node.create_job(&format!("job {i}"), priority).unwrap();
+        let url = origin.url(&format!("{i}.bin"));
+        node.add_file(
+            job,
+            spec(
+                url,
+                &dir.path().join(format!("{i}.bin")),
+                blake3_only(&files[i]),
+            ),
+        )
+        .unwrap();
+        node.resume(job).unwrap();
+        job
+    };
+    // A Low job runs alone; then a Foreground job arrives and takes the slot at once.
+    let low = start(0, Priority::Low);
+    until(&node, low, "Low job starts", |i| i.bytes_transferred() > 0).await;
+    let fg = start(1, Priority::Foreground);
+    until(&node, low, "Low job yields", |i| i.state == State::Queued).await;
+    let at_yield = node.info(low).unwrap().bytes_transferred();
+    wait_for(&node, fg, &[State::Transferred]).await;
+    assert_ne!(node.info(low).unwrap().state, State::Transferred);
+    // The Low job goes on from where it stopped: its verified pieces are kept.
+    wait_for(&node, low, &[State::Transferred]).await;
+    let piece = 16 * 1024;
+    let refetched = origin.bytes_served() - (4 << 20);
+    assert!(
+        refetched <= 24 * piece + 16,
+        "{refetched} bytes fetched twice (the Low job had {at_yield} verified when it yielded)"
+    );
+    // Two Normal jobs share the slot: both make progress before either is done.
+    let a = start(2, Priority::Normal);
+    let b = start(3, Priority::Normal);
+    let first_done = loop {
+        let (ia, ib) = (node.info(a).unwrap(), node.info(b).unwrap());
+        if ia.state == State::Transferred || ib.state == State::Transferred {
+            break (ia, ib);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        first_done.0.bytes_transferred() > 0 && first_done.1.bytes_transferred() > 0,
+        "one job waited for the other to finish: {} and {} bytes",
+        first_done.0.bytes_transferred(),
+        first_done.1.bytes_transferred()
+    );
+    for job in [low, fg, a, b] {
+        wait_for(&node, job, &[State::Transferred]).await;
+        node.complete(job).unwrap();
+    }
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(
+            &std::fs::read(dir.path().join(format!("{i}.bin"))).unwrap(),
+            f
+        );
+    }
+    node.shutdown().await;
+}
