@@ -1572,3 +1572,132 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
     }
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn api_on_loopback_tcp_needs_the_bearer_token() {
+    let dir = shared_dir();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = shoal_node::daemon::DaemonConfig {
+        tcp: Some(addr),
+        token_file: Some(token_file),
+        ..Default::default()
+    };
+    let d = TestDaemon::start(dir.path(), config).await;
+    let channel = loop {
+        match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let call = |token: Option<&'static str>| {
+        let channel = channel.clone();
+        async move {
+            let mut c = pb::control_client::ControlClient::with_interceptor(
+                channel,
+                move |mut req: tonic::Request<()>| {
+                    req.metadata_mut()
+                        .insert("x-test-uid", "0".parse().unwrap());
+                    if let Some(t) = token {
+                        req.metadata_mut()
+                            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+                    }
+                    Ok(req)
+                },
+            );
+            c.status(pb::StatusRequest {}).await
+        }
+    };
+    assert_eq!(
+        call(None).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        call(Some("s3cret-tokem")).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        call(Some("s3cret")).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let status = call(Some("s3cret-token")).await.unwrap().into_inner();
+    assert_eq!(status.peer_id, d.node.peer_id().to_string());
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn api_at_most_four_notifications_per_user_are_in_flight() {
+    let dir = shared_dir();
+    let origin = TestOrigin::start().await;
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    // Six jobs of one user finish; each notify command logs its start and end and takes a
+    // while, so at most four may overlap.
+    let log = dir.path().join("runs");
+    let script = format!("echo + >> {0}; sleep 0.3; echo - >> {0}", log.display());
+    let mut jobs = Vec::new();
+    for i in 0..6u8 {
+        let data = content(20_000, 60 + i);
+        origin.put(&format!("{i}.bin"), data.clone());
+        let job = c
+            .create_job(create(&format!("n{i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        c.add_file(add(
+            &job,
+            &origin.url(&format!("{i}.bin")),
+            &dir.path().join(format!("{i}.bin")),
+            &data,
+        ))
+        .await
+        .unwrap();
+        c.set_properties(pb::SetPropertiesRequest {
+            job: job.clone(),
+            notify_cmdline: Some(pb::CommandLine {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        jobs.push(job);
+    }
+    for job in &jobs {
+        c.resume(jref(job)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    let runs = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.matches('-').count() >= 6 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "notifications ran: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (mut running, mut most) = (0i32, 0i32);
+    for line in runs.lines() {
+        running += if line == "+" { 1 } else { -1 };
+        most = most.max(running);
+    }
+    assert!(most <= 4, "{most} notifications of one user ran at once");
+    assert!(
+        most >= 2,
+        "the notifications did not overlap at all ({most}); the test shows nothing"
+    );
+    d.stop().await;
+}
