@@ -71,6 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             url: url.parse()?,
             local_name: output.into(),
             expected,
+            ranges: Vec::new(),
         },
     )?;
     let (tx, rx) = oneshot::channel();

@@ -283,6 +283,7 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
                     url,
                     local_name: out.join(&name),
                     expected: *exp,
+                    ranges: Vec::new(),
                 },
             )?;
         }

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use url::Url;
 
 use crate::{
-    job::{ErrorContext, JobError, JobId},
+    job::{ByteRange, ErrorContext, JobError, JobId},
     origin::{self, OriginError, Remote},
     persist::{ResumeDisk, StateStore},
     scheduler::{self, Action, Scheduler, Source},
@@ -119,6 +119,8 @@ pub(crate) struct FileTask {
     pub(crate) index: usize,
     pub(crate) url: Url,
     pub(crate) expected: Expected,
+    /// Only these ranges of the remote file, concatenated (empty: the whole file).
+    pub(crate) ranges: Vec<ByteRange>,
     pub(crate) temp: PathBuf,
     /// Use only the origin (after the caller rejected peer content).
     pub(crate) origin_only: bool,
@@ -264,6 +266,9 @@ pub(crate) async fn download_file(
     cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, Failure> {
+    if !task.ranges.is_empty() {
+        return download_ranges(env, task, cancel, progress).await;
+    }
     let resume = task.resume.as_ref();
     match attempt(env, task, task.origin_only, resume, cancel, progress).await {
         Ok(d) => Ok(d),
@@ -281,6 +286,137 @@ pub(crate) async fn download_file(
             }
         }
     }
+}
+
+/// Downloads the ranges of a ranged file (BITS `AddFileWithRanges`) from the origin, one after
+/// the other into the temporary file, then checks the local file against the expected digests
+/// (which are the local file's). Peers hold whole files, so a ranged file comes from the
+/// origin only. A ranged file that stops starts again from its first range.
+async fn download_ranges(
+    env: &Env,
+    task: &FileTask,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Downloaded, Failure> {
+    let remote_error = |description: String| {
+        Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description,
+        })
+    };
+    let remote = env
+        .origin
+        .probe(&task.url)
+        .await
+        .map_err(|e| origin_failure(task.index, &e))?;
+    // Resolve "to the end" and check every range against the remote length.
+    let mut spans = Vec::with_capacity(task.ranges.len());
+    for r in &task.ranges {
+        let end = match r.length {
+            Some(l) => r.offset.saturating_add(l),
+            None => remote.length,
+        };
+        if r.offset >= remote.length || end > remote.length {
+            return Err(remote_error(format!(
+                "{}: the range {}..{end} is beyond the end of the file ({} bytes; BITS BG_E_INVALID_RANGE)",
+                task.url, r.offset, remote.length
+            )));
+        }
+        spans.push(r.offset..end);
+    }
+    let whole = spans.len() == 1 && spans[0] == (0..remote.length);
+    if !remote.ranges && !whole {
+        return Err(remote_error(format!(
+            "{}: the server does not support ranges (BITS BG_E_INSUFFICIENT_RANGE_SUPPORT)",
+            task.url
+        )));
+    }
+    let total: u64 = spans.iter().map(|s| s.end - s.start).sum();
+    let local = |e: std::io::Error| local_error(task.index, &task.temp, &e);
+    if let Some(d) = &task.durable {
+        d.store
+            .clear_pieces(d.job, d.index)
+            .map_err(|e| local(std::io::Error::other(e)))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&task.temp)
+        .and_then(|f| f.set_len(total).map(|()| f))
+        .map_err(local)?;
+    give_to_owner(&file, task.owner).map_err(local)?;
+    progress(Update::Started {
+        length: total,
+        content_id: None,
+        resumed: 0,
+    });
+    let file = Arc::new(file);
+    let mut at = 0u64;
+    for span in spans {
+        let written = Arc::new(Mutex::new(Ok::<(), std::io::Error>(())));
+        let fetch = env
+            .origin
+            .fetch(&task.url, &remote, span.clone(), 1 << 20, |bytes| {
+                let (file, written, offset) = (file.clone(), written.clone(), at);
+                at += bytes.len() as u64;
+                let n = bytes.len() as u64;
+                async move {
+                    let r = tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    let ok = r.is_ok();
+                    if let Err(e) = r {
+                        *written.lock().unwrap_or_else(|p| p.into_inner()) = Err(e);
+                    } else {
+                        progress(Update::Piece {
+                            bytes: n,
+                            from_peer: false,
+                        });
+                    }
+                    ok
+                }
+            });
+        let result = tokio::select! {
+            () = cancel.cancelled() => return Err(Failure::Cancelled),
+            r = fetch => r,
+        };
+        std::mem::replace(
+            &mut *written.lock().unwrap_or_else(|p| p.into_inner()),
+            Ok(()),
+        )
+        .map_err(local)?;
+        result.map_err(|e| origin_failure(task.index, &e))?;
+    }
+    // The local file's digests, from what was written.
+    let (path, len) = (task.temp.clone(), total);
+    let digests = tokio::task::spawn_blocking(move || {
+        let f = File::open(&path)?;
+        shoal_validator::hash_reader(std::io::BufReader::new(f), len).map_err(std::io::Error::other)
+    })
+    .await
+    .map_err(|e| local(std::io::Error::other(e)))?
+    .map_err(local)?;
+    let id = digests.content_id();
+    task.expected
+        .check_content_id(&id)
+        .and_then(|()| task.expected.check_sha256(digests.sha256))
+        .map_err(|e| remote_error(format!("{} (ranges): {e}", task.url)))?;
+    let count = id.piece_count();
+    env.store.insert(
+        digests.layer.clone(),
+        Bitfield::full(count),
+        task.temp.clone(),
+    );
+    env.store.set_sha256(&id, digests.sha256);
+    Ok(Downloaded {
+        content_id: id,
+        layer: digests.layer,
+        sha256: digests.sha256,
+        from_peers: false,
+    })
 }
 
 /// A peer's answer to a have query.

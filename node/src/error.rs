@@ -34,6 +34,10 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// Byte ranges that are empty or overlap (BITS `BG_E_OVERLAPPING_RANGES`,
+    /// `BG_E_INVALID_RANGE`).
+    #[error("bad byte ranges: {0}")]
+    BadRange(String),
     /// Two files of one job with the same local name.
     #[error("local name {0} is already used by another file of the job")]
     DuplicateLocalName(PathBuf),

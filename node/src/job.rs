@@ -220,15 +220,31 @@ impl fmt::Display for JobError {
     }
 }
 
-/// A file to add to a job (`IBackgroundCopyJob::AddFile` plus the expected digests).
+/// A byte range of a remote file (BITS `BG_FILE_RANGE`): `length` bytes from `offset`, or to
+/// the end of the file when `length` is `None` (`BG_LENGTH_TO_EOF`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteRange {
+    /// The first byte, counted from the start of the remote file.
+    pub offset: u64,
+    /// The number of bytes; `None` for all bytes to the end of the file.
+    pub length: Option<u64>,
+}
+
+/// A file to add to a job (`IBackgroundCopyJob::AddFile`, or `IBackgroundCopyJob3::
+/// AddFileWithRanges` with `ranges`, plus the expected digests).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileSpec {
     /// The origin URL, `http` or `https`.
     pub url: url::Url,
     /// The local name: the path the file takes on Complete.
     pub local_name: PathBuf,
-    /// The expected digests; with none, only the origin is used.
+    /// The expected digests; with none, only the origin is used. With `ranges`, they are the
+    /// digests of the local file (the ranges concatenated).
     pub expected: Expected,
+    /// Only these ranges of the remote file, written one after the other in the order given
+    /// (BITS: ranges 100-199, 900-999, 400-499 make a local file of 300 bytes in that order).
+    /// Empty: the whole file. Ranged files come from the origin only.
+    pub ranges: Vec<ByteRange>,
 }
 
 /// A snapshot of one file of a job.
@@ -242,6 +258,8 @@ pub struct FileInfo {
     pub temp_name: PathBuf,
     /// The expected digests.
     pub expected: Expected,
+    /// The ranges of the remote file to fetch (empty: all of it).
+    pub ranges: Vec<ByteRange>,
     /// The content id once known (expected BLAKE3, a peer's claim, or computed).
     pub content_id: Option<ContentId>,
     /// The SHA-256 computed over the verified file.

@@ -121,6 +121,10 @@ pub(crate) enum JobCommand {
         /// Expected BLAKE3, 64 hex digits (as b3sum prints).
         #[arg(long)]
         blake3: Option<String>,
+        /// Only these ranges, as bitsadmin writes them: OFFSET:LENGTH,... with `eof` as a
+        /// length for "to the end". The local file is the ranges one after the other.
+        #[arg(long)]
+        ranges: Option<String>,
     },
     /// Start or restart a job (BITS Resume).
     Resume { job: String },
@@ -171,6 +175,29 @@ pub(crate) enum JobCommand {
         #[arg(value_enum)]
         verdict: Verdict,
     },
+}
+
+/// Parses `OFFSET:LENGTH,...` (`eof` as a length: to the end), as bitsadmin's RangeList.
+fn parse_ranges(text: &str) -> Result<Vec<pb::ByteRange>> {
+    text.split(',')
+        .map(|part| {
+            let (offset, length) = part
+                .split_once(':')
+                .with_context(|| format!("--ranges: {part:?} is not OFFSET:LENGTH"))?;
+            let offset = offset
+                .trim()
+                .parse()
+                .with_context(|| format!("--ranges: bad offset in {part:?}"))?;
+            let length = match length.trim() {
+                "eof" => None,
+                l => Some(
+                    l.parse()
+                        .with_context(|| format!("--ranges: bad length in {part:?}"))?,
+                ),
+            };
+            Ok(pb::ByteRange { offset, length })
+        })
+        .collect()
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -316,6 +343,7 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
             local,
             sha256,
             blake3,
+            ranges,
         } => {
             let local = std::path::absolute(&local)
                 .with_context(|| format!("cannot make {} absolute", local.display()))?;
@@ -325,6 +353,11 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
                 local_name: local.display().to_string(),
                 blake3: blake3.unwrap_or_default(),
                 sha256: sha256.unwrap_or_default(),
+                ranges: ranges
+                    .as_deref()
+                    .map(parse_ranges)
+                    .transpose()?
+                    .unwrap_or_default(),
             })
             .await?;
         }
@@ -582,6 +615,7 @@ pub(crate) async fn get_via_daemon(
                 local_name: local.display().to_string(),
                 blake3: exp.blake3.map(hex::encode).unwrap_or_default(),
                 sha256: exp.sha256.map(|d| d.to_string()).unwrap_or_default(),
+                ranges: Vec::new(),
             })
             .await?;
         }

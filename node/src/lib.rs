@@ -16,6 +16,7 @@
 //!     url: "https://example.org/pkg.deb".parse().unwrap(),
 //!     local_name: "pkg.deb".into(),
 //!     expected: Default::default(),
+//!     ranges: Vec::new(),
 //! })?;
 //! node.resume(job)?;
 //! # Ok(()) }
@@ -40,6 +41,6 @@ mod tls;
 
 pub use error::Error;
 pub use events::{Callback, CallbackError, Event, TransferredFile};
-pub use job::{FileSpec, JobId, JobInfo, Priority, State};
+pub use job::{ByteRange, FileSpec, JobId, JobInfo, Priority, State};
 pub use node::{Builder, CallbackFactory, Node};
 pub use shoal_validator::{ContentId, Expected, Sha256Digest, ValidationState};

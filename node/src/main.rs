@@ -370,6 +370,7 @@ async fn get(args: GetArgs) -> Result<()> {
                 url: url.clone(),
                 local_name: name.clone(),
                 expected: *exp,
+                ranges: Vec::new(),
             },
         )?;
     }

@@ -19,8 +19,8 @@ use crate::{
     download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
     events::{Callback, Event, TransferredFile},
     job::{
-        ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo, JobProperties,
-        PeerStats, Priority, State, Transition, next_state,
+        ByteRange, ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo,
+        JobProperties, PeerStats, Priority, State, Transition, next_state,
     },
     origin,
     persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
@@ -331,6 +331,39 @@ fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
         .unwrap_or_default();
     let short = &job.0.simple().to_string()[..8];
     local.with_file_name(format!(".{name}.{short}.shoal-part"))
+}
+
+/// Checks ranges as BITS `AddFileWithRanges` does: none empty, none starting at "to the end",
+/// none overlapping another (compared sorted by offset).
+fn check_ranges(ranges: &[ByteRange]) -> Result<(), Error> {
+    let bad = |reason: String| Error::BadRange(reason);
+    let mut sorted: Vec<&ByteRange> = ranges.iter().collect();
+    sorted.sort_by_key(|r| r.offset);
+    for r in &sorted {
+        if r.length == Some(0) {
+            return Err(bad(format!("the range at offset {} is empty", r.offset)));
+        }
+        if r.length.is_some_and(|l| r.offset.checked_add(l).is_none()) {
+            return Err(bad(format!(
+                "the range at offset {} ends past 2^64",
+                r.offset
+            )));
+        }
+    }
+    for w in sorted.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let overlaps = match a.length {
+            None => true,
+            Some(l) => a.offset + l > b.offset,
+        };
+        if overlaps {
+            return Err(bad(format!(
+                "the ranges at offsets {} and {} overlap",
+                a.offset, b.offset
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a local name: no `..`, a file name, a parent directory that exists, not a directory.
@@ -723,6 +756,7 @@ impl Node {
             });
         }
         check_local_name(&spec.local_name)?;
+        check_ranges(&spec.ranges)?;
         let slot = self.job(job)?;
         let start = {
             let mut rec = lock(&slot);
@@ -740,6 +774,7 @@ impl Node {
                 url: spec.url,
                 local_name: spec.local_name,
                 expected: spec.expected,
+                ranges: spec.ranges,
                 content_id: None,
                 sha256: None,
                 bytes_total: None,
@@ -1214,6 +1249,7 @@ impl Node {
                         index: i,
                         url: f.url.clone(),
                         expected: f.expected,
+                        ranges: f.ranges.clone(),
                         temp: f.temp_name.clone(),
                         origin_only: rec.origin_only[i],
                         resume,

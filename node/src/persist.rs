@@ -38,7 +38,8 @@ use thiserror::Error;
 use crate::{
     download::ResumePoint,
     job::{
-        ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats, Priority, State,
+        ByteRange, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats,
+        Priority, State,
     },
 };
 
@@ -129,6 +130,9 @@ pub(crate) struct FileDisk {
     pub(crate) temp_name: PathBuf,
     pub(crate) blake3: Option<String>,
     pub(crate) sha256: Option<String>,
+    /// Byte ranges as (offset, length or none for "to the end").
+    #[serde(default)]
+    pub(crate) ranges: Vec<(u64, Option<u64>)>,
     /// The content id (`hash:length`) once known.
     pub(crate) content_id: Option<String>,
     pub(crate) computed_sha256: Option<String>,
@@ -609,6 +613,7 @@ impl FileDisk {
             temp_name: f.temp_name.clone(),
             blake3: f.expected.blake3.map(hex::encode),
             sha256: f.expected.sha256.map(|d| d.to_string()),
+            ranges: f.ranges.iter().map(|r| (r.offset, r.length)).collect(),
             content_id: f.content_id.map(|c| c.to_string()),
             computed_sha256: f.sha256.map(|d| d.to_string()),
             bytes_total: f.bytes_total,
@@ -640,6 +645,11 @@ impl FileDisk {
                 blake3: hex32("blake3", &self.blake3)?,
                 sha256: hex32("sha256", &self.sha256)?.map(Sha256Digest),
             },
+            ranges: self
+                .ranges
+                .iter()
+                .map(|&(offset, length)| ByteRange { offset, length })
+                .collect(),
             content_id: self
                 .content_id
                 .as_deref()
@@ -724,6 +734,10 @@ mod tests {
                         blake3: Some([i as u8; 32]),
                         sha256: None,
                     },
+                    ranges: vec![ByteRange {
+                        offset: 5,
+                        length: None,
+                    }],
                     content_id: None,
                     sha256: Some(Sha256Digest([7; 32])),
                     bytes_total: Some(100),

@@ -211,6 +211,7 @@ async fn the_daemon_survives_kill_9_and_keeps_what_it_acknowledged() {
                 } else {
                     hex_sha256(&f.data)
                 },
+                ranges: Vec::new(),
             })
             .await
             .unwrap();

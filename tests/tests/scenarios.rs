@@ -127,6 +127,7 @@ fn spec(url: url::Url, local: &Path, expected: Expected) -> FileSpec {
         url,
         local_name: local.to_owned(),
         expected,
+        ranges: Vec::new(),
     }
 }
 
@@ -956,6 +957,7 @@ fn add(job: &str, url: &url::Url, local: &Path, data: &[u8]) -> pb::AddFileReque
         local_name: local.display().to_string(),
         blake3: hex::encode(blake3_of(data)),
         sha256: String::new(),
+        ranges: Vec::new(),
     }
 }
 
@@ -1700,4 +1702,118 @@ async fn api_at_most_four_notifications_per_user_are_in_flight() {
         "the notifications did not overlap at all ({most}); the test shows nothing"
     );
     d.stop().await;
+}
+
+#[tokio::test]
+async fn ranged_files_hold_their_ranges_in_the_order_given() {
+    use shoal_node::ByteRange;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(100_000, 70);
+    origin.put("r.bin", data.clone());
+    let node = test_node(&[], ServeMode::Honest).await;
+    let range = |offset, length| ByteRange { offset, length };
+    // BITS's own example: 100-199, 900-999, 400-499 give 300 bytes in that order; and the
+    // last 1000 bytes, "to the end".
+    let ranges = vec![
+        range(100, Some(100)),
+        range(900, Some(100)),
+        range(400, Some(100)),
+        range(99_000, None),
+    ];
+    let mut want = Vec::new();
+    for (a, b) in [(100, 200), (900, 1000), (400, 500), (99_000, 100_000)] {
+        want.extend_from_slice(&data[a..b]);
+    }
+    let dest = dir.path().join("r.part");
+    let job = node.create_job("ranges", Priority::Normal).unwrap();
+    node.add_file(
+        job,
+        FileSpec {
+            ranges: ranges.clone(),
+            ..spec(
+                origin.url("r.bin"),
+                &dest,
+                Expected {
+                    blake3: None,
+                    sha256: Some(sha256_of(&want)),
+                },
+            )
+        },
+    )
+    .unwrap();
+    node.resume(job).unwrap();
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    assert_eq!(info.files[0].bytes_total, Some(want.len() as u64));
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), want);
+    // The origin sent the ranges, not the file (plus the one-byte probe).
+    assert_eq!(origin.bytes_served(), want.len() as u64 + 1);
+
+    // Overlapping or empty ranges are refused when the file is added.
+    let job = node.create_job("bad ranges", Priority::Normal).unwrap();
+    for bad in [
+        vec![range(0, Some(100)), range(50, Some(10))],
+        vec![range(10, None), range(500, Some(1))],
+        vec![range(7, Some(0))],
+    ] {
+        let e = node
+            .add_file(
+                job,
+                FileSpec {
+                    ranges: bad,
+                    ..spec(
+                        origin.url("r.bin"),
+                        &dir.path().join("x"),
+                        Expected::default(),
+                    )
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::BadRange(_)), "{e}");
+    }
+    // A range beyond the end of the file is a job error naming it.
+    node.add_file(
+        job,
+        FileSpec {
+            ranges: vec![range(99_990, Some(20))],
+            ..spec(
+                origin.url("r.bin"),
+                &dir.path().join("y"),
+                Expected::default(),
+            )
+        },
+    )
+    .unwrap();
+    node.resume(job).unwrap();
+    let info = wait_for(&node, job, &[State::Error]).await;
+    let error = info.error.unwrap();
+    assert_eq!(error.context, ErrorContext::RemoteFile);
+    assert!(error.description.contains("beyond the end"), "{error}");
+    // A server without Range support cannot serve ranges.
+    origin.state.no_range.store(true, Ordering::SeqCst);
+    let job = node
+        .create_job("no range support", Priority::Normal)
+        .unwrap();
+    node.add_file(
+        job,
+        FileSpec {
+            ranges: vec![range(10, Some(20))],
+            ..spec(
+                origin.url("r.bin"),
+                &dir.path().join("z"),
+                Expected::default(),
+            )
+        },
+    )
+    .unwrap();
+    node.resume(job).unwrap();
+    let info = wait_for(&node, job, &[State::Error]).await;
+    assert!(
+        info.error
+            .unwrap()
+            .description
+            .contains("does not support ranges")
+    );
+    node.shutdown().await;
 }

@@ -19,8 +19,8 @@ use crate::{
     Error, Node,
     control::{self as pb, control_server::Control},
     job::{
-        ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, MIN_RETRY_DELAY, Priority,
-        State,
+        ByteRange, ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, MIN_RETRY_DELAY,
+        Priority, State,
     },
     persist::to_ms,
 };
@@ -39,7 +39,9 @@ fn status_of(e: &Error) -> Status {
     match e {
         Error::UnknownJob(_) => Status::not_found(msg),
         Error::InvalidState(_) | Error::Empty(_) => Status::failed_precondition(msg),
-        Error::BadUrl { .. } | Error::BadLocalName { .. } => Status::invalid_argument(msg),
+        Error::BadUrl { .. } | Error::BadLocalName { .. } | Error::BadRange(_) => {
+            Status::invalid_argument(msg)
+        }
         Error::DuplicateLocalName(_) => Status::already_exists(msg),
         _ => Status::internal(msg),
     }
@@ -132,6 +134,14 @@ fn file_to_pb(f: &FileInfo) -> pb::File {
         bytes_from_origin: f.bytes_from_origin,
         transferred: f.transferred,
         validation_state: validation_to_pb(f.validation_state) as i32,
+        ranges: f
+            .ranges
+            .iter()
+            .map(|r| pb::ByteRange {
+                offset: r.offset,
+                length: r.length,
+            })
+            .collect(),
     }
 }
 
@@ -316,6 +326,14 @@ impl Control for Service {
             blake3: parse_digest("blake3", &r.blake3)?,
             sha256: parse_digest("sha256", &r.sha256)?.map(Sha256Digest),
         };
+        let ranges: Vec<ByteRange> = r
+            .ranges
+            .iter()
+            .map(|b| ByteRange {
+                offset: b.offset,
+                length: b.length,
+            })
+            .collect();
         let (node, id) = (self.node.clone(), info.id);
         blocking(move || {
             node.add_file(
@@ -324,6 +342,7 @@ impl Control for Service {
                     url,
                     local_name: local,
                     expected,
+                    ranges,
                 },
             )
         })
