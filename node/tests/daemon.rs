@@ -1,3 +1,5 @@
+//! Tests of the real `shoal` binary as a daemon.
+//!
 //! The crash test: the real `shoal daemon` binary, several concurrent jobs (from the origin and
 //! from a peer), killed with SIGKILL at random moments and restarted each time.
 //!
@@ -367,4 +369,116 @@ async fn the_daemon_survives_kill_9_and_keeps_what_it_acknowledged() {
     assert_eq!(d.state, pb::JobState::Suspended as i32);
     drop(daemon);
     peer.shutdown().await;
+}
+
+/// Runs `shoal ARGS...`; returns the exit success, stdout and stderr.
+fn shoal(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoal");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_commands_drive_the_daemon() {
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(3 << 20, 80);
+    origin.put("f.bin", data.clone());
+    let socket = dir.path().join("shoal.sock");
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n\
+             [daemon]\nstate_dir = \"{}\"\nsocket = \"{}\"\n",
+            dir.path().join("state").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let _daemon = start_daemon(&config, &dir.path().join("daemon.log"));
+    connect(&socket, deadline).await;
+    let s = socket.to_str().unwrap();
+    let url = origin.url("f.bin").to_string();
+    let dest = dir.path().join("f.bin");
+    let sha = hex_sha256(&data);
+
+    let (ok, out, err) = shoal(&[
+        "job",
+        "create",
+        "cli test",
+        "--priority",
+        "high",
+        "--socket",
+        s,
+    ]);
+    assert!(ok, "{err}");
+    let job = out.trim().to_owned();
+    let (ok, _, err) = shoal(&[
+        "job",
+        "add",
+        &job,
+        &url,
+        dest.to_str().unwrap(),
+        "--sha256",
+        &sha,
+        "--socket",
+        s,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = shoal(&["job", "resume", &job, "--socket", s]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = shoal(&["job", "monitor", &job, "--socket", s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Transferred"), "{out}");
+    let (ok, out, err) = shoal(&["job", "info", &job, "--json", "--socket", s]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["state"], "Transferred");
+    assert_eq!(info["priority"], "High");
+    assert_eq!(info["bytes_transferred"], data.len() as u64);
+    assert_eq!(info["files"][0]["sha256"], sha.as_str());
+    let (ok, out, _) = shoal(&["job", "list", "--json", "--socket", s]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(!dest.exists(), "the file appeared before Complete");
+    let (ok, _, err) = shoal(&["job", "complete", &job, "--socket", s]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let (ok, out, _) = shoal(&["status", "--json", "--socket", s]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["bytes_from_origin"], data.len() as u64);
+    // Errors: one line naming what was wrong, exit code 1.
+    let (ok, _, err) = shoal(&["job", "info", "bogus", "--socket", s]);
+    assert!(!ok);
+    assert_eq!(err.trim(), "shoal: \"bogus\" is not a job id (a UUID)");
+    let (ok, _, err) = shoal(&["job", "set", &job, "--retry-delay", "1", "--socket", s]);
+    assert!(!ok);
+    assert!(err.contains("minimum of 5 s"), "{err}");
+    // `shoal get` hands its job to the running daemon.
+    let got = dir.path().join("got.bin");
+    let (ok, out, err) = shoal(&[
+        "get",
+        &url,
+        "-o",
+        got.to_str().unwrap(),
+        "--sha256",
+        &sha,
+        "--socket",
+        s,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("in the daemon"), "{err}");
+    assert!(out.contains(&format!("{} bytes", data.len())), "{out}");
+    assert_eq!(std::fs::read(&got).unwrap(), data);
 }
