@@ -56,7 +56,7 @@ enum Command {
     },
     /// Run the daemon: one node with a state directory, and the control API on a Unix socket.
     Daemon {
-        /// Settings (see configs/shoal.toml; the [daemon] section).
+        /// Settings (see configs/shoal.toml, its `[daemon]` section).
         #[arg(long)]
         config: Option<PathBuf>,
     },

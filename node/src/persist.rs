@@ -10,10 +10,10 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | `format` → `shoal-state/1`; `identity` → the node's libp2p key (protobuf) |
-//! | `jobs` | job | [`JobDisk`] as JSON |
-//! | `files` | (job, file) | [`FileDisk`] as JSON |
+//! | `jobs` | job | the job record (`JobDisk`) as JSON |
+//! | `files` | (job, file) | the file record (`FileDisk`) as JSON |
 //! | `pieces` | (job, file) | the bitmap of pieces verified and flushed to the temporary file |
-//! | `resume` | (job, file) | [`ResumeDisk`] as JSON: what the bitmap is a bitmap of |
+//! | `resume` | (job, file) | `ResumeDisk` as JSON: what the bitmap is a bitmap of |
 //! | `layers` | (job, file) | the trusted piece layer: 32-byte chaining values, concatenated |
 //!
 //! The invariant between the temporary files and `pieces`: a bit is committed only after its
