@@ -332,6 +332,7 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
                 .create_job(pb::CreateJobRequest {
                     display_name: name,
                     priority: pb::Priority::from(priority) as i32,
+                    r#type: pb::JobType::Download as i32,
                 })
                 .await?
                 .into_inner();
@@ -600,6 +601,7 @@ pub(crate) async fn get_via_daemon(
         .create_job(pb::CreateJobRequest {
             display_name: "shoal get".into(),
             priority: pb::Priority::Foreground as i32,
+            r#type: pb::JobType::Download as i32,
         })
         .await?
         .into_inner();

@@ -2,12 +2,11 @@
 //!
 //! BITS transfers Foreground jobs before High, High before Normal, Normal before Low, and shares
 //! time round-robin among jobs of one priority. Here a job needs a slot to transfer; there are
-//! [`Slots::max`] of them. A free slot goes to the waiting job of the highest priority, the one
-//! waiting longest among equals. When every slot is taken:
-//! - a waiting job preempts a running job of a lower priority at once (the lowest priority,
-//!   most recently started first);
-//! - a running job that has held its slot for a time slice yields it to a waiting job of its own
-//!   priority.
+//! `max` of them. Only jobs of the highest priority that wants to transfer (waiting or
+//! running) get slots, the one waiting longest first; a running job of a lower priority gives
+//! its slot up at once, so that higher priorities take bandwidth as well as slots first. A
+//! running job that has held its slot for a time slice yields it to a waiting job of its own
+//! priority (round-robin).
 //!
 //! A preempted job goes back to Queued and keeps its verified pieces; it waits for a slot again.
 //! Jobs waiting for a retry after a TransientError, and jobs delivering notifications, hold no
@@ -144,10 +143,34 @@ impl Slots {
         inner
             .waiting
             .retain(|w| !w.parent.is_cancelled() && !w.grant.is_closed());
-        while inner.active.len() < self.max && !inner.waiting.is_empty() {
-            let best = (0..inner.waiting.len())
-                .min_by_key(|&i| (inner.waiting[i].priority, inner.waiting[i].seq))
-                .expect("not empty");
+        // The highest priority that wants to transfer, waiting or running.
+        let Some(top) = inner
+            .waiting
+            .iter()
+            .map(|w| w.priority)
+            .chain(
+                inner
+                    .active
+                    .iter()
+                    .filter(|a| !a.preempt.is_cancelled())
+                    .map(|a| a.priority),
+            )
+            .min()
+        else {
+            return;
+        };
+        // Lower priorities give their slots (and so their bandwidth) up at once.
+        for a in inner.active.iter().filter(|a| a.priority > top) {
+            a.preempt.cancel();
+        }
+        // Free slots go to the top priority, the longest waiting first.
+        while inner.active.len() < self.max {
+            let Some(best) = (0..inner.waiting.len())
+                .filter(|&i| inner.waiting[i].priority == top)
+                .min_by_key(|&i| inner.waiting[i].seq)
+            else {
+                break;
+            };
             let w = inner.waiting.swap_remove(best);
             let preempt = w.parent.child_token();
             if w.grant.send(preempt.clone()).is_ok() {
@@ -159,28 +182,15 @@ impl Slots {
                 });
             }
         }
-        let Some(best) = inner.waiting.iter().map(|w| w.priority).min() else {
-            return;
-        };
-        let live = |a: &&Active| !a.preempt.is_cancelled();
-        // A lower priority yields at once: the lowest, most recently started.
-        let victim = inner
-            .active
-            .iter()
-            .filter(live)
-            .filter(|a| a.priority > best)
-            .max_by_key(|a| (a.priority, a.since));
-        if let Some(v) = victim {
-            v.preempt.cancel();
-            return;
-        }
-        // The same priority yields after its time slice: the longest running.
-        if let Some(v) = inner
-            .active
-            .iter()
-            .filter(live)
-            .filter(|a| a.priority == best && a.since.elapsed() >= self.slice)
-            .min_by_key(|a| a.since)
+        // Round-robin: with a job of the top priority waiting, the longest running job of
+        // that priority yields once it has had its time slice.
+        if inner.waiting.iter().any(|w| w.priority == top)
+            && let Some(v) = inner
+                .active
+                .iter()
+                .filter(|a| !a.preempt.is_cancelled())
+                .filter(|a| a.priority == top && a.since.elapsed() >= self.slice)
+                .min_by_key(|a| a.since)
         {
             v.preempt.cancel();
         }
@@ -236,9 +246,31 @@ mod tests {
         // A Low job waiting does not preempt a Foreground one, whatever the slice.
         let s4 = slots.clone();
         let r4 = root.clone();
-        let _low_wait = tokio::spawn(async move { s4.acquire(low, Priority::Low, &r4).await });
+        let low_wait = tokio::spawn(async move { s4.acquire(low, Priority::Low, &r4).await });
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!g_fg2.preempt.is_cancelled());
+        drop(g_fg2);
+        let g_low = low_wait.await.unwrap().unwrap();
+        root.cancel();
+        drop(g_low);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_free_slot_waits_rather_than_go_to_a_lower_priority() {
+        let slots = Slots::new(2, Duration::from_secs(10));
+        let root = CancellationToken::new();
+        let g_fg = slots
+            .acquire(JobId::new(), Priority::Foreground, &root)
+            .await
+            .unwrap();
+        // One slot is free, but a Foreground job transfers: the Low job waits.
+        let s2 = slots.clone();
+        let r2 = root.clone();
+        let low = tokio::spawn(async move { s2.acquire(JobId::new(), Priority::Low, &r2).await });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!low.is_finished());
+        drop(g_fg);
+        assert!(low.await.unwrap().is_some());
         root.cancel();
     }
 }

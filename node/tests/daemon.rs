@@ -139,7 +139,7 @@ async fn the_daemon_survives_kill_9_and_keeps_what_it_acknowledged() {
     let mut files = vec![
         FileCase {
             name: "a1.bin",
-            data: content(4 << 20, 31),
+            data: content(6 << 20, 31),
             dest: out.join("a1.bin"),
         },
         FileCase {
@@ -193,6 +193,7 @@ async fn the_daemon_survives_kill_9_and_keeps_what_it_acknowledged() {
     let create = |name: &str| pb::CreateJobRequest {
         display_name: name.into(),
         priority: pb::Priority::Normal as i32,
+        r#type: pb::JobType::Download as i32,
     };
     let mut jobs = Vec::new();
     for (name, which) in [("A", vec![0, 1]), ("B", vec![3]), ("C", vec![2])] {

@@ -943,6 +943,7 @@ fn create(name: &str) -> pb::CreateJobRequest {
     pb::CreateJobRequest {
         display_name: name.into(),
         priority: pb::Priority::Normal as i32,
+        r#type: pb::JobType::Download as i32,
     }
 }
 
@@ -973,6 +974,11 @@ async fn api_jobs_belong_to_their_user_and_limits_hold() {
         ..Default::default()
     };
     let d = TestDaemon::start(dir.path(), config).await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    }
     let (mut alice, mut bob, mut root) = (
         d.client(1000).await,
         d.client(1001).await,
@@ -1104,6 +1110,16 @@ async fn api_bad_input_gets_a_clear_status_and_the_daemon_runs_on() {
             c.resume(jref(&job)).await.unwrap_err(),
             tonic::Code::FailedPrecondition,
             "no files",
+        ),
+        (
+            c.create_job(pb::CreateJobRequest {
+                r#type: pb::JobType::Upload as i32,
+                ..create("up")
+            })
+            .await
+            .unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "download jobs only",
         ),
     ];
     for (status, code, needle) in cases {
@@ -1816,4 +1832,90 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
             .contains("does not support ranges")
     );
     node.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_events_come_in_order_and_progress_at_a_bounded_rate() {
+    let dir = shared_dir();
+    let origin = TestOrigin::start().await;
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(1 << 20, Ordering::SeqCst);
+    let data = content(2 << 20, 90);
+    origin.put("e.bin", data.clone());
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    let job = c
+        .create_job(create("events"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    c.add_file(add(
+        &job,
+        &origin.url("e.bin"),
+        &dir.path().join("e.bin"),
+        &data,
+    ))
+    .await
+    .unwrap();
+    let mut stream = c
+        .watch(pb::WatchRequest {
+            job: job.clone(),
+            progress: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = tokio::time::Instant::now();
+    c.resume(jref(&job)).await.unwrap();
+    let (mut states, mut progress, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+    let deadline = started + SCENARIO_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = tokio::time::timeout(left, stream.message())
+            .await
+            .expect("events stop before JobTransferred")
+            .unwrap()
+            .unwrap();
+        match ev.kind.unwrap() {
+            pb::event::Kind::JobModification(m) => states.push(m.state),
+            pb::event::Kind::Progress(p) => progress.push(p.bytes_transferred),
+            pb::event::Kind::FileTransferred(f) => seen.push(format!("file {}", f.file)),
+            pb::event::Kind::JobTransferred(t) => {
+                seen.push("transferred".into());
+                c.acknowledge(pb::AcknowledgeRequest {
+                    delivery: t.delivery,
+                })
+                .await
+                .unwrap();
+                break;
+            }
+            pb::event::Kind::JobError(e) => panic!("JobError {e:?}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let want = [
+        pb::JobState::Queued,
+        pb::JobState::Connecting,
+        pb::JobState::Transferring,
+        pb::JobState::Transferred,
+    ]
+    .map(|s| s as i32);
+    assert_eq!(states, want, "state changes out of order");
+    assert_eq!(seen, ["file 0", "transferred"]);
+    // At most two Progress events per second, and the bytes only grow.
+    assert!(
+        progress.len() >= 2,
+        "{} progress events in {elapsed:.1} s",
+        progress.len()
+    );
+    assert!(
+        (progress.len() as f64) <= 2.0 * elapsed + 2.0,
+        "{} progress events in {elapsed:.1} s",
+        progress.len()
+    );
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    d.stop().await;
 }

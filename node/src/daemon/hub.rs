@@ -321,6 +321,21 @@ impl Callback for JobCallback {
         })
     }
 
+    fn job_modification(&self, job: JobInfo) {
+        // Sent from the state change itself, so it reaches clients before any notification
+        // the new state leads to.
+        self.hub.send(
+            job.id,
+            job.owner,
+            &pb::Event {
+                job: job.id.to_string(),
+                kind: Some(Kind::JobModification(pb::JobModification {
+                    state: super::service::state_to_pb(job.state) as i32,
+                })),
+            },
+        );
+    }
+
     fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
         let hub = self.hub.clone();
         Box::pin(async move {

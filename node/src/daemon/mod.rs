@@ -216,7 +216,7 @@ impl Daemon {
             }))
             .build()
             .await?;
-        tokio::spawn(service::forward_events(
+        tokio::spawn(service::forward_progress(
             node.clone(),
             hub.clone(),
             config.progress_period,

@@ -260,6 +260,15 @@ impl Control for Service {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         let priority = priority_of(r.priority)?;
+        match pb::JobType::try_from(r.r#type) {
+            Ok(pb::JobType::Download | pb::JobType::Unspecified) => {}
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "job type {}: Shoal runs download jobs only",
+                    r.r#type
+                )));
+            }
+        }
         let live: Vec<JobInfo> = self
             .node
             .jobs()
@@ -560,34 +569,16 @@ impl Control for Service {
     }
 }
 
-/// Forwards the node's JobModification events to watching clients, and sends Progress events
-/// of active jobs every `period` while someone wants them.
-pub(crate) async fn forward_events(node: Node, hub: Arc<Hub>, period: Duration) {
-    let mut events = node.subscribe();
+/// Sends Progress events of active jobs every `period` while some client wants them.
+/// (JobModification events go out from each job's callback, in order with its notifications.)
+pub(crate) async fn forward_progress(node: Node, hub: Arc<Hub>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(crate::Event::JobModification { job, state }) => {
-                    let owner = node.info(job).ok().and_then(|i| i.owner);
-                    hub.send(job, owner, &pb::Event {
-                        job: job.to_string(),
-                        kind: Some(pb::event::Kind::JobModification(pb::JobModification {
-                            state: state_to_pb(state) as i32,
-                        })),
-                    });
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            },
-            _ = tick.tick() => {
-                if hub.wants_progress() {
-                    for info in node.jobs() {
-                        if info.state.is_active() {
-                            hub.send(info.id, info.owner, &progress_of(&info));
-                        }
-                    }
+        tick.tick().await;
+        if hub.wants_progress() {
+            for info in node.jobs() {
+                if info.state.is_active() {
+                    hub.send(info.id, info.owner, &progress_of(&info));
                 }
             }
         }
