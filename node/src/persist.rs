@@ -290,10 +290,30 @@ impl StateStore {
         tx.commit().map_err(db_err)
     }
 
+    /// Runs `write` in one transaction, if the job is still stored (a late write about a job
+    /// that was cancelled or completed meanwhile must not bring it back), and commits.
+    fn write_if_job(
+        &self,
+        id: JobId,
+        write: impl FnOnce(&redb::WriteTransaction, u128) -> Result<(), PersistError>,
+    ) -> Result<(), PersistError> {
+        let key = id.0.as_u128();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let stored = tx
+            .open_table(JOBS)
+            .map_err(db_err)?
+            .get(key)
+            .map_err(db_err)?
+            .is_some();
+        if !stored {
+            return Ok(());
+        }
+        write(&tx, key)?;
+        tx.commit().map_err(db_err)
+    }
+
     /// Records the pieces of a file now on disk (call only after the temporary file was
-    /// flushed), what they are pieces of, and, when given, the trusted layer. Does nothing
-    /// when the job is no longer stored (cancelled or completed meanwhile), so a late
-    /// checkpoint cannot bring a job back.
+    /// flushed), what they are pieces of, and, when given, the trusted layer.
     pub(crate) fn checkpoint(
         &self,
         id: JobId,
@@ -302,37 +322,16 @@ impl StateStore {
         resume: &ResumeDisk,
         layer: Option<&[ChainingValue]>,
     ) -> Result<(), PersistError> {
-        let key = id.0.as_u128();
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            if tx
-                .open_table(JOBS)
-                .map_err(db_err)?
-                .get(key)
-                .map_err(db_err)?
-                .is_none()
-            {
-                return Ok(());
-            }
-            tx.open_table(PIECES)
-                .map_err(db_err)?
-                .insert((key, index), pieces.as_bytes())
-                .map_err(db_err)?;
-            let json = serde_json::to_vec(resume)
-                .map_err(|e| corrupt(&format!("job {id} file {index} resume"), &e))?;
-            tx.open_table(RESUME)
-                .map_err(db_err)?
-                .insert((key, index), json.as_slice())
-                .map_err(db_err)?;
+        let json = serde_json::to_vec(resume)
+            .map_err(|e| corrupt(&format!("job {id} file {index} resume"), &e))?;
+        self.write_if_job(id, |tx, key| {
+            put(tx, PIECES, (key, index), pieces.as_bytes())?;
+            put(tx, RESUME, (key, index), &json)?;
             if let Some(cvs) = layer {
-                let flat: Vec<u8> = cvs.iter().flatten().copied().collect();
-                tx.open_table(LAYERS)
-                    .map_err(db_err)?
-                    .insert((key, index), flat.as_slice())
-                    .map_err(db_err)?;
+                put(tx, LAYERS, (key, index), &cvs.concat())?;
             }
-        }
-        tx.commit().map_err(db_err)
+            Ok(())
+        })
     }
 
     /// The pieces an earlier run of this file left on disk, if the stored rows describe
@@ -363,25 +362,9 @@ impl StateStore {
         index: u32,
         layer: &PieceLayer,
     ) -> Result<(), PersistError> {
-        let key = id.0.as_u128();
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            if tx
-                .open_table(JOBS)
-                .map_err(db_err)?
-                .get(key)
-                .map_err(db_err)?
-                .is_none()
-            {
-                return Ok(());
-            }
-            let flat: Vec<u8> = layer.chaining_values().iter().flatten().copied().collect();
-            tx.open_table(LAYERS)
-                .map_err(db_err)?
-                .insert((key, index), flat.as_slice())
-                .map_err(db_err)?;
-        }
-        tx.commit().map_err(db_err)
+        self.write_if_job(id, |tx, key| {
+            put(tx, LAYERS, (key, index), &layer.chaining_values().concat())
+        })
     }
 
     /// Forgets a file's bitmap, resume record and layer (its bytes were discarded).
@@ -503,6 +486,20 @@ impl StateStore {
         }
         Ok(out)
     }
+}
+
+/// Inserts one value in `def` within `tx`.
+fn put(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<(u128, u32), &[u8]>,
+    key: (u128, u32),
+    value: &[u8],
+) -> Result<(), PersistError> {
+    tx.open_table(def)
+        .map_err(db_err)?
+        .insert(key, value)
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// Chaining values from their concatenation.

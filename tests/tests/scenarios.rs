@@ -1333,37 +1333,35 @@ async fn api_validation_verdicts_come_from_the_client_or_the_timeout() {
         pb::event::Kind::FileTransferred(f) if f.awaits_verdict => Some(f.file),
         _ => None,
     };
+    // A job with FileTransferred notifications, watched, resumed.
+    let url = origin.url("v.bin");
+    let start = |c: &mut shoal_tests::Client, name: &'static str| {
+        let (mut c, url, dest, data) =
+            (c.clone(), url.clone(), dir.path().join(name), data.clone());
+        async move {
+            let job = c.create_job(create(name)).await.unwrap().into_inner().id;
+            c.add_file(add(&job, &url, &dest, &data)).await.unwrap();
+            c.set_properties(pb::SetPropertiesRequest {
+                job: job.clone(),
+                notify_flags: Some(flags),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let stream = c
+                .watch(pb::WatchRequest {
+                    job: job.clone(),
+                    progress: false,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            c.resume(jref(&job)).await.unwrap();
+            (job, stream)
+        }
+    };
     // 1. The client says Invalid on origin content: the job goes to Error (Validation).
-    let job = c
-        .create_job(create("invalid"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
-        &origin.url("v.bin"),
-        &dir.path().join("v1.bin"),
-        &data,
-    ))
-    .await
-    .unwrap();
-    c.set_properties(pb::SetPropertiesRequest {
-        job: job.clone(),
-        notify_flags: Some(flags),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .watch(pb::WatchRequest {
-            job: job.clone(),
-            progress: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    c.resume(jref(&job)).await.unwrap();
+    let (job, mut stream) = start(&mut c, "v1.bin").await;
     let file = next_event(&mut stream, &job, SCENARIO_TIMEOUT, verdict_asked)
         .await
         .expect("FileTransferred");
@@ -1377,36 +1375,7 @@ async fn api_validation_verdicts_come_from_the_client_or_the_timeout() {
     let info = wait_for(&d.node, job.parse().unwrap(), &[State::Error]).await;
     assert_eq!(info.error.unwrap().context, ErrorContext::Validation);
     // 2. Nobody answers: after the validation timeout the file counts as Valid.
-    let job = c
-        .create_job(create("silent"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
-        &origin.url("v.bin"),
-        &dir.path().join("v2.bin"),
-        &data,
-    ))
-    .await
-    .unwrap();
-    c.set_properties(pb::SetPropertiesRequest {
-        job: job.clone(),
-        notify_flags: Some(flags),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = c
-        .watch(pb::WatchRequest {
-            job: job.clone(),
-            progress: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    c.resume(jref(&job)).await.unwrap();
+    let (job, mut stream) = start(&mut c, "v2.bin").await;
     next_event(&mut stream, &job, SCENARIO_TIMEOUT, verdict_asked)
         .await
         .expect("FileTransferred");
