@@ -334,10 +334,10 @@ impl Config {
             };
         }
         if let Some(v) = d.notifications_in_flight_per_user {
-            if v == 0 {
+            if !(1..=1024).contains(&v) {
                 return Err(bad(
                     "notifications_in_flight_per_user",
-                    "must be at least 1".into(),
+                    format!("{v} is not between 1 and 1024"),
                 ));
             }
             c.notify.in_flight_per_user = v;

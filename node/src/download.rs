@@ -339,15 +339,7 @@ async fn download_ranges(
             .clear_pieces(d.job, d.index)
             .map_err(|e| local(std::io::Error::other(e)))?;
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&task.temp)
-        .and_then(|f| f.set_len(total).map(|()| f))
-        .map_err(local)?;
-    give_to_owner(&file, task.owner).map_err(local)?;
+    let file = create_temp(&task.temp, task.owner, total).map_err(local)?;
     progress(Update::Started {
         length: total,
         content_id: None,
@@ -390,10 +382,16 @@ async fn download_ranges(
         .map_err(local)?;
         result.map_err(|e| origin_failure(task.index, &e))?;
     }
+    // On disk before it can count as transferred.
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || f.sync_data())
+        .await
+        .map_err(|e| local(std::io::Error::other(e)))?
+        .map_err(local)?;
     // The local file's digests, from what was written.
-    let (path, len) = (task.temp.clone(), total);
+    let (path, len, owner) = (task.temp.clone(), total, task.owner);
     let digests = tokio::task::spawn_blocking(move || {
-        let f = File::open(&path)?;
+        let f = open_temp(&path, owner, false)?;
         shoal_validator::hash_reader(std::io::BufReader::new(f), len).map_err(std::io::Error::other)
     })
     .await
@@ -498,12 +496,13 @@ struct PieceWriter {
 }
 
 impl PieceWriter {
-    fn new(buffered: Arc<File>, path: &Path, piece_size: u64) -> Self {
-        use std::os::unix::fs::OpenOptionsExt;
+    fn new(buffered: Arc<File>, piece_size: u64) -> Self {
+        use std::os::unix::{fs::OpenOptionsExt, io::AsRawFd};
+        // The same inode as `buffered`, not whatever the path names by now.
         let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(path)
+            .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
             .ok();
         let scratch = if direct.is_some() {
             vec![0u8; piece_size as usize + DIRECT_ALIGN]
@@ -558,7 +557,6 @@ const CHECKPOINT_BATCH: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 fn spawn_writer(
-    path: PathBuf,
     file: File,
     checker: Checker,
     piece_size: u64,
@@ -570,7 +568,7 @@ fn spawn_writer(
     let (tx, mut rx) = mpsc::channel::<(PieceIndex, Source, Bytes)>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let file = Arc::new(file);
-        let mut writer = PieceWriter::new(file.clone(), &path, piece_size);
+        let mut writer = PieceWriter::new(file.clone(), piece_size);
         let (sha_tx, sha_rx) =
             std::sync::mpsc::sync_channel::<(PieceIndex, Option<Bytes>)>(VERIFY_QUEUE);
         let sha_file = file.clone();
@@ -704,17 +702,37 @@ fn sha_in_order(
     Ok((next == piece_count).then(|| sha.finish()))
 }
 
-/// Gives the file to `owner` (and the owner's primary group) when this process runs as root
-/// and the owner is another user; otherwise leaves it as it is.
-fn give_to_owner(file: &File, owner: Option<u32>) -> std::io::Result<()> {
-    // SAFETY: `geteuid` has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    match owner {
-        Some(uid) if root && uid != 0 => {
-            std::os::unix::fs::fchown(file, Some(uid), crate::daemon::primary_gid(uid))
+/// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
+/// its place) is removed, and the new one is created exclusively, never through a symlink.
+fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::fsuser::as_owner(owner, || {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        _ => Ok(()),
-    }
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        file.set_len(length)?;
+        Ok(file)
+    })
+}
+
+/// Opens the temporary file of an earlier run, as the job's owner, never through a symlink.
+fn open_temp(path: &Path, owner: Option<u32>, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::fsuser::as_owner(owner, || {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    })
 }
 
 /// Checks again the pieces an earlier run left in `temp`: against the layer, or hashed into
@@ -724,8 +742,9 @@ fn recheck(
     geometry: ContentId,
     pieces: &Bitfield,
     mut checker: Checker,
+    owner: Option<u32>,
 ) -> std::io::Result<(Bitfield, Checker)> {
-    let file = File::open(temp)?;
+    let file = open_temp(temp, owner, false)?;
     let mut kept = Bitfield::new(pieces.len());
     let mut buf = Vec::new();
     for index in pieces.ones() {
@@ -898,7 +917,9 @@ async fn attempt(
             }
     });
     let file = match resume {
-        Some(_) => OpenOptions::new().read(true).write(true).open(&task.temp),
+        Some(_) => {
+            open_temp(&task.temp, task.owner, true).and_then(|f| f.set_len(length).map(|()| f))
+        }
         None => {
             if let Some(d) = &task.durable {
                 // Forget an earlier run's pieces before the file is emptied.
@@ -906,17 +927,10 @@ async fn attempt(
                     .clear_pieces(d.job, d.index)
                     .map_err(|e| local(std::io::Error::other(e)))?;
             }
-            OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&task.temp)
+            create_temp(&task.temp, task.owner, length)
         }
     }
-    .and_then(|f| f.set_len(length).map(|()| f))
     .map_err(local)?;
-    give_to_owner(&file, task.owner).map_err(local)?;
     let builder = || {
         LayerBuilder::new(length).map_err(|e| {
             AttemptFailure::from(Failure::Fatal(JobError {
@@ -961,8 +975,8 @@ async fn attempt(
                 Some(l) => Checker::Layer(l.clone()),
                 None => Checker::Builder(builder()?),
             };
-            let (pieces, temp) = (r.pieces.clone(), task.temp.clone());
-            tokio::task::spawn_blocking(move || recheck(&temp, geometry, &pieces, checker))
+            let (pieces, temp, owner) = (r.pieces.clone(), task.temp.clone(), task.owner);
+            tokio::task::spawn_blocking(move || recheck(&temp, geometry, &pieces, checker, owner))
                 .await
                 .map_err(|e| local(std::io::Error::other(e)))?
                 .map_err(local)?
@@ -1003,7 +1017,6 @@ async fn attempt(
         remote: remote.clone(),
     });
     let writer = spawn_writer(
-        task.temp.clone(),
         file,
         checker,
         piece_size,
@@ -1195,7 +1208,17 @@ async fn attempt(
                     sched.set_peer(peer, bits);
                 }
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                // The writer stops only on a write, flush or state-store failure; the pieces
+                // it held will never be reported, so end here (its error comes from the join).
+                if writer.thread.is_finished() {
+                    break Err(Failure::Fatal(JobError {
+                        context: ErrorContext::LocalFile,
+                        file: Some(task.index),
+                        description: format!("writing {} failed", task.temp.display()),
+                    }).into());
+                }
+            }
         }
     };
     run_cancel.cancel();
@@ -1260,7 +1283,17 @@ async fn attempt(
             description: "SHA-256 could not be computed".into(),
         })
     })?;
+    // A whole-file mismatch: these bytes must not be resumed from.
+    let forget = || {
+        env.store.remove_at(&id, &task.temp);
+        if let Some(d) = &task.durable
+            && let Err(e) = d.store.clear_pieces(d.job, d.index)
+        {
+            warn!(url = %task.url, "cannot forget the pieces of a file that failed: {e}");
+        }
+    };
     if let Err(e) = expected.check_content_id(&id) {
+        forget();
         // Only origin bytes reach here without a trusted layer.
         return Err(Failure::Fatal(JobError {
             context: ErrorContext::RemoteFile,
@@ -1270,7 +1303,7 @@ async fn attempt(
         .into());
     }
     if let Err(e) = expected.check_sha256(sha256) {
-        env.store.remove_at(&id, &task.temp);
+        forget();
         if claimed && from_peers {
             if let Some((_, answers, ban)) = &choice {
                 for (peer, _, _) in answers {

@@ -505,12 +505,14 @@ async fn monitor(c: &mut ControlClient<Channel>, job: String) -> Result<()> {
             .await
             .unwrap_or(Ok(None))?
         else {
-            // No event for a while (or the stream ended): ask.
+            // No event for a while, or the stream ended (the daemon drops a reader that falls
+            // behind): ask, at most once a second.
             state = c
                 .get_job(pb::JobRef { job: job.clone() })
                 .await?
                 .into_inner()
                 .state;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
         match ev.kind {

@@ -29,6 +29,7 @@ pub mod demo;
 pub(crate) mod download;
 mod error;
 pub mod events;
+mod fsuser;
 pub mod job;
 mod node;
 pub mod origin;

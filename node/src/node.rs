@@ -286,6 +286,9 @@ struct JobRecord {
     run_lock: Arc<tokio::sync::Mutex<()>>,
     /// Cuts short a retry delay ([`Node::retry_now`]).
     wake: Arc<tokio::sync::Notify>,
+    /// True while the runner waits out a retry delay or delivers a notification, so that a
+    /// Resume or AddFile that queues the job again replaces it.
+    lingering: bool,
     /// When the job entered TransientError with no progress since (the no-progress timer).
     transient_since: Option<tokio::time::Instant>,
     /// The last change by the caller or progress (the inactivity timer; tokio's clock, so
@@ -513,6 +516,7 @@ impl Node {
             runner: None,
             run_lock: Arc::default(),
             wake: Arc::default(),
+            lingering: false,
             transient_since: None,
             touched: tokio::time::Instant::now(),
         };
@@ -658,6 +662,7 @@ impl Node {
                 runner: None,
                 run_lock: Arc::default(),
                 wake: Arc::default(),
+                lingering: false,
                 transient_since: None,
                 touched: now.checked_sub(idle).unwrap_or(now),
             };
@@ -871,17 +876,17 @@ impl Node {
             t.cancel();
         }
         for f in &rec.info.files {
-            self.forget_temp(f);
+            self.forget_temp(f, rec.info.owner);
         }
         self.set_state(&mut rec, to);
         self.save(&rec)
     }
 
-    fn forget_temp(&self, f: &FileInfo) {
+    fn forget_temp(&self, f: &FileInfo, owner: Option<u32>) {
         if let Some(id) = &f.content_id {
             self.inner.env.store.remove_at(id, &f.temp_name);
         }
-        let _ = std::fs::remove_file(&f.temp_name);
+        let _ = crate::fsuser::as_owner(owner, || std::fs::remove_file(&f.temp_name));
     }
 
     /// Ends a job (BITS `Complete`): renames each transferred and validated file's temporary
@@ -905,7 +910,7 @@ impl Node {
                 continue;
             }
             if !f.transferred {
-                self.forget_temp(&f);
+                self.forget_temp(&f, rec.info.owner);
                 continue;
             }
             if f.local_name.is_dir() {
@@ -918,19 +923,29 @@ impl Node {
                 path: f.local_name.clone(),
                 source: e,
             };
-            std::fs::File::open(&f.temp_name)
-                .and_then(|file| file.sync_all())
-                .map_err(io)?;
-            std::fs::rename(&f.temp_name, &f.local_name).map_err(io)?;
-            if let Some(dir) = f.local_name.parent()
-                && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                })
-            {
-                let _ = d.sync_all();
-            }
+            // As the job's owner: the rename is checked as the user would be (a directory
+            // swapped for a symlink since the file was added leads nowhere the user may not
+            // write; a sticky directory keeps other users' files).
+            crate::fsuser::as_owner(rec.info.owner, || {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&f.temp_name)?
+                    .sync_all()?;
+                std::fs::rename(&f.temp_name, &f.local_name)?;
+                if let Some(dir) = f.local_name.parent()
+                    && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        dir
+                    })
+                {
+                    let _ = d.sync_all();
+                }
+                Ok(())
+            })
+            .map_err(io)?;
             if let Some(id) = &f.content_id {
                 self.inner
                     .env
@@ -991,9 +1006,19 @@ impl Node {
 
     fn start_runner(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
         let mut rec = lock(slot);
-        if rec.runner.is_some() || rec.info.state != State::Queued {
+        if rec.info.state != State::Queued {
             return;
         }
+        // A runner may linger from the state the job just left (waiting out a retry delay,
+        // delivering a notification): it would stop without running the job, so a new one
+        // replaces it. One that is itself waiting for a slot (Queued) goes on.
+        if let Some(old) = &rec.runner {
+            if !rec.lingering {
+                return;
+            }
+            old.cancel();
+        }
+        rec.lingering = false;
         let token = self.inner.shutdown.child_token();
         rec.runner = Some(token.clone());
         let node = self.clone();
@@ -1082,7 +1107,11 @@ impl Node {
                 return;
             }
             let delay = info.properties.retry_delay;
-            match cb.job_transferred(info).await {
+            let delivered = tokio::select! {
+                () = token.cancelled() => return,
+                r = cb.job_transferred(info) => r,
+            };
+            match delivered {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(%job, "JobTransferred not acknowledged, again in {delay:?}: {e}");
@@ -1108,9 +1137,11 @@ impl Node {
                 return;
             }
             let delay = info.properties.retry_delay;
-            if cb.job_error(info, error).await.is_ok()
-                || !Self::sleep_or_cancel(token, slot, delay).await
-            {
+            let delivered = tokio::select! {
+                () = token.cancelled() => return,
+                r = cb.job_error(info, error) => r,
+            };
+            if delivered.is_ok() || !Self::sleep_or_cancel(token, slot, delay).await {
                 return;
             }
         }
@@ -1124,6 +1155,7 @@ impl Node {
         }
         let token = self.inner.shutdown.child_token();
         rec.runner = Some(token.clone());
+        rec.lingering = true;
         let state = rec.info.state;
         drop(rec);
         let (node, slot) = (self.clone(), slot.clone());
@@ -1198,8 +1230,16 @@ impl Node {
             if token.is_cancelled() {
                 return;
             }
+            let state = lock(slot).info.state;
             match end {
-                Ended::Stopped if preempted => {
+                // Preempted, possibly while failing or finishing: the transition that would
+                // have ended the run was refused, so the job queues again.
+                _ if preempted
+                    && matches!(
+                        state,
+                        State::Queued | State::Connecting | State::Transferring
+                    ) =>
+                {
                     info!(%job, "yielding the transfer slot");
                     if !self.runner_transition(slot, token, Transition::Requeue) {
                         return;
@@ -1207,17 +1247,21 @@ impl Node {
                 }
                 Ended::Stopped => return,
                 Ended::Transient(delay) => {
-                    if !Self::sleep_or_cancel(token, slot, delay).await
-                        || !self.runner_transition(slot, token, Transition::Retry)
-                    {
+                    lock(slot).lingering = true;
+                    let go_on = Self::sleep_or_cancel(token, slot, delay).await
+                        && self.runner_transition(slot, token, Transition::Retry);
+                    lock(slot).lingering = false;
+                    if !go_on {
                         return;
                     }
                 }
                 Ended::Failed => {
+                    lock(slot).lingering = true;
                     self.deliver_error(slot, token).await;
                     return;
                 }
                 Ended::Transferred => {
+                    lock(slot).lingering = true;
                     let _ = self.inner.events.send(Event::JobTransferred { job });
                     self.deliver_transferred(job, slot, token).await;
                     return;
@@ -1318,7 +1362,10 @@ impl Node {
                         file: file.clone(),
                     });
                     let verdict = match cb {
-                        Some(cb) => cb.file_transferred(info, file).await,
+                        Some(cb) => tokio::select! {
+                            () = token.cancelled() => return Ended::Stopped,
+                            v = cb.file_transferred(info, file) => v,
+                        },
                         None => ValidationState::Valid,
                     };
                     if token.is_cancelled() {

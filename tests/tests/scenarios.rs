@@ -1888,3 +1888,96 @@ async fn api_events_come_in_order_and_progress_at_a_bounded_rate() {
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn resume_during_a_retry_delay_runs_the_job_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(300_000, 95);
+    origin.put("t.bin", data.clone());
+    // The test node's origin client tries 4 times; all of them fail.
+    origin.state.fail_next.store(4, Ordering::SeqCst);
+    let node = test_node(&[], ServeMode::Honest).await;
+    let job = node.create_job("retry", Priority::Normal).unwrap();
+    node.set_retry_delay(job, Duration::from_secs(600)).unwrap();
+    let dest = dir.path().join("t.bin");
+    node.add_file(job, spec(origin.url("t.bin"), &dest, blake3_only(&data)))
+        .unwrap();
+    node.resume(job).unwrap();
+    wait_for(&node, job, &[State::TransientError]).await;
+    // BITS: Resume in TransientError retries now, not after the 600 s delay.
+    node.resume(job).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.info(job).unwrap().state != State::Transferred {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {:?}",
+            node.info(job).unwrap().state
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn api_a_symlink_or_a_swapped_directory_does_not_redirect_writes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = shared_dir();
+    let origin = TestOrigin::start().await;
+    let data = content(200_000, 96);
+    origin.put("s.bin", data.clone());
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    let me = {
+        let probe = dir.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        std::fs::metadata(&probe).unwrap().uid()
+    };
+    // A file the caller must not touch.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // 1. A symlink planted at the temporary file's path is replaced, never followed.
+    let job = c.create_job(create("symlink")).await.unwrap().into_inner();
+    let dest = dir.path().join("s.bin");
+    let job = c
+        .add_file(add(&job.id, &origin.url("s.bin"), &dest, &data))
+        .await
+        .unwrap()
+        .into_inner();
+    let temp = PathBuf::from(&job.files[0].temp_name);
+    std::os::unix::fs::symlink(&victim, &temp).unwrap();
+    c.resume(jref(&job.id)).await.unwrap();
+    wait_for(&d.node, job.id.parse().unwrap(), &[State::Transferred]).await;
+    c.complete(jref(&job.id)).await.unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), me);
+    // 2. A directory swapped for a symlink to one the caller may not write (only checkable
+    // when the daemon runs as root and so acts as the caller).
+    if me == 0 {
+        let private = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let job = c.create_job(create("swap")).await.unwrap().into_inner();
+        c.add_file(add(
+            &job.id,
+            &origin.url("s.bin"),
+            &sub.join("x.bin"),
+            &data,
+        ))
+        .await
+        .unwrap();
+        std::fs::remove_dir(&sub).unwrap();
+        std::os::unix::fs::symlink(private.path(), &sub).unwrap();
+        c.resume(jref(&job.id)).await.unwrap();
+        let info = wait_for(&d.node, job.id.parse().unwrap(), &[State::Error]).await;
+        assert_eq!(info.error.unwrap().context, ErrorContext::LocalFile);
+        assert_eq!(std::fs::read_dir(private.path()).unwrap().count(), 0);
+    }
+    d.stop().await;
+}

@@ -35,6 +35,9 @@ use crate::{
     job::{JobError, JobId, JobInfo, notify},
 };
 
+/// The shortest time a notify command line may run before it is stopped.
+const CMDLINE_LIMIT: Duration = Duration::from_secs(300);
+
 /// Events queued for one watching client before it is considered gone.
 const WATCH_QUEUE: usize = 256;
 
@@ -51,6 +54,9 @@ impl Watcher {
         (self.uid == 0 || owner == Some(self.uid)) && self.job.is_none_or(|j| j == job)
     }
 }
+
+/// Deliveries waiting for an acknowledgement: id → the job's owner and the waiting callback.
+type Acks = HashMap<u64, (Option<u32>, oneshot::Sender<()>)>;
 
 /// Settings of notification delivery.
 #[derive(Clone, Debug)]
@@ -78,8 +84,10 @@ pub struct Hub {
     config: NotifyConfig,
     next_id: AtomicU64,
     watchers: Mutex<HashMap<u64, Watcher>>,
-    /// Delivery id → the waiting callback.
-    acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Delivery id → the job's owner and the waiting callback.
+    acks: Mutex<Acks>,
+    /// Cancelled at shutdown: every wait for an answer ends.
+    closing: tokio_util::sync::CancellationToken,
     /// (job, file) → the waiting callback.
     verdicts: Mutex<HashMap<(JobId, usize), oneshot::Sender<ValidationState>>>,
     /// Per user: notifications in flight.
@@ -105,6 +113,7 @@ impl Hub {
             next_id: AtomicU64::new(1),
             watchers: Mutex::new(HashMap::new()),
             acks: Mutex::new(HashMap::new()),
+            closing: tokio_util::sync::CancellationToken::new(),
             verdicts: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
         })
@@ -159,6 +168,7 @@ impl Hub {
     /// Ends every client's stream (at shutdown, so that the server's graceful stop does not
     /// wait for streams that never end).
     pub(crate) fn close_all(&self) {
+        self.closing.cancel();
         locked(&self.watchers).clear();
     }
 
@@ -176,11 +186,16 @@ impl Hub {
             .any(|w| w.progress && !w.tx.is_closed())
     }
 
-    /// Acknowledges delivery `id`; false when it is unknown or already answered.
-    pub(crate) fn acknowledge(&self, id: u64) -> bool {
-        locked(&self.acks)
-            .remove(&id)
-            .is_some_and(|tx| tx.send(()).is_ok())
+    /// Acknowledges delivery `id` for a caller who may see jobs of `may_see`'s owners; false
+    /// when it is unknown, already answered, or another user's.
+    pub(crate) fn acknowledge(&self, id: u64, may_see: impl Fn(Option<u32>) -> bool) -> bool {
+        let mut acks = locked(&self.acks);
+        match acks.get(&id) {
+            Some((owner, _)) if may_see(*owner) => {
+                acks.remove(&id).is_some_and(|(_, tx)| tx.send(()).is_ok())
+            }
+            _ => false,
+        }
     }
 
     /// Answers the pending verdict of `file` of `job`; false when none is pending.
@@ -214,28 +229,54 @@ impl Hub {
         if self.watched(info.id, info.owner) {
             let id = self.next();
             let (tx, rx) = oneshot::channel();
-            locked(&self.acks).insert(id, tx);
+            locked(&self.acks).insert(id, (info.owner, tx));
+            // The entry goes when this delivery ends, however it ends.
+            let _forget = Forget(&self.acks, id);
             let event = pb::Event {
                 job: info.id.to_string(),
                 kind: Some(kind(id)),
             };
             if self.send(info.id, info.owner, &event) > 0 {
-                let acked = tokio::time::timeout(info.properties.retry_delay, rx).await;
-                locked(&self.acks).remove(&id);
-                if matches!(acked, Ok(Ok(()))) {
+                let acked = tokio::select! {
+                    () = self.closing.cancelled() => None,
+                    r = tokio::time::timeout(info.properties.retry_delay, rx) => r.ok(),
+                };
+                if matches!(acked, Some(Ok(()))) {
                     info!(job = %info.id, "{what} acknowledged by a client");
                     return Ok(());
                 }
-            } else {
-                locked(&self.acks).remove(&id);
             }
         }
+        if self.closing.is_cancelled() {
+            return Err(CallbackError("the daemon is stopping".into()));
+        }
         if let Some(argv) = &info.properties.notify_cmdline {
-            return run_cmdline(argv, info.id, info.owner, what).await;
+            // A command that runs longer than five minutes (or the retry delay, if longer) is
+            // stopped and counts as failed, so that one hung program cannot hold the user's
+            // notification slots for ever.
+            let limit = info.properties.retry_delay.max(CMDLINE_LIMIT);
+            return tokio::select! {
+                () = self.closing.cancelled() => Err(CallbackError("the daemon is stopping".into())),
+                r = tokio::time::timeout(limit, run_cmdline(argv, info.id, info.owner, what)) => {
+                    r.unwrap_or_else(|_| Err(CallbackError(format!(
+                        "the notify command line ran longer than {} s",
+                        limit.as_secs()
+                    ))))
+                }
+            };
         }
         Err(CallbackError(format!(
             "no client acknowledged {what} and the job has no notify command line"
         )))
+    }
+}
+
+/// Removes a delivery's entry when dropped.
+struct Forget<'a>(&'a Mutex<Acks>, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        locked(self.0).remove(&self.1);
     }
 }
 
@@ -258,10 +299,10 @@ async fn run_cmdline(
     // SAFETY-free: `geteuid` has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if root && let Some(uid) = owner.filter(|&u| u != 0) {
-        cmd.uid(uid);
-        if let Some(gid) = super::primary_gid(uid) {
-            cmd.gid(gid);
-        }
+        // Never with root's group: a user without a password entry gets no command run.
+        let gid = super::primary_gid(uid)
+            .ok_or_else(|| CallbackError(format!("user {uid} has no password entry")))?;
+        cmd.uid(uid).gid(gid);
     }
     let status = cmd
         .status()
@@ -309,11 +350,14 @@ impl Callback for JobCallback {
             let (tx, rx) = oneshot::channel();
             locked(&hub.verdicts).insert((job.id, file.index), tx);
             hub.send(job.id, job.owner, &event(true));
-            let verdict = tokio::time::timeout(hub.config.validation_timeout, rx).await;
+            let verdict: Option<ValidationState> = tokio::select! {
+                () = hub.closing.cancelled() => None,
+                r = tokio::time::timeout(hub.config.validation_timeout, rx) => r.ok().and_then(Result::ok),
+            };
             locked(&hub.verdicts).remove(&(job.id, file.index));
             match verdict {
-                Ok(Ok(v)) => v,
-                _ => {
+                Some(v) => v,
+                None => {
                     info!(job = %job.id, file = file.index, "no verdict in time; the file counts as {default:?}");
                     default
                 }

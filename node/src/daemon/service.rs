@@ -525,8 +525,10 @@ impl Control for Service {
         &self,
         req: Request<pb::AcknowledgeRequest>,
     ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
-        self.caller(&req)?;
-        let accepted = self.hub.acknowledge(req.get_ref().delivery);
+        let caller = self.caller(&req)?;
+        let accepted = self
+            .hub
+            .acknowledge(req.get_ref().delivery, |owner| caller.may_see(owner));
         Ok(Response::new(pb::AcknowledgeResponse { accepted }))
     }
 
