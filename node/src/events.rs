@@ -66,7 +66,9 @@ pub trait Callback: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
-    /// The job's state changed.
+    /// The job's state changed. Called synchronously, with the job locked, so that it comes
+    /// before anything the new state leads to: it must not block, and must not call back into
+    /// the [`crate::Node`] (hand the snapshot to a task or channel instead).
     fn job_modification(&self, job: JobInfo) {
         let _ = job;
     }

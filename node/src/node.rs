@@ -336,6 +336,22 @@ fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
     local.with_file_name(format!(".{name}.{short}.shoal-part"))
 }
 
+/// Whether `f`'s local name holds exactly its verified content (a Complete that renamed the
+/// file but was stopped before it recorded so).
+fn renamed_already(f: &FileInfo) -> bool {
+    let Some(id) = f.content_id else {
+        return false;
+    };
+    let Ok(file) = std::fs::File::open(&f.local_name) else {
+        return false;
+    };
+    if file.metadata().map(|m| m.len()).ok() != Some(id.length()) {
+        return false;
+    }
+    shoal_validator::hash_reader(std::io::BufReader::new(file), id.length())
+        .is_ok_and(|d| d.content_id() == id && f.sha256.is_none_or(|s| s == d.sha256))
+}
+
 /// Checks ranges as BITS `AddFileWithRanges` does: none empty, none starting at "to the end",
 /// none overlapping another (compared sorted by offset).
 fn check_ranges(ranges: &[ByteRange]) -> Result<(), Error> {
@@ -612,6 +628,11 @@ impl Node {
             for (i, f) in info.files.iter().enumerate() {
                 let done = f.transferred && !flags[i].1;
                 if done && !f.temp_name.exists() {
+                    // Complete renamed it just before the stop, before it could record that.
+                    if renamed_already(f) {
+                        flags[i].1 = true;
+                        continue;
+                    }
                     vanished = Some(i);
                 }
                 if done
@@ -875,11 +896,14 @@ impl Node {
         if let Some(t) = rec.runner.take() {
             t.cancel();
         }
+        // The state first: a crash after it leaves stray temporary files, never a live job
+        // whose files are gone.
+        self.set_state(&mut rec, to);
+        self.save(&rec)?;
         for f in &rec.info.files {
             self.forget_temp(f, rec.info.owner);
         }
-        self.set_state(&mut rec, to);
-        self.save(&rec)
+        Ok(())
     }
 
     fn forget_temp(&self, f: &FileInfo, owner: Option<u32>) {
@@ -1283,7 +1307,32 @@ impl Node {
             return Ended::Stopped;
         }
         let mut i = 0;
-        while i < lock(slot).info.files.len() {
+        'files: loop {
+            if i >= lock(slot).info.files.len() {
+                // Every file is done, unless one was added meanwhile: checked and moved to
+                // Transferred under one lock, so that an AddFile cannot slip in between.
+                let mut rec = lock(slot);
+                if token.is_cancelled() {
+                    return Ended::Stopped;
+                }
+                if let Some(next) = rec.info.files.iter().position(|f| !f.transferred) {
+                    i = next;
+                    drop(rec);
+                    continue 'files;
+                }
+                rec.info.transfer_completed = Some(SystemTime::now());
+                return match next_state(rec.info.state, Transition::AllTransferred) {
+                    Ok(to) => {
+                        self.set_state(&mut rec, to);
+                        self.save_logged(&rec);
+                        Ended::Transferred
+                    }
+                    Err(e) => {
+                        warn!("runner transition refused: {e}");
+                        Ended::Stopped
+                    }
+                };
+            }
             let (mut task, done) = {
                 let mut rec = lock(slot);
                 let resume = rec.left.get_mut(i).and_then(Option::take);
@@ -1457,17 +1506,6 @@ impl Node {
                 }
             }
         }
-        {
-            let mut rec = lock(slot);
-            if token.is_cancelled() {
-                return Ended::Stopped;
-            }
-            rec.info.transfer_completed = Some(SystemTime::now());
-        }
-        if !self.runner_transition(slot, token, Transition::AllTransferred) {
-            return Ended::Stopped;
-        }
-        Ended::Transferred
     }
 
     fn on_update(

@@ -1981,3 +1981,31 @@ async fn api_a_symlink_or_a_swapped_directory_does_not_redirect_writes() {
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_complete_cut_short_after_its_rename_is_not_an_error_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let origin = TestOrigin::start().await;
+    let data = content(500_000, 97);
+    origin.put("c.bin", data.clone());
+    let dest = dir.path().join("c.bin");
+    let first = stateful_node(&state).await;
+    let job = first.create_job("complete", Priority::Normal).unwrap();
+    first
+        .add_file(job, spec(origin.url("c.bin"), &dest, blake3_only(&data)))
+        .unwrap();
+    first.resume(job).unwrap();
+    let info = wait_for(&first, job, &[State::Transferred]).await;
+    first.shutdown().await;
+    drop(first);
+    // What a Complete stopped between its rename and its record leaves behind.
+    std::fs::rename(&info.files[0].temp_name, &dest).unwrap();
+    let second = stateful_node(&state).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(second.info(job).unwrap().state, State::Transferred);
+    second.complete(job).unwrap();
+    assert_eq!(second.info(job).unwrap().state, State::Acknowledged);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    second.shutdown().await;
+}
