@@ -1131,9 +1131,12 @@ impl Node {
                 return;
             }
             let delay = info.properties.retry_delay;
+            // The callback goes first: one that completes the job itself (and so cancels this
+            // runner) still finishes its work; a cancellation ends only a long wait.
             let delivered = tokio::select! {
-                () = token.cancelled() => return,
+                biased;
                 r = cb.job_transferred(info) => r,
+                () = token.cancelled() => return,
             };
             match delivered {
                 Ok(()) => return,
@@ -1162,8 +1165,9 @@ impl Node {
             }
             let delay = info.properties.retry_delay;
             let delivered = tokio::select! {
-                () = token.cancelled() => return,
+                biased;
                 r = cb.job_error(info, error) => r,
+                () = token.cancelled() => return,
             };
             if delivered.is_ok() || !Self::sleep_or_cancel(token, slot, delay).await {
                 return;
@@ -1412,8 +1416,9 @@ impl Node {
                     });
                     let verdict = match cb {
                         Some(cb) => tokio::select! {
-                            () = token.cancelled() => return Ended::Stopped,
+                            biased;
                             v = cb.file_transferred(info, file) => v,
+                            () = token.cancelled() => return Ended::Stopped,
                         },
                         None => ValidationState::Valid,
                     };

@@ -483,3 +483,58 @@ async fn the_job_commands_drive_the_daemon() {
     assert!(out.contains(&format!("{} bytes", data.len())), "{out}");
     assert_eq!(std::fs::read(&got).unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_with_an_embedded_node_completes_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(2 << 20, 81);
+    origin.put("g.bin", data.clone());
+    let url = origin.url("g.bin").to_string();
+    // Three times: the hang this guards against (a callback dropped as it completed the job)
+    // was a race that one run catches half the time.
+    for run in 0..3 {
+        let out = dir.path().join(format!("g{run}.bin"));
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args([
+                "get",
+                &url,
+                "-o",
+                out.to_str().unwrap(),
+                "--sha256",
+                &hex_sha256(&data),
+            ])
+            .args([
+                "--no-daemon",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut guard = Daemon(child);
+        // Bounded: `get` must exit on its own once the job is complete.
+        let status = loop {
+            if let Some(s) = guard.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "shoal get did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(guard.0.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        assert!(status.success(), "{stdout}");
+        assert!(
+            stdout.contains(&format!("{} bytes", data.len())),
+            "{stdout}"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+    }
+}
