@@ -15,7 +15,12 @@ use serde::Deserialize;
 
 use shoal_validator::ValidationState;
 
-use crate::{Builder, daemon::DaemonConfig, origin, scheduler};
+use crate::{
+    Builder,
+    daemon::DaemonConfig,
+    group::{Group, PeerMode},
+    origin, scheduler,
+};
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +44,27 @@ pub struct NodeSection {
     pub mdns: Option<bool>,
     /// Piece requests served at once; more are answered Busy.
     pub max_concurrent_uploads: Option<usize>,
+    /// Which peers to use: "origin", "lan", "group" or "internet" (DO's download modes).
+    pub mode: Option<String>,
+    /// DHT bootstrap peers (multiaddrs ending in `/p2p/PEER_ID`), for the group and internet
+    /// modes.
+    pub bootstrap: Option<Vec<String>>,
+    /// How long other nodes keep this node's provider records, in seconds.
+    pub provider_ttl_seconds: Option<f64>,
+    /// How often this node publishes its provider records again, in seconds.
+    pub provider_republish_seconds: Option<f64>,
+}
+
+/// `[group]`: the peer group (a name and a secret; see `shoal_node::group`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// The group's name.
+    pub name: Option<String>,
+    /// The group's secret, inline.
+    pub secret: Option<String>,
+    /// A file whose contents (trailing whitespace removed) are the secret.
+    pub secret_file: Option<String>,
 }
 
 /// `[origin]`: the HTTP client.
@@ -136,6 +162,8 @@ pub struct Config {
     /// `[daemon]`.
     #[serde(default)]
     pub daemon: DaemonSection,
+    /// `[group]`.
+    pub group: Option<GroupSection>,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -199,6 +227,7 @@ impl Config {
         if let Some(u) = n.max_concurrent_uploads {
             b = b.max_concurrent_uploads(u);
         }
+        b = self.apply_peers(b, path)?;
         let o = &self.origin;
         let mut origin = origin::Config::default();
         if let Some(r) = o.retries {
@@ -254,6 +283,110 @@ impl Config {
             b = b.inactivity_timeout(seconds(path, "daemon.inactivity_timeout_seconds", v)?);
         }
         Ok(b)
+    }
+
+    /// The peer mode, group and DHT settings.
+    fn apply_peers(&self, mut b: Builder, path: &str) -> Result<Builder, ConfigError> {
+        let n = &self.node;
+        let bad = |reason: String| ConfigError {
+            path: path.to_owned(),
+            reason,
+        };
+        let mode: PeerMode = match &n.mode {
+            Some(m) => m.parse().map_err(|e| bad(format!("node.mode: {e}")))?,
+            None => PeerMode::default(),
+        };
+        b = b.mode(mode);
+        let group = match &self.group {
+            None => None,
+            Some(g) => Some(self.group_of(g, path)?),
+        };
+        match (mode, &group) {
+            (PeerMode::Group, None) => {
+                return Err(bad(
+                    "node.mode = \"group\" needs a [group] section with a name and a secret".into(),
+                ));
+            }
+            (PeerMode::Internet, Some(_)) => {
+                return Err(bad(
+                    "node.mode = \"internet\" with a [group]: a grouped node reaches only its \
+                     group; use mode = \"group\""
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(g) = group {
+            for a in addrs(path, "node.listen", n.listen.as_deref().unwrap_or_default())? {
+                if !crate::swarm::is_tcp(&a) {
+                    return Err(bad(format!(
+                        "node.listen: {a} is not TCP; a grouped node runs TCP only (pnet)"
+                    )));
+                }
+            }
+            b = b.group(g);
+        }
+        let boot = addrs(
+            path,
+            "node.bootstrap",
+            n.bootstrap.as_deref().unwrap_or_default(),
+        )?;
+        if !boot.is_empty() && !mode.uses_dht() {
+            return Err(bad(format!(
+                "node.bootstrap is used only with node.mode = \"group\" or \"internet\", not \"{mode}\""
+            )));
+        }
+        for a in boot {
+            if !a
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            {
+                return Err(bad(format!("node.bootstrap: {a} must end in /p2p/PEER_ID")));
+            }
+            b = b.bootstrap(a);
+        }
+        let defaults = crate::swarm::Config::default();
+        let ttl = match n.provider_ttl_seconds {
+            Some(v) => seconds(path, "node.provider_ttl_seconds", v)?,
+            None => defaults.provider_ttl,
+        };
+        let republish = match n.provider_republish_seconds {
+            Some(v) => seconds(path, "node.provider_republish_seconds", v)?,
+            None => defaults.provider_republish,
+        };
+        if republish.is_zero() || republish >= ttl {
+            return Err(bad(format!(
+                "node.provider_republish_seconds ({}) must be above 0 and below \
+                 node.provider_ttl_seconds ({})",
+                republish.as_secs_f64(),
+                ttl.as_secs_f64()
+            )));
+        }
+        Ok(b.provider_records(ttl, republish))
+    }
+
+    fn group_of(&self, g: &GroupSection, path: &str) -> Result<Group, ConfigError> {
+        let bad = |reason: String| ConfigError {
+            path: path.to_owned(),
+            reason,
+        };
+        let name = g
+            .name
+            .as_deref()
+            .ok_or_else(|| bad("group.name is missing".into()))?;
+        let secret = match (&g.secret, &g.secret_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| bad(format!("group.secret_file: {f}: {e}")))?
+                .trim_end()
+                .to_owned(),
+            _ => {
+                return Err(bad(
+                    "[group] needs exactly one of group.secret and group.secret_file".into(),
+                ));
+            }
+        };
+        Group::new(name, secret.as_bytes()).map_err(|e| bad(format!("[group]: {e}")))
     }
 
     /// The daemon's state directory: `[daemon] state_dir`, default
@@ -400,5 +533,60 @@ mod tests {
         }
         let e = Config::parse("[daemon]\nsocket_path = \"/x\"\n", "x.toml").unwrap_err();
         assert!(e.to_string().contains("socket_path"), "{e}");
+    }
+
+    #[test]
+    fn peer_modes_groups_and_bootstrap_peers_are_checked() {
+        let group = "[group]\nname = \"lab\"\nsecret = \"0123456789abcdef0123\"\n";
+        let boot = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+        let ok = |text: &str| {
+            let c = Config::parse(text, "x.toml").unwrap();
+            c.apply(crate::Node::builder(), "x.toml").unwrap();
+        };
+        ok(&format!("[node]\nmode = \"group\"\nbootstrap = [\"{boot}\"]\n{group}"));
+        ok(&format!("[node]\nmode = \"internet\"\nbootstrap = [\"{boot}\"]\n"));
+        ok("[node]\nmode = \"origin\"\n");
+        ok(&format!("[node]\nmode = \"lan\"\n{group}"));
+        for (text, says) in [
+            ("[node]\nmode = \"cloud\"\n".to_owned(), "node.mode"),
+            ("[node]\nmode = \"group\"\n".to_owned(), "[group]"),
+            (
+                format!("[node]\nmode = \"internet\"\n{group}"),
+                "node.mode = \"internet\"",
+            ),
+            (
+                format!("[node]\nbootstrap = [\"{boot}\"]\n"),
+                "node.bootstrap",
+            ),
+            (
+                "[node]\nmode = \"internet\"\nbootstrap = [\"/ip4/127.0.0.1/tcp/1\"]\n".to_owned(),
+                "/p2p/PEER_ID",
+            ),
+            (
+                format!("[node]\nlisten = [\"/ip4/0.0.0.0/udp/0/quic-v1\"]\n{group}"),
+                "TCP only",
+            ),
+            ("[group]\nname = \"lab\"\n".to_owned(), "group.secret"),
+            (
+                "[group]\nname = \"a b\"\nsecret = \"0123456789abcdef0123\"\n".to_owned(),
+                "group name",
+            ),
+            (
+                "[group]\nname = \"lab\"\nsecret = \"short\"\n".to_owned(),
+                "at least 16",
+            ),
+            (
+                "[group]\nname = \"lab\"\nsecret_file = \"/nonexistent/secret\"\n".to_owned(),
+                "group.secret_file",
+            ),
+            (
+                "[node]\nprovider_ttl_seconds = 60.0\nprovider_republish_seconds = 60.0\n".to_owned(),
+                "node.provider_republish_seconds",
+            ),
+        ] {
+            let c = Config::parse(&text, "x.toml").unwrap();
+            let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
     }
 }

@@ -94,8 +94,12 @@ pub(crate) enum Update {
         content_id: Option<ContentId>,
         resumed: u64,
     },
-    /// A piece verified and was written.
-    Piece { bytes: u64, from_peer: bool },
+    /// A piece verified and was written; `source` is how the peer that sent it was found,
+    /// `None` for the origin.
+    Piece {
+        bytes: u64,
+        source: Option<swarm::PeerSource>,
+    },
     /// A piece failed verification and was discarded.
     Rejected,
     /// A peer was banned.
@@ -365,7 +369,7 @@ async fn download_ranges(
                     } else {
                         progress(Update::Piece {
                             bytes: n,
-                            from_peer: false,
+                            source: None,
                         });
                     }
                     ok
@@ -420,14 +424,16 @@ async fn download_ranges(
 /// A peer's answer to a have query.
 type Answer = (PeerId, ContentId, Bitfield);
 
-async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey) -> Vec<Answer> {
-    let peers: Vec<PeerId> = env
-        .swarm
-        .connected_peers()
-        .await
-        .into_iter()
-        .filter(|p| !env.bans.is_banned(ban, p))
-        .collect();
+/// Asks the connected peers and `extra` (providers found in the DHT) what they hold of `key`;
+/// peers banned for `ban` are left out.
+async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> Vec<Answer> {
+    let mut peers: Vec<PeerId> = env.swarm.connected_peers().await;
+    for p in extra {
+        if !peers.contains(&p) {
+            peers.push(p);
+        }
+    }
+    peers.retain(|p| !env.bans.is_banned(ban, p));
     let asks = peers.into_iter().map(|peer| {
         let swarm = env.swarm.clone();
         async move {
@@ -445,6 +451,19 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey) -> Vec<Answer> {
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// How often a download looks up providers in the DHT again (every this many have rounds).
+const DHT_EVERY_REFRESHES: u32 = 5;
+
+/// Waits for a first peer connection (at most the discovery wait) while the DHT is searched
+/// for providers of `key`; returns the providers found.
+async fn discover(env: &Env, key: HaveKey) -> Vec<PeerId> {
+    let (_, providers) = futures::join!(
+        wait_for_peers(env),
+        env.swarm.find_providers(key, env.discovery_wait)
+    );
+    providers
 }
 
 async fn wait_for_peers(env: &Env) {
@@ -797,17 +816,17 @@ async fn attempt(
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, AttemptFailure> {
     let expected = task.expected;
-    let use_peers = !origin_only && !expected.is_none();
+    let use_peers = !origin_only && !expected.is_none() && env.swarm.mode().uses_peers();
     // 1. Discovery.
     let mut choice: Option<(ContentId, Vec<Answer>, BanKey)> = None;
     if use_peers {
-        wait_for_peers(env).await;
         let (key, ban) = match (expected.blake3, expected.sha256) {
             (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
             (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
             (None, None) => unreachable!("use_peers needs a digest"),
         };
-        let mut answers = ask_peers(env, key, ban).await;
+        let providers = discover(env, key).await;
+        let mut answers = ask_peers(env, key, ban, providers).await;
         if let Some(h) = expected.blake3 {
             answers.retain(|(_, id, _)| *id.hash() == h);
         }
@@ -1043,6 +1062,7 @@ async fn attempt(
     let mut last_refresh = Instant::now();
     // At most one have round is out at a time, however slow the peers answer.
     let mut refreshing = false;
+    let mut refreshes = 0u32;
     let mut from_peers = resume.is_some_and(|r| r.meta.from_peers);
     let mut tick = tokio::time::interval(TICK);
     let run_cancel = cancel.child_token();
@@ -1117,10 +1137,18 @@ async fn attempt(
             last_refresh = Instant::now();
             if let Some(id) = content_id {
                 refreshing = true;
+                refreshes += 1;
+                let dht = refreshes.is_multiple_of(DHT_EVERY_REFRESHES);
                 let (env2, tx) = (env.clone(), refresh_tx.clone());
                 tokio::spawn(async move {
                     let key = BanKey::Blake3(*id.hash());
-                    let answers = ask_peers(&env2, HaveKey::Blake3(*id.hash()), key).await;
+                    let have = HaveKey::Blake3(*id.hash());
+                    let providers = if dht {
+                        env2.swarm.find_providers(have, PEER_REFRESH).await
+                    } else {
+                        Vec::new()
+                    };
+                    let answers = ask_peers(&env2, have, key, providers).await;
                     let _ = tx
                         .send(
                             answers
@@ -1143,9 +1171,12 @@ async fn attempt(
                         if let Some(id) = &content_id {
                             env.store.mark_verified(id, &task.temp, v.index);
                         }
-                        let from_peer = matches!(v.source, Source::Peer(_));
-                        from_peers |= from_peer;
-                        progress(Update::Piece { bytes: v.bytes, from_peer });
+                        let source = match v.source {
+                            Source::Peer(p) => Some(env.swarm.peer_source(&p)),
+                            Source::Origin => None,
+                        };
+                        from_peers |= source.is_some();
+                        progress(Update::Piece { bytes: v.bytes, source });
                     }
                     Err(reason) => {
                         progress(Update::Rejected);

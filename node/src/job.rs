@@ -272,10 +272,30 @@ pub struct FileInfo {
     pub bytes_from_peers: u64,
     /// Verified bytes that came from the origin.
     pub bytes_from_origin: u64,
+    /// Of `bytes_from_peers`: from LAN peers (listed, mDNS, or on a private network).
+    pub bytes_from_lan_peers: u64,
+    /// Of `bytes_from_peers`: from peers found through the DHT (the group's or the public
+    /// one).
+    pub bytes_from_group_peers: u64,
+    /// Of `bytes_from_peers`: from configured cache nodes.
+    pub bytes_from_cache: u64,
     /// True once every byte verified and the caller validated the file.
     pub transferred: bool,
     /// The caller's verdict.
     pub validation_state: ValidationState,
+}
+
+/// Delivery Optimization's PercentPeerCaching of `from_peers` bytes from peers and cache
+/// nodes and `from_origin` bytes from the origin: `100 × peers / (peers + origin)`, 0 when
+/// both are 0.
+#[must_use]
+pub fn percent_peer_caching(from_peers: u64, from_origin: u64) -> f64 {
+    let all = from_peers + from_origin;
+    if all == 0 {
+        0.0
+    } else {
+        100.0 * from_peers as f64 / all as f64
+    }
 }
 
 /// Notification flags (BITS `BG_NOTIFY_*`, same values): which events a job's owner is told
@@ -377,6 +397,31 @@ impl JobInfo {
     #[must_use]
     pub fn bytes_transferred(&self) -> u64 {
         self.files.iter().map(|f| f.bytes_transferred).sum()
+    }
+
+    /// Verified bytes from LAN peers, over all files.
+    #[must_use]
+    pub fn bytes_from_lan_peers(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_from_lan_peers).sum()
+    }
+
+    /// Verified bytes from DHT (group) peers, over all files.
+    #[must_use]
+    pub fn bytes_from_group_peers(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_from_group_peers).sum()
+    }
+
+    /// Verified bytes from cache nodes, over all files.
+    #[must_use]
+    pub fn bytes_from_cache(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_from_cache).sum()
+    }
+
+    /// Delivery Optimization's PercentPeerCaching: the share of the bytes downloaded that
+    /// came from peers and cache nodes rather than the origin, in percent (0 with no bytes).
+    #[must_use]
+    pub fn percent_peer_caching(&self) -> f64 {
+        percent_peer_caching(self.bytes_from_peers(), self.bytes_from_origin())
     }
 
     /// Verified bytes from peers, over all files.

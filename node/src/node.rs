@@ -18,6 +18,7 @@ use crate::{
     Error,
     download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
     events::{Callback, Event, TransferredFile},
+    group::{Group, PeerMode},
     job::{
         ByteRange, ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo,
         JobProperties, PeerStats, Priority, State, Transition, next_state,
@@ -37,6 +38,8 @@ const EVENT_CAPACITY: usize = 1024;
 #[derive(Default)]
 pub struct Builder {
     swarm: swarm::Config,
+    /// Whether `listen` replaced the default listen addresses.
+    listen_set: bool,
     origin: origin::Config,
     scheduler: scheduler::Config,
     retry_delay: Option<Duration>,
@@ -67,6 +70,7 @@ impl Builder {
     #[must_use]
     pub fn listen(mut self, addrs: Vec<Multiaddr>) -> Self {
         self.swarm.listen = addrs;
+        self.listen_set = true;
         self
     }
 
@@ -81,6 +85,39 @@ impl Builder {
     #[must_use]
     pub fn mdns(mut self, on: bool) -> Self {
         self.swarm.mdns = on;
+        self
+    }
+
+    /// Which peers the node uses (default [`PeerMode::Lan`]): origin only, LAN (listed and
+    /// mDNS peers), group or internet (and the DHT).
+    #[must_use]
+    pub fn mode(mut self, mode: PeerMode) -> Self {
+        self.swarm.mode = mode;
+        self
+    }
+
+    /// Puts the node in a peer group: it connects only to nodes of the same group (libp2p
+    /// pnet, TCP only, so the default listen addresses become TCP only) and uses the group's
+    /// DHT.
+    #[must_use]
+    pub fn group(mut self, group: Group) -> Self {
+        self.swarm.group = Some(group);
+        self
+    }
+
+    /// Adds a DHT bootstrap peer; the address must end in `/p2p/PEER_ID`.
+    #[must_use]
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.swarm.bootstrap.push(addr);
+        self
+    }
+
+    /// How long other nodes keep this node's provider records (default 2 h) and how often it
+    /// publishes them again (default 30 min).
+    #[must_use]
+    pub fn provider_records(mut self, ttl: Duration, republish: Duration) -> Self {
+        self.swarm.provider_ttl = ttl;
+        self.swarm.provider_republish = republish;
         self
     }
 
@@ -206,9 +243,16 @@ impl Builder {
             (None, Some(state)) => state_identity(state)?,
             (None, None) => identity::Keypair::generate_ed25519(),
         };
-        let has_peers = !self.swarm.peers.is_empty() || self.swarm.mdns;
+        let has_peers = self.swarm.mode.uses_peers()
+            && (!self.swarm.peers.is_empty()
+                || self.swarm.mdns
+                || (self.swarm.mode.uses_dht() && !self.swarm.bootstrap.is_empty()));
+        let mut swarm_config = self.swarm;
+        if swarm_config.group.is_some() && !self.listen_set {
+            swarm_config.listen.retain(swarm::is_tcp);
+        }
         let (handle, task) =
-            swarm::spawn(keypair, self.swarm, store.clone(), shutdown.clone()).await?;
+            swarm::spawn(keypair, swarm_config, store.clone(), shutdown.clone()).await?;
         let origin = origin::Client::new(self.origin).map_err(|e| Error::Origin(e.to_string()))?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         // Waiting for peers makes sense only when some may come.
@@ -438,6 +482,33 @@ impl Node {
     /// The peers connected now.
     pub async fn connected_peers(&self) -> Vec<PeerId> {
         self.inner.env.swarm.connected_peers().await
+    }
+
+    /// What the DHT side of the swarm knows: routing table size, keys announced, lookups.
+    pub async fn dht_status(&self) -> swarm::DhtStatus {
+        self.inner.env.swarm.dht_status().await
+    }
+
+    /// Looks up the providers of `key` in the DHT (see [`swarm::Handle::find_providers`]),
+    /// waiting at most `wait`.
+    pub async fn find_providers(
+        &self,
+        key: shoal_protocol::HaveKey,
+        wait: Duration,
+    ) -> Vec<PeerId> {
+        self.inner.env.swarm.find_providers(key, wait).await
+    }
+
+    /// How this node came to know `peer`: its bytes count as LAN, group (DHT) or cache bytes.
+    #[must_use]
+    pub fn peer_source(&self, peer: &PeerId) -> swarm::PeerSource {
+        self.inner.env.swarm.peer_source(peer)
+    }
+
+    /// The peer mode the node runs in.
+    #[must_use]
+    pub fn mode(&self) -> PeerMode {
+        self.inner.env.swarm.mode()
     }
 
     /// Dials a peer.
@@ -807,6 +878,9 @@ impl Node {
                 bytes_transferred: 0,
                 bytes_from_peers: 0,
                 bytes_from_origin: 0,
+                bytes_from_lan_peers: 0,
+                bytes_from_group_peers: 0,
+                bytes_from_cache: 0,
                 transferred: false,
                 validation_state: ValidationState::Unknown,
             });
@@ -1536,19 +1610,28 @@ impl Node {
                     if resumed == 0 {
                         f.bytes_from_peers = 0;
                         f.bytes_from_origin = 0;
+                        f.bytes_from_lan_peers = 0;
+                        f.bytes_from_group_peers = 0;
+                        f.bytes_from_cache = 0;
                     }
                     self.save_logged(&rec);
                     false
                 }
-                Update::Piece { bytes, from_peer } => {
+                Update::Piece { bytes, source } => {
                     rec.transient_since = None;
                     rec.touched = tokio::time::Instant::now();
                     let f = &mut rec.info.files[index];
                     f.bytes_transferred += bytes;
-                    if from_peer {
-                        f.bytes_from_peers += bytes;
-                    } else {
-                        f.bytes_from_origin += bytes;
+                    match source {
+                        None => f.bytes_from_origin += bytes,
+                        Some(s) => {
+                            f.bytes_from_peers += bytes;
+                            *match s {
+                                swarm::PeerSource::Lan => &mut f.bytes_from_lan_peers,
+                                swarm::PeerSource::Dht => &mut f.bytes_from_group_peers,
+                                swarm::PeerSource::Cache => &mut f.bytes_from_cache,
+                            } += bytes;
+                        }
                     }
                     rec.info.state == State::Connecting
                 }

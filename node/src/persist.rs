@@ -139,6 +139,12 @@ pub(crate) struct FileDisk {
     pub(crate) bytes_total: Option<u64>,
     pub(crate) bytes_from_peers: u64,
     pub(crate) bytes_from_origin: u64,
+    #[serde(default)]
+    pub(crate) bytes_from_lan_peers: u64,
+    #[serde(default)]
+    pub(crate) bytes_from_group_peers: u64,
+    #[serde(default)]
+    pub(crate) bytes_from_cache: u64,
     pub(crate) transferred: bool,
     pub(crate) validation: String,
     pub(crate) origin_only: bool,
@@ -616,6 +622,9 @@ impl FileDisk {
             bytes_total: f.bytes_total,
             bytes_from_peers: f.bytes_from_peers,
             bytes_from_origin: f.bytes_from_origin,
+            bytes_from_lan_peers: f.bytes_from_lan_peers,
+            bytes_from_group_peers: f.bytes_from_group_peers,
+            bytes_from_cache: f.bytes_from_cache,
             transferred: f.transferred,
             validation: format!("{:?}", f.validation_state),
             origin_only,
@@ -657,6 +666,9 @@ impl FileDisk {
             bytes_transferred: 0,
             bytes_from_peers: self.bytes_from_peers,
             bytes_from_origin: self.bytes_from_origin,
+            bytes_from_lan_peers: self.bytes_from_lan_peers,
+            bytes_from_group_peers: self.bytes_from_group_peers,
+            bytes_from_cache: self.bytes_from_cache,
             transferred: self.transferred,
             validation_state: match self.validation.as_str() {
                 "Unknown" => ValidationState::Unknown,
@@ -741,6 +753,9 @@ mod tests {
                     bytes_transferred: 0,
                     bytes_from_peers: 60,
                     bytes_from_origin: 40,
+                    bytes_from_lan_peers: 50,
+                    bytes_from_group_peers: 10,
+                    bytes_from_cache: 0,
                     transferred: i == 0,
                     validation_state: ValidationState::Valid,
                 })

@@ -40,6 +40,9 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct ContentStore {
     inner: RwLock<Inner>,
+    /// Signalled when the set of content ids or SHA-256s changes (one waiter: the swarm, which
+    /// announces them in the DHT).
+    changed: tokio::sync::Notify,
 }
 
 impl ContentStore {
@@ -62,6 +65,7 @@ impl ContentStore {
             return;
         }
         inner.by_hash.insert(*id.hash(), id);
+        self.changed.notify_one();
         inner.by_id.insert(
             id,
             Entry {
@@ -85,8 +89,8 @@ impl ContentStore {
     /// Records that this node computed `sha256` over the whole of `id`.
     pub fn set_sha256(&self, id: &ContentId, sha256: Sha256Digest) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        if inner.by_id.contains_key(id) {
-            inner.by_sha256.insert(sha256, *id);
+        if inner.by_id.contains_key(id) && inner.by_sha256.insert(sha256, *id) != Some(*id) {
+            self.changed.notify_one();
         }
     }
 
@@ -108,7 +112,27 @@ impl ContentStore {
             inner.by_id.remove(id);
             inner.by_hash.remove(id.hash());
             inner.by_sha256.retain(|_, v| v != id);
+            self.changed.notify_one();
         }
+    }
+
+    /// Resolves when the set of content ids or SHA-256s changed since the last call resolved
+    /// (for one waiter).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// The keys this node can answer have queries for: every content id's BLAKE3 hash and
+    /// every SHA-256 it computed.
+    #[must_use]
+    pub fn keys(&self) -> Vec<HaveKey> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_id
+            .keys()
+            .map(|id| HaveKey::Blake3(*id.hash()))
+            .chain(inner.by_sha256.keys().map(|d| HaveKey::Sha256(*d)))
+            .collect()
     }
 
     /// What this node holds for a have query: the content id and its verified pieces.

@@ -17,7 +17,7 @@ use std::{
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, mdns, noise, ping,
+    Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, kad, mdns, noise, ping,
     request_response::{
         self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
     },
@@ -33,7 +33,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{Error, store::ContentStore};
+use crate::{
+    Error,
+    group::{Group, PUBLIC_DHT_PROTOCOL, PeerMode},
+    store::ContentStore,
+};
 
 /// Capacity of the command channel into the event loop.
 const COMMAND_QUEUE: usize = 256;
@@ -164,16 +168,18 @@ mod behaviour {
     #![allow(missing_docs)]
 
     use super::{
-        HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle, identify, mdns,
-        ping,
+        HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle, identify, kad,
+        mdns, ping,
     };
 
-    /// Shoal's network behaviour: identify, ping, optional mDNS, and the three peer protocols.
+    /// Shoal's network behaviour: identify, ping, optional mDNS, the optional Kademlia DHT,
+    /// and the three peer protocols.
     #[derive(NetworkBehaviour)]
     pub struct Behaviour {
         pub(super) identify: identify::Behaviour,
         pub(super) ping: ping::Behaviour,
         pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
+        pub(super) kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
         pub(super) piece: PieceBehaviour,
@@ -214,6 +220,18 @@ pub struct Config {
     pub piece_timeout: Duration,
     /// How this node answers peers.
     pub serve_mode: ServeMode,
+    /// Which peers the node uses. In [`PeerMode::Origin`] it listens nowhere and dials
+    /// nobody.
+    pub mode: PeerMode,
+    /// The peer group: connections then need the group's pre-shared key (TCP only).
+    pub group: Option<Group>,
+    /// DHT bootstrap peers, each ending in `/p2p/PEER_ID` (used in the group and internet
+    /// modes).
+    pub bootstrap: Vec<Multiaddr>,
+    /// How long other nodes keep this node's provider records, in seconds.
+    pub provider_ttl: Duration,
+    /// How often this node publishes its provider records again.
+    pub provider_republish: Duration,
 }
 
 impl Default for Config {
@@ -232,8 +250,56 @@ impl Default for Config {
             max_concurrent_uploads: 32,
             piece_timeout: Duration::from_secs(30),
             serve_mode: ServeMode::Honest,
+            mode: PeerMode::Lan,
+            group: None,
+            bootstrap: Vec::new(),
+            provider_ttl: Duration::from_secs(2 * 3600),
+            provider_republish: Duration::from_secs(30 * 60),
         }
     }
+}
+
+/// How this node came to know a peer; it decides which figure the peer's bytes count in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PeerSource {
+    /// A listed (static) peer, an mDNS peer, or one found no other way that connected from a
+    /// loopback or private address: a LAN peer.
+    #[default]
+    Lan,
+    /// Found as a provider through the DHT (the group's, or the public one), and neither
+    /// listed nor found by mDNS.
+    Dht,
+    /// A configured cache node.
+    Cache,
+}
+
+impl PeerSource {
+    /// The name used in stats: `lan`, `group` (DHT peers) or `cache`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lan => "lan",
+            Self::Dht => "group",
+            Self::Cache => "cache",
+        }
+    }
+}
+
+/// What the DHT side of the swarm knows, for diagnostics (`shoal why`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DhtStatus {
+    /// Whether the node takes part in a DHT.
+    pub enabled: bool,
+    /// The DHT protocol name.
+    pub protocol: String,
+    /// Peers in the routing table.
+    pub routing_peers: usize,
+    /// Content keys this node announces as a provider.
+    pub provided_keys: usize,
+    /// Provider lookups run so far.
+    pub lookups: u64,
+    /// Providers those lookups returned, in all.
+    pub providers_found: u64,
 }
 
 /// Why a request to a peer failed.
@@ -275,6 +341,8 @@ enum OutRequest {
 enum Command {
     Request(PeerId, OutRequest),
     Dial(Multiaddr),
+    FindProviders(HaveKey, mpsc::UnboundedSender<PeerId>),
+    DhtStatus(oneshot::Sender<DhtStatus>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     RespondPiece(
@@ -303,15 +371,97 @@ struct UploadCounters {
     busy: std::sync::atomic::AtomicU64,
 }
 
+/// Peer sources, shared between the loop (which learns them) and downloads (which count
+/// bytes by them).
+/// Each peer's source with the rank of the evidence: a configured cache node (3) beats a
+/// listed or mDNS peer (2), which beats a DHT provider (1), which beats a guess from the
+/// address of an inbound connection (0).
+type Sources = Arc<std::sync::RwLock<HashMap<PeerId, (PeerSource, u8)>>>;
+
+/// Records that `peer` is of `source` on evidence of `rank`, unless stronger evidence said
+/// otherwise.
+fn learn(sources: &Sources, peer: PeerId, source: PeerSource, rank: u8) {
+    let mut s = sources.write().unwrap_or_else(|e| e.into_inner());
+    let e = s.entry(peer).or_insert((source, rank));
+    if rank > e.1 {
+        *e = (source, rank);
+    }
+}
+
+/// Evidence ranks for [`learn`].
+const RANK_GUESS: u8 = 0;
+const RANK_DHT: u8 = 1;
+const RANK_LISTED: u8 = 2;
+
 /// A cloneable handle to the swarm's event loop.
 #[derive(Clone, Debug)]
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     uploads: Arc<UploadCounters>,
+    sources: Sources,
+    mode: PeerMode,
+    group: Option<String>,
 }
 
 impl Handle {
+    /// The peer mode the swarm runs in.
+    #[must_use]
+    pub fn mode(&self) -> PeerMode {
+        self.mode
+    }
+
+    /// The name of the node's group, if it has one.
+    #[must_use]
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    /// How this node came to know `peer` ([`PeerSource::Lan`] for a peer it knows nothing
+    /// about).
+    #[must_use]
+    pub fn peer_source(&self, peer: &PeerId) -> PeerSource {
+        self.sources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .map(|e| e.0)
+            .unwrap_or_default()
+    }
+
+    /// Looks up the providers of `key` in the DHT and dials each as it is found; returns the
+    /// providers found (without this node) when the lookup ends or `wait` has passed,
+    /// whichever comes first (the lookup goes on, dialing what it finds, for at most the DHT
+    /// query timeout of 15 s). Empty at once when the node is in no DHT.
+    pub async fn find_providers(&self, key: HaveKey, wait: Duration) -> Vec<PeerId> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if self
+            .commands
+            .send(Command::FindProviders(key, tx))
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if !found.contains(&p) {
+                found.push(p);
+            }
+        }
+        found
+    }
+
+    /// What the DHT side knows now.
+    pub async fn dht_status(&self) -> DhtStatus {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::DhtStatus(tx)).await.is_err() {
+            return DhtStatus::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// This node's peer id.
     #[must_use]
     pub fn peer_id(&self) -> PeerId {
@@ -417,30 +567,131 @@ fn request_config(timeout: Duration) -> request_response::Config {
         .with_max_concurrent_streams(512)
 }
 
+/// The DHT record key of a have key: the BLAKE3 hash itself, or `sha256:` and the digest.
+#[must_use]
+pub fn record_key(key: &HaveKey) -> kad::RecordKey {
+    match key {
+        HaveKey::Blake3(h) => kad::RecordKey::new(h),
+        HaveKey::Sha256(d) => kad::RecordKey::new(&[b"sha256:".as_slice(), &d.0].concat()),
+    }
+}
+
+/// The Kademlia behaviour: server mode (a LAN node is reachable), the group's protocol name,
+/// provider records with the configured lifetime, and room to announce many keys.
+fn kad_behaviour(peer_id: PeerId, config: &Config) -> kad::Behaviour<kad::store::MemoryStore> {
+    let protocol = config.group.as_ref().map_or(
+        StreamProtocol::new(PUBLIC_DHT_PROTOCOL),
+        Group::dht_protocol,
+    );
+    let mut kc = kad::Config::new(protocol);
+    kc.set_query_timeout(DHT_QUERY_TIMEOUT)
+        .set_provider_record_ttl(Some(config.provider_ttl))
+        .set_provider_publication_interval(Some(config.provider_republish));
+    let store = kad::store::MemoryStore::with_config(
+        peer_id,
+        kad::store::MemoryStoreConfig {
+            max_provided_keys: 1 << 20,
+            max_records: 1024,
+            ..Default::default()
+        },
+    );
+    let mut k = kad::Behaviour::with_config(peer_id, store, kc);
+    k.set_mode(Some(kad::Mode::Server));
+    k
+}
+
+/// While the routing table holds at most this many peers, a new peer in it makes the node
+/// publish its provider records again (K, the Kademlia replication factor).
+const REPUBLISH_BELOW_PEERS: usize = 20;
+
+/// The longest a DHT lookup runs.
+const DHT_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Whether `addr` is a TCP address (and not QUIC).
+pub(crate) fn is_tcp(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+        && !addr.iter().any(|p| {
+            matches!(
+                p,
+                libp2p::multiaddr::Protocol::QuicV1 | libp2p::multiaddr::Protocol::Udp(_)
+            )
+        })
+}
+
+/// Whether a peer's address is on this host or a private network (RFC 1918, RFC 4193,
+/// link-local): a peer there counts as a LAN peer.
+fn is_local(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => {
+            ip.is_loopback() || ip.is_private() || ip.is_link_local()
+        }
+        libp2p::multiaddr::Protocol::Ip6(ip) => {
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        _ => false,
+    })
+}
+
 /// Builds the swarm and spawns its event loop; the loop stops when `shutdown` is cancelled.
 ///
 /// # Errors
-/// [`Error::Swarm`] when a transport cannot be built or a listen address cannot be bound.
+/// [`Error::Swarm`] when a transport cannot be built, a listen address cannot be bound, a
+/// grouped node is given a non-TCP listen address, or a bootstrap address lacks `/p2p/ID`.
 pub(crate) async fn spawn(
     keypair: identity::Keypair,
-    config: Config,
+    mut config: Config,
     store: Arc<ContentStore>,
     shutdown: CancellationToken,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
     let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
+    if !config.mode.uses_peers() {
+        // Origin only: nothing is bound and nobody is dialed.
+        config.listen.clear();
+        config.peers.clear();
+        config.bootstrap.clear();
+        config.mdns = false;
+    }
+    if config.mode == PeerMode::Group && config.group.is_none() {
+        return Err(Error::Swarm(
+            "peer mode \"group\" needs a group (a name and a secret)".into(),
+        ));
+    }
+    if config.group.is_some() {
+        // pnet wraps a byte stream: a grouped node runs TCP alone.
+        if let Some(bad) = config.listen.iter().find(|a| !is_tcp(a)) {
+            return Err(Error::Swarm(format!(
+                "cannot listen on {bad}: a grouped node runs TCP only (pnet needs a byte stream)"
+            )));
+        }
+    }
+    let bootstrap: Vec<(PeerId, Multiaddr)> = if config.mode.uses_dht() {
+        config
+            .bootstrap
+            .iter()
+            .map(|a| {
+                peer_of(a).map(|p| (p, a.clone())).ok_or_else(|| {
+                    Error::Swarm(format!("bootstrap address {a} must end in /p2p/PEER_ID"))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let mdns_on = config.mdns;
+    let dht_on = config.mode.uses_dht();
     let piece_timeout = config.piece_timeout;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            // TLS with AES-GCM first (see `tls`); noise for peers that only speak noise.
-            (crate::tls::Config::new, noise::Config::new),
-            yamux::Config::default,
-        )
-        .map_err(|e| swarm_err(&e))?
-        .with_quic()
-        .with_behaviour(|key| {
+    let make_behaviour =
+        |key: &identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
             let peer_id = key.public().to_peer_id();
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(
@@ -457,6 +708,7 @@ pub(crate) async fn spawn(
                 )),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
+                kad: Toggle::from(dht_on.then(|| kad_behaviour(peer_id, &config))),
                 have: request_response::Behaviour::new(
                     [(StreamProtocol::new(HAVE_PROTOCOL), ProtocolSupport::Full)],
                     request_config(Duration::from_secs(10)),
@@ -470,19 +722,61 @@ pub(crate) async fn spawn(
                     request_config(piece_timeout),
                 ),
             })
-        })
-        .map_err(|e| swarm_err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+        };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let mut swarm = match &config.group {
+        Some(group) => libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_other_transport(|key| {
+                group
+                    .transport(key, tcp_config)
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+            })
+            .map_err(|e| swarm_err(&e))?
+            .with_behaviour(make_behaviour)
+            .map_err(|e| swarm_err(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        None => libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp_config,
+                // TLS with AES-GCM first (see `tls`); noise for peers that only speak noise.
+                (crate::tls::Config::new, noise::Config::new),
+                yamux::Config::default,
+            )
+            .map_err(|e| swarm_err(&e))?
+            .with_quic()
+            .with_behaviour(make_behaviour)
+            .map_err(|e| swarm_err(&e))?
+            .with_swarm_config(idle)
+            .build(),
+    };
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
             .map_err(|e| Error::Swarm(format!("cannot listen on {addr}: {e}")))?;
     }
+    let sources: Sources = Arc::default();
+    for p in config.peers.iter().filter_map(peer_of) {
+        learn(&sources, p, PeerSource::Lan, RANK_LISTED);
+    }
     for addr in &config.peers {
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, "cannot dial peer: {e}");
         }
+    }
+    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+        for (peer, addr) in &bootstrap {
+            kad.add_address(peer, addr.clone());
+        }
+        if !bootstrap.is_empty() {
+            let _ = kad.bootstrap();
+        }
+    }
+    for (_, addr) in &bootstrap {
+        let _ = swarm.dial(addr.clone());
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let peer_id = *swarm.local_peer_id();
@@ -491,7 +785,11 @@ pub(crate) async fn spawn(
         commands: tx.clone(),
         peer_id,
         uploads: counters.clone(),
+        sources: sources.clone(),
+        mode: config.mode,
+        group: config.group.as_ref().map(|g| g.name().to_owned()),
     };
+    let listening = !config.listen.is_empty();
     let event_loop = EventLoop {
         swarm,
         commands: rx,
@@ -502,20 +800,38 @@ pub(crate) async fn spawn(
         counters,
         serve_mode: config.serve_mode,
         static_peers: config.peers,
+        bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
         pending_layer: HashMap::new(),
         pending_piece: HashMap::new(),
         listen_addrs: HashSet::new(),
+        sources,
+        lookups: HashMap::new(),
+        provided: HashSet::new(),
+        dht_counts: (0, 0),
+        republish: false,
+        dht_protocol: config
+            .group
+            .as_ref()
+            .map_or(PUBLIC_DHT_PROTOCOL.to_owned(), |g| {
+                g.dht_protocol().to_string()
+            }),
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     // Wait until the listeners are bound so `listen_addrs` is useful at once.
     for _ in 0..100 {
-        if !handle.listen_addrs().await.is_empty() || config.listen.is_empty() {
+        if !listening || !handle.listen_addrs().await.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok((handle, task))
+}
+
+/// A provider lookup in progress: the providers found so far and who wants to hear of them.
+struct Lookup {
+    found: HashSet<PeerId>,
+    waiting: Vec<mpsc::UnboundedSender<PeerId>>,
 }
 
 struct EventLoop {
@@ -531,22 +847,37 @@ struct EventLoop {
     counters: Arc<UploadCounters>,
     serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
     pending_piece: HashMap<OutboundRequestId, oneshot::Sender<Result<PieceResponse, RequestError>>>,
     listen_addrs: HashSet<Multiaddr>,
+    sources: Sources,
+    lookups: HashMap<kad::QueryId, Lookup>,
+    /// The DHT keys this node announces.
+    provided: HashSet<kad::RecordKey>,
+    /// Provider lookups started, and providers they found.
+    dht_counts: (u64, u64),
+    /// Set when the provider records should be published again at the next tick.
+    republish: bool,
+    dht_protocol: String,
 }
 
 impl EventLoop {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let store = self.store.clone();
+        let dht = self.swarm.behaviour().kad.is_enabled();
+        self.sync_provided();
         loop {
+            let changed = store.changed();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd),
                 _ = redial.tick() => self.redial(),
+                () = changed, if dht => self.sync_provided(),
             }
         }
         debug!("swarm event loop stopped");
@@ -554,14 +885,108 @@ impl EventLoop {
 
     fn redial(&mut self) {
         for addr in self.static_peers.clone() {
-            let known = addr.iter().find_map(|p| match p {
-                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                _ => None,
-            });
+            let known = peer_of(&addr);
             let connected = known.is_some_and(|id| self.swarm.is_connected(&id));
             if !connected && (known.is_some() || self.swarm.connected_peers().next().is_none()) {
                 let _ = self.swarm.dial(addr);
             }
+        }
+        if std::mem::take(&mut self.republish) {
+            self.republish_all();
+        }
+        // Without any connection the DHT is cut off: go back to the bootstrap peers.
+        if self.swarm.connected_peers().next().is_none() {
+            for addr in self.bootstrap.clone() {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+    }
+
+    /// Announces (as a provider) every content id and SHA-256 the store holds, and stops
+    /// announcing what it no longer holds; other nodes' copies of a withdrawn record expire
+    /// after the provider record TTL.
+    fn sync_provided(&mut self) {
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+            return;
+        };
+        let now: HashSet<kad::RecordKey> = self.store.keys().iter().map(record_key).collect();
+        for gone in self.provided.difference(&now) {
+            kad.stop_providing(gone);
+        }
+        for new in now.difference(&self.provided) {
+            if let Err(e) = kad.start_providing(new.clone()) {
+                warn!("cannot announce a provider record: {e}");
+            }
+        }
+        self.provided = now;
+    }
+
+    /// Publishes every provider record again now (not only at the republish interval).
+    fn republish_all(&mut self) {
+        let Some(kad) = self.swarm.behaviour_mut().kad.as_mut() else {
+            return;
+        };
+        for key in &self.provided {
+            let _ = kad.start_providing(key.clone());
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        use kad::{Event as K, GetProvidersOk, QueryResult};
+        if let K::RoutingUpdated {
+            is_new_peer: true, ..
+        } = &event
+        {
+            // A record published while the routing table was small reached few nodes, maybe
+            // none: publish again (at the next tick) while the table is still filling.
+            let size: usize = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .as_mut()
+                .map_or(0, |k| k.kbuckets().map(|b| b.num_entries()).sum());
+            if size <= REPUBLISH_BELOW_PEERS && !self.provided.is_empty() {
+                self.republish = true;
+            }
+            return;
+        }
+        let K::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
+            return;
+        };
+        let QueryResult::GetProviders(result) = result else {
+            return;
+        };
+        let me = *self.swarm.local_peer_id();
+        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = &result {
+            for peer in providers {
+                if *peer == me {
+                    continue;
+                }
+                learn(&self.sources, *peer, PeerSource::Dht, RANK_DHT);
+                // Dial while the query still knows the addresses.
+                if !self.swarm.is_connected(peer) {
+                    let _ = self.swarm.dial(*peer);
+                }
+                if let Some(l) = self.lookups.get_mut(&id)
+                    && l.found.insert(*peer)
+                {
+                    for tx in &l.waiting {
+                        let _ = tx.send(*peer);
+                    }
+                }
+            }
+        }
+        let finished = step.last
+            || matches!(
+                result,
+                Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) | Err(_)
+            );
+        if finished && let Some(l) = self.lookups.remove(&id) {
+            // Dropping the senders tells the waiters the lookup ended.
+            self.dht_counts.1 += l.found.len() as u64;
         }
     }
 
@@ -584,6 +1009,35 @@ impl EventLoop {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, "cannot dial: {e}");
                 }
+            }
+            Command::FindProviders(key, tx) => match b.kad.as_mut() {
+                Some(kad) => {
+                    let id = kad.get_providers(record_key(&key));
+                    self.dht_counts.0 += 1;
+                    self.lookups
+                        .entry(id)
+                        .or_insert_with(|| Lookup {
+                            found: HashSet::new(),
+                            waiting: Vec::new(),
+                        })
+                        .waiting
+                        .push(tx);
+                }
+                None => drop(tx),
+            },
+            Command::DhtStatus(tx) => {
+                let mut status = DhtStatus {
+                    enabled: b.kad.is_enabled(),
+                    protocol: self.dht_protocol.clone(),
+                    provided_keys: self.provided.len(),
+                    lookups: self.dht_counts.0,
+                    providers_found: self.dht_counts.1,
+                    ..DhtStatus::default()
+                };
+                if let Some(kad) = b.kad.as_mut() {
+                    status.routing_peers = kad.kbuckets().map(|b| b.num_entries()).sum();
+                }
+                let _ = tx.send(status);
             }
             Command::ConnectedPeers(tx) => {
                 let _ = tx.send(self.swarm.connected_peers().copied().collect());
@@ -619,16 +1073,42 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.remove(&address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 debug!(%peer_id, "connected");
+                // A guess for a peer found no other way: LAN if it is on this host or a
+                // private network.
+                let guess = if is_local(endpoint.get_remote_address()) {
+                    PeerSource::Lan
+                } else {
+                    PeerSource::Dht
+                };
+                learn(&self.sources, peer_id, guess, RANK_GUESS);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
+                    learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let proto = StreamProtocol::try_from_owned(self.dht_protocol.clone()).ok();
+                if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
+                    && proto.is_some_and(|p| info.protocols.contains(&p))
+                {
+                    for addr in info.listen_addrs {
+                        kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Have(e)) => self.on_have(e),
             SwarmEvent::Behaviour(BehaviourEvent::Layer(e)) => self.on_layer(e),
             SwarmEvent::Behaviour(BehaviourEvent::Piece(e)) => self.on_piece(e),

@@ -230,7 +230,8 @@ pub async fn stateful_node(state: &std::path::Path) -> Node {
         .expect("node starts with its state directory")
 }
 
-async fn test_builder(peers: &[Node], mode: ServeMode) -> shoal_node::Builder {
+/// The builder of [`test_node`], to adjust before `build`.
+pub async fn test_builder(peers: &[Node], mode: ServeMode) -> shoal_node::Builder {
     let mut b = Node::builder()
         .listen(vec![
             "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),

@@ -20,6 +20,8 @@ use shoal_node::{
 use shoal_tests::{TestDaemon, TestOrigin, content, stateful_node, test_node};
 use shoal_validator::Sha256Digest;
 
+mod cluster;
+
 /// Upper bound of any single scenario.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,264 @@
+//! Swarm and LAN-cluster scenarios (issue 4): DHT discovery, groups, peer modes. Like the rest,
+//! on 127.0.0.1 with mDNS off.
+
+use super::*;
+use shoal_node::{
+    HaveKey, Multiaddr,
+    group::{Group, PeerMode},
+    swarm::PeerSource,
+};
+use shoal_tests::test_builder;
+
+const SECRET: &[u8] = b"a group secret of some length";
+
+/// Bytes of the origin probe (`Range: bytes=0-0`) that learns a file's length and validator
+/// when no peer told the length.
+const PROBE: u64 = 1;
+
+/// The first listen address of `node` (with `/p2p/ID`).
+async fn addr_of(node: &Node) -> Multiaddr {
+    node.listen_addrs().await.remove(0)
+}
+
+/// Waits until `cond` holds, failing after the scenario timeout.
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(600_000, 41);
+        origin.put("d.bin", data.clone());
+        let internet = |b: shoal_node::Builder| b.mode(PeerMode::Internet);
+        // A bootstrap node that holds nothing.
+        let boot = internet(test_builder(&[], ServeMode::Honest).await)
+            .build()
+            .await
+            .unwrap();
+        let boot_addr = addr_of(&boot).await;
+        let seed = internet(test_builder(&[], ServeMode::Honest).await)
+            .bootstrap(boot_addr.clone())
+            .build()
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("seed.bin"), &data).unwrap();
+        let id = seed.seed(dir.path().join("seed.bin")).await.unwrap();
+        // The seed's provider record reaches the bootstrap node.
+        eventually("the seed is found in the DHT", async || {
+            boot.find_providers(HaveKey::Blake3(*id.hash()), Duration::from_secs(1))
+                .await
+                .contains(&seed.peer_id())
+        })
+        .await;
+        // The leecher knows only the bootstrap node, which does not have the file.
+        let leech = internet(test_builder(&[], ServeMode::Honest).await)
+            .bootstrap(boot_addr)
+            .build()
+            .await
+            .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("out/d.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let job = start_job(
+            &leech,
+            spec(origin.url("d.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        let info = wait_for(&leech, job, &[State::Transferred]).await;
+        leech.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
+        // Every byte came from the seed, found through the DHT.
+        assert_eq!(origin.bytes_served(), 0);
+        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
+        assert_eq!(leech.peer_source(&seed.peer_id()), PeerSource::Dht);
+        let dht = leech.dht_status().await;
+        assert!(
+            dht.enabled && dht.lookups >= 1 && dht.providers_found >= 1,
+            "{dht:?}"
+        );
+        assert_eq!(dht.protocol, "/shoal/kad/1.0.0");
+        // The leecher announces what it now holds.
+        assert!(leech.dht_status().await.provided_keys >= 1);
+        for n in [&boot, &seed, &leech] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(400_000, 42);
+        origin.put("g.bin", data.clone());
+        let lab = Group::new("lab", SECRET).unwrap();
+        let seed = test_builder(&[], ServeMode::Honest)
+            .await
+            .group(lab.clone())
+            .build()
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("seed.bin"), &data).unwrap();
+        seed.seed(dir.path().join("seed.bin")).await.unwrap();
+        let seed_addr = addr_of(&seed).await;
+        // Same name, other secret; other name, same secret; no group at all.
+        let foreigners = [
+            Some(Group::new("lab", b"another secret, also long").unwrap()),
+            Some(Group::new("lab2", SECRET).unwrap()),
+            None,
+        ];
+        for (i, g) in foreigners.into_iter().enumerate() {
+            let mut b = test_builder(&[], ServeMode::Honest)
+                .await
+                .peer(seed_addr.clone());
+            if let Some(g) = g {
+                b = b.group(g);
+            }
+            let node = b.build().await.unwrap();
+            let rec = Arc::new(Recorder::default());
+            let local = dir.path().join(format!("f{i}/g.bin"));
+            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+            let served = origin.bytes_served();
+            let job = start_job(
+                &node,
+                spec(origin.url("g.bin"), &local, blake3_only(&data)),
+                &rec,
+            );
+            let info = wait_for(&node, job, &[State::Transferred]).await;
+            // Refused: everything from the origin, and never connected.
+            assert_eq!(info.bytes_from_peers(), 0, "foreigner {i}");
+            assert_eq!(origin.bytes_served() - served, data.len() as u64 + PROBE);
+            assert!(node.connected_peers().await.is_empty(), "foreigner {i}");
+            assert!(!seed.connected_peers().await.contains(&node.peer_id()));
+            node.shutdown().await;
+        }
+        assert_eq!(seed.upload_stats().pieces, 0);
+        // A member connects and gets the file from the seed.
+        let member = test_builder(&[], ServeMode::Honest)
+            .await
+            .group(lab)
+            .peer(seed_addr)
+            .build()
+            .await
+            .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("m/g.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let served = origin.bytes_served();
+        let job = start_job(
+            &member,
+            spec(origin.url("g.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        let info = wait_for(&member, job, &[State::Transferred]).await;
+        member.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
+        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(origin.bytes_served(), served);
+        assert!(seed.connected_peers().await.contains(&member.peer_id()));
+        member.shutdown().await;
+        seed.shutdown().await;
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn a_grouped_node_finds_its_group_in_the_group_dht() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(300_000, 43);
+        origin.put("h.bin", data.clone());
+        let lab = Group::new("lab", SECRET).unwrap();
+        let grouped = async |boot: Option<Multiaddr>| {
+            let mut b = test_builder(&[], ServeMode::Honest)
+                .await
+                .group(lab.clone())
+                .mode(PeerMode::Group);
+            if let Some(a) = boot {
+                b = b.bootstrap(a);
+            }
+            b.build().await.unwrap()
+        };
+        let boot = grouped(None).await;
+        let boot_addr = addr_of(&boot).await;
+        let seed = grouped(Some(boot_addr.clone())).await;
+        std::fs::write(dir.path().join("seed.bin"), &data).unwrap();
+        let id = seed.seed(dir.path().join("seed.bin")).await.unwrap();
+        eventually("the seed is found in the group DHT", async || {
+            boot.find_providers(HaveKey::Blake3(*id.hash()), Duration::from_secs(1))
+                .await
+                .contains(&seed.peer_id())
+        })
+        .await;
+        let leech = grouped(Some(boot_addr)).await;
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("out/h.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let job = start_job(
+            &leech,
+            spec(origin.url("h.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        let info = wait_for(&leech, job, &[State::Transferred]).await;
+        assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
+        assert_eq!(origin.bytes_served(), 0);
+        assert_eq!(leech.dht_status().await.protocol, "/shoal/kad/lab/1.0.0");
+        for n in [&boot, &seed, &leech] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn origin_only_mode_contacts_no_peer() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(500_000, 44);
+        origin.put("o.bin", data.clone());
+        let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
+        let node = test_builder(std::slice::from_ref(&seed), ServeMode::Honest)
+            .await
+            .mode(PeerMode::Origin)
+            .build()
+            .await
+            .unwrap();
+        assert!(node.listen_addrs().await.is_empty());
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("out/o.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let job = start_job(
+            &node,
+            spec(origin.url("o.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        let info = wait_for(&node, job, &[State::Transferred]).await;
+        node.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
+        assert_eq!(info.bytes_from_origin(), data.len() as u64);
+        assert_eq!(origin.bytes_served(), data.len() as u64 + PROBE);
+        // The seed, listed as a peer, never heard from it.
+        assert!(seed.connected_peers().await.is_empty());
+        assert!(node.connected_peers().await.is_empty());
+        assert_eq!(seed.upload_stats(), Default::default());
+        node.shutdown().await;
+        seed.shutdown().await;
+    })
+    .await
+    .expect("scenario timed out");
+}
