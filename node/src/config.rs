@@ -538,13 +538,18 @@ mod tests {
     #[test]
     fn peer_modes_groups_and_bootstrap_peers_are_checked() {
         let group = "[group]\nname = \"lab\"\nsecret = \"0123456789abcdef0123\"\n";
-        let boot = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
+        let boot =
+            "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA";
         let ok = |text: &str| {
             let c = Config::parse(text, "x.toml").unwrap();
             c.apply(crate::Node::builder(), "x.toml").unwrap();
         };
-        ok(&format!("[node]\nmode = \"group\"\nbootstrap = [\"{boot}\"]\n{group}"));
-        ok(&format!("[node]\nmode = \"internet\"\nbootstrap = [\"{boot}\"]\n"));
+        ok(&format!(
+            "[node]\nmode = \"group\"\nbootstrap = [\"{boot}\"]\n{group}"
+        ));
+        ok(&format!(
+            "[node]\nmode = \"internet\"\nbootstrap = [\"{boot}\"]\n"
+        ));
         ok("[node]\nmode = \"origin\"\n");
         ok(&format!("[node]\nmode = \"lan\"\n{group}"));
         for (text, says) in [
@@ -580,7 +585,8 @@ mod tests {
                 "group.secret_file",
             ),
             (
-                "[node]\nprovider_ttl_seconds = 60.0\nprovider_republish_seconds = 60.0\n".to_owned(),
+                "[node]\nprovider_ttl_seconds = 60.0\nprovider_republish_seconds = 60.0\n"
+                    .to_owned(),
                 "node.provider_republish_seconds",
             ),
         ] {

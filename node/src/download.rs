@@ -28,7 +28,9 @@ use std::{
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use shoal_protocol::{Bitfield, HaveKey, PieceIndex, PieceResponse};
+use shoal_protocol::{
+    Bitfield, HaveKey, HaveRequest, Holding, LayerResponse, PieceIndex, PieceResponse,
+};
 use shoal_validator::{ContentId, Expected, LayerBuilder, PieceLayer, Sha256Digest, Sha256Stream};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -39,13 +41,13 @@ use crate::{
     job::{ByteRange, ErrorContext, JobError, JobId},
     origin::{self, OriginError, Remote},
     persist::{ResumeDisk, StateStore},
-    scheduler::{self, Action, Scheduler, Source},
+    scheduler::{self, Action, Received, Scheduler, Source},
     store::ContentStore,
     swarm,
 };
 
 /// How often connected peers are asked again what they hold, during a download.
-const PEER_REFRESH: Duration = Duration::from_secs(2);
+const PEER_REFRESH: Duration = Duration::from_millis(250);
 /// How often the driver wakes up to retry backed-off peers.
 const TICK: Duration = Duration::from_millis(100);
 /// Origin pieces buffered between the HTTP stream and the verifier.
@@ -94,6 +96,8 @@ pub(crate) enum Update {
         content_id: Option<ContentId>,
         resumed: u64,
     },
+    /// The content id became known mid-way (a piece layer was assembled and verified).
+    ContentId(ContentId),
     /// A piece verified and was written; `source` is how the peer that sent it was found,
     /// `None` for the origin.
     Piece {
@@ -422,7 +426,7 @@ async fn download_ranges(
 }
 
 /// A peer's answer to a have query.
-type Answer = (PeerId, ContentId, Bitfield);
+type Answer = (PeerId, Holding);
 
 /// Asks the connected peers and `extra` (providers found in the DHT) what they hold of `key`;
 /// peers banned for `ban` are left out.
@@ -437,8 +441,8 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
     let asks = peers.into_iter().map(|peer| {
         let swarm = env.swarm.clone();
         async move {
-            match swarm.have(peer, key).await {
-                Ok(resp) => resp.0.map(|(id, bits)| (peer, id, bits)),
+            match swarm.have(peer, HaveRequest::new(key)).await {
+                Ok(resp) => resp.0.map(|h| (peer, h)),
                 Err(e) => {
                     debug!("have query failed: {e}");
                     None
@@ -454,7 +458,7 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
 }
 
 /// How often a download looks up providers in the DHT again (every this many have rounds).
-const DHT_EVERY_REFRESHES: u32 = 5;
+const DHT_EVERY_REFRESHES: u32 = 40;
 
 /// Waits for a first peer connection (at most the discovery wait) while the DHT is searched
 /// for providers of `key`; returns the providers found.
@@ -474,8 +478,17 @@ async fn wait_for_peers(env: &Env) {
 }
 
 /// The thread that verifies and writes pieces, and the one that hashes SHA-256 in order.
+/// What the writer thread is sent.
+enum ToWriter {
+    /// A piece to check and write.
+    Piece(PieceIndex, Source, Bytes),
+    /// From now on check pieces against this verified layer (assembled while downloading);
+    /// the pieces recorded so far are checked against it too.
+    Layer(PieceLayer),
+}
+
 struct Writer {
-    tx: mpsc::Sender<(PieceIndex, Source, Bytes)>,
+    tx: mpsc::Sender<ToWriter>,
     thread: std::thread::JoinHandle<Result<WriterEnd, std::io::Error>>,
 }
 
@@ -496,6 +509,10 @@ struct Verified {
     source: Source,
     bytes: u64,
     result: Result<(), String>,
+    /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).
+    cv: Option<shoal_validator::ChainingValue>,
+    /// A piece written earlier that the layer assembled since rejects (not a queued piece).
+    after_layer: bool,
 }
 
 /// The alignment O_DIRECT needs for offsets, lengths and buffer addresses, in bytes.
@@ -584,7 +601,7 @@ fn spawn_writer(
     mut checkpointing: Option<Checkpointing>,
     out: mpsc::Sender<Verified>,
 ) -> Writer {
-    let (tx, mut rx) = mpsc::channel::<(PieceIndex, Source, Bytes)>(VERIFY_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let file = Arc::new(file);
         let mut writer = PieceWriter::new(file.clone(), piece_size);
@@ -609,10 +626,44 @@ fn spawn_writer(
                 }
             }
             let mut wrote = false;
-            for (index, source, bytes) in batch {
+            for msg in batch {
+                let (index, source, bytes) = match msg {
+                    ToWriter::Piece(i, s, b) => (i, s, b),
+                    ToWriter::Layer(layer) => {
+                        // Pieces recorded so far must be the layer's: a piece whose chaining
+                        // value differs is dropped and reported as failing.
+                        if let Checker::Builder(b) = &checker {
+                            for index in on_disk.ones().collect::<Vec<_>>() {
+                                let cv = b.chaining_value(index);
+                                if cv.is_some()
+                                    && layer.chaining_values().get(index as usize) != cv.as_ref()
+                                {
+                                    on_disk.clear(index);
+                                    results.push(Verified {
+                                        index,
+                                        source: Source::Origin,
+                                        bytes: 0,
+                                        result: Err("differs from the assembled piece layer".into()),
+                                        cv: None,
+                                        after_layer: true,
+                                    });
+                                }
+                            }
+                        }
+                        if let Some(c) = &mut checkpointing {
+                            c.meta.content_id = Some(layer.content_id().to_string());
+                            c.layer = Some(layer.chaining_values().to_vec());
+                        }
+                        checker = Checker::Layer(layer);
+                        continue;
+                    }
+                };
+                let mut cv = None;
                 let result = match &mut checker {
                     Checker::Layer(layer) => layer.verify_piece(index, &bytes),
-                    Checker::Builder(b) => b.add_piece(index, &bytes),
+                    Checker::Builder(b) => b.add_piece(index, &bytes).inspect(|()| {
+                        cv = b.chaining_value(index);
+                    }),
                 }
                 .map_err(|e| e.to_string());
                 if result.is_ok() {
@@ -629,6 +680,8 @@ fn spawn_writer(
                     source,
                     bytes: bytes.len() as u64,
                     result,
+                    cv,
+                    after_layer: false,
                 });
             }
             // Data first, then the record that says it is there.
@@ -806,6 +859,120 @@ enum Fetched {
     OriginEnd(Result<(), OriginError>),
 }
 
+/// Where a download stands with its piece layer while it has no verified one: it is assembling
+/// the layer of content `id` from the chaining values of the pieces it fetched from the origin
+/// itself and those its peers claim (see `docs/scheduling.md`).
+struct Assembly {
+    id: ContentId,
+    /// Chaining values of the pieces this node fetched and recorded.
+    own: Vec<Option<shoal_validator::ChainingValue>>,
+    /// Pieces each peer claims (fetched from the origin, layer not yet verified).
+    claims: HashMap<PeerId, Bitfield>,
+    /// Set after an assembled layer failed: claims are ignored from then on.
+    failed: bool,
+    /// An assembly (or a fetch of a peer's verified layer) is running.
+    running: bool,
+}
+
+impl Assembly {
+    /// Whether own pieces and claims together cover the file.
+    fn covered(&self) -> bool {
+        (0..self.own.len())
+            .all(|i| self.own[i].is_some() || self.claims.values().any(|b| b.get(i as u32)))
+    }
+}
+
+/// What an assembly task found.
+enum Assembled {
+    /// A layer that verified against the content id.
+    Layer(PieceLayer),
+    /// Claimed values were missing or did not merge into the content id (`from_claims`), or
+    /// no peer's verified layer could be had.
+    Failed { reason: String, from_claims: bool },
+}
+
+/// Gathers the claimed chaining values the assembly lacks from the peers that claim them,
+/// merges them with this node's own, and checks the result against the content id. A peer
+/// with a verified layer (`full_from`) is asked for that instead.
+async fn assemble(
+    env: Env,
+    id: ContentId,
+    own: Vec<Option<shoal_validator::ChainingValue>>,
+    claims: Vec<(PeerId, Bitfield)>,
+    full_from: Vec<PeerId>,
+) -> Assembled {
+    for peer in full_from {
+        if let Ok(LayerResponse::Full(cvs)) = env.swarm.layer(peer, id, false).await {
+            match PieceLayer::verify(id, cvs) {
+                Ok(l) => return Assembled::Layer(l),
+                Err(e) => {
+                    warn!(%peer, "piece layer rejected: {e}");
+                    env.bans.ban(BanKey::Blake3(*id.hash()), peer);
+                }
+            }
+        }
+    }
+    if claims.is_empty() {
+        return Assembled::Failed {
+            reason: "no peer's verified layer".into(),
+            from_claims: false,
+        };
+    }
+    let mut cvs = own;
+    for (peer, bits) in claims {
+        if bits.ones().all(|i| cvs[i as usize].is_some()) {
+            continue;
+        }
+        match env.swarm.layer(peer, id, true).await {
+            Ok(LayerResponse::Partial(entries)) => {
+                for (i, cv) in entries {
+                    if let Some(slot) = cvs.get_mut(i as usize)
+                        && slot.is_none()
+                    {
+                        *slot = Some(cv);
+                    }
+                }
+            }
+            Ok(LayerResponse::Full(full)) => {
+                if let Ok(l) = PieceLayer::verify(id, full) {
+                    return Assembled::Layer(l);
+                }
+            }
+            Ok(LayerResponse::NotFound) => {}
+            Err(e) => debug!("partial layer request failed: {e}"),
+        }
+        if cvs.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let Some(cvs) = cvs.into_iter().collect::<Option<Vec<_>>>() else {
+        return Assembled::Failed {
+            reason: "claimed chaining values are missing".into(),
+            from_claims: true,
+        };
+    };
+    match PieceLayer::verify(id, cvs) {
+        Ok(l) => Assembled::Layer(l),
+        Err(e) => Assembled::Failed {
+            reason: e.to_string(),
+            from_claims: true,
+        },
+    }
+}
+
+/// The place where this node's first origin run starts: the same for one node and content,
+/// spread over the file across nodes.
+fn origin_start(me: PeerId, id: &ContentId, piece_count: u32) -> u32 {
+    let h = blake3::hash(&[me.to_bytes().as_slice(), id.hash()].concat());
+    let n = u32::from_le_bytes([
+        h.as_bytes()[0],
+        h.as_bytes()[1],
+        h.as_bytes()[2],
+        h.as_bytes()[3],
+    ]);
+    if piece_count == 0 { 0 } else { n % piece_count }
+}
+
 #[allow(clippy::too_many_lines)]
 async fn attempt(
     env: &Env,
@@ -828,11 +995,11 @@ async fn attempt(
         let providers = discover(env, key).await;
         let mut answers = ask_peers(env, key, ban, providers).await;
         if let Some(h) = expected.blake3 {
-            answers.retain(|(_, id, _)| *id.hash() == h);
+            answers.retain(|(_, h2)| *h2.content_id.hash() == h);
         }
         let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
         for a in answers {
-            groups.entry(a.1).or_default().push(a);
+            groups.entry(a.1.content_id).or_default().push(a);
         }
         choice = match resume.and_then(|r| r.layer.as_ref()) {
             // Resuming pieces verified against a layer: stay with that content.
@@ -840,13 +1007,19 @@ async fn attempt(
                 let id = l.content_id();
                 Some((id, groups.remove(&id).unwrap_or_default(), ban))
             }
+            // The content most peers serve verified pieces of.
             None => groups
                 .into_iter()
-                .max_by_key(|(id, v)| (v.len(), *id))
+                .max_by_key(|(id, v)| {
+                    (
+                        v.iter().filter(|(_, h)| h.have.count_ones() > 0).count(),
+                        v.len(),
+                        *id,
+                    )
+                })
                 .map(|(id, v)| (id, v, ban)),
         };
     }
-    let claimed = expected.blake3.is_none() && choice.is_some();
     // 2. The piece layer: the resumed one, or from the first peer whose layer verifies.
     let mut layer = if use_peers {
         resume.and_then(|r| r.layer.clone())
@@ -855,18 +1028,20 @@ async fn attempt(
     };
     let mut peers: Vec<Answer> = Vec::new();
     if let Some((id, answers, _)) = &choice {
-        for (peer, _, bits) in answers {
+        for (peer, holding) in answers {
             if env.bans.is_banned(BanKey::Blake3(*id.hash()), peer) {
                 continue;
             }
-            if layer.is_none() {
+            // Ask for the layer unless the peer is plainly assembling one itself.
+            let assembling = holding.have.count_ones() == 0 && holding.claimed.count_ones() > 0;
+            if layer.is_none() && !assembling {
                 let got = if id.piece_count() <= 1 {
-                    Ok(shoal_protocol::LayerResponse(Some(Vec::new())))
+                    Ok(LayerResponse::Full(Vec::new()))
                 } else {
-                    env.swarm.layer(*peer, *id).await
+                    env.swarm.layer(*peer, *id, false).await
                 };
-                match got.map(|r| r.0) {
-                    Ok(Some(cvs)) => match PieceLayer::verify(*id, cvs) {
+                match got {
+                    Ok(LayerResponse::Full(cvs)) => match PieceLayer::verify(*id, cvs) {
                         Ok(l) => layer = Some(l),
                         Err(e) => {
                             warn!(%peer, "piece layer rejected: {e}");
@@ -876,16 +1051,15 @@ async fn attempt(
                             continue;
                         }
                     },
-                    Ok(None) => continue,
-                    Err(e) => {
-                        debug!("layer request failed: {e}");
-                        continue;
-                    }
+                    Ok(_) => {}
+                    Err(e) => debug!("layer request failed: {e}"),
                 }
             }
-            peers.push((*peer, *id, bits.clone()));
+            peers.push((*peer, holding.clone()));
         }
     }
+    // A claimed content id (SHA-256 lookup) counts only with a layer that verifies against it.
+    let claimed = expected.blake3.is_none() && layer.is_some();
     // 3. Length, from the layer or the origin.
     let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
     let length = match &layer {
@@ -909,6 +1083,23 @@ async fn attempt(
         })
     })?;
     let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
+    // Without a verified layer but with the expected BLAKE3, the layer is assembled from the
+    // pieces this node and its peers fetch from the origin.
+    let mut assembly = match (&layer, expected.blake3) {
+        (None, Some(h)) if use_peers && piece_count > 1 => {
+            ContentId::new(h, length).ok().map(|id| Assembly {
+                id,
+                own: vec![None; piece_count as usize],
+                claims: HashMap::new(),
+                failed: false,
+                running: false,
+            })
+        }
+        _ => None,
+    };
+    if let Some(a) = &assembly {
+        peers.retain(|(_, h)| h.content_id == a.id);
+    }
     // 4. The temporary file: pieces of an earlier run are kept if they are pieces of this
     // content (same length; same layer, or from the origin with the same validator).
     let local = |e: std::io::Error| AttemptFailure::from(local_error(task.index, &task.temp, &e));
@@ -1022,6 +1213,19 @@ async fn attempt(
         env.store.remove_at(&l.content_id(), &task.temp);
         env.store.insert(l.clone(), kept.clone(), task.temp.clone());
     }
+    if let Some(a) = &mut assembly {
+        if !env.store.begin_assembly(a.id, task.temp.clone()) {
+            // Another download of this content on this node assembles it: do without.
+            assembly = None;
+        } else if let Checker::Builder(b) = &checker {
+            for i in kept.ones() {
+                a.own[i as usize] = b.chaining_value(i);
+                if let Some(cv) = a.own[i as usize] {
+                    env.store.add_claim(&a.id, &task.temp, i, cv);
+                }
+            }
+        }
+    }
     let (verified_tx, mut verified_rx) = mpsc::channel::<Verified>(256);
     let checkpointing = task.durable.clone().map(|durable| Checkpointing {
         durable,
@@ -1045,21 +1249,67 @@ async fn attempt(
         verified_tx,
     );
     // 5. Schedule.
-    let mut sched = Scheduler::new(piece_count, env.scheduler.clone());
+    let mut sched = Scheduler::new(piece_count, piece_size, env.scheduler.clone());
     for index in kept.ones() {
         sched.set_done(index, Source::Origin);
     }
-    let content_id = layer.as_ref().map(PieceLayer::content_id);
-    if layer.is_some() {
-        for (peer, _, bits) in &peers {
-            sched.set_peer(*peer, bits.clone());
+    // The content peers are asked about: the verified layer's, or the one being assembled.
+    let mut content_id = layer
+        .as_ref()
+        .map(PieceLayer::content_id)
+        .or(assembly.as_ref().map(|a| a.id));
+    if let Some(id) = &content_id {
+        let me = env.swarm.peer_id();
+        sched.set_seed(u64::from(origin_start(me, id, u32::MAX)));
+        sched.set_me(me);
+        if !peers.is_empty()
+            || env.swarm.mode().uses_dht()
+            || !env.swarm.connected_peers().await.is_empty()
+        {
+            sched.set_origin_start(origin_start(me, id, piece_count));
+            sched.set_swarm(true);
+        }
+    }
+    let empty = Bitfield::new(piece_count);
+    let apply_peer = |sched: &mut Scheduler,
+                      assembly: &mut Option<Assembly>,
+                      layer_known: bool,
+                      peer: PeerId,
+                      h: Holding| {
+        // A peer's claims stand for pieces it will serve once it has the layer; while this
+        // node has none, the peer's verified pieces count as claims too (its layer can be had).
+        let claimed = match assembly {
+            Some(a) if !a.failed => {
+                let mut c = h.claimed.clone();
+                if !layer_known {
+                    for i in h.have.ones() {
+                        c.set(i);
+                    }
+                    a.claims.insert(peer, c.clone());
+                }
+                c
+            }
+            _ => empty.clone(),
+        };
+        // Pieces from peers can be checked only against a verified layer.
+        let have = if layer_known { h.have } else { empty.clone() };
+        sched.set_peer(peer, have, h.fetching, claimed, Instant::now());
+    };
+    if content_id.is_some() {
+        for (peer, h) in std::mem::take(&mut peers) {
+            apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
         }
     }
     let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(1);
+    let (assembled_tx, mut assembled_rx) = mpsc::channel::<Assembled>(1);
+    let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
     let mut in_verifier = 0usize;
-    let mut last_refresh = Instant::now();
+    // The first have round goes out at once.
+    let mut last_refresh = Instant::now()
+        .checked_sub(PEER_REFRESH)
+        .unwrap_or_else(Instant::now);
     // At most one have round is out at a time, however slow the peers answer.
     let mut refreshing = false;
     let mut refreshes = 0u32;
@@ -1071,12 +1321,18 @@ async fn attempt(
         if sched.is_complete() && in_verifier == 0 {
             break Ok(());
         }
-        for action in sched.next_actions(Instant::now()) {
+        let actions = sched.next_actions(Instant::now());
+        if !actions.is_empty()
+            && let Some(id) = &content_id
+        {
+            env.store.set_fetching(id, &task.temp, sched.in_flight());
+        }
+        for action in actions {
             match action {
                 Action::Peer { peer, index } => {
-                    let (swarm, tx, id) = (env.swarm.clone(), peer_tx.clone(), content_id);
-                    let Some(id) = id else { continue };
-                    tokio::spawn(async move {
+                    let (swarm, tx) = (env.swarm.clone(), peer_tx.clone());
+                    let Some(id) = content_id else { continue };
+                    let h = tokio::spawn(async move {
                         let msg = match swarm.piece(peer, id, index).await {
                             Ok(PieceResponse::Data(b)) => {
                                 Fetched::Piece(index, Source::Peer(peer), b)
@@ -1088,6 +1344,7 @@ async fn attempt(
                         };
                         let _ = tx.send(msg).await;
                     });
+                    requests.insert((index, peer), h.abort_handle());
                 }
                 Action::Origin { start, end } => {
                     let (origin, url, tx, remote) = (
@@ -1133,11 +1390,12 @@ async fn attempt(
                 }
             }
         }
-        if layer.is_some() && !refreshing && last_refresh.elapsed() >= PEER_REFRESH {
+        if content_id.is_some() && !refreshing && last_refresh.elapsed() >= PEER_REFRESH {
             last_refresh = Instant::now();
             if let Some(id) = content_id {
                 refreshing = true;
                 refreshes += 1;
+                env.store.set_fetching(&id, &task.temp, sched.in_flight());
                 let dht = refreshes.is_multiple_of(DHT_EVERY_REFRESHES);
                 let (env2, tx) = (env.clone(), refresh_tx.clone());
                 tokio::spawn(async move {
@@ -1153,9 +1411,29 @@ async fn attempt(
                         .send(
                             answers
                                 .into_iter()
-                                .filter(|(p, i, _)| *i == id && !env2.bans.is_banned(key, p))
+                                .filter(|(p, h)| h.content_id == id && !env2.bans.is_banned(key, p))
                                 .collect(),
                         )
+                        .await;
+                });
+            }
+        }
+        // Assemble the layer once own pieces and claims cover the file, or take a verified
+        // layer from a peer that has one.
+        if layer.is_none()
+            && let Some(a) = &mut assembly
+            && !a.running
+            && !a.failed
+        {
+            let full_from: Vec<PeerId> = Vec::new();
+            if a.covered() {
+                a.running = true;
+                let claims: Vec<(PeerId, Bitfield)> =
+                    a.claims.iter().map(|(p, b)| (*p, b.clone())).collect();
+                let (env2, tx, id, own) = (env.clone(), assembled_tx.clone(), a.id, a.own.clone());
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(assemble(env2, id, own, claims, full_from).await)
                         .await;
                 });
             }
@@ -1164,12 +1442,20 @@ async fn attempt(
             biased;
             () = cancel.cancelled() => break Err(Failure::Cancelled.into()),
             Some(v) = verified_rx.recv() => {
-                in_verifier -= 1;
+                if !v.after_layer {
+                    in_verifier -= 1;
+                }
                 match v.result {
                     Ok(()) => {
                         sched.on_done(v.index, v.source);
                         if let Some(id) = &content_id {
                             env.store.mark_verified(id, &task.temp, v.index);
+                        }
+                        if let (Some(a), Some(cv)) = (&mut assembly, v.cv)
+                            && layer.is_none()
+                        {
+                            a.own[v.index as usize] = Some(cv);
+                            env.store.add_claim(&a.id, &task.temp, v.index, cv);
                         }
                         let source = match v.source {
                             Source::Peer(p) => Some(env.swarm.peer_source(&p)),
@@ -1209,19 +1495,34 @@ async fn attempt(
             }
             Some(f) = next_fetched(&mut origin_rx, &mut peer_rx) => match f {
                 Fetched::Piece(index, source, bytes) => {
-                    in_verifier += 1;
-                    sched.on_received(index);
-                    if writer.tx.send((index, source, bytes)).await.is_err() {
-                        break Err(Failure::Fatal(JobError {
-                            context: ErrorContext::LocalFile,
-                            file: Some(task.index),
-                            description: format!("writing {} failed", task.temp.display()),
-                        }).into());
+                    if let Source::Peer(p) = source {
+                        requests.remove(&(index, p));
+                    }
+                    match sched.on_received(index, source, bytes.len() as u64, Instant::now()) {
+                        Received::Late => {}
+                        Received::First { cancel } => {
+                            for p in cancel {
+                                if let Some(h) = requests.remove(&(index, p)) {
+                                    h.abort();
+                                }
+                            }
+                            in_verifier += 1;
+                            if writer.tx.send(ToWriter::Piece(index, source, bytes)).await.is_err() {
+                                break Err(Failure::Fatal(JobError {
+                                    context: ErrorContext::LocalFile,
+                                    file: Some(task.index),
+                                    description: format!("writing {} failed", task.temp.display()),
+                                }).into());
+                            }
+                        }
                     }
                 }
                 Fetched::Failed(index, source, reason) => {
                     debug!(index, ?source, "piece fetch failed: {reason}");
-                    sched.on_failed(index, source, Instant::now());
+                    if let Source::Peer(p) = source {
+                        requests.remove(&(index, p));
+                        sched.on_failed(index, p, Instant::now());
+                    }
                 }
                 Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
                 Fetched::OriginEnd(Err(e)) => {
@@ -1235,8 +1536,62 @@ async fn attempt(
             Some(answers) = refresh_rx.recv() => {
                 refreshing = false;
                 last_refresh = Instant::now();
-                for (peer, _, bits) in answers {
-                    sched.set_peer(peer, bits);
+                let mut full_from = Vec::new();
+                for (peer, h) in answers {
+                    if layer.is_none() && h.have.count_ones() > 0 {
+                        full_from.push(peer);
+                    }
+                    apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
+                }
+                // A peer with a verified layer: take it rather than wait for the claims.
+                if layer.is_none()
+                    && !full_from.is_empty()
+                    && let Some(a) = &mut assembly
+                    && !a.running
+                {
+                    a.running = true;
+                    let (env2, tx, id) = (env.clone(), assembled_tx.clone(), a.id);
+                    let own = vec![None; 0];
+                    tokio::spawn(async move {
+                        let _ = tx.send(assemble(env2, id, own, Vec::new(), full_from).await).await;
+                    });
+                }
+            }
+            Some(result) = assembled_rx.recv() => {
+                let Some(a) = &mut assembly else { continue };
+                a.running = false;
+                match result {
+                    Assembled::Layer(l) => {
+                        info!(url = %task.url, id = %l.content_id(), "piece layer assembled and verified");
+                        let mut verified = Bitfield::new(piece_count);
+                        for (i, cv) in a.own.iter().enumerate() {
+                            if cv.is_some() {
+                                verified.set(i as u32);
+                            }
+                        }
+                        if writer.tx.send(ToWriter::Layer(l.clone())).await.is_err() {
+                            break Err(Failure::Fatal(JobError {
+                                context: ErrorContext::LocalFile,
+                                file: Some(task.index),
+                                description: format!("writing {} failed", task.temp.display()),
+                            }).into());
+                        }
+                        env.store.insert(l.clone(), verified, task.temp.clone());
+                        content_id = Some(l.content_id());
+                        progress(Update::ContentId(l.content_id()));
+                        layer = Some(l);
+                        // Peers' pieces count from the next have round on.
+                        last_refresh = Instant::now() - PEER_REFRESH;
+                    }
+                    Assembled::Failed { reason, from_claims } => {
+                        if !from_claims {
+                            // Only peers' verified layers were tried; claims may still do.
+                            continue;
+                        }
+                        warn!(url = %task.url, "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");
+                        a.failed = true;
+                        sched.drop_claims();
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -1253,6 +1608,9 @@ async fn attempt(
         }
     };
     run_cancel.cancel();
+    for (_, h) in requests {
+        h.abort();
+    }
     drop(writer.tx);
     let end = tokio::task::spawn_blocking(move || writer.thread.join())
         .await
@@ -1271,7 +1629,7 @@ async fn attempt(
                 pieces: end.on_disk.clone(),
                 meta: ResumeDisk {
                     length,
-                    content_id: content_id.map(|c| c.to_string()),
+                    content_id: layer.as_ref().map(|l| l.content_id().to_string()),
                     claimed,
                     validator: remote.get().and_then(|r| r.validator.clone()),
                     from_peers,
@@ -1317,6 +1675,9 @@ async fn attempt(
     // A whole-file mismatch: these bytes must not be resumed from.
     let forget = || {
         env.store.remove_at(&id, &task.temp);
+        if let Some(a) = &assembly {
+            env.store.remove_at(&a.id, &task.temp);
+        }
         if let Some(d) = &task.durable
             && let Err(e) = d.store.clear_pieces(d.job, d.index)
         {
@@ -1337,7 +1698,7 @@ async fn attempt(
         forget();
         if claimed && from_peers {
             if let Some((_, answers, ban)) = &choice {
-                for (peer, _, _) in answers {
+                for (peer, _) in answers {
                     if env.bans.ban(*ban, *peer) {
                         progress(Update::Banned);
                     }

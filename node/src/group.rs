@@ -34,7 +34,9 @@ pub enum GroupError {
     #[error("group name {0:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'")]
     BadName(String),
     /// The secret is shorter than [`MIN_GROUP_SECRET_BYTES`].
-    #[error("the group secret is {0} bytes; it must be at least 16 (`head -c 32 /dev/urandom | base64` makes one)")]
+    #[error(
+        "the group secret is {0} bytes; it must be at least 16 (`head -c 32 /dev/urandom | base64` makes one)"
+    )]
     ShortSecret(usize),
 }
 

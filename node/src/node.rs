@@ -1617,6 +1617,10 @@ impl Node {
                     self.save_logged(&rec);
                     false
                 }
+                Update::ContentId(id) => {
+                    rec.info.files[index].content_id = Some(id);
+                    false
+                }
                 Update::Piece { bytes, source } => {
                     rec.transient_since = None;
                     rec.touched = tokio::time::Instant::now();

@@ -1,26 +1,46 @@
 //! The piece scheduler: a pure, deterministic state machine that decides which piece to fetch
 //! from which source.
 //!
-//! It does no I/O and reads no clock: the download driver passes `now` in, feeds it
-//! what happened ([`Scheduler::on_done`], [`Scheduler::on_failed`], [`Scheduler::on_corrupt`],
-//! [`Scheduler::set_peer`]) and carries out the [`Action`]s that [`Scheduler::next_actions`]
-//! returns.
+//! It does no I/O and reads no clock: the download driver passes `now` in, feeds it what
+//! happened ([`Scheduler::on_received`], [`Scheduler::on_done`], [`Scheduler::on_failed`],
+//! [`Scheduler::on_corrupt`], [`Scheduler::set_peer`]) and carries out the [`Action`]s that
+//! [`Scheduler::next_actions`] returns. Its randomness comes from a seed
+//! ([`Scheduler::set_seed`]), so a test can replay it.
 //!
-//! Policy in this core:
-//! - Peers first: each missing piece that an eligible peer holds is requested from the peer
-//!   holding it that has the fewest requests in flight, rarest pieces first, within
-//!   [`Config::max_per_peer`] and [`Config::max_in_flight`].
-//! - The origin takes the pieces no eligible peer holds, and pieces that failed from peers
-//!   [`Config::peer_attempts`] times, as one contiguous run at a time.
-//! - A peer whose request fails (timeout, NotFound, Busy) is backed off exponentially; a peer
-//!   that served a piece failing verification is banned for good.
+//! Policy (see `docs/scheduling.md`):
+//! - **Peers first, rarest first**: each missing piece that an eligible peer holds is requested
+//!   from the holder with the most room in its pipeline; pieces held by the fewest peers go
+//!   first, random among equals. While the file has fewer than [`Config::random_first`] pieces,
+//!   pieces are picked at random instead, so a new node soon has something to share (BEP 3's
+//!   "random first piece").
+//! - **Pipelining by throughput**: a peer's pipeline depth is sized to keep
+//!   [`Config::target_queue`] worth of its measured rate in flight, between 2 and
+//!   [`Config::max_per_peer`]; a fast peer gets more requests, a slow one fewer.
+//! - **Slow peers dropped**: a peer that delivered nothing for [`Config::snub_after`] while it
+//!   had requests is snubbed: its depth drops to 1 and its pieces are requested again from
+//!   other peers.
+//! - **Endgame**: once every missing piece is in flight, each in-flight piece is requested once
+//!   more from another peer that holds it; the first copy to arrive wins and the other request
+//!   is cancelled ([`Received::First`]).
+//! - **Origin, coalesced**: the origin takes the pieces no eligible peer holds and no peer is
+//!   fetching, and pieces that failed from peers [`Config::peer_attempts`] times, one
+//!   contiguous run at a time. A piece some peer is fetching waits for that peer for up to
+//!   [`Config::coming_patience`]; a piece a peer fetched from the origin but cannot serve yet
+//!   (claimed, awaiting the piece layer) waits until the claims are dropped. The first run starts
+//!   at [`Scheduler::set_origin_start`] (each node of a swarm at a different place); later runs
+//!   go on where the last one ended, or jump into the middle of the largest stretch nobody has
+//!   or fetches.
+//! - **Trust**: a peer whose request fails (timeout, NotFound, Busy) is backed off
+//!   exponentially and loses score; a peer that served a piece failing verification is banned
+//!   for good.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
 use libp2p::PeerId;
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use shoal_protocol::{Bitfield, PieceIndex};
 
 /// Where a piece came from or is being fetched from.
@@ -51,10 +71,23 @@ pub enum Action {
     },
 }
 
-/// Scheduler limits.
+/// What [`Scheduler::on_received`] made of an arriving piece.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// The first copy: verify it. The requests for the same piece to these peers are
+    /// cancelled (the driver drops them).
+    First {
+        /// Peers whose requests for the piece lost.
+        cancel: Vec<PeerId>,
+    },
+    /// A copy of a piece already received, or of a request that was cancelled: drop it.
+    Late,
+}
+
+/// Scheduler limits and policy knobs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Requests in flight to one peer.
+    /// The deepest pipeline of requests to one peer.
     pub max_per_peer: usize,
     /// Peer requests in flight in all.
     pub max_in_flight: usize,
@@ -64,23 +97,42 @@ pub struct Config {
     pub peer_attempts: u8,
     /// The first backoff of a failing peer; doubled per consecutive failure, at most 30 s.
     pub peer_backoff: Duration,
+    /// Pieces picked at random, not rarest first, until the file holds this many.
+    pub random_first: u32,
+    /// How much of a peer's measured throughput to keep requested, as time.
+    pub target_queue: Duration,
+    /// A peer with requests that delivered nothing for this long is snubbed.
+    pub snub_after: Duration,
+    /// How long a piece that a peer is fetching waits for that peer before the origin may
+    /// take it.
+    pub coming_patience: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            max_per_peer: 8,
-            max_in_flight: 32,
-            max_origin_run: 16,
+            max_per_peer: 16,
+            max_in_flight: 48,
+            max_origin_run: 8,
             peer_attempts: 3,
             peer_backoff: Duration::from_millis(500),
+            random_first: 4,
+            target_queue: Duration::from_millis(500),
+            snub_after: Duration::from_secs(10),
+            coming_patience: Duration::from_secs(20),
         }
     }
 }
 
+/// The depth of a peer's pipeline before its rate is known.
+const INITIAL_DEPTH: usize = 4;
+/// Busy time over which a peer's rate is measured before the measurement is halved.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Piece {
     Missing,
+    /// Requested; the source is the first one asked (others may be asked too: endgame).
     InFlight(Source),
     /// The bytes arrived and wait for verification.
     Verifying(Source),
@@ -90,44 +142,185 @@ enum Piece {
 #[derive(Debug)]
 struct Peer {
     have: Bitfield,
+    fetching: Bitfield,
+    claimed: Bitfield,
     in_flight: usize,
     failures: u32,
     backoff_until: Option<Instant>,
+    /// Bytes received over `busy`, for the rate.
+    delivered: f64,
+    /// Time with at least one request in flight, closed periods only.
+    busy: Duration,
+    /// Start of the open busy period.
+    busy_since: Option<Instant>,
+    /// The last time a piece arrived from the peer.
+    last_delivery: Option<Instant>,
+}
+
+impl Peer {
+    fn new(have: Bitfield, fetching: Bitfield, claimed: Bitfield) -> Self {
+        Self {
+            have,
+            fetching,
+            claimed,
+            in_flight: 0,
+            failures: 0,
+            backoff_until: None,
+            delivered: 0.0,
+            busy: Duration::ZERO,
+            busy_since: None,
+            last_delivery: None,
+        }
+    }
+
+    fn busy_time(&self, now: Instant) -> Duration {
+        self.busy
+            + self
+                .busy_since
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
+    /// Bytes per second, once measured over at least 200 ms of busy time.
+    fn rate(&self, now: Instant) -> Option<f64> {
+        let busy = self.busy_time(now).as_secs_f64();
+        (busy >= 0.2 && self.delivered > 0.0).then(|| self.delivered / busy)
+    }
+
+    fn snubbed(&self, now: Instant, after: Duration) -> bool {
+        self.in_flight > 0
+            && match (self.last_delivery, self.busy_since) {
+                (Some(d), Some(b)) => now.saturating_duration_since(d.max(b)) >= after,
+                (None, Some(b)) => now.saturating_duration_since(b) >= after,
+                _ => false,
+            }
+    }
+
+    fn start_request(&mut self, now: Instant) {
+        if self.in_flight == 0 {
+            self.busy_since = Some(now);
+        }
+        self.in_flight += 1;
+    }
+
+    fn end_request(&mut self, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0
+            && let Some(t) = self.busy_since.take()
+        {
+            self.busy += now.saturating_duration_since(t);
+            if self.busy > RATE_WINDOW {
+                self.busy /= 2;
+                self.delivered /= 2.0;
+            }
+        }
+    }
+}
+
+/// The backoff after `failures` consecutive failures: `first` doubled per failure, at most
+/// 30 s.
+fn backoff(first: Duration, failures: u32) -> Duration {
+    first
+        .saturating_mul(1 << failures.min(6))
+        .min(Duration::from_secs(30))
+}
+
+/// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts.
+fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32) {
+    for i in b.ones() {
+        if let Some(c) = counts.get_mut(i as usize) {
+            *c = u16::try_from((i32::from(*c) + delta).max(0)).unwrap_or(u16::MAX);
+        }
+    }
 }
 
 /// The per-file scheduler.
 #[derive(Debug)]
 pub struct Scheduler {
     config: Config,
+    piece_size: u64,
     pieces: Vec<Piece>,
     /// Per piece: failed peer attempts so far.
     peer_failures: Vec<u8>,
+    /// Per piece: how many known peers hold it, fetch it, claim it.
+    have_count: Vec<u16>,
+    fetching_count: Vec<u16>,
+    claimed_count: Vec<u16>,
+    /// Per piece: since when some peer has been fetching it.
+    coming_since: Vec<Option<Instant>>,
     peers: HashMap<PeerId, Peer>,
+    /// Live peer requests: piece and peer.
+    requests: HashSet<(PieceIndex, PeerId)>,
     banned: Vec<PeerId>,
     origin_busy: bool,
     origin_allowed: bool,
+    origin_not_before: Option<Instant>,
+    /// Where the first origin run starts.
+    origin_start: PieceIndex,
+    /// One past the end of the last origin run.
+    origin_next: Option<PieceIndex>,
     peer_in_flight: usize,
+    done: u32,
+    /// Peers may join (some are connected or may be found): origin runs stay short.
+    swarm: bool,
+    /// This node, to rank itself among the peers that fetch the same content.
+    me: Option<PeerId>,
+    rng: StdRng,
 }
 
 impl Scheduler {
-    /// A scheduler for `piece_count` pieces, none held yet.
+    /// A scheduler for `piece_count` pieces of `piece_size` bytes, none held yet.
     #[must_use]
-    pub fn new(piece_count: u32, config: Config) -> Self {
+    pub fn new(piece_count: u32, piece_size: u64, config: Config) -> Self {
+        let n = piece_count as usize;
         Self {
             config,
-            pieces: vec![Piece::Missing; piece_count as usize],
-            peer_failures: vec![0; piece_count as usize],
+            piece_size: piece_size.max(1),
+            pieces: vec![Piece::Missing; n],
+            peer_failures: vec![0; n],
+            have_count: vec![0; n],
+            fetching_count: vec![0; n],
+            claimed_count: vec![0; n],
+            coming_since: vec![None; n],
             peers: HashMap::new(),
+            requests: HashSet::new(),
             banned: Vec::new(),
             origin_busy: false,
             origin_allowed: true,
+            origin_not_before: None,
+            origin_start: 0,
+            origin_next: None,
             peer_in_flight: 0,
+            done: 0,
+            swarm: false,
+            me: None,
+            rng: StdRng::seed_from_u64(0x5eed),
         }
+    }
+
+    /// Says whether peers may take part even before any is known (connected peers, a DHT):
+    /// origin runs then stay at [`Config::max_origin_run`], so that pieces are left for peers
+    /// that show up.
+    pub fn set_swarm(&mut self, swarm: bool) {
+        self.swarm = swarm;
+    }
+
+    /// Tells the scheduler this node's peer id: among the peers fetching the same content, each
+    /// node takes a different share of the pieces that need the origin, by the rank of its id.
+    pub fn set_me(&mut self, me: PeerId) {
+        self.me = Some(me);
+    }
+
+    /// Seeds the random choices (random first pieces, ties between equally rare pieces).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
     }
 
     /// Marks piece `index` as already held (verified earlier, from `source`).
     pub fn set_done(&mut self, index: PieceIndex, source: Source) {
         if let Some(p) = self.pieces.get_mut(index as usize) {
+            if !matches!(p, Piece::Done(_)) {
+                self.done += 1;
+            }
             *p = Piece::Done(source);
         }
     }
@@ -137,25 +330,89 @@ impl Scheduler {
         self.origin_allowed = allowed;
     }
 
-    /// Adds a peer or updates what it holds. Banned peers stay out.
-    pub fn set_peer(&mut self, peer: PeerId, have: Bitfield) {
-        if self.banned.contains(&peer) || have.len() as usize != self.pieces.len() {
+    /// Keeps the origin unused until `when` (the source policy's wait for peers).
+    pub fn set_origin_not_before(&mut self, when: Option<Instant>) {
+        self.origin_not_before = when;
+    }
+
+    /// Where the first origin run starts (wrapping around): each node of a swarm starting one
+    /// job together should pass a different place.
+    pub fn set_origin_start(&mut self, index: PieceIndex) {
+        if !self.pieces.is_empty() {
+            self.origin_start = index % self.pieces.len() as u32;
+        }
+    }
+
+    /// Adds a peer or updates what it holds (`have`), fetches (`fetching`) and claims
+    /// (`claimed`: fetched from the origin, servable once the piece layer is verified).
+    /// Banned peers and bitfields of another length are ignored.
+    pub fn set_peer(
+        &mut self,
+        peer: PeerId,
+        have: Bitfield,
+        fetching: Bitfield,
+        claimed: Bitfield,
+        now: Instant,
+    ) {
+        let n = self.pieces.len() as u32;
+        if self.banned.contains(&peer) || [&have, &fetching, &claimed].iter().any(|b| b.len() != n)
+        {
             return;
         }
-        self.peers
-            .entry(peer)
-            .and_modify(|p| p.have = have.clone())
-            .or_insert(Peer {
-                have,
-                in_flight: 0,
-                failures: 0,
-                backoff_until: None,
-            });
+        if let Some(old) = self.peers.get(&peer) {
+            count_bits(&mut self.have_count, &old.have, -1);
+            count_bits(&mut self.fetching_count, &old.fetching, -1);
+            count_bits(&mut self.claimed_count, &old.claimed, -1);
+        }
+        count_bits(&mut self.have_count, &have, 1);
+        count_bits(&mut self.fetching_count, &fetching, 1);
+        count_bits(&mut self.claimed_count, &claimed, 1);
+        match self.peers.get_mut(&peer) {
+            Some(p) => {
+                p.have = have;
+                p.fetching = fetching;
+                p.claimed = claimed;
+            }
+            None => {
+                self.peers.insert(peer, Peer::new(have, fetching, claimed));
+            }
+        }
+        for (i, since) in self.coming_since.iter_mut().enumerate() {
+            if self.fetching_count[i] == 0 {
+                *since = None;
+            } else if since.is_none() {
+                *since = Some(now);
+            }
+        }
+    }
+
+    /// Forgets every peer's claims (the piece layer assembled from them failed to verify):
+    /// the origin may take those pieces now.
+    pub fn drop_claims(&mut self) {
+        for p in self.peers.values_mut() {
+            p.claimed = Bitfield::new(p.claimed.len());
+        }
+        self.claimed_count.iter_mut().for_each(|c| *c = 0);
     }
 
     /// Bans `peer` for this file: no more requests to it.
     pub fn ban(&mut self, peer: PeerId) {
-        self.peers.remove(&peer);
+        if let Some(old) = self.peers.remove(&peer) {
+            count_bits(&mut self.have_count, &old.have, -1);
+            count_bits(&mut self.fetching_count, &old.fetching, -1);
+            count_bits(&mut self.claimed_count, &old.claimed, -1);
+        }
+        let dropped: Vec<_> = self
+            .requests
+            .iter()
+            .filter(|(_, p)| *p == peer)
+            .copied()
+            .collect();
+        for key in dropped {
+            self.requests.remove(&key);
+            self.peer_in_flight = self.peer_in_flight.saturating_sub(1);
+            self.orphaned(key.0, peer);
+        }
         if !self.banned.contains(&peer) {
             self.banned.push(peer);
         }
@@ -170,7 +427,7 @@ impl Scheduler {
     /// True when every piece is held.
     #[must_use]
     pub fn is_complete(&self) -> bool {
-        self.pieces.iter().all(|p| matches!(p, Piece::Done(_)))
+        self.done as usize == self.pieces.len()
     }
 
     /// True when some piece is being fetched.
@@ -179,14 +436,17 @@ impl Scheduler {
         self.origin_busy || self.peer_in_flight > 0
     }
 
-    /// True when a piece is missing that no eligible peer holds and the origin is forbidden.
+    /// True when a piece is missing that no eligible peer holds, fetches or claims, and the
+    /// origin is forbidden: no source can supply it.
     #[must_use]
     pub fn is_stuck(&self) -> bool {
         !self.origin_allowed
             && !self.is_busy()
-            && (0..self.pieces.len() as u32).any(|i| {
-                self.pieces[i as usize] == Piece::Missing
-                    && !self.peers.values().any(|p| p.have.get(i))
+            && (0..self.pieces.len()).any(|i| {
+                self.pieces[i] == Piece::Missing
+                    && self.have_count[i] == 0
+                    && self.fetching_count[i] == 0
+                    && self.claimed_count[i] == 0
             })
     }
 
@@ -199,147 +459,368 @@ impl Scheduler {
         )
     }
 
-    fn eligible(&self, peer: &Peer, now: Instant) -> bool {
-        peer.in_flight < self.config.max_per_peer && peer.backoff_until.is_none_or(|t| t <= now)
+    /// The pieces in flight now (to any source).
+    #[must_use]
+    pub fn in_flight(&self) -> Bitfield {
+        let mut b = Bitfield::new(self.pieces.len() as u32);
+        for (i, p) in self.pieces.iter().enumerate() {
+            if matches!(p, Piece::InFlight(_)) {
+                b.set(i as u32);
+            }
+        }
+        b
     }
 
-    fn needs_origin(&self, index: u32) -> bool {
-        self.pieces[index as usize] == Piece::Missing
-            && (self.peer_failures[index as usize] >= self.config.peer_attempts
-                || !self.peers.values().any(|p| p.have.get(index)))
+    /// The pipeline depth of a peer: its measured rate times [`Config::target_queue`] in
+    /// pieces, plus one, between 2 and [`Config::max_per_peer`]; 1 while snubbed.
+    fn depth(&self, peer: &Peer, now: Instant) -> usize {
+        if peer.snubbed(now, self.config.snub_after) {
+            return 1;
+        }
+        let max = self.config.max_per_peer.max(1);
+        match peer.rate(now) {
+            None => INITIAL_DEPTH.min(max),
+            Some(rate) => {
+                let pieces = rate * self.config.target_queue.as_secs_f64() / self.piece_size as f64;
+                (pieces.ceil() as usize + 1).clamp(2.min(max), max)
+            }
+        }
+    }
+
+    fn eligible(&self, peer: &Peer, now: Instant) -> bool {
+        peer.in_flight < self.depth(peer, now) && peer.backoff_until.is_none_or(|t| t <= now)
+    }
+
+    /// Whether the origin should take piece `index` now.
+    fn needs_origin(&self, index: usize, now: Instant) -> bool {
+        if self.pieces[index] != Piece::Missing {
+            return false;
+        }
+        if self.peer_failures[index] >= self.config.peer_attempts {
+            return true;
+        }
+        let coming_in_time = self.fetching_count[index] > 0
+            && self.coming_since[index]
+                .is_none_or(|t| now.saturating_duration_since(t) < self.config.coming_patience);
+        self.have_count[index] == 0 && !coming_in_time && self.claimed_count[index] == 0
+    }
+
+    /// The best eligible peer holding `index`, other than `not`: the most room left in its
+    /// pipeline, then the fewest failures, then the fastest.
+    fn best_peer(&self, index: PieceIndex, not: Option<PeerId>, now: Instant) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(id, p)| Some(**id) != not && p.have.get(index) && self.eligible(p, now))
+            .map(|(id, p)| {
+                let room = self.depth(p, now) - p.in_flight;
+                let rate = p.rate(now).unwrap_or(0.0);
+                (room, std::cmp::Reverse(p.failures), rate, *id)
+            })
+            .max_by(|a, b| {
+                (a.0, a.1)
+                    .cmp(&(b.0, b.1))
+                    .then(a.2.total_cmp(&b.2))
+                    .then(a.3.cmp(&b.3))
+            })
+            .map(|t| t.3)
+    }
+
+    fn request(&mut self, peer: PeerId, index: PieceIndex, now: Instant) -> Action {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.start_request(now);
+        }
+        self.peer_in_flight += 1;
+        self.requests.insert((index, peer));
+        if self.pieces[index as usize] == Piece::Missing {
+            self.pieces[index as usize] = Piece::InFlight(Source::Peer(peer));
+        }
+        Action::Peer { peer, index }
     }
 
     /// The fetches to start now.
     pub fn next_actions(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
-        // Peers: rarest first among pieces some eligible peer holds.
-        let mut wanted: Vec<(usize, u32)> = (0..self.pieces.len() as u32)
-            .filter(|&i| {
-                self.pieces[i as usize] == Piece::Missing
-                    && self.peer_failures[i as usize] < self.config.peer_attempts
-            })
-            .map(|i| (self.peers.values().filter(|p| p.have.get(i)).count(), i))
-            .filter(|(n, _)| *n > 0)
-            .collect();
-        wanted.sort_unstable();
-        for (_, index) in wanted {
-            if self.peer_in_flight >= self.config.max_in_flight {
-                break;
+        let n = self.pieces.len();
+        // Pieces stalled at snubbed peers go to other peers first.
+        self.duplicates(false, now, &mut actions);
+        // Peers: rarest first (random first while the file holds few pieces).
+        let room = self.peers.values().any(|p| self.eligible(p, now));
+        if room && self.peer_in_flight < self.config.max_in_flight {
+            let mut wanted: Vec<u32> = (0..n as u32)
+                .filter(|&i| {
+                    self.pieces[i as usize] == Piece::Missing
+                        && self.have_count[i as usize] > 0
+                        && self.peer_failures[i as usize] < self.config.peer_attempts
+                })
+                .collect();
+            wanted.shuffle(&mut self.rng);
+            if self.done >= self.config.random_first {
+                wanted.sort_by_key(|&i| self.have_count[i as usize]);
             }
-            let best = self
-                .peers
-                .iter()
-                .filter(|(_, p)| p.have.get(index) && self.eligible(p, now))
-                .min_by_key(|(id, p)| (p.in_flight, p.failures, **id))
-                .map(|(id, _)| *id);
-            if let Some(peer) = best {
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.in_flight += 1;
+            for index in wanted {
+                if self.peer_in_flight >= self.config.max_in_flight {
+                    break;
                 }
-                self.peer_in_flight += 1;
-                self.pieces[index as usize] = Piece::InFlight(Source::Peer(peer));
-                actions.push(Action::Peer { peer, index });
+                if let Some(peer) = self.best_peer(index, None, now) {
+                    actions.push(self.request(peer, index, now));
+                }
             }
+        }
+        // Endgame: a second request for every piece in flight once none is left missing.
+        if (0..n).all(|i| self.pieces[i] != Piece::Missing) {
+            self.duplicates(true, now, &mut actions);
         }
         // Origin: one contiguous run of pieces no peer can give.
         if self.origin_allowed
             && !self.origin_busy
-            && let Some(start) = (0..self.pieces.len() as u32).find(|&i| self.needs_origin(i))
+            && self.origin_not_before.is_none_or(|t| now >= t)
+            && let Some((start, share)) = self.origin_run_start(now)
         {
-            let limit = if self.peers.is_empty() {
+            let limit = if self.peers.is_empty() && !self.swarm {
                 u32::MAX
             } else {
-                self.config.max_origin_run
+                self.config.max_origin_run.max(1).min(share)
             };
             let mut end = start + 1;
-            while end < self.pieces.len() as u32 && end - start < limit && self.needs_origin(end) {
+            while (end as usize) < n && end - start < limit && self.needs_origin(end as usize, now)
+            {
                 end += 1;
             }
             for i in start..end {
                 self.pieces[i as usize] = Piece::InFlight(Source::Origin);
             }
             self.origin_busy = true;
+            self.origin_next = Some(end);
             actions.push(Action::Origin { start, end });
         }
         actions
     }
 
-    fn release(&mut self, index: PieceIndex, source: Source) {
-        if let Source::Peer(peer) = source {
-            self.peer_in_flight = self.peer_in_flight.saturating_sub(1);
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.in_flight = p.in_flight.saturating_sub(1);
+    /// Second requests for pieces in flight: for every one (`endgame`), or for those whose
+    /// first request went to a snubbed peer.
+    fn duplicates(&mut self, endgame: bool, now: Instant, actions: &mut Vec<Action>) {
+        let snubbed: HashSet<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.snubbed(now, self.config.snub_after))
+            .map(|(id, _)| *id)
+            .collect();
+        if !endgame && snubbed.is_empty() {
+            return;
+        }
+        let mut live: HashMap<PieceIndex, usize> = HashMap::new();
+        for (i, _) in &self.requests {
+            *live.entry(*i).or_default() += 1;
+        }
+        for i in 0..self.pieces.len() as u32 {
+            let Piece::InFlight(first) = self.pieces[i as usize] else {
+                continue;
+            };
+            let copies = live.get(&i).copied().unwrap_or(0) + usize::from(first == Source::Origin);
+            let first_peer = match first {
+                Source::Peer(p) => Some(p),
+                Source::Origin => None,
+            };
+            let stalled = first_peer.is_some_and(|p| snubbed.contains(&p));
+            if copies >= 2 || !(endgame || stalled) {
+                continue;
+            }
+            if self.peer_in_flight >= self.config.max_in_flight + self.config.max_per_peer {
+                break;
+            }
+            if let Some(peer) = self.best_peer(i, first_peer, now)
+                && !self.requests.contains(&(i, peer))
+            {
+                actions.push(self.request(peer, i, now));
             }
         }
-        let _ = index;
     }
 
-    /// The bytes of piece `index` arrived and went to verification; an origin run that ends
-    /// now no longer takes the piece back.
-    pub fn on_received(&mut self, index: PieceIndex) {
-        if let Some(p) = self.pieces.get_mut(index as usize)
-            && let Piece::InFlight(source) = *p
-        {
-            *p = Piece::Verifying(source);
+    /// Where the next origin run starts. A run goes on where the last one ended, unless that
+    /// piece does not need the origin or a peer with a lower id is fetching alongside (two
+    /// nodes that met keep apart: the lower id goes on, the other moves). Otherwise, with the
+    /// peers fetching the same content known, the pieces that need the origin are shared out
+    /// by rank: of K nodes, the one of rank r starts r/K of the way through them. With no
+    /// peer known, the first run starts at [`Scheduler::set_origin_start`].
+    ///
+    /// Returns the start and the longest run from there (a share of the pieces needed, so
+    /// that one node's run does not reach into the next node's share). With fewer pieces
+    /// needed than nodes, the nodes ranked past their number wait.
+    fn origin_run_start(&self, now: Instant) -> Option<(PieceIndex, u32)> {
+        let n = self.pieces.len() as u32;
+        if n == 0 {
+            return None;
         }
+        let unlimited = u32::MAX;
+        if let Some(next) = self.origin_next
+            && next < n
+            && self.needs_origin(next as usize, now)
+            && !self.alongside(next)
+        {
+            return Some((next, unlimited));
+        }
+        // Pieces that failed from peers are this node's own business.
+        if let Some(i) = (0..n).find(|&i| {
+            self.peer_failures[i as usize] >= self.config.peer_attempts
+                && self.needs_origin(i as usize, now)
+        }) {
+            return Some((i, unlimited));
+        }
+        if self.peers.is_empty() || self.me.is_none() {
+            return (0..n)
+                .map(|k| (self.origin_start + k) % n)
+                .find(|&i| self.needs_origin(i as usize, now))
+                .map(|i| (i, unlimited));
+        }
+        let needed: Vec<u32> = (0..n)
+            .filter(|&i| self.needs_origin(i as usize, now))
+            .collect();
+        let me = self.me?;
+        let rank = self.peers.keys().filter(|p| **p < me).count();
+        let k = self.peers.len() + 1;
+        if rank >= needed.len() {
+            return None;
+        }
+        let share = u32::try_from(needed.len() / k).unwrap_or(u32::MAX).max(1);
+        Some((needed[rank * needed.len() / k], share))
     }
 
-    /// Piece `index` arrived from `source` and verified.
+    /// Whether a peer with a lower id than this node fetches or claims the piece before
+    /// `next` (it runs alongside this node's last origin run).
+    fn alongside(&self, next: PieceIndex) -> bool {
+        let (Some(me), Some(last)) = (self.me, next.checked_sub(1)) else {
+            return false;
+        };
+        self.peers
+            .iter()
+            .any(|(id, p)| *id < me && (p.fetching.get(last) || p.claimed.get(last)))
+    }
+
+    /// A request for `index` to `peer` ended without the piece: make the piece missing again
+    /// unless another request for it is live.
+    fn orphaned(&mut self, index: PieceIndex, peer: PeerId) {
+        let Some(p) = self.pieces.get(index as usize).copied() else {
+            return;
+        };
+        if p != Piece::InFlight(Source::Peer(peer)) {
+            return;
+        }
+        let other = self
+            .requests
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, q)| *q);
+        self.pieces[index as usize] = match other {
+            Some(q) => Piece::InFlight(Source::Peer(q)),
+            None => Piece::Missing,
+        };
+    }
+
+    /// Piece `index` arrived (`bytes` long) from `source`. The first copy goes to verification
+    /// and cancels the other requests for it; anything else is [`Received::Late`].
+    pub fn on_received(
+        &mut self,
+        index: PieceIndex,
+        source: Source,
+        bytes: u64,
+        now: Instant,
+    ) -> Received {
+        if let Source::Peer(peer) = source {
+            if !self.requests.remove(&(index, peer)) {
+                return Received::Late;
+            }
+            self.peer_in_flight = self.peer_in_flight.saturating_sub(1);
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.delivered += bytes as f64;
+                p.last_delivery = Some(now);
+                p.end_request(now);
+            }
+        }
+        if !matches!(self.pieces.get(index as usize), Some(Piece::InFlight(_))) {
+            return Received::Late;
+        }
+        self.pieces[index as usize] = Piece::Verifying(source);
+        let cancel: Vec<PeerId> = self
+            .requests
+            .iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, p)| *p)
+            .collect();
+        let snub_after = self.config.snub_after;
+        for peer in &cancel {
+            self.requests.remove(&(index, *peer));
+            self.peer_in_flight = self.peer_in_flight.saturating_sub(1);
+            if let Some(p) = self.peers.get_mut(peer) {
+                // A snubbed peer that lost a piece it held up is backed off like a failure.
+                if p.snubbed(now, snub_after) {
+                    p.failures += 1;
+                    p.backoff_until = Some(now + backoff(self.config.peer_backoff, p.failures));
+                }
+                p.end_request(now);
+            }
+        }
+        Received::First { cancel }
+    }
+
+    /// Piece `index` from `source` verified and was written.
     pub fn on_done(&mut self, index: PieceIndex, source: Source) {
-        self.release(index, source);
         if let Source::Peer(peer) = source
             && let Some(p) = self.peers.get_mut(&peer)
         {
             p.failures = 0;
             p.backoff_until = None;
         }
-        if let Some(p) = self.pieces.get_mut(index as usize) {
-            *p = Piece::Done(source);
-        }
+        self.set_done(index, source);
     }
 
-    /// Fetching piece `index` from `source` failed without proof of bad faith (timeout,
-    /// NotFound, Busy, a dropped connection). The peer is backed off and the piece returns to
-    /// the pool.
-    pub fn on_failed(&mut self, index: PieceIndex, source: Source, now: Instant) {
-        self.release(index, source);
-        let mut bump = 0;
-        if let Source::Peer(peer) = source {
-            bump = 1;
-            if let Some(p) = self.peers.get_mut(&peer) {
-                p.failures += 1;
-                let delay = self
-                    .config
-                    .peer_backoff
-                    .saturating_mul(1 << p.failures.min(6))
-                    .min(Duration::from_secs(30));
-                p.backoff_until = Some(now + delay);
-            }
+    /// Fetching piece `index` from `peer` failed without proof of bad faith (timeout,
+    /// NotFound, Busy, a dropped connection): the peer is backed off and loses score, and
+    /// the piece returns to the pool unless another request for it is live. A failure of a
+    /// request that was cancelled is ignored.
+    pub fn on_failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
+        if !self.requests.remove(&(index, peer)) {
+            return;
         }
-        if let Some(p) = self.pieces.get_mut(index as usize) {
-            *p = Piece::Missing;
-            self.peer_failures[index as usize] =
-                self.peer_failures[index as usize].saturating_add(bump);
+        self.peer_in_flight = self.peer_in_flight.saturating_sub(1);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.end_request(now);
+            p.failures += 1;
+            p.backoff_until = Some(now + backoff(self.config.peer_backoff, p.failures));
         }
+        if let Some(f) = self.peer_failures.get_mut(index as usize)
+            && self.pieces[index as usize] == Piece::InFlight(Source::Peer(peer))
+        {
+            *f = f.saturating_add(1);
+        }
+        self.orphaned(index, peer);
     }
 
     /// Piece `index` from `peer` failed verification: the peer is banned and the piece
     /// returns to the pool.
     pub fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
-        self.release(index, Source::Peer(peer));
         self.ban(peer);
-        if let Some(p) = self.pieces.get_mut(index as usize) {
+        if let Some(p) = self.pieces.get_mut(index as usize)
+            && *p == Piece::Verifying(Source::Peer(peer))
+        {
             *p = Piece::Missing;
         }
     }
 
-    /// The origin run ended (all its pieces reported, or the stream failed); pieces of it still
-    /// in flight return to the pool.
+    /// The origin run ended (all its pieces reported, or the stream failed); its pieces still
+    /// in flight go to a live peer request for them, or back to the pool.
     pub fn on_origin_run_end(&mut self) {
         self.origin_busy = false;
-        for p in &mut self.pieces {
-            if *p == Piece::InFlight(Source::Origin) {
-                *p = Piece::Missing;
+        for i in 0..self.pieces.len() {
+            if self.pieces[i] == Piece::InFlight(Source::Origin) {
+                let other = self
+                    .requests
+                    .iter()
+                    .find(|(j, _)| *j as usize == i)
+                    .map(|(_, q)| *q);
+                self.pieces[i] = match other {
+                    Some(q) => Piece::InFlight(Source::Peer(q)),
+                    None => Piece::Missing,
+                };
             }
         }
     }
@@ -349,7 +830,9 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    fn peer_with(pieces: &[u32], len: u32) -> Bitfield {
+    const PIECE: u64 = 256 * 1024;
+
+    fn bits(pieces: &[u32], len: u32) -> Bitfield {
         let mut b = Bitfield::new(len);
         for &i in pieces {
             b.set(i);
@@ -357,9 +840,34 @@ mod tests {
         b
     }
 
+    fn sched(n: u32, cfg: Config) -> Scheduler {
+        Scheduler::new(n, PIECE, cfg)
+    }
+
+    fn holds(s: &mut Scheduler, peer: PeerId, pieces: &[u32], now: Instant) {
+        let n = s.pieces.len() as u32;
+        s.set_peer(
+            peer,
+            bits(pieces, n),
+            Bitfield::new(n),
+            Bitfield::new(n),
+            now,
+        );
+    }
+
+    fn peer_pieces(actions: &[Action]) -> Vec<u32> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Peer { index, .. } => Some(*index),
+                Action::Origin { .. } => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn without_peers_the_origin_gets_one_run_of_everything() {
-        let mut s = Scheduler::new(10, Config::default());
+        let mut s = sched(10, Config::default());
         let now = Instant::now();
         assert_eq!(
             s.next_actions(now),
@@ -367,6 +875,10 @@ mod tests {
         );
         assert!(s.next_actions(now).is_empty());
         for i in 0..10 {
+            assert_eq!(
+                s.on_received(i, Source::Origin, PIECE, now),
+                Received::First { cancel: vec![] }
+            );
             s.on_done(i, Source::Origin);
         }
         s.on_origin_run_end();
@@ -375,44 +887,68 @@ mod tests {
 
     #[test]
     fn peers_get_what_they_hold_and_the_origin_the_rest() {
-        let mut s = Scheduler::new(6, Config::default());
+        let mut s = sched(6, Config::default());
+        let now = Instant::now();
         let a = PeerId::random();
-        s.set_peer(a, peer_with(&[0, 1, 2, 3], 6));
-        let actions = s.next_actions(Instant::now());
-        let peer_pieces: Vec<_> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Peer { index, .. } => Some(*index),
-                Action::Origin { .. } => None,
-            })
-            .collect();
-        assert_eq!(peer_pieces.len(), 4);
+        holds(&mut s, a, &[0, 1, 2, 3], now);
+        let actions = s.next_actions(now);
+        assert_eq!(peer_pieces(&actions).len(), 4);
         assert!(actions.contains(&Action::Origin { start: 4, end: 6 }));
     }
 
     #[test]
-    fn rarest_pieces_go_first_and_load_is_spread() {
+    fn rarest_pieces_go_first_once_a_few_are_held() {
+        let cfg = Config {
+            max_in_flight: 1,
+            random_first: 1,
+            ..Config::default()
+        };
+        let mut s = sched(4, cfg);
+        let now = Instant::now();
+        s.set_done(3, Source::Origin);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        holds(&mut s, a, &[0, 1, 2], now);
+        holds(&mut s, b, &[0, 2], now);
+        // Piece 1 is held by one peer only: it goes first, whatever the seed.
+        for seed in 0..20 {
+            s.set_seed(seed);
+            let actions = s.next_actions(now);
+            assert_eq!(
+                actions,
+                vec![Action::Peer { peer: a, index: 1 }],
+                "seed {seed}"
+            );
+            s.on_failed(1, a, now);
+            s.peers.get_mut(&a).unwrap().backoff_until = None;
+            s.peer_failures[1] = 0;
+        }
+    }
+
+    #[test]
+    fn the_first_pieces_are_random_and_ties_are_broken_at_random() {
         let cfg = Config {
             max_in_flight: 1,
             ..Config::default()
         };
-        let mut s = Scheduler::new(3, cfg);
-        let (a, b) = (PeerId::random(), PeerId::random());
-        s.set_peer(a, peer_with(&[0, 1, 2], 3));
-        s.set_peer(b, peer_with(&[0, 2], 3));
-        // Piece 1 is held by one peer only: it goes first.
-        assert_eq!(
-            s.next_actions(Instant::now()),
-            vec![Action::Peer { peer: a, index: 1 }]
-        );
+        let now = Instant::now();
+        let a = PeerId::random();
+        let mut firsts = HashSet::new();
+        for seed in 0..40 {
+            let mut s = sched(64, cfg.clone());
+            s.set_seed(seed);
+            holds(&mut s, a, &(0..64).collect::<Vec<_>>(), now);
+            firsts.extend(peer_pieces(&s.next_actions(now)));
+        }
+        // Not always piece 0, nor any one piece.
+        assert!(firsts.len() > 10, "{firsts:?}");
     }
 
     #[test]
     fn a_corrupt_piece_bans_the_peer_and_goes_elsewhere() {
-        let mut s = Scheduler::new(1, Config::default());
-        let (bad, good) = (PeerId::random(), PeerId::random());
-        s.set_peer(bad, peer_with(&[0], 1));
+        let mut s = sched(1, Config::default());
         let now = Instant::now();
+        let (bad, good) = (PeerId::random(), PeerId::random());
+        holds(&mut s, bad, &[0], now);
         assert_eq!(
             s.next_actions(now),
             vec![Action::Peer {
@@ -420,10 +956,14 @@ mod tests {
                 index: 0
             }]
         );
+        assert!(matches!(
+            s.on_received(0, Source::Peer(bad), PIECE, now),
+            Received::First { .. }
+        ));
         s.on_corrupt(0, bad);
         assert_eq!(s.banned(), &[bad]);
-        s.set_peer(bad, peer_with(&[0], 1));
-        s.set_peer(good, peer_with(&[0], 1));
+        holds(&mut s, bad, &[0], now);
+        holds(&mut s, good, &[0], now);
         assert_eq!(
             s.next_actions(now),
             vec![Action::Peer {
@@ -435,19 +975,24 @@ mod tests {
 
     #[test]
     fn repeated_peer_failures_send_the_piece_to_the_origin() {
-        let mut s = Scheduler::new(1, Config::default());
+        let mut s = sched(1, Config::default());
         let a = PeerId::random();
-        s.set_peer(a, peer_with(&[0], 1));
         let mut now = Instant::now();
-        for _ in 0..3 {
+        holds(&mut s, a, &[0], now);
+        for attempt in 1..=3 {
             assert_eq!(
                 s.next_actions(now),
                 vec![Action::Peer { peer: a, index: 0 }]
             );
-            s.on_failed(0, Source::Peer(a), now);
-            // Backed off: nothing until the delay passes.
-            now += Duration::from_secs(60);
+            s.on_failed(0, a, now);
+            if attempt < 3 {
+                // Backed off: nothing until the delay passes.
+                let idle = s.next_actions(now);
+                assert!(idle.is_empty(), "{idle:?}");
+                now += Duration::from_secs(60);
+            }
         }
+        // The third failure sends the piece to the origin at once.
         assert_eq!(
             s.next_actions(now),
             vec![Action::Origin { start: 0, end: 1 }]
@@ -455,13 +1000,14 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_origin_run_returns_its_pieces() {
-        let mut s = Scheduler::new(4, Config::default());
+    fn a_failed_origin_run_returns_its_pieces_and_without_the_origin_a_job_is_stuck() {
+        let mut s = sched(4, Config::default());
         let now = Instant::now();
         assert_eq!(
             s.next_actions(now),
             vec![Action::Origin { start: 0, end: 4 }]
         );
+        s.on_received(0, Source::Origin, PIECE, now);
         s.on_done(0, Source::Origin);
         s.on_origin_run_end();
         assert_eq!(
@@ -471,5 +1017,167 @@ mod tests {
         s.set_origin_allowed(false);
         s.on_origin_run_end();
         assert!(s.is_stuck());
+    }
+
+    #[test]
+    fn endgame_asks_a_second_peer_and_the_first_copy_cancels_the_other() {
+        let mut s = sched(2, Config::default());
+        let now = Instant::now();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        holds(&mut s, a, &[0, 1], now);
+        holds(&mut s, b, &[0, 1], now);
+        let first = s.next_actions(now);
+        // Both pieces requested once, then each once more from the other peer.
+        assert_eq!(first.len(), 4, "{first:?}");
+        let mut per_piece: HashMap<u32, Vec<PeerId>> = HashMap::new();
+        for a in &first {
+            if let Action::Peer { peer, index } = a {
+                per_piece.entry(*index).or_default().push(*peer);
+            }
+        }
+        for (i, peers) in &per_piece {
+            assert_eq!(peers.len(), 2, "piece {i}");
+            assert_ne!(peers[0], peers[1]);
+        }
+        assert!(s.next_actions(now).is_empty());
+        let winner = per_piece[&0][1];
+        let loser = per_piece[&0][0];
+        assert_eq!(
+            s.on_received(0, Source::Peer(winner), PIECE, now),
+            Received::First {
+                cancel: vec![loser]
+            }
+        );
+        // The loser's answer, if it still comes, is dropped; its failure is ignored.
+        assert_eq!(
+            s.on_received(0, Source::Peer(loser), PIECE, now),
+            Received::Late
+        );
+        s.on_failed(0, loser, now);
+        s.on_done(0, Source::Peer(winner));
+        assert_eq!(s.peers[&loser].failures, 0);
+    }
+
+    #[test]
+    fn pipelines_grow_with_throughput_and_a_quiet_peer_is_replaced() {
+        let cfg = Config {
+            max_in_flight: 1000,
+            random_first: 0,
+            ..Config::default()
+        };
+        let mut s = sched(1000, cfg);
+        let (fast, slow) = (PeerId::random(), PeerId::random());
+        let mut now = Instant::now();
+        let all: Vec<u32> = (0..1000).collect();
+        holds(&mut s, fast, &all, now);
+        holds(&mut s, slow, &all, now);
+        let live = |s: &Scheduler, p: PeerId| -> Vec<u32> {
+            let mut v: Vec<u32> = s
+                .requests
+                .iter()
+                .filter(|(_, q)| *q == p)
+                .map(|(i, _)| *i)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        s.next_actions(now);
+        assert_eq!(live(&s, fast).len(), INITIAL_DEPTH);
+        assert_eq!(live(&s, slow).len(), INITIAL_DEPTH);
+        let stuck_at_slow = live(&s, slow);
+        // The fast peer delivers 20 pieces (5 MiB) a second, the slow one nothing.
+        for step in 0..220 {
+            now += Duration::from_millis(50);
+            let i = live(&s, fast)[0];
+            s.on_received(i, Source::Peer(fast), PIECE, now);
+            s.on_done(i, Source::Peer(fast));
+            s.next_actions(now);
+            if step == 40 {
+                // 5 MiB/s × 0.5 s = 10 pieces, plus one.
+                assert_eq!(live(&s, fast).len(), 11);
+            }
+        }
+        // After 10 s of silence the slow peer is snubbed: one request at most, and the
+        // pieces it held up went to the fast peer.
+        for i in stuck_at_slow {
+            assert!(
+                s.pieces[i as usize] == Piece::Done(Source::Peer(fast))
+                    || live(&s, fast).contains(&i),
+                "piece {i}"
+            );
+        }
+        let quiet = &s.peers[&slow];
+        assert!(quiet.failures > 0 && !s.eligible(quiet, now));
+    }
+
+    #[test]
+    fn pieces_a_peer_fetches_or_claims_wait_for_it_and_the_origin_starts_elsewhere() {
+        let mut s = sched(100, Config::default());
+        let mut now = Instant::now();
+        let a = PeerId::random();
+        // The peer fetches 0..30 and claims 30..50.
+        let fetching = bits(&(0..30).collect::<Vec<_>>(), 100);
+        let claimed = bits(&(30..50).collect::<Vec<_>>(), 100);
+        s.set_peer(
+            a,
+            Bitfield::new(100),
+            fetching.clone(),
+            claimed.clone(),
+            now,
+        );
+        s.set_origin_start(10);
+        // The first run starts at the first piece from 10 on that nobody has or fetches.
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Origin { start: 50, end: 58 }]
+        );
+        for i in 50..58 {
+            s.on_received(i, Source::Origin, PIECE, now);
+            s.on_done(i, Source::Origin);
+        }
+        s.on_origin_run_end();
+        // Then it goes on where it stopped.
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Origin { start: 58, end: 66 }]
+        );
+        s.on_origin_run_end();
+        for i in 58..66 {
+            s.on_received(i, Source::Origin, PIECE, now);
+            s.on_done(i, Source::Origin);
+        }
+        s.on_origin_run_end();
+        for i in 66..100 {
+            s.set_done(i, Source::Origin);
+        }
+        // A peer that fetches for too long loses its pieces to the origin (the largest
+        // stretch, 0..30, from its middle); claimed pieces still wait.
+        now += Duration::from_secs(10);
+        s.set_peer(a, Bitfield::new(100), fetching, claimed, now);
+        assert!(s.next_actions(now).is_empty());
+        now += Duration::from_secs(11);
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Origin { start: 10, end: 18 }]
+        );
+        // Known peers fetching the same content share out the pieces by rank: of three nodes,
+        // each starts a third of the way further, with runs no longer than its share.
+        for _ in 0..10 {
+            let me = PeerId::random();
+            let (p1, p2) = (PeerId::random(), PeerId::random());
+            let mut t = sched(99, Config::default());
+            t.set_me(me);
+            let none = Bitfield::new(99);
+            t.set_peer(p1, none.clone(), none.clone(), none.clone(), now);
+            t.set_peer(p2, none.clone(), none.clone(), none, now);
+            let rank = [p1, p2].iter().filter(|p| **p < me).count() as u32;
+            assert_eq!(
+                t.next_actions(now),
+                vec![Action::Origin {
+                    start: rank * 33,
+                    end: rank * 33 + 8
+                }]
+            );
+        }
     }
 }

@@ -3,8 +3,10 @@
 //! An entry maps a content id to a file on disk (a job's temporary file while it downloads, the
 //! final file after Complete, or a seeded file), its verified piece layer, and a bitfield of the
 //! pieces whose bytes verified and are written. Only verified pieces are ever served: an entry
-//! exists only once its layer is verified, and a piece's bit is set only after its bytes verified
-//! and reached the disk. A SHA-256 maps to a content id only after this node computed that
+//! serves pieces only once its layer is verified, and a piece's bit is set only after its bytes
+//! verified and reached the disk. An entry without a layer (being assembled, see
+//! `docs/scheduling.md`) reports which pieces it fetches and which chaining values it computed
+//! from origin bytes, and serves nothing. A SHA-256 maps to a content id only after this node computed that
 //! SHA-256 over the whole file itself.
 //!
 //! This core keeps entries in memory; persistence comes with the daemon.
@@ -18,15 +20,44 @@ use std::{
 };
 
 use bytes::Bytes;
-use shoal_protocol::{Bitfield, HaveKey, PieceIndex};
+use shoal_protocol::{Bitfield, HaveKey, Holding, LayerResponse, PieceIndex};
 use shoal_validator::{ChainingValue, ContentId, PieceLayer, Sha256Digest};
 
-/// One piece of content this node can serve.
+/// One content this node holds or assembles.
 #[derive(Clone, Debug)]
 struct Entry {
-    layer: PieceLayer,
+    /// The verified piece layer; `None` while the layer is being assembled from chaining
+    /// values computed from origin bytes (the entry then serves no piece).
+    layer: Option<PieceLayer>,
+    /// Pieces verified against `layer` and written.
     verified: Bitfield,
+    /// Pieces being fetched now.
+    fetching: Bitfield,
+    /// While assembling: the chaining values this node computed from origin bytes.
+    claims: Vec<Option<ChainingValue>>,
     path: PathBuf,
+}
+
+impl Entry {
+    fn holding(&self, id: ContentId) -> Holding {
+        let n = id.piece_count();
+        let mut claimed = Bitfield::new(n);
+        for (i, c) in self.claims.iter().enumerate() {
+            if c.is_some() {
+                claimed.set(i as u32);
+            }
+        }
+        Holding {
+            content_id: id,
+            have: if self.layer.is_some() {
+                self.verified.clone()
+            } else {
+                Bitfield::new(n)
+            },
+            fetching: self.fetching.clone(),
+            claimed,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +90,7 @@ impl ContentStore {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let id = layer.content_id();
         if let Some(old) = inner.by_id.get(&id)
+            && old.layer.is_some()
             && old.verified.count_ones() >= verified.count_ones()
             && old.path.exists()
         {
@@ -66,14 +98,65 @@ impl ContentStore {
         }
         inner.by_hash.insert(*id.hash(), id);
         self.changed.notify_one();
+        let n = id.piece_count();
         inner.by_id.insert(
             id,
             Entry {
-                layer,
+                layer: Some(layer),
                 verified,
+                fetching: Bitfield::new(n),
+                claims: Vec::new(),
                 path,
             },
         );
+    }
+
+    /// Registers content `id` whose layer is being assembled at `path` (no verified layer
+    /// known): have queries then report its fetching and claimed pieces, and it is announced
+    /// in the DHT, but no piece is served. True when the entry is this path's; false when
+    /// another download of the same content holds it (with or without a layer).
+    pub fn begin_assembly(&self, id: ContentId, path: PathBuf) -> bool {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = inner.by_id.get(&id) {
+            return old.path == path && old.layer.is_none();
+        }
+        inner.by_hash.insert(*id.hash(), id);
+        self.changed.notify_one();
+        let n = id.piece_count();
+        inner.by_id.insert(
+            id,
+            Entry {
+                layer: None,
+                verified: Bitfield::new(n),
+                fetching: Bitfield::new(n),
+                claims: vec![None; n as usize],
+                path,
+            },
+        );
+        true
+    }
+
+    /// Records the chaining value this node computed for piece `index` of `id` from origin
+    /// bytes, while the entry at `path` assembles its layer.
+    pub fn add_claim(&self, id: &ContentId, path: &Path, index: PieceIndex, cv: ChainingValue) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = inner.by_id.get_mut(id)
+            && e.path == path
+            && let Some(c) = e.claims.get_mut(index as usize)
+        {
+            *c = Some(cv);
+        }
+    }
+
+    /// Sets the pieces of `id` being fetched into `path`.
+    pub fn set_fetching(&self, id: &ContentId, path: &Path, fetching: Bitfield) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = inner.by_id.get_mut(id)
+            && e.path == path
+            && fetching.len() == e.fetching.len()
+        {
+            e.fetching = fetching;
+        }
     }
 
     /// Marks piece `index` of `id` as verified and written to `path`.
@@ -81,8 +164,10 @@ impl ContentStore {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = inner.by_id.get_mut(id)
             && e.path == path
+            && e.layer.is_some()
         {
             e.verified.set(index);
+            e.fetching.clear(index);
         }
     }
 
@@ -135,15 +220,16 @@ impl ContentStore {
             .collect()
     }
 
-    /// What this node holds for a have query: the content id and its verified pieces.
+    /// What this node holds for a have query: the content id, its verified pieces, and the
+    /// pieces it fetches and claims.
     #[must_use]
-    pub fn have(&self, key: &HaveKey) -> Option<(ContentId, Bitfield)> {
+    pub fn have(&self, key: &HaveKey) -> Option<Holding> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let id = match key {
             HaveKey::Blake3(h) => *inner.by_hash.get(h)?,
             HaveKey::Sha256(d) => *inner.by_sha256.get(d)?,
         };
-        inner.by_id.get(&id).map(|e| (id, e.verified.clone()))
+        inner.by_id.get(&id).map(|e| e.holding(id))
     }
 
     /// The verified piece layer of `id`.
@@ -152,8 +238,28 @@ impl ContentStore {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .by_id
-            .get(id)
-            .map(|e| e.layer.chaining_values().to_vec())
+            .get(id)?
+            .layer
+            .as_ref()
+            .map(|l| l.chaining_values().to_vec())
+    }
+
+    /// The answer to a layer request: the verified layer; or, with `partial` and while
+    /// assembling, the chaining values this node computed from origin bytes.
+    #[must_use]
+    pub fn layer_response(&self, id: &ContentId, partial: bool) -> LayerResponse {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        match inner.by_id.get(id) {
+            Some(Entry { layer: Some(l), .. }) => LayerResponse::Full(l.chaining_values().to_vec()),
+            Some(e) if partial && e.claims.iter().any(Option::is_some) => LayerResponse::Partial(
+                e.claims
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.map(|c| (i as u32, c)))
+                    .collect(),
+            ),
+            _ => LayerResponse::NotFound,
+        }
     }
 
     /// Reads verified piece `index` of `id` from disk (blocking). `None` when the piece is not
@@ -163,7 +269,7 @@ impl ContentStore {
         let (path, range) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let e = inner.by_id.get(id)?;
-            if !e.verified.get(index) {
+            if e.layer.is_none() || !e.verified.get(index) {
                 return None;
             }
             (e.path.clone(), id.piece_range(index)?)
@@ -184,6 +290,7 @@ impl ContentStore {
         inner
             .by_id
             .iter()
+            .filter(|(_, e)| e.layer.is_some())
             .map(|(id, e)| (*id, e.verified.count_ones()))
             .collect()
     }

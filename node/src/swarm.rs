@@ -25,8 +25,9 @@ use libp2p::{
     tcp, yamux,
 };
 use shoal_protocol::{
-    Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, LAYER_PROTOCOL, LayerRequest,
-    LayerResponse, Message, PIECE_PROTOCOL, PieceRequest, PieceResponse, frame::LengthPrefix,
+    Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding, LAYER_PROTOCOL,
+    LayerRequest, LayerResponse, Message, PIECE_PROTOCOL, PieceRequest, PieceResponse,
+    frame::LengthPrefix,
 };
 use shoal_validator::ContentId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -492,22 +493,39 @@ impl Handle {
         rx.await.map_err(|_| RequestError::Shutdown)?
     }
 
-    /// Asks `peer` what it holds of `key`.
+    /// Asks `peer` what it holds of a key (`request.origin_url` is for cache nodes).
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
-    pub async fn have(&self, peer: PeerId, key: HaveKey) -> Result<HaveResponse, RequestError> {
-        self.request(peer, |tx| OutRequest::Have(HaveRequest(key), tx))
-            .await
+    pub async fn have(
+        &self,
+        peer: PeerId,
+        request: HaveRequest,
+    ) -> Result<HaveResponse, RequestError> {
+        self.request(peer, |tx| OutRequest::Have(request, tx)).await
     }
 
-    /// Asks `peer` for the piece layer of `id`.
+    /// Asks `peer` for the piece layer of `id`; with `partial`, for the chaining values it
+    /// computed from origin bytes when it has no verified layer.
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
-    pub async fn layer(&self, peer: PeerId, id: ContentId) -> Result<LayerResponse, RequestError> {
-        self.request(peer, |tx| OutRequest::Layer(LayerRequest(id), tx))
-            .await
+    pub async fn layer(
+        &self,
+        peer: PeerId,
+        id: ContentId,
+        partial: bool,
+    ) -> Result<LayerResponse, RequestError> {
+        self.request(peer, |tx| {
+            OutRequest::Layer(
+                LayerRequest {
+                    content_id: id,
+                    partial,
+                },
+                tx,
+            )
+        })
+        .await
     }
 
     /// Asks `peer` for piece `index` of `id`.
@@ -1118,7 +1136,7 @@ impl EventLoop {
 
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
         if let Routed::Request(_, request, channel) = route(&mut self.pending_have, e) {
-            let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.0));
+            let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.key));
             let _ = self
                 .swarm
                 .behaviour_mut()
@@ -1129,17 +1147,29 @@ impl EventLoop {
 
     fn on_layer(&mut self, e: request_response::Event<LayerRequest, LayerResponse>) {
         if let Routed::Request(_, request, channel) = route(&mut self.pending_layer, e) {
-            let mut layer = self.store.layer(&request.0);
-            if self.serve_mode == ServeMode::WrongLayer
-                && let Some(cv) = layer.as_mut().and_then(|l| l.first_mut())
-            {
-                cv[0] ^= 0xff;
+            let mut layer = self
+                .store
+                .layer_response(&request.content_id, request.partial);
+            if self.serve_mode == ServeMode::WrongLayer {
+                match &mut layer {
+                    LayerResponse::Full(cvs) => {
+                        if let Some(cv) = cvs.first_mut() {
+                            cv[0] ^= 0xff;
+                        }
+                    }
+                    LayerResponse::Partial(cvs) => {
+                        if let Some((_, cv)) = cvs.first_mut() {
+                            cv[0] ^= 0xff;
+                        }
+                    }
+                    LayerResponse::NotFound => {}
+                }
             }
             let _ = self
                 .swarm
                 .behaviour_mut()
                 .layer
-                .send_response(channel, LayerResponse(layer));
+                .send_response(channel, layer);
         }
     }
 
@@ -1238,16 +1268,12 @@ fn route<Req, Resp>(
     }
 }
 
-fn answer_have(
-    store: &ContentStore,
-    mode: ServeMode,
-    key: &HaveKey,
-) -> Option<(ContentId, Bitfield)> {
+fn answer_have(store: &ContentStore, mode: ServeMode, key: &HaveKey) -> Option<Holding> {
     match (mode, key) {
         (ServeMode::FalseHave, HaveKey::Blake3(_)) => {
             // Claim every piece of whatever it holds under that hash.
-            let (id, _) = store.have(key)?;
-            Some((id, Bitfield::full(id.piece_count())))
+            let id = store.have(key)?.content_id;
+            Some(Holding::verified(id, Bitfield::full(id.piece_count())))
         }
         (ServeMode::LyingSha256, HaveKey::Sha256(_)) => store
             .list()

@@ -28,8 +28,8 @@ pub use id::{
     Sha256Digest, TARGET_PIECE_COUNT, parse_blake3_hex, piece_size_for,
 };
 pub use message::{
-    DecodeError, HaveKey, HaveRequest, HaveResponse, LayerRequest, LayerResponse, Message,
-    PieceRequest, PieceResponse,
+    DecodeError, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
+    MAX_ORIGIN_URL_BYTES, Message, PieceRequest, PieceResponse,
 };
 
 /// The protocol name of the have query, on which a node asks what a peer holds of a content id

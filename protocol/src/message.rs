@@ -125,59 +125,124 @@ pub enum HaveKey {
     Sha256(Sha256Digest),
 }
 
+/// The longest origin URL a have request carries, in bytes.
+pub const MAX_ORIGIN_URL_BYTES: usize = 4096;
+
 /// `/shoal/have/1.0.0` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HaveRequest(pub HaveKey);
+pub struct HaveRequest {
+    /// What to look up.
+    pub key: HaveKey,
+    /// The content's origin URL, sent to cache nodes (at most [`MAX_ORIGIN_URL_BYTES`]).
+    pub origin_url: Option<String>,
+}
+
+impl HaveRequest {
+    /// A plain lookup of `key`, without an origin URL.
+    #[must_use]
+    pub fn new(key: HaveKey) -> Self {
+        Self {
+            key,
+            origin_url: None,
+        }
+    }
+}
 
 impl Message for HaveRequest {
     const NAME: &'static str = "HaveRequest";
-    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES + MAX_ORIGIN_URL_BYTES;
 
     fn encode(&self) -> Vec<u8> {
-        let key = match &self.0 {
+        let key = match &self.key {
             HaveKey::Blake3(h) => proto::have_request::Key::Blake3(Bytes::copy_from_slice(h)),
             HaveKey::Sha256(d) => proto::have_request::Key::Sha256(Bytes::copy_from_slice(&d.0)),
         };
-        proto::HaveRequest { key: Some(key) }.encode_to_vec()
+        proto::HaveRequest {
+            key: Some(key),
+            origin_url: self.origin_url.clone().unwrap_or_default(),
+        }
+        .encode_to_vec()
     }
 
     fn decode(body: Bytes) -> Result<Self, DecodeError> {
         check_len::<Self>(&body)?;
         let msg = proto::HaveRequest::decode(body).map_err(malformed(Self::NAME))?;
-        match msg.key {
+        if msg.origin_url.len() > MAX_ORIGIN_URL_BYTES {
+            return Err(invalid(Self::NAME, "origin_url"));
+        }
+        let origin_url = (!msg.origin_url.is_empty()).then_some(msg.origin_url);
+        let key = match msg.key {
             Some(proto::have_request::Key::Blake3(h)) => {
                 let h: [u8; 32] = h
                     .as_ref()
                     .try_into()
                     .map_err(|_| invalid(Self::NAME, "blake3"))?;
-                Ok(Self(HaveKey::Blake3(h)))
+                HaveKey::Blake3(h)
             }
             Some(proto::have_request::Key::Sha256(d)) => {
                 let d: [u8; 32] = d
                     .as_ref()
                     .try_into()
                     .map_err(|_| invalid(Self::NAME, "sha256"))?;
-                Ok(Self(HaveKey::Sha256(Sha256Digest(d))))
+                HaveKey::Sha256(Sha256Digest(d))
             }
-            None => Err(invalid(Self::NAME, "key")),
+            None => return Err(invalid(Self::NAME, "key")),
+        };
+        Ok(Self { key, origin_url })
+    }
+}
+
+/// What a peer holds of one content: the answer to a have query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    /// The content id (for a SHA-256 lookup, the peer's untrusted claim).
+    pub content_id: ContentId,
+    /// The verified pieces the peer serves.
+    pub have: Bitfield,
+    /// The pieces the peer is fetching now.
+    pub fetching: Bitfield,
+    /// The pieces the peer fetched from the origin while it knew no verified layer; it can
+    /// tell their chaining values (a partial [`LayerResponse`]).
+    pub claimed: Bitfield,
+}
+
+impl Holding {
+    /// A holding of `have` with nothing fetching or claimed.
+    #[must_use]
+    pub fn verified(content_id: ContentId, have: Bitfield) -> Self {
+        let n = content_id.piece_count();
+        Self {
+            content_id,
+            have,
+            fetching: Bitfield::new(n),
+            claimed: Bitfield::new(n),
         }
     }
 }
 
-/// `/shoal/have/1.0.0` response: the content id the peer holds and which pieces of it, or
-/// `None` when it holds nothing.
+/// `/shoal/have/1.0.0` response: what the peer holds of the content, or `None` when it holds
+/// nothing (and fetches nothing of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HaveResponse(pub Option<(ContentId, Bitfield)>);
+pub struct HaveResponse(pub Option<Holding>);
 
 impl Message for HaveResponse {
     const NAME: &'static str = "HaveResponse";
-    const MAX_LEN_BYTES: usize = MAX_PIECES.div_ceil(8) as usize + ENVELOPE_BYTES;
+    const MAX_LEN_BYTES: usize = 3 * MAX_PIECES.div_ceil(8) as usize + ENVELOPE_BYTES;
 
     fn encode(&self) -> Vec<u8> {
+        let empty_or = |b: &Bitfield| {
+            if b.count_ones() == 0 {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(b.as_bytes())
+            }
+        };
         let msg = match &self.0 {
-            Some((id, bits)) => proto::HaveResponse {
-                content_id: Some(cid_to_proto(id)),
-                bitfield: Bytes::copy_from_slice(bits.as_bytes()),
+            Some(h) => proto::HaveResponse {
+                content_id: Some(cid_to_proto(&h.content_id)),
+                bitfield: Bytes::copy_from_slice(h.have.as_bytes()),
+                fetching: empty_or(&h.fetching),
+                claimed: empty_or(&h.claimed),
             },
             None => proto::HaveResponse::default(),
         };
@@ -191,15 +256,31 @@ impl Message for HaveResponse {
             return Ok(Self(None));
         }
         let id = cid_from_proto(msg.content_id, Self::NAME)?;
-        let bits = Bitfield::from_bytes(&msg.bitfield, id.piece_count())
-            .ok_or_else(|| invalid(Self::NAME, "bitfield"))?;
-        Ok(Self(Some((id, bits))))
+        let n = id.piece_count();
+        let bits = |b: &Bytes, field: &'static str| {
+            if b.is_empty() && field != "bitfield" {
+                return Ok(Bitfield::new(n));
+            }
+            Bitfield::from_bytes(b, n).ok_or_else(|| invalid(Self::NAME, field))
+        };
+        Ok(Self(Some(Holding {
+            have: bits(&msg.bitfield, "bitfield")?,
+            fetching: bits(&msg.fetching, "fetching")?,
+            claimed: bits(&msg.claimed, "claimed")?,
+            content_id: id,
+        })))
     }
 }
 
 /// `/shoal/layer/1.0.0` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerRequest(pub ContentId);
+pub struct LayerRequest {
+    /// The content.
+    pub content_id: ContentId,
+    /// Accept a partial layer (the peer's claimed chaining values) when the peer holds no
+    /// verified one.
+    pub partial: bool,
+}
 
 impl Message for LayerRequest {
     const NAME: &'static str = "LayerRequest";
@@ -207,7 +288,8 @@ impl Message for LayerRequest {
 
     fn encode(&self) -> Vec<u8> {
         proto::LayerRequest {
-            content_id: Some(cid_to_proto(&self.0)),
+            content_id: Some(cid_to_proto(&self.content_id)),
+            partial: self.partial,
         }
         .encode_to_vec()
     }
@@ -215,27 +297,47 @@ impl Message for LayerRequest {
     fn decode(body: Bytes) -> Result<Self, DecodeError> {
         check_len::<Self>(&body)?;
         let msg = proto::LayerRequest::decode(body).map_err(malformed(Self::NAME))?;
-        Ok(Self(cid_from_proto(msg.content_id, Self::NAME)?))
+        Ok(Self {
+            content_id: cid_from_proto(msg.content_id, Self::NAME)?,
+            partial: msg.partial,
+        })
     }
 }
 
-/// `/shoal/layer/1.0.0` response: the piece layer (one 32-byte BLAKE3 chaining value per piece),
-/// or `None` when the peer does not hold it. The count is checked against the content id by
+/// `/shoal/layer/1.0.0` response. The count and indices are checked against the content id by
 /// the receiver, which knows which content it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerResponse(pub Option<Vec<[u8; 32]>>);
+pub enum LayerResponse {
+    /// The peer holds neither a verified layer nor claimed chaining values.
+    NotFound,
+    /// The verified piece layer: one 32-byte BLAKE3 chaining value per piece.
+    Full(Vec<[u8; 32]>),
+    /// Chaining values the peer computed from origin bytes, as `(piece, value)` with strictly
+    /// increasing pieces: a claim, to be checked by merging into the content id.
+    Partial(Vec<(PieceIndex, [u8; 32])>),
+}
 
 impl Message for LayerResponse {
     const NAME: &'static str = "LayerResponse";
-    const MAX_LEN_BYTES: usize = MAX_PIECES as usize * 32 + ENVELOPE_BYTES;
+    const MAX_LEN_BYTES: usize = MAX_PIECES as usize * (32 + 5) + ENVELOPE_BYTES;
 
     fn encode(&self) -> Vec<u8> {
-        match &self.0 {
-            Some(cvs) => proto::LayerResponse {
+        match self {
+            Self::Full(cvs) => proto::LayerResponse {
                 chaining_values: cvs.iter().flatten().copied().collect::<Vec<u8>>().into(),
                 found: true,
+                indices: Vec::new(),
             },
-            None => proto::LayerResponse::default(),
+            Self::Partial(entries) => proto::LayerResponse {
+                chaining_values: entries
+                    .iter()
+                    .flat_map(|(_, cv)| cv.iter().copied())
+                    .collect::<Vec<u8>>()
+                    .into(),
+                found: false,
+                indices: entries.iter().map(|(i, _)| *i).collect(),
+            },
+            Self::NotFound => proto::LayerResponse::default(),
         }
         .encode_to_vec()
     }
@@ -243,13 +345,10 @@ impl Message for LayerResponse {
     fn decode(body: Bytes) -> Result<Self, DecodeError> {
         check_len::<Self>(&body)?;
         let msg = proto::LayerResponse::decode(body).map_err(malformed(Self::NAME))?;
-        if !msg.found {
-            return Ok(Self(None));
-        }
         if msg.chaining_values.len() % 32 != 0 {
             return Err(invalid(Self::NAME, "chaining_values"));
         }
-        let cvs = msg
+        let cvs: Vec<[u8; 32]> = msg
             .chaining_values
             .chunks_exact(32)
             .map(|c| {
@@ -258,7 +357,23 @@ impl Message for LayerResponse {
                 cv
             })
             .collect();
-        Ok(Self(Some(cvs)))
+        if msg.found {
+            if !msg.indices.is_empty() {
+                return Err(invalid(Self::NAME, "indices"));
+            }
+            return Ok(Self::Full(cvs));
+        }
+        if msg.indices.is_empty() {
+            return if cvs.is_empty() {
+                Ok(Self::NotFound)
+            } else {
+                Err(invalid(Self::NAME, "chaining_values"))
+            };
+        }
+        if msg.indices.len() != cvs.len() || msg.indices.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid(Self::NAME, "indices"));
+        }
+        Ok(Self::Partial(msg.indices.into_iter().zip(cvs).collect()))
     }
 }
 
@@ -372,15 +487,35 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        round_trip(&HaveRequest(HaveKey::Blake3([5; 32])));
-        round_trip(&HaveRequest(HaveKey::Sha256(Sha256Digest([9; 32]))));
+        round_trip(&HaveRequest::new(HaveKey::Blake3([5; 32])));
+        round_trip(&HaveRequest::new(HaveKey::Sha256(Sha256Digest([9; 32]))));
         round_trip(&HaveResponse(None));
         let mut bits = Bitfield::new(id(100_000).piece_count());
         bits.set(3);
-        round_trip(&HaveResponse(Some((id(100_000), bits))));
-        round_trip(&LayerRequest(id(1)));
-        round_trip(&LayerResponse(None));
-        round_trip(&LayerResponse(Some(vec![[1; 32], [2; 32]])));
+        round_trip(&HaveResponse(Some(Holding::verified(
+            id(100_000),
+            bits.clone(),
+        ))));
+        let mut other = Bitfield::new(id(100_000).piece_count());
+        other.set(1);
+        round_trip(&HaveResponse(Some(Holding {
+            content_id: id(100_000),
+            have: Bitfield::new(id(100_000).piece_count()),
+            fetching: bits,
+            claimed: other,
+        })));
+        round_trip(&HaveRequest::new(HaveKey::Blake3([5; 32])));
+        round_trip(&HaveRequest {
+            key: HaveKey::Sha256(Sha256Digest([6; 32])),
+            origin_url: Some("https://example.org/a.iso".into()),
+        });
+        round_trip(&LayerRequest {
+            content_id: id(1),
+            partial: true,
+        });
+        round_trip(&LayerResponse::NotFound);
+        round_trip(&LayerResponse::Full(vec![[1; 32], [2; 32]]));
+        round_trip(&LayerResponse::Partial(vec![(0, [1; 32]), (7, [2; 32])]));
         round_trip(&PieceRequest {
             content_id: id(40_000),
             index: 2,
@@ -405,14 +540,23 @@ mod tests {
     #[test]
     fn the_largest_messages_fit_their_limits() {
         let big = ContentId::new([0; 32], MAX_CONTENT_LEN_BYTES).unwrap();
-        round_trip(&HaveResponse(Some((
-            big,
-            Bitfield::full(big.piece_count()),
-        ))));
-        round_trip(&LayerResponse(Some(vec![
+        round_trip(&HaveResponse(Some(Holding {
+            content_id: big,
+            have: Bitfield::full(big.piece_count()),
+            fetching: Bitfield::full(big.piece_count()),
+            claimed: Bitfield::full(big.piece_count()),
+        })));
+        round_trip(&HaveRequest {
+            key: HaveKey::Blake3([1; 32]),
+            origin_url: Some("x".repeat(MAX_ORIGIN_URL_BYTES)),
+        });
+        round_trip(&LayerResponse::Full(vec![
             [3; 32];
             big.piece_count() as usize
-        ])));
+        ]));
+        round_trip(&LayerResponse::Partial(
+            (0..big.piece_count()).map(|i| (i, [4; 32])).collect(),
+        ));
         round_trip(&PieceResponse::Data(Bytes::from(vec![
             0u8;
             MAX_PIECE_SIZE_BYTES
@@ -439,7 +583,7 @@ mod tests {
                     blake3: Bytes::from_static(&[1; 31]),
                     length: 1,
                 }),
-                bitfield: Bytes::new(),
+                ..Default::default()
             }
             .encode_to_vec(),
         );
@@ -447,6 +591,48 @@ mod tests {
             HaveResponse::decode(body),
             Err(invalid("HaveResponse", "content_id.blake3"))
         );
+        // A fetching bitfield of the wrong length.
+        let body = Bytes::from(
+            proto::HaveResponse {
+                content_id: Some(cid_to_proto(&id(100_000))),
+                bitfield: Bytes::from_static(&[0]),
+                fetching: Bytes::from_static(&[0, 0, 0]),
+                claimed: Bytes::new(),
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            HaveResponse::decode(body),
+            Err(invalid("HaveResponse", "fetching"))
+        );
+        let body = Bytes::from(
+            proto::HaveRequest {
+                key: Some(proto::have_request::Key::Blake3(Bytes::from_static(
+                    &[1; 32],
+                ))),
+                origin_url: "x".repeat(MAX_ORIGIN_URL_BYTES + 1),
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            HaveRequest::decode(body),
+            Err(invalid("HaveRequest", "origin_url"))
+        );
+        // Partial layers: indices must increase and match the values one to one.
+        for indices in [vec![3, 3], vec![4, 2], vec![1]] {
+            let body = Bytes::from(
+                proto::LayerResponse {
+                    chaining_values: Bytes::from_static(&[0; 64]),
+                    found: false,
+                    indices,
+                }
+                .encode_to_vec(),
+            );
+            assert_eq!(
+                LayerResponse::decode(body),
+                Err(invalid("LayerResponse", "indices"))
+            );
+        }
         assert_eq!(
             HaveRequest::decode(Bytes::new()),
             Err(invalid("HaveRequest", "key"))
@@ -455,6 +641,7 @@ mod tests {
             proto::LayerResponse {
                 chaining_values: Bytes::from_static(&[0; 33]),
                 found: true,
+                indices: Vec::new(),
             }
             .encode_to_vec(),
         );

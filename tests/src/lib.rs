@@ -41,6 +41,11 @@ pub struct OriginState {
     pub cut_next_after: AtomicU64,
     /// Send bodies at this many bytes per second (0: as fast as possible).
     pub throttle_bytes_per_sec: AtomicU64,
+    /// All bodies together at most this many bytes per second, like one WAN link shared by
+    /// every client (0: no limit).
+    pub wan_bytes_per_sec: AtomicU64,
+    /// When the shared link is free again.
+    wan_free_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
@@ -172,6 +177,32 @@ async fn serve(
             Ok::<_, std::io::Error>(head),
             Err(std::io::Error::other("connection cut by the test origin")),
         ]))
+    } else if let rate @ 1.. = state.wan_bytes_per_sec.load(Ordering::SeqCst) {
+        // Chunks of 16 KiB through one shared link: each waits for its slot on it.
+        const CHUNK: usize = 16 * 1024;
+        let shared = state.clone();
+        let chunks: Vec<Bytes> = (0..body.len().div_ceil(CHUNK))
+            .map(|i| body.slice(i * CHUNK..((i + 1) * CHUNK).min(body.len())))
+            .collect();
+        Body::from_stream(futures::stream::iter(chunks).then(move |c| {
+            let shared = shared.clone();
+            async move {
+                let slot = Duration::from_secs_f64(c.len() as f64 / rate as f64);
+                let done = {
+                    let mut free = shared.wan_free_at.lock().expect("wan lock");
+                    let start = free
+                        .filter(|t| *t > tokio::time::Instant::now())
+                        .unwrap_or_else(tokio::time::Instant::now);
+                    *free = Some(start + slot);
+                    start + slot
+                };
+                tokio::time::sleep_until(done).await;
+                shared
+                    .bytes_served
+                    .fetch_add(c.len() as u64, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(c)
+            }
+        }))
     } else if let rate @ 1.. = state.throttle_bytes_per_sec.load(Ordering::SeqCst) {
         // Chunks of 16 KiB, each after the delay the rate asks for; bytes are counted as sent.
         const CHUNK: usize = 16 * 1024;

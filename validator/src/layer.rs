@@ -203,6 +203,13 @@ impl LayerBuilder {
         self.cvs.get(index as usize).is_some_and(Option::is_some)
     }
 
+    /// The chaining value recorded for piece `index`, if any. (For a one-piece file this is
+    /// the piece's non-root chaining value, not the content hash.)
+    #[must_use]
+    pub fn chaining_value(&self, index: PieceIndex) -> Option<ChainingValue> {
+        self.cvs.get(index as usize).copied().flatten()
+    }
+
     /// Forgets piece `index` (its bytes were discarded).
     pub fn remove_piece(&mut self, index: PieceIndex) {
         if let Some(cv) = self.cvs.get_mut(index as usize) {

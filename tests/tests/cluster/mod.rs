@@ -262,3 +262,77 @@ async fn origin_only_mode_contacts_no_peer() {
     .await
     .expect("scenario timed out");
 }
+
+/// Starts `n` nodes on 127.0.0.1, each listing all the nodes before it, and waits until every
+/// node is connected to every other.
+async fn mesh(n: usize) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for _ in 0..n {
+        let node = test_node(&nodes, ServeMode::Honest).await;
+        nodes.push(node);
+    }
+    for node in &nodes {
+        eventually("a full mesh", async || {
+            node.connected_peers().await.len() == n - 1
+        })
+        .await;
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(6 << 20, 45);
+        origin.put("u.bin", data.clone());
+        // A 4 MiB/s link shared by all eight: the file needs 1.5 s to cross it once.
+        origin
+            .state
+            .wan_bytes_per_sec
+            .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+        let nodes = mesh(8).await;
+        let rec = Arc::new(Recorder::default());
+        let mut jobs = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let local = dir.path().join(format!("n{i}/u.bin"));
+            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+            jobs.push((
+                local.clone(),
+                start_job(
+                    node,
+                    spec(origin.url("u.bin"), &local, blake3_only(&data)),
+                    &rec,
+                ),
+            ));
+        }
+        let (mut from_peers, mut from_origin) = (0, 0);
+        for (node, (local, job)) in nodes.iter().zip(&jobs) {
+            let info = wait_for(node, *job, &[State::Transferred]).await;
+            node.complete(*job).unwrap();
+            assert_eq!(std::fs::read(local).unwrap(), data);
+            // Every byte came from the origin or from a peer.
+            assert_eq!(
+                info.bytes_from_peers() + info.bytes_from_origin(),
+                data.len() as u64
+            );
+            from_peers += info.bytes_from_peers();
+            from_origin += info.bytes_from_origin();
+        }
+        let served = origin.bytes_served();
+        let ratio = served as f64 / data.len() as f64;
+        eprintln!("origin sent {ratio:.3} copies; {from_peers} bytes came from peers");
+        assert!(
+            ratio <= 1.25,
+            "the origin sent {ratio:.3} copies of the file"
+        );
+        // What the origin sent beyond what the nodes kept: pieces fetched twice, and probes.
+        assert!(served >= from_origin && from_peers >= 6 * data.len() as u64);
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
