@@ -1268,6 +1268,10 @@ async fn attempt(
         {
             sched.set_origin_start(origin_start(me, id, piece_count));
             sched.set_swarm(true);
+            // Nodes that start together start their origin runs up to 100 ms apart, so that
+            // each sees the others' announcements first.
+            let jitter = Duration::from_millis(u64::from(origin_start(me, id, 100)));
+            sched.set_origin_not_before(Some(Instant::now() + jitter));
         }
     }
     let empty = Bitfield::new(piece_count);
@@ -1305,6 +1309,8 @@ async fn attempt(
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(1);
     let (assembled_tx, mut assembled_rx) = mpsc::channel::<Assembled>(1);
     let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
+    let mut announcements = env.swarm.announcements();
+    let mut announcements_open = true;
     let mut in_verifier = 0usize;
     // The first have round goes out at once.
     let mut last_refresh = Instant::now()
@@ -1326,6 +1332,13 @@ async fn attempt(
             && let Some(id) = &content_id
         {
             env.store.set_fetching(id, &task.temp, sched.in_flight());
+            // Starting on the origin: tell the peers fetching the same content at once.
+            if actions.iter().any(|a| matches!(a, Action::Origin { .. }))
+                && let Some(h) = env.store.have(&HaveKey::Blake3(*id.hash()))
+                && h.content_id == *id
+            {
+                env.swarm.announce(sched.peer_ids(), h).await;
+            }
         }
         for action in actions {
             match action {
@@ -1532,6 +1545,18 @@ async fn attempt(
                     }
                     break Err(origin_failure(task.index, &e).into());
                 }
+            },
+            got = announcements.recv(), if announcements_open && content_id.is_some() => match got {
+                Ok((peer, h)) => {
+                    let key = content_id.map(|c| BanKey::Blake3(*c.hash()));
+                    if Some(h.content_id) == content_id
+                        && !key.is_some_and(|k| env.bans.is_banned(k, &peer))
+                    {
+                        apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
             },
             Some(answers) = refresh_rx.recv() => {
                 refreshing = false;

@@ -418,6 +418,12 @@ impl Scheduler {
         }
     }
 
+    /// The peers known for this file (they answered with its content).
+    #[must_use]
+    pub fn peer_ids(&self) -> Vec<PeerId> {
+        self.peers.keys().copied().collect()
+    }
+
     /// The peers banned so far.
     #[must_use]
     pub fn banned(&self) -> &[PeerId] {

@@ -25,9 +25,9 @@ use libp2p::{
     tcp, yamux,
 };
 use shoal_protocol::{
-    Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding, LAYER_PROTOCOL,
-    LayerRequest, LayerResponse, Message, PIECE_PROTOCOL, PieceRequest, PieceResponse,
-    frame::LengthPrefix,
+    ANNOUNCE_PROTOCOL, Ack, Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding,
+    LAYER_PROTOCOL, LayerRequest, LayerResponse, Message, PIECE_PROTOCOL, PieceRequest,
+    PieceResponse, frame::LengthPrefix,
 };
 use shoal_validator::ContentId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -164,13 +164,14 @@ where
 type HaveBehaviour = request_response::Behaviour<Codec<HaveRequest, HaveResponse>>;
 type LayerBehaviour = request_response::Behaviour<Codec<LayerRequest, LayerResponse>>;
 type PieceBehaviour = request_response::Behaviour<Codec<PieceRequest, PieceResponse>>;
+type AnnounceBehaviour = request_response::Behaviour<Codec<HaveResponse, Ack>>;
 
 mod behaviour {
     #![allow(missing_docs)]
 
     use super::{
-        HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle, identify, kad,
-        mdns, ping,
+        AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle,
+        identify, kad, mdns, ping,
     };
 
     /// Shoal's network behaviour: identify, ping, optional mDNS, the optional Kademlia DHT,
@@ -184,6 +185,7 @@ mod behaviour {
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
         pub(super) piece: PieceBehaviour,
+        pub(super) announce: AnnounceBehaviour,
     }
 }
 
@@ -343,6 +345,7 @@ enum Command {
     Request(PeerId, OutRequest),
     Dial(Multiaddr),
     FindProviders(HaveKey, mpsc::UnboundedSender<PeerId>),
+    Announce(Vec<PeerId>, Holding),
     DhtStatus(oneshot::Sender<DhtStatus>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -403,9 +406,28 @@ pub struct Handle {
     sources: Sources,
     mode: PeerMode,
     group: Option<String>,
+    announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
 }
 
+/// Announcements buffered per subscriber; a slow download misses old ones (its have queries
+/// catch up).
+const ANNOUNCE_QUEUE: usize = 1024;
+
 impl Handle {
+    /// Pushes `holding` to `peers` (fire and forget): what this node holds and fetches of one
+    /// content, so that peers fetching it too see at once which pieces are taken.
+    pub async fn announce(&self, peers: Vec<PeerId>, holding: Holding) {
+        if !peers.is_empty() {
+            let _ = self.commands.send(Command::Announce(peers, holding)).await;
+        }
+    }
+
+    /// Announcements received from peers, as they come.
+    #[must_use]
+    pub fn announcements(&self) -> tokio::sync::broadcast::Receiver<(PeerId, Holding)> {
+        self.announcements.subscribe()
+    }
+
     /// The peer mode the swarm runs in.
     #[must_use]
     pub fn mode(&self) -> PeerMode {
@@ -739,6 +761,13 @@ pub(crate) async fn spawn(
                     [(StreamProtocol::new(PIECE_PROTOCOL), ProtocolSupport::Full)],
                     request_config(piece_timeout),
                 ),
+                announce: request_response::Behaviour::new(
+                    [(
+                        StreamProtocol::new(ANNOUNCE_PROTOCOL),
+                        ProtocolSupport::Full,
+                    )],
+                    request_config(Duration::from_secs(10)),
+                ),
             })
         };
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
@@ -797,6 +826,7 @@ pub(crate) async fn spawn(
         let _ = swarm.dial(addr.clone());
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (announcements, _) = tokio::sync::broadcast::channel(ANNOUNCE_QUEUE);
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
     let handle = Handle {
@@ -806,6 +836,7 @@ pub(crate) async fn spawn(
         sources: sources.clone(),
         mode: config.mode,
         group: config.group.as_ref().map(|g| g.name().to_owned()),
+        announcements: announcements.clone(),
     };
     let listening = !config.listen.is_empty();
     let event_loop = EventLoop {
@@ -828,6 +859,7 @@ pub(crate) async fn spawn(
         provided: HashSet::new(),
         dht_counts: (0, 0),
         republish: false,
+        announcements,
         dht_protocol: config
             .group
             .as_ref()
@@ -878,6 +910,7 @@ struct EventLoop {
     dht_counts: (u64, u64),
     /// Set when the provider records should be published again at the next tick.
     republish: bool,
+    announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
     dht_protocol: String,
 }
 
@@ -1043,6 +1076,16 @@ impl EventLoop {
                 }
                 None => drop(tx),
             },
+            Command::Announce(peers, holding) => {
+                for peer in peers {
+                    if self.swarm.is_connected(&peer) {
+                        self.swarm
+                            .behaviour_mut()
+                            .announce
+                            .send_request(&peer, HaveResponse(Some(holding.clone())));
+                    }
+                }
+            }
             Command::DhtStatus(tx) => {
                 let mut status = DhtStatus {
                     enabled: b.kad.is_enabled(),
@@ -1130,6 +1173,23 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Have(e)) => self.on_have(e),
             SwarmEvent::Behaviour(BehaviourEvent::Layer(e)) => self.on_layer(e),
             SwarmEvent::Behaviour(BehaviourEvent::Piece(e)) => self.on_piece(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Announce(request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            })) => {
+                if let Some(h) = request.0 {
+                    let _ = self.announcements.send((peer, h));
+                }
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .announce
+                    .send_response(channel, Ack);
+            }
             _ => {}
         }
     }

@@ -28,7 +28,7 @@ pub use id::{
     Sha256Digest, TARGET_PIECE_COUNT, parse_blake3_hex, piece_size_for,
 };
 pub use message::{
-    DecodeError, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
+    Ack, DecodeError, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
     MAX_ORIGIN_URL_BYTES, Message, PieceRequest, PieceResponse,
 };
 
@@ -37,5 +37,9 @@ pub use message::{
 pub const HAVE_PROTOCOL: &str = "/shoal/have/1.0.0";
 /// The protocol name of the piece layer fetch.
 pub const LAYER_PROTOCOL: &str = "/shoal/layer/1.0.0";
+/// The protocol name of announcements: a node pushes what it holds and fetches of a content
+/// ([`HaveResponse`] as the request, [`Ack`] as the response) to the peers fetching the same
+/// content when it starts fetching pieces from the origin.
+pub const ANNOUNCE_PROTOCOL: &str = "/shoal/announce/1.0.0";
 /// The protocol name of the piece fetch.
 pub const PIECE_PROTOCOL: &str = "/shoal/piece/1.0.0";

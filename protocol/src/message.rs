@@ -272,6 +272,26 @@ impl Message for HaveResponse {
     }
 }
 
+/// `/shoal/announce/1.0.0` response: the receipt of an announcement (a [`HaveResponse`] pushed
+/// to a peer when this node starts fetching pieces, so that peers fetching the same content
+/// need not wait for their next have query to know). Carries nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ack;
+
+impl Message for Ack {
+    const NAME: &'static str = "Ack";
+    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+
+    fn encode(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn decode(body: Bytes) -> Result<Self, DecodeError> {
+        check_len::<Self>(&body)?;
+        Ok(Self)
+    }
+}
+
 /// `/shoal/layer/1.0.0` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerRequest {
@@ -514,6 +534,7 @@ mod tests {
             partial: true,
         });
         round_trip(&LayerResponse::NotFound);
+        round_trip(&Ack);
         round_trip(&LayerResponse::Full(vec![[1; 32], [2; 32]]));
         round_trip(&LayerResponse::Partial(vec![(0, [1; 32]), (7, [2; 32])]));
         round_trip(&PieceRequest {
