@@ -55,6 +55,22 @@ pub struct NodeSection {
     pub provider_republish_seconds: Option<f64>,
 }
 
+/// `[policy]`: when downloads may use the origin (see `shoal_node::policy`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Wait for peers before the origin, Foreground jobs, in seconds.
+    pub origin_delay_foreground_seconds: Option<f64>,
+    /// Wait for peers before the origin, High jobs, in seconds.
+    pub origin_delay_high_seconds: Option<f64>,
+    /// Wait for peers before the origin, Normal jobs, in seconds.
+    pub origin_delay_normal_seconds: Option<f64>,
+    /// Wait for peers before the origin, Low jobs, in seconds.
+    pub origin_delay_low_seconds: Option<f64>,
+    /// Never use the origin (air-gapped LAN).
+    pub never_origin: Option<bool>,
+}
+
 /// `[group]`: the peer group (a name and a secret; see `shoal_node::group`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +180,9 @@ pub struct Config {
     pub daemon: DaemonSection,
     /// `[group]`.
     pub group: Option<GroupSection>,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: PolicySection,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -228,6 +247,35 @@ impl Config {
             b = b.max_concurrent_uploads(u);
         }
         b = self.apply_peers(b, path)?;
+        let p = &self.policy;
+        let mut policy = crate::policy::SourcePolicy::default();
+        for (i, (key, v)) in [
+            (
+                "policy.origin_delay_foreground_seconds",
+                p.origin_delay_foreground_seconds,
+            ),
+            (
+                "policy.origin_delay_high_seconds",
+                p.origin_delay_high_seconds,
+            ),
+            (
+                "policy.origin_delay_normal_seconds",
+                p.origin_delay_normal_seconds,
+            ),
+            (
+                "policy.origin_delay_low_seconds",
+                p.origin_delay_low_seconds,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(v) = v {
+                policy.origin_delay[i] = seconds(path, key, v)?;
+            }
+        }
+        policy.never_origin = p.never_origin.unwrap_or(false);
+        b = b.source_policy(policy);
         let o = &self.origin;
         let mut origin = origin::Config::default();
         if let Some(r) = o.retries {

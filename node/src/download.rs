@@ -120,11 +120,15 @@ pub(crate) struct Env {
     pub(crate) scheduler: scheduler::Config,
     /// How long to wait for a first peer connection when peers are configured.
     pub(crate) discovery_wait: Duration,
+    /// When the origin may be used.
+    pub(crate) policy: Arc<crate::policy::SourcePolicy>,
 }
 
 /// One file to download.
 pub(crate) struct FileTask {
     pub(crate) index: usize,
+    /// The job's priority (the source policy's origin delay depends on it).
+    pub(crate) priority: crate::job::Priority,
     pub(crate) url: Url,
     pub(crate) expected: Expected,
     /// Only these ranges of the remote file, concatenated (empty: the whole file).
@@ -456,6 +460,10 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
         .flatten()
         .collect()
 }
+
+/// How long no source may be able to supply a missing piece (the origin not being used)
+/// before the download gives up with a TransientError.
+const STUCK_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a download looks up providers in the DHT again (every this many have rounds).
 const DHT_EVERY_REFRESHES: u32 = 40;
@@ -984,86 +992,114 @@ async fn attempt(
 ) -> Result<Downloaded, AttemptFailure> {
     let expected = task.expected;
     let use_peers = !origin_only && !expected.is_none() && env.swarm.mode().uses_peers();
-    // 1. Discovery.
-    let mut choice: Option<(ContentId, Vec<Answer>, BanKey)> = None;
-    if use_peers {
-        let (key, ban) = match (expected.blake3, expected.sha256) {
-            (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
-            (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
-            (None, None) => unreachable!("use_peers needs a digest"),
-        };
-        let providers = discover(env, key).await;
-        let mut answers = ask_peers(env, key, ban, providers).await;
-        if let Some(h) = expected.blake3 {
-            answers.retain(|(_, h2)| *h2.content_id.hash() == h);
-        }
-        let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
-        for a in answers {
-            groups.entry(a.1.content_id).or_default().push(a);
-        }
-        choice = match resume.and_then(|r| r.layer.as_ref()) {
-            // Resuming pieces verified against a layer: stay with that content.
-            Some(l) => {
-                let id = l.content_id();
-                Some((id, groups.remove(&id).unwrap_or_default(), ban))
+    // 1. Discovery, and 2. the piece layer: the resumed one, or from the first peer whose
+    // layer verifies. Under the source policy's wait for peers, this is repeated until a peer
+    // gives a verified layer or the wait is over, before the origin is contacted at all.
+    let delay = env.policy.origin_delay(task.priority);
+    let wait_until = Instant::now() + if use_peers { delay } else { Duration::ZERO };
+    let mut choice: Option<(ContentId, Vec<Answer>, BanKey)>;
+    let mut layer: Option<PieceLayer>;
+    let mut peers: Vec<Answer>;
+    loop {
+        choice = None;
+        if use_peers {
+            let (key, ban) = match (expected.blake3, expected.sha256) {
+                (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
+                (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
+                (None, None) => unreachable!("use_peers needs a digest"),
+            };
+            let providers = discover(env, key).await;
+            let mut answers = ask_peers(env, key, ban, providers).await;
+            if let Some(h) = expected.blake3 {
+                answers.retain(|(_, h2)| *h2.content_id.hash() == h);
             }
-            // The content most peers serve verified pieces of.
-            None => groups
-                .into_iter()
-                .max_by_key(|(id, v)| {
-                    (
-                        v.iter().filter(|(_, h)| h.have.count_ones() > 0).count(),
-                        v.len(),
-                        *id,
-                    )
-                })
-                .map(|(id, v)| (id, v, ban)),
-        };
-    }
-    // 2. The piece layer: the resumed one, or from the first peer whose layer verifies.
-    let mut layer = if use_peers {
-        resume.and_then(|r| r.layer.clone())
-    } else {
-        None
-    };
-    let mut peers: Vec<Answer> = Vec::new();
-    if let Some((id, answers, _)) = &choice {
-        for (peer, holding) in answers {
-            if env.bans.is_banned(BanKey::Blake3(*id.hash()), peer) {
-                continue;
+            let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
+            for a in answers {
+                groups.entry(a.1.content_id).or_default().push(a);
             }
-            // Ask for the layer unless the peer is plainly assembling one itself.
-            let assembling = holding.have.count_ones() == 0 && holding.claimed.count_ones() > 0;
-            if layer.is_none() && !assembling {
-                let got = if id.piece_count() <= 1 {
-                    Ok(LayerResponse::Full(Vec::new()))
-                } else {
-                    env.swarm.layer(*peer, *id, false).await
-                };
-                match got {
-                    Ok(LayerResponse::Full(cvs)) => match PieceLayer::verify(*id, cvs) {
-                        Ok(l) => layer = Some(l),
-                        Err(e) => {
-                            warn!(%peer, "piece layer rejected: {e}");
-                            if env.bans.ban(BanKey::Blake3(*id.hash()), *peer) {
-                                progress(Update::Banned);
-                            }
-                            continue;
-                        }
-                    },
-                    Ok(_) => {}
-                    Err(e) => debug!("layer request failed: {e}"),
+            choice = match resume.and_then(|r| r.layer.as_ref()) {
+                // Resuming pieces verified against a layer: stay with that content.
+                Some(l) => {
+                    let id = l.content_id();
+                    Some((id, groups.remove(&id).unwrap_or_default(), ban))
                 }
+                // The content most peers serve verified pieces of.
+                None => groups
+                    .into_iter()
+                    .max_by_key(|(id, v)| {
+                        (
+                            v.iter().filter(|(_, h)| h.have.count_ones() > 0).count(),
+                            v.len(),
+                            *id,
+                        )
+                    })
+                    .map(|(id, v)| (id, v, ban)),
+            };
+        }
+        // 2. The piece layer: the resumed one, or from the first peer whose layer verifies.
+        layer = if use_peers {
+            resume.and_then(|r| r.layer.clone())
+        } else {
+            None
+        };
+        peers = Vec::new();
+        if let Some((id, answers, _)) = &choice {
+            for (peer, holding) in answers {
+                if env.bans.is_banned(BanKey::Blake3(*id.hash()), peer) {
+                    continue;
+                }
+                // Ask for the layer unless the peer is plainly assembling one itself.
+                let assembling = holding.have.count_ones() == 0 && holding.claimed.count_ones() > 0;
+                if layer.is_none() && !assembling {
+                    let got = if id.piece_count() <= 1 {
+                        Ok(LayerResponse::Full(Vec::new()))
+                    } else {
+                        env.swarm.layer(*peer, *id, false).await
+                    };
+                    match got {
+                        Ok(LayerResponse::Full(cvs)) => match PieceLayer::verify(*id, cvs) {
+                            Ok(l) => layer = Some(l),
+                            Err(e) => {
+                                warn!(%peer, "piece layer rejected: {e}");
+                                if env.bans.ban(BanKey::Blake3(*id.hash()), *peer) {
+                                    progress(Update::Banned);
+                                }
+                                continue;
+                            }
+                        },
+                        Ok(_) => {}
+                        Err(e) => debug!("layer request failed: {e}"),
+                    }
+                }
+                peers.push((*peer, holding.clone()));
             }
-            peers.push((*peer, holding.clone()));
+        }
+        if layer.is_some() || Instant::now() >= wait_until {
+            break;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
+            () = tokio::time::sleep(PEER_REFRESH) => {}
         }
     }
     // A claimed content id (SHA-256 lookup) counts only with a layer that verifies against it.
     let claimed = expected.blake3.is_none() && layer.is_some();
     // 3. Length, from the layer or the origin.
+    let never_origin = env.policy.never_origin;
     let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
     let length = match &layer {
         Some(l) => l.content_id().length(),
+        None if never_origin => {
+            return Err(Failure::Transient(JobError {
+                context: ErrorContext::Transport,
+                file: Some(task.index),
+                description: format!(
+                    "no peer serves {} and the source policy never uses the origin",
+                    task.url
+                ),
+            })
+            .into());
+        }
         None => {
             let r = env
                 .origin
@@ -1086,7 +1122,7 @@ async fn attempt(
     // Without a verified layer but with the expected BLAKE3, the layer is assembled from the
     // pieces this node and its peers fetch from the origin.
     let mut assembly = match (&layer, expected.blake3) {
-        (None, Some(h)) if use_peers && piece_count > 1 => {
+        (None, Some(h)) if use_peers && piece_count > 1 && !never_origin => {
             ContentId::new(h, length).ok().map(|id| Assembly {
                 id,
                 own: vec![None; piece_count as usize],
@@ -1274,6 +1310,14 @@ async fn attempt(
             sched.set_origin_not_before(Some(Instant::now() + jitter));
         }
     }
+    if never_origin {
+        sched.set_origin_allowed(false);
+    }
+    // The rest of the source policy's wait for peers before the origin (DO's
+    // DelayBackground/ForegroundDownloadFromHttp).
+    if use_peers && !delay.is_zero() && Instant::now() < wait_until {
+        sched.set_origin_not_before(Some(wait_until));
+    }
     let empty = Bitfield::new(piece_count);
     let apply_peer = |sched: &mut Scheduler,
                       assembly: &mut Option<Assembly>,
@@ -1311,6 +1355,8 @@ async fn attempt(
     let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
     let mut announcements = env.swarm.announcements();
     let mut announcements_open = true;
+    // Since when no source can supply some missing piece (the origin not being used).
+    let mut stuck_since: Option<Instant> = None;
     let mut in_verifier = 0usize;
     // The first have round goes out at once.
     let mut last_refresh = Instant::now()
@@ -1328,6 +1374,22 @@ async fn attempt(
             break Ok(());
         }
         let actions = sched.next_actions(Instant::now());
+        if sched.is_stuck() {
+            let since = *stuck_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STUCK_GRACE {
+                break Err(Failure::Transient(JobError {
+                    context: ErrorContext::Transport,
+                    file: Some(task.index),
+                    description: format!(
+                        "no peer has the missing pieces of {} and the source policy never uses the origin",
+                        task.url
+                    ),
+                })
+                .into());
+            }
+        } else {
+            stuck_since = None;
+        }
         if !actions.is_empty()
             && let Some(id) = &content_id
         {

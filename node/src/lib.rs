@@ -35,6 +35,7 @@ pub mod job;
 mod node;
 pub mod origin;
 pub mod persist;
+pub mod policy;
 pub mod scheduler;
 mod slots;
 pub mod store;

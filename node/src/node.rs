@@ -44,6 +44,7 @@ pub struct Builder {
     scheduler: scheduler::Config,
     retry_delay: Option<Duration>,
     discovery_wait: Option<Duration>,
+    policy: crate::policy::SourcePolicy,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -165,6 +166,14 @@ impl Builder {
         self
     }
 
+    /// The source policy: per priority, how long downloads wait for peers before they use the
+    /// origin, and whether the origin is used at all (default: at once, yes).
+    #[must_use]
+    pub fn source_policy(mut self, policy: crate::policy::SourcePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Uses this identity instead of a fresh random one.
     #[must_use]
     pub fn keypair(mut self, keypair: identity::Keypair) -> Self {
@@ -270,6 +279,7 @@ impl Builder {
                     bans: Arc::new(Bans::default()),
                     scheduler: self.scheduler,
                     discovery_wait,
+                    policy: Arc::new(self.policy),
                 },
                 jobs: Mutex::new(HashMap::new()),
                 events,
@@ -1418,6 +1428,7 @@ impl Node {
                 (
                     FileTask {
                         index: i,
+                        priority: rec.info.priority,
                         url: f.url.clone(),
                         expected: f.expected,
                         ranges: f.ranges.clone(),

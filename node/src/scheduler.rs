@@ -442,17 +442,19 @@ impl Scheduler {
         self.origin_busy || self.peer_in_flight > 0
     }
 
-    /// True when a piece is missing that no eligible peer holds, fetches or claims, and the
-    /// origin is forbidden: no source can supply it.
+    /// True when a piece is missing that no peer holds, fetches or claims (or that failed
+    /// from peers [`Config::peer_attempts`] times), and the origin is forbidden: no source can
+    /// supply it.
     #[must_use]
     pub fn is_stuck(&self) -> bool {
         !self.origin_allowed
             && !self.is_busy()
             && (0..self.pieces.len()).any(|i| {
                 self.pieces[i] == Piece::Missing
-                    && self.have_count[i] == 0
-                    && self.fetching_count[i] == 0
-                    && self.claimed_count[i] == 0
+                    && (self.peer_failures[i] >= self.config.peer_attempts
+                        || (self.have_count[i] == 0
+                            && self.fetching_count[i] == 0
+                            && self.claimed_count[i] == 0))
             })
     }
 

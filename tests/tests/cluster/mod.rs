@@ -5,6 +5,7 @@ use super::*;
 use shoal_node::{
     HaveKey, Multiaddr,
     group::{Group, PeerMode},
+    policy::SourcePolicy,
     swarm::PeerSource,
 };
 use shoal_tests::test_builder;
@@ -332,6 +333,135 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
         for n in &nodes {
             n.shutdown().await;
         }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(300_000, 46);
+        origin.put("a.bin", data.clone());
+        let node = test_builder(&[], ServeMode::Honest)
+            .await
+            .source_policy(SourcePolicy {
+                never_origin: true,
+                ..SourcePolicy::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("out/a.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let job = start_job(
+            &node,
+            spec(origin.url("a.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        let info = wait_for(&node, job, &[State::TransientError]).await;
+        assert_eq!(
+            info.error.map(|e| e.context),
+            Some(shoal_node::job::ErrorContext::Transport)
+        );
+        // A peer that claims every piece but serves only the even ones: the odd ones cannot
+        // be had, TransientError again, with the even pieces kept.
+        let liar = seed_node(dir.path(), "liar.bin", &data, ServeMode::FalseHave).await;
+        node.dial(addr_of(&liar).await).await;
+        eventually(
+            "the even pieces arrive and the job stops again",
+            async || {
+                let i = node.info(job).unwrap();
+                i.state == State::TransientError && i.bytes_from_peers() > 0
+            },
+        )
+        .await;
+        // An honest seed shows up: the job goes on from it, never from the origin.
+        let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
+        node.dial(addr_of(&seed).await).await;
+        let info = wait_for(&node, job, &[State::Transferred]).await;
+        node.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
+        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(
+            origin
+                .state
+                .requests
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        for n in [&node, &liar, &seed] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one_does_not() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(300_000, 47);
+        origin.put("b.bin", data.clone());
+        // A peer that does not have the file yet.
+        let peer = test_node(&[], ServeMode::Honest).await;
+        let node = test_builder(std::slice::from_ref(&peer), ServeMode::Honest)
+            .await
+            .source_policy(SourcePolicy {
+                origin_delay: [
+                    Duration::ZERO,
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                ],
+                ..SourcePolicy::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        eventually("connected", async || {
+            !node.connected_peers().await.is_empty()
+        })
+        .await;
+        let rec = Arc::new(Recorder::default());
+        let local = dir.path().join("out/b.bin");
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let job = start_job(
+            &node,
+            spec(origin.url("b.bin"), &local, blake3_only(&data)),
+            &rec,
+        );
+        // A second later the peer gets the file; the background job has not touched the origin.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(node.info(job).unwrap().state, State::Connecting);
+        std::fs::write(dir.path().join("p.bin"), &data).unwrap();
+        peer.seed(dir.path().join("p.bin")).await.unwrap();
+        let info = wait_for(&node, job, &[State::Transferred]).await;
+        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(
+            origin
+                .state
+                .requests
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        // A foreground job of another file goes to the origin at once.
+        let other = content(200_000, 48);
+        origin.put("c.bin", other.clone());
+        let fg = node.create_job("fg", Priority::Foreground).unwrap();
+        let local = dir.path().join("out/c.bin");
+        node.add_file(fg, spec(origin.url("c.bin"), &local, blake3_only(&other)))
+            .unwrap();
+        node.resume(fg).unwrap();
+        let info = wait_for(&node, fg, &[State::Transferred]).await;
+        assert_eq!(info.bytes_from_origin(), other.len() as u64);
+        node.shutdown().await;
+        peer.shutdown().await;
     })
     .await
     .expect("scenario timed out");

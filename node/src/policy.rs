@@ -1,0 +1,36 @@
+//! Source policy: when a download may use the origin.
+//!
+//! After Delivery Optimization's `DelayForegroundDownloadFromHttp` and
+//! `DelayBackgroundDownloadFromHttp` (how long a download waits for peers before it uses an
+//! HTTP source), per BITS priority; and an air-gapped switch, "never use the origin", under which
+//! pieces no peer can supply leave the job in TransientError (retried after the retry delay)
+//! rather than Error.
+
+use std::time::Duration;
+
+use crate::job::Priority;
+
+/// When downloads may use the origin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    /// How long a download of each priority waits for peers before it uses the origin,
+    /// indexed Foreground, High, Normal, Low. Counted from the start of the file's download;
+    /// pieces peers hold are fetched meanwhile. Zero (the default, as in DO) uses the origin
+    /// at once for pieces no peer holds.
+    pub origin_delay: [Duration; 4],
+    /// Never use the origin (an air-gapped LAN): only peers and cache nodes supply pieces.
+    pub never_origin: bool,
+}
+
+impl SourcePolicy {
+    /// The wait before the origin for a download of `priority`.
+    #[must_use]
+    pub fn origin_delay(&self, priority: Priority) -> Duration {
+        self.origin_delay[match priority {
+            Priority::Foreground => 0,
+            Priority::High => 1,
+            Priority::Normal => 2,
+            Priority::Low => 3,
+        }]
+    }
+}
