@@ -247,6 +247,10 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "bytes_transferred": j.bytes_transferred,
         "bytes_from_peers": j.bytes_from_peers,
         "bytes_from_origin": j.bytes_from_origin,
+        "bytes_from_lan_peers": j.bytes_from_lan_peers,
+        "bytes_from_group_peers": j.bytes_from_group_peers,
+        "bytes_from_cache": j.bytes_from_cache,
+        "percent_peer_caching": j.percent_peer_caching,
         "pieces_rejected": j.pieces_rejected,
         "peers_banned": j.peers_banned,
         "created_ms": j.created_ms,
@@ -273,6 +277,9 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
             "bytes_transferred": f.bytes_transferred,
             "bytes_from_peers": f.bytes_from_peers,
             "bytes_from_origin": f.bytes_from_origin,
+            "bytes_from_lan_peers": f.bytes_from_lan_peers,
+            "bytes_from_group_peers": f.bytes_from_group_peers,
+            "bytes_from_cache": f.bytes_from_cache,
             "transferred": f.transferred,
             "validation_state": match f.validation_state { 1 => "Valid", 2 => "Invalid", _ => "Unknown" },
         })).collect::<Vec<_>>(),
@@ -288,6 +295,13 @@ fn print_info(j: &pb::Job) {
     println!(
         "progress   {}/{} bytes ({} from peers, {} from the origin)",
         j.bytes_transferred, j.bytes_total, j.bytes_from_peers, j.bytes_from_origin
+    );
+    println!(
+        "sources    LAN peers {}, group peers {}, cache nodes {}; peer caching {:.1} %",
+        j.bytes_from_lan_peers,
+        j.bytes_from_group_peers,
+        j.bytes_from_cache,
+        j.percent_peer_caching
     );
     println!(
         "peers      {} pieces rejected, {} peers banned",
@@ -541,11 +555,14 @@ async fn monitor(c: &mut ControlClient<Channel>, job: String) -> Result<()> {
     }
 }
 
-/// `shoal status`.
+/// `shoal status`: the node, its jobs, and its figures since start laid out like Delivery
+/// Optimization's `Get-DeliveryOptimizationPerfSnap`.
 pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
     let mut c = connect(socket).await?;
     let s = c.status(pb::StatusRequest {}).await?.into_inner();
     let by_state: BTreeMap<_, _> = s.jobs_by_state.iter().collect();
+    let n = s.node.unwrap_or_default();
+    let from_peers = n.bytes_from_lan_peers + n.bytes_from_group_peers + n.bytes_from_cache;
     if as_json {
         println!(
             "{}",
@@ -553,38 +570,82 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
                 "peer_id": s.peer_id,
                 "listen_addrs": s.listen_addrs,
                 "connected_peers": s.connected_peers,
+                "peer_mode": s.peer_mode,
+                "group": (!s.group.is_empty()).then_some(&s.group),
+                "dht_routing_peers": s.dht_routing_peers,
+                "dht_provided_keys": s.dht_provided_keys,
                 "jobs_by_state": by_state,
                 "bytes_from_peers": s.bytes_from_peers,
                 "bytes_from_origin": s.bytes_from_origin,
                 "upload_pieces": s.upload_pieces,
                 "upload_bytes": s.upload_bytes,
                 "upload_busy": s.upload_busy,
+                "node": {
+                    "bytes_from_peers": from_peers,
+                    "bytes_from_lan_peers": n.bytes_from_lan_peers,
+                    "bytes_from_group_peers": n.bytes_from_group_peers,
+                    "bytes_from_cache": n.bytes_from_cache,
+                    "bytes_from_origin": n.bytes_from_origin,
+                    "bytes_uploaded": n.bytes_uploaded,
+                    "pieces_rejected": n.pieces_rejected,
+                    "peers_banned": n.peers_banned,
+                    "percent_peer_caching": n.percent_peer_caching,
+                },
             }))?
         );
         return Ok(());
     }
-    println!("peer id          {}", s.peer_id);
-    for a in &s.listen_addrs {
-        println!("listening        {a}");
-    }
-    println!("connected peers  {}", s.connected_peers);
     let jobs: Vec<String> = by_state.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!(
-        "jobs             {}",
-        if jobs.is_empty() {
-            "none".into()
-        } else {
-            jobs.join(", ")
-        }
-    );
-    println!(
-        "bytes            {} from peers, {} from the origin",
-        s.bytes_from_peers, s.bytes_from_origin
-    );
-    println!(
-        "uploads          {} pieces, {} bytes, {} answered Busy",
-        s.upload_pieces, s.upload_bytes, s.upload_busy
-    );
+    let rows: Vec<(&str, String)> = vec![
+        ("PeerId", s.peer_id.clone()),
+        ("PeerMode", s.peer_mode.clone()),
+        (
+            "Group",
+            if s.group.is_empty() {
+                "none".into()
+            } else {
+                s.group.clone()
+            },
+        ),
+        ("ConnectedPeers", s.connected_peers.to_string()),
+        (
+            "DhtRoutingPeers / ProvidedKeys",
+            format!("{} / {}", s.dht_routing_peers, s.dht_provided_keys),
+        ),
+        (
+            "Jobs",
+            if jobs.is_empty() {
+                "none".into()
+            } else {
+                jobs.join(", ")
+            },
+        ),
+        ("BytesFromPeers", from_peers.to_string()),
+        ("  BytesFromLanPeers", n.bytes_from_lan_peers.to_string()),
+        (
+            "  BytesFromGroupPeers",
+            n.bytes_from_group_peers.to_string(),
+        ),
+        ("  BytesFromCacheServer", n.bytes_from_cache.to_string()),
+        ("BytesFromHttp", n.bytes_from_origin.to_string()),
+        (
+            "PercentPeerCaching",
+            format!("{:.1}", n.percent_peer_caching),
+        ),
+        ("UploadBytes", n.bytes_uploaded.to_string()),
+        (
+            "UploadPieces / Busy",
+            format!("{} / {}", s.upload_pieces, s.upload_busy),
+        ),
+        ("PiecesRejected", n.pieces_rejected.to_string()),
+        ("PeersBanned", n.peers_banned.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<32}: {v}");
+    }
+    for a in &s.listen_addrs {
+        println!("{:<32}: {a}", "ListenAddress");
+    }
     Ok(())
 }
 

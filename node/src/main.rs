@@ -119,6 +119,12 @@ struct GetArgs {
     /// Do not discover LAN peers with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Which peers to use: origin, lan, group (needs [group] in --config) or internet.
+    #[arg(long)]
+    mode: Option<shoal_node::group::PeerMode>,
+    /// A DHT bootstrap peer, ending in /p2p/PEER_ID (repeatable; modes group and internet).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
     /// Node settings (see configs/shoal.toml); flags override them.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -360,6 +366,18 @@ async fn get(args: GetArgs) -> Result<()> {
     }
     for p in &args.peer {
         b = b.peer(p.clone());
+    }
+    if let Some(m) = args.mode {
+        b = b.mode(m);
+    }
+    for a in &args.bootstrap {
+        if !a
+            .iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        {
+            bail!("--bootstrap {a}: the address must end in /p2p/PEER_ID");
+        }
+        b = b.bootstrap(a.clone());
     }
     let node = b.build().await?;
     let job = node.create_job("shoal get", Priority::Foreground)?;

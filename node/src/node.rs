@@ -14,6 +14,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use crate::{
     Error,
     download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
@@ -288,6 +290,7 @@ impl Builder {
                 retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
                 state: Mutex::new(state),
                 callbacks: self.callbacks,
+                counters: Counters::default(),
                 slots: Slots::new(
                     self.max_active_jobs.unwrap_or(4),
                     self.time_slice.unwrap_or(Duration::from_secs(60)),
@@ -362,6 +365,19 @@ struct Inner {
     state: Mutex<Option<Arc<StateStore>>>,
     callbacks: Option<CallbackFactory>,
     slots: Slots,
+    /// Node-wide byte and trust counters since start.
+    counters: Counters,
+}
+
+/// The atomics behind [`crate::job::NodeStats`].
+#[derive(Debug, Default)]
+struct Counters {
+    origin: AtomicU64,
+    lan: AtomicU64,
+    group: AtomicU64,
+    cache: AtomicU64,
+    rejected: AtomicU64,
+    banned: AtomicU64,
 }
 
 /// A Shoal node: a libp2p peer that runs download jobs and serves verified content.
@@ -494,6 +510,22 @@ impl Node {
         self.inner.env.swarm.connected_peers().await
     }
 
+    /// Node-wide figures since the node started: bytes by source, bytes uploaded, pieces
+    /// rejected, peers banned (Delivery Optimization's performance snapshot).
+    #[must_use]
+    pub fn stats(&self) -> crate::job::NodeStats {
+        let c = &self.inner.counters;
+        crate::job::NodeStats {
+            bytes_from_origin: c.origin.load(Relaxed),
+            bytes_from_lan_peers: c.lan.load(Relaxed),
+            bytes_from_group_peers: c.group.load(Relaxed),
+            bytes_from_cache: c.cache.load(Relaxed),
+            bytes_uploaded: self.inner.env.swarm.upload_stats().bytes,
+            pieces_rejected: c.rejected.load(Relaxed),
+            peers_banned: c.banned.load(Relaxed),
+        }
+    }
+
     /// What the DHT side of the swarm knows: routing table size, keys announced, lookups.
     pub async fn dht_status(&self) -> swarm::DhtStatus {
         self.inner.env.swarm.dht_status().await
@@ -513,6 +545,12 @@ impl Node {
     #[must_use]
     pub fn peer_source(&self, peer: &PeerId) -> swarm::PeerSource {
         self.inner.env.swarm.peer_source(peer)
+    }
+
+    /// The name of the node's peer group, if it has one.
+    #[must_use]
+    pub fn group(&self) -> Option<&str> {
+        self.inner.env.swarm.group()
     }
 
     /// The peer mode the node runs in.
@@ -1637,6 +1675,13 @@ impl Node {
                     rec.touched = tokio::time::Instant::now();
                     let f = &mut rec.info.files[index];
                     f.bytes_transferred += bytes;
+                    let c = &self.inner.counters;
+                    match source {
+                        None => c.origin.fetch_add(bytes, Relaxed),
+                        Some(swarm::PeerSource::Lan) => c.lan.fetch_add(bytes, Relaxed),
+                        Some(swarm::PeerSource::Dht) => c.group.fetch_add(bytes, Relaxed),
+                        Some(swarm::PeerSource::Cache) => c.cache.fetch_add(bytes, Relaxed),
+                    };
                     match source {
                         None => f.bytes_from_origin += bytes,
                         Some(s) => {
@@ -1652,10 +1697,12 @@ impl Node {
                 }
                 Update::Rejected => {
                     rec.info.peer_stats.pieces_rejected += 1;
+                    self.inner.counters.rejected.fetch_add(1, Relaxed);
                     false
                 }
                 Update::Banned => {
                     rec.info.peer_stats.peers_banned += 1;
+                    self.inner.counters.banned.fetch_add(1, Relaxed);
                     false
                 }
             }

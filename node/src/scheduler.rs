@@ -10,7 +10,8 @@
 //! Policy (see `docs/scheduling.md`):
 //! - **Peers first, rarest first**: each missing piece that an eligible peer holds is requested
 //!   from the holder with the most room in its pipeline; pieces held by the fewest peers go
-//!   first, random among equals. While the file has fewer than [`Config::random_first`] pieces,
+//!   first; among equals, those in a window of 16 from the first missing piece, at random
+//!   inside it. While the file has fewer than [`Config::random_first`] pieces,
 //!   pieces are picked at random instead, so a new node soon has something to share (BEP 3's
 //!   "random first piece").
 //! - **Pipelining by throughput**: a peer's pipeline depth is sized to keep
@@ -123,6 +124,10 @@ impl Default for Config {
         }
     }
 }
+
+/// Pieces of equal rarity are taken a window of this many at a time, from the first missing
+/// piece on, in random order inside the window.
+const ORDER_WINDOW: u32 = 16;
 
 /// The depth of a peer's pipeline before its rate is known.
 const INITIAL_DEPTH: usize = 4;
@@ -563,7 +568,13 @@ impl Scheduler {
                 .collect();
             wanted.shuffle(&mut self.rng);
             if self.done >= self.config.random_first {
-                wanted.sort_by_key(|&i| self.have_count[i as usize]);
+                // Rarest first; among equals, the window of `ORDER_WINDOW` pieces nearest the
+                // first missing one first, at random inside it. The file then fills roughly
+                // in order (the SHA-256 runs in file order, and pieces that arrive far ahead
+                // of it are read back from disk), while nodes fetching from one peer still
+                // take different pieces of each window to trade.
+                let low = wanted.iter().copied().min().unwrap_or(0);
+                wanted.sort_by_key(|&i| (self.have_count[i as usize], (i - low) / ORDER_WINDOW));
             }
             for index in wanted {
                 if self.peer_in_flight >= self.config.max_in_flight {

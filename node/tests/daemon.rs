@@ -459,6 +459,17 @@ async fn the_job_commands_drive_the_daemon() {
     assert!(ok);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["bytes_from_origin"], data.len() as u64);
+    // The node-wide figures, after DO's performance snapshot.
+    assert_eq!(status["node"]["bytes_from_origin"], data.len() as u64);
+    assert_eq!(status["node"]["percent_peer_caching"], 0.0);
+    assert_eq!(status["peer_mode"], "lan");
+    let (ok, out, _) = shoal(&["status", "--socket", s]);
+    assert!(ok);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("BytesFromHttp") && l.ends_with(&format!(": {}", data.len()))),
+        "{out}"
+    );
     // Errors: one line naming what was wrong, exit code 1.
     let (ok, _, err) = shoal(&["job", "info", "bogus", "--socket", s]);
     assert!(!ok);

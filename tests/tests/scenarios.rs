@@ -233,6 +233,14 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     for (node, job, dest, rec) in &jobs {
         let info = wait_for(node, *job, &[State::Transferred]).await;
         from_peers += info.bytes_from_peers();
+        // Listed peers and the leechers that connected to each other on 127.0.0.1 are LAN
+        // peers; the node-wide figures add up to the job's.
+        assert_eq!(info.bytes_from_lan_peers(), info.bytes_from_peers());
+        let stats = node.stats();
+        assert_eq!(stats.bytes_from_peers(), info.bytes_from_peers());
+        assert_eq!(stats.bytes_from_origin, info.bytes_from_origin());
+        let pct = 100.0 * info.bytes_from_peers() as f64 / data.len() as f64;
+        assert!((info.percent_peer_caching() - pct).abs() < 1e-9);
         node.complete(*job).unwrap();
         assert_eq!(std::fs::read(dest).unwrap(), data);
         assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);

@@ -132,6 +132,9 @@ fn file_to_pb(f: &FileInfo) -> pb::File {
         bytes_transferred: f.bytes_transferred,
         bytes_from_peers: f.bytes_from_peers,
         bytes_from_origin: f.bytes_from_origin,
+        bytes_from_lan_peers: f.bytes_from_lan_peers,
+        bytes_from_group_peers: f.bytes_from_group_peers,
+        bytes_from_cache: f.bytes_from_cache,
         transferred: f.transferred,
         validation_state: validation_to_pb(f.validation_state) as i32,
         ranges: f
@@ -162,6 +165,10 @@ pub(crate) fn job_to_pb(info: &JobInfo) -> pb::Job {
         bytes_transferred: info.bytes_transferred(),
         bytes_from_peers: info.bytes_from_peers(),
         bytes_from_origin: info.bytes_from_origin(),
+        bytes_from_lan_peers: info.bytes_from_lan_peers(),
+        bytes_from_group_peers: info.bytes_from_group_peers(),
+        bytes_from_cache: info.bytes_from_cache(),
+        percent_peer_caching: info.percent_peer_caching(),
         pieces_rejected: info.peer_stats.pieces_rejected,
         peers_banned: info.peer_stats.peers_banned,
         retry_delay_seconds: info.properties.retry_delay.as_secs(),
@@ -550,7 +557,23 @@ impl Control for Service {
                 .or_default() += 1;
         }
         let uploads = self.node.upload_stats();
+        let st = self.node.stats();
+        let dht = self.node.dht_status().await;
         Ok(Response::new(pb::NodeStatus {
+            node: Some(pb::NodeStats {
+                bytes_from_origin: st.bytes_from_origin,
+                bytes_from_lan_peers: st.bytes_from_lan_peers,
+                bytes_from_group_peers: st.bytes_from_group_peers,
+                bytes_from_cache: st.bytes_from_cache,
+                bytes_uploaded: st.bytes_uploaded,
+                pieces_rejected: st.pieces_rejected,
+                peers_banned: st.peers_banned,
+                percent_peer_caching: st.percent_peer_caching(),
+            }),
+            peer_mode: self.node.mode().to_string(),
+            group: self.node.group().unwrap_or_default().to_owned(),
+            dht_routing_peers: u32::try_from(dht.routing_peers).unwrap_or(u32::MAX),
+            dht_provided_keys: u32::try_from(dht.provided_keys).unwrap_or(u32::MAX),
             peer_id: self.node.peer_id().to_string(),
             listen_addrs: self
                 .node
