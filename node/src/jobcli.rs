@@ -649,6 +649,100 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `shoal why JOB`: the daemon's diagnosis of a job, as sentences then findings, or JSON.
+pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
+    let mut c = connect(socket).await?;
+    let d = c
+        .diagnose(pb::JobRef {
+            job: job.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let files: Vec<serde_json::Value> = d
+        .files
+        .iter()
+        .map(|f| {
+            json!({
+                "index": f.index,
+                "url": f.url,
+                "peers_not_allowed": (!f.peers_not_allowed.is_empty()).then_some(&f.peers_not_allowed),
+                "dht_providers": f.dht_providers,
+                "asked": f.asked,
+                "answers": f.answers.iter().map(|a| json!({
+                    "peer": a.peer,
+                    "source": a.source,
+                    "banned": a.banned,
+                    "content_id": a.content_id,
+                    "have": a.have,
+                    "fetching": a.fetching,
+                    "claimed": a.claimed,
+                    "pieces": a.pieces,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "job": d.job.as_ref().map(job_json),
+                "peer_mode": d.peer_mode,
+                "group": (!d.group.is_empty()).then_some(&d.group),
+                "connected_peers": d.connected_peers,
+                "dht_enabled": d.dht_enabled,
+                "dht_protocol": d.dht_protocol,
+                "dht_routing_peers": d.dht_routing_peers,
+                "origin_delay_ms": d.origin_delay_ms,
+                "never_origin": d.never_origin,
+                "files": files,
+                "reasons": d.reasons,
+            }))?
+        );
+        return Ok(());
+    }
+    for r in &d.reasons {
+        println!("- {r}");
+    }
+    println!();
+    println!(
+        "mode {}{}, {} peers connected, DHT {}",
+        d.peer_mode,
+        if d.group.is_empty() {
+            String::new()
+        } else {
+            format!(" (group {})", d.group)
+        },
+        d.connected_peers,
+        if d.dht_enabled {
+            format!("{} with {} peers", d.dht_protocol, d.dht_routing_peers)
+        } else {
+            "off".into()
+        }
+    );
+    for f in &d.files {
+        println!(
+            "file {}  {}: asked {} peers, {} found in the DHT",
+            f.index,
+            f.url,
+            f.asked,
+            f.dht_providers.len()
+        );
+        for a in &f.answers {
+            println!(
+                "  {} ({}{}): {}/{} verified, {} fetching, {} claimed",
+                a.peer,
+                a.source,
+                if a.banned { ", banned" } else { "" },
+                a.have,
+                a.pieces,
+                a.fetching,
+                a.claimed
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `shoal get` through a running daemon: one Foreground job, polled until it is transferred,
 /// then completed. The job survives this process: if it is interrupted, the job goes on in
 /// the daemon (see `shoal job list`).

@@ -26,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod diagnose;
 pub(crate) mod download;
 mod error;
 pub mod events;

@@ -76,6 +76,18 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Explain why a job of the daemon is or is not using peers: mode, group, DHT, the
+    /// providers found and what they hold, bans, the source policy.
+    #[command(visible_alias = "diagnose")]
+    Why {
+        /// The job id.
+        job: String,
+        #[arg(long)]
+        json: bool,
+        /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run a self-contained swarm on 127.0.0.1: origin, seed, nodes, rogue peers.
     Demo {
         /// Downloading nodes, rogue ones included.
@@ -185,6 +197,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json, socket } => {
             jobcli::status(&jobcli::socket_path(socket.as_deref()), json).await
+        }
+        Command::Why { job, json, socket } => {
+            jobcli::why(&jobcli::socket_path(socket.as_deref()), &job, json).await
         }
         Command::Demo {
             nodes,

@@ -1114,6 +1114,18 @@ impl Node {
         Ok(lock(&slot).info.clone())
     }
 
+    /// The shared parts downloads use.
+    pub(crate) fn env(&self) -> &Env {
+        &self.inner.env
+    }
+
+    /// Whether file `index` of `job` comes from the origin alone (the caller rejected its peer
+    /// content).
+    pub(crate) fn origin_only(&self, job: JobId, index: usize) -> bool {
+        self.job(job)
+            .is_ok_and(|slot| lock(&slot).origin_only.get(index).copied().unwrap_or(false))
+    }
+
     /// Snapshots of every job.
     #[must_use]
     pub fn jobs(&self) -> Vec<JobInfo> {

@@ -470,6 +470,14 @@ async fn the_job_commands_drive_the_daemon() {
             .any(|l| l.starts_with("BytesFromHttp") && l.ends_with(&format!(": {}", data.len()))),
         "{out}"
     );
+    // Why: the job's file came from the origin, with no peer around.
+    let (ok, out, err) = shoal(&["why", &job, "--socket", s]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no peer is connected"), "{out}");
+    let (ok, out, _) = shoal(&["diagnose", &job, "--json", "--socket", s]);
+    assert!(ok);
+    let why: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(why["peer_mode"], "lan");
     // Errors: one line naming what was wrong, exit code 1.
     let (ok, _, err) = shoal(&["job", "info", "bogus", "--socket", s]);
     assert!(!ok);

@@ -383,6 +383,53 @@ impl Control for Service {
         self.job_call(req, Node::complete).await
     }
 
+    async fn diagnose(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Diagnosis>, Status> {
+        let caller = self.caller(&req)?;
+        let info = self.visible(caller, &req.get_ref().job)?;
+        let d = self
+            .node
+            .diagnose(info.id)
+            .await
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(pb::Diagnosis {
+            job: Some(job_to_pb(&d.job)),
+            peer_mode: d.mode.to_string(),
+            group: d.group.unwrap_or_default(),
+            connected_peers: u32::try_from(d.connected_peers).unwrap_or(u32::MAX),
+            dht_enabled: d.dht.enabled,
+            dht_protocol: d.dht.protocol,
+            dht_routing_peers: u32::try_from(d.dht.routing_peers).unwrap_or(u32::MAX),
+            origin_delay_ms: u64::try_from(d.origin_delay.as_millis()).unwrap_or(u64::MAX),
+            never_origin: d.never_origin,
+            files: d
+                .files
+                .into_iter()
+                .map(|f| pb::FileDiagnosis {
+                    index: u32::try_from(f.index).unwrap_or(u32::MAX),
+                    url: f.url,
+                    peers_not_allowed: f.peers_allowed.err().unwrap_or_default(),
+                    dht_providers: f.dht_providers.iter().map(ToString::to_string).collect(),
+                    answers: f
+                        .answers
+                        .into_iter()
+                        .map(|a| pb::PeerAnswer {
+                            peer: a.peer.to_string(),
+                            source: a.source.as_str().into(),
+                            banned: a.banned,
+                            content_id: a.content_id,
+                            have: a.have,
+                            fetching: a.fetching,
+                            claimed: a.claimed,
+                            pieces: a.pieces,
+                        })
+                        .collect(),
+                    asked: u32::try_from(f.asked).unwrap_or(u32::MAX),
+                })
+                .collect(),
+            reasons: d.reasons,
+        }))
+    }
+
     async fn get_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&req)?;
         let info = self.visible(caller, &req.get_ref().job)?;

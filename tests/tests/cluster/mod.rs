@@ -3,7 +3,7 @@
 
 use super::*;
 use shoal_node::{
-    HaveKey, Multiaddr,
+    HaveKey, Multiaddr, PeerId,
     group::{Group, PeerMode},
     policy::SourcePolicy,
     swarm::PeerSource,
@@ -462,6 +462,91 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
         assert_eq!(info.bytes_from_origin(), other.len() as u64);
         node.shutdown().await;
         peer.shutdown().await;
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn why_explains_bans_missing_digests_and_the_origin_mode() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(400_000, 49);
+        origin.put("w.bin", data.clone());
+        origin.put("plain.bin", data.clone());
+        let rogue = seed_node(dir.path(), "r.bin", &data, ServeMode::FlipBytes).await;
+        let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
+        let node = test_node(&[rogue.clone(), seed.clone()], ServeMode::Honest).await;
+        eventually("connected", async || {
+            node.connected_peers().await.len() == 2
+        })
+        .await;
+        let job = node.create_job("why", Priority::Normal).unwrap();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        node.add_file(
+            job,
+            spec(
+                origin.url("w.bin"),
+                &dir.path().join("out/w.bin"),
+                blake3_only(&data),
+            ),
+        )
+        .unwrap();
+        node.add_file(
+            job,
+            spec(
+                origin.url("plain.bin"),
+                &dir.path().join("out/plain.bin"),
+                Expected::default(),
+            ),
+        )
+        .unwrap();
+        node.resume(job).unwrap();
+        let info = wait_for(&node, job, &[State::Transferred]).await;
+        assert!(info.peer_stats.peers_banned >= 1);
+        let d = node.diagnose(job).await.unwrap();
+        assert_eq!(d.connected_peers, 2);
+        let answers = &d.files[0].answers;
+        let of = |p: PeerId| answers.iter().find(|a| a.peer == p).unwrap();
+        assert!(of(rogue.peer_id()).banned);
+        assert!(!of(seed.peer_id()).banned);
+        assert_eq!(of(seed.peer_id()).have, of(seed.peer_id()).pieces);
+        let text = d.reasons.join("\n");
+        assert!(
+            text.contains(&format!("peer {} is banned", rogue.peer_id())),
+            "{text}"
+        );
+        assert!(
+            text.contains("file 1 does not use peers: it has no expected digest"),
+            "{text}"
+        );
+        // A node in origin mode says so.
+        let lone = test_builder(&[], ServeMode::Honest)
+            .await
+            .mode(PeerMode::Origin)
+            .build()
+            .await
+            .unwrap();
+        let job = lone.create_job("why", Priority::Normal).unwrap();
+        lone.add_file(
+            job,
+            spec(
+                origin.url("w.bin"),
+                &dir.path().join("out/w2.bin"),
+                blake3_only(&data),
+            ),
+        )
+        .unwrap();
+        let d = lone.diagnose(job).await.unwrap();
+        assert!(
+            d.reasons[0].contains("peer mode is \"origin\""),
+            "{:?}",
+            d.reasons
+        );
+        for n in [&node, &rogue, &seed, &lone] {
+            n.shutdown().await;
+        }
     })
     .await
     .expect("scenario timed out");
