@@ -131,7 +131,8 @@ struct GetArgs {
     /// Do not discover LAN peers with mDNS.
     #[arg(long)]
     no_mdns: bool,
-    /// Which peers to use: origin, lan, group (needs [group] in --config) or internet.
+    /// Which peers to use: origin, lan, group (needs a `[group]` section in --config) or
+    /// internet.
     #[arg(long)]
     mode: Option<shoal_node::group::PeerMode>,
     /// A DHT bootstrap peer, ending in /p2p/PEER_ID (repeatable; modes group and internet).
