@@ -96,10 +96,9 @@ impl ContentStore {
         {
             return;
         }
-        inner.by_hash.insert(*id.hash(), id);
-        self.changed.notify_one();
         let n = id.piece_count();
-        inner.by_id.insert(
+        self.put(
+            &mut inner,
             id,
             Entry {
                 layer: Some(layer),
@@ -111,6 +110,13 @@ impl ContentStore {
         );
     }
 
+    /// Puts `entry` under `id` and tells the swarm the set of keys changed.
+    fn put(&self, inner: &mut Inner, id: ContentId, entry: Entry) {
+        inner.by_hash.insert(*id.hash(), id);
+        inner.by_id.insert(id, entry);
+        self.changed.notify_one();
+    }
+
     /// Registers content `id` whose layer is being assembled at `path` (no verified layer
     /// known): have queries then report its fetching and claimed pieces, and it is announced
     /// in the DHT, but no piece is served. True when the entry is this path's; false when
@@ -120,10 +126,9 @@ impl ContentStore {
         if let Some(old) = inner.by_id.get(&id) {
             return old.path == path && old.layer.is_none();
         }
-        inner.by_hash.insert(*id.hash(), id);
-        self.changed.notify_one();
         let n = id.piece_count();
-        inner.by_id.insert(
+        self.put(
+            &mut inner,
             id,
             Entry {
                 layer: None,

@@ -21,6 +21,15 @@ async fn addr_of(node: &Node) -> Multiaddr {
     node.listen_addrs().await.remove(0)
 }
 
+/// Starts a one-file job on `node` fetching `url` (expected by BLAKE3) into `local`, making
+/// its directory.
+fn one_file_job(node: &Node, local: PathBuf, url: url::Url, data: &[u8]) -> (PathBuf, JobId) {
+    std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+    let rec = Arc::new(Recorder::default());
+    let job = start_job(node, spec(url, &local, blake3_only(data)), &rec);
+    (local, job)
+}
+
 /// Waits until `cond` holds, failing after the scenario timeout.
 async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
@@ -64,13 +73,11 @@ async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
             .build()
             .await
             .unwrap();
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("out/d.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &leech,
-            spec(origin.url("d.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("out/d.bin"),
+            origin.url("d.bin"),
+            &data,
         );
         let info = wait_for(&leech, job, &[State::Transferred]).await;
         leech.complete(job).unwrap();
@@ -127,14 +134,12 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
                 b = b.group(g);
             }
             let node = b.build().await.unwrap();
-            let rec = Arc::new(Recorder::default());
-            let local = dir.path().join(format!("f{i}/g.bin"));
-            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
             let served = origin.bytes_served();
-            let job = start_job(
+            let (_, job) = one_file_job(
                 &node,
-                spec(origin.url("g.bin"), &local, blake3_only(&data)),
-                &rec,
+                dir.path().join(format!("f{i}/g.bin")),
+                origin.url("g.bin"),
+                &data,
             );
             let info = wait_for(&node, job, &[State::Transferred]).await;
             // Refused: everything from the origin, and never connected.
@@ -153,14 +158,12 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
             .build()
             .await
             .unwrap();
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("m/g.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
         let served = origin.bytes_served();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &member,
-            spec(origin.url("g.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("m/g.bin"),
+            origin.url("g.bin"),
+            &data,
         );
         let info = wait_for(&member, job, &[State::Transferred]).await;
         member.complete(job).unwrap();
@@ -205,15 +208,15 @@ async fn a_grouped_node_finds_its_group_in_the_group_dht() {
         })
         .await;
         let leech = grouped(Some(boot_addr)).await;
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("out/h.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &leech,
-            spec(origin.url("h.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("out/h.bin"),
+            origin.url("h.bin"),
+            &data,
         );
         let info = wait_for(&leech, job, &[State::Transferred]).await;
+        leech.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
         assert_eq!(origin.bytes_served(), 0);
         assert_eq!(leech.dht_status().await.protocol, "/shoal/kad/lab/1.0.0");
@@ -240,13 +243,11 @@ async fn origin_only_mode_contacts_no_peer() {
             .await
             .unwrap();
         assert!(node.listen_addrs().await.is_empty());
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("out/o.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &node,
-            spec(origin.url("o.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("out/o.bin"),
+            origin.url("o.bin"),
+            &data,
         );
         let info = wait_for(&node, job, &[State::Transferred]).await;
         node.complete(job).unwrap();
@@ -294,20 +295,18 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
             .wan_bytes_per_sec
             .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
         let nodes = mesh(8).await;
-        let rec = Arc::new(Recorder::default());
-        let mut jobs = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            let local = dir.path().join(format!("n{i}/u.bin"));
-            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-            jobs.push((
-                local.clone(),
-                start_job(
+        let jobs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                one_file_job(
                     node,
-                    spec(origin.url("u.bin"), &local, blake3_only(&data)),
-                    &rec,
-                ),
-            ));
-        }
+                    dir.path().join(format!("n{i}/u.bin")),
+                    origin.url("u.bin"),
+                    &data,
+                )
+            })
+            .collect();
         let (mut from_peers, mut from_origin) = (0, 0);
         for (node, (local, job)) in nodes.iter().zip(&jobs) {
             let info = wait_for(node, *job, &[State::Transferred]).await;
@@ -354,13 +353,11 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
             .build()
             .await
             .unwrap();
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("out/a.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &node,
-            spec(origin.url("a.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("out/a.bin"),
+            origin.url("a.bin"),
+            &data,
         );
         let info = wait_for(&node, job, &[State::TransientError]).await;
         assert_eq!(
@@ -428,13 +425,11 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
             !node.connected_peers().await.is_empty()
         })
         .await;
-        let rec = Arc::new(Recorder::default());
-        let local = dir.path().join("out/b.bin");
-        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        let job = start_job(
+        let (local, job) = one_file_job(
             &node,
-            spec(origin.url("b.bin"), &local, blake3_only(&data)),
-            &rec,
+            dir.path().join("out/b.bin"),
+            origin.url("b.bin"),
+            &data,
         );
         // A second later the peer gets the file; the background job has not touched the origin.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -442,6 +437,8 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
         std::fs::write(dir.path().join("p.bin"), &data).unwrap();
         peer.seed(dir.path().join("p.bin")).await.unwrap();
         let info = wait_for(&node, job, &[State::Transferred]).await;
+        node.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
         assert_eq!(
             origin
