@@ -71,6 +71,14 @@ pub struct PolicySection {
     pub never_origin: Option<bool>,
 }
 
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// A loopback `IP:PORT` to serve `/metrics` on; absent: no metrics.
+    pub listen: Option<String>,
+}
+
 /// `[group]`: the peer group (a name and a secret; see `shoal_node::group`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +191,9 @@ pub struct Config {
     /// `[policy]`.
     #[serde(default)]
     pub policy: PolicySection,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -276,6 +287,19 @@ impl Config {
         }
         policy.never_origin = p.never_origin.unwrap_or(false);
         b = b.source_policy(policy);
+        if let Some(l) = &self.metrics.listen {
+            let addr: SocketAddr = l.parse().map_err(|e| ConfigError {
+                path: path.to_owned(),
+                reason: format!("metrics.listen: {l:?} is not IP:PORT: {e}"),
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: format!("metrics.listen: {addr} is not a loopback address"),
+                });
+            }
+            b = b.metrics(addr);
+        }
         let o = &self.origin;
         let mut origin = origin::Config::default();
         if let Some(r) = o.retries {

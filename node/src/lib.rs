@@ -33,6 +33,7 @@ pub mod events;
 mod fsuser;
 pub mod group;
 pub mod job;
+mod metrics;
 mod node;
 pub mod origin;
 pub mod persist;

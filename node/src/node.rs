@@ -47,6 +47,7 @@ pub struct Builder {
     retry_delay: Option<Duration>,
     discovery_wait: Option<Duration>,
     policy: crate::policy::SourcePolicy,
+    metrics: Option<std::net::SocketAddr>,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -176,6 +177,15 @@ impl Builder {
         self
     }
 
+    /// Serves Prometheus metrics (libp2p's and Shoal's, see the `metrics` module docs) at
+    /// `http://addr/metrics`; `addr` must be a loopback address (port 0 picks one; see
+    /// [`Node::metrics_addr`]).
+    #[must_use]
+    pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics = Some(addr);
+        self
+    }
+
     /// Uses this identity instead of a fresh random one.
     #[must_use]
     pub fn keypair(mut self, keypair: identity::Keypair) -> Self {
@@ -262,8 +272,17 @@ impl Builder {
         if swarm_config.group.is_some() && !self.listen_set {
             swarm_config.listen.retain(swarm::is_tcp);
         }
-        let (handle, task) =
-            swarm::spawn(keypair, swarm_config, store.clone(), shutdown.clone()).await?;
+        let mut registry = self
+            .metrics
+            .map(|_| prometheus_client::registry::Registry::default());
+        let (handle, task) = swarm::spawn(
+            keypair,
+            swarm_config,
+            store.clone(),
+            registry.as_mut(),
+            shutdown.clone(),
+        )
+        .await?;
         let origin = origin::Client::new(self.origin).map_err(|e| Error::Origin(e.to_string()))?;
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         // Waiting for peers makes sense only when some may come.
@@ -291,6 +310,7 @@ impl Builder {
                 state: Mutex::new(state),
                 callbacks: self.callbacks,
                 counters: Counters::default(),
+                metrics_addr: Mutex::new(None),
                 slots: Slots::new(
                     self.max_active_jobs.unwrap_or(4),
                     self.time_slice.unwrap_or(Duration::from_secs(60)),
@@ -298,6 +318,16 @@ impl Builder {
             }),
         };
         tokio::spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
+        if let (Some(addr), Some(registry)) = (self.metrics, registry) {
+            let bound =
+                crate::metrics::serve(node.clone(), registry, addr, node.inner.shutdown.clone())
+                    .await?;
+            *node
+                .inner
+                .metrics_addr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(bound);
+        }
         node.restore(stored);
         node.spawn_inactivity_sweeper(
             self.inactivity_timeout
@@ -367,6 +397,8 @@ struct Inner {
     slots: Slots,
     /// Node-wide byte and trust counters since start.
     counters: Counters,
+    /// Where the metrics are served.
+    metrics_addr: Mutex<Option<std::net::SocketAddr>>,
 }
 
 /// The atomics behind [`crate::job::NodeStats`].
@@ -503,6 +535,22 @@ impl Node {
     #[must_use]
     pub fn upload_stats(&self) -> swarm::UploadStats {
         self.inner.env.swarm.upload_stats()
+    }
+
+    /// Where the Prometheus metrics are served (`http://ADDR/metrics`), if they are.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        *self
+            .inner
+            .metrics_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many peers are connected now.
+    #[must_use]
+    pub fn connected_count(&self) -> usize {
+        self.inner.env.swarm.connected_count()
     }
 
     /// The peers connected now.

@@ -407,6 +407,7 @@ pub struct Handle {
     mode: PeerMode,
     group: Option<String>,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
+    connected: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Announcements buffered per subscriber; a slow download misses old ones (its have queries
@@ -414,6 +415,12 @@ pub struct Handle {
 const ANNOUNCE_QUEUE: usize = 1024;
 
 impl Handle {
+    /// How many peers are connected now (without a round trip to the event loop).
+    #[must_use]
+    pub fn connected_count(&self) -> usize {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Pushes `holding` to `peers` (fire and forget): what this node holds and fetches of one
     /// content, so that peers fetching it too see at once which pieces are taken.
     pub async fn announce(&self, peers: Vec<PeerId>, holding: Holding) {
@@ -691,6 +698,7 @@ pub(crate) async fn spawn(
     keypair: identity::Keypair,
     mut config: Config,
     store: Arc<ContentStore>,
+    registry: Option<&mut prometheus_client::registry::Registry>,
     shutdown: CancellationToken,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
     let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
@@ -827,6 +835,7 @@ pub(crate) async fn spawn(
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (announcements, _) = tokio::sync::broadcast::channel(ANNOUNCE_QUEUE);
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
     let handle = Handle {
@@ -837,6 +846,7 @@ pub(crate) async fn spawn(
         mode: config.mode,
         group: config.group.as_ref().map(|g| g.name().to_owned()),
         announcements: announcements.clone(),
+        connected: connected.clone(),
     };
     let listening = !config.listen.is_empty();
     let event_loop = EventLoop {
@@ -860,6 +870,8 @@ pub(crate) async fn spawn(
         dht_counts: (0, 0),
         republish: false,
         announcements,
+        connected,
+        metrics: registry.map(libp2p::metrics::Metrics::new),
         dht_protocol: config
             .group
             .as_ref()
@@ -911,6 +923,9 @@ struct EventLoop {
     /// Set when the provider records should be published again at the next tick.
     republish: bool,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
+    /// Peers connected now (read by the metrics).
+    connected: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: Option<libp2p::metrics::Metrics>,
     dht_protocol: String,
 }
 
@@ -1126,6 +1141,31 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            use libp2p::metrics::Recorder;
+            m.record(&event);
+            match &event {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+                _ => {}
+            }
+        }
+        match &event {
+            SwarmEvent::ConnectionEstablished {
+                num_established, ..
+            } if num_established.get() == 1 => {
+                self.connected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            SwarmEvent::ConnectionClosed {
+                num_established: 0, ..
+            } => {
+                self.connected
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => {}
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");

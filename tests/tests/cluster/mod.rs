@@ -548,3 +548,78 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
     .await
     .expect("scenario timed out");
 }
+
+/// GETs `http://addr/metrics` with a bare HTTP/1.0 request.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn prometheus_metrics_count_bytes_by_source_next_to_libp2p_metrics() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(300_000, 50);
+        origin.put("m.bin", data.clone());
+        let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
+        let node = test_builder(std::slice::from_ref(&seed), ServeMode::Honest)
+            .await
+            .metrics("127.0.0.1:0".parse().unwrap())
+            .build()
+            .await
+            .unwrap();
+        let addr = node.metrics_addr().unwrap();
+        let (_, job) = one_file_job(
+            &node,
+            dir.path().join("out/m.bin"),
+            origin.url("m.bin"),
+            &data,
+        );
+        wait_for(&node, job, &[State::Transferred]).await;
+        let text = scrape(addr).await;
+        assert!(
+            text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+            "{text}"
+        );
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("shoal_downloaded_bytes_total{source=\"lan\"}"),
+            format!(
+                "shoal_downloaded_bytes_total{{source=\"lan\"}} {}",
+                data.len()
+            )
+        );
+        assert_eq!(
+            line("shoal_downloaded_bytes_total{source=\"origin\"}"),
+            "shoal_downloaded_bytes_total{source=\"origin\"} 0"
+        );
+        assert_eq!(line("shoal_connected_peers"), "shoal_connected_peers 1");
+        assert_eq!(
+            line("shoal_jobs{state=\"Transferred\"}"),
+            "shoal_jobs{state=\"Transferred\"} 1"
+        );
+        assert!(text.contains("shoal_percent_peer_caching 100"), "{text}");
+        // libp2p's metrics are in the same registry.
+        assert!(
+            text.contains("libp2p_swarm_connections_established_total"),
+            "{text}"
+        );
+        assert!(text.contains("libp2p_identify_"), "{text}");
+        node.shutdown().await;
+        seed.shutdown().await;
+    })
+    .await
+    .expect("scenario timed out");
+}
