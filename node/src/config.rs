@@ -44,6 +44,8 @@ pub struct NodeSection {
     pub mdns: Option<bool>,
     /// Piece requests served at once; more are answered Busy.
     pub max_concurrent_uploads: Option<usize>,
+    /// Peers served at once; requests of other peers are answered Busy.
+    pub max_upload_peers: Option<usize>,
     /// Which peers to use: "origin", "lan", "group" or "internet" (DO's download modes).
     pub mode: Option<String>,
     /// DHT bootstrap peers (multiaddrs ending in `/p2p/PEER_ID`), for the group and internet
@@ -109,7 +111,7 @@ pub struct OriginSection {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSection {
-    /// Requests in flight to one peer.
+    /// The deepest pipeline of requests to one peer.
     pub max_requests_per_peer: Option<usize>,
     /// Peer requests in flight in all.
     pub max_requests_in_flight: Option<usize>,
@@ -256,6 +258,15 @@ impl Config {
         }
         if let Some(u) = n.max_concurrent_uploads {
             b = b.max_concurrent_uploads(u);
+        }
+        if let Some(u) = n.max_upload_peers {
+            if u == 0 {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: "node.max_upload_peers must be at least 1".into(),
+                });
+            }
+            b = b.max_upload_peers(u);
         }
         b = self.apply_peers(b, path)?;
         let p = &self.policy;

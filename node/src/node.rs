@@ -125,6 +125,14 @@ impl Builder {
         self
     }
 
+    /// Bounds the peers served at once (default 16); piece requests of other peers are
+    /// answered Busy.
+    #[must_use]
+    pub fn max_upload_peers(mut self, n: usize) -> Self {
+        self.swarm.max_upload_peers = n;
+        self
+    }
+
     /// Bounds concurrent uploads (default 32); more piece requests are answered Busy.
     #[must_use]
     pub fn max_concurrent_uploads(mut self, n: usize) -> Self {

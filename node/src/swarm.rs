@@ -219,6 +219,8 @@ pub struct Config {
     pub mdns: bool,
     /// The most inbound piece requests served at once; more are answered Busy.
     pub max_concurrent_uploads: usize,
+    /// The most peers served at once; a piece request from another peer is answered Busy.
+    pub max_upload_peers: usize,
     /// Timeout of one piece request.
     pub piece_timeout: Duration,
     /// How this node answers peers.
@@ -251,6 +253,7 @@ impl Default for Config {
             peers: Vec::new(),
             mdns: false,
             max_concurrent_uploads: 32,
+            max_upload_peers: 16,
             piece_timeout: Duration::from_secs(30),
             serve_mode: ServeMode::Honest,
             mode: PeerMode::Lan,
@@ -354,6 +357,7 @@ enum Command {
         ResponseChannel<PieceResponse>,
         PieceResponse,
         OwnedSemaphorePermit,
+        PeerId,
     ),
 }
 
@@ -364,8 +368,11 @@ pub struct UploadStats {
     pub pieces: u64,
     /// Bytes of pieces sent to peers.
     pub bytes: u64,
-    /// Piece requests answered Busy because [`Config::max_concurrent_uploads`] were running.
+    /// Piece requests answered Busy because [`Config::max_concurrent_uploads`] requests or
+    /// [`Config::max_upload_peers`] peers were being served.
     pub busy: u64,
+    /// The most peers served at once so far.
+    pub peak_peers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -373,6 +380,7 @@ struct UploadCounters {
     pieces: std::sync::atomic::AtomicU64,
     bytes: std::sync::atomic::AtomicU64,
     busy: std::sync::atomic::AtomicU64,
+    peak_peers: std::sync::atomic::AtomicU64,
 }
 
 /// Peer sources, shared between the loop (which learns them) and downloads (which count
@@ -506,6 +514,7 @@ impl Handle {
             pieces: self.uploads.pieces.load(Relaxed),
             bytes: self.uploads.bytes.load(Relaxed),
             busy: self.uploads.busy.load(Relaxed),
+            peak_peers: self.uploads.peak_peers.load(Relaxed),
         }
     }
 
@@ -856,6 +865,8 @@ pub(crate) async fn spawn(
         store,
         uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
         upload_permits: HashMap::new(),
+        upload_peers: HashMap::new(),
+        max_upload_peers: config.max_upload_peers.max(1),
         counters,
         serve_mode: config.serve_mode,
         static_peers: config.peers,
@@ -905,7 +916,10 @@ struct EventLoop {
     /// Bounds concurrent uploads: a permit is held from the request until its response is
     /// flushed (or fails).
     uploads: Arc<Semaphore>,
-    upload_permits: HashMap<InboundRequestId, OwnedSemaphorePermit>,
+    upload_permits: HashMap<InboundRequestId, (OwnedSemaphorePermit, PeerId)>,
+    /// Piece requests being served, per peer.
+    upload_peers: HashMap<PeerId, usize>,
+    max_upload_peers: usize,
     counters: Arc<UploadCounters>,
     serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
@@ -1127,14 +1141,16 @@ impl EventLoop {
                     .collect();
                 let _ = tx.send(addrs);
             }
-            Command::RespondPiece(id, ch, r, permit) => {
+            Command::RespondPiece(id, ch, r, permit, peer) => {
                 if let PieceResponse::Data(d) = &r {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.counters.pieces.fetch_add(1, Relaxed);
                     self.counters.bytes.fetch_add(d.len() as u64, Relaxed);
                 }
                 if b.piece.send_response(ch, r).is_ok() {
-                    self.upload_permits.insert(id, permit);
+                    self.upload_permits.insert(id, (permit, peer));
+                } else {
+                    self.upload_done(peer);
                 }
             }
         }
@@ -1273,13 +1289,36 @@ impl EventLoop {
         }
     }
 
+    /// A piece request of `peer` was answered (or failed).
+    fn upload_done(&mut self, peer: PeerId) {
+        if let Some(n) = self.upload_peers.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.upload_peers.remove(&peer);
+            }
+        }
+    }
+
     fn on_piece(&mut self, e: request_response::Event<PieceRequest, PieceResponse>) {
+        let peer = match &e {
+            request_response::Event::Message { peer, .. } => Some(*peer),
+            _ => None,
+        };
         match route(&mut self.pending_piece, e) {
             Routed::Finished(request_id) => {
-                self.upload_permits.remove(&request_id);
+                if let Some((_, peer)) = self.upload_permits.remove(&request_id) {
+                    self.upload_done(peer);
+                }
             }
             Routed::Request(request_id, request, channel) => {
-                let Ok(permit) = self.uploads.clone().try_acquire_owned() else {
+                let Some(peer) = peer else { return };
+                let new_peer = !self.upload_peers.contains_key(&peer);
+                let permit = if new_peer && self.upload_peers.len() >= self.max_upload_peers {
+                    None
+                } else {
+                    self.uploads.clone().try_acquire_owned().ok()
+                };
+                let Some(permit) = permit else {
                     self.counters
                         .busy
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1290,6 +1329,11 @@ impl EventLoop {
                         .send_response(channel, PieceResponse::Busy);
                     return;
                 };
+                *self.upload_peers.entry(peer).or_default() += 1;
+                self.counters.peak_peers.fetch_max(
+                    self.upload_peers.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let store = self.store.clone();
                 let tx = self.self_tx.clone();
                 let mode = self.serve_mode;
@@ -1299,7 +1343,9 @@ impl EventLoop {
                             .await
                             .unwrap_or(PieceResponse::NotFound);
                     let _ = tx
-                        .send(Command::RespondPiece(request_id, channel, response, permit))
+                        .send(Command::RespondPiece(
+                            request_id, channel, response, permit, peer,
+                        ))
                         .await;
                 });
             }

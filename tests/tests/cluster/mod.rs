@@ -623,3 +623,50 @@ async fn prometheus_metrics_count_bytes_by_source_next_to_libp2p_metrics() {
     .await
     .expect("scenario timed out");
 }
+
+#[tokio::test]
+async fn a_seed_serves_at_most_its_upload_peers_at_once() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(2 << 20, 51);
+        origin.put("p.bin", data.clone());
+        std::fs::write(dir.path().join("s.bin"), &data).unwrap();
+        let seed = test_builder(&[], ServeMode::Honest)
+            .await
+            .max_upload_peers(1)
+            .build()
+            .await
+            .unwrap();
+        seed.seed(dir.path().join("s.bin")).await.unwrap();
+        let mut leechers = Vec::new();
+        for _ in 0..3 {
+            leechers.push(test_node(std::slice::from_ref(&seed), ServeMode::Honest).await);
+        }
+        let jobs: Vec<_> = leechers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                one_file_job(
+                    n,
+                    dir.path().join(format!("l{i}/p.bin")),
+                    origin.url("p.bin"),
+                    &data,
+                )
+            })
+            .collect();
+        for (n, (local, job)) in leechers.iter().zip(&jobs) {
+            wait_for(n, *job, &[State::Transferred]).await;
+            n.complete(*job).unwrap();
+            assert_eq!(std::fs::read(local).unwrap(), data);
+        }
+        let up = seed.upload_stats();
+        assert_eq!(up.peak_peers, 1, "{up:?}");
+        assert!(up.busy > 0 && up.pieces > 0, "{up:?}");
+        for n in leechers.iter().chain([&seed]) {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
