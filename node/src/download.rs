@@ -461,6 +461,9 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
         .collect()
 }
 
+/// Have rounds in a row a peer may miss before its pieces and claims stop counting.
+const PEER_MISSES: u32 = 3;
+
 /// How long no source may be able to supply a missing piece (the origin not being used)
 /// before the download gives up with a TransientError.
 const STUCK_GRACE: Duration = Duration::from_secs(5);
@@ -1339,10 +1342,22 @@ async fn attempt(
             }
             _ => empty.clone(),
         };
-        // Pieces from peers can be checked only against a verified layer.
-        let have = if layer_known { h.have } else { empty.clone() };
-        sched.set_peer(peer, have, h.fetching, claimed, Instant::now());
+        // Pieces from peers can be checked only against a verified layer. Once this node has
+        // one, a peer's claims are pieces it is about to serve: awaited like pieces it fetches,
+        // with the same patience.
+        let (have, fetching, claimed) = if layer_known {
+            let mut f = h.fetching;
+            for i in claimed.ones() {
+                f.set(i);
+            }
+            (h.have, f, empty.clone())
+        } else {
+            (empty.clone(), h.fetching, claimed)
+        };
+        sched.set_peer(peer, have, fetching, claimed, Instant::now());
     };
+    // Have rounds in a row each known peer missed (no answer, or nothing of the content).
+    let mut misses: HashMap<PeerId, u32> = HashMap::new();
     if content_id.is_some() {
         for (peer, h) in std::mem::take(&mut peers) {
             apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
@@ -1521,6 +1536,25 @@ async fn attempt(
                     in_verifier -= 1;
                 }
                 match v.result {
+                    Ok(()) if v.cv.is_some()
+                        && layer
+                            .as_ref()
+                            .is_some_and(|l| l.chaining_values().get(v.index as usize) != v.cv.as_ref()) =>
+                    {
+                        // Recorded before the writer had the assembled layer, and not the
+                        // layer's: the origin served bytes other than the content's.
+                        break Err(Failure::Fatal(JobError {
+                            context: ErrorContext::RemoteFile,
+                            file: Some(task.index),
+                            description: format!(
+                                "piece {} from {} differs from the verified piece layer of {}",
+                                v.index,
+                                task.url,
+                                content_id.map(|c| c.to_string()).unwrap_or_default()
+                            ),
+                        })
+                        .into());
+                    }
                     Ok(()) => {
                         sched.on_done(v.index, v.source);
                         if let Some(id) = &content_id {
@@ -1624,6 +1658,24 @@ async fn attempt(
                 refreshing = false;
                 last_refresh = Instant::now();
                 let mut full_from = Vec::new();
+                let answered: HashSet<PeerId> = answers.iter().map(|(p, _)| *p).collect();
+                for peer in sched.peer_ids() {
+                    if answered.contains(&peer) {
+                        misses.remove(&peer);
+                        continue;
+                    }
+                    let m = misses.entry(peer).or_default();
+                    *m += 1;
+                    if *m >= PEER_MISSES {
+                        // Gone, or holds nothing of it any more: its pieces and claims no
+                        // longer count.
+                        sched.remove_peer(&peer);
+                        if let Some(a) = &mut assembly {
+                            a.claims.remove(&peer);
+                        }
+                        misses.remove(&peer);
+                    }
+                }
                 for (peer, h) in answers {
                     if layer.is_none() && h.have.count_ones() > 0 {
                         full_from.push(peer);
@@ -1650,9 +1702,11 @@ async fn attempt(
                 match result {
                     Assembled::Layer(l) => {
                         info!(url = %task.url, id = %l.content_id(), "piece layer assembled and verified");
+                        // Only own pieces whose chaining value is the layer's are servable; the
+                        // writer checks every recorded piece against the layer too.
                         let mut verified = Bitfield::new(piece_count);
                         for (i, cv) in a.own.iter().enumerate() {
-                            if cv.is_some() {
+                            if cv.is_some() && cv.as_ref() == l.chaining_values().get(i) {
                                 verified.set(i as u32);
                             }
                         }
@@ -1699,10 +1753,29 @@ async fn attempt(
         h.abort();
     }
     drop(writer.tx);
-    let end = tokio::task::spawn_blocking(move || writer.thread.join())
-        .await
-        .ok()
-        .and_then(Result::ok);
+    // Read what the writer still reports while it ends (it must never block on a full
+    // channel): a piece that the assembled layer rejected after the loop ended fails the file.
+    let join = tokio::task::spawn_blocking(move || writer.thread.join());
+    let mut late_rejects = Vec::new();
+    while let Some(v) = verified_rx.recv().await {
+        if let Err(reason) = v.result {
+            late_rejects.push(format!("piece {}: {reason}", v.index));
+        }
+    }
+    let end = join.await.ok().and_then(Result::ok);
+    let result = match result {
+        Ok(()) if !late_rejects.is_empty() => Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!(
+                "{}: bytes from the origin differ from the verified piece layer ({})",
+                task.url,
+                late_rejects.join(", ")
+            ),
+        })
+        .into()),
+        other => other,
+    };
     if let Err(e) = result {
         if let Some(id) = &content_id {
             env.store.remove_at(id, &task.temp);
@@ -1739,7 +1812,19 @@ async fn attempt(
             .into());
         }
     };
-    // 6. Whole-file checks.
+    // 6. Whole-file checks: every piece on disk, checked.
+    if end.on_disk.count_ones() != piece_count {
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(task.index),
+            description: format!(
+                "{} of {piece_count} pieces of {} are on disk at the end",
+                end.on_disk.count_ones(),
+                task.temp.display()
+            ),
+        })
+        .into());
+    }
     let layer = match (layer, end.builder) {
         (Some(l), _) => l,
         (None, Some(b)) => b.finish().ok_or_else(|| {

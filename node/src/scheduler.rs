@@ -400,6 +400,21 @@ impl Scheduler {
         self.claimed_count.iter_mut().for_each(|c| *c = 0);
     }
 
+    /// Forgets `peer` (it left, or stopped answering): what it held, fetched and claimed no
+    /// longer counts. Its live requests stay; they end on their own.
+    pub fn remove_peer(&mut self, peer: &PeerId) {
+        if let Some(old) = self.peers.remove(peer) {
+            count_bits(&mut self.have_count, &old.have, -1);
+            count_bits(&mut self.fetching_count, &old.fetching, -1);
+            count_bits(&mut self.claimed_count, &old.claimed, -1);
+        }
+        for (i, since) in self.coming_since.iter_mut().enumerate() {
+            if self.fetching_count[i] == 0 {
+                *since = None;
+            }
+        }
+    }
+
     /// Bans `peer` for this file: no more requests to it.
     pub fn ban(&mut self, peer: PeerId) {
         if let Some(old) = self.peers.remove(&peer) {
@@ -694,11 +709,21 @@ impl Scheduler {
         let needed: Vec<u32> = (0..n)
             .filter(|&i| self.needs_origin(i as usize, now))
             .collect();
+        if needed.is_empty() {
+            return None;
+        }
         let me = self.me?;
+        // Every node known to fetch the same content takes a share (all nodes see about the
+        // same set, so the shares do not overlap).
         let rank = self.peers.keys().filter(|p| **p < me).count();
         let k = self.peers.len() + 1;
         if rank >= needed.len() {
-            return None;
+            // Fewer pieces left than nodes: the lower ranks take them, while they are at work
+            // (fetching, or holding claims).
+            let lower_fetching = self.peers.iter().any(|(id, p)| {
+                *id < me && (p.fetching.count_ones() > 0 || p.claimed.count_ones() > 0)
+            });
+            return (!lower_fetching).then(|| (needed[0], 1));
         }
         let share = u32::try_from(needed.len() / k).unwrap_or(u32::MAX).max(1);
         Some((needed[rank * needed.len() / k], share))
@@ -1184,19 +1209,40 @@ mod tests {
         for _ in 0..10 {
             let me = PeerId::random();
             let (p1, p2) = (PeerId::random(), PeerId::random());
-            let mut t = sched(99, Config::default());
+            let mut t = sched(100, Config::default());
             t.set_me(me);
-            let none = Bitfield::new(99);
-            t.set_peer(p1, none.clone(), none.clone(), none.clone(), now);
-            t.set_peer(p2, none.clone(), none.clone(), none, now);
+            let none = Bitfield::new(100);
+            // Both peers fetch from the origin (one piece each at the end).
+            t.set_peer(p1, none.clone(), bits(&[98], 100), none.clone(), now);
+            t.set_peer(p2, none.clone(), bits(&[99], 100), none.clone(), now);
             let rank = [p1, p2].iter().filter(|p| **p < me).count() as u32;
             assert_eq!(
                 t.next_actions(now),
                 vec![Action::Origin {
-                    start: rank * 33,
-                    end: rank * 33 + 8
+                    start: rank * 98 / 3,
+                    end: rank * 98 / 3 + 8
                 }]
             );
+            // With fewer pieces left than nodes, a node ranked past them takes one anyway when
+            // no lower-ranked node is fetching (it may have left, or never use the origin).
+            let mut u = sched(2, Config::default());
+            let lower: Vec<PeerId> = (0..50)
+                .map(|_| PeerId::random())
+                .filter(|p| *p < me)
+                .take(2)
+                .collect();
+            if lower.len() == 2 {
+                u.set_me(me);
+                let none2 = Bitfield::new(2);
+                for p in &lower {
+                    u.set_peer(*p, none2.clone(), none2.clone(), none2.clone(), now);
+                }
+                u.set_done(0, Source::Origin);
+                assert_eq!(
+                    u.next_actions(now),
+                    vec![Action::Origin { start: 1, end: 2 }]
+                );
+            }
         }
     }
 }
