@@ -883,6 +883,8 @@ struct Assembly {
     failed: bool,
     /// An assembly (or a fetch of a peer's verified layer) is running.
     running: bool,
+    /// Own pieces or claims changed since coverage was last checked.
+    changed: bool,
 }
 
 impl Assembly {
@@ -1132,6 +1134,7 @@ async fn attempt(
                 claims: HashMap::new(),
                 failed: false,
                 running: false,
+                changed: true,
             })
         }
         _ => None,
@@ -1336,7 +1339,10 @@ async fn attempt(
                     for i in h.have.ones() {
                         c.set(i);
                     }
-                    a.claims.insert(peer, c.clone());
+                    if a.claims.get(&peer) != Some(&c) {
+                        a.claims.insert(peer, c.clone());
+                        a.changed = true;
+                    }
                 }
                 c
             }
@@ -1516,7 +1522,9 @@ async fn attempt(
             && !a.failed
         {
             let full_from: Vec<PeerId> = Vec::new();
-            if a.covered() {
+            // Coverage is checked only after own pieces or claims changed: it walks every
+            // piece against every claimer.
+            if std::mem::take(&mut a.changed) && a.covered() {
                 a.running = true;
                 let claims: Vec<(PeerId, Bitfield)> =
                     a.claims.iter().map(|(p, b)| (*p, b.clone())).collect();
@@ -1564,6 +1572,7 @@ async fn attempt(
                             && layer.is_none()
                         {
                             a.own[v.index as usize] = Some(cv);
+                            a.changed = true;
                             env.store.add_claim(&a.id, &task.temp, v.index, cv);
                         }
                         let source = match v.source {
@@ -1672,6 +1681,7 @@ async fn attempt(
                         sched.remove_peer(&peer);
                         if let Some(a) = &mut assembly {
                             a.claims.remove(&peer);
+                            a.changed = true;
                         }
                         misses.remove(&peer);
                     }
@@ -1727,6 +1737,7 @@ async fn attempt(
                     Assembled::Failed { reason, from_claims } => {
                         if !from_claims {
                             // Only peers' verified layers were tried; claims may still do.
+                            a.changed = true;
                             continue;
                         }
                         warn!(url = %task.url, "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");

@@ -347,7 +347,7 @@ enum OutRequest {
 enum Command {
     Request(PeerId, OutRequest),
     Dial(Multiaddr),
-    FindProviders(HaveKey, mpsc::UnboundedSender<PeerId>),
+    FindProviders(HaveKey, mpsc::Sender<PeerId>),
     Announce(Vec<PeerId>, Holding),
     DhtStatus(oneshot::Sender<DhtStatus>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
@@ -472,7 +472,7 @@ impl Handle {
     /// whichever comes first (the lookup goes on, dialing what it finds, for at most the DHT
     /// query timeout of 15 s). Empty at once when the node is in no DHT.
     pub async fn find_providers(&self, key: HaveKey, wait: Duration) -> Vec<PeerId> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(PROVIDERS_QUEUE);
         if self
             .commands
             .send(Command::FindProviders(key, tx))
@@ -659,6 +659,9 @@ fn kad_behaviour(peer_id: PeerId, config: &Config) -> kad::Behaviour<kad::store:
 /// While the routing table holds at most this many peers, a new peer in it makes the node
 /// publish its provider records again (K, the Kademlia replication factor).
 const REPUBLISH_BELOW_PEERS: usize = 20;
+
+/// Providers a lookup's waiter is told of before it reads them; later ones are still dialed.
+const PROVIDERS_QUEUE: usize = 256;
 
 /// The longest a DHT lookup runs.
 const DHT_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -904,7 +907,7 @@ pub(crate) async fn spawn(
 /// A provider lookup in progress: the providers found so far and who wants to hear of them.
 struct Lookup {
     found: HashSet<PeerId>,
-    waiting: Vec<mpsc::UnboundedSender<PeerId>>,
+    waiting: Vec<mpsc::Sender<PeerId>>,
 }
 
 struct EventLoop {
@@ -1054,7 +1057,8 @@ impl EventLoop {
                     && l.found.insert(*peer)
                 {
                     for tx in &l.waiting {
-                        let _ = tx.send(*peer);
+                        // A waiter that fell behind misses providers; they are dialed anyway.
+                        let _ = tx.try_send(*peer);
                     }
                 }
             }

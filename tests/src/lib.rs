@@ -99,6 +99,11 @@ impl TestOrigin {
             .expect("valid URL")
     }
 
+    /// Requests answered so far (all statuses).
+    pub fn requests(&self) -> u32 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
     /// Bytes of bodies sent so far.
     pub fn bytes_served(&self) -> u64 {
         self.state.bytes_served.load(Ordering::SeqCst)

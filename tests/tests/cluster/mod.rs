@@ -383,13 +383,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         node.complete(job).unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
-        assert_eq!(
-            origin
-                .state
-                .requests
-                .load(std::sync::atomic::Ordering::SeqCst),
-            0
-        );
+        assert_eq!(origin.requests(), 0);
         for n in [&node, &liar, &seed] {
             n.shutdown().await;
         }
@@ -440,13 +434,7 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
         node.complete(job).unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
-        assert_eq!(
-            origin
-                .state
-                .requests
-                .load(std::sync::atomic::Ordering::SeqCst),
-            0
-        );
+        assert_eq!(origin.requests(), 0);
         // A foreground job of another file goes to the origin at once.
         let other = content(200_000, 48);
         origin.put("c.bin", other.clone());
