@@ -81,6 +81,25 @@ pub struct MetricsSection {
     pub listen: Option<String>,
 }
 
+/// `[cache]`: the daemon's content-addressed cache (see `shoal_node::cache`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Keep a cache (default true).
+    pub enabled: Option<bool>,
+    /// The cache directory; default `cache` in the state directory.
+    pub dir: Option<String>,
+    /// At most this many bytes (DO's DOAbsoluteMaxCacheSize); default none.
+    pub max_size_bytes: Option<u64>,
+    /// At most this percentage of the disk (DO's DOMaxCacheSize); default 20.
+    pub max_size_percent: Option<f64>,
+    /// Entries older than this are evicted, in seconds (DO's DOMaxCacheAge); default 259200.
+    pub max_age_seconds: Option<f64>,
+    /// Files smaller than this are not cached, in bytes (DO's DOMinFileSizeToCache);
+    /// default 1048576.
+    pub min_file_size_bytes: Option<u64>,
+}
+
 /// `[group]`: the peer group (a name and a secret; see `shoal_node::group`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -196,6 +215,9 @@ pub struct Config {
     /// `[metrics]`.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[cache]`.
+    #[serde(default)]
+    pub cache: CacheSection,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -470,6 +492,41 @@ impl Config {
             }
         };
         Group::new(name, secret.as_bytes()).map_err(|e| bad(format!("[group]: {e}")))
+    }
+
+    /// The daemon's cache settings from `[cache]`, `None` with `enabled = false`; `path`
+    /// names the source in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the key for a percentage outside 0–100 or a bad duration.
+    pub fn cache(&self, path: &str) -> Result<Option<crate::cache::CacheConfig>, ConfigError> {
+        let c = &self.cache;
+        if c.enabled == Some(false) {
+            return Ok(None);
+        }
+        let mut config = crate::cache::CacheConfig {
+            dir: c.dir.as_ref().map(PathBuf::from),
+            ..crate::cache::CacheConfig::default()
+        };
+        if let Some(b) = c.max_size_bytes {
+            config.max_size_bytes = Some(b);
+        }
+        if let Some(p) = c.max_size_percent {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: format!("cache.max_size_percent = {p} is not between 0 and 100"),
+                });
+            }
+            config.max_size_percent = Some(p);
+        }
+        if let Some(v) = c.max_age_seconds {
+            config.max_age = seconds(path, "cache.max_age_seconds", v)?;
+        }
+        if let Some(v) = c.min_file_size_bytes {
+            config.min_file_size = v;
+        }
+        Ok(Some(config))
     }
 
     /// The daemon's state directory: `[daemon] state_dir`, default

@@ -122,6 +122,8 @@ pub(crate) struct Env {
     pub(crate) discovery_wait: Duration,
     /// When the origin may be used.
     pub(crate) policy: Arc<crate::policy::SourcePolicy>,
+    /// The content-addressed cache, if the node keeps one.
+    pub(crate) cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// One file to download.
@@ -224,6 +226,8 @@ pub(crate) struct Downloaded {
     pub(crate) sha256: Sha256Digest,
     /// True when any byte came from a peer.
     pub(crate) from_peers: bool,
+    /// True when the file was copied from the local cache.
+    pub(crate) from_cache: bool,
 }
 
 /// Why a download stopped.
@@ -281,23 +285,30 @@ pub(crate) async fn download_file(
     if !task.ranges.is_empty() {
         return download_ranges(env, task, cancel, progress).await;
     }
+    if let Some(d) = from_cache(env, task, progress).await {
+        return Ok(d);
+    }
     let resume = task.resume.as_ref();
-    match attempt(env, task, task.origin_only, resume, cancel, progress).await {
-        Ok(d) => Ok(d),
-        Err(AttemptFailure::Failure(f)) => Err(f),
+    let d = match attempt(env, task, task.origin_only, resume, cancel, progress).await {
+        Ok(d) => d,
+        Err(AttemptFailure::Failure(f)) => return Err(f),
         Err(AttemptFailure::ClaimFailed) => {
             info!(url = %task.url, "peer claim for SHA-256 was false; fetching from the origin");
             match attempt(env, task, true, None, cancel, progress).await {
-                Ok(d) => Ok(d),
-                Err(AttemptFailure::Failure(f)) => Err(f),
-                Err(AttemptFailure::ClaimFailed) => Err(Failure::Fatal(JobError {
-                    context: ErrorContext::RemoteFile,
-                    file: Some(task.index),
-                    description: format!("{} does not match its expected digest", task.url),
-                })),
+                Ok(d) => d,
+                Err(AttemptFailure::Failure(f)) => return Err(f),
+                Err(AttemptFailure::ClaimFailed) => {
+                    return Err(Failure::Fatal(JobError {
+                        context: ErrorContext::RemoteFile,
+                        file: Some(task.index),
+                        description: format!("{} does not match its expected digest", task.url),
+                    }));
+                }
             }
         }
-    }
+    };
+    admit(env, task, &d).await;
+    Ok(d)
 }
 
 /// Downloads the ranges of a ranged file (BITS `AddFileWithRanges`) from the origin, one after
@@ -426,7 +437,115 @@ async fn download_ranges(
         layer: digests.layer,
         sha256: digests.sha256,
         from_peers: false,
+        from_cache: false,
     })
+}
+
+/// Fills the temporary file from the local cache when the cache holds the expected content
+/// (by BLAKE3, else by SHA-256): the cached file is cloned into the temporary file (a reflink
+/// where the file system can) and the copy is hashed; it counts only when it matches the
+/// expected digests and the cached content id. `None` when the file is not cached or cannot be
+/// copied, the cached copy is damaged (it is evicted then), or the file already has pieces on
+/// disk from an earlier run: the file is downloaded as usual.
+async fn from_cache(
+    env: &Env,
+    task: &FileTask,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Option<Downloaded> {
+    let cache = env.cache.clone()?;
+    // A file with pieces of its own on disk goes on from them: the copy would first have to
+    // forget them, and progress already reported must not go back.
+    if task.origin_only
+        || task
+            .resume
+            .as_ref()
+            .is_some_and(|r| r.pieces.count_ones() > 0)
+    {
+        return None;
+    }
+    let key = match (task.expected.blake3, task.expected.sha256) {
+        (Some(h), _) => HaveKey::Blake3(h),
+        (None, Some(d)) => HaveKey::Sha256(d),
+        (None, None) => return None,
+    };
+    let c = cache.clone();
+    let (id, path) = tokio::task::spawn_blocking(move || c.find(&key))
+        .await
+        .ok()
+        .flatten()?;
+    if let Some(d) = &task.durable
+        && let Err(e) = d.store.clear_pieces(d.job, d.index)
+    {
+        warn!(url = %task.url, "cannot reset the stored pieces before a cache copy: {e}");
+        return None;
+    }
+    let (temp, owner, length) = (task.temp.clone(), task.owner, id.length());
+    let copied = tokio::task::spawn_blocking(move || {
+        let src = File::open(&path)?;
+        let dst = create_temp(&temp, owner, length)?;
+        let reflinked = crate::cache::clone_or_copy(&src, &dst, length)?;
+        dst.sync_data()?;
+        let f = open_temp(&temp, owner, false)?;
+        let d = shoal_validator::hash_reader(std::io::BufReader::new(f), length)
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((d, reflinked))
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    let (digests, reflinked) = match copied {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(url = %task.url, %id, "cannot copy from the cache; downloading: {e}");
+            return None;
+        }
+    };
+    let found = digests.content_id();
+    if found != id
+        || task.expected.check_content_id(&found).is_err()
+        || task.expected.check_sha256(digests.sha256).is_err()
+    {
+        warn!(url = %task.url, %id, "the cached copy is damaged; evicting it and downloading");
+        let _ =
+            tokio::task::spawn_blocking(move || cache.evict(&HaveKey::Blake3(*id.hash()))).await;
+        return None;
+    }
+    info!(url = %task.url, %id, reflinked, "filled from the local cache");
+    progress(Update::Started {
+        length,
+        content_id: Some(id),
+        resumed: length,
+    });
+    Some(Downloaded {
+        content_id: id,
+        layer: digests.layer,
+        sha256: digests.sha256,
+        from_peers: false,
+        from_cache: true,
+    })
+}
+
+/// Puts a downloaded and verified file into the cache (a clone of its temporary file); the
+/// node then serves the content from the cache's copy. Failures are logged: the cache is
+/// best effort and never fails a job.
+async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
+    let Some(cache) = env.cache.clone() else {
+        return;
+    };
+    let (temp, owner, layer, sha256) = (task.temp.clone(), task.owner, d.layer.clone(), d.sha256);
+    let r = tokio::task::spawn_blocking(move || {
+        let f = open_temp(&temp, owner, false).map_err(|e| crate::cache::CacheError::Io {
+            path: temp.clone(),
+            source: e,
+        })?;
+        cache.admit(&layer, Some(sha256), &f)
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(url = %task.url, "cannot cache the file: {e}"),
+        Err(e) => warn!(url = %task.url, "cannot cache the file: {e}"),
+    }
 }
 
 /// A peer's answer to a have query.
@@ -1908,5 +2027,6 @@ async fn attempt(
         layer,
         sha256,
         from_peers,
+        from_cache: false,
     })
 }

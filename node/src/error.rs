@@ -58,6 +58,9 @@ pub enum Error {
     /// The state store failed (the daemon's durable state).
     #[error(transparent)]
     State(#[from] crate::persist::PersistError),
+    /// The cache failed, or holds no such content.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     /// A file to seed could not be hashed.
     #[error("cannot hash {path}: {reason}")]
     Hash {

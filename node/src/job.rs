@@ -303,6 +303,8 @@ pub struct NodeStats {
     pub pieces_rejected: u64,
     /// Bans of a peer for a content.
     pub peers_banned: u64,
+    /// How full the cache is (DO's CacheSizeBytes), if the node keeps one.
+    pub cache: Option<crate::cache::CacheUsage>,
 }
 
 impl NodeStats {

@@ -36,24 +36,20 @@ pub(crate) async fn connect(socket: &Path) -> Result<ControlClient<Channel>> {
 
 /// `shoal daemon --config FILE`.
 pub(crate) async fn daemon(config: Option<&Path>) -> Result<()> {
-    let (builder, cfg, name) = match config {
-        Some(path) => {
-            let name = path.display().to_string();
-            let c = shoal_node::config::Config::load(path)?;
-            let b = c
-                .apply(shoal_node::Node::builder(), &name)?
-                .state_dir(c.state_dir());
-            (b, c.daemon(&name)?, name)
-        }
-        None => {
-            let c = shoal_node::config::Config::default();
-            (
-                shoal_node::Node::builder().state_dir(c.state_dir()),
-                c.daemon("defaults")?,
-                "defaults".into(),
-            )
-        }
+    let (c, name) = match config {
+        Some(path) => (
+            shoal_node::config::Config::load(path)?,
+            path.display().to_string(),
+        ),
+        None => (shoal_node::config::Config::default(), "defaults".to_owned()),
     };
+    let mut builder = c
+        .apply(shoal_node::Node::builder(), &name)?
+        .state_dir(c.state_dir());
+    if let Some(cache) = c.cache(&name)? {
+        builder = builder.cache(cache);
+    }
+    let cfg = c.daemon(&name)?;
     let socket = cfg.socket.clone();
     let d = Daemon::start(builder, cfg)
         .await
@@ -98,6 +94,101 @@ impl From<PriorityArg> for pb::Priority {
 pub(crate) enum Verdict {
     Valid,
     Invalid,
+}
+
+/// `shoal cache ...`.
+#[derive(Subcommand)]
+pub(crate) enum CacheCommand {
+    /// List the cached files, most recently used first, and how full the cache is.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin a cached file: it is never evicted. KEY: blake3:HEX, sha256:HEX, HEX:LENGTH or HEX.
+    Pin { key: String },
+    /// Unpin a cached file.
+    Unpin { key: String },
+    /// Evict a cached file now, pinned or not.
+    Evict { key: String },
+}
+
+fn print_cache_entry(e: &pb::CacheEntry) {
+    println!(
+        "{} {:>14} {} {}{}",
+        e.content_id,
+        e.bytes,
+        if e.sha256.is_empty() { "-" } else { &e.sha256 },
+        e.path,
+        if e.pinned { " pinned" } else { "" }
+    );
+}
+
+/// `shoal cache ...` against the daemon at `socket` (root only).
+pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
+    let mut c = connect(socket).await?;
+    match command {
+        CacheCommand::List { json: as_json } => {
+            let r = c.list_cache(pb::ListCacheRequest {}).await?.into_inner();
+            let u = r.usage.unwrap_or_default();
+            if as_json {
+                let entries: Vec<_> = r
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "content_id": e.content_id,
+                            "sha256": (!e.sha256.is_empty()).then_some(&e.sha256),
+                            "bytes": e.bytes,
+                            "added_ms": e.added_ms,
+                            "used_ms": e.used_ms,
+                            "pinned": e.pinned,
+                            "path": e.path,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "bytes": u.bytes,
+                        "limit": u.limit,
+                        "entries": entries,
+                        "pinned_bytes": u.pinned_bytes,
+                    }))?
+                );
+                return Ok(());
+            }
+            println!(
+                "cache: {} files, {} of {} bytes ({} pinned)",
+                u.entries, u.bytes, u.limit, u.pinned_bytes
+            );
+            for e in &r.entries {
+                print_cache_entry(e);
+            }
+        }
+        CacheCommand::Pin { key } => {
+            let e = c
+                .pin_cache(pb::PinCacheRequest { key, pinned: true })
+                .await?
+                .into_inner();
+            print_cache_entry(&e);
+        }
+        CacheCommand::Unpin { key } => {
+            let e = c
+                .pin_cache(pb::PinCacheRequest { key, pinned: false })
+                .await?
+                .into_inner();
+            print_cache_entry(&e);
+        }
+        CacheCommand::Evict { key } => {
+            let e = c
+                .evict_cache(pb::EvictCacheRequest { key })
+                .await?
+                .into_inner();
+            print!("evicted ");
+            print_cache_entry(&e);
+        }
+    }
+    Ok(())
 }
 
 /// `shoal job ...`.
@@ -591,6 +682,12 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
                     "peers_banned": n.peers_banned,
                     "percent_peer_caching": n.percent_peer_caching,
                 },
+                "cache": s.cache.as_ref().map(|c| json!({
+                    "bytes": c.bytes,
+                    "limit": c.limit,
+                    "entries": c.entries,
+                    "pinned_bytes": c.pinned_bytes,
+                })),
             }))?
         );
         return Ok(());
@@ -639,6 +736,13 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
         ),
         ("PiecesRejected", n.pieces_rejected.to_string()),
         ("PeersBanned", n.peers_banned.to_string()),
+        (
+            "CacheSizeBytes / Limit / Files",
+            match &s.cache {
+                Some(c) => format!("{} / {} / {}", c.bytes, c.limit, c.entries),
+                None => "no cache".into(),
+            },
+        ),
     ];
     for (k, v) in rows {
         println!("{k:<32}: {v}");

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -76,6 +76,14 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Manage the daemon's cache of verified files (root only): list, pin, unpin, evict.
+    Cache {
+        #[command(subcommand)]
+        command: jobcli::CacheCommand,
+        /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Explain why a job of the daemon is or is not using peers: mode, group, DHT, the
     /// providers found and what they hold, bans, the source policy.
     #[command(visible_alias = "diagnose")]
@@ -198,6 +206,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json, socket } => {
             jobcli::status(&jobcli::socket_path(socket.as_deref()), json).await
+        }
+        Command::Cache { command, socket } => {
+            jobcli::cache(command, &jobcli::socket_path(socket.as_deref())).await
         }
         Command::Why { job, json, socket } => {
             jobcli::why(&jobcli::socket_path(socket.as_deref()), &job, json).await

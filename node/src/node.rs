@@ -1,14 +1,14 @@
 //! [`Node`]: the embeddable node, with its builder and the BITS-style job API.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Component, Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use libp2p::{Multiaddr, PeerId, identity};
-use shoal_protocol::Bitfield;
+use shoal_protocol::{Bitfield, HaveKey};
 use shoal_validator::{ContentId, PieceLayer, ValidationState};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,7 @@ pub struct Builder {
     discovery_wait: Option<Duration>,
     policy: crate::policy::SourcePolicy,
     metrics: Option<std::net::SocketAddr>,
+    cache: Option<crate::cache::CacheConfig>,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -194,6 +195,17 @@ impl Builder {
         self
     }
 
+    /// Keeps a content-addressed cache of verified files (see [`crate::cache`]): downloaded
+    /// files are cloned into it and served from it, later jobs of the same content are filled
+    /// from it, and it is trimmed to `config`'s limits. Without a directory in `config`, the
+    /// cache is `cache` in the state directory ([`Builder::state_dir`]), and building fails
+    /// without one. Default: no cache.
+    #[must_use]
+    pub fn cache(mut self, config: crate::cache::CacheConfig) -> Self {
+        self.cache = Some(config);
+        self
+    }
+
     /// Uses this identity instead of a fresh random one.
     #[must_use]
     pub fn keypair(mut self, keypair: identity::Keypair) -> Self {
@@ -249,9 +261,28 @@ impl Builder {
     /// [`Error::Swarm`] when a transport cannot be built or an address bound,
     /// [`Error::Origin`] when the HTTP client cannot be built, [`Error::State`] when the state
     /// database cannot be opened, is another program's, or holds a record that does not
-    /// decode (naming it).
+    /// decode (naming it), [`Error::Cache`] when the cache has no directory or its index
+    /// cannot be opened.
     pub async fn build(self) -> Result<Node, Error> {
         let store = Arc::new(ContentStore::new());
+        let cache = match self.cache {
+            None => None,
+            Some(config) => {
+                let dir = config
+                    .dir
+                    .clone()
+                    .or_else(|| self.state_dir.as_ref().map(|d| d.join("cache")))
+                    .ok_or(crate::cache::CacheError::NoDir)?;
+                let store = store.clone();
+                Some(Arc::new(
+                    tokio::task::spawn_blocking(move || {
+                        crate::cache::Cache::open(dir, config, store)
+                    })
+                    .await
+                    .map_err(|e| Error::Swarm(e.to_string()))??,
+                ))
+            }
+        };
         let shutdown = CancellationToken::new();
         let (state, stored) = match &self.state_dir {
             Some(dir) => {
@@ -309,6 +340,7 @@ impl Builder {
                     scheduler: self.scheduler,
                     discovery_wait,
                     policy: Arc::new(self.policy),
+                    cache,
                 },
                 jobs: Mutex::new(HashMap::new()),
                 events,
@@ -337,6 +369,7 @@ impl Builder {
                 .unwrap_or_else(|e| e.into_inner()) = Some(bound);
         }
         node.restore(stored);
+        node.spawn_cache_sweeper();
         node.spawn_inactivity_sweeper(
             self.inactivity_timeout
                 .unwrap_or(Duration::from_secs(90 * 24 * 3600)),
@@ -579,7 +612,109 @@ impl Node {
             bytes_uploaded: self.inner.env.swarm.upload_stats().bytes,
             pieces_rejected: c.rejected.load(Relaxed),
             peers_banned: c.banned.load(Relaxed),
+            cache: self.inner.env.cache.as_ref().map(|c| c.usage()),
         }
+    }
+
+    /// The cached files, most recently used first (empty without a cache).
+    #[must_use]
+    pub fn cache_items(&self) -> Vec<crate::cache::CacheItem> {
+        self.inner
+            .env
+            .cache
+            .as_ref()
+            .map(|c| c.items())
+            .unwrap_or_default()
+    }
+
+    fn cache(&self) -> Result<Arc<crate::cache::Cache>, Error> {
+        self.inner.env.cache.clone().ok_or_else(|| {
+            crate::cache::CacheError::Unknown("cache: the node keeps none".into()).into()
+        })
+    }
+
+    /// Pins (`pinned` true) or unpins the cached file whose BLAKE3 hash or SHA-256 is `key`:
+    /// a pinned file is never evicted.
+    ///
+    /// # Errors
+    /// [`Error::Cache`] when the node has no cache or the cache no such file, or the index
+    /// cannot be written.
+    pub async fn cache_pin(&self, key: HaveKey, pinned: bool) -> Result<ContentId, Error> {
+        let cache = self.cache()?;
+        Ok(tokio::task::spawn_blocking(move || cache.pin(&key, pinned))
+            .await
+            .map_err(|e| Error::Swarm(e.to_string()))??)
+    }
+
+    /// Evicts the cached file whose BLAKE3 hash or SHA-256 is `key`, pinned or not: peers are
+    /// no longer served it and its file is deleted.
+    ///
+    /// # Errors
+    /// [`Error::Cache`] when the node has no cache or the cache no such file, or the index
+    /// cannot be written.
+    pub async fn cache_evict(&self, key: HaveKey) -> Result<ContentId, Error> {
+        let cache = self.cache()?;
+        Ok(tokio::task::spawn_blocking(move || cache.evict(&key))
+            .await
+            .map_err(|e| Error::Swarm(e.to_string()))??)
+    }
+
+    /// Applies the cache's limits now (the node also does every minute and after a file
+    /// entered): evicts entries past the maximum age, then the least recently used until the
+    /// cache fits, never pinned ones nor content a job that is not Acknowledged or Cancelled
+    /// names. Returns the evicted content ids (empty without a cache).
+    ///
+    /// # Errors
+    /// [`Error::Cache`] when the index cannot be written.
+    pub async fn cache_sweep(&self) -> Result<Vec<ContentId>, Error> {
+        let Some(cache) = self.inner.env.cache.clone() else {
+            return Ok(Vec::new());
+        };
+        let in_use = self.content_in_use();
+        Ok(tokio::task::spawn_blocking(move || cache.sweep(&in_use))
+            .await
+            .map_err(|e| Error::Swarm(e.to_string()))??)
+    }
+
+    /// The content ids and SHA-256s of the files of jobs that are not Acknowledged or
+    /// Cancelled: the cache keeps them.
+    fn content_in_use(&self) -> HashSet<HaveKey> {
+        let slots: Vec<_> = self.lock_jobs().values().cloned().collect();
+        let mut keys = HashSet::new();
+        for slot in slots {
+            let rec = lock(&slot);
+            if rec.info.state.is_final() {
+                continue;
+            }
+            for f in &rec.info.files {
+                keys.extend(f.expected.blake3.map(HaveKey::Blake3));
+                keys.extend(f.expected.sha256.map(HaveKey::Sha256));
+                keys.extend(f.content_id.map(|id| HaveKey::Blake3(*id.hash())));
+                keys.extend(f.sha256.map(HaveKey::Sha256));
+            }
+        }
+        keys
+    }
+
+    /// Sweeps the cache every [`crate::cache::SWEEP_INTERVAL`] and after a file entered it.
+    fn spawn_cache_sweeper(&self) {
+        let Some(cache) = self.inner.env.cache.clone() else {
+            return;
+        };
+        let node = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(crate::cache::SWEEP_INTERVAL) => {}
+                    () = cache.woken() => {}
+                }
+                if let Err(e) = node.cache_sweep().await {
+                    warn!("cache sweep: {e}");
+                }
+            }
+        });
     }
 
     /// What the DHT side of the swarm knows: routing table size, keys announced, lookups.
@@ -1621,13 +1756,20 @@ impl Node {
                         rec.info.files[i].validation_state = verdict;
                         let rejected = if verdict == ValidationState::Invalid {
                             self.inner.env.store.remove_at(&d.content_id, &task.temp);
+                            // Content the caller rejected is not served from the cache either.
+                            if let Some(cache) = self.inner.env.cache.clone() {
+                                let key = HaveKey::Blake3(*d.content_id.hash());
+                                tokio::task::spawn_blocking(move || {
+                                    let _ = cache.evict(&key);
+                                });
+                            }
                             if let Some(d2) = &task.durable
                                 && let Err(e) = d2.store.clear_pieces(job, d2.index)
                             {
                                 warn!(%job, "cannot forget rejected pieces: {e}");
                             }
-                            if d.from_peers && !task.origin_only {
-                                info!(%job, file = i, "caller rejected peer content; refetching from the origin");
+                            if (d.from_peers || d.from_cache) && !task.origin_only {
+                                info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
                                 rec.origin_only[i] = true;
                                 false
                             } else {

@@ -509,7 +509,7 @@ fn put(
 }
 
 /// Chaining values from their concatenation.
-fn cvs_of(flat: &[u8]) -> Result<Vec<ChainingValue>, String> {
+pub(crate) fn cvs_of(flat: &[u8]) -> Result<Vec<ChainingValue>, String> {
     if !flat.len().is_multiple_of(32) {
         return Err(format!("{} bytes is not a multiple of 32", flat.len()));
     }

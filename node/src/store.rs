@@ -9,14 +9,18 @@
 //! from origin bytes, and serves nothing. A SHA-256 maps to a content id only after this node computed that
 //! SHA-256 over the whole file itself.
 //!
-//! This core keeps entries in memory; persistence comes with the daemon.
+//! Entries live in memory. At start the cache (`crate::cache`) registers its files again, and
+//! restored jobs their temporary files as they resume.
 
 use std::{
     collections::HashMap,
     fs::File,
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
-    sync::RwLock,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -36,9 +40,24 @@ struct Entry {
     /// While assembling: the chaining values this node computed from origin bytes.
     claims: Vec<Option<ChainingValue>>,
     path: PathBuf,
+    /// Set when a piece was read to serve a peer; taken by the cache's sweep (its LRU).
+    served: Arc<AtomicBool>,
 }
 
 impl Entry {
+    /// An entry with a verified layer and the pieces `verified` at `path`.
+    fn verified(layer: PieceLayer, verified: Bitfield, path: PathBuf) -> Self {
+        let n = layer.content_id().piece_count();
+        Self {
+            layer: Some(layer),
+            verified,
+            fetching: Bitfield::new(n),
+            claims: Vec::new(),
+            path,
+            served: Arc::default(),
+        }
+    }
+
     fn holding(&self, id: ContentId) -> Holding {
         let n = id.piece_count();
         let mut claimed = Bitfield::new(n);
@@ -96,18 +115,17 @@ impl ContentStore {
         {
             return;
         }
-        let n = id.piece_count();
-        self.put(
-            &mut inner,
-            id,
-            Entry {
-                layer: Some(layer),
-                verified,
-                fetching: Bitfield::new(n),
-                claims: Vec::new(),
-                path,
-            },
-        );
+        self.put(&mut inner, id, Entry::verified(layer, verified, path));
+    }
+
+    /// Registers the complete, verified content of `layer` at `path` (the cache's copy),
+    /// replacing any entry of the same content id: the copy serves every piece, and nobody but
+    /// the node writes it.
+    pub fn insert_complete(&self, layer: PieceLayer, path: PathBuf) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let id = layer.content_id();
+        let full = Bitfield::full(id.piece_count());
+        self.put(&mut inner, id, Entry::verified(layer, full, path));
     }
 
     /// Puts `entry` under `id` and tells the swarm the set of keys changed.
@@ -136,6 +154,7 @@ impl ContentStore {
                 fetching: Bitfield::new(n),
                 claims: vec![None; n as usize],
                 path,
+                served: Arc::default(),
             },
         );
         true
@@ -204,6 +223,16 @@ impl ContentStore {
             inner.by_sha256.retain(|_, v| v != id);
             self.changed.notify_one();
         }
+    }
+
+    /// Whether a piece of `id` at `path` was read to serve a peer since the last call.
+    #[must_use]
+    pub fn take_served(&self, id: &ContentId, path: &Path) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_id
+            .get(id)
+            .is_some_and(|e| e.path == path && e.served.swap(false, Ordering::Relaxed))
     }
 
     /// Resolves when the set of content ids or SHA-256s changed since the last call resolved
@@ -277,6 +306,7 @@ impl ContentStore {
             if e.layer.is_none() || !e.verified.get(index) {
                 return None;
             }
+            e.served.store(true, Ordering::Relaxed);
             (e.path.clone(), id.piece_range(index)?)
         };
         let len = (range.end - range.start) as usize;

@@ -463,6 +463,26 @@ async fn the_job_commands_drive_the_daemon() {
     assert_eq!(status["node"]["bytes_from_origin"], data.len() as u64);
     assert_eq!(status["node"]["percent_peer_caching"], 0.0);
     assert_eq!(status["peer_mode"], "lan");
+    // The daemon keeps a cache by default: the 3 MiB file is in it.
+    assert_eq!(status["cache"]["entries"], 1);
+    assert_eq!(status["cache"]["bytes"], data.len() as u64);
+    let (ok, out, err) = shoal(&["cache", "list", "--json", "--socket", s]);
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(ok, "{err}");
+        let cache: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(cache["entries"][0]["sha256"], sha.as_str());
+        assert_eq!(cache["entries"][0]["pinned"], false);
+        let (ok, out, err) = shoal(&["cache", "pin", &format!("sha256:{sha}"), "--socket", s]);
+        assert!(ok, "{err}");
+        assert!(out.trim_end().ends_with("pinned"), "{out}");
+        let (ok, _, err) = shoal(&["cache", "evict", "sha256:00", "--socket", s]);
+        assert!(!ok);
+        assert!(err.contains("must be 64 hexadecimal digits"), "{err}");
+    } else {
+        // Only root manages the cache.
+        assert!(!ok);
+        assert!(err.contains("only root"), "{err}");
+    }
     let (ok, out, _) = shoal(&["status", "--socket", s]);
     assert!(ok);
     assert!(
@@ -485,7 +505,8 @@ async fn the_job_commands_drive_the_daemon() {
     let (ok, _, err) = shoal(&["job", "set", &job, "--retry-delay", "1", "--socket", s]);
     assert!(!ok);
     assert!(err.contains("minimum of 5 s"), "{err}");
-    // `shoal get` hands its job to the running daemon.
+    // `shoal get` hands its job to the running daemon, which fills it from its cache.
+    let served = origin.bytes_served();
     let got = dir.path().join("got.bin");
     let (ok, out, err) = shoal(&[
         "get",
@@ -501,6 +522,11 @@ async fn the_job_commands_drive_the_daemon() {
     assert!(err.contains("in the daemon"), "{err}");
     assert!(out.contains(&format!("{} bytes", data.len())), "{out}");
     assert_eq!(std::fs::read(&got).unwrap(), data);
+    assert_eq!(
+        origin.bytes_served(),
+        served,
+        "the origin was not asked again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

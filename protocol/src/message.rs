@@ -125,6 +125,39 @@ pub enum HaveKey {
     Sha256(Sha256Digest),
 }
 
+impl std::fmt::Display for HaveKey {
+    /// `blake3:HEX` or `sha256:HEX` (64 lowercase hex digits).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Blake3(h) => write!(f, "blake3:{}", hex::encode(h)),
+            Self::Sha256(d) => write!(f, "sha256:{d}"),
+        }
+    }
+}
+
+impl std::str::FromStr for HaveKey {
+    type Err = crate::id::ParseError;
+
+    /// Parses `blake3:HEX`, `sha256:HEX`, a content id `HEX:LENGTH` (its BLAKE3 hash), or
+    /// bare `HEX` (a BLAKE3 hash); `HEX` is 64 hexadecimal digits.
+    ///
+    /// # Errors
+    /// [`crate::id::ParseError`] when the digest is not 64 hex digits or the length no number.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(h) = s.strip_prefix("blake3:") {
+            return crate::id::parse_blake3_hex(h).map(Self::Blake3);
+        }
+        if let Some(d) = s.strip_prefix("sha256:") {
+            return d.parse().map(Self::Sha256);
+        }
+        if s.contains(':') {
+            return s.parse::<ContentId>().map(|id| Self::Blake3(*id.hash()));
+        }
+        crate::id::parse_blake3_hex(s).map(Self::Blake3)
+    }
+}
+
 /// The longest origin URL a have request carries, in bytes.
 pub const MAX_ORIGIN_URL_BYTES: usize = 4096;
 
@@ -503,6 +536,31 @@ mod tests {
 
     fn id(len: u64) -> ContentId {
         ContentId::new([7; 32], len).unwrap()
+    }
+
+    #[test]
+    fn have_keys_print_and_parse() {
+        let b = HaveKey::Blake3([0xab; 32]);
+        let s = HaveKey::Sha256(Sha256Digest([0x01; 32]));
+        for k in [b, s] {
+            assert_eq!(k.to_string().parse::<HaveKey>().unwrap(), k);
+        }
+        assert_eq!(
+            format!("{}:1000", "ab".repeat(32))
+                .parse::<HaveKey>()
+                .unwrap(),
+            b
+        );
+        assert_eq!("ab".repeat(32).parse::<HaveKey>().unwrap(), b);
+        for bad in [
+            "",
+            "sha256:12",
+            "blake3:zz",
+            "abc:12",
+            &format!("{}:x", "ab".repeat(32)),
+        ] {
+            assert!(bad.parse::<HaveKey>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use shoal_node::{
 use shoal_tests::{TestDaemon, TestOrigin, content, stateful_node, test_node};
 use shoal_validator::Sha256Digest;
 
+mod cache;
 mod cluster;
 
 /// Upper bound of any single scenario.
@@ -104,6 +105,15 @@ impl Callback for Recorder {
             .unwrap()
             .push(format!("JobError {:?}", error.context));
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// Waits until `cond` holds, failing after the scenario timeout.
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -43,6 +43,7 @@ fn status_of(e: &Error) -> Status {
             Status::invalid_argument(msg)
         }
         Error::DuplicateLocalName(_) => Status::already_exists(msg),
+        Error::Cache(crate::cache::CacheError::Unknown(_)) => Status::not_found(msg),
         _ => Status::internal(msg),
     }
 }
@@ -222,7 +223,58 @@ fn may_write_in(uid: u32, dir: &Path) -> bool {
     }
 }
 
+/// The API form of a cache entry.
+fn cache_entry_to_pb(i: &crate::cache::CacheItem) -> pb::CacheEntry {
+    pb::CacheEntry {
+        content_id: i.content_id.to_string(),
+        sha256: i.sha256.map(|d| d.to_string()).unwrap_or_default(),
+        bytes: i.bytes,
+        added_ms: crate::persist::to_ms(i.added),
+        used_ms: crate::persist::to_ms(i.used),
+        pinned: i.pinned,
+        path: i.path.display().to_string(),
+    }
+}
+
+fn cache_usage_to_pb(u: &crate::cache::CacheUsage) -> pb::CacheUsage {
+    pb::CacheUsage {
+        bytes: u.bytes,
+        limit: u.limit,
+        entries: u32::try_from(u.entries).unwrap_or(u32::MAX),
+        pinned_bytes: u.pinned_bytes,
+    }
+}
+
+fn parse_cache_key(text: &str) -> Result<shoal_protocol::HaveKey, Status> {
+    text.parse().map_err(|e| {
+        Status::invalid_argument(format!(
+            "key {text:?}: {e} (give blake3:HEX, sha256:HEX, HEX:LENGTH or HEX)"
+        ))
+    })
+}
+
 impl Service {
+    /// Refuses callers other than root: the cache is the machine's.
+    fn root_only<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.caller(req)?.uid == 0 {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "only root manages the cache (it holds every user's content)",
+            ))
+        }
+    }
+
+    /// The entry of `id` after a change.
+    fn cache_entry(&self, id: &shoal_validator::ContentId) -> Result<pb::CacheEntry, Status> {
+        self.node
+            .cache_items()
+            .iter()
+            .find(|i| i.content_id == *id)
+            .map(cache_entry_to_pb)
+            .ok_or_else(|| Status::not_found(format!("the cache holds no {id}")))
+    }
+
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         self.credentials
             .caller(req.metadata(), req.extensions())
@@ -637,7 +689,62 @@ impl Control for Service {
             upload_pieces: uploads.pieces,
             upload_bytes: uploads.bytes,
             upload_busy: uploads.busy,
+            cache: st.cache.as_ref().map(cache_usage_to_pb),
         }))
+    }
+
+    async fn list_cache(
+        &self,
+        req: Request<pb::ListCacheRequest>,
+    ) -> Result<Response<pb::ListCacheResponse>, Status> {
+        self.root_only(&req)?;
+        let usage = self
+            .node
+            .stats()
+            .cache
+            .ok_or_else(|| Status::failed_precondition("the daemon keeps no cache"))?;
+        Ok(Response::new(pb::ListCacheResponse {
+            entries: self
+                .node
+                .cache_items()
+                .iter()
+                .map(cache_entry_to_pb)
+                .collect(),
+            usage: Some(cache_usage_to_pb(&usage)),
+        }))
+    }
+
+    async fn pin_cache(
+        &self,
+        req: Request<pb::PinCacheRequest>,
+    ) -> Result<Response<pb::CacheEntry>, Status> {
+        self.root_only(&req)?;
+        let key = parse_cache_key(&req.get_ref().key)?;
+        let id = self
+            .node
+            .cache_pin(key, req.get_ref().pinned)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(self.cache_entry(&id)?))
+    }
+
+    async fn evict_cache(
+        &self,
+        req: Request<pb::EvictCacheRequest>,
+    ) -> Result<Response<pb::CacheEntry>, Status> {
+        self.root_only(&req)?;
+        let key = parse_cache_key(&req.get_ref().key)?;
+        let before = self.node.cache_items();
+        let id = self
+            .node
+            .cache_evict(key)
+            .await
+            .map_err(|e| status_of(&e))?;
+        before
+            .iter()
+            .find(|i| i.content_id == id)
+            .map(|i| Response::new(cache_entry_to_pb(i)))
+            .ok_or_else(|| Status::not_found(format!("the cache holds no {id}")))
     }
 }
 

@@ -30,15 +30,6 @@ fn one_file_job(node: &Node, local: PathBuf, url: url::Url, data: &[u8]) -> (Pat
     (local, job)
 }
 
-/// Waits until `cond` holds, failing after the scenario timeout.
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
     tokio::time::timeout(SCENARIO_TIMEOUT, async {

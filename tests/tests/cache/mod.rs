@@ -1,0 +1,130 @@
+//! The content-addressed cache (issue 4): a verified file outlives its job, is served to peers
+//! after a restart, fills later jobs without a download, and is evicted by size (least
+//! recently used first) but never when pinned. Eviction by age runs with paused time in the
+//! cache's unit tests (`node/src/cache.rs`).
+
+use super::*;
+use shoal_node::{HaveKey, cache::CacheConfig};
+use shoal_tests::test_builder;
+
+const MIB: usize = 1 << 20;
+
+/// A node with a state directory and a cache of at most 3 MiB (one 2 MiB file fits, two do
+/// not), caching files of 1 MiB and more, dialing `peers`.
+async fn cache_node(state: &Path, peers: &[Node]) -> Node {
+    test_builder(peers, ServeMode::Honest)
+        .await
+        .state_dir(state)
+        .cache(CacheConfig {
+            max_size_bytes: Some(3 * MIB as u64),
+            min_file_size: MIB as u64,
+            ..CacheConfig::default()
+        })
+        .build()
+        .await
+        .expect("node starts with its cache")
+}
+
+/// Runs a one-file job of `url` into `local` to Acknowledged and returns its final snapshot.
+async fn fetch(node: &Node, url: url::Url, local: &Path, data: &[u8]) -> JobInfo {
+    let rec = Arc::new(Recorder::default());
+    let job = start_job(node, spec(url, local, blake3_only(data)), &rec);
+    let info = wait_for(node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(local).unwrap(), data, "{}", local.display());
+    info
+}
+
+fn cached(node: &Node) -> Vec<[u8; 32]> {
+    node.cache_items()
+        .iter()
+        .map(|i| *i.content_id.hash())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_later_jobs() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let origin = TestOrigin::start().await;
+        let (a, b, c) = (
+            content(2 * MIB, 61),
+            content(2 * MIB, 62),
+            content(2 * MIB, 63),
+        );
+        origin.put("a.bin", a.clone());
+        origin.put("b.bin", b.clone());
+        origin.put("c.bin", c.clone());
+        let sent = || origin.bytes_served();
+
+        // 1. A downloaded job's file enters the cache; Complete still gives the local file.
+        let node = cache_node(&state, &[]).await;
+        fetch(&node, origin.url("a.bin"), &dir.path().join("a1"), &a).await;
+        assert_eq!(cached(&node), vec![blake3_of(&a)]);
+        let item = node.cache_items().remove(0);
+        assert_eq!(std::fs::read(&item.path).unwrap(), a, "the cached copy");
+        let after_first = sent();
+        assert!(after_first >= a.len() as u64);
+
+        // 2. A later job of the same content is filled from the cache: no byte from anywhere.
+        let info = fetch(&node, origin.url("a.bin"), &dir.path().join("a2"), &a).await;
+        assert_eq!(sent(), after_first, "the origin was not asked again");
+        assert_eq!(info.files[0].bytes_from_origin, 0);
+        assert_eq!(info.files[0].bytes_from_peers, 0);
+        assert_eq!(info.files[0].bytes_transferred, a.len() as u64);
+
+        // 3. After a restart the cache still serves A to a peer.
+        node.shutdown().await;
+        drop(node);
+        let node = cache_node(&state, &[]).await;
+        assert_eq!(cached(&node), vec![blake3_of(&a)]);
+        let leecher = test_node(std::slice::from_ref(&node), ServeMode::Honest).await;
+        let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la"), &a).await;
+        assert_eq!(info.files[0].bytes_from_peers, a.len() as u64);
+        assert_eq!(sent(), after_first, "every byte came from the cache");
+        leecher.shutdown().await;
+
+        // 4. B does not fit beside A: the least recently used, A, is evicted, its file deleted,
+        //    and it is no longer served.
+        let a_path = node.cache_items()[0].path.clone();
+        fetch(&node, origin.url("b.bin"), &dir.path().join("b1"), &b).await;
+        eventually("A evicted for B", async || {
+            cached(&node) == vec![blake3_of(&b)]
+        })
+        .await;
+        assert!(!a_path.exists(), "the evicted file is deleted");
+        let leecher = test_node(std::slice::from_ref(&node), ServeMode::Honest).await;
+        let before = sent();
+        let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la2"), &a).await;
+        assert_eq!(info.files[0].bytes_from_peers, 0, "A is no longer served");
+        assert!(sent() - before >= a.len() as u64);
+        leecher.shutdown().await;
+
+        // 5. A pinned B stays: C does not fit beside it and is not cached.
+        let pinned = node
+            .cache_pin(HaveKey::Blake3(blake3_of(&b)), true)
+            .await
+            .unwrap();
+        assert_eq!(*pinned.hash(), blake3_of(&b));
+        fetch(&node, origin.url("c.bin"), &dir.path().join("c1"), &c).await;
+        assert!(node.cache_sweep().await.unwrap().is_empty());
+        assert_eq!(cached(&node), vec![blake3_of(&b)]);
+        assert!(node.cache_items()[0].pinned);
+
+        // 6. Explicit eviction, and errors naming what is not cached.
+        node.cache_evict(HaveKey::Blake3(blake3_of(&b)))
+            .await
+            .unwrap();
+        assert!(node.cache_items().is_empty());
+        let e = node
+            .cache_pin(HaveKey::Blake3(blake3_of(&c)), true)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("holds no"), "{e}");
+        assert_eq!(node.stats().cache.unwrap().bytes, 0);
+        node.shutdown().await;
+    })
+    .await
+    .expect("scenario finishes in time");
+}
