@@ -52,6 +52,8 @@ use crate::{
     store::ContentStore,
 };
 
+/// The directory, in the cache directory, of a cache node's downloads in progress.
+pub const FILLS_DIR: &str = "fills";
 /// The index's file name in the cache directory.
 pub const INDEX_FILE: &str = "index.redb";
 /// The value of `meta/format` this code writes and reads.
@@ -136,6 +138,9 @@ pub enum CacheError {
     /// The cache needs a directory: none was given and the node has no state directory.
     #[error("the cache needs a directory: set one, or give the node a state directory")]
     NoDir,
+    /// The cache node role was set without a cache.
+    #[error("a cache node needs a cache: configure one")]
+    NoCache,
 }
 
 /// One cached file, as [`crate::Node::cache_items`] lists it.
@@ -372,6 +377,11 @@ impl Cache {
         })?;
         for f in listing.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
+            if name == FILLS_DIR {
+                // A cache node's fills that a stop interrupted start again when asked.
+                let _ = std::fs::remove_dir_all(f.path());
+                continue;
+            }
             if name != INDEX_FILE && !names.contains(&name) {
                 info!(file = %f.path().display(), "deleting a file the cache index does not know");
                 let _ = std::fs::remove_file(f.path());
@@ -440,6 +450,12 @@ impl Cache {
         self.dir.join(file_name(id))
     }
 
+    /// Where a cache node downloads content a peer asked for (created on demand; emptied at
+    /// start).
+    pub(crate) fn fills_dir(&self) -> PathBuf {
+        self.dir.join(FILLS_DIR)
+    }
+
     /// The size limit in bytes: the smaller of the absolute limit and the percentage of the
     /// disk.
     pub(crate) fn limit(&self) -> u64 {
@@ -461,7 +477,8 @@ impl Cache {
 
     /// Caches the verified file `src` (its bytes are the content of `layer`; `sha256` was
     /// computed over them). Returns where the cached copy is, or `None` when the file is
-    /// smaller than the minimum size or does not fit beside the pinned entries. An entry
+    /// smaller than the minimum size (unless `any_size`: a cache node's fill) or does not fit
+    /// beside the pinned entries. An entry
     /// already cached is only marked used.
     ///
     /// # Errors
@@ -472,10 +489,11 @@ impl Cache {
         layer: &PieceLayer,
         sha256: Option<Sha256Digest>,
         src: &File,
+        any_size: bool,
     ) -> Result<Option<PathBuf>, CacheError> {
         let id = layer.content_id();
         let len = id.length();
-        if len < self.config.min_file_size {
+        if len < self.config.min_file_size && !any_size {
             return Ok(None);
         }
         let now = self.now();
@@ -846,9 +864,9 @@ mod tests {
         let (a, la, _) = file_of(tmp.path(), "a", 40_000, 3);
         let (b, lb, sb) = file_of(tmp.path(), "b", 50_000, 5);
         let (c, lc, _) = file_of(tmp.path(), "c", 60_000, 7);
-        let pa = cache.admit(&la, None, &a).unwrap().unwrap();
-        cache.admit(&lb, Some(sb), &b).unwrap().unwrap();
-        cache.admit(&lc, None, &c).unwrap().unwrap();
+        let pa = cache.admit(&la, None, &a, false).unwrap().unwrap();
+        cache.admit(&lb, Some(sb), &b, false).unwrap().unwrap();
+        cache.admit(&lc, None, &c, false).unwrap().unwrap();
         assert_eq!(
             std::fs::read(&pa).unwrap(),
             std::fs::read(tmp.path().join("a")).unwrap()
@@ -893,7 +911,7 @@ mod tests {
             .map(|i| file_of(tmp.path(), &format!("f{i}"), 40_000, 3 + 2 * i as u8))
             .collect();
         for (f, l, _) in &files {
-            cache.admit(l, None, f).unwrap().unwrap();
+            cache.admit(l, None, f, false).unwrap().unwrap();
             tokio::time::advance(Duration::from_secs(10)).await;
         }
         // f0 is used (a job found it), then f1 is served to a peer: f2 is the least recent.
@@ -909,15 +927,15 @@ mod tests {
         assert_eq!(cache.usage().bytes, 80_000);
         // Too small to cache, and too big to fit beside a pinned entry.
         let (s, ls, _) = file_of(tmp.path(), "small", 999, 9);
-        assert_eq!(cache.admit(&ls, None, &s).unwrap(), None);
+        assert_eq!(cache.admit(&ls, None, &s, false).unwrap(), None);
         cache
             .pin(&HaveKey::Blake3(*files[0].1.content_id().hash()), true)
             .unwrap();
         let (big, lbig, _) = file_of(tmp.path(), "big", 70_000, 11);
-        assert_eq!(cache.admit(&lbig, None, &big).unwrap(), None);
+        assert_eq!(cache.admit(&lbig, None, &big, false).unwrap(), None);
         // A 50 000-byte file fits beside the pinned one: f1 makes room.
         let (m, lm, _) = file_of(tmp.path(), "m", 50_000, 13);
-        cache.admit(&lm, None, &m).unwrap().unwrap();
+        cache.admit(&lm, None, &m, false).unwrap().unwrap();
         assert_eq!(
             cache.sweep(&HashSet::new()).unwrap(),
             vec![files[1].1.content_id()]
@@ -934,8 +952,8 @@ mod tests {
         {
             let cache =
                 Cache::open(dir.clone(), config(1 << 30), Arc::new(ContentStore::new())).unwrap();
-            cache.admit(&la, Some(sa), &a).unwrap().unwrap();
-            let pb = cache.admit(&lb, None, &b).unwrap().unwrap();
+            cache.admit(&la, Some(sa), &a, false).unwrap().unwrap();
+            let pb = cache.admit(&lb, None, &b, false).unwrap().unwrap();
             cache.pin(&HaveKey::Sha256(sa), true).unwrap();
             // b's file is cut short while the node is down; a stray part file is left.
             std::fs::OpenOptions::new()

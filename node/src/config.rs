@@ -71,6 +71,15 @@ pub struct PolicySection {
     pub origin_delay_low_seconds: Option<f64>,
     /// Never use the origin (air-gapped LAN).
     pub never_origin: Option<bool>,
+    /// Cache nodes to try before the origin, in order, each `MULTIADDR/p2p/PEER_ID` (DO's
+    /// DOCacheHost).
+    pub cache_nodes: Option<Vec<String>>,
+    /// How long a Foreground download waits for a cache node making no progress, in seconds
+    /// (DO's DelayCacheServerFallbackForegroundDownload).
+    pub cache_fallback_foreground_seconds: Option<f64>,
+    /// The same for background (High, Normal, Low) downloads
+    /// (DelayCacheServerFallbackBackgroundDownload).
+    pub cache_fallback_background_seconds: Option<f64>,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -98,6 +107,12 @@ pub struct CacheSection {
     /// Files smaller than this are not cached, in bytes (DO's DOMinFileSizeToCache);
     /// default 1048576.
     pub min_file_size_bytes: Option<u64>,
+    /// Be a cache node: fetch content peers ask for with its origin URL (default false).
+    pub node: Option<bool>,
+    /// URL prefixes a cache node fetches from for peers; default: any http/https URL.
+    pub node_origins: Option<Vec<String>>,
+    /// Fills a cache node runs at once (default 8).
+    pub node_max_fills: Option<usize>,
 }
 
 /// `[group]`: the peer group (a name and a secret; see `shoal_node::group`).
@@ -319,7 +334,40 @@ impl Config {
             }
         }
         policy.never_origin = p.never_origin.unwrap_or(false);
+        for (i, (key, v)) in [
+            (
+                "policy.cache_fallback_foreground_seconds",
+                p.cache_fallback_foreground_seconds,
+            ),
+            (
+                "policy.cache_fallback_background_seconds",
+                p.cache_fallback_background_seconds,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(v) = v {
+                policy.cache_fallback[i] = seconds(path, key, v)?;
+            }
+        }
         b = b.source_policy(policy);
+        for a in addrs(
+            path,
+            "policy.cache_nodes",
+            p.cache_nodes.as_deref().unwrap_or_default(),
+        )? {
+            if !a
+                .iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: format!("policy.cache_nodes: {a} must end in /p2p/PEER_ID"),
+                });
+            }
+            b = b.cache_node(a);
+        }
         if let Some(l) = &self.metrics.listen {
             let addr: SocketAddr = l.parse().map_err(|e| ConfigError {
                 path: path.to_owned(),
@@ -529,6 +577,49 @@ impl Config {
         Ok(Some(config))
     }
 
+    /// The daemon's cache node role from `[cache]`, `None` unless `node = true`; `path`
+    /// names the source in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for `node = true` with the cache disabled, a fill limit of 0, or an
+    /// origin prefix that is not an `http`/`https` URL.
+    pub fn cache_node_role(
+        &self,
+        path: &str,
+    ) -> Result<Option<crate::fill::CacheNodeRole>, ConfigError> {
+        let c = &self.cache;
+        let bad = |reason: String| ConfigError {
+            path: path.to_owned(),
+            reason,
+        };
+        if c.node != Some(true) {
+            return Ok(None);
+        }
+        if c.enabled == Some(false) {
+            return Err(bad(
+                "cache.node = true needs the cache (cache.enabled = false)".into(),
+            ));
+        }
+        let mut role = crate::fill::CacheNodeRole::default();
+        if let Some(n) = c.node_max_fills {
+            if n == 0 {
+                return Err(bad("cache.node_max_fills must be at least 1".into()));
+            }
+            role.max_fills = n;
+        }
+        for o in c.node_origins.as_deref().unwrap_or_default() {
+            match url::Url::parse(o) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => role.origins.push(o.clone()),
+                _ => {
+                    return Err(bad(format!(
+                        "cache.node_origins: {o:?} is not an http or https URL prefix"
+                    )));
+                }
+            }
+        }
+        Ok(Some(role))
+    }
+
     /// The daemon's state directory: `[daemon] state_dir`, default
     /// [`crate::daemon::DEFAULT_STATE_DIR`].
     #[must_use]
@@ -734,5 +825,66 @@ mod tests {
             let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
             assert!(e.to_string().contains(says), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn cache_and_cache_node_settings_are_checked() {
+        let c = Config::parse(
+            "[cache]\nmax_size_percent = 5.0\nmax_age_seconds = 60.0\nmin_file_size_bytes = 0\n\
+             node = true\nnode_origins = [\"https://deb.example.org/\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        let cache = c.cache("x.toml").unwrap().unwrap();
+        assert_eq!(cache.max_size_percent, Some(5.0));
+        assert_eq!(cache.max_age, Duration::from_secs(60));
+        assert_eq!(cache.min_file_size, 0);
+        let role = c.cache_node_role("x.toml").unwrap().unwrap();
+        assert_eq!(role.origins, vec!["https://deb.example.org/".to_owned()]);
+        assert_eq!(role.max_fills, 8);
+        // Defaults: DO's; no cache node.
+        let d = Config::default();
+        assert_eq!(
+            d.cache("x").unwrap(),
+            Some(crate::cache::CacheConfig::default())
+        );
+        assert_eq!(d.cache_node_role("x").unwrap(), None);
+        let off = Config::parse("[cache]\nenabled = false\n", "x.toml").unwrap();
+        assert_eq!(off.cache("x.toml").unwrap(), None);
+        for (text, says) in [
+            (
+                "[cache]\nmax_size_percent = 150.0\n",
+                "cache.max_size_percent",
+            ),
+            ("[cache]\nmax_age_seconds = -1.0\n", "cache.max_age_seconds"),
+            ("[cache]\nenabled = false\nnode = true\n", "cache.node"),
+            (
+                "[cache]\nnode = true\nnode_origins = [\"ftp://x/\"]\n",
+                "cache.node_origins",
+            ),
+            (
+                "[cache]\nnode = true\nnode_max_fills = 0\n",
+                "node_max_fills",
+            ),
+        ] {
+            let c = Config::parse(text, "x.toml").unwrap();
+            let e = c
+                .cache("x.toml")
+                .and_then(|_| c.cache_node_role("x.toml"))
+                .unwrap_err();
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
+        let c = Config::parse(
+            "[policy]\ncache_nodes = [\"/ip4/127.0.0.1/tcp/1\"]\n",
+            "x.toml",
+        )
+        .unwrap();
+        let e = c.apply(crate::Node::builder(), "x.toml").unwrap_err();
+        assert!(e.to_string().contains("policy.cache_nodes"), "{e}");
+        let c = Config::parse(
+            "[policy]\ncache_fallback_background_seconds = 5.0\n",
+            "x.toml",
+        );
+        assert!(c.unwrap().apply(crate::Node::builder(), "x.toml").is_ok());
     }
 }

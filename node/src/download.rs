@@ -148,6 +148,8 @@ pub(crate) struct FileTask {
     /// Filled when the download stops with verified pieces in the temporary file: where the
     /// next run of this file can go on from (without a state store too).
     pub(crate) left: Mutex<Option<ResumePoint>>,
+    /// Cache the file whatever its size (a cache node's fill).
+    pub(crate) cache_any_size: bool,
 }
 
 /// What an earlier run left in a file's temporary file, as the state store recorded it.
@@ -533,12 +535,13 @@ async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
         return;
     };
     let (temp, owner, layer, sha256) = (task.temp.clone(), task.owner, d.layer.clone(), d.sha256);
+    let any_size = task.cache_any_size;
     let r = tokio::task::spawn_blocking(move || {
         let f = open_temp(&temp, owner, false).map_err(|e| crate::cache::CacheError::Io {
             path: temp.clone(),
             source: e,
         })?;
-        cache.admit(&layer, Some(sha256), &f)
+        cache.admit(&layer, Some(sha256), &f, any_size)
     })
     .await;
     match r {
@@ -552,8 +555,15 @@ async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
 type Answer = (PeerId, Holding);
 
 /// Asks the connected peers and `extra` (providers found in the DHT) what they hold of `key`;
-/// peers banned for `ban` are left out.
-async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> Vec<Answer> {
+/// peers banned for `ban` are left out. The request to `fill_from` (a cache node) carries
+/// `origin_url`, so that the cache node fetches what it lacks.
+async fn ask_peers(
+    env: &Env,
+    key: HaveKey,
+    ban: BanKey,
+    extra: Vec<PeerId>,
+    fill_from: Option<(PeerId, &Url)>,
+) -> Vec<Answer> {
     let mut peers: Vec<PeerId> = env.swarm.connected_peers().await;
     for p in extra {
         if !peers.contains(&p) {
@@ -563,8 +573,15 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
     peers.retain(|p| !env.bans.is_banned(ban, p));
     let asks = peers.into_iter().map(|peer| {
         let swarm = env.swarm.clone();
+        let mut request = HaveRequest::new(key);
+        if let Some((cache, url)) = fill_from
+            && cache == peer
+            && url.as_str().len() <= shoal_protocol::MAX_ORIGIN_URL_BYTES
+        {
+            request.origin_url = Some(url.to_string());
+        }
         async move {
-            match swarm.have(peer, HaveRequest::new(key)).await {
+            match swarm.have(peer, request).await {
                 Ok(resp) => resp.0.map(|h| (peer, h)),
                 Err(e) => {
                     debug!("have query failed: {e}");
@@ -578,6 +595,80 @@ async fn ask_peers(env: &Env, key: HaveKey, ban: BanKey, extra: Vec<PeerId>) -> 
         .into_iter()
         .flatten()
         .collect()
+}
+
+/// How long a cache node asked to fetch content may show nothing of it before the download
+/// counts it as refusing and asks the next cache node (or uses the origin).
+const CACHE_REFUSAL: Duration = Duration::from_secs(5);
+
+/// A download's wait for its cache nodes (`policy::SourcePolicy::cache_fallback`): it asks
+/// the first connected cache node of the list that has not refused to fetch the content, and
+/// waits for it while it makes progress.
+struct CacheWait {
+    /// How long the cache node may make no progress.
+    fallback: Duration,
+    /// Cache nodes that showed nothing of the content [`CACHE_REFUSAL`] after they were asked.
+    refused: HashSet<PeerId>,
+    /// The cache node asked now, and since when.
+    current: Option<(PeerId, Instant)>,
+    /// The progress it showed last (pieces held and claimed, and whether it fetches), and
+    /// when that grew.
+    seen: u32,
+    progress_at: Option<Instant>,
+}
+
+impl CacheWait {
+    fn new(fallback: Duration) -> Self {
+        Self {
+            fallback,
+            refused: HashSet::new(),
+            current: None,
+            seen: 0,
+            progress_at: None,
+        }
+    }
+
+    /// The cache node to ask: the first of `order` that is connected and has not refused.
+    fn target(&mut self, connected: &[PeerId], order: &[PeerId]) -> Option<PeerId> {
+        let next = order
+            .iter()
+            .find(|p| connected.contains(p) && !self.refused.contains(p))
+            .copied();
+        if next != self.current.map(|(p, _)| p) {
+            self.current = next.map(|p| (p, Instant::now()));
+            self.seen = 0;
+            self.progress_at = None;
+        }
+        next
+    }
+
+    /// Reads the cache node's answer among `answers`; returns until when the download waits
+    /// for it, or `None` when it does not (no cache node asked, or it just refused).
+    fn observe(&mut self, answers: &[Answer], now: Instant) -> Option<Instant> {
+        let (peer, asked) = self.current?;
+        let shown = answers
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .map_or(0, |(_, h)| {
+                h.have.count_ones()
+                    + h.claimed.count_ones()
+                    + u32::from(h.fetching.count_ones() > 0)
+            });
+        if shown > self.seen || (shown > 0 && self.progress_at.is_none()) {
+            self.seen = shown;
+            self.progress_at = Some(now);
+        }
+        match self.progress_at {
+            Some(t) => Some(t + self.fallback),
+            None if now.duration_since(asked) >= CACHE_REFUSAL => {
+                info!(%peer, "the cache node does not fetch the content; trying the next source");
+                self.refused.insert(peer);
+                self.current = None;
+                None
+            }
+            None => Some(asked + CACHE_REFUSAL),
+        }
+    }
 }
 
 /// Have rounds in a row a peer may miss before its pieces and claims stop counting.
@@ -986,6 +1077,8 @@ async fn next_fetched(
 enum Fetched {
     Piece(PieceIndex, Source, Bytes),
     Failed(PieceIndex, Source, String),
+    /// The peer holds the piece but had no upload slot free.
+    Busy(PieceIndex, PeerId),
     OriginEnd(Result<(), OriginError>),
 }
 
@@ -1120,7 +1213,9 @@ async fn attempt(
     // layer verifies. Under the source policy's wait for peers, this is repeated until a peer
     // gives a verified layer or the wait is over, before the origin is contacted at all.
     let delay = env.policy.origin_delay(task.priority);
-    let wait_until = Instant::now() + if use_peers { delay } else { Duration::ZERO };
+    let started = Instant::now();
+    let mut wait_until = started + if use_peers { delay } else { Duration::ZERO };
+    let mut cache_wait = CacheWait::new(env.policy.cache_fallback(task.priority));
     let mut choice: Option<(ContentId, Vec<Answer>, BanKey)>;
     let mut layer: Option<PieceLayer>;
     let mut peers: Vec<Answer>;
@@ -1133,7 +1228,24 @@ async fn attempt(
                 (None, None) => unreachable!("use_peers needs a digest"),
             };
             let providers = discover(env, key).await;
-            let mut answers = ask_peers(env, key, ban, providers).await;
+            let cache_nodes = env.swarm.cache_nodes();
+            let fill_from = if cache_nodes.is_empty() {
+                None
+            } else {
+                let connected = env.swarm.connected_peers().await;
+                let target = cache_wait.target(&connected, cache_nodes);
+                if target.is_none() {
+                    // Cache nodes are configured but none is connected yet: wait for one as
+                    // for any first peer.
+                    wait_until = wait_until.max(started + env.discovery_wait);
+                }
+                target
+            };
+            let mut answers =
+                ask_peers(env, key, ban, providers, fill_from.map(|p| (p, &task.url))).await;
+            if let Some(until) = cache_wait.observe(&answers, Instant::now()) {
+                wait_until = wait_until.max(until);
+            }
             if let Some(h) = expected.blake3 {
                 answers.retain(|(_, h2)| *h2.content_id.hash() == h);
             }
@@ -1552,6 +1664,7 @@ async fn attempt(
                             Ok(PieceResponse::Data(b)) => {
                                 Fetched::Piece(index, Source::Peer(peer), b)
                             }
+                            Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
                             Ok(other) => {
                                 Fetched::Failed(index, Source::Peer(peer), format!("{other:?}"))
                             }
@@ -1621,7 +1734,7 @@ async fn attempt(
                     } else {
                         Vec::new()
                     };
-                    let answers = ask_peers(&env2, have, key, providers).await;
+                    let answers = ask_peers(&env2, have, key, providers, None).await;
                     let _ = tx
                         .send(
                             answers
@@ -1760,6 +1873,10 @@ async fn attempt(
                         requests.remove(&(index, p));
                         sched.on_failed(index, p, Instant::now());
                     }
+                }
+                Fetched::Busy(index, p) => {
+                    requests.remove(&(index, p));
+                    sched.on_busy(index, p, Instant::now());
                 }
                 Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
                 Fetched::OriginEnd(Err(e)) => {

@@ -49,6 +49,9 @@ pub(crate) async fn daemon(config: Option<&Path>) -> Result<()> {
     if let Some(cache) = c.cache(&name)? {
         builder = builder.cache(cache);
     }
+    if let Some(role) = c.cache_node_role(&name)? {
+        builder = builder.cache_node_role(role);
+    }
     let cfg = c.daemon(&name)?;
     let socket = cfg.socket.clone();
     let d = Daemon::start(builder, cfg)

@@ -31,6 +31,7 @@ pub mod diagnose;
 pub(crate) mod download;
 mod error;
 pub mod events;
+pub mod fill;
 mod fsuser;
 pub mod group;
 pub mod job;

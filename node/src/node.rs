@@ -33,6 +33,9 @@ use crate::{
     swarm,
 };
 
+/// Fill requests a cache node queues before it drops more (askers ask again).
+const FILL_QUEUE: usize = 64;
+
 /// Capacity of the event broadcast; slow subscribers miss old events rather than block the node.
 const EVENT_CAPACITY: usize = 1024;
 
@@ -49,6 +52,7 @@ pub struct Builder {
     policy: crate::policy::SourcePolicy,
     metrics: Option<std::net::SocketAddr>,
     cache: Option<crate::cache::CacheConfig>,
+    cache_node_role: Option<crate::fill::CacheNodeRole>,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -206,6 +210,25 @@ impl Builder {
         self
     }
 
+    /// Makes the node a cache node (see [`crate::fill`]): a peer's have request carrying an
+    /// origin URL under `role.origins`, for content the node lacks, makes it fetch the content
+    /// into its cache and serve it. Needs [`Builder::cache`]; building fails without it.
+    #[must_use]
+    pub fn cache_node_role(mut self, role: crate::fill::CacheNodeRole) -> Self {
+        self.cache_node_role = Some(role);
+        self
+    }
+
+    /// Adds a cache node to try before the origin, after those added before (DO's
+    /// DOCacheHost); the address must end in `/p2p/PEER_ID`. Downloads ask the first connected
+    /// one that does not refuse to fetch what no peer holds, wait for it while it makes
+    /// progress (`SourcePolicy::cache_fallback`), and count its bytes as cache bytes.
+    #[must_use]
+    pub fn cache_node(mut self, addr: Multiaddr) -> Self {
+        self.swarm.cache_nodes.push(addr);
+        self
+    }
+
     /// Uses this identity instead of a fresh random one.
     #[must_use]
     pub fn keypair(mut self, keypair: identity::Keypair) -> Self {
@@ -303,8 +326,12 @@ impl Builder {
             (None, Some(state)) => state_identity(state)?,
             (None, None) => identity::Keypair::generate_ed25519(),
         };
+        if self.cache_node_role.is_some() && cache.is_none() {
+            return Err(crate::cache::CacheError::NoCache.into());
+        }
         let has_peers = self.swarm.mode.uses_peers()
             && (!self.swarm.peers.is_empty()
+                || !self.swarm.cache_nodes.is_empty()
                 || self.swarm.mdns
                 || (self.swarm.mode.uses_dht() && !self.swarm.bootstrap.is_empty()));
         let mut swarm_config = self.swarm;
@@ -314,11 +341,19 @@ impl Builder {
         let mut registry = self
             .metrics
             .map(|_| prometheus_client::registry::Registry::default());
+        let (fill_tx, fill_rx) = match self.cache_node_role {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(FILL_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let (handle, task) = swarm::spawn(
             keypair,
             swarm_config,
             store.clone(),
             registry.as_mut(),
+            fill_tx,
             shutdown.clone(),
         )
         .await?;
@@ -370,6 +405,14 @@ impl Builder {
         }
         node.restore(stored);
         node.spawn_cache_sweeper();
+        if let (Some(role), Some(rx)) = (self.cache_node_role, fill_rx) {
+            tokio::spawn(crate::fill::run(
+                node.clone(),
+                role,
+                rx,
+                node.inner.shutdown.clone(),
+            ));
+        }
         node.spawn_inactivity_sweeper(
             self.inactivity_timeout
                 .unwrap_or(Duration::from_secs(90 * 24 * 3600)),
@@ -1305,6 +1348,17 @@ impl Node {
         Ok(lock(&slot).info.clone())
     }
 
+    /// Adds verified bytes from `source` (`None`: the origin) to the node-wide counters.
+    pub(crate) fn count_bytes(&self, source: Option<swarm::PeerSource>, bytes: u64) {
+        let c = &self.inner.counters;
+        match source {
+            None => c.origin.fetch_add(bytes, Relaxed),
+            Some(swarm::PeerSource::Lan) => c.lan.fetch_add(bytes, Relaxed),
+            Some(swarm::PeerSource::Dht) => c.group.fetch_add(bytes, Relaxed),
+            Some(swarm::PeerSource::Cache) => c.cache.fetch_add(bytes, Relaxed),
+        };
+    }
+
     /// The shared parts downloads use.
     pub(crate) fn env(&self) -> &Env {
         &self.inner.env
@@ -1683,6 +1737,7 @@ impl Node {
                             index: u32::try_from(i).unwrap_or(u32::MAX),
                         }),
                         left: Mutex::new(None),
+                        cache_any_size: false,
                     },
                     f.transferred,
                 )
@@ -1885,13 +1940,7 @@ impl Node {
                     rec.touched = tokio::time::Instant::now();
                     let f = &mut rec.info.files[index];
                     f.bytes_transferred += bytes;
-                    let c = &self.inner.counters;
-                    match source {
-                        None => c.origin.fetch_add(bytes, Relaxed),
-                        Some(swarm::PeerSource::Lan) => c.lan.fetch_add(bytes, Relaxed),
-                        Some(swarm::PeerSource::Dht) => c.group.fetch_add(bytes, Relaxed),
-                        Some(swarm::PeerSource::Cache) => c.cache.fetch_add(bytes, Relaxed),
-                    };
+                    self.count_bytes(source, bytes);
                     match source {
                         None => f.bytes_from_origin += bytes,
                         Some(s) => {

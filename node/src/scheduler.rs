@@ -822,6 +822,17 @@ impl Scheduler {
     /// the piece returns to the pool unless another request for it is live. A failure of a
     /// request that was cancelled is ignored.
     pub fn on_failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
+        self.failed(index, peer, now, true);
+    }
+
+    /// `peer` answered Busy for piece `index` (no upload slot free): the peer is backed off as
+    /// for a failure, but the piece does not count as failing from peers (it does not go to
+    /// the origin for that).
+    pub fn on_busy(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
+        self.failed(index, peer, now, false);
+    }
+
+    fn failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant, count_piece: bool) {
         if !self.requests.remove(&(index, peer)) {
             return;
         }
@@ -831,7 +842,8 @@ impl Scheduler {
             p.failures += 1;
             p.backoff_until = Some(now + backoff(self.config.peer_backoff, p.failures));
         }
-        if let Some(f) = self.peer_failures.get_mut(index as usize)
+        if count_piece
+            && let Some(f) = self.peer_failures.get_mut(index as usize)
             && self.pieces[index as usize] == Piece::InFlight(Source::Peer(peer))
         {
             *f = f.saturating_add(1);

@@ -235,6 +235,22 @@ impl ContentStore {
             .is_some_and(|e| e.path == path && e.served.swap(false, Ordering::Relaxed))
     }
 
+    /// Forgets every entry whose bytes are at `path` (a file being deleted).
+    pub fn remove_path(&self, path: &Path) {
+        let ids: Vec<ContentId> = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            inner
+                .by_id
+                .iter()
+                .filter(|(_, e)| e.path == path)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in ids {
+            self.remove_at(&id, path);
+        }
+    }
+
     /// Resolves when the set of content ids or SHA-256s changed since the last call resolved
     /// (for one waiter).
     pub async fn changed(&self) {

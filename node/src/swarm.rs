@@ -237,6 +237,22 @@ pub struct Config {
     pub provider_ttl: Duration,
     /// How often this node publishes its provider records again.
     pub provider_republish: Duration,
+    /// Cache nodes, in order of preference, each ending in `/p2p/PEER_ID`: dialed and
+    /// redialed like `peers`; their bytes count as cache bytes, and downloads ask the first
+    /// one that answers to fetch what nobody holds (the have request carries the origin URL).
+    pub cache_nodes: Vec<Multiaddr>,
+}
+
+/// A peer's have request with an origin URL for content this node lacks, passed to a cache
+/// node's fill task: the node may fetch the content and serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FillRequest {
+    /// Who asked.
+    pub peer: PeerId,
+    /// The content asked for.
+    pub key: HaveKey,
+    /// Where the asker would fetch it (at most 4096 bytes; not yet checked).
+    pub origin_url: String,
 }
 
 impl Default for Config {
@@ -261,6 +277,7 @@ impl Default for Config {
             bootstrap: Vec::new(),
             provider_ttl: Duration::from_secs(2 * 3600),
             provider_republish: Duration::from_secs(30 * 60),
+            cache_nodes: Vec::new(),
         }
     }
 }
@@ -404,6 +421,7 @@ fn learn(sources: &Sources, peer: PeerId, source: PeerSource, rank: u8) {
 const RANK_GUESS: u8 = 0;
 const RANK_DHT: u8 = 1;
 const RANK_LISTED: u8 = 2;
+const RANK_CACHE: u8 = 3;
 
 /// A cloneable handle to the swarm's event loop.
 #[derive(Clone, Debug)]
@@ -416,6 +434,7 @@ pub struct Handle {
     group: Option<String>,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
     connected: Arc<std::sync::atomic::AtomicUsize>,
+    cache_nodes: Arc<Vec<PeerId>>,
 }
 
 /// Announcements buffered per subscriber; a slow download misses old ones (its have queries
@@ -529,6 +548,12 @@ impl Handle {
             .await
             .map_err(|_| RequestError::Shutdown)?;
         rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// The configured cache nodes, in order of preference.
+    #[must_use]
+    pub fn cache_nodes(&self) -> &[PeerId] {
+        &self.cache_nodes
     }
 
     /// Asks `peer` what it holds of a key (`request.origin_url` is for cache nodes).
@@ -711,6 +736,7 @@ pub(crate) async fn spawn(
     mut config: Config,
     store: Arc<ContentStore>,
     registry: Option<&mut prometheus_client::registry::Registry>,
+    fills: Option<mpsc::Sender<FillRequest>>,
     shutdown: CancellationToken,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
     let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
@@ -829,6 +855,15 @@ pub(crate) async fn spawn(
     for p in config.peers.iter().filter_map(peer_of) {
         learn(&sources, p, PeerSource::Lan, RANK_LISTED);
     }
+    let cache_nodes: Vec<PeerId> = config.cache_nodes.iter().filter_map(peer_of).collect();
+    for p in &cache_nodes {
+        learn(&sources, *p, PeerSource::Cache, RANK_CACHE);
+    }
+    for a in &config.cache_nodes {
+        if !config.peers.contains(a) {
+            config.peers.push(a.clone());
+        }
+    }
     for addr in &config.peers {
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, "cannot dial peer: {e}");
@@ -859,6 +894,7 @@ pub(crate) async fn spawn(
         group: config.group.as_ref().map(|g| g.name().to_owned()),
         announcements: announcements.clone(),
         connected: connected.clone(),
+        cache_nodes: Arc::new(cache_nodes),
     };
     let listening = !config.listen.is_empty();
     let event_loop = EventLoop {
@@ -886,6 +922,7 @@ pub(crate) async fn spawn(
         announcements,
         connected,
         metrics: registry.map(libp2p::metrics::Metrics::new),
+        fills,
         dht_protocol: config
             .group
             .as_ref()
@@ -943,6 +980,8 @@ struct EventLoop {
     /// Peers connected now (read by the metrics).
     connected: Arc<std::sync::atomic::AtomicUsize>,
     metrics: Option<libp2p::metrics::Metrics>,
+    /// A cache node's fill task: have requests with an origin URL for content not held.
+    fills: Option<mpsc::Sender<FillRequest>>,
     dht_protocol: String,
 }
 
@@ -1255,8 +1294,18 @@ impl EventLoop {
     }
 
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
-        if let Routed::Request(_, request, channel) = route(&mut self.pending_have, e) {
+        if let Routed::Request(_, peer, request, channel) = route(&mut self.pending_have, e) {
             let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.key));
+            if response.0.is_none()
+                && let (Some(fills), Some(url)) = (&self.fills, request.origin_url)
+            {
+                // A full queue drops the request: the asker asks again.
+                let _ = fills.try_send(FillRequest {
+                    peer,
+                    key: request.key,
+                    origin_url: url,
+                });
+            }
             let _ = self
                 .swarm
                 .behaviour_mut()
@@ -1266,7 +1315,7 @@ impl EventLoop {
     }
 
     fn on_layer(&mut self, e: request_response::Event<LayerRequest, LayerResponse>) {
-        if let Routed::Request(_, request, channel) = route(&mut self.pending_layer, e) {
+        if let Routed::Request(_, _, request, channel) = route(&mut self.pending_layer, e) {
             let mut layer = self
                 .store
                 .layer_response(&request.content_id, request.partial);
@@ -1314,7 +1363,7 @@ impl EventLoop {
                     self.upload_done(peer);
                 }
             }
-            Routed::Request(request_id, request, channel) => {
+            Routed::Request(request_id, _, request, channel) => {
                 let Some(peer) = peer else { return };
                 let new_peer = !self.upload_peers.contains_key(&peer);
                 let permit = if new_peer && self.upload_peers.len() >= self.max_upload_peers {
@@ -1360,8 +1409,8 @@ impl EventLoop {
 
 /// What [`route`] left for the caller.
 enum Routed<Req, Resp> {
-    /// An inbound request to answer.
-    Request(InboundRequestId, Req, ResponseChannel<Resp>),
+    /// An inbound request of a peer to answer.
+    Request(InboundRequestId, PeerId, Req, ResponseChannel<Resp>),
     /// An inbound request's response was sent, or failed.
     Finished(InboundRequestId),
     /// Nothing left to do.
@@ -1404,6 +1453,7 @@ fn route<Req, Resp>(
             Routed::Handled
         }
         Event::Message {
+            peer,
             message:
                 M::Request {
                     request_id,
@@ -1411,7 +1461,7 @@ fn route<Req, Resp>(
                     channel,
                 },
             ..
-        } => Routed::Request(request_id, request, channel),
+        } => Routed::Request(request_id, peer, request, channel),
         Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } => {
             Routed::Finished(request_id)
         }

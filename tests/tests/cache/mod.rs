@@ -128,3 +128,102 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
     .await
     .expect("scenario finishes in time");
 }
+
+#[tokio::test]
+async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(6 * MIB, 64);
+        origin.put("u.bin", data.clone());
+        // One 4 MiB/s WAN link: the file needs 1.5 s to cross it once.
+        origin
+            .state
+            .wan_bytes_per_sec
+            .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+        let cache_node = test_builder(&[], ServeMode::Honest)
+            .await
+            .cache(CacheConfig {
+                dir: Some(dir.path().join("cache")),
+                ..CacheConfig::default()
+            })
+            .cache_node_role(shoal_node::fill::CacheNodeRole {
+                origins: vec![origin.url("").to_string()],
+                ..Default::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        let at = cache_node.listen_addrs().await.remove(0);
+        // Four clients that know only the cache node start 0.6 s apart: the first asks while
+        // nothing is cached, the second and third while the cache node fetches, the last
+        // after it finished.
+        let mut clients = Vec::new();
+        for i in 0..4 {
+            let client = test_builder(&[], ServeMode::Honest)
+                .await
+                .cache_node(at.clone())
+                .build()
+                .await
+                .unwrap();
+            let local = dir.path().join(format!("c{i}/u.bin"));
+            std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+            let rec = Arc::new(Recorder::default());
+            let job = start_job(
+                &client,
+                spec(origin.url("u.bin"), &local, blake3_only(&data)),
+                &rec,
+            );
+            clients.push((client, local, job));
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        for (client, local, job) in &clients {
+            let info = wait_for(client, *job, &[State::Transferred]).await;
+            client.complete(*job).unwrap();
+            assert_eq!(std::fs::read(local).unwrap(), data);
+            assert_eq!(
+                info.files[0].bytes_from_cache,
+                data.len() as u64,
+                "all from the cache node"
+            );
+            assert_eq!(info.files[0].bytes_from_origin, 0);
+        }
+        let ratio = origin.bytes_served() as f64 / data.len() as f64;
+        eprintln!("origin sent {ratio:.4} copies");
+        assert!(
+            ratio <= 1.05,
+            "the origin sent {ratio:.4} copies of the file"
+        );
+        assert_eq!(cached(&cache_node), vec![blake3_of(&data)]);
+        assert_eq!(cache_node.stats().bytes_from_origin, data.len() as u64);
+        // A URL outside the cache node's origins is not fetched for the client: it falls back
+        // to that origin itself, after the cache node showed nothing for 5 s.
+        let other = TestOrigin::start().await;
+        let v = content(2 * MIB, 65);
+        other.put("v.bin", v.clone());
+        let (client, _, _) = &clients[0];
+        let local = dir.path().join("c0/v.bin");
+        let rec = Arc::new(Recorder::default());
+        let job = start_job(
+            client,
+            spec(other.url("v.bin"), &local, blake3_only(&v)),
+            &rec,
+        );
+        let info = wait_for(client, job, &[State::Transferred]).await;
+        client.complete(job).unwrap();
+        assert_eq!(std::fs::read(&local).unwrap(), v);
+        assert_eq!(info.files[0].bytes_from_origin, v.len() as u64);
+        assert_eq!(
+            cache_node.stats().bytes_from_origin,
+            data.len() as u64,
+            "no fill"
+        );
+        assert_eq!(cached(&cache_node), vec![blake3_of(&data)]);
+        for (client, _, _) in &clients {
+            client.shutdown().await;
+        }
+        cache_node.shutdown().await;
+    })
+    .await
+    .expect("scenario finishes in time");
+}

@@ -1,0 +1,195 @@
+//! The cache node role (Delivery Optimization's Connected Cache, Dragonfly's seed peer, without
+//! a cloud): a node that, asked by a peer for content it lacks (a have request carrying the
+//! origin URL), fetches the content itself and serves it.
+//!
+//! A fill is a download of the node's own, not a job: no caller, no Complete. It runs like any
+//! download (peers first, the origin as needed, every piece verified), in the cache's `fills`
+//! directory, with the asker's key as its only expected digest; while it runs, peers see the
+//! pieces it fetches and claims, and once the piece layer verifies they fetch its verified
+//! pieces. When the file verified it enters the cache (whatever its size) and is served from
+//! there; the fill's own file is deleted.
+//!
+//! Only URLs under the configured origin prefixes are fetched (all `http`/`https` URLs when
+//! none is configured); at most [`CacheNodeRole::max_fills`] run at once; a key whose fill
+//! failed is not fetched again for [`FAILED_BACKOFF`].
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use shoal_protocol::HaveKey;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    Expected, Node,
+    download::{self, FileTask, Update},
+    job::Priority,
+    swarm::FillRequest,
+};
+
+/// How long a key whose fill failed is not fetched again.
+pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Settings of the cache node role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheNodeRole {
+    /// URL prefixes the node fetches from on a peer's behalf, like `https://deb.example.org/`;
+    /// empty: any `http` or `https` URL.
+    pub origins: Vec<String>,
+    /// Fills running at once; further requests wait for the asker's next have round.
+    /// Default 8.
+    pub max_fills: usize,
+}
+
+impl Default for CacheNodeRole {
+    fn default() -> Self {
+        Self {
+            origins: Vec::new(),
+            max_fills: 8,
+        }
+    }
+}
+
+impl CacheNodeRole {
+    /// Whether the node may fetch `url` for a peer.
+    fn allows(&self, url: &url::Url) -> bool {
+        matches!(url.scheme(), "http" | "https")
+            && (self.origins.is_empty() || self.origins.iter().any(|o| url.as_str().starts_with(o)))
+    }
+}
+
+/// The fills running and failed lately, by key.
+#[derive(Default)]
+struct Fills {
+    running: HashSet<HaveKey>,
+    failed: HashMap<HaveKey, tokio::time::Instant>,
+}
+
+/// Runs the cache node role: takes fill requests from the swarm until `shutdown`.
+pub(crate) async fn run(
+    node: Node,
+    role: CacheNodeRole,
+    mut requests: mpsc::Receiver<FillRequest>,
+    shutdown: CancellationToken,
+) {
+    let fills = Arc::new(Mutex::new(Fills::default()));
+    loop {
+        let req = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = requests.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        let url = match url::Url::parse(&req.origin_url) {
+            Ok(u) if role.allows(&u) => u,
+            Ok(u) => {
+                debug!(peer = %req.peer, url = %u, "not fetching for a peer: the URL is not under a configured origin");
+                continue;
+            }
+            Err(e) => {
+                debug!(peer = %req.peer, "not fetching for a peer: bad URL {:?}: {e}", req.origin_url);
+                continue;
+            }
+        };
+        if node.env().store.have(&req.key).is_some() {
+            continue;
+        }
+        {
+            let mut f = fills.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            f.failed
+                .retain(|_, at| now.duration_since(*at) < FAILED_BACKOFF);
+            if f.running.contains(&req.key)
+                || f.failed.contains_key(&req.key)
+                || f.running.len() >= role.max_fills
+            {
+                continue;
+            }
+            f.running.insert(req.key);
+        }
+        info!(peer = %req.peer, key = %req.key, %url, "fetching for a peer (cache node)");
+        let (node, fills, token) = (node.clone(), fills.clone(), shutdown.child_token());
+        tokio::spawn(async move {
+            let ok = fill(&node, req.key, url, &token).await;
+            let mut f = fills.lock().unwrap_or_else(|e| e.into_inner());
+            f.running.remove(&req.key);
+            if !ok {
+                f.failed.insert(req.key, tokio::time::Instant::now());
+            }
+        });
+    }
+}
+
+/// Fetches `key` from `url` (and peers) into the cache; true when it is cached.
+async fn fill(node: &Node, key: HaveKey, url: url::Url, cancel: &CancellationToken) -> bool {
+    let env = node.env().clone();
+    let Some(cache) = env.cache.clone() else {
+        return false;
+    };
+    let dir = cache.fills_dir();
+    if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+        warn!(dir = %dir.display(), "cannot make the fills directory: {e}");
+        return false;
+    }
+    let (expected, name) = match key {
+        HaveKey::Blake3(h) => (
+            Expected {
+                blake3: Some(h),
+                sha256: None,
+            },
+            format!("blake3-{}", hex::encode(h)),
+        ),
+        HaveKey::Sha256(d) => (
+            Expected {
+                blake3: None,
+                sha256: Some(d),
+            },
+            format!("sha256-{d}"),
+        ),
+    };
+    let task = FileTask {
+        index: 0,
+        priority: Priority::High,
+        url: url.clone(),
+        expected,
+        ranges: Vec::new(),
+        temp: dir.join(name),
+        origin_only: false,
+        resume: None,
+        durable: None,
+        owner: None,
+        left: Mutex::new(None),
+        cache_any_size: true,
+    };
+    let progress = |u: Update| {
+        if let Update::Piece { bytes, source } = u {
+            node.count_bytes(source, bytes);
+        }
+    };
+    let result = download::download_file(&env, &task, cancel, &progress).await;
+    let cached = match &result {
+        Ok(d) => {
+            let at_cache = cache.path_of(&d.content_id);
+            // Served from the cache's copy now, if it was admitted; else from nowhere.
+            let admitted = cache.items().iter().any(|i| i.path == at_cache);
+            if !admitted {
+                warn!(%url, "the fetched file does not fit the cache; it is not kept");
+            } else {
+                info!(%url, id = %d.content_id, "fetched for peers and cached");
+            }
+            admitted
+        }
+        Err(e) => {
+            warn!(%url, key = %key, "fetching for a peer failed: {e:?}");
+            false
+        }
+    };
+    env.store.remove_path(&task.temp);
+    let _ = tokio::fs::remove_file(&task.temp).await;
+    cached
+}
