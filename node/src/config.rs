@@ -90,6 +90,21 @@ pub struct MetricsSection {
     pub listen: Option<String>,
 }
 
+/// `[bandwidth]`: token-bucket limits and the monthly upload cap (see
+/// `shoal_node::bandwidth`); absent keys are no limit.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthSection {
+    /// Downloads of Foreground jobs, bytes per second (DOMaxForegroundDownloadBandwidth).
+    pub download_foreground_bytes_per_sec: Option<u64>,
+    /// Downloads of other jobs, bytes per second (DOMaxBackgroundDownloadBandwidth).
+    pub download_background_bytes_per_sec: Option<u64>,
+    /// Uploads to peers, bytes per second.
+    pub upload_bytes_per_sec: Option<u64>,
+    /// Bytes served to peers per calendar month, UTC (DOMonthlyUploadDataCap).
+    pub monthly_upload_cap_bytes: Option<u64>,
+}
+
 /// `[cache]`: the daemon's content-addressed cache (see `shoal_node::cache`).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -233,6 +248,9 @@ pub struct Config {
     /// `[cache]`.
     #[serde(default)]
     pub cache: CacheSection,
+    /// `[bandwidth]`.
+    #[serde(default)]
+    pub bandwidth: BandwidthSection,
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -352,6 +370,35 @@ impl Config {
             }
         }
         b = b.source_policy(policy);
+        let w = &self.bandwidth;
+        for (key, v) in [
+            (
+                "bandwidth.download_foreground_bytes_per_sec",
+                w.download_foreground_bytes_per_sec,
+            ),
+            (
+                "bandwidth.download_background_bytes_per_sec",
+                w.download_background_bytes_per_sec,
+            ),
+            ("bandwidth.upload_bytes_per_sec", w.upload_bytes_per_sec),
+            (
+                "bandwidth.monthly_upload_cap_bytes",
+                w.monthly_upload_cap_bytes,
+            ),
+        ] {
+            if v == Some(0) {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    reason: format!("{key} = 0: leave the key out for no limit"),
+                });
+            }
+        }
+        b = b.bandwidth(crate::bandwidth::BandwidthLimits {
+            download_foreground: w.download_foreground_bytes_per_sec,
+            download_background: w.download_background_bytes_per_sec,
+            upload: w.upload_bytes_per_sec,
+            monthly_upload_cap: w.monthly_upload_cap_bytes,
+        });
         for a in addrs(
             path,
             "policy.cache_nodes",

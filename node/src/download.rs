@@ -124,6 +124,8 @@ pub(crate) struct Env {
     pub(crate) policy: Arc<crate::policy::SourcePolicy>,
     /// The content-addressed cache, if the node keeps one.
     pub(crate) cache: Option<Arc<crate::cache::Cache>>,
+    /// The download buckets.
+    pub(crate) bandwidth: Arc<crate::bandwidth::Bandwidth>,
 }
 
 /// One file to download.
@@ -380,7 +382,10 @@ async fn download_ranges(
                 let (file, written, offset) = (file.clone(), written.clone(), at);
                 at += bytes.len() as u64;
                 let n = bytes.len() as u64;
+                let bandwidth = env.bandwidth.clone();
+                let foreground = task.priority == crate::job::Priority::Foreground;
                 async move {
+                    bandwidth.download(foreground, n).await;
                     let r = tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -1208,6 +1213,7 @@ async fn attempt(
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, AttemptFailure> {
     let expected = task.expected;
+    let foreground = task.priority == crate::job::Priority::Foreground;
     let use_peers = !origin_only && !expected.is_none() && env.swarm.mode().uses_peers();
     // 1. Discovery, and 2. the piece layer: the resumed one, or from the first peer whose
     // layer verifies. Under the source policy's wait for peers, this is repeated until a peer
@@ -1658,10 +1664,12 @@ async fn attempt(
             match action {
                 Action::Peer { peer, index } => {
                     let (swarm, tx) = (env.swarm.clone(), peer_tx.clone());
+                    let bandwidth = env.bandwidth.clone();
                     let Some(id) = content_id else { continue };
                     let h = tokio::spawn(async move {
                         let msg = match swarm.piece(peer, id, index).await {
                             Ok(PieceResponse::Data(b)) => {
+                                bandwidth.download(foreground, b.len() as u64).await;
                                 Fetched::Piece(index, Source::Peer(peer), b)
                             }
                             Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
@@ -1681,6 +1689,7 @@ async fn attempt(
                         origin_tx.clone(),
                         remote.clone(),
                     );
+                    let bandwidth = env.bandwidth.clone();
                     let token = run_cancel.clone();
                     tokio::spawn(async move {
                         let run = async {
@@ -1699,9 +1708,10 @@ async fn attempt(
                                 ..(u64::from(end) * piece_size).min(length);
                             origin
                                 .fetch(&url, &r, range, piece_size, |bytes| {
-                                    let (tx, i) = (tx.clone(), index);
+                                    let (tx, i, bandwidth) = (tx.clone(), index, bandwidth.clone());
                                     index += 1;
                                     async move {
+                                        bandwidth.download(foreground, bytes.len() as u64).await;
                                         tx.send(Fetched::Piece(i, Source::Origin, bytes))
                                             .await
                                             .is_ok()

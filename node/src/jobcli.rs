@@ -194,6 +194,101 @@ pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `shoal bandwidth`: the flags given change the daemon's limits (root only; 0 removes one).
+#[derive(clap::Args)]
+pub(crate) struct BandwidthArgs {
+    /// Downloads of Foreground jobs, bytes per second.
+    #[arg(long)]
+    download_foreground: Option<u64>,
+    /// Downloads of High, Normal and Low jobs, bytes per second.
+    #[arg(long)]
+    download_background: Option<u64>,
+    /// Uploads to peers, bytes per second.
+    #[arg(long)]
+    upload: Option<u64>,
+    /// Bytes served to peers per calendar month (UTC).
+    #[arg(long)]
+    monthly_upload_cap: Option<u64>,
+    /// Peers served at once.
+    #[arg(long)]
+    max_upload_peers: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `shoal bandwidth ...` against the daemon at `socket`.
+pub(crate) async fn bandwidth(a: BandwidthArgs, socket: &Path) -> Result<()> {
+    let mut c = connect(socket).await?;
+    let change = a.download_foreground.is_some()
+        || a.download_background.is_some()
+        || a.upload.is_some()
+        || a.monthly_upload_cap.is_some()
+        || a.max_upload_peers.is_some();
+    let b = if change {
+        c.set_bandwidth(pb::SetBandwidthRequest {
+            download_foreground_bytes_per_sec: a.download_foreground,
+            download_background_bytes_per_sec: a.download_background,
+            upload_bytes_per_sec: a.upload,
+            monthly_upload_cap_bytes: a.monthly_upload_cap,
+            max_upload_peers: a.max_upload_peers,
+        })
+        .await?
+        .into_inner()
+    } else {
+        c.get_bandwidth(pb::GetBandwidthRequest {})
+            .await?
+            .into_inner()
+    };
+    let or_none = |v: u64| {
+        if v == 0 {
+            "none".to_owned()
+        } else {
+            v.to_string()
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "download_foreground_bytes_per_sec": b.download_foreground_bytes_per_sec,
+                "download_background_bytes_per_sec": b.download_background_bytes_per_sec,
+                "upload_bytes_per_sec": b.upload_bytes_per_sec,
+                "monthly_upload_cap_bytes": b.monthly_upload_cap_bytes,
+                "max_upload_peers": b.max_upload_peers,
+                "month": b.month,
+                "uploaded_this_month": b.uploaded_this_month,
+                "cap_reached": b.cap_reached,
+            }))?
+        );
+        return Ok(());
+    }
+    for (k, v) in [
+        (
+            "DownloadForegroundBytesPerSec",
+            or_none(b.download_foreground_bytes_per_sec),
+        ),
+        (
+            "DownloadBackgroundBytesPerSec",
+            or_none(b.download_background_bytes_per_sec),
+        ),
+        ("UploadBytesPerSec", or_none(b.upload_bytes_per_sec)),
+        ("MonthlyUploadCapBytes", or_none(b.monthly_upload_cap_bytes)),
+        ("MaxUploadPeers", b.max_upload_peers.to_string()),
+        (
+            "UploadedThisMonth",
+            format!(
+                "{} ({}){}",
+                b.uploaded_this_month,
+                b.month,
+                if b.cap_reached { ", cap reached" } else { "" }
+            ),
+        ),
+    ] {
+        println!("{k:<32}: {v}");
+    }
+    Ok(())
+}
+
 /// `shoal job ...`.
 #[derive(Subcommand)]
 pub(crate) enum JobCommand {

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bandwidth;
 pub mod cache;
 pub mod config;
 pub mod control;

@@ -76,6 +76,15 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Show the daemon's bandwidth limits and this month's uploads; with flags, change them
+    /// (root only; 0 removes a limit).
+    Bandwidth {
+        #[command(flatten)]
+        args: jobcli::BandwidthArgs,
+        /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Manage the daemon's cache of verified files (root only): list, pin, unpin, evict.
     Cache {
         #[command(subcommand)]
@@ -206,6 +215,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json, socket } => {
             jobcli::status(&jobcli::socket_path(socket.as_deref()), json).await
+        }
+        Command::Bandwidth { args, socket } => {
+            jobcli::bandwidth(args, &jobcli::socket_path(socket.as_deref())).await
         }
         Command::Cache { command, socket } => {
             jobcli::cache(command, &jobcli::socket_path(socket.as_deref())).await

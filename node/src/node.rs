@@ -33,6 +33,12 @@ use crate::{
     swarm,
 };
 
+/// The state database's record of this month's uploads.
+const UPLOAD_MONTH: &str = "upload_month";
+
+/// How often this month's upload count is written to the state database (when it changed).
+const UPLOAD_MONTH_EVERY: Duration = Duration::from_secs(10);
+
 /// Fill requests a cache node queues before it drops more (askers ask again).
 const FILL_QUEUE: usize = 64;
 
@@ -53,6 +59,7 @@ pub struct Builder {
     metrics: Option<std::net::SocketAddr>,
     cache: Option<crate::cache::CacheConfig>,
     cache_node_role: Option<crate::fill::CacheNodeRole>,
+    bandwidth: crate::bandwidth::BandwidthLimits,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -210,6 +217,14 @@ impl Builder {
         self
     }
 
+    /// Bandwidth limits (see [`crate::bandwidth`]; default: none), changeable later with
+    /// [`Node::set_bandwidth`].
+    #[must_use]
+    pub fn bandwidth(mut self, limits: crate::bandwidth::BandwidthLimits) -> Self {
+        self.bandwidth = limits;
+        self
+    }
+
     /// Makes the node a cache node (see [`crate::fill`]): a peer's have request carrying an
     /// origin URL under `role.origins`, for content the node lacks, makes it fetch the content
     /// into its cache and serve it. Needs [`Builder::cache`]; building fails without it.
@@ -341,6 +356,16 @@ impl Builder {
         let mut registry = self
             .metrics
             .map(|_| prometheus_client::registry::Registry::default());
+        // This month's uploads, as the state database kept them ("YYYY-MM BYTES").
+        let month = state
+            .as_ref()
+            .and_then(|st| st.meta(UPLOAD_MONTH).ok().flatten())
+            .and_then(|v| {
+                let text = String::from_utf8(v).ok()?;
+                let (m, b) = text.split_once(' ')?;
+                Some((m.to_owned(), b.parse().ok()?))
+            });
+        let bandwidth = Arc::new(crate::bandwidth::Bandwidth::new(self.bandwidth, month));
         let (fill_tx, fill_rx) = match self.cache_node_role {
             Some(_) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(FILL_QUEUE);
@@ -354,6 +379,7 @@ impl Builder {
             store.clone(),
             registry.as_mut(),
             fill_tx,
+            bandwidth.clone(),
             shutdown.clone(),
         )
         .await?;
@@ -376,6 +402,7 @@ impl Builder {
                     discovery_wait,
                     policy: Arc::new(self.policy),
                     cache,
+                    bandwidth,
                 },
                 jobs: Mutex::new(HashMap::new()),
                 events,
@@ -405,6 +432,7 @@ impl Builder {
         }
         node.restore(stored);
         node.spawn_cache_sweeper();
+        node.spawn_upload_month_keeper();
         if let (Some(role), Some(rx)) = (self.cache_node_role, fill_rx) {
             tokio::spawn(crate::fill::run(
                 node.clone(),
@@ -657,6 +685,68 @@ impl Node {
             peers_banned: c.banned.load(Relaxed),
             cache: self.inner.env.cache.as_ref().map(|c| c.usage()),
         }
+    }
+
+    /// The bandwidth limits and this month's uploads.
+    #[must_use]
+    pub fn bandwidth(&self) -> crate::bandwidth::BandwidthStatus {
+        self.inner.env.bandwidth.status()
+    }
+
+    /// Replaces the bandwidth limits while the node runs (they last until it stops; the
+    /// configuration gives those of the next start). Transfers waiting on an old limit finish
+    /// that wait, at most one second's worth of it.
+    pub fn set_bandwidth(&self, limits: crate::bandwidth::BandwidthLimits) {
+        info!(?limits, "bandwidth limits changed");
+        self.inner.env.bandwidth.set(limits);
+    }
+
+    /// The most peers served at once.
+    #[must_use]
+    pub fn max_upload_peers(&self) -> usize {
+        self.inner.env.swarm.max_upload_peers()
+    }
+
+    /// Sets the most peers served at once (at least 1) while the node runs.
+    pub fn set_max_upload_peers(&self, n: usize) {
+        self.inner.env.swarm.set_max_upload_peers(n);
+    }
+
+    /// Writes this month's upload count to the state database, if any.
+    fn keep_upload_month(&self) {
+        let state = self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(state) = state {
+            let (month, bytes) = self.inner.env.bandwidth.month();
+            if let Err(e) = state.put_meta(UPLOAD_MONTH, format!("{month} {bytes}").as_bytes()) {
+                warn!("cannot store this month's uploads: {e}");
+            }
+        }
+    }
+
+    /// Keeps the month's upload count in the state database while it changes.
+    fn spawn_upload_month_keeper(&self) {
+        let node = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            let mut kept = node.inner.env.bandwidth.month();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(UPLOAD_MONTH_EVERY) => {}
+                }
+                let now = node.inner.env.bandwidth.month();
+                if now != kept {
+                    let n = node.clone();
+                    let _ = tokio::task::spawn_blocking(move || n.keep_upload_month()).await;
+                    kept = now;
+                }
+            }
+        });
     }
 
     /// The cached files, most recently used first (empty without a cache).
@@ -1383,6 +1473,7 @@ impl Node {
     /// state they were in, for the next start).
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
+        self.keep_upload_month();
         let task = self
             .inner
             .swarm_task

@@ -435,6 +435,7 @@ pub struct Handle {
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
     connected: Arc<std::sync::atomic::AtomicUsize>,
     cache_nodes: Arc<Vec<PeerId>>,
+    max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Announcements buffered per subscriber; a slow download misses old ones (its have queries
@@ -548,6 +549,20 @@ impl Handle {
             .await
             .map_err(|_| RequestError::Shutdown)?;
         rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Sets the most peers served at once (at least 1); requests of further peers are
+    /// answered Busy.
+    pub fn set_max_upload_peers(&self, n: usize) {
+        self.max_upload_peers
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most peers served at once.
+    #[must_use]
+    pub fn max_upload_peers(&self) -> usize {
+        self.max_upload_peers
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configured cache nodes, in order of preference.
@@ -737,6 +752,7 @@ pub(crate) async fn spawn(
     store: Arc<ContentStore>,
     registry: Option<&mut prometheus_client::registry::Registry>,
     fills: Option<mpsc::Sender<FillRequest>>,
+    bandwidth: Arc<crate::bandwidth::Bandwidth>,
     shutdown: CancellationToken,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
     let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
@@ -882,6 +898,9 @@ pub(crate) async fn spawn(
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (announcements, _) = tokio::sync::broadcast::channel(ANNOUNCE_QUEUE);
+    let max_upload_peers = Arc::new(std::sync::atomic::AtomicUsize::new(
+        config.max_upload_peers.max(1),
+    ));
     let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
@@ -895,6 +914,7 @@ pub(crate) async fn spawn(
         announcements: announcements.clone(),
         connected: connected.clone(),
         cache_nodes: Arc::new(cache_nodes),
+        max_upload_peers: max_upload_peers.clone(),
     };
     let listening = !config.listen.is_empty();
     let event_loop = EventLoop {
@@ -905,7 +925,7 @@ pub(crate) async fn spawn(
         uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
         upload_permits: HashMap::new(),
         upload_peers: HashMap::new(),
-        max_upload_peers: config.max_upload_peers.max(1),
+        max_upload_peers,
         counters,
         serve_mode: config.serve_mode,
         static_peers: config.peers,
@@ -923,6 +943,7 @@ pub(crate) async fn spawn(
         connected,
         metrics: registry.map(libp2p::metrics::Metrics::new),
         fills,
+        bandwidth,
         dht_protocol: config
             .group
             .as_ref()
@@ -959,7 +980,8 @@ struct EventLoop {
     upload_permits: HashMap<InboundRequestId, (OwnedSemaphorePermit, PeerId)>,
     /// Piece requests being served, per peer.
     upload_peers: HashMap<PeerId, usize>,
-    max_upload_peers: usize,
+    /// The most peers served at once (changed at run time through the handle).
+    max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
     counters: Arc<UploadCounters>,
     serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
@@ -982,6 +1004,8 @@ struct EventLoop {
     metrics: Option<libp2p::metrics::Metrics>,
     /// A cache node's fill task: have requests with an origin URL for content not held.
     fills: Option<mpsc::Sender<FillRequest>>,
+    /// The upload bucket and the monthly upload cap.
+    bandwidth: Arc<crate::bandwidth::Bandwidth>,
     dht_protocol: String,
 }
 
@@ -1295,8 +1319,14 @@ impl EventLoop {
 
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
         if let Routed::Request(_, peer, request, channel) = route(&mut self.pending_have, e) {
-            let response = HaveResponse(answer_have(&self.store, self.serve_mode, &request.key));
+            // Past the monthly upload cap the node serves nothing, so it holds nothing either.
+            let response = if self.bandwidth.cap_reached() {
+                HaveResponse(None)
+            } else {
+                HaveResponse(answer_have(&self.store, self.serve_mode, &request.key))
+            };
             if response.0.is_none()
+                && !self.bandwidth.cap_reached()
                 && let (Some(fills), Some(url)) = (&self.fills, request.origin_url)
             {
                 // A full queue drops the request: the asker asks again.
@@ -1366,7 +1396,12 @@ impl EventLoop {
             Routed::Request(request_id, _, request, channel) => {
                 let Some(peer) = peer else { return };
                 let new_peer = !self.upload_peers.contains_key(&peer);
-                let permit = if new_peer && self.upload_peers.len() >= self.max_upload_peers {
+                let max_peers = self
+                    .max_upload_peers
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let permit = if (new_peer && self.upload_peers.len() >= max_peers)
+                    || self.bandwidth.cap_reached()
+                {
                     None
                 } else {
                     self.uploads.clone().try_acquire_owned().ok()
@@ -1390,11 +1425,16 @@ impl EventLoop {
                 let store = self.store.clone();
                 let tx = self.self_tx.clone();
                 let mode = self.serve_mode;
+                let bandwidth = self.bandwidth.clone();
                 tokio::spawn(async move {
                     let response =
                         tokio::task::spawn_blocking(move || serve_piece(&store, mode, &request))
                             .await
                             .unwrap_or(PieceResponse::NotFound);
+                    if let PieceResponse::Data(b) = &response {
+                        bandwidth.upload(b.len() as u64).await;
+                        bandwidth.count_upload(b.len() as u64);
+                    }
                     let _ = tx
                         .send(Command::RespondPiece(
                             request_id, channel, response, permit, peer,

@@ -505,6 +505,41 @@ async fn the_job_commands_drive_the_daemon() {
     let (ok, _, err) = shoal(&["job", "set", &job, "--retry-delay", "1", "--socket", s]);
     assert!(!ok);
     assert!(err.contains("minimum of 5 s"), "{err}");
+    // Bandwidth: shown to anyone, changed by root while the daemon runs.
+    let (ok, out, err) = shoal(&["bandwidth", "--json", "--socket", s]);
+    assert!(ok, "{err}");
+    let bw: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bw["upload_bytes_per_sec"], 0);
+    assert_eq!(bw["max_upload_peers"], 16);
+    let (ok, out, err) = shoal(&[
+        "bandwidth",
+        "--upload",
+        "1000000",
+        "--max-upload-peers",
+        "4",
+        "--socket",
+        s,
+    ]);
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(ok, "{err}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("UploadBytesPerSec") && l.ends_with(": 1000000")),
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("MaxUploadPeers") && l.ends_with(": 4"))
+        );
+        let (ok, _, err) = shoal(&["bandwidth", "--max-upload-peers", "0", "--socket", s]);
+        assert!(!ok);
+        assert!(err.contains("at least 1"), "{err}");
+        let (ok, _, err) = shoal(&["bandwidth", "--upload", "0", "--socket", s]);
+        assert!(ok, "{err}");
+    } else {
+        assert!(!ok);
+        assert!(err.contains("only root"), "{err}");
+    }
     // `shoal get` hands its job to the running daemon, which fills it from its cache.
     let served = origin.bytes_served();
     let got = dir.path().join("got.bin");

@@ -20,6 +20,7 @@ use shoal_node::{
 use shoal_tests::{TestDaemon, TestOrigin, content, stateful_node, test_node};
 use shoal_validator::Sha256Digest;
 
+mod bandwidth;
 mod cache;
 mod cluster;
 
@@ -152,6 +153,16 @@ fn start_job(node: &Node, file: FileSpec, rec: &Arc<Recorder>) -> JobId {
     node.add_file(job, file).unwrap();
     node.resume(job).unwrap();
     job
+}
+
+/// Runs a one-file job of `url` into `local` to Acknowledged and returns its final snapshot.
+async fn fetch(node: &Node, url: url::Url, local: &Path, data: &[u8]) -> JobInfo {
+    let rec = Arc::new(Recorder::default());
+    let job = start_job(node, spec(url, local, blake3_only(data)), &rec);
+    let info = wait_for(node, job, &[State::Transferred]).await;
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(local).unwrap(), data, "{}", local.display());
+    info
 }
 
 async fn seed_node(dir: &Path, name: &str, bytes: &[u8], mode: ServeMode) -> Node {

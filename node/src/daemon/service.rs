@@ -245,6 +245,21 @@ fn cache_usage_to_pb(u: &crate::cache::CacheUsage) -> pb::CacheUsage {
     }
 }
 
+fn bandwidth_to_pb(node: &Node) -> pb::Bandwidth {
+    let b = node.bandwidth();
+    let l = b.limits;
+    pb::Bandwidth {
+        download_foreground_bytes_per_sec: l.download_foreground.unwrap_or(0),
+        download_background_bytes_per_sec: l.download_background.unwrap_or(0),
+        upload_bytes_per_sec: l.upload.unwrap_or(0),
+        monthly_upload_cap_bytes: l.monthly_upload_cap.unwrap_or(0),
+        max_upload_peers: u32::try_from(node.max_upload_peers()).unwrap_or(u32::MAX),
+        month: b.month,
+        uploaded_this_month: b.uploaded_this_month,
+        cap_reached: b.cap_reached,
+    }
+}
+
 fn parse_cache_key(text: &str) -> Result<shoal_protocol::HaveKey, Status> {
     text.parse().map_err(|e| {
         Status::invalid_argument(format!(
@@ -726,6 +741,46 @@ impl Control for Service {
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(self.cache_entry(&id)?))
+    }
+
+    async fn get_bandwidth(
+        &self,
+        req: Request<pb::GetBandwidthRequest>,
+    ) -> Result<Response<pb::Bandwidth>, Status> {
+        self.caller(&req)?;
+        Ok(Response::new(bandwidth_to_pb(&self.node)))
+    }
+
+    async fn set_bandwidth(
+        &self,
+        req: Request<pb::SetBandwidthRequest>,
+    ) -> Result<Response<pb::Bandwidth>, Status> {
+        if self.caller(&req)?.uid != 0 {
+            return Err(Status::permission_denied(
+                "only root changes the bandwidth limits (they are the machine's)",
+            ));
+        }
+        let r = req.get_ref();
+        if r.max_upload_peers == Some(0) {
+            return Err(Status::invalid_argument(
+                "max_upload_peers must be at least 1",
+            ));
+        }
+        let limit = |v: Option<u64>, old: Option<u64>| match v {
+            None => old,
+            Some(0) => None,
+            Some(n) => Some(n),
+        };
+        let mut l = self.node.bandwidth().limits;
+        l.download_foreground = limit(r.download_foreground_bytes_per_sec, l.download_foreground);
+        l.download_background = limit(r.download_background_bytes_per_sec, l.download_background);
+        l.upload = limit(r.upload_bytes_per_sec, l.upload);
+        l.monthly_upload_cap = limit(r.monthly_upload_cap_bytes, l.monthly_upload_cap);
+        self.node.set_bandwidth(l);
+        if let Some(n) = r.max_upload_peers {
+            self.node.set_max_upload_peers(n as usize);
+        }
+        Ok(Response::new(bandwidth_to_pb(&self.node)))
     }
 
     async fn evict_cache(

@@ -25,16 +25,6 @@ async fn cache_node(state: &Path, peers: &[Node]) -> Node {
         .expect("node starts with its cache")
 }
 
-/// Runs a one-file job of `url` into `local` to Acknowledged and returns its final snapshot.
-async fn fetch(node: &Node, url: url::Url, local: &Path, data: &[u8]) -> JobInfo {
-    let rec = Arc::new(Recorder::default());
-    let job = start_job(node, spec(url, local, blake3_only(data)), &rec);
-    let info = wait_for(node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
-    assert_eq!(std::fs::read(local).unwrap(), data, "{}", local.display());
-    info
-}
-
 fn cached(node: &Node) -> Vec<[u8; 32]> {
     node.cache_items()
         .iter()
