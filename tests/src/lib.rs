@@ -195,9 +195,14 @@ async fn serve(
                 let slot = Duration::from_secs_f64(c.len() as f64 / rate as f64);
                 let done = {
                     let mut free = shared.wan_free_at.lock().expect("wan lock");
+                    // The link's schedule goes on from where it was unless it idled for more
+                    // than 10 ms: timers wake up to a millisecond late, and a stream that
+                    // started each slot anew from "now" would lose that every 16 KiB (a single
+                    // stream at 64 MiB/s would get a quarter of it).
+                    let now = tokio::time::Instant::now();
                     let start = free
-                        .filter(|t| *t > tokio::time::Instant::now())
-                        .unwrap_or_else(tokio::time::Instant::now);
+                        .filter(|t| *t + Duration::from_millis(10) > now)
+                        .unwrap_or(now);
                     *free = Some(start + slot);
                     start + slot
                 };

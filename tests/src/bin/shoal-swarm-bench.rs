@@ -1,0 +1,322 @@
+//! `shoal-swarm-bench`: the LAN-cluster benchmark, run by hand on a release build.
+//!
+//! Everything runs on 127.0.0.1 with mDNS off: an in-process HTTP origin whose bodies share one
+//! throttled link (like a WAN link in front of a LAN), and Shoal nodes in this process.
+//!
+//! **Swarm** (default): for each file size and each N, N independent `curl` downloads from the
+//! throttled origin at once, then N Shoal nodes (a full mesh of listed peers) starting one job
+//! of the same file at once, in the same run. Reported: bytes the origin sent (in copies of
+//! the file), the time until the last node has the file, and PercentPeerCaching.
+//!
+//! **Simulation** (`--simulate 10,25,50,100`): N nodes in this process, each listing `--degree`
+//! random earlier nodes as peers (a connected graph, not a full mesh), all starting one job of
+//! the same file at once; reported as N grows: origin copies, time until the last and median
+//! node finished, and PercentPeerCaching.
+//!
+//! ```sh
+//! cargo build --release -p shoal-tests --bin shoal-swarm-bench
+//! target/release/shoal-swarm-bench --nodes 2,4,8 --sizes 268435456,1073741824 \
+//!     --wan 67108864 --dir /work/benchtmp
+//! target/release/shoal-swarm-bench --simulate 10,25,50,100 --sizes 16777216 --wan 8388608
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use shoal_node::{Expected, FileSpec, JobId, Node, Priority, State, swarm::ServeMode};
+use shoal_tests::{TestOrigin, content, test_builder};
+
+struct Args {
+    nodes: Vec<usize>,
+    sizes: Vec<u64>,
+    wan: u64,
+    dir: PathBuf,
+    simulate: Option<Vec<usize>>,
+    degree: usize,
+}
+
+fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
+    v.split(',')
+        .map(|x| x.trim().parse().map_err(|_| format!("{flag}: {x:?} is not a number")))
+        .collect()
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        nodes: vec![2, 4, 8],
+        sizes: vec![256 << 20, 1 << 30],
+        wan: 64 << 20,
+        dir: std::env::temp_dir(),
+        simulate: None,
+        degree: 6,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--nodes" => args.nodes = list(&flag, &value()?)?,
+            "--sizes" => args.sizes = list(&flag, &value()?)?,
+            "--wan" => args.wan = value()?.parse().map_err(|e| format!("--wan: {e}"))?,
+            "--dir" => args.dir = value()?.into(),
+            "--simulate" => args.simulate = Some(list(&flag, &value()?)?),
+            "--degree" => args.degree = value()?.parse().map_err(|e| format!("--degree: {e}"))?,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if args.wan == 0 || args.nodes.contains(&0) || args.degree == 0 {
+        return Err("--wan, --nodes and --degree must be above 0".into());
+    }
+    Ok(args)
+}
+
+/// N `curl` processes fetching `url` at once; returns the seconds until the last finished.
+fn curls(url: &str, dir: &Path, n: usize, size: u64) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut children = Vec::new();
+    for i in 0..n {
+        let out = dir.join(format!("curl-{i}"));
+        children.push((
+            Command::new("curl")
+                .args(["-sS", "-o"])
+                .arg(&out)
+                .arg(url)
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("curl: {e}"))?,
+            out,
+        ));
+    }
+    for (mut c, out) in children {
+        let status = c.wait().map_err(|e| e.to_string())?;
+        let len = std::fs::metadata(&out).map_or(0, |m| m.len());
+        let _ = std::fs::remove_file(&out);
+        if !status.success() || len != size {
+            return Err(format!("curl failed ({status}, {len} bytes)"));
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// One run of N nodes: what the report needs.
+struct Outcome {
+    last: f64,
+    median: f64,
+    from_peers: u64,
+    from_origin: u64,
+}
+
+impl Outcome {
+    fn percent_peer_caching(&self) -> f64 {
+        shoal_node::job::percent_peer_caching(self.from_peers, self.from_origin)
+    }
+}
+
+/// Builds `n` nodes; node i lists `peers(i)` of the earlier ones.
+async fn nodes(n: usize, peers: impl Fn(usize) -> Vec<usize>) -> Result<Vec<Node>, String> {
+    let mut all: Vec<Node> = Vec::with_capacity(n);
+    for i in 0..n {
+        let listed: Vec<Node> = peers(i).into_iter().map(|j| all[j].clone()).collect();
+        let node = test_builder(&listed, ServeMode::Honest)
+            .await
+            .build()
+            .await
+            .map_err(|e| e.to_string())?;
+        all.push(node);
+    }
+    Ok(all)
+}
+
+/// Starts one job of `url` on every node at once and waits until all transferred; completes
+/// them and checks the first file's bytes against `expected`.
+async fn run_jobs(
+    nodes: &[Node],
+    url: &url::Url,
+    dir: &Path,
+    expected: [u8; 32],
+) -> Result<Outcome, String> {
+    let mut jobs: Vec<(JobId, PathBuf)> = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let local = dir.join(format!("node-{i}.bin"));
+        let job = node
+            .create_job("bench", Priority::Foreground)
+            .map_err(|e| e.to_string())?;
+        node.add_file(
+            job,
+            FileSpec {
+                url: url.clone(),
+                local_name: local.clone(),
+                expected: Expected {
+                    blake3: Some(expected),
+                    sha256: None,
+                },
+                ranges: Vec::new(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        jobs.push((job, local));
+    }
+    let start = Instant::now();
+    for (node, (job, _)) in nodes.iter().zip(&jobs) {
+        node.resume(*job).map_err(|e| e.to_string())?;
+    }
+    let mut done: Vec<Option<f64>> = vec![None; nodes.len()];
+    let deadline = start + Duration::from_secs(3600);
+    while done.iter().any(Option::is_none) {
+        for (i, (node, (job, _))) in nodes.iter().zip(&jobs).enumerate() {
+            if done[i].is_none() {
+                let info = node.info(*job).map_err(|e| e.to_string())?;
+                match info.state {
+                    State::Transferred => done[i] = Some(start.elapsed().as_secs_f64()),
+                    State::Error => return Err(format!("node {i}: {:?}", info.error)),
+                    _ => {}
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("not done within an hour".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (mut from_peers, mut from_origin) = (0, 0);
+    for (node, (job, _)) in nodes.iter().zip(&jobs) {
+        let info = node.info(*job).map_err(|e| e.to_string())?;
+        from_peers += info.bytes_from_peers();
+        from_origin += info.bytes_from_origin();
+        node.complete(*job).map_err(|e| e.to_string())?;
+    }
+    let first = &jobs[0].1;
+    let file = std::fs::File::open(first).map_err(|e| e.to_string())?;
+    let got = blake3::Hasher::new()
+        .update_reader(file)
+        .map_err(|e| e.to_string())?
+        .finalize();
+    if *got.as_bytes() != expected {
+        return Err(format!("{} differs from the origin's file", first.display()));
+    }
+    for (_, local) in &jobs {
+        let _ = std::fs::remove_file(local);
+    }
+    let mut times: Vec<f64> = done.into_iter().flatten().collect();
+    times.sort_by(f64::total_cmp);
+    Ok(Outcome {
+        last: times[times.len() - 1],
+        median: times[times.len() / 2],
+        from_peers,
+        from_origin,
+    })
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes >> 20)
+}
+
+async fn swarm(args: &Args) -> Result<(), String> {
+    println!(
+        "| file | N | origin copies, curl | origin copies, Shoal | last done, curl (s) | last done, Shoal (s) | PercentPeerCaching, Shoal |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &size in &args.sizes {
+        let data = content(usize::try_from(size).map_err(|e| e.to_string())?, 7);
+        let expected = *blake3::hash(&data).as_bytes();
+        let origin = TestOrigin::start().await;
+        origin.put("f.bin", data);
+        origin
+            .state
+            .wan_bytes_per_sec
+            .store(args.wan, Ordering::SeqCst);
+        let url = origin.url("f.bin");
+        for &n in &args.nodes {
+            let before = origin.bytes_served();
+            let (u, d) = (url.to_string(), args.dir.clone());
+            let curl_time = tokio::task::spawn_blocking(move || curls(&u, &d, n, size))
+                .await
+                .map_err(|e| e.to_string())??;
+            let curl_copies = (origin.bytes_served() - before) as f64 / size as f64;
+            let mesh = nodes(n, |i| (0..i).collect()).await?;
+            let before = origin.bytes_served();
+            let out = run_jobs(&mesh, &url, &args.dir, expected).await?;
+            let shoal_copies = (origin.bytes_served() - before) as f64 / size as f64;
+            for node in &mesh {
+                node.shutdown().await;
+            }
+            println!(
+                "| {} | {n} | {curl_copies:.2} | {shoal_copies:.3} | {curl_time:.1} | {:.1} | {:.1} |",
+                mib(size),
+                out.last,
+                out.percent_peer_caching()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn simulate(args: &Args, counts: &[usize]) -> Result<(), String> {
+    println!(
+        "| N | file | origin copies | last done (s) | median done (s) | one copy over the link (s) | PercentPeerCaching |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &size in &args.sizes {
+        let data = content(usize::try_from(size).map_err(|e| e.to_string())?, 9);
+        let expected = *blake3::hash(&data).as_bytes();
+        let origin = TestOrigin::start().await;
+        origin.put("f.bin", data);
+        origin
+            .state
+            .wan_bytes_per_sec
+            .store(args.wan, Ordering::SeqCst);
+        let url = origin.url("f.bin");
+        for &n in counts {
+            // Node i lists up to `degree` earlier nodes, picked by a fixed stride so that runs
+            // are repeatable: a connected graph of bounded degree.
+            let degree = args.degree;
+            let graph = nodes(n, |i| {
+                if degree >= i {
+                    return (0..i).collect();
+                }
+                let mut p: Vec<usize> = (0..degree)
+                    .map(|k| (i * 7919 + k * 104_729) % i)
+                    .collect();
+                p.sort_unstable();
+                p.dedup();
+                p
+            })
+            .await?;
+            let before = origin.bytes_served();
+            let out = run_jobs(&graph, &url, &args.dir, expected).await?;
+            let copies = (origin.bytes_served() - before) as f64 / size as f64;
+            for node in &graph {
+                node.shutdown().await;
+            }
+            println!(
+                "| {n} | {} | {copies:.3} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                mib(size),
+                out.last,
+                out.median,
+                size as f64 / args.wan as f64,
+                out.percent_peer_caching()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let result = async {
+        let args = parse_args()?;
+        std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
+        match &args.simulate {
+            Some(counts) => simulate(&args, counts).await,
+            None => swarm(&args).await,
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("shoal-swarm-bench: {e}");
+        std::process::exit(1);
+    }
+}
