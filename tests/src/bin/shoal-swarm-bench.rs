@@ -41,7 +41,11 @@ struct Args {
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
     v.split(',')
-        .map(|x| x.trim().parse().map_err(|_| format!("{flag}: {x:?} is not a number")))
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("{flag}: {x:?} is not a number"))
+        })
         .collect()
 }
 
@@ -195,7 +199,10 @@ async fn run_jobs(
         .map_err(|e| e.to_string())?
         .finalize();
     if *got.as_bytes() != expected {
-        return Err(format!("{} differs from the origin's file", first.display()));
+        return Err(format!(
+            "{} differs from the origin's file",
+            first.display()
+        ));
     }
     for (_, local) in &jobs {
         let _ = std::fs::remove_file(local);
@@ -277,9 +284,7 @@ async fn simulate(args: &Args, counts: &[usize]) -> Result<(), String> {
                 if degree >= i {
                     return (0..i).collect();
                 }
-                let mut p: Vec<usize> = (0..degree)
-                    .map(|k| (i * 7919 + k * 104_729) % i)
-                    .collect();
+                let mut p: Vec<usize> = (0..degree).map(|k| (i * 7919 + k * 104_729) % i).collect();
                 p.sort_unstable();
                 p.dedup();
                 p
