@@ -54,25 +54,30 @@ pub struct BandwidthStatus {
     pub cap_reached: bool,
 }
 
-/// One token bucket: a limiter and its burst in bytes.
+/// Bytes per token: cells of 1 KiB keep governor's per-cell interval (whole nanoseconds)
+/// exact enough up to terabytes per second.
+const CELL: u64 = 1024;
+
+/// One token bucket: a limiter and its burst in cells.
 type Bucket = Option<(Arc<DefaultDirectRateLimiter>, u64)>;
 
 fn bucket(rate: Option<u64>) -> Bucket {
-    let rate = rate?.clamp(1, u64::from(u32::MAX));
-    let burst = rate.max(MIN_BURST).min(u64::from(u32::MAX));
-    let quota = Quota::per_second(NonZeroU32::new(rate as u32)?)
+    let cells = rate?.div_ceil(CELL).clamp(1, u64::from(u32::MAX));
+    let burst = cells.max(MIN_BURST / CELL).min(u64::from(u32::MAX));
+    let quota = Quota::per_second(NonZeroU32::new(cells as u32)?)
         .allow_burst(NonZeroU32::new(burst as u32)?);
     Some((Arc::new(RateLimiter::direct(quota)), burst))
 }
 
-/// Waits until `bucket` lets `bytes` through.
-async fn take(bucket: Bucket, mut bytes: u64) {
+/// Waits until `bucket` lets `bytes` through (rounded up to whole cells).
+async fn take(bucket: Bucket, bytes: u64) {
     let Some((limiter, burst)) = bucket else {
         return;
     };
-    while bytes > 0 {
-        let n = bytes.min(burst);
-        bytes -= n;
+    let mut cells = bytes.div_ceil(CELL);
+    while cells > 0 {
+        let n = cells.min(burst);
+        cells -= n;
         if let Some(cells) = NonZeroU32::new(n as u32) {
             // `n` never exceeds the burst, so there is always capacity.
             let _ = limiter.until_n_ready(cells).await;

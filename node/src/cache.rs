@@ -35,7 +35,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -241,6 +241,24 @@ pub(crate) struct Cache {
     disk_bytes: u64,
     /// Signalled when a file entered (the node's sweeper waits on it).
     wake: tokio::sync::Notify,
+    /// Held while a record is written, so that each write reads the map after the last.
+    writes: Mutex<()>,
+    /// Content being copied into the cache now (a second copy of it waits its turn).
+    admitting: Mutex<HashSet<ContentId>>,
+}
+
+/// Whether `name` is one the cache makes: `HASH-LENGTH` (64 hex digits), or a part file of
+/// it (`HASH-LENGTH.*.part`). Only such files are deleted at start, whatever else shares the
+/// directory.
+fn is_cache_name(name: &str) -> bool {
+    let Some((hash, rest)) = name.split_at_checked(64) else {
+        return false;
+    };
+    hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && rest.strip_prefix('-').is_some_and(|r| {
+            let digits = r.bytes().take_while(u8::is_ascii_digit).count();
+            digits > 0 && (digits == r.len() || r.ends_with(".part"))
+        })
 }
 
 /// The file name of `id` in the cache directory.
@@ -318,6 +336,8 @@ impl Cache {
             store,
             disk_bytes,
             wake: tokio::sync::Notify::new(),
+            writes: Mutex::new(()),
+            admitting: Mutex::new(HashSet::new()),
         };
         cache.load()?;
         Ok(cache)
@@ -382,7 +402,7 @@ impl Cache {
                 let _ = std::fs::remove_dir_all(f.path());
                 continue;
             }
-            if name != INDEX_FILE && !names.contains(&name) {
+            if is_cache_name(&name) && !names.contains(&name) {
                 info!(file = %f.path().display(), "deleting a file the cache index does not know");
                 let _ = std::fs::remove_file(f.path());
             }
@@ -504,40 +524,29 @@ impl Cache {
                 e.dirty = true;
                 return Ok(Some(self.path_of(&id)));
             }
+            if !self
+                .admitting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id)
+            {
+                // Another download of the same content is copying it in.
+                return Ok(None);
+            }
             let pinned: u64 = map
                 .iter()
                 .filter(|(_, e)| e.pinned)
                 .map(|(id, _)| id.length())
                 .sum();
             if pinned.saturating_add(len) > self.limit() {
+                self.admitted(&id);
                 info!(%id, limit = self.limit(), "not caching: the file does not fit the cache");
                 return Ok(None);
             }
         }
-        let path = self.path_of(&id);
-        let part = self.dir.join(format!("{}.part", file_name(&id)));
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |e| CacheError::Io { path: p, source: e }
-        };
-        let reflinked = (|| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let dst = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&part)?;
-            let reflinked = clone_or_copy(src, &dst, len)?;
-            dst.sync_all()?;
-            std::fs::rename(&part, &path)?;
-            File::open(&self.dir)?.sync_all()?;
-            Ok(reflinked)
-        })()
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&part);
-            io(&path)(e)
-        })?;
+        let r = self.copy_in(layer, sha256, src);
+        self.admitted(&id);
+        let (path, reflinked) = r?;
         let entry = Entry {
             sha256,
             added: now,
@@ -545,11 +554,14 @@ impl Cache {
             pinned: false,
             dirty: false,
         };
-        if let Err(e) = self.write(&id, Some((&entry, layer))) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+        {
+            let _w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.write(&id, Some((&entry, layer))) {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+            self.lock().insert(id, entry);
         }
-        self.lock().insert(id, entry);
         self.store.insert_complete(layer.clone(), path.clone());
         if let Some(s) = sha256 {
             self.store.set_sha256(&id, s);
@@ -557,6 +569,51 @@ impl Cache {
         info!(%id, reflinked, "cached");
         self.wake.notify_one();
         Ok(Some(path))
+    }
+
+    /// Ends an admission of `id` (see `admitting`).
+    fn admitted(&self, id: &ContentId) {
+        self.admitting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Copies `src` into a part file of its own, hashes the copy (the source may be a file
+    /// its user can still write), and renames it to the entry's name. Returns the path and
+    /// whether the copy is a reflink.
+    fn copy_in(
+        &self,
+        layer: &PieceLayer,
+        sha256: Option<Sha256Digest>,
+        src: &File,
+    ) -> Result<(PathBuf, bool), CacheError> {
+        let id = layer.content_id();
+        let path = self.path_of(&id);
+        let io = |e| CacheError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let part = tempfile::Builder::new()
+            .prefix(&format!("{}.", file_name(&id)))
+            .suffix(".part")
+            .tempfile_in(&self.dir)
+            .map_err(io)?;
+        let reflinked = clone_or_copy(src, part.as_file(), id.length()).map_err(io)?;
+        let copy = part.reopen().map_err(io)?;
+        let d = shoal_validator::hash_reader(std::io::BufReader::new(copy), id.length())
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        if d.content_id() != id || sha256.is_some_and(|s| s != d.sha256) {
+            return Err(io(std::io::Error::other(
+                "the copy does not match the verified content (the source changed)",
+            )));
+        }
+        part.as_file().sync_all().map_err(io)?;
+        part.persist(&path).map_err(|e| io(e.error))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok((path, reflinked))
     }
 
     /// Writes (or with `None` deletes) the record of `id`.
@@ -610,6 +667,7 @@ impl Cache {
     /// [`CacheError::Unknown`] when no entry matches, [`CacheError::Index`] when the record
     /// cannot be written.
     pub(crate) fn pin(&self, key: &HaveKey, pinned: bool) -> Result<ContentId, CacheError> {
+        let _w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let (id, entry) = {
             let mut map = self.lock();
             let (id, e) = map
@@ -668,6 +726,7 @@ impl Cache {
         if ids.is_empty() {
             return Ok(());
         }
+        let _w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.db.begin_write().map_err(|e| self.idx_err(e))?;
         {
             let mut entries = tx.open_table(ENTRIES).map_err(|e| self.idx_err(e))?;
@@ -679,9 +738,13 @@ impl Cache {
             }
         }
         tx.commit().map_err(|e| self.idx_err(e))?;
-        let mut map = self.lock();
+        {
+            let mut map = self.lock();
+            for id in ids {
+                map.remove(id);
+            }
+        }
         for id in ids {
-            map.remove(id);
             let path = self.path_of(id);
             self.store.remove_at(id, &path);
             if let Err(e) = std::fs::remove_file(&path) {
@@ -741,21 +804,33 @@ impl Cache {
                 total -= id.length();
                 evict.push(id);
             }
-            let dirty: Vec<(ContentId, Entry)> = map
-                .iter_mut()
+            let dirty: Vec<ContentId> = map
+                .iter()
                 .filter(|(id, e)| e.dirty && !evict.contains(id))
-                .map(|(id, e)| {
-                    e.dirty = false;
-                    (*id, e.clone())
-                })
+                .map(|(id, _)| *id)
                 .collect();
             (evict, dirty)
         };
         if !dirty.is_empty() {
+            // The records as the map holds them now, under the write lock: a pin committed
+            // meanwhile is not overwritten by an older copy.
+            let _w = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            let current: Vec<(ContentId, Entry)> = {
+                let mut map = self.lock();
+                dirty
+                    .iter()
+                    .filter_map(|id| {
+                        map.get_mut(id).map(|e| {
+                            e.dirty = false;
+                            (*id, e.clone())
+                        })
+                    })
+                    .collect()
+            };
             let tx = self.db.begin_write().map_err(|e| self.idx_err(e))?;
             {
                 let mut entries = tx.open_table(ENTRIES).map_err(|e| self.idx_err(e))?;
-                for (id, e) in &dirty {
+                for (id, e) in &current {
                     let meta = serde_json::to_vec(&e.meta()).unwrap_or_default();
                     entries
                         .insert(id.to_string().as_str(), meta.as_slice())
@@ -831,7 +906,7 @@ pub(crate) fn clone_or_copy(src: &File, dst: &File, len: u64) -> std::io::Result
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::{io::Write, path::Path};
 
     use super::*;
 
@@ -962,7 +1037,10 @@ mod tests {
                 .unwrap()
                 .set_len(10)
                 .unwrap();
-            std::fs::write(dir.join("x.part"), b"stray").unwrap();
+            let stray = format!("{}.tmp1.part", file_name(&la.content_id()));
+            std::fs::write(dir.join(&stray), b"stray").unwrap();
+            // Not the cache's: never deleted.
+            std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
         }
         let store = Arc::new(ContentStore::new());
         let cache = Cache::open(dir.clone(), config(1 << 30), store.clone()).unwrap();
@@ -971,7 +1049,14 @@ mod tests {
         assert_eq!(items[0].content_id, la.content_id());
         assert!(items[0].pinned);
         assert_eq!(items[0].sha256, Some(sa));
-        assert!(!dir.join("x.part").exists());
+        assert!(
+            !dir.join(format!("{}.tmp1.part", file_name(&la.content_id())))
+                .exists()
+        );
+        assert!(dir.join("notes.txt").exists());
+        assert!(is_cache_name(&file_name(&lb.content_id())));
+        assert!(!is_cache_name("state.redb"));
+        assert!(!is_cache_name(&format!("{}-", "a".repeat(64))));
         assert!(!cache.path_of(&lb.content_id()).exists());
         // Served again, by content id and by SHA-256.
         let piece = store.read_piece(&la.content_id(), 0).unwrap();

@@ -62,6 +62,8 @@ pub struct FileDiagnosis {
     pub bytes_from_peers: u64,
     /// Verified bytes so far from the origin.
     pub bytes_from_origin: u64,
+    /// Whether this node's cache holds the file's content (a job of it is filled from there).
+    pub in_cache: bool,
 }
 
 /// Why a job is or is not using peers.
@@ -81,6 +83,8 @@ pub struct Diagnosis {
     pub origin_delay: Duration,
     /// Whether the source policy never uses the origin.
     pub never_origin: bool,
+    /// Cache nodes configured, and of them connected now.
+    pub cache_nodes: (usize, usize),
     /// Per file.
     pub files: Vec<FileDiagnosis>,
     /// The conclusions, as sentences.
@@ -125,6 +129,7 @@ impl Node {
                 asked: 0,
                 bytes_from_peers: f.bytes_from_peers,
                 bytes_from_origin: f.bytes_from_origin,
+                in_cache: false,
             };
             let key = match (f.expected.blake3, f.expected.sha256) {
                 (Some(h), _) => Some((HaveKey::Blake3(h), BanKey::Blake3(h))),
@@ -182,6 +187,10 @@ impl Node {
                     });
                 }
             }
+            d.in_cache = self.cache_items().iter().any(|c| {
+                Some(*c.content_id.hash()) == f.expected.blake3.or(f.content_id.map(|i| *i.hash()))
+                    || (c.sha256.is_some() && c.sha256 == f.expected.sha256)
+            });
             reasons.extend(file_reasons(&d));
             files.push(d);
         }
@@ -192,6 +201,22 @@ impl Node {
                 info.priority,
                 origin_delay.as_secs_f64()
             ));
+        }
+        let cache_nodes = env.swarm.cache_nodes();
+        let cache_connected = cache_nodes.iter().filter(|p| connected.contains(p)).count();
+        if !cache_nodes.is_empty() {
+            reasons.push(if cache_connected == 0 {
+                format!(
+                    "none of the {} configured cache nodes is connected (policy.cache_nodes)",
+                    cache_nodes.len()
+                )
+            } else {
+                format!(
+                    "{cache_connected} of {} configured cache nodes are connected; a download                      asks the first to fetch what no peer holds, and waits {} s for it while it                      makes no progress before the origin",
+                    cache_nodes.len(),
+                    env.policy.cache_fallback(info.priority).as_secs_f64()
+                )
+            });
         }
         if env.policy.never_origin {
             reasons.push(
@@ -207,6 +232,7 @@ impl Node {
             dht,
             origin_delay,
             never_origin: env.policy.never_origin,
+            cache_nodes: (cache_nodes.len(), cache_connected),
             files,
             reasons,
             job: info,
@@ -218,6 +244,11 @@ impl Node {
 fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
     let i = d.index;
     let mut out = Vec::new();
+    if d.in_cache {
+        out.push(format!(
+            "file {i}: this node's cache holds its content; a job of it is copied from the cache              (checked again) without a download"
+        ));
+    }
     if let Err(why) = &d.peers_allowed {
         out.push(format!("file {i} does not use peers: {why}"));
         return out;
@@ -228,6 +259,12 @@ fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
             "file {i}: peer {} is banned for this content (it served bytes or a claim that \
              failed verification)",
             a.peer
+        ));
+    }
+    for a in usable.iter().filter(|a| a.source == PeerSource::Cache) {
+        out.push(format!(
+            "file {i}: cache node {} holds {} and fetches {} of its {} pieces",
+            a.peer, a.have, a.fetching, a.pieces
         ));
     }
     if usable.is_empty() {

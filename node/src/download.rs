@@ -289,7 +289,7 @@ pub(crate) async fn download_file(
     if !task.ranges.is_empty() {
         return download_ranges(env, task, cancel, progress).await;
     }
-    if let Some(d) = from_cache(env, task, progress).await {
+    if let Some(d) = from_cache(env, task, cancel, progress).await {
         return Ok(d);
     }
     let resume = task.resume.as_ref();
@@ -457,6 +457,7 @@ async fn download_ranges(
 async fn from_cache(
     env: &Env,
     task: &FileTask,
+    cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Option<Downloaded> {
     let cache = env.cache.clone()?;
@@ -486,7 +487,11 @@ async fn from_cache(
         warn!(url = %task.url, "cannot reset the stored pieces before a cache copy: {e}");
         return None;
     }
+    if cancel.is_cancelled() {
+        return None;
+    }
     let (temp, owner, length) = (task.temp.clone(), task.owner, id.length());
+    let cached = path.clone();
     let copied = tokio::task::spawn_blocking(move || {
         let src = File::open(&path)?;
         let dst = create_temp(&temp, owner, length)?;
@@ -507,14 +512,41 @@ async fn from_cache(
             return None;
         }
     };
+    if cancel.is_cancelled() {
+        // Cancel or Complete ran meanwhile: leave no file behind.
+        let (temp, owner) = (task.temp.clone(), task.owner);
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::fsuser::as_owner(owner, || std::fs::remove_file(&temp))
+        })
+        .await;
+        return None;
+    }
     let found = digests.content_id();
     if found != id
         || task.expected.check_content_id(&found).is_err()
         || task.expected.check_sha256(digests.sha256).is_err()
     {
-        warn!(url = %task.url, %id, "the cached copy is damaged; evicting it and downloading");
-        let _ =
-            tokio::task::spawn_blocking(move || cache.evict(&HaveKey::Blake3(*id.hash()))).await;
+        // The copy is not the content the job expects. Only when the cache's own file (which
+        // only the node writes) fails its content id is the entry evicted; a copy changed
+        // while it was hashed, or a job expecting another SHA-256, leaves the cache alone.
+        let damaged = tokio::task::spawn_blocking(move || {
+            File::open(&cached)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    shoal_validator::hash_reader(std::io::BufReader::new(f), length)
+                        .map_err(|e| e.to_string())
+                })
+                .is_ok_and(|d| d.content_id() != id)
+        })
+        .await
+        .unwrap_or(false);
+        if damaged {
+            warn!(url = %task.url, %id, "the cached copy is damaged; evicting it");
+            let _ = tokio::task::spawn_blocking(move || cache.evict(&HaveKey::Blake3(*id.hash())))
+                .await;
+        } else {
+            info!(url = %task.url, %id, "the cached content is not what this file expects; downloading");
+        }
         return None;
     }
     info!(url = %task.url, %id, reflinked, "filled from the local cache");
@@ -606,6 +638,9 @@ async fn ask_peers(
 /// counts it as refusing and asks the next cache node (or uses the origin).
 const CACHE_REFUSAL: Duration = Duration::from_secs(5);
 
+/// "Never" for a wait that would overflow an `Instant` (about 30 years).
+const FAR: Duration = Duration::from_secs(1 << 30);
+
 /// A download's wait for its cache nodes (`policy::SourcePolicy::cache_fallback`): it asks
 /// the first connected cache node of the list that has not refused to fetch the content, and
 /// waits for it while it makes progress.
@@ -664,7 +699,7 @@ impl CacheWait {
             self.progress_at = Some(now);
         }
         match self.progress_at {
-            Some(t) => Some(t + self.fallback),
+            Some(t) => Some(t.checked_add(self.fallback).unwrap_or(t + FAR)),
             None if now.duration_since(asked) >= CACHE_REFUSAL => {
                 info!(%peer, "the cache node does not fetch the content; trying the next source");
                 self.refused.insert(peer);

@@ -55,10 +55,57 @@ impl Default for CacheNodeRole {
 }
 
 impl CacheNodeRole {
-    /// Whether the node may fetch `url` for a peer.
+    /// Whether the node may fetch `url` for a peer: an `http`/`https` URL without user
+    /// information whose scheme, host and port equal an origin's, and whose path starts with
+    /// the origin's path at a `/` boundary (so `https://a.example` allows neither
+    /// `https://a.example.evil.net/` nor `https://a.example@evil.net/`).
     fn allows(&self, url: &url::Url) -> bool {
-        matches!(url.scheme(), "http" | "https")
-            && (self.origins.is_empty() || self.origins.iter().any(|o| url.as_str().starts_with(o)))
+        if !matches!(url.scheme(), "http" | "https")
+            || !url.username().is_empty()
+            || url.password().is_some()
+            || url.host_str().is_none()
+        {
+            return false;
+        }
+        self.origins.is_empty()
+            || self.origins.iter().any(|o| {
+                url::Url::parse(o).is_ok_and(|o| {
+                    let base = o.path().trim_end_matches('/');
+                    o.scheme() == url.scheme()
+                        && o.host_str() == url.host_str()
+                        && o.port_or_known_default() == url.port_or_known_default()
+                        && (url.path() == base || url.path().starts_with(&format!("{base}/")))
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_match_scheme_host_port_and_whole_path_segments() {
+        let role = CacheNodeRole {
+            origins: vec![
+                "https://deb.example.org".into(),
+                "http://10.0.0.5:8080/pool/".into(),
+            ],
+            ..CacheNodeRole::default()
+        };
+        let ok = |u: &str| role.allows(&url::Url::parse(u).unwrap());
+        assert!(ok("https://deb.example.org/a.deb"));
+        assert!(ok("https://DEB.example.org:443/a.deb"));
+        assert!(ok("http://10.0.0.5:8080/pool/x/y.deb"));
+        assert!(!ok("https://deb.example.org.evil.net/a.deb"));
+        assert!(!ok("https://deb.example.org@evil.net/a.deb"));
+        assert!(!ok("http://deb.example.org/a.deb"));
+        assert!(!ok("http://10.0.0.5:8081/pool/x.deb"));
+        assert!(!ok("http://10.0.0.5:8080/poolside/x.deb"));
+        assert!(!ok("ftp://deb.example.org/a.deb"));
+        let any = CacheNodeRole::default();
+        assert!(any.allows(&url::Url::parse("http://x.example/f").unwrap()));
+        assert!(!any.allows(&url::Url::parse("file:///etc/passwd").unwrap()));
     }
 }
 
@@ -131,6 +178,21 @@ async fn fill(node: &Node, key: HaveKey, url: url::Url, cancel: &CancellationTok
     let Some(cache) = env.cache.clone() else {
         return false;
     };
+    // Refuse what cannot be kept before fetching it: the origin's length against the room
+    // the cache has beside its pinned files.
+    match env.origin.probe(&url).await {
+        Ok(r) => {
+            let usage = cache.usage();
+            if r.length > usage.limit.saturating_sub(usage.pinned_bytes) {
+                info!(%url, length = r.length, "not fetching for a peer: the file does not fit the cache");
+                return false;
+            }
+        }
+        Err(e) => {
+            warn!(%url, "not fetching for a peer: {e}");
+            return false;
+        }
+    }
     let dir = cache.fills_dir();
     if let Err(e) = tokio::fs::create_dir_all(&dir).await {
         warn!(dir = %dir.display(), "cannot make the fills directory: {e}");

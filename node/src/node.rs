@@ -1902,13 +1902,6 @@ impl Node {
                         rec.info.files[i].validation_state = verdict;
                         let rejected = if verdict == ValidationState::Invalid {
                             self.inner.env.store.remove_at(&d.content_id, &task.temp);
-                            // Content the caller rejected is not served from the cache either.
-                            if let Some(cache) = self.inner.env.cache.clone() {
-                                let key = HaveKey::Blake3(*d.content_id.hash());
-                                tokio::task::spawn_blocking(move || {
-                                    let _ = cache.evict(&key);
-                                });
-                            }
                             if let Some(d2) = &task.durable
                                 && let Err(e) = d2.store.clear_pieces(job, d2.index)
                             {

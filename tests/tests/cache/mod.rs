@@ -63,6 +63,15 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         assert_eq!(info.files[0].bytes_from_origin, 0);
         assert_eq!(info.files[0].bytes_from_peers, 0);
         assert_eq!(info.files[0].bytes_transferred, a.len() as u64);
+        let why = node.diagnose(info.id).await.unwrap();
+        assert!(why.files[0].in_cache);
+        assert!(
+            why.reasons
+                .iter()
+                .any(|r| r.contains("cache holds its content")),
+            "{:?}",
+            why.reasons
+        );
 
         // 3. After a restart the cache still serves A to a peer.
         node.shutdown().await;
@@ -186,6 +195,15 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
         );
         assert_eq!(cached(&cache_node), vec![blake3_of(&data)]);
         assert_eq!(cache_node.stats().bytes_from_origin, data.len() as u64);
+        let why = clients[0].0.diagnose(clients[0].2).await.unwrap();
+        assert_eq!(why.cache_nodes, (1, 1));
+        assert!(
+            why.reasons
+                .iter()
+                .any(|r| r.contains("cache node") && r.contains("holds")),
+            "{:?}",
+            why.reasons
+        );
         // A URL outside the cache node's origins is not fetched for the client: it falls back
         // to that origin itself, after the cache node showed nothing for 5 s.
         let other = TestOrigin::start().await;
