@@ -217,6 +217,22 @@ async fn run_jobs(
     })
 }
 
+/// An origin serving a `size`-byte file (content `seed`) through one link of `wan` bytes per
+/// second; returns it, the file's URL and its BLAKE3.
+async fn throttled_origin(
+    size: u64,
+    seed: u8,
+    wan: u64,
+) -> Result<(TestOrigin, url::Url, [u8; 32]), String> {
+    let data = content(usize::try_from(size).map_err(|e| e.to_string())?, seed);
+    let expected = *blake3::hash(&data).as_bytes();
+    let origin = TestOrigin::start().await;
+    origin.put("f.bin", data);
+    origin.state.wan_bytes_per_sec.store(wan, Ordering::SeqCst);
+    let url = origin.url("f.bin");
+    Ok((origin, url, expected))
+}
+
 fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes >> 20)
 }
@@ -227,15 +243,7 @@ async fn swarm(args: &Args) -> Result<(), String> {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for &size in &args.sizes {
-        let data = content(usize::try_from(size).map_err(|e| e.to_string())?, 7);
-        let expected = *blake3::hash(&data).as_bytes();
-        let origin = TestOrigin::start().await;
-        origin.put("f.bin", data);
-        origin
-            .state
-            .wan_bytes_per_sec
-            .store(args.wan, Ordering::SeqCst);
-        let url = origin.url("f.bin");
+        let (origin, url, expected) = throttled_origin(size, 7, args.wan).await?;
         for &n in &args.nodes {
             let before = origin.bytes_served();
             let (u, d) = (url.to_string(), args.dir.clone());
@@ -267,15 +275,7 @@ async fn simulate(args: &Args, counts: &[usize]) -> Result<(), String> {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for &size in &args.sizes {
-        let data = content(usize::try_from(size).map_err(|e| e.to_string())?, 9);
-        let expected = *blake3::hash(&data).as_bytes();
-        let origin = TestOrigin::start().await;
-        origin.put("f.bin", data);
-        origin
-            .state
-            .wan_bytes_per_sec
-            .store(args.wan, Ordering::SeqCst);
-        let url = origin.url("f.bin");
+        let (origin, url, expected) = throttled_origin(size, 9, args.wan).await?;
         for &n in counts {
             // Node i lists up to `degree` earlier nodes, picked by a fixed stride so that runs
             // are repeatable: a connected graph of bounded degree.
