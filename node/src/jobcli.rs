@@ -129,6 +129,7 @@ fn print_cache_entry(e: &pb::CacheEntry) {
 /// `shoal cache ...` against the daemon at `socket` (root only).
 pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
     let mut c = connect(socket).await?;
+    let pinned = matches!(command, CacheCommand::Pin { .. });
     match command {
         CacheCommand::List { json: as_json } => {
             let r = c.list_cache(pb::ListCacheRequest {}).await?.into_inner();
@@ -168,16 +169,9 @@ pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
                 print_cache_entry(e);
             }
         }
-        CacheCommand::Pin { key } => {
+        CacheCommand::Pin { key } | CacheCommand::Unpin { key } => {
             let e = c
-                .pin_cache(pb::PinCacheRequest { key, pinned: true })
-                .await?
-                .into_inner();
-            print_cache_entry(&e);
-        }
-        CacheCommand::Unpin { key } => {
-            let e = c
-                .pin_cache(pb::PinCacheRequest { key, pinned: false })
+                .pin_cache(pb::PinCacheRequest { key, pinned })
                 .await?
                 .into_inner();
             print_cache_entry(&e);
