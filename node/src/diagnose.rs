@@ -64,6 +64,20 @@ pub struct FileDiagnosis {
     pub bytes_from_origin: u64,
     /// Whether this node's cache holds the file's content (a job of it is filled from there).
     pub in_cache: bool,
+    /// This node's view of the swarm members of the file's content (`crate::members`), while
+    /// a download of it runs or the content is held; `None` otherwise.
+    pub members: Option<SwarmMembers>,
+}
+
+/// What this node knows of the other nodes fetching one content (gossiped in have answers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwarmMembers {
+    /// Other members known alive, directly connected or not.
+    pub alive: usize,
+    /// Members, this node included, that share out the pieces needing the origin.
+    pub fetchers: usize,
+    /// Whether this node is one of the fetchers (it uses the origin now).
+    pub me_fetching: bool,
 }
 
 /// Why a job is or is not using peers.
@@ -130,7 +144,20 @@ impl Node {
                 bytes_from_peers: f.bytes_from_peers,
                 bytes_from_origin: f.bytes_from_origin,
                 in_cache: false,
+                members: None,
             };
+            if let Some(id) = &f.content_id {
+                let me = env.swarm.peer_id();
+                let now = std::time::Instant::now();
+                d.members = env.store.with_members(id, |v| {
+                    let fetchers = v.fetchers(id.piece_count(), now);
+                    SwarmMembers {
+                        alive: v.len_alive(now),
+                        fetchers: fetchers.len(),
+                        me_fetching: fetchers.contains(&me),
+                    }
+                });
+            }
             let key = match (f.expected.blake3, f.expected.sha256) {
                 (Some(h), _) => Some((HaveKey::Blake3(h), BanKey::Blake3(h))),
                 (None, Some(s)) => Some((HaveKey::Sha256(s), BanKey::Sha256(s))),
@@ -212,7 +239,9 @@ impl Node {
                 )
             } else {
                 format!(
-                    "{cache_connected} of {} configured cache nodes are connected; a download                      asks the first to fetch what no peer holds, and waits {} s for it while it                      makes no progress before the origin",
+                    "{cache_connected} of {} configured cache nodes are connected; a download \
+                     asks the first to fetch what no peer holds, and waits {} s for it while it \
+                     makes no progress before the origin",
                     cache_nodes.len(),
                     env.policy.cache_fallback(info.priority).as_secs_f64()
                 )
@@ -246,7 +275,8 @@ fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
     let mut out = Vec::new();
     if d.in_cache {
         out.push(format!(
-            "file {i}: this node's cache holds its content; a job of it is copied from the cache              (checked again) without a download"
+            "file {i}: this node's cache holds its content; a job of it is copied from the cache \
+             (checked again) without a download"
         ));
     }
     if let Err(why) = &d.peers_allowed {
@@ -280,6 +310,20 @@ fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
             "file {i}: {} peers hold or fetch it (the best holds {have} of {} verified pieces)",
             usable.len(),
             usable[0].pieces
+        ));
+    }
+    if let Some(m) = d.members {
+        out.push(format!(
+            "file {i}: this node knows {} other nodes fetching it (directly or through peers); \
+             {} of them{} share out the pieces no peer holds, so that each crosses the origin \
+             link once",
+            m.alive,
+            m.fetchers,
+            if m.me_fetching {
+                ", this node included,"
+            } else {
+                ""
+            }
         ));
     }
     let total = d.bytes_from_peers + d.bytes_from_origin;

@@ -39,6 +39,7 @@ use url::Url;
 
 use crate::{
     job::{ByteRange, ErrorContext, JobError, JobId},
+    members,
     origin::{self, OriginError, Remote},
     persist::{ResumeDisk, StateStore},
     scheduler::{self, Action, Received, Scheduler, Source},
@@ -58,6 +59,24 @@ const VERIFY_QUEUE: usize = 4;
 /// (pieces written with `O_DIRECT` are not in the page cache, so reading them back is disk I/O).
 /// 16 MiB covers the reordering of one peer's pipeline even with 1 MiB pieces.
 const SHA_HOLD_BYTES: usize = 16 << 20;
+/// Before its first origin run, a node of a swarm waits until no new member that uses the
+/// origin was learned for this long (a little over one have round), so that the shares it
+/// computes are the ones its far peers compute too.
+const SETTLE: Duration = Duration::from_millis(300);
+/// The longest that settling delays the first origin run, from when the origin may be used.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
+
+/// This download's membership of its content's member view; leaves it when dropped.
+struct Membership {
+    store: Arc<ContentStore>,
+    id: ContentId,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.store.leave_members(&self.id);
+    }
+}
 
 /// What a ban is about: a content id's hash, or a SHA-256 whose claim a peer made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -601,6 +620,12 @@ async fn ask_peers(
     extra: Vec<PeerId>,
     fill_from: Option<(PeerId, &Url)>,
 ) -> Vec<Answer> {
+    let peers = peers_to_ask(env, ban, extra).await;
+    ask(env, key, peers, fill_from).await
+}
+
+/// The connected peers and `extra`, without those banned for `ban`.
+async fn peers_to_ask(env: &Env, ban: BanKey, extra: Vec<PeerId>) -> Vec<PeerId> {
     let mut peers: Vec<PeerId> = env.swarm.connected_peers().await;
     for p in extra {
         if !peers.contains(&p) {
@@ -608,6 +633,39 @@ async fn ask_peers(
         }
     }
     peers.retain(|p| !env.bans.is_banned(ban, p));
+    peers
+}
+
+/// At most this many peers are asked per have round during a download: those it has requests
+/// with first, then others at random. Without a bound, a full mesh of N nodes sends N²
+/// queries per round; the rest of the swarm is learned through member gossip and
+/// announcements, and every peer is asked again within a few rounds.
+const POLL_PEERS: usize = 16;
+
+/// Of `peers`, the ones to ask this round: all when at most [`POLL_PEERS`]; else those in
+/// `busy` (live requests) first, up to half the bound, and the rest at random.
+fn poll_sample(mut peers: Vec<PeerId>, busy: &HashSet<PeerId>) -> Vec<PeerId> {
+    use rand::seq::SliceRandom;
+    if peers.len() <= POLL_PEERS {
+        return peers;
+    }
+    peers.shuffle(&mut rand::rng());
+    // Busy peers to the front (in random order among them), at most half the bound.
+    peers.sort_by_key(|p| !busy.contains(p));
+    let busy_n = peers.iter().take_while(|p| busy.contains(p)).count();
+    let keep = busy_n.min(POLL_PEERS / 2);
+    let mut out: Vec<PeerId> = peers[..keep].to_vec();
+    out.extend(peers[busy_n..].iter().take(POLL_PEERS - keep));
+    out
+}
+
+/// Asks each of `peers` what it holds of `key`.
+async fn ask(
+    env: &Env,
+    key: HaveKey,
+    peers: Vec<PeerId>,
+    fill_from: Option<(PeerId, &Url)>,
+) -> Vec<Answer> {
     let asks = peers.into_iter().map(|peer| {
         let swarm = env.swarm.clone();
         let mut request = HaveRequest::new(key);
@@ -1129,7 +1187,10 @@ struct Assembly {
     id: ContentId,
     /// Chaining values of the pieces this node fetched and recorded.
     own: Vec<Option<shoal_validator::ChainingValue>>,
-    /// Pieces each peer claims (fetched from the origin, layer not yet verified).
+    /// Chaining values taken in from peers' partial layers (untrusted until the layer
+    /// verifies); passed on to peers in turn.
+    relayed: Vec<Option<shoal_validator::ChainingValue>>,
+    /// Pieces whose chaining values each peer can tell (its claims and what it relays).
     claims: HashMap<PeerId, Bitfield>,
     /// Set after an assembled layer failed: claims are ignored from then on.
     failed: bool,
@@ -1140,10 +1201,26 @@ struct Assembly {
 }
 
 impl Assembly {
-    /// Whether own pieces and claims together cover the file.
-    fn covered(&self) -> bool {
-        (0..self.own.len())
-            .all(|i| self.own[i].is_some() || self.claims.values().any(|b| b.get(i as u32)))
+    /// Whether the chaining value of piece `i` is known here (own or relayed).
+    fn knows(&self, i: usize) -> bool {
+        self.own[i].is_some() || self.relayed[i].is_some()
+    }
+
+    /// Whether some peer can tell a chaining value not known here: a gathering round would
+    /// learn something.
+    fn peers_know_more(&self) -> bool {
+        self.claims
+            .values()
+            .any(|b| b.ones().any(|i| !self.knows(i as usize)))
+    }
+
+    /// The chaining values known here: own, else relayed.
+    fn known(&self) -> Vec<Option<shoal_validator::ChainingValue>> {
+        self.own
+            .iter()
+            .zip(&self.relayed)
+            .map(|(o, r)| o.or(*r))
+            .collect()
     }
 }
 
@@ -1151,18 +1228,22 @@ impl Assembly {
 enum Assembled {
     /// A layer that verified against the content id.
     Layer(PieceLayer),
-    /// Claimed values were missing or did not merge into the content id (`from_claims`), or
-    /// no peer's verified layer could be had.
+    /// Some values are still unknown; these were taken in from peers (piece and value).
+    Learned(Vec<(PieceIndex, shoal_validator::ChainingValue)>),
+    /// Claimed values did not merge into the content id (`from_claims`), or no peer's
+    /// verified layer could be had.
     Failed { reason: String, from_claims: bool },
 }
 
-/// Gathers the claimed chaining values the assembly lacks from the peers that claim them,
-/// merges them with this node's own, and checks the result against the content id. A peer
-/// with a verified layer (`full_from`) is asked for that instead.
+/// Gathers the chaining values the assembly lacks (`known` holds the rest) from the peers
+/// that can tell them (their claims, and values they relay from their own peers); once every
+/// value is known, merges them and checks the result against the content id. A peer with a
+/// verified layer (`full_from`) is asked for that instead. Values learned while some are still
+/// missing come back as [`Assembled::Learned`], to be relayed in turn.
 async fn assemble(
     env: Env,
     id: ContentId,
-    own: Vec<Option<shoal_validator::ChainingValue>>,
+    known: Vec<Option<shoal_validator::ChainingValue>>,
     claims: Vec<(PeerId, Bitfield)>,
     full_from: Vec<PeerId>,
 ) -> Assembled {
@@ -1183,7 +1264,8 @@ async fn assemble(
             from_claims: false,
         };
     }
-    let mut cvs = own;
+    let mut cvs = known;
+    let mut learned = Vec::new();
     for (peer, bits) in claims {
         if bits.ones().all(|i| cvs[i as usize].is_some()) {
             continue;
@@ -1195,6 +1277,7 @@ async fn assemble(
                         && slot.is_none()
                     {
                         *slot = Some(cv);
+                        learned.push((i, cv));
                     }
                 }
             }
@@ -1211,10 +1294,7 @@ async fn assemble(
         }
     }
     let Some(cvs) = cvs.into_iter().collect::<Option<Vec<_>>>() else {
-        return Assembled::Failed {
-            reason: "claimed chaining values are missing".into(),
-            from_claims: true,
-        };
+        return Assembled::Learned(learned);
     };
     match PieceLayer::verify(id, cvs) {
         Ok(l) => Assembled::Layer(l),
@@ -1403,6 +1483,7 @@ async fn attempt(
             ContentId::new(h, length).ok().map(|id| Assembly {
                 id,
                 own: vec![None; piece_count as usize],
+                relayed: vec![None; piece_count as usize],
                 claims: HashMap::new(),
                 failed: false,
                 running: false,
@@ -1572,10 +1653,23 @@ async fn attempt(
         .as_ref()
         .map(PieceLayer::content_id)
         .or(assembly.as_ref().map(|a| a.id));
+    // Before the first origin run: not before this, and, while `settling`, not before the
+    // member view has been still for `SETTLE`.
+    let mut not_before: Option<Instant> = None;
+    let mut settling = false;
+    let mut membership: Option<Membership> = None;
     if let Some(id) = &content_id {
         let me = env.swarm.peer_id();
         sched.set_seed(u64::from(origin_start(me, id, u32::MAX)));
         sched.set_me(me);
+        if use_peers {
+            // Swarm members (`crate::members`): have answers now state this node as one.
+            env.store.join_members(*id, me, Instant::now());
+            membership = Some(Membership {
+                store: env.store.clone(),
+                id: *id,
+            });
+        }
         if !peers.is_empty()
             || env.swarm.mode().uses_dht()
             || !env.swarm.connected_peers().await.is_empty()
@@ -1585,7 +1679,8 @@ async fn attempt(
             // Nodes that start together start their origin runs up to 100 ms apart, so that
             // each sees the others' announcements first.
             let jitter = Duration::from_millis(u64::from(origin_start(me, id, 100)));
-            sched.set_origin_not_before(Some(Instant::now() + jitter));
+            not_before = Some(Instant::now() + jitter);
+            settling = membership.is_some();
         }
     }
     if never_origin {
@@ -1594,8 +1689,15 @@ async fn attempt(
     // The rest of the source policy's wait for peers before the origin (DO's
     // DelayBackground/ForegroundDownloadFromHttp).
     if use_peers && !delay.is_zero() && Instant::now() < wait_until {
-        sched.set_origin_not_before(Some(wait_until));
+        not_before = not_before.max(Some(wait_until));
     }
+    sched.set_origin_not_before(not_before);
+    // Settling counts from when the origin may be used.
+    let settle_from = not_before.unwrap_or_else(Instant::now);
+    let mut fetcher_seeds: HashMap<PeerId, u64> = HashMap::new();
+    let mut members_at: Option<Instant> = None;
+    let mut announced_growth: Option<Instant> = None;
+    let mut rounds_answered = 0u32;
     let empty = Bitfield::new(piece_count);
     let apply_peer = |sched: &mut Scheduler,
                       assembly: &mut Option<Assembly>,
@@ -1611,8 +1713,13 @@ async fn attempt(
                     for i in h.have.ones() {
                         c.set(i);
                     }
-                    if a.claims.get(&peer) != Some(&c) {
-                        a.claims.insert(peer, c.clone());
+                    // What the peer can tell: its claims, its pieces, and relayed values.
+                    let mut tell = h.chaining.clone();
+                    for i in c.ones() {
+                        tell.set(i);
+                    }
+                    if a.claims.get(&peer) != Some(&tell) {
+                        a.claims.insert(peer, tell);
                         a.changed = true;
                     }
                 }
@@ -1636,14 +1743,16 @@ async fn attempt(
     };
     // Have rounds in a row each known peer missed (no answer, or nothing of the content).
     let mut misses: HashMap<PeerId, u32> = HashMap::new();
-    if content_id.is_some() {
+    if let Some(id) = &content_id {
         for (peer, h) in std::mem::take(&mut peers) {
+            env.store
+                .with_members(id, |v| v.merge(&h.members, Instant::now()));
             apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
         }
     }
     let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
-    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Vec<Answer>>(1);
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<(Vec<PeerId>, Vec<Answer>)>(1);
     let (assembled_tx, mut assembled_rx) = mpsc::channel::<Assembled>(1);
     let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
     let mut announcements = env.swarm.announcements();
@@ -1666,7 +1775,56 @@ async fn attempt(
         if sched.is_complete() && in_verifier == 0 {
             break Ok(());
         }
+        // The swarm's members, every tick: state this node, share the origin among those that
+        // use it, and while settling, hold the first origin run until the view is still.
+        if let Some(id) = content_id
+            && membership.is_some()
+            && members_at.is_none_or(|t| t.elapsed() >= TICK)
+        {
+            let now = Instant::now();
+            members_at = Some(now);
+            let done = sched.done_count();
+            let origin_now = !never_origin && now >= wait_until;
+            if let Some((fetchers, grew)) = env.store.with_members(&id, |v| {
+                v.set_self(done, origin_now, now);
+                (v.fetchers(piece_count, now), v.grew_at())
+            }) {
+                let seeded: Vec<(PeerId, u64)> = fetchers
+                    .into_iter()
+                    .map(|p| {
+                        let seed = *fetcher_seeds
+                            .entry(p)
+                            .or_insert_with(|| members::fetcher_seed(&p, id.hash()));
+                        (p, seed)
+                    })
+                    .collect();
+                sched.set_fetchers(&seeded, now);
+                if settling {
+                    // Two have rounds answered (members two hops away known), and no new
+                    // member for `SETTLE`; at most `MAX_SETTLE`.
+                    let cap = settle_from + MAX_SETTLE;
+                    let until = if rounds_answered >= 2 {
+                        (grew + SETTLE).min(cap)
+                    } else {
+                        cap
+                    };
+                    sched.set_origin_not_before(not_before.max(Some(until)));
+                    // New members reach the peers at once, not at their next have round.
+                    if announced_growth != Some(grew)
+                        && let Some(h) = env.store.have(&HaveKey::Blake3(*id.hash()))
+                        && h.content_id == id
+                    {
+                        announced_growth = Some(grew);
+                        let to = poll_sample(sched.peer_ids(), &HashSet::new());
+                        env.swarm.announce(to, h).await;
+                    }
+                }
+            }
+        }
         let actions = sched.next_actions(Instant::now());
+        if actions.iter().any(|a| matches!(a, Action::Origin { .. })) {
+            settling = false;
+        }
         if sched.is_stuck() {
             let since = *stuck_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= STUCK_GRACE {
@@ -1770,6 +1928,7 @@ async fn attempt(
                 refreshes += 1;
                 env.store.set_fetching(&id, &task.temp, sched.in_flight());
                 let dht = refreshes.is_multiple_of(DHT_EVERY_REFRESHES);
+                let busy: HashSet<PeerId> = requests.keys().map(|(_, p)| *p).collect();
                 let (env2, tx) = (env.clone(), refresh_tx.clone());
                 tokio::spawn(async move {
                     let key = BanKey::Blake3(*id.hash());
@@ -1779,33 +1938,37 @@ async fn attempt(
                     } else {
                         Vec::new()
                     };
-                    let answers = ask_peers(&env2, have, key, providers, None).await;
+                    let asked = poll_sample(peers_to_ask(&env2, key, providers).await, &busy);
+                    let answers = ask(&env2, have, asked.clone(), None).await;
                     let _ = tx
-                        .send(
+                        .send((
+                            asked,
                             answers
                                 .into_iter()
                                 .filter(|(p, h)| h.content_id == id && !env2.bans.is_banned(key, p))
                                 .collect(),
-                        )
+                        ))
                         .await;
                 });
             }
         }
-        // Assemble the layer once own pieces and claims cover the file, or take a verified
-        // layer from a peer that has one.
+        // Gather chaining values from peers that can tell ones not known here, and assemble
+        // the layer once all are known (a peer with a verified layer gives it whole).
         if layer.is_none()
             && let Some(a) = &mut assembly
             && !a.running
             && !a.failed
         {
             let full_from: Vec<PeerId> = Vec::new();
-            // Coverage is checked only after own pieces or claims changed: it walks every
-            // piece against every claimer.
-            if std::mem::take(&mut a.changed) && a.covered() {
+            // Checked only after own pieces or peers' values changed: it walks every piece
+            // against every peer.
+            if std::mem::take(&mut a.changed)
+                && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
+            {
                 a.running = true;
                 let claims: Vec<(PeerId, Bitfield)> =
                     a.claims.iter().map(|(p, b)| (*p, b.clone())).collect();
-                let (env2, tx, id, own) = (env.clone(), assembled_tx.clone(), a.id, a.own.clone());
+                let (env2, tx, id, own) = (env.clone(), assembled_tx.clone(), a.id, a.known());
                 tokio::spawn(async move {
                     let _ = tx
                         .send(assemble(env2, id, own, claims, full_from).await)
@@ -1935,21 +2098,28 @@ async fn attempt(
             got = announcements.recv(), if announcements_open && content_id.is_some() => match got {
                 Ok((peer, h)) => {
                     let key = content_id.map(|c| BanKey::Blake3(*c.hash()));
-                    if Some(h.content_id) == content_id
+                    if let Some(id) = content_id
+                        && h.content_id == id
                         && !key.is_some_and(|k| env.bans.is_banned(k, &peer))
                     {
+                        env.store.with_members(&id, |v| v.merge(&h.members, Instant::now()));
                         apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
             },
-            Some(answers) = refresh_rx.recv() => {
+            Some((asked, answers)) = refresh_rx.recv() => {
                 refreshing = false;
+                rounds_answered += 1;
                 last_refresh = Instant::now();
                 let mut full_from = Vec::new();
                 let answered: HashSet<PeerId> = answers.iter().map(|(p, _)| *p).collect();
                 for peer in sched.peer_ids() {
+                    if !asked.contains(&peer) {
+                        // Not asked this round: its last answer stands.
+                        continue;
+                    }
                     if answered.contains(&peer) {
                         misses.remove(&peer);
                         continue;
@@ -1960,6 +2130,9 @@ async fn attempt(
                         // Gone, or holds nothing of it any more: its pieces and claims no
                         // longer count.
                         sched.remove_peer(&peer);
+                        if let Some(id) = &content_id {
+                            env.store.with_members(id, |v| v.forget(&peer));
+                        }
                         if let Some(a) = &mut assembly {
                             a.claims.remove(&peer);
                             a.changed = true;
@@ -1967,11 +2140,23 @@ async fn attempt(
                         misses.remove(&peer);
                     }
                 }
+                let now = Instant::now();
                 for (peer, h) in answers {
                     if layer.is_none() && h.have.count_ones() > 0 {
                         full_from.push(peer);
                     }
+                    if let Some(id) = &content_id {
+                        env.store.with_members(id, |v| v.merge(&h.members, now));
+                    }
                     apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
+                }
+                // Values a peer could tell that an earlier gathering missed are asked again.
+                if let Some(a) = &mut assembly
+                    && layer.is_none()
+                    && !a.running
+                    && a.peers_know_more()
+                {
+                    a.changed = true;
                 }
                 // A peer with a verified layer: take it rather than wait for the claims.
                 if layer.is_none()
@@ -2015,6 +2200,16 @@ async fn attempt(
                         // Peers' pieces count from the next have round on.
                         last_refresh = Instant::now() - PEER_REFRESH;
                     }
+                    Assembled::Learned(entries) => {
+                        // Passed on to peers from now on; the rest is asked for again when
+                        // peers tell more (or at the next have round).
+                        for (i, cv) in &entries {
+                            a.relayed[*i as usize] = Some(*cv);
+                        }
+                        if !entries.is_empty() {
+                            env.store.set_relayed(&a.id, &task.temp, &entries);
+                        }
+                    }
                     Assembled::Failed { reason, from_claims } => {
                         if !from_claims {
                             // Only peers' verified layers were tried; claims may still do.
@@ -2023,6 +2218,8 @@ async fn attempt(
                         }
                         warn!(url = %task.url, "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");
                         a.failed = true;
+                        a.relayed.iter_mut().for_each(|c| *c = None);
+                        env.store.set_relayed(&a.id, &task.temp, &[]);
                         sched.drop_claims();
                     }
                 }

@@ -864,6 +864,9 @@ pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
                 "peers_not_allowed": (!f.peers_not_allowed.is_empty()).then_some(&f.peers_not_allowed),
                 "dht_providers": f.dht_providers,
                 "asked": f.asked,
+                "members_alive": f.members_alive,
+                "member_fetchers": f.member_fetchers,
+                "origin_share": f.origin_share,
                 "answers": f.answers.iter().map(|a| json!({
                     "peer": a.peer,
                     "source": a.source,

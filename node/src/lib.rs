@@ -36,6 +36,7 @@ pub mod fill;
 mod fsuser;
 pub mod group;
 pub mod job;
+pub mod members;
 mod metrics;
 mod node;
 pub mod origin;

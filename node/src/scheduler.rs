@@ -269,7 +269,23 @@ pub struct Scheduler {
     swarm: bool,
     /// This node, to rank itself among the peers that fetch the same content.
     me: Option<PeerId>,
+    /// The swarm members that share out the pieces needing the origin (sorted), and this
+    /// node's shares of them; see [`Scheduler::set_fetchers`].
+    fetchers: Vec<PeerId>,
+    shares: Option<Shares>,
+    /// Pieces held when last looked at, and since when (from the shares being first set):
+    /// shares lapse after [`Config::coming_patience`] without a new piece.
+    progress: Option<(u32, Instant)>,
     rng: StdRng,
+}
+
+/// Which blocks of pieces are this node's to fetch from the origin.
+#[derive(Debug)]
+struct Shares {
+    /// Pieces per block.
+    block: u32,
+    /// Per block: whether this node owns it.
+    mine: Vec<bool>,
 }
 
 impl Scheduler {
@@ -298,6 +314,9 @@ impl Scheduler {
             done: 0,
             swarm: false,
             me: None,
+            fetchers: Vec::new(),
+            shares: None,
+            progress: None,
             rng: StdRng::seed_from_u64(0x5eed),
         }
     }
@@ -313,6 +332,58 @@ impl Scheduler {
     /// node takes a different share of the pieces that need the origin, by the rank of its id.
     pub fn set_me(&mut self, me: PeerId) {
         self.me = Some(me);
+    }
+
+    /// Sets the swarm members that share out the pieces needing the origin: each with its
+    /// seed (`crate::members::fetcher_seed`), this node among them when it uses the origin.
+    /// With two or more (or only others), the pieces are cut into blocks of
+    /// [`Config::max_origin_run`] and each block goes to one fetcher by rendezvous hashing
+    /// (`crate::members::assign`); a block of another fetcher is awaited, not fetched,
+    /// unless no piece arrived for [`Config::coming_patience`] (the shares lapse) or the piece
+    /// failed from peers. Every node that knows the same fetchers computes the same shares,
+    /// whether or not they are its neighbours. Unchanged fetchers change nothing.
+    pub fn set_fetchers(&mut self, fetchers: &[(PeerId, u64)], now: Instant) {
+        let ids: Vec<PeerId> = fetchers.iter().map(|(p, _)| *p).collect();
+        if ids == self.fetchers {
+            return;
+        }
+        self.fetchers = ids;
+        let alone = fetchers.is_empty() || (fetchers.len() == 1 && Some(fetchers[0].0) == self.me);
+        if alone || self.me.is_none() {
+            self.shares = None;
+            return;
+        }
+        let block = self.config.max_origin_run.max(1);
+        let blocks = (self.pieces.len() as u32).div_ceil(block);
+        let seeds: Vec<u64> = fetchers.iter().map(|(_, s)| *s).collect();
+        let owners = crate::members::assign(&seeds, blocks);
+        let me = self.fetchers.iter().position(|p| Some(*p) == self.me);
+        let mine = owners
+            .iter()
+            .map(|&o| me.is_some_and(|m| usize::from(o) == m))
+            .collect();
+        self.shares = Some(Shares { block, mine });
+        self.progress.get_or_insert((self.done, now));
+    }
+
+    /// Whether the shares among fetchers hold at `now` (set, and not lapsed).
+    fn shared(&self, now: Instant) -> bool {
+        self.shares.is_some()
+            && self
+                .progress
+                .is_none_or(|(_, t)| now.saturating_duration_since(t) < self.config.coming_patience)
+    }
+
+    /// Whether piece `index` is this node's to fetch from the origin under the shares.
+    fn mine(&self, index: usize, now: Instant) -> bool {
+        match &self.shares {
+            Some(s) if self.shared(now) => s
+                .mine
+                .get(index / s.block as usize)
+                .copied()
+                .unwrap_or(true),
+            _ => true,
+        }
     }
 
     /// Seeds the random choices (random first pieces, ties between equally rare pieces).
@@ -450,6 +521,12 @@ impl Scheduler {
         &self.banned
     }
 
+    /// How many pieces are held.
+    #[must_use]
+    pub fn done_count(&self) -> u32 {
+        self.done
+    }
+
     /// True when every piece is held.
     #[must_use]
     pub fn is_complete(&self) -> bool {
@@ -530,7 +607,10 @@ impl Scheduler {
         let coming_in_time = self.fetching_count[index] > 0
             && self.coming_since[index]
                 .is_none_or(|t| now.saturating_duration_since(t) < self.config.coming_patience);
-        self.have_count[index] == 0 && !coming_in_time && self.claimed_count[index] == 0
+        self.have_count[index] == 0
+            && !coming_in_time
+            && self.claimed_count[index] == 0
+            && self.mine(index, now)
     }
 
     /// The best eligible peer holding `index`, other than `not`: the most room left in its
@@ -568,6 +648,11 @@ impl Scheduler {
     /// The fetches to start now.
     pub fn next_actions(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        if let Some((done, at)) = &mut self.progress
+            && *done != self.done
+        {
+            (*done, *at) = (self.done, now);
+        }
         let n = self.pieces.len();
         // Pieces stalled at snubbed peers go to other peers first.
         self.duplicates(false, now, &mut actions);
@@ -699,6 +784,14 @@ impl Scheduler {
                 && self.needs_origin(i as usize, now)
         }) {
             return Some((i, unlimited));
+        }
+        // Shares among the swarm's members: the first piece of this node's blocks that needs
+        // the origin, in file order (every fetcher goes front to back, so the swarm's file
+        // fills roughly in order).
+        if self.shared(now) {
+            return (0..n)
+                .find(|&i| self.needs_origin(i as usize, now))
+                .map(|i| (i, unlimited));
         }
         if self.peers.is_empty() || self.me.is_none() {
             return (0..n)
@@ -1256,5 +1349,79 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn members_share_the_origin_by_blocks_and_await_the_others_until_progress_stops() {
+        let content = [3u8; 32];
+        let now = Instant::now();
+        let (me, other) = (PeerId::random(), PeerId::random());
+        let fetchers: Vec<(PeerId, u64)> = {
+            let mut f = vec![me, other];
+            f.sort_unstable();
+            f.into_iter()
+                .map(|p| (p, crate::members::fetcher_seed(&p, &content)))
+                .collect()
+        };
+        // 20 blocks of 8 pieces; `other` is not a neighbour (never answered a have query).
+        let mut s = sched(160, Config::default());
+        s.set_me(me);
+        s.set_swarm(true);
+        s.set_fetchers(&fetchers, now);
+        let seeds: Vec<u64> = fetchers.iter().map(|f| f.1).collect();
+        let me_at = fetchers.iter().position(|f| f.0 == me).unwrap() as u16;
+        let mine: Vec<u32> = crate::members::assign(&seeds, 20)
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o == me_at)
+            .map(|(b, _)| b as u32)
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < 20, "{mine:?}");
+        // The origin takes this node's blocks in file order and nothing else.
+        let mut taken = Vec::new();
+        loop {
+            let acts = s.next_actions(now);
+            let Some(Action::Origin { start, end }) = acts.first().cloned() else {
+                assert!(acts.is_empty(), "{acts:?}");
+                break;
+            };
+            assert_eq!(
+                (start % 8, end - start),
+                (0, 8),
+                "whole blocks, one at a time"
+            );
+            taken.push(start / 8);
+            for i in start..end {
+                s.on_received(i, Source::Origin, PIECE, now);
+                s.on_done(i, Source::Origin);
+            }
+            s.on_origin_run_end();
+        }
+        assert_eq!(taken, mine);
+        // The other member's blocks are awaited while pieces keep arriving...
+        let later = now + Duration::from_secs(19);
+        assert!(s.next_actions(later).is_empty());
+        // ...and once none arrived for the patience, the shares lapse.
+        let stalled = now + Duration::from_secs(20);
+        match s.next_actions(stalled).as_slice() {
+            [Action::Origin { start, end }] => {
+                assert!(!mine.contains(&(start / 8)), "{start}");
+                assert_eq!(end - start, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A lone fetcher (only this node) has no shares: it starts where it was told.
+        let mut t = sched(160, Config::default());
+        t.set_me(me);
+        t.set_origin_start(40);
+        t.set_fetchers(&fetchers[..0], now);
+        t.set_fetchers(&[(me, 1)], now);
+        assert_eq!(
+            t.next_actions(now),
+            vec![Action::Origin {
+                start: 40,
+                end: 160
+            }]
+        );
     }
 }

@@ -21,11 +21,14 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Instant,
 };
 
 use bytes::Bytes;
 use shoal_protocol::{Bitfield, HaveKey, Holding, LayerResponse, PieceIndex};
 use shoal_validator::{ChainingValue, ContentId, PieceLayer, Sha256Digest};
+
+use crate::members::MemberView;
 
 /// One content this node holds or assembles.
 #[derive(Clone, Debug)]
@@ -39,6 +42,9 @@ struct Entry {
     fetching: Bitfield,
     /// While assembling: the chaining values this node computed from origin bytes.
     claims: Vec<Option<ChainingValue>>,
+    /// While assembling: chaining values taken in from peers' partial layers (untrusted until
+    /// the assembled layer verifies), passed on in partial layer responses.
+    relayed: Vec<Option<ChainingValue>>,
     path: PathBuf,
     /// Set when a piece was read to serve a peer; taken by the cache's sweep (its LRU).
     served: Arc<AtomicBool>,
@@ -53,6 +59,7 @@ impl Entry {
             verified,
             fetching: Bitfield::new(n),
             claims: Vec::new(),
+            relayed: Vec::new(),
             path,
             served: Arc::default(),
         }
@@ -66,6 +73,17 @@ impl Entry {
                 claimed.set(i as u32);
             }
         }
+        let chaining = if self.layer.is_some() {
+            Bitfield::full(n)
+        } else {
+            let mut b = claimed.clone();
+            for (i, c) in self.relayed.iter().enumerate() {
+                if c.is_some() {
+                    b.set(i as u32);
+                }
+            }
+            b
+        };
         Holding {
             content_id: id,
             have: if self.layer.is_some() {
@@ -75,6 +93,8 @@ impl Entry {
             },
             fetching: self.fetching.clone(),
             claimed,
+            chaining,
+            members: Vec::new(),
         }
     }
 }
@@ -84,6 +104,10 @@ struct Inner {
     by_id: HashMap<ContentId, Entry>,
     by_hash: HashMap<[u8; 32], ContentId>,
     by_sha256: HashMap<Sha256Digest, ContentId>,
+    /// Per content this node fetched: the swarm members it knows, and how many downloads on
+    /// this node use the view. A view stays while the content is held, so that the node goes
+    /// on stating itself as a member while it serves.
+    members: HashMap<ContentId, (MemberView, u32)>,
 }
 
 /// The registry of verified content, shared by the swarm (serving) and the jobs (filling it).
@@ -153,6 +177,7 @@ impl ContentStore {
                 verified: Bitfield::new(n),
                 fetching: Bitfield::new(n),
                 claims: vec![None; n as usize],
+                relayed: vec![None; n as usize],
                 path,
                 served: Arc::default(),
             },
@@ -169,6 +194,33 @@ impl ContentStore {
             && let Some(c) = e.claims.get_mut(index as usize)
         {
             *c = Some(cv);
+        }
+    }
+
+    /// Records chaining values of `id` taken in from peers' partial layers while the entry at
+    /// `path` assembles its layer (`entries`: piece index and value); values already known are
+    /// kept. With `entries` empty, forgets every relayed value (the assembly failed).
+    pub fn set_relayed(
+        &self,
+        id: &ContentId,
+        path: &Path,
+        entries: &[(PieceIndex, ChainingValue)],
+    ) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = inner.by_id.get_mut(id)
+            && e.path == path
+            && e.layer.is_none()
+        {
+            if entries.is_empty() {
+                e.relayed.iter_mut().for_each(|c| *c = None);
+            }
+            for (i, cv) in entries {
+                if let Some(c) = e.relayed.get_mut(*i as usize)
+                    && c.is_none()
+                {
+                    *c = Some(*cv);
+                }
+            }
         }
     }
 
@@ -221,7 +273,45 @@ impl ContentStore {
             inner.by_id.remove(id);
             inner.by_hash.remove(id.hash());
             inner.by_sha256.retain(|_, v| v != id);
+            if inner.members.get(id).is_some_and(|(_, users)| *users == 0) {
+                inner.members.remove(id);
+            }
             self.changed.notify_one();
+        }
+    }
+
+    /// Starts (or joins) the member view of `id` for a download on this node, `me`: have
+    /// answers for `id` then carry the view's sample ([`MemberView::sample`]).
+    pub fn join_members(&self, id: ContentId, me: libp2p::PeerId, now: Instant) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner
+            .members
+            .entry(id)
+            .or_insert_with(|| (MemberView::new(me, now), 0))
+            .1 += 1;
+    }
+
+    /// Runs `f` on the member view of `id`; `None` when there is none.
+    pub fn with_members<R>(
+        &self,
+        id: &ContentId,
+        f: impl FnOnce(&mut MemberView) -> R,
+    ) -> Option<R> {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.members.get_mut(id).map(|(v, _)| f(v))
+    }
+
+    /// A download of `id` that joined the member view ended. The view goes when no download
+    /// uses it and the content is not held; while held, this node stays a member (with the
+    /// pieces it holds).
+    pub fn leave_members(&self, id: &ContentId) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let held = inner.by_id.contains_key(id);
+        if let Some((_, users)) = inner.members.get_mut(id) {
+            *users = users.saturating_sub(1);
+            if *users == 0 && !held {
+                inner.members.remove(id);
+            }
         }
     }
 
@@ -279,7 +369,11 @@ impl ContentStore {
             HaveKey::Blake3(h) => *inner.by_hash.get(h)?,
             HaveKey::Sha256(d) => *inner.by_sha256.get(d)?,
         };
-        inner.by_id.get(&id).map(|e| e.holding(id))
+        let mut h = inner.by_id.get(&id).map(|e| e.holding(id))?;
+        if let Some((v, _)) = inner.members.get(&id) {
+            h.members = v.sample(Instant::now());
+        }
+        Some(h)
     }
 
     /// The verified piece layer of `id`.
@@ -301,13 +395,16 @@ impl ContentStore {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         match inner.by_id.get(id) {
             Some(Entry { layer: Some(l), .. }) => LayerResponse::Full(l.chaining_values().to_vec()),
-            Some(e) if partial && e.claims.iter().any(Option::is_some) => LayerResponse::Partial(
-                e.claims
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, c)| c.map(|c| (i as u32, c)))
-                    .collect(),
-            ),
+            Some(e) if partial && e.claims.iter().chain(&e.relayed).any(Option::is_some) => {
+                LayerResponse::Partial(
+                    e.claims
+                        .iter()
+                        .zip(&e.relayed)
+                        .enumerate()
+                        .filter_map(|(i, (c, r))| c.or(*r).map(|c| (i as u32, c)))
+                        .collect(),
+                )
+            }
             _ => LayerResponse::NotFound,
         }
     }

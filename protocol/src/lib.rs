@@ -29,7 +29,8 @@ pub use id::{
 };
 pub use message::{
     Ack, DecodeError, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
-    MAX_ORIGIN_URL_BYTES, Message, PieceRequest, PieceResponse,
+    MAX_MEMBER_ID_BYTES, MAX_MEMBERS, MAX_ORIGIN_URL_BYTES, Member, Message, PieceRequest,
+    PieceResponse,
 };
 
 /// The protocol name of the have query, on which a node asks what a peer holds of a content id

@@ -18,6 +18,9 @@ use crate::{
 const MAX_PIECES: u64 = MAX_CONTENT_LEN_BYTES / MAX_PIECE_SIZE_BYTES;
 /// Room for field tags, lengths and small fields around the bulk of a message, in bytes.
 const ENVELOPE_BYTES: usize = 256;
+/// The most bytes one encoded [`Member`] takes: its tag and length, the peer id with its tag
+/// and length, and three varint fields with their tags.
+const MEMBER_BYTES: usize = 2 + (2 + MAX_MEMBER_ID_BYTES) + (1 + 10) + (1 + 5) + 2;
 
 /// A message that could not be decoded; names what was wrong.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -237,6 +240,36 @@ pub struct Holding {
     /// The pieces the peer fetched from the origin while it knew no verified layer; it can
     /// tell their chaining values (a partial [`LayerResponse`]).
     pub claimed: Bitfield,
+    /// The pieces whose chaining values the peer can tell in a partial [`LayerResponse`]: its
+    /// claims and values it took in from other peers (relayed, so that a swarm whose nodes
+    /// each see a few others can still assemble the layer); every piece once it holds a
+    /// verified layer. Decoded as `claimed` when the peer sends none.
+    pub chaining: Bitfield,
+    /// The swarm members fetching this content that the peer knows of (itself first), at
+    /// most [`MAX_MEMBERS`]; empty from peers that do not gossip members.
+    pub members: Vec<Member>,
+}
+
+/// The most [`Member`] entries one [`Holding`] carries.
+pub const MAX_MEMBERS: usize = 64;
+/// The longest peer id a [`Member`] carries, in bytes (a libp2p multihash is at most 64 bytes
+/// of digest plus its header).
+pub const MAX_MEMBER_ID_BYTES: usize = 70;
+
+/// A node fetching some content, as one peer tells another: the swarm's shared view of who
+/// takes part, gossiped in [`Holding::members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The node's libp2p peer id bytes (a multihash, at most [`MAX_MEMBER_ID_BYTES`]); the
+    /// node layer parses it and drops entries that do not parse.
+    pub peer_id: Bytes,
+    /// The node's own clock in milliseconds when it last stated this entry; a relayed entry
+    /// is newer when this is higher.
+    pub heartbeat: u64,
+    /// Pieces of the content the node holds (verified, or fetched while it assembles).
+    pub done: u32,
+    /// Whether the node uses the origin for this content now.
+    pub origin: bool,
 }
 
 impl Holding {
@@ -249,6 +282,8 @@ impl Holding {
             have,
             fetching: Bitfield::new(n),
             claimed: Bitfield::new(n),
+            chaining: Bitfield::new(n),
+            members: Vec::new(),
         }
     }
 }
@@ -260,7 +295,8 @@ pub struct HaveResponse(pub Option<Holding>);
 
 impl Message for HaveResponse {
     const NAME: &'static str = "HaveResponse";
-    const MAX_LEN_BYTES: usize = 3 * MAX_PIECES.div_ceil(8) as usize + ENVELOPE_BYTES;
+    const MAX_LEN_BYTES: usize =
+        4 * MAX_PIECES.div_ceil(8) as usize + MAX_MEMBERS * MEMBER_BYTES + ENVELOPE_BYTES;
 
     fn encode(&self) -> Vec<u8> {
         let empty_or = |b: &Bitfield| {
@@ -276,6 +312,22 @@ impl Message for HaveResponse {
                 bitfield: Bytes::copy_from_slice(h.have.as_bytes()),
                 fetching: empty_or(&h.fetching),
                 claimed: empty_or(&h.claimed),
+                chaining: if h.chaining == h.claimed {
+                    Bytes::new()
+                } else {
+                    empty_or(&h.chaining)
+                },
+                members: h
+                    .members
+                    .iter()
+                    .take(MAX_MEMBERS)
+                    .map(|m| proto::Member {
+                        peer_id: m.peer_id.clone(),
+                        heartbeat: m.heartbeat,
+                        done: m.done,
+                        origin: m.origin,
+                    })
+                    .collect(),
             },
             None => proto::HaveResponse::default(),
         };
@@ -296,11 +348,37 @@ impl Message for HaveResponse {
             }
             Bitfield::from_bytes(b, n).ok_or_else(|| invalid(Self::NAME, field))
         };
+        if msg.members.len() > MAX_MEMBERS {
+            return Err(invalid(Self::NAME, "members"));
+        }
+        let members = msg
+            .members
+            .into_iter()
+            .map(|m| {
+                if m.peer_id.is_empty() || m.peer_id.len() > MAX_MEMBER_ID_BYTES || m.done > n {
+                    return Err(invalid(Self::NAME, "members"));
+                }
+                Ok(Member {
+                    peer_id: m.peer_id,
+                    heartbeat: m.heartbeat,
+                    done: m.done,
+                    origin: m.origin,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let claimed = bits(&msg.claimed, "claimed")?;
+        let chaining = if msg.chaining.is_empty() {
+            claimed.clone()
+        } else {
+            bits(&msg.chaining, "chaining")?
+        };
         Ok(Self(Some(Holding {
             have: bits(&msg.bitfield, "bitfield")?,
             fetching: bits(&msg.fetching, "fetching")?,
-            claimed: bits(&msg.claimed, "claimed")?,
+            claimed,
+            chaining,
             content_id: id,
+            members,
         })))
     }
 }
@@ -579,9 +657,33 @@ mod tests {
         round_trip(&HaveResponse(Some(Holding {
             content_id: id(100_000),
             have: Bitfield::new(id(100_000).piece_count()),
-            fetching: bits,
-            claimed: other,
+            fetching: bits.clone(),
+            claimed: other.clone(),
+            chaining: other.clone(),
+            members: vec![Member {
+                peer_id: Bytes::from_static(&[0, 36, 8, 1]),
+                heartbeat: 1_700_000_000_123,
+                done: 7,
+                origin: true,
+            }],
         })));
+        // Relayed chaining values beyond the claims; an old peer's empty field reads as claimed.
+        round_trip(&HaveResponse(Some(Holding {
+            content_id: id(100_000),
+            have: Bitfield::new(id(100_000).piece_count()),
+            fetching: bits.clone(),
+            claimed: other.clone(),
+            chaining: Bitfield::full(id(100_000).piece_count()),
+            members: Vec::new(),
+        })));
+        let old_peer = proto::HaveResponse {
+            content_id: Some(cid_to_proto(&id(100_000))),
+            bitfield: Bytes::copy_from_slice(bits.as_bytes()),
+            claimed: Bytes::copy_from_slice(other.as_bytes()),
+            ..Default::default()
+        };
+        let got = HaveResponse::decode(Bytes::from(old_peer.encode_to_vec())).unwrap();
+        assert_eq!(got.0.map(|h| h.chaining), Some(other.clone()));
         round_trip(&HaveRequest::new(HaveKey::Blake3([5; 32])));
         round_trip(&HaveRequest {
             key: HaveKey::Sha256(Sha256Digest([6; 32])),
@@ -623,7 +725,17 @@ mod tests {
             content_id: big,
             have: Bitfield::full(big.piece_count()),
             fetching: Bitfield::full(big.piece_count()),
-            claimed: Bitfield::full(big.piece_count()),
+            claimed: Bitfield::new(big.piece_count()),
+            chaining: Bitfield::full(big.piece_count()),
+            members: vec![
+                Member {
+                    peer_id: Bytes::from(vec![0xff; MAX_MEMBER_ID_BYTES]),
+                    heartbeat: u64::MAX,
+                    done: big.piece_count(),
+                    origin: true,
+                };
+                MAX_MEMBERS
+            ],
         })));
         round_trip(&HaveRequest {
             key: HaveKey::Blake3([1; 32]),
@@ -677,6 +789,8 @@ mod tests {
                 bitfield: Bytes::from_static(&[0]),
                 fetching: Bytes::from_static(&[0, 0, 0]),
                 claimed: Bytes::new(),
+                chaining: Bytes::new(),
+                members: Vec::new(),
             }
             .encode_to_vec(),
         );
@@ -684,6 +798,43 @@ mod tests {
             HaveResponse::decode(body),
             Err(invalid("HaveResponse", "fetching"))
         );
+        // Members: too many, an empty or oversized peer id, more pieces done than exist.
+        let member = proto::Member {
+            peer_id: Bytes::from_static(&[1; 38]),
+            heartbeat: 5,
+            done: 1,
+            origin: true,
+        };
+        let bad_members = [
+            vec![member.clone(); MAX_MEMBERS + 1],
+            vec![proto::Member {
+                peer_id: Bytes::new(),
+                ..member.clone()
+            }],
+            vec![proto::Member {
+                peer_id: Bytes::from(vec![1; MAX_MEMBER_ID_BYTES + 1]),
+                ..member.clone()
+            }],
+            vec![proto::Member {
+                done: id(100_000).piece_count() + 1,
+                ..member.clone()
+            }],
+        ];
+        for members in bad_members {
+            let body = Bytes::from(
+                proto::HaveResponse {
+                    content_id: Some(cid_to_proto(&id(100_000))),
+                    bitfield: Bytes::from(vec![0; id(100_000).piece_count().div_ceil(8) as usize]),
+                    members,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            );
+            assert_eq!(
+                HaveResponse::decode(body),
+                Err(invalid("HaveResponse", "members"))
+            );
+        }
         let body = Bytes::from(
             proto::HaveRequest {
                 key: Some(proto::have_request::Key::Blake3(Bytes::from_static(

@@ -491,6 +491,13 @@ impl Control for Service {
                         })
                         .collect(),
                     asked: u32::try_from(f.asked).unwrap_or(u32::MAX),
+                    members_alive: f
+                        .members
+                        .map_or(0, |m| u32::try_from(m.alive).unwrap_or(u32::MAX)),
+                    member_fetchers: f
+                        .members
+                        .map_or(0, |m| u32::try_from(m.fetchers).unwrap_or(u32::MAX)),
+                    origin_share: f.members.is_some_and(|m| m.me_fetching),
                 })
                 .collect(),
             reasons: d.reasons,

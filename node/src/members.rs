@@ -1,0 +1,392 @@
+//! Swarm members: the nodes fetching one content, as this node knows them.
+//!
+//! Every have answer (and announcement) carries up to [`MAX_MEMBERS`] entries of the sender's
+//! view, itself first, so that membership spreads from peer to peer like a rumour: within a few
+//! have rounds every node of a connected swarm knows about the same set of members, also those it
+//! is not connected to. The scheduler shares out the pieces that need the origin among the
+//! members that use the origin ([`MemberView::fetchers`]), so that a piece crosses the WAN once
+//! even in a swarm where no node sees every other (see `docs/scheduling.md`).
+//!
+//! Each member states its own heartbeat (its clock in milliseconds); a relayed entry replaces
+//! what is known only when its heartbeat is higher, the way gossip membership protocols keep
+//! stale rumours from reviving a node (van Renesse, Minsky and Hayden, "A Gossip-Style Failure
+//! Detection Service", 1998). A member whose heartbeat has not risen for [`MEMBER_TIMEOUT`] is
+//! taken as gone; one whose count of pieces has not risen for [`MEMBER_STALL`] while it lacks
+//! some is taken as stalled. Neither takes a share then.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use rand::seq::IteratorRandom;
+use shoal_protocol::{MAX_MEMBERS, Member};
+
+/// How long a member's heartbeat may stay the same before the member is taken as gone: 10 s.
+/// Entries reach a node through up to a few relays, each of which includes a given entry in
+/// about every answer while the swarm has at most [`MAX_MEMBERS`] members.
+pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a member that lacks pieces may stay without a new one before it is taken as
+/// stalled (its share goes to the others): 20 s, the scheduler's default patience for pieces
+/// a peer fetches.
+pub const MEMBER_STALL: Duration = Duration::from_secs(20);
+/// How long an entry that is gone stays known (so that a relayed copy of its last heartbeat
+/// does not bring it back): 60 s.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// The most members one view keeps; further ones are ignored.
+const MAX_KNOWN: usize = 4096;
+
+/// What is known of one other member.
+#[derive(Debug, Clone)]
+struct Known {
+    heartbeat: u64,
+    done: u32,
+    origin: bool,
+    /// When its heartbeat last rose here.
+    seen: Instant,
+    /// When its count of pieces last rose here.
+    progressed: Instant,
+    /// A direct peer that stopped answering: gone until a higher heartbeat comes.
+    gone: bool,
+}
+
+/// This node's view of the members fetching one content.
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    me: PeerId,
+    me_bytes: Bytes,
+    done: u32,
+    origin: bool,
+    /// The heartbeat at `base`, in milliseconds since the Unix epoch.
+    base_ms: u64,
+    base: Instant,
+    known: HashMap<PeerId, Known>,
+    /// When a member that uses the origin was last learned of (the fetchers grew).
+    grew_at: Instant,
+}
+
+impl MemberView {
+    /// A view holding only this node, `me`, with no piece and not using the origin.
+    #[must_use]
+    pub fn new(me: PeerId, now: Instant) -> Self {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            me,
+            me_bytes: Bytes::from(me.to_bytes()),
+            done: 0,
+            origin: false,
+            base_ms,
+            base: now,
+            known: HashMap::new(),
+            grew_at: now,
+        }
+    }
+
+    /// This node's heartbeat at `now`, in milliseconds.
+    fn heartbeat(&self, now: Instant) -> u64 {
+        let ms = u64::try_from(now.saturating_duration_since(self.base).as_millis()).unwrap_or(0);
+        self.base_ms.saturating_add(ms)
+    }
+
+    /// Sets what this node states of itself: `done` pieces held, and whether it uses the
+    /// origin for this content now.
+    pub fn set_self(&mut self, done: u32, origin: bool, now: Instant) {
+        if origin && !self.origin {
+            self.grew_at = now;
+        }
+        self.done = done;
+        self.origin = origin;
+    }
+
+    /// Takes in the entries a peer sent. Entries of this node and entries that do not parse
+    /// are skipped; an entry replaces what is known only with a higher heartbeat.
+    pub fn merge(&mut self, members: &[Member], now: Instant) {
+        for m in members {
+            let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
+                continue;
+            };
+            if peer == self.me {
+                continue;
+            }
+            let room = self.known.len() < MAX_KNOWN;
+            match self.known.get_mut(&peer) {
+                Some(k) => {
+                    if m.heartbeat <= k.heartbeat {
+                        continue;
+                    }
+                    if m.origin && (!k.origin || k.gone) {
+                        self.grew_at = now;
+                    }
+                    k.heartbeat = m.heartbeat;
+                    k.seen = now;
+                    if m.done > k.done {
+                        k.progressed = now;
+                    }
+                    k.done = m.done;
+                    k.origin = m.origin;
+                    k.gone = false;
+                }
+                None if room => {
+                    if m.origin {
+                        self.grew_at = now;
+                    }
+                    self.known.insert(
+                        peer,
+                        Known {
+                            heartbeat: m.heartbeat,
+                            done: m.done,
+                            origin: m.origin,
+                            seen: now,
+                            progressed: now,
+                            gone: false,
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
+        self.known
+            .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+    }
+
+    /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
+    /// higher heartbeat than the last one known arrives.
+    pub fn forget(&mut self, peer: &PeerId) {
+        if let Some(k) = self.known.get_mut(peer) {
+            k.gone = true;
+        }
+    }
+
+    fn alive(&self, k: &Known, now: Instant) -> bool {
+        !k.gone && now.saturating_duration_since(k.seen) < MEMBER_TIMEOUT
+    }
+
+    /// The entries to send a peer: this node first, then up to [`MAX_MEMBERS`] − 1 other live
+    /// members picked at random (over successive answers, every member is passed on).
+    #[must_use]
+    pub fn sample(&self, now: Instant) -> Vec<Member> {
+        let mut out = Vec::with_capacity(MAX_MEMBERS.min(self.known.len() + 1));
+        out.push(Member {
+            peer_id: self.me_bytes.clone(),
+            heartbeat: self.heartbeat(now),
+            done: self.done,
+            origin: self.origin,
+        });
+        let live = self.known.iter().filter(|(_, k)| self.alive(k, now));
+        for (peer, k) in live.choose_multiple(&mut rand::rng(), MAX_MEMBERS - 1) {
+            out.push(Member {
+                peer_id: Bytes::from(peer.to_bytes()),
+                heartbeat: k.heartbeat,
+                done: k.done,
+                origin: k.origin,
+            });
+        }
+        out
+    }
+
+    /// The members that take a share of the pieces that need the origin, sorted: those that
+    /// use the origin, are alive, and have not stalled (a member with all `pieces` counts
+    /// however long ago it last progressed). This node is among them when it uses the origin.
+    #[must_use]
+    pub fn fetchers(&self, pieces: u32, now: Instant) -> Vec<PeerId> {
+        let mut out: Vec<PeerId> = self
+            .known
+            .iter()
+            .filter(|(_, k)| {
+                k.origin
+                    && self.alive(k, now)
+                    && (k.done >= pieces
+                        || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if self.origin {
+            out.push(self.me);
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// When a member that uses the origin was last learned of (or came back, or this node
+    /// started using the origin).
+    #[must_use]
+    pub fn grew_at(&self) -> Instant {
+        self.grew_at
+    }
+
+    /// How many other members are known alive.
+    #[must_use]
+    pub fn len_alive(&self, now: Instant) -> usize {
+        self.known.values().filter(|k| self.alive(k, now)).count()
+    }
+}
+
+/// The share of each block of pieces that need the origin: of the `fetchers` (with the seed of
+/// each, from [`fetcher_seed`]), block `b` goes to the one with the highest
+/// `score(seed, b)`: rendezvous hashing (Thaler and Ravishankar, "Using Name-Based Mappings
+/// to Increase Hit Rates", 1998), so that a member joining or leaving moves only the blocks it
+/// wins or held. Returns the index into `fetchers` of each block's owner; empty when there
+/// are no fetchers.
+#[must_use]
+pub fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
+    if seeds.is_empty() {
+        return Vec::new();
+    }
+    (0..blocks)
+        .map(|b| {
+            let mut best = (0u64, 0u16);
+            for (i, &s) in seeds.iter().enumerate() {
+                let score = mix(s ^ u64::from(b).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let i = u16::try_from(i).unwrap_or(u16::MAX);
+                if i == 0 || score > best.0 {
+                    best = (score, i);
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// A member's seed for [`assign`]: the first 8 bytes of BLAKE3(peer id ‖ content hash).
+#[must_use]
+pub fn fetcher_seed(peer: &PeerId, content: &[u8; 32]) -> u64 {
+    let h = blake3::hash(&[peer.to_bytes().as_slice(), content].concat());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// SplitMix64's finaliser: a well-mixed 64-bit value from `x`.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(peer: PeerId, heartbeat: u64, done: u32, origin: bool) -> Member {
+        Member {
+            peer_id: Bytes::from(peer.to_bytes()),
+            heartbeat,
+            done,
+            origin,
+        }
+    }
+
+    #[test]
+    fn gossip_spreads_members_and_old_rumours_do_not_revive_them() {
+        let t0 = Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut va = MemberView::new(a, t0);
+        let mut vb = MemberView::new(b, t0);
+        let mut vc = MemberView::new(c, t0);
+        for v in [&mut va, &mut vb, &mut vc] {
+            v.set_self(0, true, t0);
+        }
+        // A line a - b - c: c learns of a through b.
+        vb.merge(&va.sample(t0), t0);
+        vc.merge(&vb.sample(t0), t0);
+        assert_eq!(vc.fetchers(10, t0), {
+            let mut all = vec![a, b, c];
+            all.sort_unstable();
+            all
+        });
+        // a says nothing more: after the timeout it is gone, also at c.
+        let later = t0 + MEMBER_TIMEOUT + Duration::from_millis(1);
+        let b_again = vb.sample(later);
+        assert!(
+            b_again
+                .iter()
+                .all(|m| m.peer_id != a.to_bytes())
+        );
+        vc.merge(&b_again, later);
+        assert!(!vc.fetchers(10, later).contains(&a));
+        // b forgets c (it stopped answering); c's old entry relayed back does not revive it,
+        // a newer heartbeat does.
+        vb.merge(&vc.sample(t0), t0);
+        vb.forget(&c);
+        assert!(!vb.fetchers(10, t0).contains(&c));
+        vb.merge(&[member(c, 0, 0, true)], t0);
+        assert!(!vb.fetchers(10, t0).contains(&c));
+        vb.merge(&vc.sample(t0 + Duration::from_millis(5)), t0);
+        assert!(vb.fetchers(10, t0).contains(&c));
+    }
+
+    #[test]
+    fn a_member_without_progress_stalls_unless_it_has_everything() {
+        let t0 = Instant::now();
+        let (me, slow, full) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = MemberView::new(me, t0);
+        v.merge(&[member(slow, 1, 3, true), member(full, 1, 10, true)], t0);
+        // Heartbeats go on, pieces do not.
+        let later = t0 + MEMBER_STALL;
+        v.merge(
+            &[member(slow, 2, 3, true), member(full, 2, 10, true)],
+            later,
+        );
+        assert_eq!(v.fetchers(10, later), vec![full]);
+        // Members that do not use the origin take no share; this one does once it says so.
+        let quiet = PeerId::random();
+        v.merge(&[member(quiet, 1, 0, false)], later);
+        let grew = v.grew_at();
+        v.set_self(0, true, later + Duration::from_millis(1));
+        assert!(v.grew_at() > grew);
+        let mut want = vec![me, full];
+        want.sort_unstable();
+        assert_eq!(v.fetchers(10, later), want);
+    }
+
+    #[test]
+    fn a_sample_holds_this_node_first_and_at_most_the_limit() {
+        let t0 = Instant::now();
+        let me = PeerId::random();
+        let mut v = MemberView::new(me, t0);
+        let others: Vec<Member> = (0..200)
+            .map(|_| member(PeerId::random(), 1, 0, true))
+            .collect();
+        v.merge(&others, t0);
+        assert_eq!(v.len_alive(t0), 200);
+        let s = v.sample(t0);
+        assert_eq!(s.len(), MAX_MEMBERS);
+        assert_eq!(s[0].peer_id, Bytes::from(me.to_bytes()));
+        // Garbage ids are skipped.
+        v.merge(
+            &[Member {
+                peer_id: Bytes::from_static(b"nope"),
+                ..others[0].clone()
+            }],
+            t0,
+        );
+        assert_eq!(v.len_alive(t0), 200);
+    }
+
+    #[test]
+    fn rendezvous_shares_are_even_and_a_new_member_moves_only_what_it_wins() {
+        let content = [7u8; 32];
+        let peers: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
+        let seeds: Vec<u64> = peers.iter().map(|p| fetcher_seed(p, &content)).collect();
+        let before = assign(&seeds[..9], 900);
+        let mut counts = [0u32; 9];
+        for &o in &before {
+            counts[o as usize] += 1;
+        }
+        // 100 blocks each on average; none far off.
+        assert!(
+            counts.iter().all(|&c| (50..=150).contains(&c)),
+            "{counts:?}"
+        );
+        let after = assign(&seeds, 900);
+        for (b, (&x, &y)) in before.iter().zip(&after).enumerate() {
+            assert!(x == y || y == 9, "block {b} moved from {x} to {y}");
+        }
+        assert!(after.contains(&9));
+        assert!(assign(&[], 5).is_empty());
+    }
+}
