@@ -102,6 +102,13 @@ impl MemberView {
         self.origin = origin;
     }
 
+    /// No download of the content runs here any more: states `done` pieces (what the node
+    /// holds and serves) and forgets the other members, which only a download refreshes.
+    pub fn idle(&mut self, done: u32) {
+        self.done = done;
+        self.known.clear();
+    }
+
     /// Takes in the entries a peer sent. Entries of this node and entries that do not parse
     /// are skipped; an entry replaces what is known only with a higher heartbeat.
     pub fn merge(&mut self, members: &[Member], now: Instant) {
@@ -301,11 +308,7 @@ mod tests {
         // a says nothing more: after the timeout it is gone, also at c.
         let later = t0 + MEMBER_TIMEOUT + Duration::from_millis(1);
         let b_again = vb.sample(later);
-        assert!(
-            b_again
-                .iter()
-                .all(|m| m.peer_id != a.to_bytes())
-        );
+        assert!(b_again.iter().all(|m| m.peer_id != a.to_bytes()));
         vc.merge(&b_again, later);
         assert!(!vc.fetchers(10, later).contains(&a));
         // b forgets c (it stopped answering); c's old entry relayed back does not revive it,

@@ -302,15 +302,25 @@ impl ContentStore {
     }
 
     /// A download of `id` that joined the member view ended. The view goes when no download
-    /// uses it and the content is not held; while held, this node stays a member (with the
-    /// pieces it holds).
+    /// uses it and the content is not held; while held, this node stays a member, stating the
+    /// pieces it holds, and forgets the others (only a download keeps them fresh).
     pub fn leave_members(&self, id: &ContentId) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let held = inner.by_id.contains_key(id);
-        if let Some((_, users)) = inner.members.get_mut(id) {
+        let held = inner.by_id.get(id).map(|e| {
+            if e.layer.is_some() {
+                e.verified.count_ones()
+            } else {
+                0
+            }
+        });
+        if let Some((view, users)) = inner.members.get_mut(id) {
             *users = users.saturating_sub(1);
-            if *users == 0 && !held {
-                inner.members.remove(id);
+            match held {
+                _ if *users > 0 => {}
+                Some(done) => view.idle(done),
+                None => {
+                    inner.members.remove(id);
+                }
             }
         }
     }
@@ -441,5 +451,65 @@ impl ContentStore {
             .filter(|(_, e)| e.layer.is_some())
             .map(|(id, e)| (*id, e.verified.count_ones()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assembling_entry_passes_on_relayed_values_and_a_member_view_outlives_its_download() {
+        let store = ContentStore::new();
+        // Four pieces of 16 KiB.
+        let id = ContentId::new([9; 32], 4 * 16 * 1024).unwrap();
+        let path = PathBuf::from("/nonexistent/a.part");
+        assert!(store.begin_assembly(id, path.clone()));
+        store.add_claim(&id, &path, 0, [1; 32]);
+        store.set_relayed(&id, &path, &[(2, [3; 32]), (0, [7; 32])]);
+        let h = store.have(&HaveKey::Blake3(*id.hash())).unwrap();
+        // Claimed: only what this node fetched; chaining: also what it relays.
+        assert_eq!(h.claimed.ones().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(h.chaining.ones().collect::<Vec<_>>(), vec![0, 2]);
+        // Own claims win over relayed values of the same piece.
+        assert_eq!(
+            store.layer_response(&id, true),
+            LayerResponse::Partial(vec![(0, [1; 32]), (2, [3; 32])])
+        );
+        // A failed assembly forgets the relayed values.
+        store.set_relayed(&id, &path, &[]);
+        let h = store.have(&HaveKey::Blake3(*id.hash())).unwrap();
+        assert_eq!(h.chaining.ones().collect::<Vec<_>>(), vec![0]);
+
+        // Members: the node states itself in have answers while it downloads, and after,
+        // while it holds the content; the view goes with the content.
+        let me = libp2p::PeerId::random();
+        let other = libp2p::PeerId::random();
+        store.join_members(id, me, Instant::now());
+        store.with_members(&id, |v| {
+            v.merge(
+                &[shoal_protocol::Member {
+                    peer_id: Bytes::from(other.to_bytes()),
+                    heartbeat: 1,
+                    done: 0,
+                    origin: true,
+                }],
+                Instant::now(),
+            );
+        });
+        let ids = |store: &ContentStore| -> Vec<Bytes> {
+            store
+                .have(&HaveKey::Blake3(*id.hash()))
+                .map(|h| h.members.into_iter().map(|m| m.peer_id).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            ids(&store),
+            vec![Bytes::from(me.to_bytes()), Bytes::from(other.to_bytes())]
+        );
+        store.leave_members(&id);
+        assert_eq!(ids(&store), vec![Bytes::from(me.to_bytes())]);
+        store.remove_at(&id, &path);
+        assert!(store.with_members(&id, |_| ()).is_none());
     }
 }

@@ -37,6 +37,7 @@ struct Args {
     dir: PathBuf,
     simulate: Option<Vec<usize>>,
     degree: usize,
+    runs: usize,
 }
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -57,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         dir: std::env::temp_dir(),
         simulate: None,
         degree: 6,
+        runs: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,11 +70,12 @@ fn parse_args() -> Result<Args, String> {
             "--dir" => args.dir = value()?.into(),
             "--simulate" => args.simulate = Some(list(&flag, &value()?)?),
             "--degree" => args.degree = value()?.parse().map_err(|e| format!("--degree: {e}"))?,
+            "--runs" => args.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    if args.wan == 0 || args.nodes.contains(&0) || args.degree == 0 {
-        return Err("--wan, --nodes and --degree must be above 0".into());
+    if args.wan == 0 || args.nodes.contains(&0) || args.degree == 0 || args.runs == 0 {
+        return Err("--wan, --nodes, --degree and --runs must be above 0".into());
     }
     Ok(args)
 }
@@ -237,6 +240,23 @@ fn mib(bytes: u64) -> String {
     format!("{} MiB", bytes >> 20)
 }
 
+/// The median of `v` (the upper one of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `median` of the values, and with more than one, their range: `1.000 (0.998–1.004)`.
+fn spread(v: &[f64], digits: usize) -> String {
+    let m = median(v.to_vec());
+    if v.len() < 2 {
+        return format!("{m:.digits$}");
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+}
+
 async fn swarm(args: &Args) -> Result<(), String> {
     println!(
         "| file | N | origin copies, curl | origin copies, Shoal | last done, curl (s) | last done, Shoal (s) | PercentPeerCaching, Shoal |"
@@ -245,24 +265,41 @@ async fn swarm(args: &Args) -> Result<(), String> {
     for &size in &args.sizes {
         let (origin, url, expected) = throttled_origin(size, 7, args.wan).await?;
         for &n in &args.nodes {
-            let before = origin.bytes_served();
-            let (u, d) = (url.to_string(), args.dir.clone());
-            let curl_time = tokio::task::spawn_blocking(move || curls(&u, &d, n, size))
-                .await
-                .map_err(|e| e.to_string())??;
-            let curl_copies = (origin.bytes_served() - before) as f64 / size as f64;
-            let mesh = nodes(n, |i| (0..i).collect()).await?;
-            let before = origin.bytes_served();
-            let out = run_jobs(&mesh, &url, &args.dir, expected).await?;
-            let shoal_copies = (origin.bytes_served() - before) as f64 / size as f64;
-            for node in &mesh {
-                node.shutdown().await;
+            let mut cells: [Vec<f64>; 5] = Default::default();
+            // Runs alternate curl and Shoal, so that both see the same machine over time.
+            for _ in 0..args.runs {
+                let before = origin.bytes_served();
+                let (u, d) = (url.to_string(), args.dir.clone());
+                let curl_time = tokio::task::spawn_blocking(move || curls(&u, &d, n, size))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                let curl_copies = (origin.bytes_served() - before) as f64 / size as f64;
+                let mesh = nodes(n, |i| (0..i).collect()).await?;
+                let before = origin.bytes_served();
+                let out = run_jobs(&mesh, &url, &args.dir, expected).await?;
+                let shoal_copies = (origin.bytes_served() - before) as f64 / size as f64;
+                for node in &mesh {
+                    node.shutdown().await;
+                }
+                let values = [
+                    curl_copies,
+                    shoal_copies,
+                    curl_time,
+                    out.last,
+                    out.percent_peer_caching(),
+                ];
+                for (cell, v) in cells.iter_mut().zip(values) {
+                    cell.push(v);
+                }
             }
             println!(
-                "| {} | {n} | {curl_copies:.2} | {shoal_copies:.3} | {curl_time:.1} | {:.1} | {:.1} |",
+                "| {} | {n} | {} | {} | {} | {} | {} |",
                 mib(size),
-                out.last,
-                out.percent_peer_caching()
+                spread(&cells[0], 2),
+                spread(&cells[1], 3),
+                spread(&cells[2], 1),
+                spread(&cells[3], 1),
+                spread(&cells[4], 1),
             );
         }
     }
@@ -277,32 +314,42 @@ async fn simulate(args: &Args, counts: &[usize]) -> Result<(), String> {
     for &size in &args.sizes {
         let (origin, url, expected) = throttled_origin(size, 9, args.wan).await?;
         for &n in counts {
-            // Node i lists up to `degree` earlier nodes, picked by a fixed stride so that runs
-            // are repeatable: a connected graph of bounded degree.
-            let degree = args.degree;
-            let graph = nodes(n, |i| {
-                if degree >= i {
-                    return (0..i).collect();
+            let mut cells: [Vec<f64>; 4] = Default::default();
+            for _ in 0..args.runs {
+                // Node i lists up to `degree` earlier nodes, picked by a fixed stride so that
+                // runs are repeatable: a connected graph of bounded degree. Fresh nodes each
+                // run (nothing held, nothing cached).
+                let degree = args.degree;
+                let graph = nodes(n, |i| {
+                    if degree >= i {
+                        return (0..i).collect();
+                    }
+                    let mut p: Vec<usize> =
+                        (0..degree).map(|k| (i * 7919 + k * 104_729) % i).collect();
+                    p.sort_unstable();
+                    p.dedup();
+                    p
+                })
+                .await?;
+                let before = origin.bytes_served();
+                let out = run_jobs(&graph, &url, &args.dir, expected).await?;
+                let copies = (origin.bytes_served() - before) as f64 / size as f64;
+                for node in &graph {
+                    node.shutdown().await;
                 }
-                let mut p: Vec<usize> = (0..degree).map(|k| (i * 7919 + k * 104_729) % i).collect();
-                p.sort_unstable();
-                p.dedup();
-                p
-            })
-            .await?;
-            let before = origin.bytes_served();
-            let out = run_jobs(&graph, &url, &args.dir, expected).await?;
-            let copies = (origin.bytes_served() - before) as f64 / size as f64;
-            for node in &graph {
-                node.shutdown().await;
+                let values = [copies, out.last, out.median, out.percent_peer_caching()];
+                for (cell, v) in cells.iter_mut().zip(values) {
+                    cell.push(v);
+                }
             }
             println!(
-                "| {n} | {} | {copies:.3} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {n} | {} | {} | {} | {} | {:.1} | {} |",
                 mib(size),
-                out.last,
-                out.median,
+                spread(&cells[0], 3),
+                spread(&cells[1], 1),
+                spread(&cells[2], 1),
                 size as f64 / args.wan as f64,
-                out.percent_peer_caching()
+                spread(&cells[3], 1),
             );
         }
     }

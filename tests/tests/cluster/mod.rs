@@ -329,6 +329,84 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
 }
 
 #[tokio::test]
+async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(6 << 20, 47);
+        origin.put("l.bin", data.clone());
+        origin
+            .state
+            .wan_bytes_per_sec
+            .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+        // n0 - n1 - ... - n7: each node lists only the one before it, so the ends are seven
+        // hops apart and no node sees more than two others. Nobody holds a piece layer yet.
+        let mut nodes: Vec<Node> = Vec::new();
+        for i in 0..8 {
+            let peers = if i == 0 {
+                &nodes[..0]
+            } else {
+                &nodes[i - 1..i]
+            };
+            let node = test_node(peers, ServeMode::Honest).await;
+            nodes.push(node);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let want = if i == 0 || i == 7 { 1 } else { 2 };
+            eventually("a line", async || {
+                node.connected_peers().await.len() == want
+            })
+            .await;
+        }
+        let jobs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                one_file_job(
+                    node,
+                    dir.path().join(format!("n{i}/l.bin")),
+                    origin.url("l.bin"),
+                    &data,
+                )
+            })
+            .collect();
+        // The end of the line learns of every other node through gossip, and shares the
+        // origin with those that use it.
+        let (_, job0) = &jobs[0];
+        eventually("n0 knows all seven others", async || {
+            let d = nodes[0].diagnose(*job0).await.unwrap();
+            d.files[0]
+                .members
+                .is_some_and(|m| m.alive == 7 && m.fetchers >= 2)
+        })
+        .await;
+        for (node, (local, job)) in nodes.iter().zip(&jobs) {
+            let info = wait_for(node, *job, &[State::Transferred]).await;
+            node.complete(*job).unwrap();
+            assert_eq!(std::fs::read(local).unwrap(), data);
+            assert_eq!(
+                info.bytes_from_peers() + info.bytes_from_origin(),
+                data.len() as u64
+            );
+        }
+        let ratio = origin.bytes_served() as f64 / data.len() as f64;
+        eprintln!("origin sent {ratio:.3} copies along a line of eight");
+        // Shares computed from neighbours alone send about one copy per two or three nodes;
+        // without relayed chaining values no node could assemble the layer before the shares
+        // lapse (20 s) and everyone fetched the rest itself.
+        assert!(
+            ratio <= 1.05,
+            "the origin sent {ratio:.3} copies of the file"
+        );
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
 async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
     tokio::time::timeout(SCENARIO_TIMEOUT, async {
         let dir = tempfile::tempdir().unwrap();
