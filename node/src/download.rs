@@ -656,6 +656,9 @@ fn poll_sample(mut peers: Vec<PeerId>, busy: &HashSet<PeerId>) -> Vec<PeerId> {
     let keep = busy_n.min(POLL_PEERS / 2);
     let mut out: Vec<PeerId> = peers[..keep].to_vec();
     out.extend(peers[busy_n..].iter().take(POLL_PEERS - keep));
+    // Too few idle peers: more busy ones.
+    let room = POLL_PEERS - out.len();
+    out.extend(peers[keep..busy_n].iter().take(room));
     out
 }
 
@@ -2388,4 +2391,32 @@ async fn attempt(
         from_peers,
         from_cache: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_have_round_asks_at_most_sixteen_peers_with_busy_ones_first() {
+        let peers: Vec<PeerId> = (0..40).map(|_| PeerId::random()).collect();
+        // Few peers: all of them.
+        assert_eq!(poll_sample(peers[..10].to_vec(), &HashSet::new()).len(), 10);
+        // Many: 16, among them 8 of the 12 busy ones and 8 idle ones.
+        let busy: HashSet<PeerId> = peers[..12].iter().copied().collect();
+        let got = poll_sample(peers.clone(), &busy);
+        assert_eq!(got.len(), POLL_PEERS);
+        assert_eq!(got.iter().filter(|p| busy.contains(p)).count(), 8);
+        let unique: HashSet<&PeerId> = got.iter().collect();
+        assert_eq!(unique.len(), POLL_PEERS);
+        // Over rounds, every peer is asked.
+        let mut seen = HashSet::new();
+        for _ in 0..50 {
+            seen.extend(poll_sample(peers.clone(), &HashSet::new()));
+        }
+        assert_eq!(seen.len(), peers.len());
+        // Nearly all busy: filled up with busy ones.
+        let busy: HashSet<PeerId> = peers[..36].iter().copied().collect();
+        assert_eq!(poll_sample(peers, &busy).len(), POLL_PEERS);
+    }
 }

@@ -125,6 +125,11 @@ impl Default for Config {
     }
 }
 
+/// Pieces per block when the swarm's members share out the origin
+/// ([`Scheduler::set_fetchers`]). Every node must cut the same blocks, so this is part of the
+/// protocol, not a setting.
+pub const SHARE_BLOCK: u32 = 8;
+
 /// Pieces of equal rarity are taken a window of this many at a time, from the first missing
 /// piece on, in random order inside the window.
 const ORDER_WINDOW: u32 = 16;
@@ -336,8 +341,8 @@ impl Scheduler {
 
     /// Sets the swarm members that share out the pieces needing the origin: each with its
     /// seed (`crate::members::fetcher_seed`), this node among them when it uses the origin.
-    /// With two or more (or only others), the pieces are cut into blocks of
-    /// [`Config::max_origin_run`] and each block goes to one fetcher by rendezvous hashing
+    /// With two or more (or only others), the pieces are cut into blocks of [`SHARE_BLOCK`]
+    /// and each block goes to one fetcher by rendezvous hashing
     /// (`crate::members::assign`); a block of another fetcher is awaited, not fetched,
     /// unless no piece arrived for [`Config::coming_patience`] (the shares lapse) or the piece
     /// failed from peers. Every node that knows the same fetchers computes the same shares,
@@ -353,7 +358,7 @@ impl Scheduler {
             self.shares = None;
             return;
         }
-        let block = self.config.max_origin_run.max(1);
+        let block = SHARE_BLOCK;
         let blocks = (self.pieces.len() as u32).div_ceil(block);
         let seeds: Vec<u64> = fetchers.iter().map(|(_, s)| *s).collect();
         let owners = crate::members::assign(&seeds, blocks);
