@@ -315,14 +315,14 @@ fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
     if let Some(m) = d.members {
         out.push(format!(
             "file {i}: this node knows {} other nodes fetching it (directly or through peers); \
-             {} of them{} share out the pieces no peer holds, so that each crosses the origin \
+             {} members{} share out the pieces no peer holds, so that each crosses the origin \
              link once",
             m.alive,
             m.fetchers,
             if m.me_fetching {
                 ", this node included,"
             } else {
-                ""
+                " (not this node)"
             }
         ));
     }

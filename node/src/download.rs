@@ -1275,8 +1275,11 @@ async fn assemble(
         }
         match env.swarm.layer(peer, id, true).await {
             Ok(LayerResponse::Partial(entries)) => {
+                // Only the values the peer said it can tell: one made-up answer does not
+                // fill the whole layer.
                 for (i, cv) in entries {
-                    if let Some(slot) = cvs.get_mut(i as usize)
+                    if bits.get(i)
+                        && let Some(slot) = cvs.get_mut(i as usize)
                         && slot.is_none()
                     {
                         *slot = Some(cv);
@@ -1683,7 +1686,7 @@ async fn attempt(
             // each sees the others' announcements first.
             let jitter = Duration::from_millis(u64::from(origin_start(me, id, 100)));
             not_before = Some(Instant::now() + jitter);
-            settling = membership.is_some();
+            settling = membership.is_some() && !never_origin;
         }
     }
     if never_origin {
@@ -1749,13 +1752,16 @@ async fn attempt(
     if let Some(id) = &content_id {
         for (peer, h) in std::mem::take(&mut peers) {
             env.store
-                .with_members(id, |v| v.merge(&h.members, Instant::now()));
+                .with_members(id, |v| v.merge(&peer, &h.members, Instant::now()));
             apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
         }
     }
     let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
-    let (refresh_tx, mut refresh_rx) = mpsc::channel::<(Vec<PeerId>, Vec<Answer>)>(1);
+    // A have round's result: the peers asked, the peers that could have been asked
+    // (connected, or found in the DHT), and the answers.
+    type Round = (Vec<PeerId>, Vec<PeerId>, Vec<Answer>);
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Round>(1);
     let (assembled_tx, mut assembled_rx) = mpsc::channel::<Assembled>(1);
     let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
     let mut announcements = env.swarm.announcements();
@@ -1792,6 +1798,10 @@ async fn attempt(
                 v.set_self(done, origin_now, now);
                 (v.fetchers(piece_count, now), v.grew_at())
             }) {
+                if fetcher_seeds.len() > 2 * fetchers.len() + 16 {
+                    let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
+                    fetcher_seeds.retain(|p, _| now_fetching.contains(p));
+                }
                 let seeded: Vec<(PeerId, u64)> = fetchers
                     .into_iter()
                     .map(|p| {
@@ -1802,6 +1812,9 @@ async fn attempt(
                     })
                     .collect();
                 sched.set_fetchers(&seeded, now);
+                if settling && now >= settle_from + MAX_SETTLE {
+                    settling = false;
+                }
                 if settling {
                     // Two have rounds answered (members two hops away known), and no new
                     // member for `SETTLE`; at most `MAX_SETTLE`.
@@ -1941,11 +1954,13 @@ async fn attempt(
                     } else {
                         Vec::new()
                     };
-                    let asked = poll_sample(peers_to_ask(&env2, key, providers).await, &busy);
+                    let reachable = peers_to_ask(&env2, key, providers).await;
+                    let asked = poll_sample(reachable.clone(), &busy);
                     let answers = ask(&env2, have, asked.clone(), None).await;
                     let _ = tx
                         .send((
                             asked,
+                            reachable,
                             answers
                                 .into_iter()
                                 .filter(|(p, h)| h.content_id == id && !env2.bans.is_banned(key, p))
@@ -2105,22 +2120,23 @@ async fn attempt(
                         && h.content_id == id
                         && !key.is_some_and(|k| env.bans.is_banned(k, &peer))
                     {
-                        env.store.with_members(&id, |v| v.merge(&h.members, Instant::now()));
+                        env.store.with_members(&id, |v| v.merge(&peer, &h.members, Instant::now()));
                         apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
             },
-            Some((asked, answers)) = refresh_rx.recv() => {
+            Some((asked, reachable, answers)) = refresh_rx.recv() => {
                 refreshing = false;
                 rounds_answered += 1;
                 last_refresh = Instant::now();
                 let mut full_from = Vec::new();
                 let answered: HashSet<PeerId> = answers.iter().map(|(p, _)| *p).collect();
                 for peer in sched.peer_ids() {
-                    if !asked.contains(&peer) {
-                        // Not asked this round: its last answer stands.
+                    if !asked.contains(&peer) && reachable.contains(&peer) {
+                        // Not asked this round: its last answer stands. (A peer that is not
+                        // reachable any more, disconnected, counts a miss.)
                         continue;
                     }
                     if answered.contains(&peer) {
@@ -2149,7 +2165,7 @@ async fn attempt(
                         full_from.push(peer);
                     }
                     if let Some(id) = &content_id {
-                        env.store.with_members(id, |v| v.merge(&h.members, now));
+                        env.store.with_members(id, |v| v.merge(&peer, &h.members, now));
                     }
                     apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
                 }

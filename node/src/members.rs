@@ -35,6 +35,9 @@ pub const MEMBER_STALL: Duration = Duration::from_secs(20);
 /// How long an entry that is gone stays known (so that a relayed copy of its last heartbeat
 /// does not bring it back): 60 s.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// How far ahead of this node's clock a relayed heartbeat may be: 10 min (clocks of
+/// machines on one LAN differ by less).
+pub const MAX_SKEW: Duration = Duration::from_secs(600);
 /// The most members one view keeps; further ones are ignored.
 const MAX_KNOWN: usize = 4096;
 
@@ -109,20 +112,33 @@ impl MemberView {
         self.known.clear();
     }
 
-    /// Takes in the entries a peer sent. Entries of this node and entries that do not parse
-    /// are skipped; an entry replaces what is known only with a higher heartbeat.
-    pub fn merge(&mut self, members: &[Member], now: Instant) {
-        for m in members {
+    /// Takes in the entries peer `from` sent. The first entry must be `from`'s own (the
+    /// connection authenticates it), else the whole list is ignored; it replaces what is
+    /// known of `from` whatever its heartbeat. A relayed entry replaces what is known only
+    /// with a higher heartbeat, and one more than [`MAX_SKEW`] ahead of this node's clock is
+    /// skipped (so a made-up heartbeat cannot freeze a member's own out for long). Entries of
+    /// this node and entries that do not parse are skipped.
+    pub fn merge(&mut self, from: &PeerId, members: &[Member], now: Instant) {
+        let own_first = members
+            .first()
+            .is_some_and(|m| m.peer_id.as_ref() == from.to_bytes().as_slice());
+        if !own_first {
+            return;
+        }
+        let skew_ms = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
+        let ceiling = self.heartbeat(now).saturating_add(skew_ms);
+        for (i, m) in members.iter().enumerate() {
             let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
                 continue;
             };
-            if peer == self.me {
+            let direct = i == 0;
+            if peer == self.me || (i > 0 && peer == *from) || (!direct && m.heartbeat > ceiling) {
                 continue;
             }
             let room = self.known.len() < MAX_KNOWN;
             match self.known.get_mut(&peer) {
                 Some(k) => {
-                    if m.heartbeat <= k.heartbeat {
+                    if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
                         continue;
                     }
                     if m.origin && (!k.origin || k.gone) {
@@ -232,12 +248,12 @@ impl MemberView {
     }
 }
 
-/// The share of each block of pieces that need the origin: of the `fetchers` (with the seed of
-/// each, from [`fetcher_seed`]), block `b` goes to the one with the highest
-/// `score(seed, b)`: rendezvous hashing (Thaler and Ravishankar, "Using Name-Based Mappings
-/// to Increase Hit Rates", 1998), so that a member joining or leaving moves only the blocks it
-/// wins or held. Returns the index into `fetchers` of each block's owner; empty when there
-/// are no fetchers.
+/// The owner of each of `blocks` blocks of pieces that need the origin, among fetchers given
+/// by their `seeds` (from [`fetcher_seed`]): block `b` goes to the fetcher with the highest
+/// `mix(seed ⊕ b·φ)`, rendezvous hashing (Thaler and Ravishankar, "Using Name-Based Mappings
+/// to Increase Hit Rates", 1998), so that a fetcher joining or leaving moves only the blocks it
+/// wins or held. Returns, per block, the index into `seeds` of its owner; empty when `seeds`
+/// is empty. At most 65 535 fetchers count (indices are `u16`).
 #[must_use]
 pub fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
     if seeds.is_empty() {
@@ -298,8 +314,8 @@ mod tests {
             v.set_self(0, true, t0);
         }
         // A line a - b - c: c learns of a through b.
-        vb.merge(&va.sample(t0), t0);
-        vc.merge(&vb.sample(t0), t0);
+        vb.merge(&a, &va.sample(t0), t0);
+        vc.merge(&b, &vb.sample(t0), t0);
         assert_eq!(vc.fetchers(10, t0), {
             let mut all = vec![a, b, c];
             all.sort_unstable();
@@ -309,17 +325,26 @@ mod tests {
         let later = t0 + MEMBER_TIMEOUT + Duration::from_millis(1);
         let b_again = vb.sample(later);
         assert!(b_again.iter().all(|m| m.peer_id != a.to_bytes()));
-        vc.merge(&b_again, later);
+        vc.merge(&b, &b_again, later);
         assert!(!vc.fetchers(10, later).contains(&a));
         // b forgets c (it stopped answering); c's old entry relayed back does not revive it,
         // a newer heartbeat does.
-        vb.merge(&vc.sample(t0), t0);
+        vb.merge(&c, &vc.sample(t0), t0);
         vb.forget(&c);
         assert!(!vb.fetchers(10, t0).contains(&c));
-        vb.merge(&[member(c, 0, 0, true)], t0);
+        let c_then = vc.sample(t0)[0].heartbeat;
+        vb.merge(&a, &[member(a, 1, 0, true), member(c, c_then, 0, true)], t0);
         assert!(!vb.fetchers(10, t0).contains(&c));
-        vb.merge(&vc.sample(t0 + Duration::from_millis(5)), t0);
+        vb.merge(&c, &vc.sample(t0 + Duration::from_millis(5)), t0);
         assert!(vb.fetchers(10, t0).contains(&c));
+        // A list that does not start with its sender's own entry is ignored; a relayed
+        // heartbeat far ahead of this node's clock is skipped.
+        let (x, y) = (PeerId::random(), PeerId::random());
+        vb.merge(&a, &[member(x, 1, 0, true)], t0);
+        let far = vb.heartbeat(t0) + 2 * MAX_SKEW.as_millis() as u64;
+        vb.merge(&a, &[member(a, 2, 0, true), member(y, far, 0, true)], t0);
+        let f = vb.fetchers(10, t0);
+        assert!(!f.contains(&x) && !f.contains(&y) && f.contains(&a));
     }
 
     #[test]
@@ -327,17 +352,22 @@ mod tests {
         let t0 = Instant::now();
         let (me, slow, full) = (PeerId::random(), PeerId::random(), PeerId::random());
         let mut v = MemberView::new(me, t0);
-        v.merge(&[member(slow, 1, 3, true), member(full, 1, 10, true)], t0);
+        v.merge(
+            &slow,
+            &[member(slow, 1, 3, true), member(full, 1, 10, true)],
+            t0,
+        );
         // Heartbeats go on, pieces do not.
         let later = t0 + MEMBER_STALL;
         v.merge(
+            &slow,
             &[member(slow, 2, 3, true), member(full, 2, 10, true)],
             later,
         );
         assert_eq!(v.fetchers(10, later), vec![full]);
         // Members that do not use the origin take no share; this one does once it says so.
         let quiet = PeerId::random();
-        v.merge(&[member(quiet, 1, 0, false)], later);
+        v.merge(&quiet, &[member(quiet, 1, 0, false)], later);
         let grew = v.grew_at();
         v.set_self(0, true, later + Duration::from_millis(1));
         assert!(v.grew_at() > grew);
@@ -354,17 +384,22 @@ mod tests {
         let others: Vec<Member> = (0..200)
             .map(|_| member(PeerId::random(), 1, 0, true))
             .collect();
-        v.merge(&others, t0);
+        let sender = PeerId::from_bytes(&others[0].peer_id).unwrap();
+        v.merge(&sender, &others, t0);
         assert_eq!(v.len_alive(t0), 200);
         let s = v.sample(t0);
         assert_eq!(s.len(), MAX_MEMBERS);
         assert_eq!(s[0].peer_id, Bytes::from(me.to_bytes()));
         // Garbage ids are skipped.
         v.merge(
-            &[Member {
-                peer_id: Bytes::from_static(b"nope"),
-                ..others[0].clone()
-            }],
+            &sender,
+            &[
+                others[0].clone(),
+                Member {
+                    peer_id: Bytes::from_static(b"nope"),
+                    ..others[0].clone()
+                },
+            ],
             t0,
         );
         assert_eq!(v.len_alive(t0), 200);

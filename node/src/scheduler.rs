@@ -125,6 +125,17 @@ impl Default for Config {
     }
 }
 
+/// The most bytes requested from one peer at a time: a peer's pipeline holds at most this
+/// many bytes of pieces (8 pieces of 1 MiB), whatever [`Config::max_per_peer`] allows. It
+/// bounds the memory of pieces in flight (issue 2's 64 MiB for a 1 GiB download) and is far
+/// more than a LAN's bandwidth-delay product.
+pub const PEER_WINDOW_BYTES: u64 = 8 << 20;
+/// The most bytes requested from all peers together at a time (32 pieces of 1 MiB).
+pub const TOTAL_WINDOW_BYTES: u64 = 32 << 20;
+/// The most members that share out the origin for one download: those with the lowest seeds.
+/// Bounds the work of computing the shares (blocks × fetchers) whatever members peers make up.
+pub const MAX_FETCHERS: usize = 256;
+
 /// Pieces per block when the swarm's members share out the origin
 /// ([`Scheduler::set_fetchers`]). Every node must cut the same blocks, so this is part of the
 /// protocol, not a setting.
@@ -277,7 +288,12 @@ pub struct Scheduler {
     /// The swarm members that share out the pieces needing the origin (sorted), and this
     /// node's shares of them; see [`Scheduler::set_fetchers`].
     fetchers: Vec<PeerId>,
+    /// The seed of each fetcher.
+    seeds: HashMap<PeerId, u64>,
     shares: Option<Shares>,
+    /// Fetchers whose blocks were still awaited when the shares lapsed: they take no share
+    /// again in this download (they may not exist, or may never deliver).
+    excluded: HashSet<PeerId>,
     /// Pieces held when last looked at, and since when (from the shares being first set):
     /// shares lapse after [`Config::coming_patience`] without a new piece.
     progress: Option<(u32, Instant)>,
@@ -291,6 +307,8 @@ struct Shares {
     block: u32,
     /// Per block: whether this node owns it.
     mine: Vec<bool>,
+    /// Per block: its owner.
+    owners: Vec<Option<PeerId>>,
 }
 
 impl Scheduler {
@@ -320,7 +338,9 @@ impl Scheduler {
             swarm: false,
             me: None,
             fetchers: Vec::new(),
+            seeds: HashMap::new(),
             shares: None,
+            excluded: HashSet::new(),
             progress: None,
             rng: StdRng::seed_from_u64(0x5eed),
         }
@@ -348,15 +368,32 @@ impl Scheduler {
     /// failed from peers. Every node that knows the same fetchers computes the same shares,
     /// whether or not they are its neighbours. Unchanged fetchers change nothing.
     pub fn set_fetchers(&mut self, fetchers: &[(PeerId, u64)], now: Instant) {
+        let mut fetchers: Vec<(PeerId, u64)> = fetchers
+            .iter()
+            .filter(|(p, _)| !self.excluded.contains(p))
+            .copied()
+            .collect();
+        // At most `MAX_FETCHERS`, the same ones on every node that knows the same members:
+        // those with the lowest seeds.
+        if fetchers.len() > MAX_FETCHERS {
+            fetchers.sort_unstable_by_key(|(p, s)| (*s, *p));
+            fetchers.truncate(MAX_FETCHERS);
+            fetchers.sort_unstable_by_key(|(p, _)| *p);
+        }
         let ids: Vec<PeerId> = fetchers.iter().map(|(p, _)| *p).collect();
         if ids == self.fetchers {
             return;
         }
         self.fetchers = ids;
+        self.seeds = fetchers.iter().copied().collect();
         let alone = fetchers.is_empty() || (fetchers.len() == 1 && Some(fetchers[0].0) == self.me);
         if alone || self.me.is_none() {
             self.shares = None;
             return;
+        }
+        if self.shares.is_none() {
+            // Shares (again): the patience starts now.
+            self.progress = Some((self.done, now));
         }
         let block = SHARE_BLOCK;
         let blocks = (self.pieces.len() as u32).div_ceil(block);
@@ -367,8 +404,42 @@ impl Scheduler {
             .iter()
             .map(|&o| me.is_some_and(|m| usize::from(o) == m))
             .collect();
-        self.shares = Some(Shares { block, mine });
-        self.progress.get_or_insert((self.done, now));
+        self.shares = Some(Shares {
+            block,
+            mine,
+            owners: owners
+                .iter()
+                .map(|&o| self.fetchers.get(usize::from(o)).copied())
+                .collect(),
+        });
+    }
+
+    /// The shares lapsed at `now`: the owners of blocks with pieces still missing take no
+    /// share again in this download, and the blocks are shared anew among the rest (every node
+    /// that lapsed on the same owners computes the same new shares).
+    fn lapse(&mut self, now: Instant) {
+        let Some(shares) = self.shares.take() else {
+            return;
+        };
+        for (b, owner) in shares.owners.iter().enumerate() {
+            let start = b * shares.block as usize;
+            let end = (start + shares.block as usize).min(self.pieces.len());
+            if let Some(o) = owner
+                && Some(*o) != self.me
+                && self.pieces[start..end].contains(&Piece::Missing)
+            {
+                self.excluded.insert(*o);
+            }
+        }
+        let keep: Vec<(PeerId, u64)> = self
+            .seeds
+            .iter()
+            .filter(|(p, _)| !self.excluded.contains(p))
+            .map(|(p, s)| (*p, *s))
+            .collect();
+        self.fetchers.clear();
+        self.progress = None;
+        self.set_fetchers(&keep, now);
     }
 
     /// Whether the shares among fetchers hold at `now` (set, and not lapsed).
@@ -587,7 +658,8 @@ impl Scheduler {
         if peer.snubbed(now, self.config.snub_after) {
             return 1;
         }
-        let max = self.config.max_per_peer.max(1);
+        let window = usize::try_from(PEER_WINDOW_BYTES / self.piece_size).unwrap_or(usize::MAX);
+        let max = self.config.max_per_peer.min(window).max(1);
         match peer.rate(now) {
             None => INITIAL_DEPTH.min(max),
             Some(rate) => {
@@ -595,6 +667,13 @@ impl Scheduler {
                 (pieces.ceil() as usize + 1).clamp(2.min(max), max)
             }
         }
+    }
+
+    /// Peer requests in flight in all: [`Config::max_in_flight`], at most
+    /// [`TOTAL_WINDOW_BYTES`] of pieces.
+    fn max_in_flight(&self) -> usize {
+        let window = usize::try_from(TOTAL_WINDOW_BYTES / self.piece_size).unwrap_or(usize::MAX);
+        self.config.max_in_flight.min(window).max(1)
     }
 
     fn eligible(&self, peer: &Peer, now: Instant) -> bool {
@@ -658,12 +737,16 @@ impl Scheduler {
         {
             (*done, *at) = (self.done, now);
         }
+        if self.shares.is_some() && !self.shared(now) {
+            self.lapse(now);
+        }
         let n = self.pieces.len();
         // Pieces stalled at snubbed peers go to other peers first.
         self.duplicates(false, now, &mut actions);
         // Peers: rarest first (random first while the file holds few pieces).
         let room = self.peers.values().any(|p| self.eligible(p, now));
-        if room && self.peer_in_flight < self.config.max_in_flight {
+        let max_in_flight = self.max_in_flight();
+        if room && self.peer_in_flight < max_in_flight {
             let mut wanted: Vec<u32> = (0..n as u32)
                 .filter(|&i| {
                     self.pieces[i as usize] == Piece::Missing
@@ -682,7 +765,7 @@ impl Scheduler {
                 wanted.sort_by_key(|&i| (self.have_count[i as usize], (i - low) / ORDER_WINDOW));
             }
             for index in wanted {
-                if self.peer_in_flight >= self.config.max_in_flight {
+                if self.peer_in_flight >= max_in_flight {
                     break;
                 }
                 if let Some(peer) = self.best_peer(index, None, now) {
@@ -749,7 +832,7 @@ impl Scheduler {
             if copies >= 2 || !(endgame || stalled) {
                 continue;
             }
-            if self.peer_in_flight >= self.config.max_in_flight + self.config.max_per_peer {
+            if self.peer_in_flight >= self.max_in_flight() + self.config.max_per_peer {
                 break;
             }
             if let Some(peer) = self.best_peer(i, first_peer, now)
@@ -1415,6 +1498,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The member whose blocks never came takes no share again in this download, also when
+        // the driver names it among the fetchers once more.
+        s.set_fetchers(&fetchers, stalled);
+        assert!(s.shares.is_none() && s.excluded.contains(&other));
         // A lone fetcher (only this node) has no shares: it starts where it was told.
         let mut t = sched(160, Config::default());
         t.set_me(me);

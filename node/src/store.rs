@@ -488,6 +488,7 @@ mod tests {
         store.join_members(id, me, Instant::now());
         store.with_members(&id, |v| {
             v.merge(
+                &other,
                 &[shoal_protocol::Member {
                     peer_id: Bytes::from(other.to_bytes()),
                     heartbeat: 1,
