@@ -130,8 +130,8 @@ impl Default for Config {
 /// bounds the memory of pieces in flight (issue 2's 64 MiB for a 1 GiB download) and is far
 /// more than a LAN's bandwidth-delay product.
 pub const PEER_WINDOW_BYTES: u64 = 8 << 20;
-/// The most bytes requested from all peers together at a time (32 pieces of 1 MiB).
-pub const TOTAL_WINDOW_BYTES: u64 = 32 << 20;
+/// The most bytes requested from all peers together at a time (16 pieces of 1 MiB).
+pub const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
 /// The most members that share out the origin for one download: those with the lowest seeds.
 /// Bounds the work of computing the shares (blocks × fetchers) whatever members peers make up.
 pub const MAX_FETCHERS: usize = 256;
