@@ -273,44 +273,67 @@ async fn mesh(n: usize) -> Vec<Node> {
     nodes
 }
 
+/// An origin serving `data` as `name` through one 4 MiB/s link shared by all its clients.
+async fn wan_origin(name: &str, data: &[u8]) -> TestOrigin {
+    let origin = TestOrigin::start().await;
+    origin.put(name, data.to_vec());
+    origin
+        .state
+        .wan_bytes_per_sec
+        .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+    origin
+}
+
+/// Starts one job of `name` from `origin` on every node at once, into `dir/n{i}/name`.
+fn start_everywhere(
+    nodes: &[Node],
+    dir: &Path,
+    origin: &TestOrigin,
+    name: &str,
+    data: &[u8],
+) -> Vec<(PathBuf, JobId)> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            one_file_job(
+                node,
+                dir.join(format!("n{i}/{name}")),
+                origin.url(name),
+                data,
+            )
+        })
+        .collect()
+}
+
+/// Waits for every job to transfer, completes it, and checks the file and that every byte
+/// came from the origin or a peer; returns the bytes from peers and from the origin in all.
+async fn finish_everywhere(nodes: &[Node], jobs: &[(PathBuf, JobId)], data: &[u8]) -> (u64, u64) {
+    let (mut from_peers, mut from_origin) = (0, 0);
+    for (node, (local, job)) in nodes.iter().zip(jobs) {
+        let info = wait_for(node, *job, &[State::Transferred]).await;
+        node.complete(*job).unwrap();
+        assert_eq!(std::fs::read(local).unwrap(), data);
+        assert_eq!(
+            info.bytes_from_peers() + info.bytes_from_origin(),
+            data.len() as u64
+        );
+        from_peers += info.bytes_from_peers();
+        from_origin += info.bytes_from_origin();
+    }
+    (from_peers, from_origin)
+}
+
 #[tokio::test]
 async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();
-        let origin = TestOrigin::start().await;
         let data = content(6 << 20, 45);
-        origin.put("u.bin", data.clone());
         // A 4 MiB/s link shared by all eight: the file needs 1.5 s to cross it once.
-        origin
-            .state
-            .wan_bytes_per_sec
-            .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+        let origin = wan_origin("u.bin", &data).await;
         let nodes = mesh(8).await;
-        let jobs: Vec<_> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| {
-                one_file_job(
-                    node,
-                    dir.path().join(format!("n{i}/u.bin")),
-                    origin.url("u.bin"),
-                    &data,
-                )
-            })
-            .collect();
-        let (mut from_peers, mut from_origin) = (0, 0);
-        for (node, (local, job)) in nodes.iter().zip(&jobs) {
-            let info = wait_for(node, *job, &[State::Transferred]).await;
-            node.complete(*job).unwrap();
-            assert_eq!(std::fs::read(local).unwrap(), data);
-            // Every byte came from the origin or from a peer.
-            assert_eq!(
-                info.bytes_from_peers() + info.bytes_from_origin(),
-                data.len() as u64
-            );
-            from_peers += info.bytes_from_peers();
-            from_origin += info.bytes_from_origin();
-        }
+        let jobs = start_everywhere(&nodes, dir.path(), &origin, "u.bin", &data);
+        let (from_peers, from_origin) = finish_everywhere(&nodes, &jobs, &data).await;
         let served = origin.bytes_served();
         let ratio = served as f64 / data.len() as f64;
         eprintln!("origin sent {ratio:.3} copies; {from_peers} bytes came from peers");
@@ -332,13 +355,8 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
 async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin() {
     tokio::time::timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();
-        let origin = TestOrigin::start().await;
         let data = content(6 << 20, 47);
-        origin.put("l.bin", data.clone());
-        origin
-            .state
-            .wan_bytes_per_sec
-            .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+        let origin = wan_origin("l.bin", &data).await;
         // n0 - n1 - ... - n7: each node lists only the one before it, so the ends are seven
         // hops apart and no node sees more than two others. Nobody holds a piece layer yet.
         let mut nodes: Vec<Node> = Vec::new();
@@ -358,18 +376,7 @@ async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin
             })
             .await;
         }
-        let jobs: Vec<_> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| {
-                one_file_job(
-                    node,
-                    dir.path().join(format!("n{i}/l.bin")),
-                    origin.url("l.bin"),
-                    &data,
-                )
-            })
-            .collect();
+        let jobs = start_everywhere(&nodes, dir.path(), &origin, "l.bin", &data);
         // The end of the line learns of every other node through gossip, and shares the
         // origin with those that use it.
         let (_, job0) = &jobs[0];
@@ -380,15 +387,7 @@ async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin
                 .is_some_and(|m| m.alive == 7 && m.fetchers >= 2)
         })
         .await;
-        for (node, (local, job)) in nodes.iter().zip(&jobs) {
-            let info = wait_for(node, *job, &[State::Transferred]).await;
-            node.complete(*job).unwrap();
-            assert_eq!(std::fs::read(local).unwrap(), data);
-            assert_eq!(
-                info.bytes_from_peers() + info.bytes_from_origin(),
-                data.len() as u64
-            );
-        }
+        finish_everywhere(&nodes, &jobs, &data).await;
         let ratio = origin.bytes_served() as f64 / data.len() as f64;
         eprintln!("origin sent {ratio:.3} copies along a line of eight");
         // Shares computed from neighbours alone send about one copy per two or three nodes;
