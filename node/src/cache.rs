@@ -411,7 +411,14 @@ impl Cache {
         for (layer, entry) in good {
             let id = layer.content_id();
             let path = self.path_of(&id);
-            self.store.insert_complete(layer, path);
+            let backing = match own_backing(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(file = %path.display(), "not serving a cached file: {e}");
+                    continue;
+                }
+            };
+            self.store.insert_complete(layer, path, backing);
             if let Some(s) = entry.sha256 {
                 self.store.set_sha256(&id, s);
             }
@@ -562,7 +569,12 @@ impl Cache {
             }
             self.lock().insert(id, entry);
         }
-        self.store.insert_complete(layer.clone(), path.clone());
+        let backing = own_backing(&path).map_err(|e| CacheError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        self.store
+            .insert_complete(layer.clone(), path.clone(), backing);
         if let Some(s) = sha256 {
             self.store.set_sha256(&id, s);
         }
@@ -902,6 +914,13 @@ pub(crate) fn clone_or_copy(src: &File, dst: &File, len: u64) -> std::io::Result
         ));
     }
     Ok(false)
+}
+
+/// How the store reads a file of the cache's own: reopened for each piece, only while it is
+/// the regular file there now.
+fn own_backing(path: &std::path::Path) -> std::io::Result<crate::store::Backing> {
+    let file = crate::fsuser::open_regular(path, None)?;
+    crate::store::Backing::named(&file, None)
 }
 
 #[cfg(test)]

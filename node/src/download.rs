@@ -38,12 +38,13 @@ use tracing::{debug, info, warn};
 use url::Url;
 
 use crate::{
+    fsuser::FileIdentity,
     job::{ByteRange, ErrorContext, JobError, JobId},
     members,
     origin::{self, OriginError, Remote},
     persist::{ResumeDisk, StateStore},
     scheduler::{self, Action, Received, Scheduler, Source},
-    store::ContentStore,
+    store::{Backing, ContentStore},
     swarm,
 };
 
@@ -251,6 +252,9 @@ pub(crate) struct Downloaded {
     pub(crate) from_peers: bool,
     /// True when the file was copied from the local cache.
     pub(crate) from_cache: bool,
+    /// The temporary file that verified, as it was then: Complete renames only this file,
+    /// and the node serves it only while its path names this file.
+    pub(crate) identity: FileIdentity,
 }
 
 /// Why a download stopped.
@@ -452,10 +456,15 @@ async fn download_ranges(
         .and_then(|()| task.expected.check_sha256(digests.sha256))
         .map_err(|e| remote_error(format!("{} (ranges): {e}", task.url)))?;
     let count = id.piece_count();
+    let identity = FileIdentity::of(&file).map_err(local)?;
     env.store.insert(
         digests.layer.clone(),
         Bitfield::full(count),
         task.temp.clone(),
+        Backing::Named {
+            owner: task.owner,
+            identity,
+        },
     );
     env.store.set_sha256(&id, digests.sha256);
     Ok(Downloaded {
@@ -464,6 +473,7 @@ async fn download_ranges(
         sha256: digests.sha256,
         from_peers: false,
         from_cache: false,
+        identity,
     })
 }
 
@@ -517,14 +527,18 @@ async fn from_cache(
         let reflinked = crate::cache::clone_or_copy(&src, &dst, length)?;
         dst.sync_data()?;
         let f = open_temp(&temp, owner, false)?;
+        let identity = FileIdentity::of(&f)?;
+        if !identity.same_file(&FileIdentity::of(&dst)?) {
+            return Err(std::io::Error::other("the temporary file was replaced"));
+        }
         let d = shoal_validator::hash_reader(std::io::BufReader::new(f), length)
             .map_err(std::io::Error::other)?;
-        Ok::<_, std::io::Error>((d, reflinked))
+        Ok::<_, std::io::Error>((d, reflinked, identity))
     })
     .await
     .map_err(std::io::Error::other)
     .and_then(|r| r);
-    let (digests, reflinked) = match copied {
+    let (digests, reflinked, identity) = match copied {
         Ok(d) => d,
         Err(e) => {
             warn!(url = %task.url, %id, "cannot copy from the cache; downloading: {e}");
@@ -580,6 +594,7 @@ async fn from_cache(
         sha256: digests.sha256,
         from_peers: false,
         from_cache: true,
+        identity,
     })
 }
 
@@ -915,7 +930,7 @@ const CHECKPOINT_BATCH: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 fn spawn_writer(
-    file: File,
+    file: Arc<File>,
     checker: Checker,
     piece_size: u64,
     length: u64,
@@ -925,7 +940,6 @@ fn spawn_writer(
 ) -> Writer {
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
-        let file = Arc::new(file);
         let mut writer = PieceWriter::new(file.clone(), piece_size);
         let (sha_tx, sha_rx) =
             std::sync::mpsc::sync_channel::<(PieceIndex, Option<Bytes>)>(VERIFY_QUEUE);
@@ -1097,7 +1111,8 @@ fn sha_in_order(
 }
 
 /// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
-/// its place) is removed, and the new one is created exclusively, never through a symlink.
+/// its place) is removed, and the new one is created exclusively, never through a symlink,
+/// with the owner's usual mode ([`crate::fsuser::file_mode`]).
 fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     crate::fsuser::as_owner(owner, || {
@@ -1110,8 +1125,13 @@ fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<
             .create_new(true)
             .read(true)
             .write(true)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
+        // The owner's usual mode, whatever the daemon's umask.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+            crate::fsuser::file_mode(owner),
+        ))?;
         file.set_len(length)?;
         Ok(file)
     })
@@ -1541,6 +1561,7 @@ async fn attempt(
             create_temp(&task.temp, task.owner, length)
         }
     }
+    .map(Arc::new)
     .map_err(local)?;
     let builder = || {
         LayerBuilder::new(length).map_err(|e| {
@@ -1612,7 +1633,12 @@ async fn attempt(
     });
     if let Some(l) = &layer {
         env.store.remove_at(&l.content_id(), &task.temp);
-        env.store.insert(l.clone(), kept.clone(), task.temp.clone());
+        env.store.insert(
+            l.clone(),
+            kept.clone(),
+            task.temp.clone(),
+            Backing::Held(file.clone()),
+        );
     }
     if let Some(a) = &mut assembly {
         if !env.store.begin_assembly(a.id, task.temp.clone()) {
@@ -1640,6 +1666,8 @@ async fn attempt(
         layer: layer.as_ref().map(|l| l.chaining_values().to_vec()),
         remote: remote.clone(),
     });
+    // The descriptor pieces are served through while the file downloads.
+    let served_file = file.clone();
     let writer = spawn_writer(
         file,
         checker,
@@ -2212,7 +2240,12 @@ async fn attempt(
                                 description: format!("writing {} failed", task.temp.display()),
                             }).into());
                         }
-                        env.store.insert(l.clone(), verified, task.temp.clone());
+                        env.store.insert(
+                            l.clone(),
+                            verified,
+                            task.temp.clone(),
+                            Backing::Held(served_file.clone()),
+                        );
                         content_id = Some(l.content_id());
                         progress(Update::ContentId(l.content_id()));
                         layer = Some(l);
@@ -2393,11 +2426,18 @@ async fn attempt(
         })
         .into());
     }
-    // Verified: serve it, and answer SHA-256 lookups for it.
+    // Verified: serve it (from now on from the file reopened as its owner, only while it is
+    // this file), and answer SHA-256 lookups for it.
+    let identity = FileIdentity::of(&served_file)
+        .map_err(|e| AttemptFailure::from(local_error(task.index, &task.temp, &e)))?;
     env.store.insert(
         layer.clone(),
         Bitfield::full(piece_count),
         task.temp.clone(),
+        Backing::Named {
+            owner: task.owner,
+            identity,
+        },
     );
     env.store.set_sha256(&id, sha256);
     Ok(Downloaded {
@@ -2406,6 +2446,7 @@ async fn attempt(
         sha256,
         from_peers,
         from_cache: false,
+        identity,
     })
 }
 

@@ -69,4 +69,8 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The daemon runs as root but cannot take its users' file-system identity (no
+    /// `CAP_SETUID`/`CAP_SETGID`): it refuses to start rather than do users' file work as root.
+    #[error("cannot act as the daemon's users: {0}")]
+    Impersonation(std::io::Error),
 }

@@ -20,6 +20,7 @@ use crate::{
     Error,
     download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
     events::{Callback, Event, TransferredFile},
+    fsuser::{LocalIds, RenameError},
     group::{Group, PeerMode},
     job::{
         ByteRange, ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo,
@@ -29,7 +30,7 @@ use crate::{
     persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
     scheduler,
     slots::Slots,
-    store::ContentStore,
+    store::{Backing, ContentStore},
     swarm,
 };
 
@@ -479,6 +480,9 @@ struct JobRecord {
     completed: Vec<bool>,
     /// Per file: where a stopped download left off (pieces verified and written).
     left: Vec<Option<ResumePoint>>,
+    /// Per file: its directory and the file that verified (Complete renames only that file
+    /// there; the node serves only that file).
+    local: Vec<LocalIds>,
     runner: Option<CancellationToken>,
     /// Held by a runner for its whole life, so a new runner starts only after the one it
     /// replaces has stopped writing.
@@ -550,20 +554,18 @@ fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
     local.with_file_name(format!(".{name}.{short}.shoal-part"))
 }
 
-/// Whether `f`'s local name holds exactly its verified content (a Complete that renamed the
-/// file but was stopped before it recorded so).
-fn renamed_already(f: &FileInfo) -> bool {
-    let Some(id) = f.content_id else {
-        return false;
-    };
-    let Ok(file) = std::fs::File::open(&f.local_name) else {
-        return false;
-    };
-    if file.metadata().map(|m| m.len()).ok() != Some(id.length()) {
-        return false;
+/// Whether the local name holds the file that verified (a Complete that renamed the file but
+/// was stopped before it recorded so): `found` is what the owner sees at the local name
+/// (`lstat`), compared with the recorded identity. A record without one (from an older
+/// version) counts as not renamed.
+fn renamed_already(found: Option<std::fs::Metadata>, ids: &LocalIds) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (found, &ids.verified) {
+        (Some(m), Some(v)) => {
+            m.file_type().is_file() && (m.dev(), m.ino(), m.len()) == (v.dev, v.ino, v.len)
+        }
+        _ => false,
     }
-    shoal_validator::hash_reader(std::io::BufReader::new(file), id.length())
-        .is_ok_and(|d| d.content_id() == id && f.sha256.is_none_or(|s| s == d.sha256))
 }
 
 /// Checks ranges as BITS `AddFileWithRanges` does: none empty, none starting at "to the end",
@@ -901,10 +903,12 @@ impl Node {
     pub async fn seed(&self, path: impl AsRef<Path>) -> Result<ContentId, Error> {
         let path = path.as_ref().to_owned();
         let p = path.clone();
-        let digests = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&p)?;
+        let (digests, backing) = tokio::task::spawn_blocking(move || {
+            let file = crate::fsuser::open_regular(&p, None)?;
+            let backing = Backing::named(&file, None)?;
             let len = file.metadata()?.len();
             shoal_validator::hash_reader(std::io::BufReader::new(file), len)
+                .map(|d| (d, backing))
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .await
@@ -921,6 +925,7 @@ impl Node {
             digests.layer,
             Bitfield::full(id.piece_count()),
             path.clone(),
+            backing,
         );
         self.inner.env.store.set_sha256(&id, digests.sha256);
         info!(%id, path = %path.display(), "seeding");
@@ -972,6 +977,7 @@ impl Node {
             origin_only: Vec::new(),
             completed: Vec::new(),
             left: Vec::new(),
+            local: Vec::new(),
             runner: None,
             run_lock: Arc::default(),
             wake: Arc::default(),
@@ -1014,7 +1020,7 @@ impl Node {
             .map(|(i, f)| {
                 (
                     u32::try_from(i).unwrap_or(u32::MAX),
-                    FileDisk::of(f, rec.origin_only[i], rec.completed[i]),
+                    FileDisk::of(f, rec.origin_only[i], rec.completed[i], rec.local[i]),
                 )
             })
             .collect();
@@ -1068,27 +1074,37 @@ impl Node {
             };
             // Files that verified keep serving; a vanished temporary file is an error.
             let mut vanished = None;
+            let owner = info.owner;
             for (i, f) in info.files.iter().enumerate() {
                 let done = f.transferred && !flags[i].1;
-                if done && !f.temp_name.exists() {
+                let ids = s.files[i].file.local;
+                // Only the owner's view of the path, and no open: nothing a user put there
+                // (a FIFO, a symlink) can block or mislead the start.
+                let there =
+                    |p: &Path| crate::fsuser::as_owner(owner, || std::fs::symlink_metadata(p)).ok();
+                if done && there(&f.temp_name).is_none() {
                     // Complete renamed it just before the stop, before it could record that.
-                    if renamed_already(f) {
+                    if renamed_already(there(&f.local_name), &ids) {
                         flags[i].1 = true;
                         continue;
                     }
                     vanished = Some(i);
                 }
                 if done
+                    && let Some(identity) = ids.verified
                     && let Some(layer) = s.files[i].layer.as_ref().and_then(|cvs| {
                         f.content_id
                             .and_then(|id| PieceLayer::verify(id, cvs.clone()).ok())
                     })
                 {
+                    // Served only while the temporary file is the one that verified.
                     let count = layer.content_id().piece_count();
-                    self.inner
-                        .env
-                        .store
-                        .insert(layer, Bitfield::full(count), f.temp_name.clone());
+                    self.inner.env.store.insert(
+                        layer,
+                        Bitfield::full(count),
+                        f.temp_name.clone(),
+                        Backing::Named { owner, identity },
+                    );
                     if let (Some(id), Some(sha)) = (f.content_id, f.sha256) {
                         self.inner.env.store.set_sha256(&id, sha);
                     }
@@ -1121,6 +1137,7 @@ impl Node {
                 origin_only: flags.iter().map(|f| f.0).collect(),
                 completed: flags.iter().map(|f| f.1).collect(),
                 left: vec![None; flags.len()],
+                local: s.files.iter().map(|f| f.file.local).collect(),
                 info,
                 callback,
                 runner: None,
@@ -1224,9 +1241,21 @@ impl Node {
                 reason: "only http and https URLs are supported".into(),
             });
         }
-        check_local_name(&spec.local_name)?;
         check_ranges(&spec.ranges)?;
         let slot = self.job(job)?;
+        let owner = lock(&slot).info.owner;
+        // As the owner sees it: the daemon tells a user nothing of paths the user may not see.
+        let dir = crate::fsuser::as_owner(owner, || {
+            check_local_name(&spec.local_name).map_err(std::io::Error::other)?;
+            crate::fsuser::dir_identity(&spec.local_name)
+        })
+        .map_err(|e| match e.downcast::<Error>() {
+            Ok(e) => e,
+            Err(e) => Error::BadLocalName {
+                path: spec.local_name.clone(),
+                reason: format!("its directory cannot be used: {e}"),
+            },
+        })?;
         let start = {
             let mut rec = lock(&slot);
             if rec
@@ -1259,6 +1288,10 @@ impl Node {
             rec.origin_only.push(false);
             rec.completed.push(false);
             rec.left.push(None);
+            rec.local.push(LocalIds {
+                dir: Some(dir),
+                verified: None,
+            });
             let changed = to != rec.info.state;
             self.set_state(&mut rec, to);
             if let Err(e) = self.save(&rec) {
@@ -1267,6 +1300,7 @@ impl Node {
                 rec.origin_only.pop();
                 rec.completed.pop();
                 rec.left.pop();
+                rec.local.pop();
                 return Err(e);
             }
             changed && to == State::Queued
@@ -1389,44 +1423,97 @@ impl Node {
                     reason: "it became a directory".into(),
                 });
             }
-            let io = |e| Error::Io {
-                path: f.local_name.clone(),
-                source: e,
-            };
             // As the job's owner: the rename is checked as the user would be (a directory
             // swapped for a symlink since the file was added leads nowhere the user may not
-            // write; a sticky directory keeps other users' files).
-            crate::fsuser::as_owner(rec.info.owner, || {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&f.temp_name)?
-                    .sync_all()?;
-                std::fs::rename(&f.temp_name, &f.local_name)?;
-                if let Some(dir) = f.local_name.parent()
-                    && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-                        Path::new(".")
-                    } else {
-                        dir
-                    })
-                {
-                    let _ = d.sync_all();
-                }
-                Ok(())
+            // write; a sticky directory keeps other users' files). Only the file that
+            // verified is renamed, within the directory the file was added in.
+            let ids = rec.local[i];
+            let recheck = |file: &std::fs::File| -> std::io::Result<bool> {
+                let Some(id) = f.content_id else {
+                    return Ok(false);
+                };
+                let d = shoal_validator::hash_reader(
+                    std::io::BufReader::new(file.try_clone()?),
+                    id.length(),
+                )
+                .map_err(std::io::Error::other)?;
+                Ok(d.content_id() == id && f.sha256.is_none_or(|s| s == d.sha256))
+            };
+            let renamed = crate::fsuser::as_owner(rec.info.owner, || {
+                Ok(crate::fsuser::rename_verified(
+                    &f.temp_name,
+                    &f.local_name,
+                    &ids,
+                    recheck,
+                ))
             })
-            .map_err(io)?;
+            .unwrap_or_else(|e| Err(RenameError::Io(e)));
+            let identity = match renamed {
+                Ok(identity) => identity,
+                Err(RenameError::Io(e)) => {
+                    return Err(Error::Io {
+                        path: f.local_name.clone(),
+                        source: e,
+                    });
+                }
+                Err(RenameError::NotVerified(reason)) => {
+                    return Err(self.complete_refused(&mut rec, i, reason));
+                }
+            };
+            rec.local[i].verified = Some(identity);
             if let Some(id) = &f.content_id {
-                self.inner
-                    .env
-                    .store
-                    .relocate(id, &f.temp_name, f.local_name.clone());
+                self.inner.env.store.relocate(
+                    id,
+                    &f.temp_name,
+                    f.local_name.clone(),
+                    Backing::Named {
+                        owner: rec.info.owner,
+                        identity,
+                    },
+                );
             }
             rec.completed[i] = true;
             self.save(&rec)?;
         }
         self.set_state(&mut rec, to);
         self.save(&rec)
+    }
+
+    /// Complete found that file `i` is not the file that verified: the file counts as not
+    /// transferred (its pieces and its served entry are forgotten), and the job goes to
+    /// Error with the LocalFile context naming it; a Resume downloads it again.
+    fn complete_refused(&self, rec: &mut JobRecord, i: usize, reason: String) -> Error {
+        let f = &mut rec.info.files[i];
+        warn!(job = %rec.info.id, file = i, "Complete refused: {reason}");
+        if let Some(id) = &f.content_id {
+            self.inner.env.store.remove_at(id, &f.temp_name);
+        }
+        f.transferred = false;
+        f.bytes_transferred = 0;
+        f.validation_state = ValidationState::Unknown;
+        let path = f.temp_name.clone();
+        rec.local[i].verified = None;
+        if let Some(state) = self.state()
+            && let Err(e) = state.clear_pieces(rec.info.id, u32::try_from(i).unwrap_or(u32::MAX))
+        {
+            warn!(job = %rec.info.id, "cannot forget the pieces of a refused file: {e}");
+        }
+        let error = JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(i),
+            description: format!("{reason}; resume the job to download it again"),
+        };
+        rec.info.error = Some(error.clone());
+        self.set_state(rec, State::Error);
+        self.save_logged(rec);
+        let _ = self.inner.events.send(Event::JobError {
+            job: rec.info.id,
+            error,
+        });
+        Error::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+        }
     }
 
     /// A snapshot of a job (BITS `GetState`, `GetProgress`, `GetError`, `GetTimes`).
@@ -1866,6 +1953,7 @@ impl Node {
                         let f = &mut rec.info.files[i];
                         f.content_id = Some(d.content_id);
                         f.sha256 = Some(d.sha256);
+                        rec.local[i].verified = Some(d.identity);
                         self.save_logged(&rec);
                         (rec.info.clone(), rec.callback.clone())
                     };

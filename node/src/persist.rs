@@ -37,6 +37,7 @@ use thiserror::Error;
 
 use crate::{
     download::ResumePoint,
+    fsuser::LocalIds,
     job::{
         ByteRange, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats,
         Priority, State,
@@ -149,6 +150,9 @@ pub(crate) struct FileDisk {
     pub(crate) validation: String,
     pub(crate) origin_only: bool,
     pub(crate) completed: bool,
+    /// The file's directory and the file that verified (absent in records of older versions).
+    #[serde(default)]
+    pub(crate) local: LocalIds,
 }
 
 /// What a file's bitmap refers to: the content being assembled in its temporary file.
@@ -609,7 +613,7 @@ impl JobDisk {
 
 impl FileDisk {
     /// The stored form of a file, with the node-only flags.
-    pub(crate) fn of(f: &FileInfo, origin_only: bool, completed: bool) -> Self {
+    pub(crate) fn of(f: &FileInfo, origin_only: bool, completed: bool, local: LocalIds) -> Self {
         Self {
             url: f.url.to_string(),
             local_name: f.local_name.clone(),
@@ -629,6 +633,7 @@ impl FileDisk {
             validation: format!("{:?}", f.validation_state),
             origin_only,
             completed,
+            local,
         }
     }
 
@@ -775,12 +780,24 @@ mod tests {
         }
     }
 
+    fn local_ids(i: usize) -> LocalIds {
+        LocalIds {
+            dir: Some((8, 100 + i as u64)),
+            verified: Some(crate::fsuser::FileIdentity {
+                dev: 8,
+                ino: 200 + i as u64,
+                len: 1234,
+                ctime_ns: 1_700_000_000_123_456_789,
+            }),
+        }
+    }
+
     fn put(store: &StateStore, info: &JobInfo) {
         let files: Vec<(u32, FileDisk)> = info
             .files
             .iter()
             .enumerate()
-            .map(|(i, f)| (i as u32, FileDisk::of(f, i == 1, false)))
+            .map(|(i, f)| (i as u32, FileDisk::of(f, i == 1, false, local_ids(i))))
             .collect();
         store.put_job(info.id, &JobDisk::of(info), &files).unwrap();
     }
@@ -803,6 +820,7 @@ mod tests {
             .map(|f| f.file.to_info("f").unwrap())
             .collect();
         assert!(s.files[1].file.origin_only && !s.files[0].file.origin_only);
+        assert_eq!(s.files[1].file.local, local_ids(1));
         assert_eq!(s.job.to_info(s.id, files).unwrap(), job);
     }
 

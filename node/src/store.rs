@@ -1,10 +1,16 @@
 //! The content store: which verified content this node holds and where its bytes are.
 //!
 //! An entry maps a content id to a file on disk (a job's temporary file while it downloads, the
-//! final file after Complete, or a seeded file), its verified piece layer, and a bitfield of the
-//! pieces whose bytes verified and are written. Only verified pieces are ever served: an entry
-//! serves pieces only once its layer is verified, and a piece's bit is set only after its bytes
-//! verified and reached the disk. An entry without a layer (being assembled, see
+//! final file after Complete, the cache's copy, or a seeded file), its verified piece layer, and
+//! a bitfield of the pieces whose bytes verified and are written. Only verified pieces are ever
+//! served: an entry serves pieces only once its layer is verified, a piece's bit is set only
+//! after its bytes verified and reached the disk, and every piece read to be served is checked
+//! again against its chaining value before it leaves (one BLAKE3 per piece), so bytes changed
+//! on disk since are never sent. The bytes are read through a descriptor the node opened itself
+//! ([`Backing::Held`], a running download's temporary file) or from a file reopened for each
+//! read as its owner, never through a symlink, never blocking, and only while it is the very
+//! file that verified ([`Backing::Named`]); a daemon running as root so never reads a path a
+//! user controls with root's rights. An entry without a layer (being assembled, see
 //! `docs/scheduling.md`) reports which pieces it fetches and which chaining values it computed
 //! from origin bytes, and serves nothing. A SHA-256 maps to a content id only after this node computed that
 //! SHA-256 over the whole file itself.
@@ -15,7 +21,7 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::{Read, Seek, SeekFrom},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
         Arc, RwLock,
@@ -28,7 +34,56 @@ use bytes::Bytes;
 use shoal_protocol::{Bitfield, HaveKey, Holding, LayerResponse, PieceIndex};
 use shoal_validator::{ChainingValue, ContentId, PieceLayer, Sha256Digest};
 
-use crate::members::MemberView;
+use crate::{
+    fsuser::{FileIdentity, as_owner, open_regular},
+    members::MemberView,
+};
+
+/// Where an entry's bytes are read from to serve a peer.
+#[derive(Clone, Debug)]
+pub(crate) enum Backing {
+    /// A descriptor the node opened itself (a running download's temporary file, opened as
+    /// the job's owner and never through a symlink): what the path names now does not matter.
+    Held(Arc<File>),
+    /// A file reopened for each read, as `owner`, with [`open_regular`]: only while the path
+    /// still names the regular file of `identity` (a transferred temporary file, a final file
+    /// after Complete, the cache's copy, a seeded file).
+    Named {
+        /// Whose file it is (`None`: the node's own, read as the process is).
+        owner: Option<u32>,
+        /// The file that verified.
+        identity: FileIdentity,
+    },
+}
+
+impl Backing {
+    /// A file the node reads as `owner` while it is the file `file` is open on.
+    ///
+    /// # Errors
+    /// What `fstat` returns.
+    pub(crate) fn named(file: &File, owner: Option<u32>) -> std::io::Result<Self> {
+        Ok(Self::Named {
+            owner,
+            identity: FileIdentity::of(file)?,
+        })
+    }
+
+    /// Reads `len` bytes at `offset`; `None` when the file is not the one that verified or
+    /// the read falls short.
+    fn read(&self, path: &Path, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let named;
+        let file = match self {
+            Self::Held(f) => f.as_ref(),
+            Self::Named { owner, identity } => {
+                named = as_owner(*owner, || open_regular(path, Some(*identity))).ok()?;
+                &named
+            }
+        };
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+}
 
 /// One content this node holds or assembles.
 #[derive(Clone, Debug)]
@@ -45,14 +100,18 @@ struct Entry {
     /// While assembling: chaining values taken in from peers' partial layers (untrusted until
     /// the assembled layer verifies), passed on in partial layer responses.
     relayed: Vec<Option<ChainingValue>>,
+    /// The file's path: what the entry is known by (a job's temporary file, its local name
+    /// after Complete, a cache file).
     path: PathBuf,
+    /// Where the bytes are read from to serve them (`None` while assembling).
+    backing: Option<Backing>,
     /// Set when a piece was read to serve a peer; taken by the cache's sweep (its LRU).
     served: Arc<AtomicBool>,
 }
 
 impl Entry {
-    /// An entry with a verified layer and the pieces `verified` at `path`.
-    fn verified(layer: PieceLayer, verified: Bitfield, path: PathBuf) -> Self {
+    /// An entry with a verified layer and the pieces `verified` at `path`, read from `backing`.
+    fn verified(layer: PieceLayer, verified: Bitfield, path: PathBuf, backing: Backing) -> Self {
         let n = layer.content_id().piece_count();
         Self {
             layer: Some(layer),
@@ -61,6 +120,7 @@ impl Entry {
             claims: Vec::new(),
             relayed: Vec::new(),
             path,
+            backing: Some(backing),
             served: Arc::default(),
         }
     }
@@ -126,10 +186,16 @@ impl ContentStore {
         Self::default()
     }
 
-    /// Registers content whose bytes are (or will be) at `path`, with the pieces in `verified`
-    /// already verified and written. Replaces an existing entry for the same content id only
-    /// when that one holds fewer pieces.
-    pub fn insert(&self, layer: PieceLayer, verified: Bitfield, path: PathBuf) {
+    /// Registers content whose bytes are (or will be) at `path`, read from `backing`, with the
+    /// pieces in `verified` already verified and written. Replaces an existing entry for the
+    /// same content id only when that one holds fewer pieces.
+    pub(crate) fn insert(
+        &self,
+        layer: PieceLayer,
+        verified: Bitfield,
+        path: PathBuf,
+        backing: Backing,
+    ) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let id = layer.content_id();
         if let Some(old) = inner.by_id.get(&id)
@@ -139,17 +205,21 @@ impl ContentStore {
         {
             return;
         }
-        self.put(&mut inner, id, Entry::verified(layer, verified, path));
+        self.put(
+            &mut inner,
+            id,
+            Entry::verified(layer, verified, path, backing),
+        );
     }
 
-    /// Registers the complete, verified content of `layer` at `path` (the cache's copy),
-    /// replacing any entry of the same content id: the copy serves every piece, and nobody but
-    /// the node writes it.
-    pub fn insert_complete(&self, layer: PieceLayer, path: PathBuf) {
+    /// Registers the complete, verified content of `layer` at `path` (the cache's copy, read
+    /// from `backing`), replacing any entry of the same content id: the copy serves every
+    /// piece, and nobody but the node writes it.
+    pub(crate) fn insert_complete(&self, layer: PieceLayer, path: PathBuf, backing: Backing) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let id = layer.content_id();
         let full = Bitfield::full(id.piece_count());
-        self.put(&mut inner, id, Entry::verified(layer, full, path));
+        self.put(&mut inner, id, Entry::verified(layer, full, path, backing));
     }
 
     /// Puts `entry` under `id` and tells the swarm the set of keys changed.
@@ -179,6 +249,7 @@ impl ContentStore {
                 claims: vec![None; n as usize],
                 relayed: vec![None; n as usize],
                 path,
+                backing: None,
                 served: Arc::default(),
             },
         );
@@ -255,14 +326,15 @@ impl ContentStore {
         }
     }
 
-    /// Moves the entry of `id` to a new path (after Complete renamed its file), if it was at
-    /// `old`.
-    pub fn relocate(&self, id: &ContentId, old: &Path, new: PathBuf) {
+    /// Moves the entry of `id` to a new path, read from `backing` (after Complete renamed its
+    /// file), if it was at `old`.
+    pub(crate) fn relocate(&self, id: &ContentId, old: &Path, new: PathBuf, backing: Backing) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = inner.by_id.get_mut(id)
             && e.path == old
         {
             e.path = new;
+            e.backing = Some(backing);
         }
     }
 
@@ -419,26 +491,50 @@ impl ContentStore {
         }
     }
 
-    /// Reads verified piece `index` of `id` from disk (blocking). `None` when the piece is not
-    /// held or the read fails.
+    /// Reads verified piece `index` of `id` from disk (blocking) and checks it again against
+    /// its chaining value. `None` when the piece is not held, the file is no longer the one
+    /// that verified (a symlink, a FIFO or another file at its path), the read fails, or the
+    /// bytes changed since they verified (the piece is then no longer offered).
     #[must_use]
     pub fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
-        let (path, range) = {
+        let (path, backing, range, cv) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let e = inner.by_id.get(id)?;
-            if e.layer.is_none() || !e.verified.get(index) {
+            let layer = e.layer.as_ref()?;
+            if !e.verified.get(index) {
                 return None;
             }
             e.served.store(true, Ordering::Relaxed);
-            (e.path.clone(), id.piece_range(index)?)
+            (
+                e.path.clone(),
+                e.backing.clone()?,
+                id.piece_range(index)?,
+                // A content of one piece has no layer: the piece hashes to the content id.
+                layer.chaining_values().get(index as usize).copied(),
+            )
         };
-        let len = (range.end - range.start) as usize;
-        let mut file = File::open(path).ok()?;
-        file.seek(SeekFrom::Start(range.start)).ok()?;
-        // `read_to_end` fills spare capacity without zeroing it first.
-        let mut buf = Vec::with_capacity(len);
-        file.take(len as u64).read_to_end(&mut buf).ok()?;
-        (buf.len() == len).then(|| Bytes::from(buf))
+        let len = usize::try_from(range.end - range.start).ok()?;
+        let buf = backing.read(&path, range.start, len)?;
+        let good = match cv {
+            Some(cv) => shoal_validator::piece_chaining_value(range.start, &buf) == cv,
+            None => blake3::hash(&buf).as_bytes() == id.hash(),
+        };
+        if !good {
+            tracing::warn!(
+                %id,
+                index,
+                path = %path.display(),
+                "a piece changed on disk since it verified; no longer offered"
+            );
+            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = inner.by_id.get_mut(id)
+                && e.path == path
+            {
+                e.verified.clear(index);
+            }
+            return None;
+        }
+        Some(Bytes::from(buf))
     }
 
     /// The content ids held, with how many pieces of each are verified.
@@ -512,5 +608,79 @@ mod tests {
         assert_eq!(ids(&store), vec![Bytes::from(me.to_bytes())]);
         store.remove_at(&id, &path);
         assert!(store.with_members(&id, |_| ()).is_none());
+    }
+
+    /// A file of three 16 KiB pieces and its layer.
+    fn three_pieces(dir: &Path) -> (PathBuf, Vec<u8>, PieceLayer) {
+        let bytes: Vec<u8> = (0..48 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let path = dir.join("content");
+        std::fs::write(&path, &bytes).unwrap();
+        let d = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64).unwrap();
+        (path, bytes, d.layer)
+    }
+
+    #[test]
+    fn a_piece_is_served_only_from_the_file_that_verified_and_only_as_it_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes, layer) = three_pieces(dir.path());
+        let id = layer.content_id();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, vec![0x5a; bytes.len()]).unwrap();
+        let piece = |i: usize| Bytes::copy_from_slice(&bytes[i * 16384..(i + 1) * 16384]);
+
+        // Reopened by name: served while it is the file that verified.
+        let store = ContentStore::new();
+        let file = File::open(&path).unwrap();
+        let backing = Backing::named(&file, None).unwrap();
+        store.insert(layer.clone(), Bitfield::full(3), path.clone(), backing);
+        assert_eq!(store.read_piece(&id, 0), Some(piece(0)));
+        // A symlink to another file of the same length: nothing is read through it.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&path, &moved).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        assert_eq!(store.read_piece(&id, 1), None);
+        // A FIFO: refused at once, without waiting for a writer.
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(store.read_piece(&id, 1), None);
+        // Another regular file with the same bytes at the path: not the file that verified.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::copy(&moved, &path).unwrap();
+        assert_eq!(store.read_piece(&id, 1), None);
+        // The file itself back: served again.
+        std::fs::rename(&moved, &path).unwrap();
+        assert_eq!(store.read_piece(&id, 1), Some(piece(1)));
+        // Its bytes changed in place: checked against the chaining value, never sent, and no
+        // longer offered.
+        {
+            use std::os::unix::fs::FileExt as _;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(b"changed", 16384 * 2 + 5).unwrap();
+        }
+        assert_eq!(store.read_piece(&id, 2), None);
+        let have = store.have(&HaveKey::Blake3(*id.hash())).unwrap().have;
+        assert_eq!(have.ones().collect::<Vec<_>>(), vec![0, 1]);
+
+        // Through a held descriptor: whatever the path names now, only the verified bytes.
+        let (path, _, layer) = three_pieces(&dir.path().join("held").tap_mkdir());
+        let store = ContentStore::new();
+        let held = Arc::new(File::open(&path).unwrap());
+        store.insert(layer, Bitfield::full(3), path.clone(), Backing::Held(held));
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        assert_eq!(store.read_piece(&id, 0), Some(piece(0)));
+    }
+
+    trait TapMkdir {
+        fn tap_mkdir(self) -> Self;
+    }
+
+    impl TapMkdir for PathBuf {
+        fn tap_mkdir(self) -> Self {
+            std::fs::create_dir_all(&self).unwrap();
+            self
+        }
     }
 }

@@ -401,3 +401,89 @@ impl tonic::service::Interceptor for AsUid {
         Ok(req)
     }
 }
+
+/// A real second Unix user, for the tests of a daemon running as root on behalf of users: a
+/// login name, its uid and primary group, a supplementary group, and a home directory.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    /// The login name (`shoal-test`).
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary group.
+    pub gid: u32,
+    /// A supplementary group it is a member of (`shoal-test-extra`).
+    pub extra_gid: u32,
+    /// Its home directory.
+    pub home: std::path::PathBuf,
+}
+
+/// The test user, created (with `groupadd`/`useradd`) the first time it is asked for. Panics
+/// when the tests do not run as root or the user cannot be created: a test that needs a
+/// second user must not pass without one (CI runs as root).
+pub fn test_user() -> TestUser {
+    static USER: std::sync::OnceLock<TestUser> = std::sync::OnceLock::new();
+    USER.get_or_init(|| {
+        // SAFETY: `geteuid` has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root to act for a second user (CI runs as root)"
+        );
+        let run = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+        };
+        let home = std::path::PathBuf::from("/var/tmp/shoal-test-home");
+        let _ = run("groupadd", &["-f", "shoal-test-extra"]);
+        if !run("id", &["-u", "shoal-test"]).status.success() {
+            let out = run(
+                "useradd",
+                &[
+                    "--create-home",
+                    "--home-dir",
+                    &home.display().to_string(),
+                    "--shell",
+                    "/bin/sh",
+                    "--groups",
+                    "shoal-test-extra",
+                    "shoal-test",
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "useradd failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let num = |args: &[&str]| -> u32 {
+            let out = run(args[0], &args[1..]);
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .rsplit(':')
+                .find(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("cannot read {args:?}"))
+        };
+        let extra = run("getent", &["group", "shoal-test-extra"]);
+        let extra_gid = String::from_utf8_lossy(&extra.stdout)
+            .split(':')
+            .nth(2)
+            .and_then(|s| s.trim().parse().ok())
+            .expect("the group shoal-test-extra exists");
+        std::fs::create_dir_all(&home).expect("home directory");
+        let uid = num(&["id", "-u", "shoal-test"]);
+        let gid = num(&["id", "-g", "shoal-test"]);
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid)).expect("chown home");
+        TestUser {
+            name: "shoal-test".into(),
+            uid,
+            gid,
+            extra_gid,
+            home,
+        }
+    })
+    .clone()
+}

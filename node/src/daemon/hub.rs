@@ -280,40 +280,127 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// Runs the notify command line with the job id appended, as the job's owner when the daemon
-/// runs as root. Exit status 0 acknowledges.
+/// The `PATH` a notify command line gets (the owner's login environment is not known to the
+/// daemon; this is the usual one for users).
+const NOTIFY_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Bytes of a notify command's output kept in the daemon's log, per stream.
+const NOTIFY_LOG_BYTES: usize = 16 * 1024;
+
+/// Runs the notify command line with the job id appended. Exit status 0 acknowledges.
+///
+/// The command runs as the user whose job it is (when the daemon runs as root: that user's
+/// uid, primary group and supplementary groups, so it can call the daemon back), in a
+/// session of its own with no controlling terminal, with standard input from `/dev/null`
+/// and its output in the daemon's log (at most [`NOTIFY_LOG_BYTES`] per stream), a clean
+/// environment (`HOME`, `USER`, `LOGNAME`, `SHELL` of the user's password entry and a
+/// standard `PATH`), in the user's home directory (`/` when it has none). A user without a
+/// password entry gets no command run.
 async fn run_cmdline(
     argv: &[String],
     job: JobId,
     owner: Option<u32>,
     what: &str,
 ) -> Result<(), CallbackError> {
+    use std::os::unix::process::CommandExt as _;
     let Some((program, args)) = argv.split_first() else {
         return Err(CallbackError("empty notify command line".into()));
     };
-    let mut cmd = tokio::process::Command::new(program);
+    // SAFETY: `geteuid` has no preconditions.
+    let (euid, root) = unsafe { (libc::geteuid(), libc::geteuid() == 0) };
+    let uid = owner.unwrap_or(euid);
+    let user = super::passwd(uid)
+        .ok_or_else(|| CallbackError(format!("user {uid} has no password entry")))?;
+    let become_user = root && uid != 0;
+    let groups = if become_user {
+        super::group_list(&user.name, user.gid)
+    } else {
+        Vec::new()
+    };
+    let home = if user.home.is_dir() {
+        user.home.clone()
+    } else {
+        std::path::PathBuf::from("/")
+    };
+    let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .arg(job.to_string())
+        .env_clear()
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("SHELL", &user.shell)
+        .env("PATH", NOTIFY_PATH)
+        .current_dir(&home)
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    // SAFETY-free: `geteuid` has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root && let Some(uid) = owner.filter(|&u| u != 0) {
-        // Never with root's group: a user without a password entry gets no command run.
-        let gid = super::primary_gid(uid)
-            .ok_or_else(|| CallbackError(format!("user {uid} has no password entry")))?;
-        cmd.uid(uid).gid(gid);
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let gid = user.gid;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe system calls (setgroups, setgid, setuid, setsid) on data prepared
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if become_user
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A session of its own: no controlling terminal, nothing to inject keys into.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
-    let status = cmd
-        .status()
-        .await
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
         .map_err(|e| CallbackError(format!("cannot run {program}: {e}")))?;
+    // The readers end when the output closes, or shortly after the command exits (a
+    // process it left behind may hold the output open).
+    let readers = [
+        tokio::spawn(log_output(child.stdout.take(), job, "stdout")),
+        tokio::spawn(log_output(child.stderr.take(), job, "stderr")),
+    ];
+    let status = child.wait().await;
+    for mut r in readers {
+        if tokio::time::timeout(Duration::from_secs(1), &mut r)
+            .await
+            .is_err()
+        {
+            r.abort();
+        }
+    }
+    let status = status.map_err(|e| CallbackError(format!("cannot run {program}: {e}")))?;
     if status.success() {
         info!(%job, "{what}: notify command line {program} succeeded");
         Ok(())
     } else {
         warn!(%job, "{what}: notify command line {program} failed: {status}");
         Err(CallbackError(format!("{program} exited with {status}")))
+    }
+}
+
+/// Copies a notify command's output into the daemon's log, a line at a time, keeping at most
+/// [`NOTIFY_LOG_BYTES`] and reading (and dropping) the rest so the command never blocks.
+async fn log_output(
+    stream: Option<impl tokio::io::AsyncRead + Unpin>,
+    job: JobId,
+    name: &'static str,
+) {
+    use tokio::io::AsyncBufReadExt as _;
+    let Some(stream) = stream else { return };
+    let mut lines = tokio::io::BufReader::new(stream).split(b'\n');
+    let mut logged = 0usize;
+    while let Ok(Some(line)) = lines.next_segment().await {
+        if logged < NOTIFY_LOG_BYTES {
+            let keep = &line[..line.len().min(NOTIFY_LOG_BYTES - logged)];
+            logged += keep.len();
+            info!(%job, stream = name, "notify command: {}", String::from_utf8_lossy(keep));
+        }
     }
 }
 

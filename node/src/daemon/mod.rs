@@ -203,11 +203,13 @@ impl Daemon {
     /// every job the daemon's notification callback.
     ///
     /// # Errors
-    /// What [`crate::Builder::build`] returns.
+    /// What [`crate::Builder::build`] returns; [`crate::Error::Impersonation`] when it runs as
+    /// root without the capabilities to act as its users.
     pub async fn start(
         builder: crate::Builder,
         config: DaemonConfig,
     ) -> Result<Self, crate::Error> {
+        crate::fsuser::check_impersonation().map_err(crate::Error::Impersonation)?;
         let hub = Hub::new(config.notify.clone());
         let h = hub.clone();
         let node = builder
@@ -355,11 +357,26 @@ fn read_token(path: Option<&Path>) -> Result<String, DaemonError> {
     Ok(token)
 }
 
-/// The primary group of `uid`, from the password database.
-pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
-    let mut buf = vec![0u8; 4096];
+/// A user's entry in the password database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Passwd {
+    /// The login name.
+    pub(crate) name: String,
+    /// The primary group.
+    pub(crate) gid: u32,
+    /// The home directory.
+    pub(crate) home: std::path::PathBuf,
+    /// The login shell.
+    pub(crate) shell: String,
+}
+
+/// The password database entry of `uid`.
+pub(crate) fn passwd(uid: u32) -> Option<Passwd> {
+    use std::ffi::CStr;
+    let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
-    // getpwuid_r writes only within them.
+    // getpwuid_r writes only within them, and the strings it points `pwd` at live in `buf`,
+    // which is still alive where they are copied out.
     unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut out: *mut libc::passwd = std::ptr::null_mut();
@@ -370,6 +387,49 @@ pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
             buf.len(),
             &raw mut out,
         );
-        (rc == 0 && !out.is_null()).then_some(pwd.pw_gid)
+        if rc != 0 || out.is_null() {
+            return None;
+        }
+        let text = |p: *const libc::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        Some(Passwd {
+            name: text(pwd.pw_name),
+            gid: pwd.pw_gid,
+            home: text(pwd.pw_dir).into(),
+            shell: text(pwd.pw_shell),
+        })
+    }
+}
+
+/// The primary group of `uid`, from the password database.
+pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
+    passwd(uid).map(|p| p.gid)
+}
+
+/// Every group `user` (with primary group `gid`) is a member of, as `initgroups` would set.
+pub(crate) fn group_list(user: &str, gid: u32) -> Vec<u32> {
+    let Ok(name) = std::ffi::CString::new(user) else {
+        return vec![gid];
+    };
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let mut count = n;
+        // SAFETY: `groups` has room for `count` ids; `name` is a valid C string.
+        let rc =
+            unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &raw mut count) };
+        if rc >= 0 {
+            groups.truncate(count.max(0) as usize);
+            return groups;
+        }
+        if count <= n || count > 65_536 {
+            return vec![gid];
+        }
+        n = count;
     }
 }
