@@ -176,6 +176,12 @@ struct Peer {
     busy_since: Option<Instant>,
     /// The last time a piece arrived from the peer.
     last_delivery: Option<Instant>,
+    /// The first Busy answer since the peer last delivered a piece.
+    refused_since: Option<Instant>,
+    /// The peer answered only Busy for [`Config::coming_patience`]: what it holds, fetches
+    /// and claims no longer keeps a piece from the origin, and it is asked for nothing more
+    /// in this download.
+    stalled: bool,
 }
 
 impl Peer {
@@ -191,6 +197,8 @@ impl Peer {
             busy: Duration::ZERO,
             busy_since: None,
             last_delivery: None,
+            refused_since: None,
+            stalled: false,
         }
     }
 
@@ -268,6 +276,9 @@ pub struct Scheduler {
     claimed_count: Vec<u16>,
     /// Per piece: since when some peer has been fetching it.
     coming_since: Vec<Option<Instant>>,
+    /// Per piece: since when some peer first claimed it (never reset: a claim that has not
+    /// become a piece within [`Config::coming_patience`] no longer holds the origin back).
+    claimed_since: Vec<Option<Instant>>,
     peers: HashMap<PeerId, Peer>,
     /// Live peer requests: piece and peer.
     requests: HashSet<(PieceIndex, PeerId)>,
@@ -325,6 +336,7 @@ impl Scheduler {
             fetching_count: vec![0; n],
             claimed_count: vec![0; n],
             coming_since: vec![None; n],
+            claimed_since: vec![None; n],
             peers: HashMap::new(),
             requests: HashSet::new(),
             banned: Vec::new(),
@@ -511,14 +523,11 @@ impl Scheduler {
         {
             return;
         }
-        if let Some(old) = self.peers.get(&peer) {
-            count_bits(&mut self.have_count, &old.have, -1);
-            count_bits(&mut self.fetching_count, &old.fetching, -1);
-            count_bits(&mut self.claimed_count, &old.claimed, -1);
+        let stalled = self.peers.get(&peer).is_some_and(|p| p.stalled);
+        if let Some(old) = self.peers.remove(&peer) {
+            self.count_peer(&old, -1);
+            self.peers.insert(peer, old);
         }
-        count_bits(&mut self.have_count, &have, 1);
-        count_bits(&mut self.fetching_count, &fetching, 1);
-        count_bits(&mut self.claimed_count, &claimed, 1);
         match self.peers.get_mut(&peer) {
             Some(p) => {
                 p.have = have;
@@ -529,6 +538,10 @@ impl Scheduler {
                 self.peers.insert(peer, Peer::new(have, fetching, claimed));
             }
         }
+        if !stalled && let Some(p) = self.peers.remove(&peer) {
+            self.count_peer(&p, 1);
+            self.peers.insert(peer, p);
+        }
         for (i, since) in self.coming_since.iter_mut().enumerate() {
             if self.fetching_count[i] == 0 {
                 *since = None;
@@ -536,6 +549,22 @@ impl Scheduler {
                 *since = Some(now);
             }
         }
+        for (i, since) in self.claimed_since.iter_mut().enumerate() {
+            if self.claimed_count[i] > 0 && since.is_none() {
+                *since = Some(now);
+            }
+        }
+    }
+
+    /// Adds (`sign` 1) or removes (-1) what `peer` holds, fetches and claims to the per-piece
+    /// counts; a stalled peer's bits are not in them.
+    fn count_peer(&mut self, peer: &Peer, sign: i32) {
+        if peer.stalled {
+            return;
+        }
+        count_bits(&mut self.have_count, &peer.have, sign);
+        count_bits(&mut self.fetching_count, &peer.fetching, sign);
+        count_bits(&mut self.claimed_count, &peer.claimed, sign);
     }
 
     /// Forgets every peer's claims (the piece layer assembled from them failed to verify):
@@ -551,9 +580,7 @@ impl Scheduler {
     /// longer counts. Its live requests stay; they end on their own.
     pub fn remove_peer(&mut self, peer: &PeerId) {
         if let Some(old) = self.peers.remove(peer) {
-            count_bits(&mut self.have_count, &old.have, -1);
-            count_bits(&mut self.fetching_count, &old.fetching, -1);
-            count_bits(&mut self.claimed_count, &old.claimed, -1);
+            self.count_peer(&old, -1);
         }
         for (i, since) in self.coming_since.iter_mut().enumerate() {
             if self.fetching_count[i] == 0 {
@@ -565,9 +592,7 @@ impl Scheduler {
     /// Bans `peer` for this file: no more requests to it.
     pub fn ban(&mut self, peer: PeerId) {
         if let Some(old) = self.peers.remove(&peer) {
-            count_bits(&mut self.have_count, &old.have, -1);
-            count_bits(&mut self.fetching_count, &old.fetching, -1);
-            count_bits(&mut self.claimed_count, &old.claimed, -1);
+            self.count_peer(&old, -1);
         }
         let dropped: Vec<_> = self
             .requests
@@ -677,7 +702,9 @@ impl Scheduler {
     }
 
     fn eligible(&self, peer: &Peer, now: Instant) -> bool {
-        peer.in_flight < self.depth(peer, now) && peer.backoff_until.is_none_or(|t| t <= now)
+        !peer.stalled
+            && peer.in_flight < self.depth(peer, now)
+            && peer.backoff_until.is_none_or(|t| t <= now)
     }
 
     /// Whether the origin should take piece `index` now.
@@ -688,13 +715,12 @@ impl Scheduler {
         if self.peer_failures[index] >= self.config.peer_attempts {
             return true;
         }
-        let coming_in_time = self.fetching_count[index] > 0
-            && self.coming_since[index]
-                .is_none_or(|t| now.saturating_duration_since(t) < self.config.coming_patience);
-        self.have_count[index] == 0
-            && !coming_in_time
-            && self.claimed_count[index] == 0
-            && self.mine(index, now)
+        let in_time = |since: Option<Instant>| {
+            since.is_none_or(|t| now.saturating_duration_since(t) < self.config.coming_patience)
+        };
+        let coming_in_time = self.fetching_count[index] > 0 && in_time(self.coming_since[index]);
+        let claimed_in_time = self.claimed_count[index] > 0 && in_time(self.claimed_since[index]);
+        self.have_count[index] == 0 && !coming_in_time && !claimed_in_time && self.mine(index, now)
     }
 
     /// The best eligible peer holding `index`, other than `not`: the most room left in its
@@ -732,6 +758,7 @@ impl Scheduler {
     /// The fetches to start now.
     pub fn next_actions(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        self.stall_refusers(now);
         if let Some((done, at)) = &mut self.progress
             && *done != self.done
         {
@@ -958,6 +985,7 @@ impl Scheduler {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.delivered += bytes as f64;
                 p.last_delivery = Some(now);
+                p.refused_since = None;
                 p.end_request(now);
             }
         }
@@ -1008,9 +1036,38 @@ impl Scheduler {
 
     /// `peer` answered Busy for piece `index` (no upload slot free): the peer is backed off as
     /// for a failure, but the piece does not count as failing from peers (it does not go to
-    /// the origin for that).
+    /// the origin for that). A peer that answers only Busy for [`Config::coming_patience`]
+    /// after its last piece is stalled: it is asked for nothing more in this download, and
+    /// what it holds no longer keeps any piece from the origin (a peer that claims every
+    /// piece and never serves cannot hold a download back).
     pub fn on_busy(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
         self.failed(index, peer, now, false);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.refused_since.get_or_insert(now);
+        }
+        self.stall_refusers(now);
+    }
+
+    /// Stalls the peers that answered only Busy for [`Config::coming_patience`].
+    fn stall_refusers(&mut self, now: Instant) {
+        let patience = self.config.coming_patience;
+        let stalled: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                !p.stalled
+                    && p.refused_since
+                        .is_some_and(|t| now.saturating_duration_since(t) >= patience)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            if let Some(mut p) = self.peers.remove(&id) {
+                self.count_peer(&p, -1);
+                p.stalled = true;
+                self.peers.insert(id, p);
+            }
+        }
     }
 
     fn failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant, count_piece: bool) {
@@ -1233,6 +1290,96 @@ mod tests {
         assert_eq!(
             s.next_actions(now),
             vec![Action::Origin { start: 0, end: 1 }]
+        );
+    }
+
+    #[test]
+    fn a_peer_that_answers_only_busy_stops_holding_the_origin_back_after_the_patience() {
+        let cfg = Config::default();
+        let patience = cfg.coming_patience;
+        let mut s = sched(2, cfg);
+        let rogue = PeerId::random();
+        let start = Instant::now();
+        let mut now = start;
+        // The rogue claims both pieces and answers every request Busy, as often as asked;
+        // its have answers keep coming.
+        let mut origin = None;
+        while now < start + 3 * patience {
+            holds(&mut s, rogue, &[0, 1], now);
+            for a in s.next_actions(now) {
+                match a {
+                    Action::Peer { peer, index } => s.on_busy(index, peer, now),
+                    Action::Origin { start: a, end } => {
+                        origin = Some((a, end, now));
+                        break;
+                    }
+                }
+            }
+            if origin.is_some() {
+                break;
+            }
+            now += Duration::from_millis(250);
+        }
+        let (a, end, at) = origin.expect("the origin never took the pieces");
+        assert_eq!((a, end), (0, 2));
+        // After the patience, at the next look.
+        let waited = at - start;
+        assert!(
+            waited >= patience && waited <= patience + Duration::from_millis(250),
+            "{waited:?}"
+        );
+        // A peer that serves after being Busy a while is not stalled.
+        let mut s = sched(1, Config::default());
+        let honest = PeerId::random();
+        let now = Instant::now();
+        holds(&mut s, honest, &[0], now);
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Peer {
+                peer: honest,
+                index: 0
+            }]
+        );
+        s.on_busy(0, honest, now);
+        let later = now + patience / 2;
+        assert_eq!(
+            s.next_actions(later),
+            vec![Action::Peer {
+                peer: honest,
+                index: 0
+            }]
+        );
+        s.on_received(0, Source::Peer(honest), PIECE, later);
+        assert!(!s.peers[&honest].stalled && s.peers[&honest].refused_since.is_none());
+    }
+
+    #[test]
+    fn claims_that_never_become_pieces_stop_holding_the_origin_back_after_the_patience() {
+        let cfg = Config::default();
+        let patience = cfg.coming_patience;
+        let mut s = sched(2, cfg);
+        let rogue = PeerId::random();
+        let now = Instant::now();
+        // Claims every piece, holds none, tells nothing, and flips its claims on and off.
+        let claim = |s: &mut Scheduler, on: bool, t: Instant| {
+            let pieces: &[u32] = if on { &[0, 1] } else { &[] };
+            s.set_peer(
+                rogue,
+                Bitfield::new(2),
+                Bitfield::new(2),
+                bits(pieces, 2),
+                t,
+            );
+        };
+        claim(&mut s, true, now);
+        assert!(s.next_actions(now).is_empty());
+        claim(&mut s, false, now + patience / 2);
+        claim(&mut s, true, now + patience / 2);
+        assert!(s.next_actions(now + patience / 2).is_empty());
+        // The patience counts from the first claim: flipping does not restart it.
+        assert_eq!(
+            s.next_actions(now + patience),
+            vec![Action::Origin { start: 0, end: 2 }]
         );
     }
 

@@ -923,6 +923,7 @@ pub(crate) async fn spawn(
         self_tx: tx,
         store,
         uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
+        uploads_per_peer: uploads_per_peer(config.max_concurrent_uploads),
         upload_permits: HashMap::new(),
         upload_peers: HashMap::new(),
         max_upload_peers,
@@ -982,6 +983,8 @@ struct EventLoop {
     upload_peers: HashMap<PeerId, usize>,
     /// The most peers served at once (changed at run time through the handle).
     max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
+    /// The most piece requests of one peer served at once ([`uploads_per_peer`]).
+    uploads_per_peer: usize,
     counters: Arc<UploadCounters>,
     serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
@@ -1395,11 +1398,12 @@ impl EventLoop {
             }
             Routed::Request(request_id, _, request, channel) => {
                 let Some(peer) = peer else { return };
-                let new_peer = !self.upload_peers.contains_key(&peer);
+                let serving = self.upload_peers.get(&peer).copied().unwrap_or(0);
                 let max_peers = self
                     .max_upload_peers
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let permit = if (new_peer && self.upload_peers.len() >= max_peers)
+                let permit = if (serving == 0 && self.upload_peers.len() >= max_peers)
+                    || serving >= self.uploads_per_peer
                     || self.bandwidth.cap_reached()
                 {
                     None
@@ -1445,6 +1449,17 @@ impl EventLoop {
             Routed::Handled => {}
         }
     }
+}
+
+/// The deepest pipeline a leecher keeps with one peer ([`crate::scheduler::Config`]'s
+/// default `max_per_peer`): the most piece requests of one peer served at once.
+pub const MAX_UPLOADS_PER_PEER: usize = 16;
+
+/// The piece requests one peer may have served at once, out of `slots` in all: as many as a
+/// leecher's pipeline, and at most half the slots, so that one peer that never reads its
+/// responses cannot hold every slot (the others get Busy only from a Sybil crowd).
+fn uploads_per_peer(slots: usize) -> usize {
+    (slots / 2).clamp(1, MAX_UPLOADS_PER_PEER)
 }
 
 /// What [`route`] left for the caller.
