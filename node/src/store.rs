@@ -90,7 +90,7 @@ impl Backing {
 struct Entry {
     /// The verified piece layer; `None` while the layer is being assembled from chaining
     /// values computed from origin bytes (the entry then serves no piece).
-    layer: Option<PieceLayer>,
+    layer: Option<Arc<PieceLayer>>,
     /// Pieces verified against `layer` and written.
     verified: Bitfield,
     /// Pieces being fetched now.
@@ -114,7 +114,7 @@ impl Entry {
     fn verified(layer: PieceLayer, verified: Bitfield, path: PathBuf, backing: Backing) -> Self {
         let n = layer.content_id().piece_count();
         Self {
-            layer: Some(layer),
+            layer: Some(Arc::new(layer)),
             verified,
             fetching: Bitfield::new(n),
             claims: Vec::new(),
@@ -497,10 +497,9 @@ impl ContentStore {
     /// bytes changed since they verified (the piece is then no longer offered).
     #[must_use]
     pub fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
-        let (path, backing, range, cv) = {
+        let (path, backing, range, layer) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let e = inner.by_id.get(id)?;
-            let layer = e.layer.as_ref()?;
             if !e.verified.get(index) {
                 return None;
             }
@@ -509,17 +508,12 @@ impl ContentStore {
                 e.path.clone(),
                 e.backing.clone()?,
                 id.piece_range(index)?,
-                // A content of one piece has no layer: the piece hashes to the content id.
-                layer.chaining_values().get(index as usize).copied(),
+                e.layer.clone()?,
             )
         };
         let len = usize::try_from(range.end - range.start).ok()?;
         let buf = backing.read(&path, range.start, len)?;
-        let good = match cv {
-            Some(cv) => shoal_validator::piece_chaining_value(range.start, &buf) == cv,
-            None => blake3::hash(&buf).as_bytes() == id.hash(),
-        };
-        if !good {
+        if layer.verify_piece(index, &buf).is_err() {
             tracing::warn!(
                 %id,
                 index,
