@@ -291,6 +291,7 @@ impl Cache {
                 .create(&dir)
                 .map_err(dir_err)?;
         }
+        crate::fsuser::check_private_dir(&dir).map_err(dir_err)?;
         let index = dir.join(INDEX_FILE);
         let idx_err = |e: redb::Error| CacheError::Index {
             path: index.clone(),

@@ -281,6 +281,33 @@ pub(crate) fn file_mode(owner: Option<u32>) -> u32 {
     0o644 & !umask
 }
 
+/// Checks a directory the node keeps its own state in (the state database, the cache): one
+/// others may write is refused (they could replace its files); one others may read or search
+/// is used with a warning (the identity key and every user's cached content are in it).
+///
+/// # Errors
+/// What `stat` returns; `PermissionDenied` for a directory writable by group or others.
+pub(crate) fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is writable by group or others (mode {mode:o}); make it 0700",
+                dir.display()
+            ),
+        ));
+    }
+    if mode & 0o055 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the directory is readable by group or others (mode {mode:o}); 0700 is advised"
+        );
+    }
+    Ok(())
+}
+
 /// Whether this process runs as root (and so must act as the owners of jobs).
 fn is_root() -> bool {
     // SAFETY: `geteuid` has no preconditions.

@@ -218,6 +218,7 @@ impl StateStore {
                 .create(dir)
                 .map_err(|e| open_err(redb::Error::Io(e)))?;
         }
+        crate::fsuser::check_private_dir(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
         let fresh = !path.exists();
         // The integrity check reads the whole file: state databases are small, and a file
         // damaged while the daemon was down is reported instead of trusted.
@@ -863,6 +864,17 @@ mod tests {
         // A late checkpoint of a removed job does not bring it back.
         store.checkpoint(job.id, 0, &bits, &meta, None).unwrap();
         assert!(store.resume_point(job.id, 0, &job.files[0]).is_none());
+    }
+
+    #[test]
+    fn a_state_directory_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = StateStore::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(StateStore::open(dir.path()).is_ok());
     }
 
     #[test]

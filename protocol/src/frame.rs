@@ -54,6 +54,10 @@ impl LengthPrefix {
         if self.shift >= 7 * MAX_PREFIX_LEN_BYTES as u32 {
             return Err(FrameError::BadPrefix);
         }
+        // The tenth byte holds only the top bit of a u64: anything more would be dropped.
+        if self.shift == 63 && byte & 0x7f > 1 {
+            return Err(FrameError::BadPrefix);
+        }
         self.value |= u64::from(byte & 0x7f).checked_shl(self.shift).unwrap_or(0);
         self.shift += 7;
         if byte & 0x80 != 0 {
@@ -145,5 +149,21 @@ mod tests {
             }
         }
         assert_eq!(err, Some(FrameError::BadPrefix));
+    }
+
+    #[test]
+    fn a_tenth_byte_that_overflows_64_bits_is_an_error_not_a_small_length() {
+        // Nine continuation bytes of zero, then a tenth byte of 2: 2 << 63 overflows a u64
+        // and used to wrap to a length of 0.
+        let mut dec = LengthPrefix::new(usize::MAX);
+        for _ in 0..9 {
+            assert_eq!(dec.push(0x80), Ok(None));
+        }
+        assert_eq!(dec.push(0x02), Err(FrameError::BadPrefix));
+        // The largest u64 still decodes.
+        let (buf, n) = encode_prefix(u64::MAX);
+        let mut dec = LengthPrefix::new(usize::MAX);
+        let last = buf[..n].iter().map(|&b| dec.push(b)).last().unwrap();
+        assert_eq!(last, Ok(Some(usize::MAX)));
     }
 }

@@ -1605,7 +1605,11 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
 async fn api_on_loopback_tcp_needs_the_bearer_token() {
     let dir = shared_dir();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    std::fs::write(&token_file, "s3cret-token-of-the-daemon\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1651,14 +1655,20 @@ async fn api_on_loopback_tcp_needs_the_bearer_token() {
         tonic::Code::Unauthenticated
     );
     assert_eq!(
-        call(Some("s3cret-tokem")).await.unwrap_err().code(),
+        call(Some("s3cret-token-of-the-daemom"))
+            .await
+            .unwrap_err()
+            .code(),
         tonic::Code::Unauthenticated
     );
     assert_eq!(
-        call(Some("s3cret")).await.unwrap_err().code(),
+        call(Some("s3cret-token")).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
     );
-    let status = call(Some("s3cret-token")).await.unwrap().into_inner();
+    let status = call(Some("s3cret-token-of-the-daemon"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.peer_id, d.node.peer_id().to_string());
     d.stop().await;
 }

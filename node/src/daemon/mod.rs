@@ -341,17 +341,39 @@ fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// The shortest bearer token accepted, in bytes.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Reads the bearer token: a regular file (not through a symlink) of the daemon's user, mode
+/// 0600 or stricter, holding at least [`MIN_TOKEN_LEN`] bytes (surrounding whitespace
+/// trimmed; at most 4 KiB read).
 fn read_token(path: Option<&Path>) -> Result<String, DaemonError> {
     let path = path.ok_or_else(|| {
         DaemonError::Tcp("daemon.tcp needs daemon.token_file (the bearer token)".into())
     })?;
-    let token = std::fs::read_to_string(path)
-        .map_err(|e| DaemonError::Tcp(format!("daemon.token_file {}: {e}", path.display())))?;
+    use std::os::unix::fs::MetadataExt as _;
+    let bad =
+        |what: String| DaemonError::Tcp(format!("daemon.token_file {}: {what}", path.display()));
+    let file = crate::fsuser::open_regular(path, None).map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    // SAFETY: `geteuid` has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "must belong to the daemon's user ({me}) and be readable by it alone (mode 0600); \
+             it is owned by {} with mode {:o}",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut token = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(&file, 4096), &mut token)
+        .map_err(|e| bad(e.to_string()))?;
     let token = token.trim().to_owned();
-    if token.is_empty() {
-        return Err(DaemonError::Tcp(format!(
-            "daemon.token_file {} is empty",
-            path.display()
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(bad(format!(
+            "the token must be at least {MIN_TOKEN_LEN} characters (it is {})",
+            token.len()
         )));
     }
     Ok(token)
@@ -431,5 +453,29 @@ pub(crate) fn group_list(user: &str, gid: u32) -> Vec<u32> {
             return vec![gid];
         }
         n = count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_others_can_read_or_a_short_token_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("mode 0600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token(Some(&path)).unwrap(), "0123456789abcdef");
+        std::fs::write(&path, "short\n").unwrap();
+        let e = read_token(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(read_token(Some(&link)).is_err());
     }
 }
