@@ -414,6 +414,7 @@ impl Builder {
                 callbacks: self.callbacks,
                 counters: Counters::default(),
                 metrics_addr: Mutex::new(None),
+                retired: Mutex::default(),
                 slots: Slots::new(
                     self.max_active_jobs.unwrap_or(4),
                     self.time_slice.unwrap_or(Duration::from_secs(60)),
@@ -515,7 +516,16 @@ struct Inner {
     counters: Counters,
     /// Where the metrics are served.
     metrics_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// Acknowledged and Cancelled jobs still answered by [`Node::info`], oldest first, with
+    /// their estimated sizes in bytes; see [`Node::retire`].
+    retired: Mutex<std::collections::VecDeque<(JobId, usize)>>,
 }
+
+/// The most final (Acknowledged, Cancelled) jobs a node still answers [`Node::info`] for; older
+/// ones are forgotten, as BITS forgets a job once it is complete or cancelled.
+const RETIRED_JOBS: usize = 256;
+/// The most bytes (estimated from their strings) those final jobs may take together.
+const RETIRED_BYTES: usize = 16 << 20;
 
 /// The atomics behind [`crate::job::NodeStats`].
 #[derive(Debug, Default)]
@@ -543,6 +553,22 @@ impl std::fmt::Debug for Node {
             .field("peer_id", &self.peer_id())
             .finish_non_exhaustive()
     }
+}
+
+/// A job's size in memory, estimated from its strings and files, in bytes.
+fn job_size(info: &JobInfo) -> usize {
+    let path = |p: &Path| p.as_os_str().len();
+    512 + info.display_name.len()
+        + info
+            .files
+            .iter()
+            .map(|f| {
+                512 + f.url.as_str().len()
+                    + path(&f.local_name)
+                    + path(&f.temp_name)
+                    + f.ranges.len() * 16
+            })
+            .sum::<usize>()
 }
 
 fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
@@ -1383,7 +1409,34 @@ impl Node {
         for f in &rec.info.files {
             self.forget_temp(f, rec.info.owner);
         }
+        let size = job_size(&rec.info);
+        drop(rec);
+        self.retire(job, size);
         Ok(())
+    }
+
+    /// A final job leaves the node's memory but for a bounded list of the most recent ones
+    /// ([`RETIRED_JOBS`], [`RETIRED_BYTES`]), which [`Node::info`] still answers for; older
+    /// ones are forgotten ([`Error::UnknownJob`]). Called without any job's lock held.
+    fn retire(&self, job: JobId, size: usize) {
+        let gone: Vec<JobId> = {
+            let mut retired = self.inner.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.push_back((job, size));
+            let mut bytes: usize = retired.iter().map(|(_, b)| b).sum();
+            let mut gone = Vec::new();
+            while retired.len() > RETIRED_JOBS || bytes > RETIRED_BYTES {
+                let Some((old, b)) = retired.pop_front() else {
+                    break;
+                };
+                bytes -= b;
+                gone.push(old);
+            }
+            gone
+        };
+        let mut jobs = self.lock_jobs();
+        for id in gone {
+            jobs.remove(&id);
+        }
     }
 
     fn forget_temp(&self, f: &FileInfo, owner: Option<u32>) {
@@ -1476,7 +1529,11 @@ impl Node {
             self.save(&rec)?;
         }
         self.set_state(&mut rec, to);
-        self.save(&rec)
+        self.save(&rec)?;
+        let size = job_size(&rec.info);
+        drop(rec);
+        self.retire(job, size);
+        Ok(())
     }
 
     /// Complete found that file `i` is not the file that verified: the file counts as not

@@ -36,6 +36,8 @@ use crate::{
 };
 
 /// The shortest time a notify command line may run before it is stopped.
+/// The most Watch streams one user may have open at once.
+pub(crate) const WATCHERS_PER_USER: usize = 16;
 const CMDLINE_LIMIT: Duration = Duration::from_secs(300);
 
 /// Events queued for one watching client before it is considered gone.
@@ -123,16 +125,22 @@ impl Hub {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers a watching client; returns its id and the receiving end of its stream.
+    /// Registers a watching client; returns its id and the receiving end of its stream, or
+    /// `None` when user `uid` already has [`WATCHERS_PER_USER`] open streams.
     pub(crate) fn watch(
         &self,
         uid: u32,
         job: Option<JobId>,
         progress: bool,
-    ) -> (u64, mpsc::Receiver<Result<pb::Event, tonic::Status>>) {
+    ) -> Option<(u64, mpsc::Receiver<Result<pb::Event, tonic::Status>>)> {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let id = self.next();
-        locked(&self.watchers).insert(
+        let mut watchers = locked(&self.watchers);
+        watchers.retain(|_, w| !w.tx.is_closed());
+        if watchers.values().filter(|w| w.uid == uid).count() >= WATCHERS_PER_USER {
+            return None;
+        }
+        watchers.insert(
             id,
             Watcher {
                 uid,
@@ -141,7 +149,7 @@ impl Hub {
                 tx,
             },
         );
-        (id, rx)
+        Some((id, rx))
     }
 
     /// Sends `event` of `job` (owned by `owner`) to every client that may see it; returns how

@@ -323,6 +323,28 @@ impl Service {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
+/// The longest display name accepted, in bytes.
+const MAX_DISPLAY_NAME_BYTES: usize = 256;
+/// The longest URL accepted, in bytes.
+const MAX_URL_BYTES: usize = 8 * 1024;
+/// The longest local name (and notify argument) accepted, in bytes.
+const MAX_NAME_BYTES: usize = 4 * 1024;
+/// The most byte ranges of one file.
+const MAX_RANGES: usize = 10_000;
+/// The most arguments of a notify command line.
+const MAX_ARGV: usize = 64;
+
+/// `INVALID_ARGUMENT` naming `field` when `value` is longer than `max` bytes.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {} bytes, more than the limit of {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Control for Service {
     type WatchStream = EventStream;
@@ -333,6 +355,7 @@ impl Control for Service {
     ) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
+        bounded("display_name", &r.display_name, MAX_DISPLAY_NAME_BYTES)?;
         let priority = priority_of(r.priority)?;
         match pb::JobType::try_from(r.r#type) {
             Ok(pb::JobType::Download | pb::JobType::Unspecified) => {}
@@ -377,6 +400,14 @@ impl Control for Service {
     ) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
+        bounded("url", &r.url, MAX_URL_BYTES)?;
+        bounded("local_name", &r.local_name, MAX_NAME_BYTES)?;
+        if r.ranges.len() > MAX_RANGES {
+            return Err(Status::invalid_argument(format!(
+                "ranges: {} ranges, more than the limit of {MAX_RANGES}",
+                r.ranges.len()
+            )));
+        }
         let info = self.visible(caller, &r.job)?;
         if info.files.len() >= self.limits.files_per_job {
             return Err(Status::resource_exhausted(format!(
@@ -551,6 +582,20 @@ impl Control for Service {
                 MIN_RETRY_DELAY.as_secs()
             )));
         }
+        if let Some(n) = &r.display_name {
+            bounded("display_name", n, MAX_DISPLAY_NAME_BYTES)?;
+        }
+        if let Some(c) = &r.notify_cmdline {
+            if c.argv.len() > MAX_ARGV {
+                return Err(Status::invalid_argument(format!(
+                    "notify_cmdline: {} arguments, more than the limit of {MAX_ARGV}",
+                    c.argv.len()
+                )));
+            }
+            for a in &c.argv {
+                bounded("notify_cmdline argument", a, MAX_NAME_BYTES)?;
+            }
+        }
         let cmdline = match r.notify_cmdline {
             None => None,
             Some(c) if c.argv.is_empty() => Some(None),
@@ -636,7 +681,13 @@ impl Control for Service {
         } else {
             Some(self.visible(caller, &r.job)?.id)
         };
-        let (_, rx) = self.hub.watch(caller.uid, job, r.progress);
+        let (_, rx) = self.hub.watch(caller.uid, job, r.progress).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "user {} has {} Watch streams open, the limit",
+                caller.uid,
+                super::hub::WATCHERS_PER_USER
+            ))
+        })?;
         // Notifications waiting for a retry go out now that someone listens.
         for info in self.node.jobs() {
             if caller.may_see(info.owner)

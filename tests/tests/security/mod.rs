@@ -367,3 +367,78 @@ async fn the_notify_command_runs_as_the_user_in_its_own_session_with_a_clean_env
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn final_jobs_leave_memory_and_api_strings_and_watch_streams_are_bounded() {
+    let dir = shared_dir();
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    // Create and cancel, over and over: the node keeps a bounded number of final jobs.
+    let name = "x".repeat(256);
+    for _ in 0..300 {
+        let job = c
+            .create_job(pb::CreateJobRequest {
+                display_name: name.clone(),
+                ..create("")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.cancel(jref(&job.id)).await.unwrap();
+    }
+    let held = d.node.jobs().len();
+    assert!(held <= 256, "{held} final jobs held in memory");
+    // Over-long fields are refused, naming the field.
+    let e = c
+        .create_job(pb::CreateJobRequest {
+            display_name: "x".repeat(257),
+            ..create("")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("display_name"), "{e:?}");
+    let job = c.create_job(create("bounds")).await.unwrap().into_inner();
+    let long_url = format!("http://127.0.0.1:1/{}", "a".repeat(9000));
+    let e = c
+        .add_file(pb::AddFileRequest {
+            job: job.id.clone(),
+            url: long_url,
+            local_name: dir.path().join("a").display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("url"), "{e:?}");
+    let e = c
+        .add_file(pb::AddFileRequest {
+            job: job.id.clone(),
+            url: "http://127.0.0.1:1/a".into(),
+            local_name: format!("/{}", "b".repeat(5000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("local_name"), "{e:?}");
+    // Watch streams: 16 per user, then RESOURCE_EXHAUSTED; another user still may watch.
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(c.watch(pb::WatchRequest::default()).await.unwrap());
+    }
+    let e = c.watch(pb::WatchRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    let mut other = d.client(1001).await;
+    assert!(other.watch(pb::WatchRequest::default()).await.is_ok());
+    // A closed stream frees its place.
+    drop(streams.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.watch(pb::WatchRequest::default()).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed stream kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.stop().await;
+}
