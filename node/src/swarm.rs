@@ -376,6 +376,12 @@ enum Command {
         OwnedSemaphorePermit,
         PeerId,
     ),
+    RespondLayer(
+        ResponseChannel<LayerResponse>,
+        LayerResponse,
+        OwnedSemaphorePermit,
+        PeerId,
+    ),
 }
 
 /// Counters of what this node served to peers.
@@ -680,6 +686,8 @@ fn kad_behaviour(peer_id: PeerId, config: &Config) -> kad::Behaviour<kad::store:
         Group::dht_protocol,
     );
     let mut kc = kad::Config::new(protocol);
+    // Other peers' provider records reach the store only through `RemoteProviders`' quotas.
+    kc.set_record_filtering(kad::StoreInserts::FilterBoth);
     kc.set_query_timeout(DHT_QUERY_TIMEOUT)
         .set_provider_record_ttl(Some(config.provider_ttl))
         .set_provider_publication_interval(Some(config.provider_republish));
@@ -694,6 +702,75 @@ fn kad_behaviour(peer_id: PeerId, config: &Config) -> kad::Behaviour<kad::store:
     let mut k = kad::Behaviour::with_config(peer_id, store, kc);
     k.set_mode(Some(kad::Mode::Server));
     k
+}
+
+/// Provider records of other peers kept at most, per providing peer.
+const MAX_REMOTE_KEYS_PER_PEER: usize = 256;
+/// Provider records of other peers kept at most, in all.
+const MAX_REMOTE_KEYS: usize = 16 * 1024;
+/// Addresses kept per remote provider record.
+const MAX_PROVIDER_ADDRS: usize = 4;
+
+/// The quotas on other peers' DHT provider records (`ADD_PROVIDER`): at most
+/// [`MAX_REMOTE_KEYS_PER_PEER`] keys per providing peer and [`MAX_REMOTE_KEYS`] in all, each
+/// counted until its record expires, so that no peer can fill the node's memory with records.
+#[derive(Debug, Default)]
+struct RemoteProviders {
+    /// Per providing peer: the keys it provides and when each record expires.
+    by_peer: HashMap<PeerId, HashMap<kad::RecordKey, std::time::Instant>>,
+    total: usize,
+    /// When expired records were last forgotten (at most once a second: a flood of refused
+    /// records must not cost a walk over every record each).
+    pruned: Option<std::time::Instant>,
+}
+
+impl RemoteProviders {
+    /// Whether `record` may be stored (a renewal of a counted record always may).
+    fn admit(&mut self, record: &kad::ProviderRecord, now: std::time::Instant) -> bool {
+        let expires = record
+            .expires
+            .unwrap_or(now + Duration::from_secs(48 * 3600));
+        if let Some(keys) = self.by_peer.get_mut(&record.provider)
+            && let Some(t) = keys.get_mut(&record.key)
+        {
+            *t = expires;
+            return true;
+        }
+        let full = |s: &Self| {
+            s.total >= MAX_REMOTE_KEYS
+                || s.by_peer
+                    .get(&record.provider)
+                    .is_some_and(|k| k.len() >= MAX_REMOTE_KEYS_PER_PEER)
+        };
+        if full(self) {
+            if self
+                .pruned
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return false;
+            }
+            self.prune(now);
+            if full(self) {
+                return false;
+            }
+        }
+        self.by_peer
+            .entry(record.provider)
+            .or_default()
+            .insert(record.key.clone(), expires);
+        self.total += 1;
+        true
+    }
+
+    /// Forgets the records that expired.
+    fn prune(&mut self, now: std::time::Instant) {
+        self.pruned = Some(now);
+        for keys in self.by_peer.values_mut() {
+            keys.retain(|_, t| *t > now);
+        }
+        self.by_peer.retain(|_, k| !k.is_empty());
+        self.total = self.by_peer.values().map(HashMap::len).sum();
+    }
 }
 
 /// While the routing table holds at most this many peers, a new peer in it makes the node
@@ -939,6 +1016,7 @@ pub(crate) async fn spawn(
         lookups: HashMap::new(),
         provided: HashSet::new(),
         dht_counts: (0, 0),
+        remote_providers: RemoteProviders::default(),
         republish: false,
         announcements,
         connected,
@@ -999,6 +1077,8 @@ struct EventLoop {
     provided: HashSet<kad::RecordKey>,
     /// Provider lookups started, and providers they found.
     dht_counts: (u64, u64),
+    /// Quotas on other peers' provider records.
+    remote_providers: RemoteProviders,
     /// Set when the provider records should be published again at the next tick.
     republish: bool,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
@@ -1082,6 +1162,24 @@ impl EventLoop {
 
     fn on_kad(&mut self, event: kad::Event) {
         use kad::{Event as K, GetProvidersOk, QueryResult};
+        if let K::InboundRequest {
+            request:
+                kad::InboundRequest::AddProvider {
+                    record: Some(mut record),
+                },
+        } = event
+        {
+            if self
+                .remote_providers
+                .admit(&record, std::time::Instant::now())
+            {
+                record.addresses.truncate(MAX_PROVIDER_ADDRS);
+                if let Some(k) = self.swarm.behaviour_mut().kad.as_mut() {
+                    let _ = kad::store::RecordStore::add_provider(k.store_mut(), record);
+                }
+            }
+            return;
+        }
         if let K::RoutingUpdated {
             is_new_peer: true, ..
         } = &event
@@ -1210,6 +1308,11 @@ impl EventLoop {
                     .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(me)))
                     .collect();
                 let _ = tx.send(addrs);
+            }
+            Command::RespondLayer(ch, r, permit, peer) => {
+                let _ = b.layer.send_response(ch, r);
+                drop(permit);
+                self.upload_done(peer);
             }
             Command::RespondPiece(id, ch, r, permit, peer) => {
                 if let PieceResponse::Data(d) = &r {
@@ -1347,32 +1450,89 @@ impl EventLoop {
         }
     }
 
+    /// Answers a layer request like a piece request: only with an upload slot free (within
+    /// the per-peer share) and under the monthly cap, built off the loop, and paid for from
+    /// the upload bucket; a request that gets no slot is answered NotFound.
     fn on_layer(&mut self, e: request_response::Event<LayerRequest, LayerResponse>) {
-        if let Routed::Request(_, _, request, channel) = route(&mut self.pending_layer, e) {
-            let mut layer = self
-                .store
-                .layer_response(&request.content_id, request.partial);
-            if self.serve_mode == ServeMode::WrongLayer {
-                match &mut layer {
-                    LayerResponse::Full(cvs) => {
-                        if let Some(cv) = cvs.first_mut() {
-                            cv[0] ^= 0xff;
-                        }
-                    }
-                    LayerResponse::Partial(cvs) => {
-                        if let Some((_, cv)) = cvs.first_mut() {
-                            cv[0] ^= 0xff;
-                        }
-                    }
-                    LayerResponse::NotFound => {}
-                }
-            }
+        let peer = match &e {
+            request_response::Event::Message { peer, .. } => Some(*peer),
+            _ => None,
+        };
+        let Routed::Request(_, _, request, channel) = route(&mut self.pending_layer, e) else {
+            return;
+        };
+        let Some(peer) = peer else { return };
+        let Some(permit) = self.upload_permit(peer) else {
             let _ = self
                 .swarm
                 .behaviour_mut()
                 .layer
-                .send_response(channel, layer);
+                .send_response(channel, LayerResponse::NotFound);
+            return;
+        };
+        let (store, tx, mode, bandwidth) = (
+            self.store.clone(),
+            self.self_tx.clone(),
+            self.serve_mode,
+            self.bandwidth.clone(),
+        );
+        tokio::spawn(async move {
+            let layer = tokio::task::spawn_blocking(move || {
+                let mut layer = store.layer_response(&request.content_id, request.partial);
+                if mode == ServeMode::WrongLayer {
+                    match &mut layer {
+                        LayerResponse::Full(cvs) => {
+                            if let Some(cv) = cvs.first_mut() {
+                                cv[0] ^= 0xff;
+                            }
+                        }
+                        LayerResponse::Partial(cvs) => {
+                            if let Some((_, cv)) = cvs.first_mut() {
+                                cv[0] ^= 0xff;
+                            }
+                        }
+                        LayerResponse::NotFound => {}
+                    }
+                }
+                layer
+            })
+            .await
+            .unwrap_or(LayerResponse::NotFound);
+            let bytes = match &layer {
+                LayerResponse::Full(cvs) => 32 * cvs.len() as u64,
+                LayerResponse::Partial(cvs) => 36 * cvs.len() as u64,
+                LayerResponse::NotFound => 0,
+            };
+            bandwidth.upload(bytes).await;
+            bandwidth.count_upload(bytes);
+            let _ = tx
+                .send(Command::RespondLayer(channel, layer, permit, peer))
+                .await;
+        });
+    }
+
+    /// An upload slot for a request of `peer`: none when the monthly cap is reached, when
+    /// `peer` already has its share of the slots ([`uploads_per_peer`]), when
+    /// [`Config::max_upload_peers`] other peers are being served, or when every slot is taken.
+    /// The caller gives it back with [`Self::upload_done`].
+    fn upload_permit(&mut self, peer: PeerId) -> Option<OwnedSemaphorePermit> {
+        let serving = self.upload_peers.get(&peer).copied().unwrap_or(0);
+        let max_peers = self
+            .max_upload_peers
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if (serving == 0 && self.upload_peers.len() >= max_peers)
+            || serving >= self.uploads_per_peer
+            || self.bandwidth.cap_reached()
+        {
+            return None;
         }
+        let permit = self.uploads.clone().try_acquire_owned().ok()?;
+        *self.upload_peers.entry(peer).or_default() += 1;
+        self.counters.peak_peers.fetch_max(
+            self.upload_peers.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Some(permit)
     }
 
     /// A piece request of `peer` was answered (or failed).
@@ -1398,19 +1558,7 @@ impl EventLoop {
             }
             Routed::Request(request_id, _, request, channel) => {
                 let Some(peer) = peer else { return };
-                let serving = self.upload_peers.get(&peer).copied().unwrap_or(0);
-                let max_peers = self
-                    .max_upload_peers
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                let permit = if (serving == 0 && self.upload_peers.len() >= max_peers)
-                    || serving >= self.uploads_per_peer
-                    || self.bandwidth.cap_reached()
-                {
-                    None
-                } else {
-                    self.uploads.clone().try_acquire_owned().ok()
-                };
-                let Some(permit) = permit else {
+                let Some(permit) = self.upload_permit(peer) else {
                     self.counters
                         .busy
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1421,11 +1569,6 @@ impl EventLoop {
                         .send_response(channel, PieceResponse::Busy);
                     return;
                 };
-                *self.upload_peers.entry(peer).or_default() += 1;
-                self.counters.peak_peers.fetch_max(
-                    self.upload_peers.len() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
                 let store = self.store.clone();
                 let tx = self.self_tx.clone();
                 let mode = self.serve_mode;
@@ -1602,5 +1745,36 @@ mod tests {
         let mut input = Cursor::new(framed(&[0xff; 40]));
         let r: io::Result<PieceRequest> = read_message(&mut input).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn other_peers_provider_records_are_bounded_per_peer_and_in_all() {
+        let now = std::time::Instant::now();
+        let mut q = RemoteProviders::default();
+        let record = |peer: PeerId, i: u32, ttl: u64| kad::ProviderRecord {
+            key: kad::RecordKey::new(&i.to_be_bytes()),
+            provider: peer,
+            expires: Some(now + Duration::from_secs(ttl)),
+            addresses: Vec::new(),
+        };
+        let flood = PeerId::random();
+        let admitted = (0..10_000)
+            .filter(|&i| q.admit(&record(flood, i, 7200), now))
+            .count();
+        assert_eq!(admitted, MAX_REMOTE_KEYS_PER_PEER);
+        // A renewal of a kept record is taken.
+        assert!(q.admit(&record(flood, 0, 7200), now));
+        // Many peers fill the total, no more.
+        let mut total = admitted;
+        for _ in 0..100 {
+            let p = PeerId::random();
+            total += (0..300)
+                .filter(|&i| q.admit(&record(p, i, 60), now))
+                .count();
+        }
+        assert_eq!(total, MAX_REMOTE_KEYS);
+        // Expired records make room again.
+        let later = now + Duration::from_secs(61);
+        assert!(q.admit(&record(PeerId::random(), 1, 60), later));
     }
 }
