@@ -124,7 +124,7 @@ pub struct CacheSection {
     pub min_file_size_bytes: Option<u64>,
     /// Be a cache node: fetch content peers ask for with its origin URL (default false).
     pub node: Option<bool>,
-    /// URL prefixes a cache node fetches from for peers; default: any http/https URL.
+    /// URL prefixes a cache node fetches from for peers; default: none (no fills).
     pub node_origins: Option<Vec<String>>,
     /// Fills a cache node runs at once (default 8).
     pub node_max_fills: Option<usize>,

@@ -320,7 +320,7 @@ pub(crate) async fn download_file(
         Ok(d) => d,
         Err(AttemptFailure::Failure(f)) => return Err(f),
         Err(AttemptFailure::ClaimFailed) => {
-            info!(url = %task.url, "peer claim for SHA-256 was false; fetching from the origin");
+            info!(url = %origin::redact(&task.url), "peer claim for SHA-256 was false; fetching from the origin");
             match attempt(env, task, true, None, cancel, progress).await {
                 Ok(d) => d,
                 Err(AttemptFailure::Failure(f)) => return Err(f),
@@ -328,7 +328,10 @@ pub(crate) async fn download_file(
                     return Err(Failure::Fatal(JobError {
                         context: ErrorContext::RemoteFile,
                         file: Some(task.index),
-                        description: format!("{} does not match its expected digest", task.url),
+                        description: format!(
+                            "{} does not match its expected digest",
+                            origin::redact(&task.url)
+                        ),
                     }));
                 }
             }
@@ -454,7 +457,7 @@ async fn download_ranges(
     task.expected
         .check_content_id(&id)
         .and_then(|()| task.expected.check_sha256(digests.sha256))
-        .map_err(|e| remote_error(format!("{} (ranges): {e}", task.url)))?;
+        .map_err(|e| remote_error(format!("{} (ranges): {e}", origin::redact(&task.url))))?;
     let count = id.piece_count();
     let identity = FileIdentity::of(&file).map_err(local)?;
     env.store.insert(
@@ -513,7 +516,7 @@ async fn from_cache(
     if let Some(d) = &task.durable
         && let Err(e) = d.store.clear_pieces(d.job, d.index)
     {
-        warn!(url = %task.url, "cannot reset the stored pieces before a cache copy: {e}");
+        warn!(url = %origin::redact(&task.url), "cannot reset the stored pieces before a cache copy: {e}");
         return None;
     }
     if cancel.is_cancelled() {
@@ -541,7 +544,7 @@ async fn from_cache(
     let (digests, reflinked, identity) = match copied {
         Ok(d) => d,
         Err(e) => {
-            warn!(url = %task.url, %id, "cannot copy from the cache; downloading: {e}");
+            warn!(url = %origin::redact(&task.url), %id, "cannot copy from the cache; downloading: {e}");
             return None;
         }
     };
@@ -574,15 +577,15 @@ async fn from_cache(
         .await
         .unwrap_or(false);
         if damaged {
-            warn!(url = %task.url, %id, "the cached copy is damaged; evicting it");
+            warn!(url = %origin::redact(&task.url), %id, "the cached copy is damaged; evicting it");
             let _ = tokio::task::spawn_blocking(move || cache.evict(&HaveKey::Blake3(*id.hash())))
                 .await;
         } else {
-            info!(url = %task.url, %id, "the cached content is not what this file expects; downloading");
+            info!(url = %origin::redact(&task.url), %id, "the cached content is not what this file expects; downloading");
         }
         return None;
     }
-    info!(url = %task.url, %id, reflinked, "filled from the local cache");
+    info!(url = %origin::redact(&task.url), %id, reflinked, "filled from the local cache");
     progress(Update::Started {
         length,
         content_id: Some(id),
@@ -617,8 +620,8 @@ async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
     .await;
     match r {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => warn!(url = %task.url, "cannot cache the file: {e}"),
-        Err(e) => warn!(url = %task.url, "cannot cache the file: {e}"),
+        Ok(Err(e)) => warn!(url = %origin::redact(&task.url), "cannot cache the file: {e}"),
+        Err(e) => warn!(url = %origin::redact(&task.url), "cannot cache the file: {e}"),
     }
 }
 
@@ -690,6 +693,7 @@ async fn ask(
         if let Some((cache, url)) = fill_from
             && cache == peer
             && url.as_str().len() <= shoal_protocol::MAX_ORIGIN_URL_BYTES
+            && !origin::has_secrets(url)
         {
             request.origin_url = Some(url.to_string());
         }
@@ -1498,7 +1502,7 @@ async fn attempt(
         Failure::Fatal(JobError {
             context: ErrorContext::RemoteFile,
             file: Some(task.index),
-            description: format!("{}: {e}", task.url),
+            description: format!("{}: {e}", origin::redact(&task.url)),
         })
     })?;
     let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
@@ -1621,7 +1625,7 @@ async fn attempt(
         .sum();
     if resume.is_some() {
         info!(
-            url = %task.url,
+            url = %origin::redact(&task.url),
             pieces = kept.count_ones(),
             "resuming with pieces from an earlier run"
         );
@@ -2224,7 +2228,7 @@ async fn attempt(
                 a.running = false;
                 match result {
                     Assembled::Layer(l) => {
-                        info!(url = %task.url, id = %l.content_id(), "piece layer assembled and verified");
+                        info!(url = %origin::redact(&task.url), id = %l.content_id(), "piece layer assembled and verified");
                         // Only own pieces whose chaining value is the layer's are servable; the
                         // writer checks every recorded piece against the layer too.
                         let mut verified = Bitfield::new(piece_count);
@@ -2268,7 +2272,7 @@ async fn attempt(
                             a.changed = true;
                             continue;
                         }
-                        warn!(url = %task.url, "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");
+                        warn!(url = %origin::redact(&task.url), "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");
                         a.failed = true;
                         a.relayed.iter_mut().for_each(|c| *c = None);
                         env.store.set_relayed(&a.id, &task.temp, &[]);
@@ -2394,7 +2398,7 @@ async fn attempt(
         if let Some(d) = &task.durable
             && let Err(e) = d.store.clear_pieces(d.job, d.index)
         {
-            warn!(url = %task.url, "cannot forget the pieces of a file that failed: {e}");
+            warn!(url = %origin::redact(&task.url), "cannot forget the pieces of a file that failed: {e}");
         }
     };
     if let Err(e) = expected.check_content_id(&id) {
@@ -2403,7 +2407,7 @@ async fn attempt(
         return Err(Failure::Fatal(JobError {
             context: ErrorContext::RemoteFile,
             file: Some(task.index),
-            description: format!("{}: {e}", task.url),
+            description: format!("{}: {e}", origin::redact(&task.url)),
         })
         .into());
     }
@@ -2422,7 +2426,7 @@ async fn attempt(
         return Err(Failure::Fatal(JobError {
             context: ErrorContext::RemoteFile,
             file: Some(task.index),
-            description: format!("{}: {e}", task.url),
+            description: format!("{}: {e}", origin::redact(&task.url)),
         })
         .into());
     }

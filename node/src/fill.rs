@@ -9,9 +9,12 @@
 //! pieces. When the file verified it enters the cache (whatever its size) and is served from
 //! there; the fill's own file is deleted.
 //!
-//! Only URLs under the configured origin prefixes are fetched (all `http`/`https` URLs when
-//! none is configured); at most [`CacheNodeRole::max_fills`] run at once; a key whose fill
-//! failed is not fetched again for [`FAILED_BACKOFF`].
+//! Only URLs under the configured origin prefixes are fetched, and redirects are followed only
+//! to URLs under them too: with none configured the node fetches nothing for peers (it is not
+//! an open proxy). At most [`CacheNodeRole::max_fills`] run at once, at most
+//! [`FILLS_PER_PEER`] for one asking peer; a key whose fill failed is not fetched again for
+//! [`FAILED_BACKOFF`]. URLs with user information or a query string are never fetched for
+//! peers, and URLs are logged without them.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,12 +36,14 @@ use crate::{
 
 /// How long a key whose fill failed is not fetched again.
 pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
+/// Fills one asking peer may have running at once.
+pub const FILLS_PER_PEER: usize = 2;
 
 /// Settings of the cache node role.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheNodeRole {
     /// URL prefixes the node fetches from on a peer's behalf, like `https://deb.example.org/`;
-    /// empty: any `http` or `https` URL.
+    /// empty: none (the node fetches nothing for peers).
     pub origins: Vec<String>,
     /// Fills running at once; further requests wait for the asker's next have round.
     /// Default 8.
@@ -55,28 +60,27 @@ impl Default for CacheNodeRole {
 }
 
 impl CacheNodeRole {
-    /// Whether the node may fetch `url` for a peer: an `http`/`https` URL without user
-    /// information whose scheme, host and port equal an origin's, and whose path starts with
-    /// the origin's path at a `/` boundary (so `https://a.example` allows neither
-    /// `https://a.example.evil.net/` nor `https://a.example@evil.net/`).
-    fn allows(&self, url: &url::Url) -> bool {
+    /// Whether the node may fetch `url` for a peer (or follow a redirect to it): an
+    /// `http`/`https` URL without user information or query whose scheme, host and port equal
+    /// a configured origin's, and whose path starts with the origin's path at a `/` boundary
+    /// (so `https://a.example` allows neither `https://a.example.evil.net/` nor
+    /// `https://a.example@evil.net/`). With no origin configured, nothing.
+    pub(crate) fn allows(&self, url: &url::Url) -> bool {
         if !matches!(url.scheme(), "http" | "https")
-            || !url.username().is_empty()
-            || url.password().is_some()
+            || crate::origin::has_secrets(url)
             || url.host_str().is_none()
         {
             return false;
         }
-        self.origins.is_empty()
-            || self.origins.iter().any(|o| {
-                url::Url::parse(o).is_ok_and(|o| {
-                    let base = o.path().trim_end_matches('/');
-                    o.scheme() == url.scheme()
-                        && o.host_str() == url.host_str()
-                        && o.port_or_known_default() == url.port_or_known_default()
-                        && (url.path() == base || url.path().starts_with(&format!("{base}/")))
-                })
+        self.origins.iter().any(|o| {
+            url::Url::parse(o).is_ok_and(|o| {
+                let base = o.path().trim_end_matches('/');
+                o.scheme() == url.scheme()
+                    && o.host_str() == url.host_str()
+                    && o.port_or_known_default() == url.port_or_known_default()
+                    && (url.path() == base || url.path().starts_with(&format!("{base}/")))
             })
+        })
     }
 }
 
@@ -103,9 +107,11 @@ mod tests {
         assert!(!ok("http://10.0.0.5:8081/pool/x.deb"));
         assert!(!ok("http://10.0.0.5:8080/poolside/x.deb"));
         assert!(!ok("ftp://deb.example.org/a.deb"));
-        let any = CacheNodeRole::default();
-        assert!(any.allows(&url::Url::parse("http://x.example/f").unwrap()));
-        assert!(!any.allows(&url::Url::parse("file:///etc/passwd").unwrap()));
+        assert!(!ok("https://deb.example.org/a.deb?X-Amz-Signature=1"));
+        // No origin configured: nothing is fetched for peers.
+        let none = CacheNodeRole::default();
+        assert!(!none.allows(&url::Url::parse("http://x.example/f").unwrap()));
+        assert!(!none.allows(&url::Url::parse("file:///etc/passwd").unwrap()));
     }
 }
 
@@ -113,6 +119,8 @@ mod tests {
 #[derive(Default)]
 struct Fills {
     running: HashSet<HaveKey>,
+    /// Fills running per asking peer.
+    per_peer: HashMap<libp2p::PeerId, usize>,
     failed: HashMap<HaveKey, tokio::time::Instant>,
 }
 
@@ -124,6 +132,23 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let fills = Arc::new(Mutex::new(Fills::default()));
+    if role.origins.is_empty() {
+        info!("cache node role: no origins configured, so nothing is fetched for peers");
+    }
+    // Fills follow redirects only within the configured origins.
+    let origin = {
+        let role = role.clone();
+        match crate::origin::Client::with_redirect_filter(
+            node.env().origin.config().clone(),
+            move |u| role.allows(u),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cache node role off: cannot build its HTTP client: {e}");
+                return;
+            }
+        }
+    };
     loop {
         let req = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -135,7 +160,7 @@ pub(crate) async fn run(
         let url = match url::Url::parse(&req.origin_url) {
             Ok(u) if role.allows(&u) => u,
             Ok(u) => {
-                debug!(peer = %req.peer, url = %u, "not fetching for a peer: the URL is not under a configured origin");
+                debug!(peer = %req.peer, url = %crate::origin::redact(&u), "not fetching for a peer: the URL is not under a configured origin");
                 continue;
             }
             Err(e) => {
@@ -154,17 +179,26 @@ pub(crate) async fn run(
             if f.running.contains(&req.key)
                 || f.failed.contains_key(&req.key)
                 || f.running.len() >= role.max_fills
+                || f.per_peer.get(&req.peer).copied().unwrap_or(0) >= FILLS_PER_PEER
             {
                 continue;
             }
             f.running.insert(req.key);
+            *f.per_peer.entry(req.peer).or_default() += 1;
         }
-        info!(peer = %req.peer, key = %req.key, %url, "fetching for a peer (cache node)");
+        info!(peer = %req.peer, key = %req.key, url = %crate::origin::redact(&url), "fetching for a peer (cache node)");
         let (node, fills, token) = (node.clone(), fills.clone(), shutdown.child_token());
+        let origin = origin.clone();
         tokio::spawn(async move {
-            let ok = fill(&node, req.key, url, &token).await;
+            let ok = fill(&node, &origin, req.key, url, &token).await;
             let mut f = fills.lock().unwrap_or_else(|e| e.into_inner());
             f.running.remove(&req.key);
+            if let Some(n) = f.per_peer.get_mut(&req.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    f.per_peer.remove(&req.peer);
+                }
+            }
             if !ok {
                 f.failed.insert(req.key, tokio::time::Instant::now());
             }
@@ -173,8 +207,15 @@ pub(crate) async fn run(
 }
 
 /// Fetches `key` from `url` (and peers) into the cache; true when it is cached.
-async fn fill(node: &Node, key: HaveKey, url: url::Url, cancel: &CancellationToken) -> bool {
-    let env = node.env().clone();
+async fn fill(
+    node: &Node,
+    origin: &crate::origin::Client,
+    key: HaveKey,
+    url: url::Url,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut env = node.env().clone();
+    env.origin = origin.clone();
     let Some(cache) = env.cache.clone() else {
         return false;
     };
@@ -184,12 +225,12 @@ async fn fill(node: &Node, key: HaveKey, url: url::Url, cancel: &CancellationTok
         Ok(r) => {
             let usage = cache.usage();
             if r.length > usage.limit.saturating_sub(usage.pinned_bytes) {
-                info!(%url, length = r.length, "not fetching for a peer: the file does not fit the cache");
+                info!(url = %crate::origin::redact(&url), length = r.length, "not fetching for a peer: the file does not fit the cache");
                 return false;
             }
         }
         Err(e) => {
-            warn!(%url, "not fetching for a peer: {e}");
+            warn!(url = %crate::origin::redact(&url), "not fetching for a peer: {e}");
             return false;
         }
     }
@@ -240,14 +281,14 @@ async fn fill(node: &Node, key: HaveKey, url: url::Url, cancel: &CancellationTok
             // Served from the cache's copy now, if it was admitted; else from nowhere.
             let admitted = cache.items().iter().any(|i| i.path == at_cache);
             if !admitted {
-                warn!(%url, "the fetched file does not fit the cache; it is not kept");
+                warn!(url = %crate::origin::redact(&url), "the fetched file does not fit the cache; it is not kept");
             } else {
-                info!(%url, id = %d.content_id, "fetched for peers and cached");
+                info!(url = %crate::origin::redact(&url), id = %d.content_id, "fetched for peers and cached");
             }
             admitted
         }
         Err(e) => {
-            warn!(%url, key = %key, "fetching for a peer failed: {e:?}");
+            warn!(url = %crate::origin::redact(&url), key = %key, "fetching for a peer failed: {e:?}");
             false
         }
     };

@@ -48,7 +48,7 @@ impl Default for Config {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum OriginError {
     /// 404 or 410.
-    #[error("{url} was not found (HTTP {status})")]
+    #[error("{} was not found (HTTP {status})", redact(.url))]
     NotFound {
         /// The URL.
         url: Url,
@@ -56,7 +56,7 @@ pub enum OriginError {
         status: u16,
     },
     /// 401 or 403.
-    #[error("access to {url} was denied (HTTP {status})")]
+    #[error("access to {} was denied (HTTP {status})", redact(.url))]
     Denied {
         /// The URL.
         url: Url,
@@ -64,7 +64,7 @@ pub enum OriginError {
         status: u16,
     },
     /// Another 4xx the client cannot fix by retrying.
-    #[error("{url} answered HTTP {status}")]
+    #[error("{} answered HTTP {status}", redact(.url))]
     Status {
         /// The URL.
         url: Url,
@@ -73,7 +73,7 @@ pub enum OriginError {
     },
     /// The content changed during the job (ETag, Last-Modified or length differ, or `If-Range`
     /// failed).
-    #[error("the content at {url} changed during the job: {detail}")]
+    #[error("the content at {} changed during the job: {detail}", redact(.url))]
     Changed {
         /// The URL.
         url: Url,
@@ -81,7 +81,7 @@ pub enum OriginError {
         detail: String,
     },
     /// The response is unusable (no length, a wrong Content-Range).
-    #[error("{url} gave an unusable response: {detail}")]
+    #[error("{} gave an unusable response: {detail}", redact(.url))]
     BadResponse {
         /// The URL.
         url: Url,
@@ -89,7 +89,7 @@ pub enum OriginError {
         detail: String,
     },
     /// Network failures or 5xx that outlasted the retries.
-    #[error("{url} is unreachable: {detail}")]
+    #[error("{} is unreachable: {detail}", redact(.url))]
     Unreachable {
         /// The URL.
         url: Url,
@@ -104,6 +104,30 @@ impl OriginError {
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unreachable { .. })
     }
+}
+
+/// `url` as it may be logged or told to others: without user information, and with the query
+/// and fragment (where presigned tokens live) replaced by `?…`.
+#[must_use]
+pub fn redact(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let hidden = u.query().is_some() || u.fragment().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    if hidden {
+        format!("{u}?…")
+    } else {
+        u.to_string()
+    }
+}
+
+/// Whether `url` carries something secret: user information or a query string (presigned
+/// URLs carry their signature there). Such URLs are never sent to peers or cache nodes.
+#[must_use]
+pub fn has_secrets(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some() || url.query().is_some()
 }
 
 /// What the origin told about a resource on first contact.
@@ -141,14 +165,49 @@ impl Client {
     /// The `reqwest::Error` when the HTTP client or its TLS stack cannot be built; the node
     /// reports it as [`crate::Error::Origin`].
     pub fn new(config: Config) -> Result<Self, reqwest::Error> {
+        Self::build(config, reqwest::redirect::Policy::default())
+    }
+
+    /// A client like [`Client::new`]'s that follows a redirect only to a URL `allowed` says
+    /// yes to (at most 10 hops); any other redirect is returned as the response, which the
+    /// caller then sees as a failed request (the cache node role: fetches for peers stay
+    /// within the configured origins).
+    ///
+    /// # Errors
+    /// As [`Client::new`].
+    pub fn with_redirect_filter(
+        config: Config,
+        allowed: impl Fn(&Url) -> bool + Send + Sync + 'static,
+    ) -> Result<Self, reqwest::Error> {
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                attempt.error("too many redirects")
+            } else if allowed(attempt.url()) {
+                attempt.follow()
+            } else {
+                tracing::info!(url = %redact(attempt.url()), "redirect outside the allowed origins not followed");
+                attempt.stop()
+            }
+        });
+        Self::build(config, policy)
+    }
+
+    fn build(config: Config, redirect: reqwest::redirect::Policy) -> Result<Self, reqwest::Error> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
             .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
+            .redirect(redirect)
             .build()?;
         Ok(Self { http, config })
+    }
+
+    /// The settings the client was built with.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Waits before retry `attempt` (0-based) after `detail`, or gives up with
@@ -160,7 +219,7 @@ impl Client {
                 detail,
             });
         }
-        tracing::debug!(%url, attempt, "origin retry after: {detail}");
+        tracing::debug!(url = %redact(url), attempt, "origin retry after: {detail}");
         let delay = self
             .config
             .backoff
@@ -451,4 +510,29 @@ fn check_same(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_logged_without_credentials_or_query_tokens() {
+        let u: Url = "https://user:pw@mirror.example/pool/a.deb?X-Amz-Signature=abc#f"
+            .parse()
+            .unwrap();
+        assert!(has_secrets(&u));
+        assert_eq!(redact(&u), "https://mirror.example/pool/a.deb?…");
+        let plain: Url = "https://mirror.example/pool/a.deb".parse().unwrap();
+        assert!(!has_secrets(&plain));
+        assert_eq!(redact(&plain), plain.as_str());
+        let e = OriginError::NotFound {
+            url: u,
+            status: 404,
+        };
+        assert!(
+            !e.to_string().contains("pw") && !e.to_string().contains("abc"),
+            "{e}"
+        );
+    }
 }

@@ -46,6 +46,8 @@ pub struct OriginState {
     pub wan_bytes_per_sec: AtomicU64,
     /// When the shared link is free again.
     wan_free_at: Mutex<Option<tokio::time::Instant>>,
+    /// Where `/redirect/NAME` points: `BASE/NAME` when set (another origin), else `/NAME`.
+    pub redirect_base: Mutex<Option<String>>,
 }
 
 /// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
@@ -110,11 +112,18 @@ impl TestOrigin {
     }
 }
 
-/// `/redirect/NAME` answers 302 to `/NAME`.
-async fn redirect(Path(name): Path<String>) -> Response {
+/// `/redirect/NAME` answers 302 to `/NAME`, or to `BASE/NAME` with a redirect base set.
+async fn redirect(State(state): State<Arc<OriginState>>, Path(name): Path<String>) -> Response {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let base = state
+        .redirect_base
+        .lock()
+        .expect("origin lock")
+        .clone()
+        .unwrap_or_default();
     Response::builder()
         .status(StatusCode::FOUND)
-        .header(header::LOCATION, format!("/{name}"))
+        .header(header::LOCATION, format!("{base}/{name}"))
         .body(Body::empty())
         .expect("valid response")
 }

@@ -235,3 +235,77 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
     .await
     .expect("scenario finishes in time");
 }
+
+#[tokio::test]
+async fn a_cache_node_is_not_an_open_proxy() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        // The listed origin redirects to another one (an open redirect on a mirror).
+        let listed = TestOrigin::start().await;
+        let elsewhere = TestOrigin::start().await;
+        let data = content(2 * MIB, 66);
+        elsewhere.put("x.bin", data.clone());
+        *listed.state.redirect_base.lock().unwrap() = Some(format!("http://{}", elsewhere.addr));
+        let role_node = |origins: Vec<String>, name: &'static str| {
+            let dir = dir.path().join(name);
+            async move {
+                test_builder(&[], ServeMode::Honest)
+                    .await
+                    .cache(CacheConfig {
+                        dir: Some(dir),
+                        ..CacheConfig::default()
+                    })
+                    .cache_node_role(shoal_node::fill::CacheNodeRole {
+                        origins,
+                        ..Default::default()
+                    })
+                    .build()
+                    .await
+                    .unwrap()
+            }
+        };
+        // 1. A cache node with no origins configured fetches nothing for peers; 2. one with an
+        // origin does not follow its redirect to another host.
+        let none = role_node(Vec::new(), "none").await;
+        let some = role_node(vec![listed.url("").to_string()], "some").await;
+        for (cache_node, url) in [
+            (&none, elsewhere.url("x.bin")),
+            (
+                &some,
+                format!("http://{}/redirect/x.bin", listed.addr)
+                    .parse()
+                    .unwrap(),
+            ),
+        ] {
+            let client = test_builder(&[], ServeMode::Honest)
+                .await
+                .cache_node(cache_node.listen_addrs().await.remove(0))
+                .build()
+                .await
+                .unwrap();
+            let local = dir.path().join("client.bin");
+            let rec = Arc::new(Recorder::default());
+            let job = start_job(&client, spec(url, &local, blake3_only(&data)), &rec);
+            // The client fetches it itself, following the redirect as any client does.
+            let info = wait_for(&client, job, &[State::Transferred]).await;
+            client.complete(job).unwrap();
+            assert_eq!(std::fs::read(&local).unwrap(), data);
+            assert_eq!(info.files[0].bytes_from_cache, 0);
+            std::fs::remove_file(&local).unwrap();
+            client.shutdown().await;
+            assert_eq!(
+                cache_node.stats().bytes_from_origin,
+                0,
+                "the cache node fetched"
+            );
+            assert!(cached(cache_node).is_empty());
+        }
+        // Every byte `elsewhere` sent went to the clients: two copies and their one-byte
+        // probes, nothing for a cache node.
+        assert!(elsewhere.bytes_served() <= 2 * (data.len() as u64 + 1));
+        none.shutdown().await;
+        some.shutdown().await;
+    })
+    .await
+    .expect("scenario finishes in time");
+}
