@@ -2136,7 +2136,14 @@ async fn attempt(
                     requests.remove(&(index, p));
                     sched.on_busy(index, p, Instant::now());
                 }
-                Fetched::OriginEnd(Ok(())) => sched.on_origin_run_end(),
+                Fetched::OriginEnd(Ok(())) => {
+                    // An origin without Range support sends from byte 0 on every request:
+                    // its runs then go on as far as the pieces are missing.
+                    if let Some(r) = remote.get() {
+                        sched.set_origin_ranges(r.ranges);
+                    }
+                    sched.on_origin_run_end();
+                }
                 Fetched::OriginEnd(Err(e)) => {
                     sched.on_origin_run_end();
                     if claimed && matches!(e, OriginError::Changed { .. }) {

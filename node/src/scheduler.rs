@@ -285,6 +285,8 @@ pub struct Scheduler {
     banned: Vec<PeerId>,
     origin_busy: bool,
     origin_allowed: bool,
+    /// Whether the origin honours Range requests.
+    origin_ranges: bool,
     origin_not_before: Option<Instant>,
     /// Where the first origin run starts.
     origin_start: PieceIndex,
@@ -342,6 +344,7 @@ impl Scheduler {
             banned: Vec::new(),
             origin_busy: false,
             origin_allowed: true,
+            origin_ranges: true,
             origin_not_before: None,
             origin_start: 0,
             origin_next: None,
@@ -363,6 +366,14 @@ impl Scheduler {
     /// that show up.
     pub fn set_swarm(&mut self, swarm: bool) {
         self.swarm = swarm;
+    }
+
+    /// Says whether the origin honours Range requests (default: yes). Without, every origin
+    /// run is read from byte 0, so a run is never cut short for the swarm's sake: it takes
+    /// every missing piece from its start on, up to the first one fetched or held (an origin
+    /// run of a few pieces at a time would cost the square of the file's length in transfer).
+    pub fn set_origin_ranges(&mut self, ranges: bool) {
+        self.origin_ranges = ranges;
     }
 
     /// Tells the scheduler this node's peer id: among the peers fetching the same content, each
@@ -810,13 +821,19 @@ impl Scheduler {
             && self.origin_not_before.is_none_or(|t| now >= t)
             && let Some((start, share)) = self.origin_run_start(now)
         {
-            let limit = if self.peers.is_empty() && !self.swarm {
+            let limit = if (self.peers.is_empty() && !self.swarm) || !self.origin_ranges {
                 u32::MAX
             } else {
                 self.config.max_origin_run.max(1).min(share)
             };
             let mut end = start + 1;
-            while (end as usize) < n && end - start < limit && self.needs_origin(end as usize, now)
+            while (end as usize) < n
+                && end - start < limit
+                && if self.origin_ranges {
+                    self.needs_origin(end as usize, now)
+                } else {
+                    self.pieces[end as usize] == Piece::Missing
+                }
             {
                 end += 1;
             }
@@ -1380,6 +1397,27 @@ mod tests {
         assert_eq!(
             s.next_actions(now + patience),
             vec![Action::Origin { start: 0, end: 2 }]
+        );
+    }
+
+    #[test]
+    fn without_range_support_an_origin_run_takes_every_missing_piece_to_the_end() {
+        let mut s = sched(64, Config::default());
+        s.set_swarm(true);
+        let now = Instant::now();
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Origin { start: 0, end: 8 }]
+        );
+        for i in 0..8 {
+            s.on_received(i, Source::Origin, PIECE, now);
+            s.on_done(i, Source::Origin);
+        }
+        s.set_origin_ranges(false);
+        s.on_origin_run_end();
+        assert_eq!(
+            s.next_actions(now),
+            vec![Action::Origin { start: 8, end: 64 }]
         );
     }
 

@@ -47,12 +47,22 @@ const REDIAL_INTERVAL: Duration = Duration::from_secs(3);
 
 /// A request-response codec for one request and one response type of [`shoal_protocol`]: a varint
 /// length prefix, then the protobuf body, with the message type's byte limit checked before
-/// the body is read.
-pub struct Codec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+/// the body is read. A response is held to its request's own limit where that is smaller
+/// ([`Message::response_limit_bytes`]: a piece response to the piece asked for), since
+/// libp2p uses one clone of the codec per outbound stream, writing the request and then
+/// reading the response.
+pub struct Codec<Req, Resp> {
+    /// The limit of the response to the request this clone wrote.
+    response_limit: Option<usize>,
+    types: PhantomData<fn() -> (Req, Resp)>,
+}
 
 impl<Req, Resp> Default for Codec<Req, Resp> {
     fn default() -> Self {
-        Self(PhantomData)
+        Self {
+            response_limit: None,
+            types: PhantomData,
+        }
     }
 }
 
@@ -63,7 +73,15 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
 }
 
 async fn read_message<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
-    let mut prefix = LengthPrefix::new(M::MAX_LEN_BYTES);
+    read_message_within(io, M::MAX_LEN_BYTES).await
+}
+
+/// Reads a message whose body may be at most `limit` bytes (and the type's own limit).
+async fn read_message_within<M: Message, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<M> {
+    let mut prefix = LengthPrefix::new(limit.min(M::MAX_LEN_BYTES));
     let len = loop {
         let mut byte = [0u8; 1];
         io.read_exact(&mut byte).await?;
@@ -138,13 +156,14 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_message(io).await
+        read_message_within(io, self.response_limit.unwrap_or(Resp::MAX_LEN_BYTES)).await
     }
 
     async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Req) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
+        self.response_limit = req.response_limit_bytes();
         write_message(io, &req).await
     }
 
@@ -1776,5 +1795,47 @@ mod tests {
         // Expired records make room again.
         let later = now + Duration::from_secs(61);
         assert!(q.admit(&record(PeerId::random(), 1, 60), later));
+    }
+
+    #[tokio::test]
+    async fn a_piece_response_longer_than_the_piece_asked_for_is_refused_before_its_body() {
+        use libp2p::request_response::Codec as _;
+        // A content of 16 KiB pieces.
+        let id = ContentId::new([1; 32], 64 * 1024).unwrap();
+        let mut codec = Codec::<PieceRequest, PieceResponse>::default();
+        let protocol = StreamProtocol::new(PIECE_PROTOCOL);
+        let mut sent = Vec::new();
+        codec
+            .write_request(
+                &protocol,
+                &mut futures::io::Cursor::new(&mut sent),
+                PieceRequest {
+                    content_id: id,
+                    index: 0,
+                },
+            )
+            .await
+            .unwrap();
+        // The peer announces a 16 MiB body and sends none of it: refused at the prefix.
+        let (prefix, n) = shoal_protocol::frame::encode_prefix(16 << 20);
+        let mut answer = futures::io::Cursor::new(prefix[..n].to_vec());
+        let e = codec
+            .read_response(&protocol, &mut answer)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // A response of the piece's size is read.
+        let mut body = Vec::new();
+        write_message(
+            &mut futures::io::Cursor::new(&mut body),
+            &PieceResponse::Data(Bytes::from(vec![7u8; 16 * 1024])),
+        )
+        .await
+        .unwrap();
+        let got = codec
+            .read_response(&protocol, &mut futures::io::Cursor::new(body))
+            .await
+            .unwrap();
+        assert!(matches!(got, PieceResponse::Data(b) if b.len() == 16 * 1024));
     }
 }

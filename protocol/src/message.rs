@@ -75,6 +75,13 @@ pub trait Message: Sized {
     /// [`DecodeError::TooLarge`] over [`Self::MAX_LEN_BYTES`], [`DecodeError::Malformed`] for bad
     /// protobuf, [`DecodeError::InvalidField`] for a missing or impossible field.
     fn decode(body: Bytes) -> Result<Self, DecodeError>;
+
+    /// For a request: the largest body of its response worth reading, in bytes, when it is
+    /// smaller than the response type's own limit (a piece response is at most the piece asked
+    /// for plus its envelope). `None`: the response type's limit.
+    fn response_limit_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 fn check_len<M: Message>(body: &Bytes) -> Result<(), DecodeError> {
@@ -520,6 +527,13 @@ pub struct PieceRequest {
 impl Message for PieceRequest {
     const NAME: &'static str = "PieceRequest";
     const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+
+    fn response_limit_bytes(&self) -> Option<usize> {
+        let range = self.content_id.piece_range(self.index)?;
+        usize::try_from(range.end - range.start)
+            .ok()
+            .map(|len| len + ENVELOPE_BYTES)
+    }
 
     fn encode(&self) -> Vec<u8> {
         proto::PieceRequest {
