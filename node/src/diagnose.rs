@@ -150,7 +150,7 @@ impl Node {
                 let me = env.swarm.peer_id();
                 let now = std::time::Instant::now();
                 d.members = env.store.with_members(id, |v| {
-                    let fetchers = v.fetchers(id.piece_count(), now);
+                    let fetchers = v.fetchers(id.piece_count(), now, false);
                     SwarmMembers {
                         alive: v.len_alive(now),
                         fetchers: fetchers.len(),

@@ -1828,7 +1828,10 @@ async fn attempt(
             let origin_now = !never_origin && now >= wait_until;
             if let Some((fetchers, grew)) = env.store.with_members(&id, |v| {
                 v.set_self(done, origin_now, now);
-                (v.fetchers(piece_count, now), v.grew_at())
+                (
+                    v.fetchers(piece_count, now, sched.has_lapsed()),
+                    v.grew_at(),
+                )
             }) {
                 if fetcher_seeds.len() > 2 * fetchers.len() + 16 {
                     let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();

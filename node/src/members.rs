@@ -53,6 +53,9 @@ struct Known {
     progressed: Instant,
     /// A direct peer that stopped answering: gone until a higher heartbeat comes.
     gone: bool,
+    /// This node heard from the member itself (its own entry, first in its own answer or
+    /// announcement, over a connection that authenticates it): not made up by a relayer.
+    proven: bool,
 }
 
 /// This node's view of the members fetching one content.
@@ -152,6 +155,7 @@ impl MemberView {
                     k.done = m.done;
                     k.origin = m.origin;
                     k.gone = false;
+                    k.proven |= direct;
                 }
                 None if room => {
                     if m.origin {
@@ -166,6 +170,7 @@ impl MemberView {
                             seen: now,
                             progressed: now,
                             gone: false,
+                            proven: direct,
                         },
                     );
                 }
@@ -213,14 +218,17 @@ impl MemberView {
 
     /// The members that take a share of the pieces that need the origin, sorted: those that
     /// use the origin, are alive, and have not stalled (a member with all `pieces` counts
-    /// however long ago it last progressed). This node is among them when it uses the origin.
+    /// however long ago it last progressed); with `proven_only`, only those this node heard
+    /// from directly (after a lapse of the shares: relayed entries may be made up). This node
+    /// is among them when it uses the origin.
     #[must_use]
-    pub fn fetchers(&self, pieces: u32, now: Instant) -> Vec<PeerId> {
+    pub fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
         let mut out: Vec<PeerId> = self
             .known
             .iter()
             .filter(|(_, k)| {
                 k.origin
+                    && (k.proven || !proven_only)
                     && self.alive(k, now)
                     && (k.done >= pieces
                         || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
@@ -316,7 +324,7 @@ mod tests {
         // A line a - b - c: c learns of a through b.
         vb.merge(&a, &va.sample(t0), t0);
         vc.merge(&b, &vb.sample(t0), t0);
-        assert_eq!(vc.fetchers(10, t0), {
+        assert_eq!(vc.fetchers(10, t0, false), {
             let mut all = vec![a, b, c];
             all.sort_unstable();
             all
@@ -326,25 +334,45 @@ mod tests {
         let b_again = vb.sample(later);
         assert!(b_again.iter().all(|m| m.peer_id != a.to_bytes()));
         vc.merge(&b, &b_again, later);
-        assert!(!vc.fetchers(10, later).contains(&a));
+        assert!(!vc.fetchers(10, later, false).contains(&a));
         // b forgets c (it stopped answering); c's old entry relayed back does not revive it,
         // a newer heartbeat does.
         vb.merge(&c, &vc.sample(t0), t0);
         vb.forget(&c);
-        assert!(!vb.fetchers(10, t0).contains(&c));
+        assert!(!vb.fetchers(10, t0, false).contains(&c));
         let c_then = vc.sample(t0)[0].heartbeat;
         vb.merge(&a, &[member(a, 1, 0, true), member(c, c_then, 0, true)], t0);
-        assert!(!vb.fetchers(10, t0).contains(&c));
+        assert!(!vb.fetchers(10, t0, false).contains(&c));
         vb.merge(&c, &vc.sample(t0 + Duration::from_millis(5)), t0);
-        assert!(vb.fetchers(10, t0).contains(&c));
+        assert!(vb.fetchers(10, t0, false).contains(&c));
         // A list that does not start with its sender's own entry is ignored; a relayed
         // heartbeat far ahead of this node's clock is skipped.
         let (x, y) = (PeerId::random(), PeerId::random());
         vb.merge(&a, &[member(x, 1, 0, true)], t0);
         let far = vb.heartbeat(t0) + 2 * MAX_SKEW.as_millis() as u64;
         vb.merge(&a, &[member(a, 2, 0, true), member(y, far, 0, true)], t0);
-        let f = vb.fetchers(10, t0);
+        let f = vb.fetchers(10, t0, false);
         assert!(!f.contains(&x) && !f.contains(&y) && f.contains(&a));
+    }
+
+    #[test]
+    fn after_a_lapse_only_members_heard_from_directly_take_shares() {
+        let t0 = Instant::now();
+        let (me, neighbour, far) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut v = MemberView::new(me, t0);
+        v.set_self(0, true, t0);
+        // The neighbour relays `far` (which may be made up) and 60 made-up fetchers.
+        let mut list = vec![member(neighbour, 1, 0, true), member(far, 1, 0, true)];
+        let fakes: Vec<PeerId> = (0..60).map(|_| PeerId::random()).collect();
+        list.extend(fakes.iter().map(|f| member(*f, 1, 10, true)));
+        v.merge(&neighbour, &list, t0);
+        assert_eq!(v.fetchers(10, t0, false).len(), 63);
+        let mut proven = vec![me, neighbour];
+        proven.sort_unstable();
+        assert_eq!(v.fetchers(10, t0, true), proven);
+        // `far` answers this node itself: from then on it counts.
+        v.merge(&far, &[member(far, 2, 0, true)], t0);
+        assert!(v.fetchers(10, t0, true).contains(&far));
     }
 
     #[test]
@@ -364,7 +392,7 @@ mod tests {
             &[member(slow, 2, 3, true), member(full, 2, 10, true)],
             later,
         );
-        assert_eq!(v.fetchers(10, later), vec![full]);
+        assert_eq!(v.fetchers(10, later, false), vec![full]);
         // Members that do not use the origin take no share; this one does once it says so.
         let quiet = PeerId::random();
         v.merge(&quiet, &[member(quiet, 1, 0, false)], later);
@@ -373,7 +401,7 @@ mod tests {
         assert!(v.grew_at() > grew);
         let mut want = vec![me, full];
         want.sort_unstable();
-        assert_eq!(v.fetchers(10, later), want);
+        assert_eq!(v.fetchers(10, later, false), want);
     }
 
     #[test]

@@ -397,9 +397,11 @@ impl Scheduler {
             .copied()
             .collect();
         // At most `MAX_FETCHERS`, the same ones on every node that knows the same members:
-        // those with the lowest seeds.
+        // those with the lowest seeds; but always this node, so that made-up members with low
+        // seeds cannot leave it without a share of its own.
         if fetchers.len() > MAX_FETCHERS {
-            fetchers.sort_unstable_by_key(|(p, s)| (*s, *p));
+            let me = self.me;
+            fetchers.sort_unstable_by_key(|(p, s)| (Some(*p) != me, *s, *p));
             fetchers.truncate(MAX_FETCHERS);
             fetchers.sort_unstable_by_key(|(p, _)| *p);
         }
@@ -463,6 +465,13 @@ impl Scheduler {
         self.fetchers.clear();
         self.progress = None;
         self.set_fetchers(&keep, now);
+    }
+
+    /// Whether the shares lapsed at least once in this download (some fetcher's blocks never
+    /// came): from then on only members this node heard from itself take shares.
+    #[must_use]
+    pub fn has_lapsed(&self) -> bool {
+        !self.excluded.is_empty()
     }
 
     /// Whether the shares among fetchers hold at `now` (set, and not lapsed).
@@ -1622,6 +1631,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn made_up_fetchers_with_low_seeds_never_push_this_node_out_of_the_shares() {
+        let now = Instant::now();
+        let me = PeerId::random();
+        // 300 fetchers whose seeds are all below this node's.
+        let mut fetchers: Vec<(PeerId, u64)> =
+            (0..300).map(|i| (PeerId::random(), i as u64)).collect();
+        fetchers.push((me, u64::MAX));
+        fetchers.sort_unstable_by_key(|(p, _)| *p);
+        let mut s = sched(8 * 1024, Config::default());
+        s.set_me(me);
+        s.set_swarm(true);
+        s.set_fetchers(&fetchers, now);
+        assert_eq!(s.fetchers.len(), MAX_FETCHERS);
+        assert!(s.fetchers.contains(&me));
+        let shares = s.shares.as_ref().unwrap();
+        assert!(shares.mine.iter().any(|m| *m), "this node owns no block");
+        // After the made-up fetchers' blocks never came, the shares lapse and they are out.
+        let later = now + Config::default().coming_patience;
+        s.next_actions(later);
+        assert!(s.has_lapsed());
+        // (A few made-up fetchers owned no block, so nothing was awaited of them.)
+        assert!(s.excluded.len() >= 200, "{}", s.excluded.len());
+        assert!(s.fetchers.contains(&me) && s.fetchers.len() < 50);
     }
 
     #[test]
