@@ -245,6 +245,9 @@ pub(crate) struct Cache {
     writes: Mutex<()>,
     /// Content being copied into the cache now (a second copy of it waits its turn).
     admitting: Mutex<HashSet<ContentId>>,
+    /// The keys in use at the last sweep: entries matching them cannot be evicted, so their
+    /// bytes count against the limit when a new file asks to come in.
+    in_use: Mutex<HashSet<HaveKey>>,
 }
 
 /// Whether `name` is one the cache makes: `HASH-LENGTH` (64 hex digits), or a part file of
@@ -339,6 +342,7 @@ impl Cache {
             wake: tokio::sync::Notify::new(),
             writes: Mutex::new(()),
             admitting: Mutex::new(HashSet::new()),
+            in_use: Mutex::new(HashSet::new()),
         };
         cache.load()?;
         Ok(cache)
@@ -541,11 +545,19 @@ impl Cache {
                 // Another download of the same content is copying it in.
                 return Ok(None);
             }
+            // What no sweep may evict: pinned entries and those of unfinished jobs.
+            let in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
             let pinned: u64 = map
                 .iter()
-                .filter(|(_, e)| e.pinned)
+                .filter(|(id, e)| {
+                    e.pinned
+                        || in_use.contains(&HaveKey::Blake3(*id.hash()))
+                        || e.sha256
+                            .is_some_and(|s| in_use.contains(&HaveKey::Sha256(s)))
+                })
                 .map(|(id, _)| id.length())
                 .sum();
+            drop(in_use);
             if pinned.saturating_add(len) > self.limit() {
                 self.admitted(&id);
                 info!(%id, limit = self.limit(), "not caching: the file does not fit the cache");
@@ -775,6 +787,7 @@ impl Cache {
     /// # Errors
     /// [`CacheError::Index`] when the index cannot be written; nothing is evicted then.
     pub(crate) fn sweep(&self, in_use: &HashSet<HaveKey>) -> Result<Vec<ContentId>, CacheError> {
+        in_use.clone_into(&mut self.in_use.lock().unwrap_or_else(|e| e.into_inner()));
         let now = self.now();
         let limit = self.limit();
         let (evict, dirty) = {
@@ -949,6 +962,33 @@ mod tests {
             max_age: Duration::from_secs(3 * 24 * 3600),
             min_file_size: 1000,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn files_of_unfinished_jobs_count_against_the_limit_so_the_cache_never_outgrows_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(ContentStore::new());
+        let limit = 100_000;
+        let cache = Cache::open(tmp.path().join("cache"), config(limit), store).unwrap();
+        let files: Vec<_> = (0..3u8)
+            .map(|i| file_of(tmp.path(), &format!("f{i}"), 45_000, 3 + 2 * i))
+            .collect();
+        // Three live jobs transferred three distinct files: none of them may be evicted.
+        let mut in_use = HashSet::new();
+        let mut admitted = 0;
+        for (f, l, _) in &files {
+            in_use.insert(HaveKey::Blake3(*l.content_id().hash()));
+            if cache.admit(l, None, f, false).unwrap().is_some() {
+                admitted += 1;
+            }
+            cache.sweep(&in_use).unwrap();
+            assert!(
+                cache.usage().bytes <= limit,
+                "{} bytes",
+                cache.usage().bytes
+            );
+        }
+        assert_eq!(admitted, 2, "the third does not fit beside the two in use");
     }
 
     #[tokio::test(start_paused = true)]

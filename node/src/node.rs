@@ -837,8 +837,8 @@ impl Node {
             .map_err(|e| Error::Swarm(e.to_string()))??)
     }
 
-    /// The content ids and SHA-256s of the files of jobs that are not Acknowledged or
-    /// Cancelled: the cache keeps them.
+    /// The content ids and SHA-256s of the transferred files of jobs that are not Acknowledged
+    /// or Cancelled: the cache keeps them (and counts them against its limit).
     fn content_in_use(&self) -> HashSet<HaveKey> {
         let slots: Vec<_> = self.lock_jobs().values().cloned().collect();
         let mut keys = HashSet::new();
@@ -847,9 +847,9 @@ impl Node {
             if rec.info.state.is_final() {
                 continue;
             }
-            for f in &rec.info.files {
-                keys.extend(f.expected.blake3.map(HaveKey::Blake3));
-                keys.extend(f.expected.sha256.map(HaveKey::Sha256));
+            // Only what a job transferred: naming a digest as expected does not keep another
+            // user's cached content from eviction.
+            for f in rec.info.files.iter().filter(|f| f.transferred) {
                 keys.extend(f.content_id.map(|id| HaveKey::Blake3(*id.hash())));
                 keys.extend(f.sha256.map(HaveKey::Sha256));
             }
