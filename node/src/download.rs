@@ -373,7 +373,9 @@ async fn download_ranges(
         if r.offset >= remote.length || end > remote.length {
             return Err(remote_error(format!(
                 "{}: the range {}..{end} is beyond the end of the file ({} bytes; BITS BG_E_INVALID_RANGE)",
-                task.url, r.offset, remote.length
+                origin::redact(&task.url),
+                r.offset,
+                remote.length
             )));
         }
         spans.push(r.offset..end);
@@ -382,7 +384,7 @@ async fn download_ranges(
     if !remote.ranges && !whole {
         return Err(remote_error(format!(
             "{}: the server does not support ranges (BITS BG_E_INSUFFICIENT_RANGE_SUPPORT)",
-            task.url
+            origin::redact(&task.url)
         )));
     }
     let total: u64 = spans.iter().map(|s| s.end - s.start).sum();
@@ -845,6 +847,25 @@ enum Checker {
     Builder(LayerBuilder),
 }
 
+impl Checker {
+    /// The chaining value piece `index` verified with (`None` for a file of one piece, or a
+    /// piece the builder has not taken).
+    fn chaining_value(&self, index: PieceIndex) -> Option<shoal_validator::ChainingValue> {
+        match self {
+            Self::Layer(l) => l.chaining_values().get(index as usize).copied(),
+            Self::Builder(b) => b.chaining_value(index),
+        }
+    }
+}
+
+/// A piece for the SHA-256 thread: its index, its bytes (`None`: read it from the file), and
+/// the chaining value it verified with, which bytes read back from the file must still have.
+type ShaPiece = (
+    PieceIndex,
+    Option<Bytes>,
+    Option<shoal_validator::ChainingValue>,
+);
+
 struct Verified {
     index: PieceIndex,
     source: Source,
@@ -945,15 +966,14 @@ fn spawn_writer(
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let mut writer = PieceWriter::new(file.clone(), piece_size);
-        let (sha_tx, sha_rx) =
-            std::sync::mpsc::sync_channel::<(PieceIndex, Option<Bytes>)>(VERIFY_QUEUE);
+        let (sha_tx, sha_rx) = std::sync::mpsc::sync_channel::<ShaPiece>(VERIFY_QUEUE);
         let sha_file = file.clone();
         let sha_thread =
             std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, length));
         let mut on_disk = resumed;
-        // Pieces kept from an earlier run are hashed from the file.
+        // Pieces kept from an earlier run are hashed from the file (checked again first).
         for index in on_disk.ones() {
-            let _ = sha_tx.send((index, None));
+            let _ = sha_tx.send((index, None, checker.chaining_value(index)));
         }
         let mut checker = checker;
         let mut results = Vec::new();
@@ -1013,7 +1033,8 @@ fn spawn_writer(
                     if let (Some(c), Source::Peer(_)) = (&mut checkpointing, source) {
                         c.meta.from_peers = true;
                     }
-                    let _ = sha_tx.send((index, Some(bytes.clone())));
+                    let _ =
+                        sha_tx.send((index, Some(bytes.clone()), checker.chaining_value(index)));
                 }
                 results.push(Verified {
                     index,
@@ -1064,10 +1085,12 @@ fn spawn_writer(
 /// Hashes the file in order. Pieces come with their bytes, or without (`None`: already in the
 /// file, kept from an earlier run). Pieces that arrive in order are hashed from memory, and so
 /// are pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back
-/// from the file when their turn comes. `None` unless every piece arrived.
+/// from the file when their turn comes, and must still have the chaining value they verified
+/// with (the owner of the file may write it meanwhile: what is hashed is what verified, or the
+/// file fails as a local error that bans nobody). `None` unless every piece arrived.
 fn sha_in_order(
     file: &File,
-    rx: std::sync::mpsc::Receiver<(PieceIndex, Option<Bytes>)>,
+    rx: std::sync::mpsc::Receiver<ShaPiece>,
     piece_size: u64,
     length: u64,
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
@@ -1075,38 +1098,48 @@ fn sha_in_order(
     let mut sha = Sha256Stream::new();
     let mut next: PieceIndex = 0;
     // Pieces ahead of `next`: with their bytes while they fit in `SHA_HOLD_BYTES`, else
-    // `None`, to be read back from the file.
-    let mut later: BTreeMap<PieceIndex, Option<Bytes>> = BTreeMap::new();
+    // `None`, to be read back from the file; with their chaining values.
+    let mut later: BTreeMap<PieceIndex, (Option<Bytes>, Option<shoal_validator::ChainingValue>)> =
+        BTreeMap::new();
     let mut held = 0usize;
     let mut buf = Vec::new();
-    let mut hash_from_file = |sha: &mut Sha256Stream, index: PieceIndex| {
-        let start = u64::from(index) * piece_size;
-        let len = (length - start).min(piece_size);
-        buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
-        file.read_exact_at(&mut buf, start)?;
-        sha.update(&buf);
-        Ok::<(), std::io::Error>(())
-    };
-    for (index, bytes) in rx {
+    let mut hash_from_file =
+        |sha: &mut Sha256Stream, index: PieceIndex, cv: Option<shoal_validator::ChainingValue>| {
+            let start = u64::from(index) * piece_size;
+            let len = (length - start).min(piece_size);
+            buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+            file.read_exact_at(&mut buf, start)?;
+            if let Some(cv) = cv {
+                shoal_validator::check_piece(index, start, &buf, &cv).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("the temporary file changed after its piece verified: {e}"),
+                    )
+                })?;
+            }
+            sha.update(&buf);
+            Ok::<(), std::io::Error>(())
+        };
+    for (index, bytes, cv) in rx {
         if index != next {
             let keep = bytes
                 .filter(|b| held + b.len() <= SHA_HOLD_BYTES)
                 .inspect(|b| held += b.len());
-            later.insert(index, keep);
+            later.insert(index, (keep, cv));
             continue;
         }
         match bytes {
             Some(b) => sha.update(&b),
-            None => hash_from_file(&mut sha, index)?,
+            None => hash_from_file(&mut sha, index, cv)?,
         }
         next += 1;
-        while let Some(piece) = later.remove(&next) {
+        while let Some((piece, cv)) = later.remove(&next) {
             match piece {
                 Some(b) => {
                     held -= b.len();
                     sha.update(&b);
                 }
-                None => hash_from_file(&mut sha, next)?,
+                None => hash_from_file(&mut sha, next, cv)?,
             }
             next += 1;
         }
@@ -1482,7 +1515,7 @@ async fn attempt(
                 file: Some(task.index),
                 description: format!(
                     "no peer serves {} and the source policy never uses the origin",
-                    task.url
+                    origin::redact(&task.url)
                 ),
             })
             .into());
@@ -1884,7 +1917,7 @@ async fn attempt(
                     file: Some(task.index),
                     description: format!(
                         "no peer has the missing pieces of {} and the source policy never uses the origin",
-                        task.url
+                        origin::redact(&task.url)
                     ),
                 })
                 .into());
@@ -2050,7 +2083,7 @@ async fn attempt(
                             description: format!(
                                 "piece {} from {} differs from the verified piece layer of {}",
                                 v.index,
-                                task.url,
+                                origin::redact(&task.url),
                                 content_id.map(|c| c.to_string()).unwrap_or_default()
                             ),
                         })
@@ -2095,7 +2128,7 @@ async fn attempt(
                                     description: format!(
                                         "piece {} from {} fails verification against content id {}: {reason}",
                                         v.index,
-                                        task.url,
+                                        origin::redact(&task.url),
                                         content_id.map(|c| c.to_string()).unwrap_or_default()
                                     ),
                                 }).into());
@@ -2324,7 +2357,7 @@ async fn attempt(
             file: Some(task.index),
             description: format!(
                 "{}: bytes from the origin differ from the verified piece layer ({})",
-                task.url,
+                origin::redact(&task.url),
                 late_rejects.join(", ")
             ),
         })
@@ -2467,6 +2500,40 @@ async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_read_back_for_the_sha256_must_still_be_the_verified_ones() {
+        use std::os::unix::fs::FileExt as _;
+        let piece = 16 * 1024u64;
+        let bytes: Vec<u8> = (0..3 * piece).map(|i| (i % 251) as u8).collect();
+        let d = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64).unwrap();
+        let cvs = d.layer.chaining_values().to_vec();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        std::fs::write(&path, &bytes).unwrap();
+        let run = |file: &File| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            // Pieces 2 and 1 come first and without their bytes (read back), then piece 0.
+            for i in [2u32, 1] {
+                tx.send((i, None, Some(cvs[i as usize]))).unwrap();
+            }
+            let p0 = Bytes::copy_from_slice(&bytes[..piece as usize]);
+            tx.send((0, Some(p0), Some(cvs[0]))).unwrap();
+            drop(tx);
+            sha_in_order(file, rx, piece, bytes.len() as u64)
+        };
+        let file = File::open(&path).unwrap();
+        assert_eq!(run(&file).unwrap(), Some(d.sha256));
+        // The owner writes into piece 2 after it verified: no SHA-256 is claimed for it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"changed", 2 * piece + 9)
+            .unwrap();
+        let e = run(&file).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    }
 
     #[test]
     fn a_have_round_asks_at_most_sixteen_peers_with_busy_ones_first() {

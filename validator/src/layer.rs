@@ -31,6 +31,25 @@ pub fn piece_chaining_value(offset: u64, bytes: &[u8]) -> ChainingValue {
     hasher.finalize_non_root()
 }
 
+/// Checks that piece `index`, `bytes` starting `offset` bytes into a file of more than one
+/// piece, still has the chaining value `cv` it verified with (bytes read back from a file
+/// someone else may write).
+///
+/// # Errors
+/// [`Error::PieceMismatch`] when the bytes hash differently.
+pub fn check_piece(
+    index: PieceIndex,
+    offset: u64,
+    bytes: &[u8],
+    cv: &ChainingValue,
+) -> Result<(), Error> {
+    if piece_chaining_value(offset, bytes) == *cv {
+        Ok(())
+    } else {
+        Err(Error::PieceMismatch { index })
+    }
+}
+
 /// Merges the CVs of consecutive pieces spanning `span` bytes into one CV (`root == false`) or
 /// into the root hash (`root == true`). Needs at least two CVs when `root`.
 fn merge(cvs: &[ChainingValue], piece_size: u64, span: u64, root: bool) -> ChainingValue {

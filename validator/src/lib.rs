@@ -17,7 +17,7 @@ mod digest;
 mod layer;
 
 pub use digest::{Expected, FileDigests, Sha256Stream, ValidationState, hash_reader};
-pub use layer::{ChainingValue, LayerBuilder, PieceLayer, piece_chaining_value};
+pub use layer::{ChainingValue, LayerBuilder, PieceLayer, check_piece, piece_chaining_value};
 pub use shoal_protocol::{ContentId, Sha256Digest};
 
 use shoal_protocol::PieceIndex;
