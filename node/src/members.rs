@@ -218,9 +218,9 @@ impl MemberView {
 
     /// The members that take a share of the pieces that need the origin, sorted: those that
     /// use the origin, are alive, and have not stalled (a member with all `pieces` counts
-    /// however long ago it last progressed); with `proven_only`, only those this node heard
-    /// from directly (after a lapse of the shares: relayed entries may be made up). This node
-    /// is among them when it uses the origin.
+    /// however long ago it last progressed); with `proven_only` (after a lapse of the shares:
+    /// relayed entries may be made up), only those this node heard from directly that hold
+    /// some piece by now. This node is among them when it uses the origin.
     #[must_use]
     pub fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
         let mut out: Vec<PeerId> = self
@@ -228,7 +228,7 @@ impl MemberView {
             .iter()
             .filter(|(_, k)| {
                 k.origin
-                    && (k.proven || !proven_only)
+                    && (!proven_only || (k.proven && k.done > 0))
                     && self.alive(k, now)
                     && (k.done >= pieces
                         || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
@@ -361,8 +361,9 @@ mod tests {
         let (me, neighbour, far) = (PeerId::random(), PeerId::random(), PeerId::random());
         let mut v = MemberView::new(me, t0);
         v.set_self(0, true, t0);
-        // The neighbour relays `far` (which may be made up) and 60 made-up fetchers.
-        let mut list = vec![member(neighbour, 1, 0, true), member(far, 1, 0, true)];
+        // The neighbour (which holds pieces) relays `far` (which may be made up) and 60
+        // made-up fetchers.
+        let mut list = vec![member(neighbour, 1, 3, true), member(far, 1, 0, true)];
         let fakes: Vec<PeerId> = (0..60).map(|_| PeerId::random()).collect();
         list.extend(fakes.iter().map(|f| member(*f, 1, 10, true)));
         v.merge(&neighbour, &list, t0);
@@ -370,8 +371,10 @@ mod tests {
         let mut proven = vec![me, neighbour];
         proven.sort_unstable();
         assert_eq!(v.fetchers(10, t0, true), proven);
-        // `far` answers this node itself: from then on it counts.
+        // `far` answers this node itself: it counts once it holds a piece.
         v.merge(&far, &[member(far, 2, 0, true)], t0);
+        assert!(!v.fetchers(10, t0, true).contains(&far));
+        v.merge(&far, &[member(far, 3, 1, true)], t0);
         assert!(v.fetchers(10, t0, true).contains(&far));
     }
 

@@ -25,6 +25,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use shoal_node::{Node, origin, scheduler, swarm::ServeMode};
 
+pub mod bad_peer;
+pub use bad_peer::{BadPeer, Misbehaviour};
+
 /// What the test origin serves and how it misbehaves.
 #[derive(Default)]
 pub struct OriginState {

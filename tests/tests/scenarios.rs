@@ -23,6 +23,7 @@ use shoal_validator::Sha256Digest;
 mod bandwidth;
 mod cache;
 mod cluster;
+mod hostile;
 mod security;
 
 /// Upper bound of any single scenario.

@@ -1,0 +1,400 @@
+//! [`BadPeer`]: a hostile peer built on Shoal's public wire codecs (`shoal_node::swarm::Codec`
+//! over `shoal_protocol`'s messages), for the tests of what one remote peer can and cannot do
+//! to a node (`docs/security.md`). It is a libp2p swarm of its own (TCP, noise, yamux) that
+//! speaks the have, layer, piece and announce protocols and misbehaves as its
+//! [`Misbehaviour`] says. It listens on 127.0.0.1 only.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, identify, noise,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux,
+};
+use shoal_node::swarm::Codec;
+use shoal_protocol::{
+    Ack, Bitfield, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
+    Member, PieceRequest, PieceResponse,
+};
+use shoal_validator::{ContentId, PieceLayer, Sha256Digest};
+
+/// How a [`BadPeer`] misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Holds the content, answers have and layer requests truthfully, and answers every piece
+    /// request Busy, forever.
+    AlwaysBusy,
+    /// Claims every piece as fetched from the origin while no verified layer is known (a cold
+    /// start), holds none, and answers partial-layer and piece requests NotFound.
+    ClaimAllTellNothing,
+    /// Answers have requests with nothing held and member lists of 63 fresh made-up members
+    /// each time (every one fetching from the origin, "all pieces done", heartbeats rising
+    /// with the clock), after its own entry.
+    MemberFlood,
+    /// Keeps this many piece requests in flight to every node it is connected to, asking
+    /// again as each is answered.
+    HoldSlots(usize),
+    /// Keeps this many layer requests in flight to every node it is connected to.
+    LayerFlood(usize),
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    have: request_response::Behaviour<Codec<HaveRequest, HaveResponse>>,
+    layer: request_response::Behaviour<Codec<LayerRequest, LayerResponse>>,
+    piece: request_response::Behaviour<Codec<PieceRequest, PieceResponse>>,
+    announce: request_response::Behaviour<Codec<HaveResponse, Ack>>,
+}
+
+/// What a [`BadPeer`] counted.
+#[derive(Debug, Default)]
+pub struct BadPeerStats {
+    /// Have requests answered.
+    pub have_answers: AtomicU64,
+    /// Piece and layer requests answered (with anything).
+    pub answers: AtomicU64,
+    /// Bytes of piece data and chaining values received in answers to its own requests.
+    pub received_bytes: AtomicU64,
+    /// Piece and layer responses received to its own requests.
+    pub responses: AtomicU64,
+    /// Its requests that were answered Busy or NotFound.
+    pub refused: AtomicU64,
+}
+
+/// A hostile peer on 127.0.0.1 that knows one content.
+pub struct BadPeer {
+    /// Its peer id.
+    pub peer_id: PeerId,
+    /// Its listen address, with `/p2p/PEER_ID`.
+    pub addr: Multiaddr,
+    /// What it counted.
+    pub stats: Arc<BadPeerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BadPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The content a bad peer knows.
+struct Content {
+    id: ContentId,
+    layer: PieceLayer,
+    sha256: Sha256Digest,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl BadPeer {
+    /// Starts a bad peer that knows `data` (its content id, layer and SHA-256) and misbehaves
+    /// as `mode` says.
+    ///
+    /// # Panics
+    /// When the swarm cannot be built or cannot listen on 127.0.0.1 (a test setup failure).
+    pub async fn start(mode: Misbehaviour, data: &[u8]) -> Self {
+        let d = shoal_validator::hash_reader(data, data.len() as u64).expect("hash the content");
+        let content = Content {
+            id: d.content_id(),
+            layer: d.layer,
+            sha256: d.sha256,
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp transport")
+            .with_behaviour(|key| Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/shoal/1.0.0".into(),
+                    key.public(),
+                )),
+                have: rr(shoal_protocol::HAVE_PROTOCOL),
+                layer: rr(shoal_protocol::LAYER_PROTOCOL),
+                piece: rr(shoal_protocol::PIECE_PROTOCOL),
+                announce: rr(shoal_protocol::ANNOUNCE_PROTOCOL),
+            })
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"))
+            .expect("listen on 127.0.0.1");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let peer_id = *swarm.local_peer_id();
+        let stats = Arc::new(BadPeerStats::default());
+        let s = stats.clone();
+        let task = tokio::spawn(run(swarm, mode, content, s));
+        Self {
+            peer_id,
+            addr: addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)),
+            stats,
+            task,
+        }
+    }
+
+    /// Bytes of pieces and chaining values it received in answers to its own requests.
+    pub fn total_received(&self) -> u64 {
+        self.stats.received_bytes.load(Ordering::SeqCst)
+    }
+}
+
+/// A request-response behaviour for one of Shoal's protocols.
+fn rr<Req, Resp>(protocol: &'static str) -> request_response::Behaviour<Codec<Req, Resp>>
+where
+    Req: shoal_protocol::Message + Send + Sync + 'static,
+    Resp: shoal_protocol::Message + Send + Sync + 'static,
+{
+    request_response::Behaviour::new(
+        [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(60))
+            .with_max_concurrent_streams(1024),
+    )
+}
+
+async fn run(
+    mut swarm: libp2p::Swarm<Behaviour>,
+    mode: Misbehaviour,
+    content: Content,
+    stats: Arc<BadPeerStats>,
+) {
+    let me = *swarm.local_peer_id();
+    let n = content.id.piece_count();
+    let mut next_index = 0u32;
+    let mut connected: HashSet<PeerId> = HashSet::new();
+    loop {
+        let Some(event) = swarm.next().await else {
+            return;
+        };
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if connected.insert(peer_id) {
+                    match mode {
+                        Misbehaviour::HoldSlots(k) => {
+                            for _ in 0..k {
+                                let index = next_index % n;
+                                next_index += 1;
+                                swarm.behaviour_mut().piece.send_request(
+                                    &peer_id,
+                                    PieceRequest {
+                                        content_id: content.id,
+                                        index,
+                                    },
+                                );
+                            }
+                        }
+                        Misbehaviour::LayerFlood(k) => {
+                            for _ in 0..k {
+                                swarm.behaviour_mut().layer.send_request(
+                                    &peer_id,
+                                    LayerRequest {
+                                        content_id: content.id,
+                                        partial: false,
+                                    },
+                                );
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                connected.remove(&peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Have(request_response::Event::Message {
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            })) => {
+                stats.have_answers.fetch_add(1, Ordering::SeqCst);
+                let holding = answer_have(mode, &content, me, &request);
+                let _ = swarm
+                    .behaviour_mut()
+                    .have
+                    .send_response(channel, HaveResponse(holding));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Layer(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    stats.answers.fetch_add(1, Ordering::SeqCst);
+                    let answer = match mode {
+                        Misbehaviour::AlwaysBusy if request.content_id == content.id => {
+                            LayerResponse::Full(content.layer.chaining_values().to_vec())
+                        }
+                        _ => LayerResponse::NotFound,
+                    };
+                    let _ = swarm.behaviour_mut().layer.send_response(channel, answer);
+                }
+                request_response::Message::Response { response, .. } => {
+                    stats.responses.fetch_add(1, Ordering::SeqCst);
+                    match response {
+                        LayerResponse::Full(cvs) => {
+                            stats
+                                .received_bytes
+                                .fetch_add(32 * cvs.len() as u64, Ordering::SeqCst);
+                        }
+                        LayerResponse::Partial(cvs) => {
+                            stats
+                                .received_bytes
+                                .fetch_add(36 * cvs.len() as u64, Ordering::SeqCst);
+                        }
+                        LayerResponse::NotFound => {
+                            stats.refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    if matches!(mode, Misbehaviour::LayerFlood(_)) && connected.contains(&peer) {
+                        swarm.behaviour_mut().layer.send_request(
+                            &peer,
+                            LayerRequest {
+                                content_id: content.id,
+                                partial: false,
+                            },
+                        );
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Piece(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => match message {
+                request_response::Message::Request { channel, .. } => {
+                    stats.answers.fetch_add(1, Ordering::SeqCst);
+                    let answer = match mode {
+                        Misbehaviour::AlwaysBusy => PieceResponse::Busy,
+                        _ => PieceResponse::NotFound,
+                    };
+                    let _ = swarm.behaviour_mut().piece.send_response(channel, answer);
+                }
+                request_response::Message::Response { response, .. } => {
+                    stats.responses.fetch_add(1, Ordering::SeqCst);
+                    match response {
+                        PieceResponse::Data(b) => {
+                            stats
+                                .received_bytes
+                                .fetch_add(b.len() as u64, Ordering::SeqCst);
+                        }
+                        _ => {
+                            stats.refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    if matches!(mode, Misbehaviour::HoldSlots(_)) && connected.contains(&peer) {
+                        let index = next_index % n;
+                        next_index += 1;
+                        swarm.behaviour_mut().piece.send_request(
+                            &peer,
+                            PieceRequest {
+                                content_id: content.id,
+                                index,
+                            },
+                        );
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Announce(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) => {
+                let _ = swarm.behaviour_mut().announce.send_response(channel, Ack);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The have answer of a bad peer.
+fn answer_have(
+    mode: Misbehaviour,
+    content: &Content,
+    me: PeerId,
+    request: &HaveRequest,
+) -> Option<Holding> {
+    let known = match request.key {
+        HaveKey::Blake3(h) => h == *content.id.hash(),
+        HaveKey::Sha256(d) => d == content.sha256,
+    };
+    if !known {
+        return None;
+    }
+    let n = content.id.piece_count();
+    let none = Bitfield::new(n);
+    let all = Bitfield::full(n);
+    let own = |done: u32| Member {
+        peer_id: Bytes::from(me.to_bytes()),
+        heartbeat: now_ms(),
+        done,
+        origin: true,
+    };
+    Some(match mode {
+        Misbehaviour::AlwaysBusy | Misbehaviour::HoldSlots(_) | Misbehaviour::LayerFlood(_) => {
+            Holding {
+                content_id: content.id,
+                have: all.clone(),
+                fetching: none,
+                claimed: Bitfield::new(n),
+                chaining: all,
+                members: Vec::new(),
+            }
+        }
+        Misbehaviour::ClaimAllTellNothing => Holding {
+            content_id: content.id,
+            have: none.clone(),
+            fetching: none,
+            claimed: all.clone(),
+            chaining: all,
+            members: vec![own(0)],
+        },
+        Misbehaviour::MemberFlood => {
+            let mut members = vec![own(0)];
+            members.extend((0..shoal_protocol::MAX_MEMBERS - 1).map(|_| Member {
+                peer_id: Bytes::from(PeerId::random().to_bytes()),
+                heartbeat: now_ms(),
+                done: n,
+                origin: true,
+            }));
+            Holding {
+                content_id: content.id,
+                have: none.clone(),
+                fetching: none.clone(),
+                claimed: none.clone(),
+                chaining: none,
+                members,
+            }
+        }
+    })
+}

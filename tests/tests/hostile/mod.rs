@@ -1,0 +1,279 @@
+//! One hostile peer against honest nodes (issue 11, `docs/security.md`): a [`BadPeer`] built on
+//! the public codecs claims, refuses, floods and hoards; the honest nodes still finish within
+//! a stated bound, taking from the origin only what no honest peer has. The patience
+//! (`scheduler::Config::coming_patience`) is 3 s here, so the bounds below are short; each is
+//! stated in terms of it.
+
+use std::time::Instant;
+
+use shoal_node::{bandwidth::BandwidthLimits, scheduler};
+use shoal_tests::{BadPeer, Misbehaviour, test_builder};
+
+use super::*;
+
+const MIB: usize = 1 << 20;
+/// The patience of the nodes in these tests.
+const PATIENCE: Duration = Duration::from_secs(3);
+
+/// An honest node with a short patience, dialing `peers` and the bad peers `bad`.
+async fn honest(peers: &[Node], bad: &[&BadPeer]) -> Node {
+    let mut b = test_builder(peers, ServeMode::Honest)
+        .await
+        .scheduler(scheduler::Config {
+            peer_backoff: Duration::from_millis(50),
+            coming_patience: PATIENCE,
+            ..scheduler::Config::default()
+        });
+    for p in bad {
+        b = b.peer(p.addr.clone());
+    }
+    b.build().await.expect("node starts on 127.0.0.1")
+}
+
+/// Waits until `node` is connected to `n` peers (bounded).
+async fn connected(node: &Node, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while node.connected_peers().await.len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peers never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs one job for `data` at `url` on each node, all at once; returns each node's file info
+/// and the time the last one took.
+async fn fetch_all(
+    nodes: &[Node],
+    url: url::Url,
+    data: &[u8],
+    dir: &Path,
+    expected: Expected,
+    bound: Duration,
+) -> (Vec<shoal_node::job::FileInfo>, Duration) {
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let local = dir.join(format!("n{i}.bin"));
+        let rec = Arc::new(Recorder::default());
+        jobs.push((
+            start_job(node, spec(url.clone(), &local, expected), &rec),
+            local,
+        ));
+    }
+    let mut infos = Vec::new();
+    for (node, (job, local)) in nodes.iter().zip(&jobs) {
+        let left = bound.saturating_sub(start.elapsed());
+        let info = tokio::time::timeout(left, wait_for(node, *job, &[State::Transferred]))
+            .await
+            .unwrap_or_else(|_| panic!("not Transferred within {bound:?}"));
+        node.complete(*job).unwrap();
+        assert_eq!(std::fs::read(local).unwrap(), data);
+        infos.push(info.files[0].clone());
+    }
+    (infos, start.elapsed())
+}
+
+#[tokio::test]
+async fn a_peer_that_claims_everything_and_answers_busy_forever_delays_a_download_by_the_patience()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(4 * MIB, 81);
+    origin.put("b.bin", data.clone());
+    let bad = BadPeer::start(Misbehaviour::AlwaysBusy, &data).await;
+    let leecher = honest(&[], &[&bad]).await;
+    connected(&leecher, 1).await;
+    // Bound: the patience, then the origin at its speed: 2 × patience + 10 s.
+    let bound = 2 * PATIENCE + Duration::from_secs(10);
+    let (files, took) = fetch_all(
+        std::slice::from_ref(&leecher),
+        origin.url("b.bin"),
+        &data,
+        dir.path(),
+        blake3_only(&data),
+        bound,
+    )
+    .await;
+    eprintln!(
+        "AlwaysBusy: done in {took:?}, {} bytes from the origin",
+        origin.bytes_served()
+    );
+    assert_eq!(files[0].bytes_from_origin, data.len() as u64);
+    assert!(bad.stats.answers.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(origin.bytes_served() <= data.len() as u64 + 1);
+    leecher.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_claims_every_piece_and_tells_nothing_does_not_stall_a_cold_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(4 * MIB, 82);
+    origin.put("c.bin", data.clone());
+    let bad = BadPeer::start(Misbehaviour::ClaimAllTellNothing, &data).await;
+    let a = honest(&[], &[&bad]).await;
+    let b = honest(std::slice::from_ref(&a), &[&bad]).await;
+    connected(&a, 2).await;
+    connected(&b, 2).await;
+    // Bound: patience + 10 s. Origin: at most 2 copies (each leecher once).
+    let bound = PATIENCE + Duration::from_secs(10);
+    let (_, took) = fetch_all(
+        &[a.clone(), b.clone()],
+        origin.url("c.bin"),
+        &data,
+        dir.path(),
+        blake3_only(&data),
+        bound,
+    )
+    .await;
+    let copies = origin.bytes_served() as f64 / data.len() as f64;
+    eprintln!("ClaimAllTellNothing: done in {took:?}, {copies:.3} origin copies");
+    assert!(copies <= 2.0 + 1e-3, "{copies}");
+    assert!(
+        bad.stats
+            .have_answers
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_floods_made_up_members_costs_at_most_one_lapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(8 * MIB, 83);
+    origin.put("m.bin", data.clone());
+    origin
+        .state
+        .wan_bytes_per_sec
+        .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+    let bad = BadPeer::start(Misbehaviour::MemberFlood, &data).await;
+    let a = honest(&[], &[&bad]).await;
+    let b = honest(std::slice::from_ref(&a), &[&bad]).await;
+    let c = honest(&[a.clone(), b.clone()], &[&bad]).await;
+    for n in [&a, &b, &c] {
+        connected(n, 3).await;
+    }
+    // Bound: 2 × patience + 10 s; the origin link alone needs 2 s per copy.
+    let bound = 2 * PATIENCE + Duration::from_secs(10);
+    let (files, took) = fetch_all(
+        &[a.clone(), b.clone(), c.clone()],
+        origin.url("m.bin"),
+        &data,
+        dir.path(),
+        blake3_only(&data),
+        bound,
+    )
+    .await;
+    let copies = origin.bytes_served() as f64 / data.len() as f64;
+    eprintln!("MemberFlood: done in {took:?}, {copies:.3} origin copies");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.bytes_from_origin < data.len() as u64)
+    );
+    assert!(copies <= 1.5, "{copies}");
+    assert!(
+        bad.stats
+            .have_answers
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(4 * MIB, 84);
+    origin.put("h.bin", data.clone());
+    let file = dir.path().join("seed.bin");
+    std::fs::write(&file, &data).unwrap();
+    // A seed whose uploads take time (1 MiB/s), so requests stay in flight.
+    let seed = test_builder(&[], ServeMode::Honest)
+        .await
+        .bandwidth(BandwidthLimits {
+            upload: Some(MIB as u64),
+            ..BandwidthLimits::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    seed.seed(&file).await.unwrap();
+    let hoarder = BadPeer::start(Misbehaviour::HoldSlots(64), &data).await;
+    seed.dial(hoarder.addr.clone()).await;
+    // Let the hoarder fill what it can.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seed.upload_stats().busy == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hoarder never hit the per-peer cap"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An honest leecher still gets pieces from the seed within 10 s.
+    let leecher = honest(std::slice::from_ref(&seed), &[]).await;
+    connected(&leecher, 1).await;
+    let local = dir.path().join("l.bin");
+    let rec = Arc::new(Recorder::default());
+    let job = start_job(
+        &leecher,
+        spec(origin.url("h.bin"), &local, blake3_only(&data)),
+        &rec,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = leecher.info(job).unwrap();
+        if info.files[0].bytes_from_peers > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no piece from the seed in 10 s while a hoarder holds its slots"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leecher.cancel(job).unwrap();
+    leecher.shutdown().await;
+    seed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB in 16 KiB pieces: a layer of 32 KiB.
+    let data = content(16 * MIB, 85);
+    let file = dir.path().join("seed.bin");
+    std::fs::write(&file, &data).unwrap();
+    let rate = MIB as u64;
+    let seed = test_builder(&[], ServeMode::Honest)
+        .await
+        .bandwidth(BandwidthLimits {
+            upload: Some(rate),
+            ..BandwidthLimits::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    seed.seed(&file).await.unwrap();
+    let flood = BadPeer::start(Misbehaviour::LayerFlood(64), &data).await;
+    seed.dial(flood.addr.clone()).await;
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let got = flood.total_received();
+    // Rate × time, plus the bucket's burst (one second), a second of slack for a slow
+    // machine, and what the per-peer slots held. Unmetered, the loopback carries hundreds of
+    // MiB in that time.
+    let bound = rate * (window.as_secs() + 2) + 16 * 32 * 1024;
+    eprintln!("LayerFlood: {got} bytes of layers in {window:?} (bound {bound})");
+    assert!(got > 0, "no layer was served at all");
+    assert!(got <= bound, "{got} bytes of layers, more than {bound}");
+    seed.shutdown().await;
+}
