@@ -191,35 +191,33 @@ async fn run(
             return;
         };
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                if connected.insert(peer_id) {
-                    match mode {
-                        Misbehaviour::HoldSlots(k) => {
-                            for _ in 0..k {
-                                let index = next_index % n;
-                                next_index += 1;
-                                swarm.behaviour_mut().piece.send_request(
-                                    &peer_id,
-                                    PieceRequest {
-                                        content_id: content.id,
-                                        index,
-                                    },
-                                );
-                            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if connected.insert(peer_id) => {
+                match mode {
+                    Misbehaviour::HoldSlots(k) => {
+                        for _ in 0..k {
+                            let index = next_index % n;
+                            next_index += 1;
+                            swarm.behaviour_mut().piece.send_request(
+                                &peer_id,
+                                PieceRequest {
+                                    content_id: content.id,
+                                    index,
+                                },
+                            );
                         }
-                        Misbehaviour::LayerFlood(k) => {
-                            for _ in 0..k {
-                                swarm.behaviour_mut().layer.send_request(
-                                    &peer_id,
-                                    LayerRequest {
-                                        content_id: content.id,
-                                        partial: false,
-                                    },
-                                );
-                            }
-                        }
-                        _ => {}
                     }
+                    Misbehaviour::LayerFlood(k) => {
+                        for _ in 0..k {
+                            swarm.behaviour_mut().layer.send_request(
+                                &peer_id,
+                                LayerRequest {
+                                    content_id: content.id,
+                                    partial: false,
+                                },
+                            );
+                        }
+                    }
+                    _ => {}
                 }
             }
             SwarmEvent::ConnectionClosed {
