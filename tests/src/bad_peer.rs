@@ -46,6 +46,15 @@ pub enum Misbehaviour {
     HoldSlots(usize),
     /// Keeps this many layer requests in flight to every node it is connected to.
     LayerFlood(usize),
+    /// Holds the content and answers truthfully, but flips a byte in every piece it serves.
+    FlipBytes,
+    /// Holds the content, serves a piece layer with one chaining value altered.
+    WrongLayer,
+    /// Claims every piece and serves only the even ones (NotFound for the odd ones).
+    FalseHave,
+    /// Answers a lookup of this SHA-256 with the content id of the content it holds (another
+    /// content), which it serves truthfully.
+    LyingSha256(Sha256Digest),
 }
 
 #[derive(NetworkBehaviour)]
@@ -89,11 +98,32 @@ impl Drop for BadPeer {
     }
 }
 
-/// The content a bad peer knows.
+/// A content a bad peer knows.
 struct Content {
     id: ContentId,
     layer: PieceLayer,
     sha256: Sha256Digest,
+    bytes: Bytes,
+}
+
+impl Content {
+    fn of(data: &[u8]) -> Self {
+        let d = shoal_validator::hash_reader(data, data.len() as u64).expect("hash the content");
+        Self {
+            id: d.content_id(),
+            layer: d.layer,
+            sha256: d.sha256,
+            bytes: Bytes::copy_from_slice(data),
+        }
+    }
+
+    fn piece(&self, index: u32) -> Option<Bytes> {
+        let r = self.id.piece_range(index)?;
+        Some(
+            self.bytes
+                .slice(usize::try_from(r.start).ok()?..usize::try_from(r.end).ok()?),
+        )
+    }
 }
 
 fn now_ms() -> u64 {
@@ -109,12 +139,17 @@ impl BadPeer {
     /// # Panics
     /// When the swarm cannot be built or cannot listen on 127.0.0.1 (a test setup failure).
     pub async fn start(mode: Misbehaviour, data: &[u8]) -> Self {
-        let d = shoal_validator::hash_reader(data, data.len() as u64).expect("hash the content");
-        let content = Content {
-            id: d.content_id(),
-            layer: d.layer,
-            sha256: d.sha256,
-        };
+        Self::start_with(mode, &[data]).await
+    }
+
+    /// Starts a bad peer that knows every content of `contents` (the first is the one it
+    /// requests in its flooding modes and offers for a lying SHA-256).
+    ///
+    /// # Panics
+    /// As [`BadPeer::start`]; with no content.
+    pub async fn start_with(mode: Misbehaviour, contents: &[&[u8]]) -> Self {
+        let contents: Vec<Content> = contents.iter().map(|d| Content::of(d)).collect();
+        assert!(!contents.is_empty(), "a bad peer needs a content");
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
@@ -147,7 +182,7 @@ impl BadPeer {
         let peer_id = *swarm.local_peer_id();
         let stats = Arc::new(BadPeerStats::default());
         let s = stats.clone();
-        let task = tokio::spawn(run(swarm, mode, content, s));
+        let task = tokio::spawn(run(swarm, mode, contents, s));
         Self {
             peer_id,
             addr: addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)),
@@ -179,10 +214,12 @@ where
 async fn run(
     mut swarm: libp2p::Swarm<Behaviour>,
     mode: Misbehaviour,
-    content: Content,
+    contents: Vec<Content>,
     stats: Arc<BadPeerStats>,
 ) {
     let me = *swarm.local_peer_id();
+    let content = &contents[0];
+    let find = |id: &ContentId| contents.iter().find(|c| c.id == *id);
     let n = content.id.piece_count();
     let mut next_index = 0u32;
     let mut connected: HashSet<PeerId> = HashSet::new();
@@ -235,7 +272,7 @@ async fn run(
                 ..
             })) => {
                 stats.have_answers.fetch_add(1, Ordering::SeqCst);
-                let holding = answer_have(mode, &content, me, &request);
+                let holding = answer_have(mode, &contents, me, &request);
                 let _ = swarm
                     .behaviour_mut()
                     .have
@@ -250,11 +287,17 @@ async fn run(
                     request, channel, ..
                 } => {
                     stats.answers.fetch_add(1, Ordering::SeqCst);
-                    let answer = match mode {
-                        Misbehaviour::AlwaysBusy if request.content_id == content.id => {
-                            LayerResponse::Full(content.layer.chaining_values().to_vec())
+                    let answer = match (mode, find(&request.content_id)) {
+                        (Misbehaviour::ClaimAllTellNothing | Misbehaviour::MemberFlood, _)
+                        | (_, None) => LayerResponse::NotFound,
+                        (Misbehaviour::WrongLayer, Some(c)) => {
+                            let mut cvs = c.layer.chaining_values().to_vec();
+                            if let Some(cv) = cvs.first_mut() {
+                                cv[0] ^= 0xff;
+                            }
+                            LayerResponse::Full(cvs)
                         }
-                        _ => LayerResponse::NotFound,
+                        (_, Some(c)) => LayerResponse::Full(c.layer.chaining_values().to_vec()),
                     };
                     let _ = swarm.behaviour_mut().layer.send_response(channel, answer);
                 }
@@ -291,11 +334,32 @@ async fn run(
                 message,
                 ..
             })) => match message {
-                request_response::Message::Request { channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     stats.answers.fetch_add(1, Ordering::SeqCst);
-                    let answer = match mode {
-                        Misbehaviour::AlwaysBusy => PieceResponse::Busy,
-                        _ => PieceResponse::NotFound,
+                    let piece = find(&request.content_id).and_then(|c| c.piece(request.index));
+                    let answer = match (mode, piece) {
+                        (Misbehaviour::AlwaysBusy, _) => PieceResponse::Busy,
+                        (
+                            Misbehaviour::ClaimAllTellNothing
+                            | Misbehaviour::MemberFlood
+                            | Misbehaviour::HoldSlots(_)
+                            | Misbehaviour::LayerFlood(_),
+                            _,
+                        )
+                        | (_, None) => PieceResponse::NotFound,
+                        (Misbehaviour::FalseHave, Some(_)) if request.index % 2 == 1 => {
+                            PieceResponse::NotFound
+                        }
+                        (Misbehaviour::FlipBytes, Some(b)) => {
+                            let mut v = b.to_vec();
+                            if let Some(x) = v.first_mut() {
+                                *x ^= 0x01;
+                            }
+                            PieceResponse::Data(Bytes::from(v))
+                        }
+                        (_, Some(b)) => PieceResponse::Data(b),
                     };
                     let _ = swarm.behaviour_mut().piece.send_response(channel, answer);
                 }
@@ -338,17 +402,15 @@ async fn run(
 /// The have answer of a bad peer.
 fn answer_have(
     mode: Misbehaviour,
-    content: &Content,
+    contents: &[Content],
     me: PeerId,
     request: &HaveRequest,
 ) -> Option<Holding> {
-    let known = match request.key {
-        HaveKey::Blake3(h) => h == *content.id.hash(),
-        HaveKey::Sha256(d) => d == content.sha256,
+    let content = match (mode, request.key) {
+        (Misbehaviour::LyingSha256(lie), HaveKey::Sha256(d)) if d == lie => &contents[0],
+        (_, HaveKey::Blake3(h)) => contents.iter().find(|c| *c.id.hash() == h)?,
+        (_, HaveKey::Sha256(d)) => contents.iter().find(|c| c.sha256 == d)?,
     };
-    if !known {
-        return None;
-    }
     let n = content.id.piece_count();
     let none = Bitfield::new(n);
     let all = Bitfield::full(n);
@@ -359,16 +421,6 @@ fn answer_have(
         origin: true,
     };
     Some(match mode {
-        Misbehaviour::AlwaysBusy | Misbehaviour::HoldSlots(_) | Misbehaviour::LayerFlood(_) => {
-            Holding {
-                content_id: content.id,
-                have: all.clone(),
-                fetching: none,
-                claimed: Bitfield::new(n),
-                chaining: all,
-                members: Vec::new(),
-            }
-        }
         Misbehaviour::ClaimAllTellNothing => Holding {
             content_id: content.id,
             have: none.clone(),
@@ -394,5 +446,13 @@ fn answer_have(
                 members,
             }
         }
+        _ => Holding {
+            content_id: content.id,
+            have: all.clone(),
+            fetching: none,
+            claimed: Bitfield::new(n),
+            chaining: all,
+            members: Vec::new(),
+        },
     })
 }

@@ -273,6 +273,15 @@ pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
         .expect("node starts on 127.0.0.1")
 }
 
+/// A [`test_node`] that also dials the hostile peers `bad`.
+pub async fn test_node_with(peers: &[Node], bad: &[&BadPeer]) -> Node {
+    let mut b = test_builder(peers, ServeMode::Honest).await;
+    for p in bad {
+        b = b.peer(p.addr.clone());
+    }
+    b.build().await.expect("node starts on 127.0.0.1")
+}
+
 /// A [`test_node`] with no peers that keeps its jobs in the state directory `state`.
 pub async fn stateful_node(state: &std::path::Path) -> Node {
     test_builder(&[], ServeMode::Honest)

@@ -17,7 +17,10 @@ use shoal_node::{
     Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
     TransferredFile, ValidationState, job::ErrorContext, swarm::ServeMode,
 };
-use shoal_tests::{TestDaemon, TestOrigin, content, stateful_node, test_node};
+use shoal_tests::{
+    BadPeer, Misbehaviour, TestDaemon, TestOrigin, content, stateful_node, test_node,
+    test_node_with,
+};
 use shoal_validator::Sha256Digest;
 
 mod bandwidth;
@@ -288,15 +291,11 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
     let origin = TestOrigin::start().await;
     let data = content(4 << 20, 3);
     origin.put("f.bin", data.clone());
-    let flip = seed_node(dir.path(), "r1.bin", &data, ServeMode::FlipBytes).await;
+    let flip = BadPeer::start(Misbehaviour::FlipBytes, &data).await;
     // Claims every piece, answers NotFound for half of them: it loses score, it is not banned.
-    let layer = seed_node(dir.path(), "r2.bin", &data, ServeMode::FalseHave).await;
+    let layer = BadPeer::start(Misbehaviour::FalseHave, &data).await;
     let honest = seed_node(dir.path(), "h.bin", &data, ServeMode::Honest).await;
-    let node = test_node(
-        &[flip.clone(), layer.clone(), honest.clone()],
-        ServeMode::Honest,
-    )
-    .await;
+    let node = test_node_with(std::slice::from_ref(&honest), &[&flip, &layer]).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
@@ -318,7 +317,7 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
     );
     assert_eq!(info.peer_stats.peers_banned, 1, "{:?}", info.peer_stats);
     assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);
-    for n in [node, flip, layer, honest] {
+    for n in [node, honest] {
         n.shutdown().await;
     }
 }
@@ -329,8 +328,8 @@ async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
     let origin = TestOrigin::start().await;
     let data = content(1 << 20, 12);
     origin.put("f.bin", data.clone());
-    let rogue = seed_node(dir.path(), "r.bin", &data, ServeMode::WrongLayer).await;
-    let node = test_node(std::slice::from_ref(&rogue), ServeMode::Honest).await;
+    let rogue = BadPeer::start(Misbehaviour::WrongLayer, &data).await;
+    let node = test_node_with(&[], &[&rogue]).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
@@ -342,7 +341,6 @@ async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
     assert_eq!(info.files[0].bytes_from_peers, 0);
     assert_eq!(origin.bytes_served(), data.len() as u64 + 1);
     node.shutdown().await;
-    rogue.shutdown().await;
 }
 
 #[tokio::test]
@@ -353,8 +351,8 @@ async fn a_lying_sha256_claim_is_refetched_from_the_origin_and_banned() {
     let other = content(2 << 20, 5);
     origin.put("f.bin", data.clone());
     // The liar holds other content and claims it is what the SHA-256 names.
-    let liar = seed_node(dir.path(), "other.bin", &other, ServeMode::LyingSha256).await;
-    let node = test_node(std::slice::from_ref(&liar), ServeMode::Honest).await;
+    let liar = BadPeer::start(Misbehaviour::LyingSha256(sha256_of(&data)), &other).await;
+    let node = test_node_with(&[], &[&liar]).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = Expected {
@@ -369,7 +367,6 @@ async fn a_lying_sha256_claim_is_refetched_from_the_origin_and_banned() {
     assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
     assert_eq!(info.peer_stats.peers_banned, 1);
     node.shutdown().await;
-    liar.shutdown().await;
 }
 
 #[tokio::test]
@@ -775,8 +772,8 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
         .state
         .throttle_bytes_per_sec
         .store(512 * 1024, Ordering::SeqCst);
-    let half = seed_node(dir.path(), "half.bin", &data, ServeMode::FalseHave).await;
-    let a = test_node(std::slice::from_ref(&half), ServeMode::Honest).await;
+    let half = BadPeer::start(Misbehaviour::FalseHave, &data).await;
+    let a = test_node_with(&[], &[&half]).await;
     let expected = blake3_only(&data);
     let rec_a = Arc::new(Recorder::default());
     let job_a = start_job(
@@ -808,9 +805,10 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     b.complete(job_b).unwrap();
     assert_eq!(std::fs::read(&dest_b).unwrap(), data);
     wait_for(&a, job_a, &[State::Transferred]).await;
-    for n in [a, b, half] {
+    for n in [a, b] {
         n.shutdown().await;
     }
+    drop(half);
 }
 
 /// Starts a job on a stateful node against a slow origin and waits until at least `part` of

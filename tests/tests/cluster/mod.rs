@@ -434,8 +434,8 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         );
         // A peer that claims every piece but serves only the even ones: the odd ones cannot
         // be had, TransientError again, with the even pieces kept.
-        let liar = seed_node(dir.path(), "liar.bin", &data, ServeMode::FalseHave).await;
-        node.dial(addr_of(&liar).await).await;
+        let liar = BadPeer::start(Misbehaviour::FalseHave, &data).await;
+        node.dial(liar.addr.clone()).await;
         eventually(
             "the even pieces arrive and the job stops again",
             async || {
@@ -452,9 +452,10 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
         assert_eq!(origin.requests(), 0);
-        for n in [&node, &liar, &seed] {
+        for n in [&node, &seed] {
             n.shutdown().await;
         }
+        drop(liar);
     })
     .await
     .expect("scenario timed out");
@@ -528,9 +529,9 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
         let data = content(400_000, 49);
         origin.put("w.bin", data.clone());
         origin.put("plain.bin", data.clone());
-        let rogue = seed_node(dir.path(), "r.bin", &data, ServeMode::FlipBytes).await;
+        let rogue = BadPeer::start(Misbehaviour::FlipBytes, &data).await;
         let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
-        let node = test_node(&[rogue.clone(), seed.clone()], ServeMode::Honest).await;
+        let node = test_node_with(std::slice::from_ref(&seed), &[&rogue]).await;
         eventually("connected", async || {
             node.connected_peers().await.len() == 2
         })
@@ -562,12 +563,12 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
         assert_eq!(d.connected_peers, 2);
         let answers = &d.files[0].answers;
         let of = |p: PeerId| answers.iter().find(|a| a.peer == p).unwrap();
-        assert!(of(rogue.peer_id()).banned);
+        assert!(of(rogue.peer_id).banned);
         assert!(!of(seed.peer_id()).banned);
         assert_eq!(of(seed.peer_id()).have, of(seed.peer_id()).pieces);
         let text = d.reasons.join("\n");
         assert!(
-            text.contains(&format!("peer {} is banned", rogue.peer_id())),
+            text.contains(&format!("peer {} is banned", rogue.peer_id)),
             "{text}"
         );
         assert!(
@@ -597,7 +598,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
             "{:?}",
             d.reasons
         );
-        for n in [&node, &rogue, &seed, &lone] {
+        for n in [&node, &seed, &lone] {
             n.shutdown().await;
         }
     })
