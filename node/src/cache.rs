@@ -536,6 +536,14 @@ impl Cache {
                 e.dirty = true;
                 return Ok(Some(self.path_of(&id)));
             }
+            // Entries served since the last sweep were used before this admission: record it
+            // now, so that the newcomer is not the least recently used one.
+            for (id, e) in map.iter_mut() {
+                if self.store.take_served(id, &self.path_of(id)) {
+                    e.used = now;
+                    e.dirty = true;
+                }
+            }
             if !self
                 .admitting
                 .lock()

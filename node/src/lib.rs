@@ -27,7 +27,6 @@ pub mod cache;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod demo;
 pub mod diagnose;
 pub(crate) mod download;
 mod error;

@@ -1,4 +1,5 @@
-//! The `shoal` command line: `get`, `seed`, `hash`, `demo`, `daemon`, `job` and `status`.
+//! The `shoal` command line: `get`, `seed`, `hash`, `daemon`, `job`, `status`, `why`, `cache`
+//! and `bandwidth`.
 //!
 //! Only argument parsing, tracing setup, progress display and the `anyhow` edge live here; the
 //! work is done by the `shoal_node` library.
@@ -16,7 +17,7 @@ use futures::future::BoxFuture;
 use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
 use shoal_node::{
-    Callback, CallbackError, Expected, FileSpec, JobInfo, Node, Priority, Sha256Digest, State, demo,
+    Callback, CallbackError, Expected, FileSpec, JobInfo, Node, Priority, Sha256Digest, State,
 };
 use tokio::sync::mpsc;
 
@@ -104,21 +105,6 @@ enum Command {
         /// The daemon's socket (default $SHOAL_SOCKET, else /run/shoal/shoal.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
-    },
-    /// Run a self-contained swarm on 127.0.0.1: origin, seed, nodes, rogue peers.
-    Demo {
-        /// Downloading nodes, rogue ones included.
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        /// Size in bytes of the generated file.
-        #[arg(long, default_value_t = 64 << 20)]
-        size: u64,
-        /// Serve the real files of this directory instead of a generated one.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// How many of the nodes serve corrupt pieces.
-        #[arg(long, default_value_t = 1)]
-        rogue: usize,
     },
 }
 
@@ -224,34 +210,6 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Why { job, json, socket } => {
             jobcli::why(&jobcli::socket_path(socket.as_deref()), &job, json).await
-        }
-        Command::Demo {
-            nodes,
-            size,
-            dir,
-            rogue,
-        } => {
-            if rogue > nodes {
-                bail!("--rogue {rogue} exceeds --nodes {nodes}");
-            }
-            let report = demo::run(
-                demo::Config {
-                    nodes,
-                    rogue,
-                    size,
-                    dir,
-                },
-                |line| eprintln!("{line}"),
-            )
-            .await?;
-            for (name, len) in &report.files {
-                println!("file {name}: {len} bytes");
-            }
-            print!("{report}");
-            if !report.all_verified() {
-                bail!("a final file differs from the origin's");
-            }
-            Ok(())
         }
     }
 }

@@ -153,13 +153,6 @@ impl Builder {
         self
     }
 
-    /// Sets how this node answers peers; anything but Honest is for tests and demos.
-    #[must_use]
-    pub fn serve_mode(mut self, mode: swarm::ServeMode) -> Self {
-        self.swarm.serve_mode = mode;
-        self
-    }
-
     /// Origin client settings.
     #[must_use]
     pub fn origin(mut self, config: origin::Config) -> Self {

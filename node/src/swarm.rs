@@ -25,7 +25,7 @@ use libp2p::{
     tcp, yamux,
 };
 use shoal_protocol::{
-    ANNOUNCE_PROTOCOL, Ack, Bitfield, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding,
+    ANNOUNCE_PROTOCOL, Ack, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding,
     LAYER_PROTOCOL, LayerRequest, LayerResponse, Message, PIECE_PROTOCOL, PieceRequest,
     PieceResponse, frame::LengthPrefix,
 };
@@ -210,23 +210,6 @@ mod behaviour {
 
 pub use behaviour::{Behaviour, BehaviourEvent};
 
-/// How this node answers peers. Anything but `Honest` exists for tests and `shoal demo`, to play
-/// a rogue peer on the real wire protocol.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ServeMode {
-    /// Serve only verified bytes, truthfully.
-    #[default]
-    Honest,
-    /// Flip a byte in every piece served.
-    FlipBytes,
-    /// Serve a piece layer with one chaining value altered.
-    WrongLayer,
-    /// Claim every piece of the content it holds, then answer NotFound for every odd piece.
-    FalseHave,
-    /// Answer every SHA-256 lookup with the content id of some other content it holds.
-    LyingSha256,
-}
-
 /// Swarm settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -242,8 +225,6 @@ pub struct Config {
     pub max_upload_peers: usize,
     /// Timeout of one piece request.
     pub piece_timeout: Duration,
-    /// How this node answers peers.
-    pub serve_mode: ServeMode,
     /// Which peers the node uses. In [`PeerMode::Origin`] it listens nowhere and dials
     /// nobody.
     pub mode: PeerMode,
@@ -290,7 +271,6 @@ impl Default for Config {
             max_concurrent_uploads: 32,
             max_upload_peers: 16,
             piece_timeout: Duration::from_secs(30),
-            serve_mode: ServeMode::Honest,
             mode: PeerMode::Lan,
             group: None,
             bootstrap: Vec::new(),
@@ -1024,7 +1004,6 @@ pub(crate) async fn spawn(
         upload_peers: HashMap::new(),
         max_upload_peers,
         counters,
-        serve_mode: config.serve_mode,
         static_peers: config.peers,
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
@@ -1083,7 +1062,6 @@ struct EventLoop {
     /// The most piece requests of one peer served at once ([`uploads_per_peer`]).
     uploads_per_peer: usize,
     counters: Arc<UploadCounters>,
-    serve_mode: ServeMode,
     static_peers: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
@@ -1448,7 +1426,7 @@ impl EventLoop {
             let response = if self.bandwidth.cap_reached() {
                 HaveResponse(None)
             } else {
-                HaveResponse(answer_have(&self.store, self.serve_mode, &request.key))
+                HaveResponse(self.store.have(&request.key))
             };
             if response.0.is_none()
                 && !self.bandwidth.cap_reached()
@@ -1489,31 +1467,14 @@ impl EventLoop {
                 .send_response(channel, LayerResponse::NotFound);
             return;
         };
-        let (store, tx, mode, bandwidth) = (
+        let (store, tx, bandwidth) = (
             self.store.clone(),
             self.self_tx.clone(),
-            self.serve_mode,
             self.bandwidth.clone(),
         );
         tokio::spawn(async move {
             let layer = tokio::task::spawn_blocking(move || {
-                let mut layer = store.layer_response(&request.content_id, request.partial);
-                if mode == ServeMode::WrongLayer {
-                    match &mut layer {
-                        LayerResponse::Full(cvs) => {
-                            if let Some(cv) = cvs.first_mut() {
-                                cv[0] ^= 0xff;
-                            }
-                        }
-                        LayerResponse::Partial(cvs) => {
-                            if let Some((_, cv)) = cvs.first_mut() {
-                                cv[0] ^= 0xff;
-                            }
-                        }
-                        LayerResponse::NotFound => {}
-                    }
-                }
-                layer
+                store.layer_response(&request.content_id, request.partial)
             })
             .await
             .unwrap_or(LayerResponse::NotFound);
@@ -1590,11 +1551,10 @@ impl EventLoop {
                 };
                 let store = self.store.clone();
                 let tx = self.self_tx.clone();
-                let mode = self.serve_mode;
                 let bandwidth = self.bandwidth.clone();
                 tokio::spawn(async move {
                     let response =
-                        tokio::task::spawn_blocking(move || serve_piece(&store, mode, &request))
+                        tokio::task::spawn_blocking(move || serve_piece(&store, &request))
                             .await
                             .unwrap_or(PieceResponse::NotFound);
                     if let PieceResponse::Data(b) = &response {
@@ -1685,36 +1645,10 @@ fn route<Req, Resp>(
     }
 }
 
-fn answer_have(store: &ContentStore, mode: ServeMode, key: &HaveKey) -> Option<Holding> {
-    match (mode, key) {
-        (ServeMode::FalseHave, HaveKey::Blake3(_)) => {
-            // Claim every piece of whatever it holds under that hash.
-            let id = store.have(key)?.content_id;
-            Some(Holding::verified(id, Bitfield::full(id.piece_count())))
-        }
-        (ServeMode::LyingSha256, HaveKey::Sha256(_)) => store
-            .list()
-            .into_iter()
-            .max_by_key(|(id, _)| id.length())
-            .and_then(|(id, _)| store.have(&HaveKey::Blake3(*id.hash()))),
-        _ => store.have(key),
-    }
-}
-
-fn serve_piece(store: &ContentStore, mode: ServeMode, req: &PieceRequest) -> PieceResponse {
-    let piece = store.read_piece(&req.content_id, req.index);
-    match (mode, piece) {
-        (ServeMode::FalseHave, _) if req.index % 2 == 1 => PieceResponse::NotFound,
-        (ServeMode::FlipBytes, Some(bytes)) => {
-            let mut v = bytes.to_vec();
-            let mid = v.len() / 2;
-            if let Some(b) = v.get_mut(mid) {
-                *b ^= 0x01;
-            }
-            PieceResponse::Data(Bytes::from(v))
-        }
-        (_, Some(bytes)) => PieceResponse::Data(bytes),
-        (_, None) => PieceResponse::NotFound,
+fn serve_piece(store: &ContentStore, req: &PieceRequest) -> PieceResponse {
+    match store.read_piece(&req.content_id, req.index) {
+        Some(bytes) => PieceResponse::Data(bytes),
+        None => PieceResponse::NotFound,
     }
 }
 

@@ -165,7 +165,7 @@ async fn the_daemon_survives_kill_9_and_keeps_what_it_acknowledged() {
     let seed_dir = dir.path().join("seed");
     std::fs::create_dir(&seed_dir).unwrap();
     std::fs::write(seed_dir.join("p.bin"), &files[3].data).unwrap();
-    let peer = test_node(&[], shoal_node::swarm::ServeMode::Honest).await;
+    let peer = test_node(&[]).await;
     peer.seed(seed_dir.join("p.bin")).await.unwrap();
     let peer_addr = peer.listen_addrs().await.remove(0);
 

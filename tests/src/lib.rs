@@ -23,9 +23,10 @@ use axum::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_node::{Node, origin, scheduler, swarm::ServeMode};
+use shoal_node::{Node, origin, scheduler};
 
 pub mod bad_peer;
+pub mod demo;
 pub use bad_peer::{BadPeer, Misbehaviour};
 
 /// What the test origin serves and how it misbehaves.
@@ -265,8 +266,8 @@ pub fn content(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// A node on 127.0.0.1 (TCP), mDNS off, short retry delay and origin backoff, dialing `peers`.
-pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
-    test_builder(peers, mode)
+pub async fn test_node(peers: &[Node]) -> Node {
+    test_builder(peers)
         .await
         .build()
         .await
@@ -275,7 +276,7 @@ pub async fn test_node(peers: &[Node], mode: ServeMode) -> Node {
 
 /// A [`test_node`] that also dials the hostile peers `bad`.
 pub async fn test_node_with(peers: &[Node], bad: &[&BadPeer]) -> Node {
-    let mut b = test_builder(peers, ServeMode::Honest).await;
+    let mut b = test_builder(peers).await;
     for p in bad {
         b = b.peer(p.addr.clone());
     }
@@ -284,7 +285,7 @@ pub async fn test_node_with(peers: &[Node], bad: &[&BadPeer]) -> Node {
 
 /// A [`test_node`] with no peers that keeps its jobs in the state directory `state`.
 pub async fn stateful_node(state: &std::path::Path) -> Node {
-    test_builder(&[], ServeMode::Honest)
+    test_builder(&[])
         .await
         .state_dir(state)
         .build()
@@ -293,13 +294,12 @@ pub async fn stateful_node(state: &std::path::Path) -> Node {
 }
 
 /// The builder of [`test_node`], to adjust before `build`.
-pub async fn test_builder(peers: &[Node], mode: ServeMode) -> shoal_node::Builder {
+pub async fn test_builder(peers: &[Node]) -> shoal_node::Builder {
     let mut b = Node::builder()
         .listen(vec![
             "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"),
         ])
         .mdns(false)
-        .serve_mode(mode)
         .retry_delay(Duration::from_millis(200))
         .origin(origin::Config {
             retries: 3,
@@ -354,9 +354,7 @@ impl TestDaemon {
     ) -> Self {
         config.socket = dir.join("shoal.sock");
         let socket = config.socket.clone();
-        let builder = test_builder(&[], ServeMode::Honest)
-            .await
-            .state_dir(dir.join("state"));
+        let builder = test_builder(&[]).await.state_dir(dir.join("state"));
         let daemon = shoal_node::daemon::Daemon::start(builder, config)
             .await
             .expect("daemon starts")

@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use shoal_node::control as pb;
 use shoal_node::{
     Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
-    TransferredFile, ValidationState, job::ErrorContext, swarm::ServeMode,
+    TransferredFile, ValidationState, job::ErrorContext,
 };
 use shoal_tests::{
     BadPeer, Misbehaviour, TestDaemon, TestOrigin, content, stateful_node, test_node,
@@ -170,10 +170,10 @@ async fn fetch(node: &Node, url: url::Url, local: &Path, data: &[u8]) -> JobInfo
     info
 }
 
-async fn seed_node(dir: &Path, name: &str, bytes: &[u8], mode: ServeMode) -> Node {
+async fn seed_node(dir: &Path, name: &str, bytes: &[u8]) -> Node {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    let node = test_node(&[], mode).await;
+    let node = test_node(&[]).await;
     node.seed(&path).await.unwrap();
     node
 }
@@ -184,7 +184,7 @@ async fn origin_only_job_transfers_verifies_and_completes() {
     let origin = TestOrigin::start().await;
     let data = content(3_000_000, 1);
     origin.put("a.bin", data.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let mut events = node.subscribe();
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("a.bin");
@@ -242,11 +242,11 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     let origin = TestOrigin::start().await;
     let data = content(8 << 20, 2);
     origin.put("big.bin", data.clone());
-    let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
+    let seed = seed_node(dir.path(), "seed.bin", &data).await;
     let expected = blake3_only(&data);
     let mut leechers = Vec::new();
     for _ in 0..3 {
-        leechers.push(test_node(std::slice::from_ref(&seed), ServeMode::Honest).await);
+        leechers.push(test_node(std::slice::from_ref(&seed)).await);
     }
     let mut jobs = Vec::new();
     for (i, node) in leechers.iter().enumerate() {
@@ -294,7 +294,7 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
     let flip = BadPeer::start(Misbehaviour::FlipBytes, &data).await;
     // Claims every piece, answers NotFound for half of them: it loses score, it is not banned.
     let layer = BadPeer::start(Misbehaviour::FalseHave, &data).await;
-    let honest = seed_node(dir.path(), "h.bin", &data, ServeMode::Honest).await;
+    let honest = seed_node(dir.path(), "h.bin", &data).await;
     let node = test_node_with(std::slice::from_ref(&honest), &[&flip, &layer]).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
@@ -375,8 +375,8 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
     let origin = TestOrigin::start().await;
     let data = content(1 << 20, 6);
     origin.put("f.bin", data.clone());
-    let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
-    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let seed = seed_node(dir.path(), "s.bin", &data).await;
+    let node = test_node(std::slice::from_ref(&seed)).await;
     let expected = blake3_only(&data);
     // Invalid on peer content: the file comes again, from the origin alone.
     let rec = Arc::new(Recorder::default());
@@ -421,7 +421,7 @@ async fn complete_semantics() {
     let origin = TestOrigin::start().await;
     let small = content(100_000, 7);
     origin.put("small.bin", small.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     // A job whose second file cannot arrive: Complete keeps only the first.
     let job = node.create_job("early", Priority::Normal).unwrap();
     let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
@@ -462,7 +462,7 @@ async fn complete_semantics() {
 #[tokio::test]
 async fn bad_input_is_refused_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let job = node.create_job("bad", Priority::Normal).unwrap();
     assert!(matches!(node.resume(job), Err(Error::Empty(_))));
     let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
@@ -497,7 +497,7 @@ async fn origin_misbehaviour_is_survived() {
     let origin = TestOrigin::start().await;
     let data = content(1_500_000, 8);
     origin.put("f.bin", data.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let expected = Expected {
         blake3: Some(blake3_of(&data)),
         sha256: Some(sha256_of(&data)),
@@ -579,7 +579,7 @@ async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
     let origin = TestOrigin::start().await;
     let data = content(1 << 20, 9);
     origin.put("f.bin", data.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let state = origin.state.clone();
     // Swap the content right after the probe: every range request then fails If-Range.
     let job = node.create_job("changing", Priority::Normal).unwrap();
@@ -614,7 +614,7 @@ async fn a_failing_job_transferred_handler_is_called_until_it_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;
     origin.put("f.bin", content(50_000, 11));
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let rec = Arc::new(Recorder::default());
     rec.fail_transferred.store(2, Ordering::SeqCst);
     let job = start_job(
@@ -642,7 +642,7 @@ async fn a_failing_job_transferred_handler_is_called_until_it_succeeds() {
 async fn a_missing_file_is_an_error_naming_the_url() {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let rec = Arc::new(Recorder::default());
     let job = start_job(
         &node,
@@ -667,7 +667,7 @@ async fn suspend_and_resume_finish_the_job() {
     let origin = TestOrigin::start().await;
     let data = content(2_000_000, 13);
     origin.put("f.bin", data.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let job = node.create_job("pausing", Priority::High).unwrap();
     let dest = dir.path().join("f.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
@@ -703,7 +703,7 @@ async fn a_leecher_fetches_from_a_seed_over_quic() {
     seed.seed(&path).await.unwrap();
     let addrs = seed.listen_addrs().await;
     assert!(addrs.iter().all(|a| a.to_string().contains("/quic-v1/")));
-    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let node = test_node(std::slice::from_ref(&seed)).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
@@ -734,7 +734,7 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
         .await
         .unwrap();
     seed.seed(&path).await.unwrap();
-    let node = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+    let node = test_node(std::slice::from_ref(&seed)).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
@@ -787,7 +787,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let b = test_node(std::slice::from_ref(&a), ServeMode::Honest).await;
+    let b = test_node(std::slice::from_ref(&a)).await;
     let rec_b = Arc::new(Recorder::default());
     let dest_b = dir.path().join("b.bin");
     let job_b = start_job(&b, spec(origin.url("f.bin"), &dest_b, expected), &rec_b);
@@ -1746,7 +1746,7 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
     let origin = TestOrigin::start().await;
     let data = content(100_000, 70);
     origin.put("r.bin", data.clone());
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let range = |offset, length| ByteRange { offset, length };
     // BITS's own example: 100-199, 900-999, 400-499 give 300 bytes in that order; and the
     // last 1000 bytes, "to the end".
@@ -1947,7 +1947,7 @@ async fn resume_during_a_retry_delay_runs_the_job_at_once() {
     origin.put("t.bin", data.clone());
     // The test node's origin client tries 4 times; all of them fail.
     origin.state.fail_next.store(4, Ordering::SeqCst);
-    let node = test_node(&[], ServeMode::Honest).await;
+    let node = test_node(&[]).await;
     let job = node.create_job("retry", Priority::Normal).unwrap();
     node.set_retry_delay(job, Duration::from_secs(600)).unwrap();
     let dest = dir.path().join("t.bin");

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shoal_node::{Expected, FileSpec, JobId, Node, Priority, State, swarm::ServeMode};
+use shoal_node::{Expected, FileSpec, JobId, Node, Priority, State};
 use shoal_tests::{TestOrigin, content, test_builder};
 
 struct Args {
@@ -127,7 +127,7 @@ async fn nodes(n: usize, peers: impl Fn(usize) -> Vec<usize>) -> Result<Vec<Node
     let mut all: Vec<Node> = Vec::with_capacity(n);
     for i in 0..n {
         let listed: Vec<Node> = peers(i).into_iter().map(|j| all[j].clone()).collect();
-        let node = test_builder(&listed, ServeMode::Honest)
+        let node = test_builder(&listed)
             .await
             .build()
             .await

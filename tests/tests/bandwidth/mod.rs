@@ -8,7 +8,7 @@ use shoal_tests::test_builder;
 const MIB: usize = 1 << 20;
 
 async fn capped_seed(state: &Path, file: &Path, cap: u64) -> Node {
-    let node = test_builder(&[], ServeMode::Honest)
+    let node = test_builder(&[])
         .await
         .state_dir(state)
         .bandwidth(BandwidthLimits {
@@ -37,7 +37,7 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
         // The seed serves up to its cap (and what was asked for before it was reached: at most
         // 48 requests of 16 KiB pieces); the rest comes from the origin.
         let seed = capped_seed(&state, &file, cap).await;
-        let leecher = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l1"), &data).await;
         let from_seed = info.files[0].bytes_from_peers;
         assert!(
@@ -64,7 +64,7 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
         // After a restart the month's count is still there: the seed serves nothing.
         let seed = capped_seed(&state, &file, cap).await;
         assert_eq!(seed.bandwidth().uploaded_this_month, uploaded);
-        let leecher = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l2"), &data).await;
         assert_eq!(info.files[0].bytes_from_peers, 0);
         leecher.shutdown().await;
@@ -74,7 +74,7 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
             monthly_upload_cap: Some(64 * MIB as u64),
             ..BandwidthLimits::default()
         });
-        let leecher = test_node(std::slice::from_ref(&seed), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l3"), &data).await;
         assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
         leecher.shutdown().await;
@@ -93,7 +93,7 @@ async fn download_and_upload_buckets_hold_transfers_to_their_rates() {
         origin.put("f.bin", data.clone());
         // A background job limited to 1 MiB/s: after the first second's burst, 2 MiB take at
         // least 2 s. (Lower bounds only: a slow machine cannot make them fail.)
-        let node = test_builder(&[], ServeMode::Honest)
+        let node = test_builder(&[])
             .await
             .bandwidth(BandwidthLimits {
                 download_background: Some(MIB as u64),
@@ -115,7 +115,7 @@ async fn download_and_upload_buckets_hold_transfers_to_their_rates() {
             ..BandwidthLimits::default()
         });
         node.seed(dir.path().join("a")).await.unwrap();
-        let leecher = test_node(std::slice::from_ref(&node), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&node)).await;
         let start = std::time::Instant::now();
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("b"), &data).await;
         assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);

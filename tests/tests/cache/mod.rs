@@ -12,7 +12,7 @@ const MIB: usize = 1 << 20;
 /// A node with a state directory and a cache of at most 3 MiB (one 2 MiB file fits, two do
 /// not), caching files of 1 MiB and more, dialing `peers`.
 async fn cache_node(state: &Path, peers: &[Node]) -> Node {
-    test_builder(peers, ServeMode::Honest)
+    test_builder(peers)
         .await
         .state_dir(state)
         .cache(CacheConfig {
@@ -78,7 +78,7 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         drop(node);
         let node = cache_node(&state, &[]).await;
         assert_eq!(cached(&node), vec![blake3_of(&a)]);
-        let leecher = test_node(std::slice::from_ref(&node), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&node)).await;
         let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la"), &a).await;
         assert_eq!(info.files[0].bytes_from_peers, a.len() as u64);
         assert_eq!(sent(), after_first, "every byte came from the cache");
@@ -93,7 +93,7 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         })
         .await;
         assert!(!a_path.exists(), "the evicted file is deleted");
-        let leecher = test_node(std::slice::from_ref(&node), ServeMode::Honest).await;
+        let leecher = test_node(std::slice::from_ref(&node)).await;
         let before = sent();
         let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la2"), &a).await;
         assert_eq!(info.files[0].bytes_from_peers, 0, "A is no longer served");
@@ -140,7 +140,7 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
             .state
             .wan_bytes_per_sec
             .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
-        let cache_node = test_builder(&[], ServeMode::Honest)
+        let cache_node = test_builder(&[])
             .await
             .cache(CacheConfig {
                 dir: Some(dir.path().join("cache")),
@@ -159,7 +159,7 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
         // after it finished.
         let mut clients = Vec::new();
         for i in 0..4 {
-            let client = test_builder(&[], ServeMode::Honest)
+            let client = test_builder(&[])
                 .await
                 .cache_node(at.clone())
                 .build()
@@ -249,7 +249,7 @@ async fn a_cache_node_is_not_an_open_proxy() {
         let role_node = |origins: Vec<String>, name: &'static str| {
             let dir = dir.path().join(name);
             async move {
-                test_builder(&[], ServeMode::Honest)
+                test_builder(&[])
                     .await
                     .cache(CacheConfig {
                         dir: Some(dir),
@@ -277,7 +277,7 @@ async fn a_cache_node_is_not_an_open_proxy() {
                     .unwrap(),
             ),
         ] {
-            let client = test_builder(&[], ServeMode::Honest)
+            let client = test_builder(&[])
                 .await
                 .cache_node(cache_node.listen_addrs().await.remove(0))
                 .build()

@@ -39,12 +39,9 @@ async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
         origin.put("d.bin", data.clone());
         let internet = |b: shoal_node::Builder| b.mode(PeerMode::Internet);
         // A bootstrap node that holds nothing.
-        let boot = internet(test_builder(&[], ServeMode::Honest).await)
-            .build()
-            .await
-            .unwrap();
+        let boot = internet(test_builder(&[]).await).build().await.unwrap();
         let boot_addr = addr_of(&boot).await;
-        let seed = internet(test_builder(&[], ServeMode::Honest).await)
+        let seed = internet(test_builder(&[]).await)
             .bootstrap(boot_addr.clone())
             .build()
             .await
@@ -59,7 +56,7 @@ async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
         })
         .await;
         // The leecher knows only the bootstrap node, which does not have the file.
-        let leech = internet(test_builder(&[], ServeMode::Honest).await)
+        let leech = internet(test_builder(&[]).await)
             .bootstrap(boot_addr)
             .build()
             .await
@@ -102,7 +99,7 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
         let data = content(400_000, 42);
         origin.put("g.bin", data.clone());
         let lab = Group::new("lab", SECRET).unwrap();
-        let seed = test_builder(&[], ServeMode::Honest)
+        let seed = test_builder(&[])
             .await
             .group(lab.clone())
             .build()
@@ -118,9 +115,7 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
             None,
         ];
         for (i, g) in foreigners.into_iter().enumerate() {
-            let mut b = test_builder(&[], ServeMode::Honest)
-                .await
-                .peer(seed_addr.clone());
+            let mut b = test_builder(&[]).await.peer(seed_addr.clone());
             if let Some(g) = g {
                 b = b.group(g);
             }
@@ -142,7 +137,7 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
         }
         assert_eq!(seed.upload_stats().pieces, 0);
         // A member connects and gets the file from the seed.
-        let member = test_builder(&[], ServeMode::Honest)
+        let member = test_builder(&[])
             .await
             .group(lab)
             .peer(seed_addr)
@@ -178,7 +173,7 @@ async fn a_grouped_node_finds_its_group_in_the_group_dht() {
         origin.put("h.bin", data.clone());
         let lab = Group::new("lab", SECRET).unwrap();
         let grouped = async |boot: Option<Multiaddr>| {
-            let mut b = test_builder(&[], ServeMode::Honest)
+            let mut b = test_builder(&[])
                 .await
                 .group(lab.clone())
                 .mode(PeerMode::Group);
@@ -226,8 +221,8 @@ async fn origin_only_mode_contacts_no_peer() {
         let origin = TestOrigin::start().await;
         let data = content(500_000, 44);
         origin.put("o.bin", data.clone());
-        let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
-        let node = test_builder(std::slice::from_ref(&seed), ServeMode::Honest)
+        let seed = seed_node(dir.path(), "seed.bin", &data).await;
+        let node = test_builder(std::slice::from_ref(&seed))
             .await
             .mode(PeerMode::Origin)
             .build()
@@ -261,7 +256,7 @@ async fn origin_only_mode_contacts_no_peer() {
 async fn mesh(n: usize) -> Vec<Node> {
     let mut nodes: Vec<Node> = Vec::new();
     for _ in 0..n {
-        let node = test_node(&nodes, ServeMode::Honest).await;
+        let node = test_node(&nodes).await;
         nodes.push(node);
     }
     for node in &nodes {
@@ -366,7 +361,7 @@ async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin
             } else {
                 &nodes[i - 1..i]
             };
-            let node = test_node(peers, ServeMode::Honest).await;
+            let node = test_node(peers).await;
             nodes.push(node);
         }
         for (i, node) in nodes.iter().enumerate() {
@@ -412,7 +407,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         let origin = TestOrigin::start().await;
         let data = content(300_000, 46);
         origin.put("a.bin", data.clone());
-        let node = test_builder(&[], ServeMode::Honest)
+        let node = test_builder(&[])
             .await
             .source_policy(SourcePolicy {
                 never_origin: true,
@@ -445,7 +440,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         )
         .await;
         // An honest seed shows up: the job goes on from it, never from the origin.
-        let seed = seed_node(dir.path(), "seed.bin", &data, ServeMode::Honest).await;
+        let seed = seed_node(dir.path(), "seed.bin", &data).await;
         node.dial(addr_of(&seed).await).await;
         let info = wait_for(&node, job, &[State::Transferred]).await;
         node.complete(job).unwrap();
@@ -469,8 +464,8 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
         let data = content(300_000, 47);
         origin.put("b.bin", data.clone());
         // A peer that does not have the file yet.
-        let peer = test_node(&[], ServeMode::Honest).await;
-        let node = test_builder(std::slice::from_ref(&peer), ServeMode::Honest)
+        let peer = test_node(&[]).await;
+        let node = test_builder(std::slice::from_ref(&peer))
             .await
             .source_policy(SourcePolicy {
                 origin_delay: [
@@ -530,7 +525,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
         origin.put("w.bin", data.clone());
         origin.put("plain.bin", data.clone());
         let rogue = BadPeer::start(Misbehaviour::FlipBytes, &data).await;
-        let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
+        let seed = seed_node(dir.path(), "s.bin", &data).await;
         let node = test_node_with(std::slice::from_ref(&seed), &[&rogue]).await;
         eventually("connected", async || {
             node.connected_peers().await.len() == 2
@@ -576,7 +571,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
             "{text}"
         );
         // A node in origin mode says so.
-        let lone = test_builder(&[], ServeMode::Honest)
+        let lone = test_builder(&[])
             .await
             .mode(PeerMode::Origin)
             .build()
@@ -625,8 +620,8 @@ async fn prometheus_metrics_count_bytes_by_source_next_to_libp2p_metrics() {
         let origin = TestOrigin::start().await;
         let data = content(300_000, 50);
         origin.put("m.bin", data.clone());
-        let seed = seed_node(dir.path(), "s.bin", &data, ServeMode::Honest).await;
-        let node = test_builder(std::slice::from_ref(&seed), ServeMode::Honest)
+        let seed = seed_node(dir.path(), "s.bin", &data).await;
+        let node = test_builder(std::slice::from_ref(&seed))
             .await
             .metrics("127.0.0.1:0".parse().unwrap())
             .build()
@@ -689,7 +684,7 @@ async fn a_seed_serves_at_most_its_upload_peers_at_once() {
         let data = content(2 << 20, 51);
         origin.put("p.bin", data.clone());
         std::fs::write(dir.path().join("s.bin"), &data).unwrap();
-        let seed = test_builder(&[], ServeMode::Honest)
+        let seed = test_builder(&[])
             .await
             .max_upload_peers(1)
             .build()
@@ -698,7 +693,7 @@ async fn a_seed_serves_at_most_its_upload_peers_at_once() {
         seed.seed(dir.path().join("s.bin")).await.unwrap();
         let mut leechers = Vec::new();
         for _ in 0..3 {
-            leechers.push(test_node(std::slice::from_ref(&seed), ServeMode::Honest).await);
+            leechers.push(test_node(std::slice::from_ref(&seed)).await);
         }
         let jobs: Vec<_> = leechers
             .iter()

@@ -17,13 +17,11 @@ const PATIENCE: Duration = Duration::from_secs(3);
 
 /// An honest node with a short patience, dialing `peers` and the bad peers `bad`.
 async fn honest(peers: &[Node], bad: &[&BadPeer]) -> Node {
-    let mut b = test_builder(peers, ServeMode::Honest)
-        .await
-        .scheduler(scheduler::Config {
-            peer_backoff: Duration::from_millis(50),
-            coming_patience: PATIENCE,
-            ..scheduler::Config::default()
-        });
+    let mut b = test_builder(peers).await.scheduler(scheduler::Config {
+        peer_backoff: Duration::from_millis(50),
+        coming_patience: PATIENCE,
+        ..scheduler::Config::default()
+    });
     for p in bad {
         b = b.peer(p.addr.clone());
     }
@@ -197,7 +195,7 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
     let file = dir.path().join("seed.bin");
     std::fs::write(&file, &data).unwrap();
     // A seed whose uploads take time (1 MiB/s), so requests stay in flight.
-    let seed = test_builder(&[], ServeMode::Honest)
+    let seed = test_builder(&[])
         .await
         .bandwidth(BandwidthLimits {
             upload: Some(MIB as u64),
@@ -253,7 +251,7 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
     let file = dir.path().join("seed.bin");
     std::fs::write(&file, &data).unwrap();
     let rate = MIB as u64;
-    let seed = test_builder(&[], ServeMode::Honest)
+    let seed = test_builder(&[])
         .await
         .bandwidth(BandwidthLimits {
             upload: Some(rate),

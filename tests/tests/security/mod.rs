@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use shoal_node::{FileSpec, Priority, State, job::ErrorContext, swarm::ServeMode};
+use shoal_node::{FileSpec, Priority, State, job::ErrorContext};
 use shoal_tests::{TestDaemon, TestOrigin, content, test_node, test_user};
 
 use super::{SCENARIO_TIMEOUT, add, blake3_only, create, jref, pb, shared_dir, wait_for};
@@ -40,7 +40,7 @@ async fn leech(
     name: &str,
     wait: Duration,
 ) -> (u64, u64) {
-    let leecher = test_node(std::slice::from_ref(seed), ServeMode::Honest).await;
+    let leecher = test_node(std::slice::from_ref(seed)).await;
     // The origin has nothing under this name: every byte must come from the seed.
     let origin = TestOrigin::start().await;
     let job = leecher.create_job(name, Priority::Foreground).unwrap();

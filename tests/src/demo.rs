@@ -1,12 +1,13 @@
-//! `shoal demo`: a self-contained swarm on 127.0.0.1.
+//! The demo (`shoal-demo`): a self-contained swarm on 127.0.0.1.
 //!
 //! It starts a local HTTP origin (axum with tower-http's `ServeDir`, which honours `Range`)
 //! serving generated files or the real files of a directory, one seed node holding the files,
-//! and N nodes of which K are rogue (they hold the files from the start and serve every piece
-//! with a flipped byte). Every node runs one
-//! job for every file at the same moment; the report gives, per node, the bytes from peers and
-//! from the origin, the pieces rejected, the peers banned, the time, and whether each final
-//! file's SHA-256 equals the origin file's. Nothing leaves 127.0.0.1 and mDNS stays off.
+//! and N peers of which K are rogue: [`BadPeer`]s that hold the files and serve every piece
+//! with a flipped byte (the rogue behaviour lives here, in the test kit, never in the shipped
+//! node). Every honest node runs one job for every file at the same moment; the report gives,
+//! per node, the bytes from peers and from the origin, the pieces rejected, the peers banned,
+//! the time, and whether each final file's SHA-256 equals the origin file's. Nothing leaves
+//! 127.0.0.1 and mDNS stays off.
 
 use std::{
     net::SocketAddr,
@@ -19,16 +20,16 @@ use futures::future::BoxFuture;
 use shoal_validator::{Expected, Sha256Stream};
 use tokio::sync::oneshot;
 
-use crate::{
-    Callback, CallbackError, Error, FileSpec, JobInfo, Node, Priority, State, swarm::ServeMode,
-};
+use shoal_node::{Callback, CallbackError, Error, FileSpec, JobInfo, Node, Priority, State};
+
+use crate::{BadPeer, Misbehaviour};
 
 /// Demo settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Downloading nodes (rogue ones included).
+    /// Peers besides the seed (rogue ones included).
     pub nodes: usize,
-    /// Of those, how many serve corrupt pieces.
+    /// Of those, how many serve corrupt pieces (and download nothing).
     pub rogue: usize,
     /// Size in bytes of the generated file (ignored with `dir`).
     pub size: u64,
@@ -51,7 +52,8 @@ pub struct NodeReport {
     pub peers_banned: u64,
     /// Time from job start to Transferred.
     pub elapsed: Duration,
-    /// Whether every final file equals the origin's, by SHA-256.
+    /// Whether every final file equals the origin's, by SHA-256 (a rogue peer downloads
+    /// nothing: true).
     pub verified: bool,
     /// The job's final state.
     pub state: State,
@@ -62,7 +64,7 @@ pub struct NodeReport {
 pub struct Report {
     /// The files served by the origin: name and length in bytes.
     pub files: Vec<(String, u64)>,
-    /// One line per downloading node.
+    /// One line per peer: the downloading nodes, then the rogue peers.
     pub nodes: Vec<NodeReport>,
 }
 
@@ -93,7 +95,11 @@ impl std::fmt::Display for Report {
                 n.pieces_rejected,
                 n.peers_banned,
                 n.elapsed.as_secs_f64(),
-                if n.verified { "yes" } else { "NO" }
+                match (n.role, n.verified) {
+                    ("rogue", _) => "-",
+                    (_, true) => "yes",
+                    (_, false) => "NO",
+                }
             )?;
         }
         Ok(())
@@ -113,7 +119,7 @@ impl Callback for Done {
     fn job_error(
         &self,
         _job: JobInfo,
-        _error: crate::job::JobError,
+        _error: shoal_node::job::JobError,
     ) -> BoxFuture<'static, Result<(), CallbackError>> {
         if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = tx.send(());
@@ -157,7 +163,7 @@ async fn start_origin(dir: PathBuf) -> Result<(SocketAddr, tokio::task::JoinHand
     Ok((addr, task))
 }
 
-fn loopback() -> Vec<libp2p::Multiaddr> {
+fn loopback() -> Vec<shoal_node::Multiaddr> {
     vec![
         "/ip4/127.0.0.1/tcp/0"
             .parse()
@@ -230,36 +236,36 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
         seed.seed(path).await?;
     }
     progress(&format!("seed {} ready", seed.peer_id()));
+    // The rogue peers hold every file (in memory) and flip a byte in every piece they serve.
+    let rogue_count = config.rogue.min(config.nodes);
+    let mut contents = Vec::new();
+    for (path, _) in &files {
+        contents.push(std::fs::read(path).map_err(io_err(path))?);
+    }
+    let refs: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+    let mut rogues = Vec::new();
+    for _ in 0..rogue_count {
+        let r = BadPeer::start_with(Misbehaviour::FlipBytes, &refs).await;
+        progress(&format!("rogue {} ready", r.peer_id));
+        rogues.push(r);
+    }
+    drop(contents);
     let mut nodes = Vec::new();
     let mut known = seed.listen_addrs().await;
-    for i in 0..config.nodes {
-        let rogue = i >= config.nodes - config.rogue.min(config.nodes);
-        let mut b = Node::builder()
-            .listen(loopback())
-            .mdns(false)
-            .serve_mode(if rogue {
-                ServeMode::FlipBytes
-            } else {
-                ServeMode::Honest
-            });
+    known.extend(rogues.iter().map(|r| r.addr.clone()));
+    for _ in 0..config.nodes - rogue_count {
+        let mut b = Node::builder().listen(loopback()).mdns(false);
         for a in &known {
             b = b.peer(a.clone());
         }
         let node = b.build().await?;
-        if rogue {
-            // A rogue peer holds the content from the start, so the others meet its corrupt
-            // pieces at once.
-            for (path, _) in &files {
-                node.seed(path).await?;
-            }
-        }
         known.extend(node.listen_addrs().await);
-        nodes.push((node, rogue));
+        nodes.push(node);
     }
     // Let the connections settle so every node knows the others before the jobs start.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut running = Vec::new();
-    for (i, (node, rogue)) in nodes.iter().enumerate() {
+    for (i, node) in nodes.iter().enumerate() {
         let out = work.path().join(format!("node{i}"));
         std::fs::create_dir(&out).map_err(io_err(&out))?;
         let job = node.create_job(&format!("demo {i}"), Priority::Foreground)?;
@@ -289,14 +295,14 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
         }
         let (tx, rx) = oneshot::channel();
         node.set_callback(job, Arc::new(Done(std::sync::Mutex::new(Some(tx)))))?;
-        running.push((node.clone(), job, rx, out, *rogue));
+        running.push((node.clone(), job, rx, out));
     }
     let start = Instant::now();
     for (node, job, ..) in &running {
         node.resume(*job)?;
     }
     let mut reports = Vec::new();
-    for (node, job, rx, out, rogue) in running {
+    for (node, job, rx, out) in running {
         let _ = rx.await;
         let elapsed = start.elapsed();
         let info = node.info(job)?;
@@ -309,10 +315,27 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
                 sha256_file(&out.join(name)).ok() == exp.sha256
             });
         progress(&format!("{} finished: {:?}", node.peer_id(), info.state));
-        reports.push(report_of(&info, elapsed, verified, rogue));
+        reports.push(report_of(&info, elapsed, verified));
     }
-    for (node, ..) in &nodes {
+    for node in &nodes {
         node.shutdown().await;
+    }
+    for r in &rogues {
+        reports.push(NodeReport {
+            role: "rogue",
+            bytes_from_peers: 0,
+            bytes_from_origin: 0,
+            pieces_rejected: 0,
+            peers_banned: 0,
+            elapsed: Duration::ZERO,
+            verified: true,
+            state: State::Acknowledged,
+        });
+        progress(&format!(
+            "rogue {} answered {} requests with flipped bytes",
+            r.peer_id,
+            r.stats.answers.load(std::sync::atomic::Ordering::SeqCst)
+        ));
     }
     seed.shutdown().await;
     origin_task.abort();
@@ -333,9 +356,9 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
     })
 }
 
-fn report_of(info: &JobInfo, elapsed: Duration, verified: bool, rogue: bool) -> NodeReport {
+fn report_of(info: &JobInfo, elapsed: Duration, verified: bool) -> NodeReport {
     NodeReport {
-        role: if rogue { "rogue" } else { "node" },
+        role: "node",
         bytes_from_peers: info.bytes_from_peers(),
         bytes_from_origin: info.bytes_from_origin(),
         pieces_rejected: info.peer_stats.pieces_rejected,
