@@ -48,6 +48,23 @@ use crate::{
     swarm,
 };
 
+/// How long peers' claims for a SHA-256 wait for the origin's length before they are weighed.
+const LENGTH_WAIT: Duration = Duration::from_secs(10);
+/// Peers of the chosen content asked for its layer at once, each for at most
+/// [`LAYER_WAIT`].
+const LAYER_ASKS: usize = 4;
+/// How long one layer request may take before the next peers are asked.
+const LAYER_WAIT: Duration = Duration::from_secs(5);
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How often connected peers are asked again what they hold, during a download.
 const PEER_REFRESH: Duration = Duration::from_millis(250);
 /// How often the driver wakes up to retry backed-off peers.
@@ -1398,6 +1415,19 @@ async fn attempt(
     // gives a verified layer or the wait is over, before the origin is contacted at all.
     let delay = env.policy.origin_delay(task.priority);
     let started = Instant::now();
+    let never_origin = env.policy.never_origin;
+    let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
+    // With only a SHA-256, a peer's claim names the length too, and a crowd of made-up peers
+    // could claim any length (up to 1 TiB of disk): the origin tells the length, and claims
+    // of another length do not count. The probe runs beside the peers' answers.
+    let length_probe = (use_peers && expected.blake3.is_none() && !never_origin).then(|| {
+        let (origin, url, remote) = (env.origin.clone(), task.url.clone(), remote.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            if let Ok(r) = origin.probe(&url).await {
+                let _ = remote.set(r);
+            }
+        }))
+    });
     let mut wait_until = started + if use_peers { delay } else { Duration::ZERO };
     let mut cache_wait = CacheWait::new(env.policy.cache_fallback(task.priority));
     let mut choice: Option<(ContentId, Vec<Answer>, BanKey)>;
@@ -1432,6 +1462,18 @@ async fn attempt(
             }
             if let Some(h) = expected.blake3 {
                 answers.retain(|(_, h2)| *h2.content_id.hash() == h);
+            } else if !answers.is_empty()
+                && let Some(probe) = &length_probe
+            {
+                // The claims wait for the origin's length (at most `LENGTH_WAIT`; a probe that
+                // fails tells nothing, and the claims are then taken as they are).
+                let deadline = tokio::time::Instant::now() + LENGTH_WAIT;
+                while !probe.0.is_finished() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if let Some(r) = remote.get() {
+                    answers.retain(|(_, h2)| h2.content_id.length() == r.length);
+                }
             }
             let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
             for a in answers {
@@ -1464,34 +1506,53 @@ async fn attempt(
         };
         peers = Vec::new();
         if let Some((id, answers, _)) = &choice {
-            for (peer, holding) in answers {
-                if env.bans.is_banned(BanKey::Blake3(*id.hash()), peer) {
-                    continue;
+            let ban_key = BanKey::Blake3(*id.hash());
+            peers = answers
+                .iter()
+                .filter(|(peer, _)| !env.bans.is_banned(ban_key, peer))
+                .cloned()
+                .collect();
+            // Ask for the layer unless a peer is plainly assembling one itself: a few peers
+            // at once, each for a short while, until one verifies (a crowd of peers that
+            // never answer costs `LAYER_WAIT` per `LAYER_ASKS` of them, not 20 s each).
+            let askable: Vec<PeerId> = peers
+                .iter()
+                .filter(|(_, h)| !(h.have.count_ones() == 0 && h.claimed.count_ones() > 0))
+                .map(|(p, _)| *p)
+                .collect();
+            if layer.is_none() && id.piece_count() <= 1 && !askable.is_empty() {
+                layer = PieceLayer::verify(*id, Vec::new()).ok();
+            }
+            for batch in askable.chunks(LAYER_ASKS) {
+                if layer.is_some() {
+                    break;
                 }
-                // Ask for the layer unless the peer is plainly assembling one itself.
-                let assembling = holding.have.count_ones() == 0 && holding.claimed.count_ones() > 0;
-                if layer.is_none() && !assembling {
-                    let got = if id.piece_count() <= 1 {
-                        Ok(LayerResponse::Full(Vec::new()))
-                    } else {
-                        env.swarm.layer(*peer, *id, false).await
-                    };
+                let asks = batch.iter().map(|peer| async move {
+                    let got =
+                        tokio::time::timeout(LAYER_WAIT, env.swarm.layer(*peer, *id, false)).await;
+                    (*peer, got)
+                });
+                for (peer, got) in futures::future::join_all(asks).await {
                     match got {
-                        Ok(LayerResponse::Full(cvs)) => match PieceLayer::verify(*id, cvs) {
-                            Ok(l) => layer = Some(l),
+                        Ok(Ok(LayerResponse::Full(cvs))) => match PieceLayer::verify(*id, cvs) {
+                            Ok(l) => {
+                                if layer.is_none() {
+                                    layer = Some(l);
+                                }
+                            }
                             Err(e) => {
                                 warn!(%peer, "piece layer rejected: {e}");
-                                if env.bans.ban(BanKey::Blake3(*id.hash()), *peer) {
+                                if env.bans.ban(ban_key, peer) {
                                     progress(Update::Banned);
                                 }
-                                continue;
+                                peers.retain(|(p, _)| *p != peer);
                             }
                         },
-                        Ok(_) => {}
-                        Err(e) => debug!("layer request failed: {e}"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => debug!("layer request failed: {e}"),
+                        Err(_) => debug!(%peer, "layer request took too long"),
                     }
                 }
-                peers.push((*peer, holding.clone()));
             }
         }
         if layer.is_some() || Instant::now() >= wait_until {
@@ -1504,9 +1565,8 @@ async fn attempt(
     }
     // A claimed content id (SHA-256 lookup) counts only with a layer that verifies against it.
     let claimed = expected.blake3.is_none() && layer.is_some();
+    drop(length_probe);
     // 3. Length, from the layer or the origin.
-    let never_origin = env.policy.never_origin;
-    let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
     let length = match &layer {
         Some(l) => l.content_id().length(),
         None if never_origin => {
@@ -1521,14 +1581,11 @@ async fn attempt(
             .into());
         }
         None => {
-            let r = env
-                .origin
-                .probe(&task.url)
+            remote
+                .get_or_try_init(|| env.origin.probe(&task.url))
                 .await
-                .map_err(|e| origin_failure(task.index, &e))?;
-            let len = r.length;
-            let _ = remote.set(r);
-            len
+                .map_err(|e| origin_failure(task.index, &e))?
+                .length
         }
     };
     let geometry = ContentId::new([0; 32], length).map_err(|e| {

@@ -275,3 +275,51 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
     assert!(got <= bound, "{got} bytes of layers, more than {bound}");
     seed.shutdown().await;
 }
+
+#[tokio::test]
+async fn claims_of_another_length_for_a_sha256_are_not_weighed_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(MIB, 86);
+    origin.put("s.bin", data.clone());
+    // Three peers claim an 8 MiB content for the 1 MiB file's SHA-256, each with a layer that
+    // verifies against their claim.
+    let other = content(8 * MIB, 87);
+    let mut liars = Vec::new();
+    for _ in 0..3 {
+        liars.push(BadPeer::start(Misbehaviour::LyingSha256(sha256_of(&data)), &other).await);
+    }
+    let node = honest(&[], &liars.iter().collect::<Vec<_>>()).await;
+    connected(&node, 3).await;
+    let local = dir.path().join("s.bin");
+    let rec = Arc::new(Recorder::default());
+    let expected = Expected {
+        blake3: None,
+        sha256: Some(sha256_of(&data)),
+    };
+    let job = start_job(&node, spec(origin.url("s.bin"), &local, expected), &rec);
+    let temp = node.info(job).unwrap().files[0].temp_name.clone();
+    // The temporary file never grows past the origin's length.
+    let mut largest = 0;
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while node.info(job).unwrap().state != State::Transferred {
+        assert!(tokio::time::Instant::now() < deadline, "not Transferred");
+        if let Ok(m) = std::fs::metadata(&temp) {
+            largest = largest.max(m.len());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let info = node.info(job).unwrap();
+    node.complete(job).unwrap();
+    assert_eq!(std::fs::read(&local).unwrap(), data);
+    assert!(
+        largest <= data.len() as u64,
+        "the temporary file grew to {largest} bytes"
+    );
+    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(
+        info.peer_stats.peers_banned, 0,
+        "the claims were not even tried"
+    );
+    node.shutdown().await;
+}
