@@ -188,6 +188,14 @@ pub struct Daemon {
     hub: Arc<Hub>,
     config: DaemonConfig,
     credentials: Arc<dyn Credentials>,
+    /// Per caller: how often Status and Diagnose (which ask the peers and the DHT) may run.
+    probes: Arc<governor::DefaultKeyedRateLimiter<u32>>,
+}
+
+/// Status and Diagnose calls one user may make: a burst of 10, then 1 a second.
+fn probe_quota() -> governor::Quota {
+    governor::Quota::per_second(std::num::NonZeroU32::MIN)
+        .allow_burst(std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN))
 }
 
 impl std::fmt::Debug for Daemon {
@@ -230,6 +238,7 @@ impl Daemon {
                 tcp_uid: config.tcp_uid,
             }),
             config,
+            probes: Arc::new(governor::RateLimiter::keyed(probe_quota())),
         })
     }
 
@@ -253,6 +262,7 @@ impl Daemon {
             hub: self.hub.clone(),
             credentials: self.credentials.clone(),
             limits: self.config.limits,
+            probes: self.probes.clone(),
         }
     }
 

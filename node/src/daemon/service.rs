@@ -31,6 +31,21 @@ pub(crate) struct Service {
     pub(crate) hub: Arc<Hub>,
     pub(crate) credentials: Arc<dyn Credentials>,
     pub(crate) limits: Limits,
+    /// Per caller: how often Status and Diagnose may run.
+    pub(crate) probes: Arc<governor::DefaultKeyedRateLimiter<u32>>,
+}
+
+impl Service {
+    /// RESOURCE_EXHAUSTED when `caller` called Status or Diagnose too often (they ask every
+    /// peer and the DHT, which every download shares).
+    fn probe_allowed(&self, caller: Caller, what: &str) -> Result<(), Status> {
+        self.probes.check_key(&caller.uid).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "user {} calls {what} too often (a burst of 10, then one a second)",
+                caller.uid
+            ))
+        })
+    }
 }
 
 /// The gRPC status of a node error.
@@ -483,6 +498,7 @@ impl Control for Service {
 
     async fn diagnose(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Diagnosis>, Status> {
         let caller = self.caller(&req)?;
+        self.probe_allowed(caller, "Diagnose")?;
         let info = self.visible(caller, &req.get_ref().job)?;
         let d = self
             .node
@@ -716,6 +732,7 @@ impl Control for Service {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
         let caller = self.caller(&req)?;
+        self.probe_allowed(caller, "Status")?;
         let jobs: Vec<JobInfo> = self
             .node
             .jobs()

@@ -442,3 +442,26 @@ async fn final_jobs_leave_memory_and_api_strings_and_watch_streams_are_bounded()
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn status_and_diagnose_are_rate_limited_per_user() {
+    let dir = shared_dir();
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(1000).await;
+    // A burst of 10 goes through; more in the same moment do not.
+    let mut refused = None;
+    for i in 0..12 {
+        if let Err(e) = c.status(pb::StatusRequest {}).await {
+            refused = Some((i, e.code()));
+            break;
+        }
+    }
+    assert_eq!(refused, Some((10, tonic::Code::ResourceExhausted)));
+    // Another user is not held back by the first.
+    let mut other = d.client(1001).await;
+    assert!(other.status(pb::StatusRequest {}).await.is_ok());
+    // A second later, one more call.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(c.status(pb::StatusRequest {}).await.is_ok());
+    d.stop().await;
+}
