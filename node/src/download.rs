@@ -105,21 +105,44 @@ pub(crate) enum BanKey {
     Sha256(Sha256Digest),
 }
 
-/// Node-wide record of banned peers per content.
+/// Contents the node keeps bans for at most; the oldest-made key goes first beyond.
+const MAX_BAN_KEYS: usize = 1024;
+/// Peers banned at most per content (peer ids are free: past this, verification alone keeps
+/// the bytes right).
+const MAX_BANS_PER_KEY: usize = 4096;
+
+/// Node-wide record of banned peers per content, bounded by [`MAX_BAN_KEYS`] and
+/// [`MAX_BANS_PER_KEY`].
 #[derive(Debug, Default)]
-pub(crate) struct Bans(Mutex<HashMap<BanKey, HashSet<PeerId>>>);
+pub(crate) struct Bans(Mutex<BanTable>);
+
+/// The banned peers per content, and the contents in the order their first ban was made.
+type BanTable = (
+    HashMap<BanKey, HashSet<PeerId>>,
+    std::collections::VecDeque<BanKey>,
+);
 
 impl Bans {
     /// Bans `peer` for `key`; true when it was not banned before.
     pub(crate) fn ban(&self, key: BanKey, peer: PeerId) -> bool {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(key).or_default().insert(peer)
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, order) = &mut *guard;
+        if !m.contains_key(&key) {
+            if m.len() >= MAX_BAN_KEYS
+                && let Some(old) = order.pop_front()
+            {
+                m.remove(&old);
+            }
+            order.push_back(key);
+        }
+        let set = m.entry(key).or_default();
+        set.len() < MAX_BANS_PER_KEY && set.insert(peer)
     }
 
     /// Whether `peer` is banned for `key`.
     pub(crate) fn is_banned(&self, key: BanKey, peer: &PeerId) -> bool {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&key).is_some_and(|s| s.contains(peer))
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.get(&key).is_some_and(|s| s.contains(peer))
     }
 }
 
@@ -2590,6 +2613,27 @@ mod tests {
             .unwrap();
         let e = run(&file).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[test]
+    fn bans_are_bounded_per_content_and_in_contents() {
+        let bans = Bans::default();
+        let key = BanKey::Blake3([1; 32]);
+        let banned = (0..MAX_BANS_PER_KEY + 100)
+            .filter(|_| bans.ban(key, PeerId::random()))
+            .count();
+        assert_eq!(banned, MAX_BANS_PER_KEY);
+        for i in 0..MAX_BAN_KEYS + 10 {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(i as u64 + 2).to_le_bytes());
+            bans.ban(BanKey::Blake3(h), PeerId::random());
+        }
+        let guard = bans.0.lock().unwrap();
+        assert!(guard.0.len() <= MAX_BAN_KEYS);
+        assert!(
+            !guard.0.contains_key(&key),
+            "the oldest content's bans went first"
+        );
     }
 
     #[test]

@@ -416,11 +416,21 @@ type Sources = Arc<std::sync::RwLock<HashMap<PeerId, (PeerSource, u8)>>>;
 /// otherwise.
 fn learn(sources: &Sources, peer: PeerId, source: PeerSource, rank: u8) {
     let mut s = sources.write().unwrap_or_else(|e| e.into_inner());
+    if s.len() >= MAX_SOURCES && !s.contains_key(&peer) {
+        // Guesses and DHT findings go first; listed peers and cache nodes are configured.
+        s.retain(|_, (_, r)| *r >= RANK_LISTED);
+        if s.len() >= MAX_SOURCES {
+            return;
+        }
+    }
     let e = s.entry(peer).or_insert((source, rank));
     if rank > e.1 {
         *e = (source, rank);
     }
 }
+
+/// Peers whose source the node remembers at most.
+const MAX_SOURCES: usize = 4096;
 
 /// Evidence ranks for [`learn`].
 const RANK_GUESS: u8 = 0;
@@ -817,6 +827,67 @@ fn is_local(addr: &Multiaddr) -> bool {
     })
 }
 
+/// Connections kept at most from one IP address (loopback aside: tests and single-host
+/// swarms share it).
+const MAX_CONNECTIONS_PER_IP: usize = 8;
+/// Connections kept at most in all.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Which inbound and outbound connections the node keeps: in `lan` mode only peers on this
+/// host or a private network, or listed (static peers, cache nodes), may connect in; and at
+/// most [`MAX_CONNECTIONS_PER_IP`] per address and [`MAX_CONNECTIONS`] in all.
+#[derive(Debug, Default)]
+struct ConnectionGate {
+    lan_only: bool,
+    listed: HashSet<PeerId>,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+    total: usize,
+}
+
+/// The IP address of a multiaddr, if it has one.
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
+}
+
+impl ConnectionGate {
+    /// Counts a connection to `peer` at `remote` (`inbound`: it dialed us); false when it must
+    /// be closed (the count is given back when it closes, through [`Self::closed`]).
+    fn opened(&mut self, peer: &PeerId, remote: &Multiaddr, inbound: bool) -> bool {
+        let ip = ip_of(remote);
+        self.total += 1;
+        if let Some(ip) = ip {
+            *self.per_ip.entry(ip).or_default() += 1;
+        }
+        if self.listed.contains(peer) {
+            return true;
+        }
+        if inbound && self.lan_only && !is_local(remote) {
+            return false;
+        }
+        let crowded = ip.is_some_and(|ip| {
+            !ip.is_loopback() && self.per_ip.get(&ip).copied().unwrap_or(0) > MAX_CONNECTIONS_PER_IP
+        });
+        !crowded && self.total <= MAX_CONNECTIONS
+    }
+
+    /// A connection counted by [`Self::opened`] closed.
+    fn closed(&mut self, remote: &Multiaddr) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(ip) = ip_of(remote)
+            && let Some(n) = self.per_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
 /// Builds the swarm and spawns its event loop; the loop stops when `shutdown` is cancelled.
 ///
 /// # Errors
@@ -1004,6 +1075,16 @@ pub(crate) async fn spawn(
         upload_peers: HashMap::new(),
         max_upload_peers,
         counters,
+        gate: ConnectionGate {
+            lan_only: config.mode == PeerMode::Lan,
+            listed: config
+                .peers
+                .iter()
+                .filter_map(peer_of)
+                .chain(handle.cache_nodes.iter().copied())
+                .collect(),
+            ..ConnectionGate::default()
+        },
         static_peers: config.peers,
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
@@ -1063,6 +1144,8 @@ struct EventLoop {
     uploads_per_peer: usize,
     counters: Arc<UploadCounters>,
     static_peers: Vec<Multiaddr>,
+    /// Which connections the node keeps.
+    gate: ConnectionGate,
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
@@ -1360,9 +1443,21 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.remove(&address);
             }
+            SwarmEvent::ConnectionClosed { endpoint, .. } => {
+                self.gate.closed(endpoint.get_remote_address());
+            }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
+                let remote = endpoint.get_remote_address();
+                if !self.gate.opened(&peer_id, remote, endpoint.is_listener()) {
+                    debug!(%peer_id, %remote, "connection refused (not on the LAN, or too many)");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
                 debug!(%peer_id, "connected");
                 // A guess for a peer found no other way: LAN if it is on this host or a
                 // private network.
@@ -1771,5 +1866,50 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(got, PieceResponse::Data(b) if b.len() == 16 * 1024));
+    }
+
+    #[test]
+    fn in_lan_mode_only_lan_or_listed_peers_connect_in_and_one_address_is_bounded() {
+        let listed = PeerId::random();
+        let mut gate = ConnectionGate {
+            lan_only: true,
+            listed: HashSet::from([listed]),
+            ..ConnectionGate::default()
+        };
+        let addr = |a: &str| -> Multiaddr { a.parse().unwrap() };
+        let public = addr("/ip4/203.0.113.7/tcp/4001");
+        // From the internet: refused inbound, unless listed; dialed out by this node: kept.
+        assert!(!gate.opened(&PeerId::random(), &public, true));
+        gate.closed(&public);
+        assert!(gate.opened(&listed, &public, true));
+        gate.closed(&public);
+        assert!(gate.opened(&PeerId::random(), &public, false));
+        gate.closed(&public);
+        // A private address: at most 8 connections from it; loopback is not counted so.
+        let lan = addr("/ip4/192.168.1.20/tcp/4001");
+        let kept = (0..20)
+            .filter(|_| gate.opened(&PeerId::random(), &lan, true))
+            .count();
+        assert_eq!(kept, MAX_CONNECTIONS_PER_IP);
+        let lo = addr("/ip4/127.0.0.1/tcp/4001");
+        assert!((0..50).all(|_| gate.opened(&PeerId::random(), &lo, true)));
+        assert_eq!(gate.total, 20 + 50);
+        for _ in 0..20 {
+            gate.closed(&lan);
+        }
+        assert!(gate.opened(&PeerId::random(), &lan, true));
+    }
+
+    #[test]
+    fn peer_sources_are_bounded() {
+        let sources: Sources = Arc::default();
+        let listed = PeerId::random();
+        learn(&sources, listed, PeerSource::Lan, RANK_LISTED);
+        for _ in 0..3 * MAX_SOURCES {
+            learn(&sources, PeerId::random(), PeerSource::Dht, RANK_DHT);
+        }
+        let s = sources.read().unwrap();
+        assert!(s.len() <= MAX_SOURCES);
+        assert!(s.contains_key(&listed), "a listed peer is kept");
     }
 }
