@@ -10,7 +10,7 @@ use std::{
 };
 
 use shoal_node::{FileSpec, Priority, State, job::ErrorContext};
-use shoal_tests::{TestDaemon, TestOrigin, content, test_node, test_user};
+use shoal_tests::{Client, TestDaemon, TestOrigin, content, test_node, test_user};
 
 use super::{SCENARIO_TIMEOUT, add, blake3_only, create, jref, pb, shared_dir, wait_for};
 
@@ -73,6 +73,28 @@ async fn leech(
     (got, rejected)
 }
 
+/// A one-file job of the caller of `c` that downloads `url` to `dest` (expecting `data`) and
+/// reaches Transferred: the job's id as the API gives it, as a `JobId`, and its temporary file.
+async fn transferred(
+    c: &mut Client,
+    d: &TestDaemon,
+    name: &str,
+    url: &url::Url,
+    dest: &Path,
+    data: &[u8],
+) -> (String, shoal_node::JobId, PathBuf) {
+    let job = c.create_job(create(name)).await.unwrap().into_inner();
+    let job = c
+        .add_file(add(&job.id, url, dest, data))
+        .await
+        .unwrap()
+        .into_inner();
+    let id: shoal_node::JobId = job.id.parse().unwrap();
+    c.resume(jref(&job.id)).await.unwrap();
+    wait_for(&d.node, id, &[State::Transferred]).await;
+    (job.id.clone(), id, PathBuf::from(&job.files[0].temp_name))
+}
+
 #[tokio::test]
 async fn a_user_cannot_make_the_root_daemon_serve_a_root_file_through_a_symlink() {
     let user = test_user();
@@ -84,16 +106,9 @@ async fn a_user_cannot_make_the_root_daemon_serve_a_root_file_through_a_symlink(
     let secret = root_secret(dir.path(), data.len());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(user.uid).await;
-    let job = c.create_job(create("serve")).await.unwrap().into_inner();
     let dest = dir.path().join("s.bin");
-    let job = c
-        .add_file(add(&job.id, &origin.url("s.bin"), &dest, &data))
-        .await
-        .unwrap()
-        .into_inner();
-    let temp = PathBuf::from(&job.files[0].temp_name);
-    c.resume(jref(&job.id)).await.unwrap();
-    wait_for(&d.node, job.id.parse().unwrap(), &[State::Transferred]).await;
+    let (job, id, temp) =
+        transferred(&mut c, &d, "serve", &origin.url("s.bin"), &dest, &data).await;
     // The daemon serves the verified file: the check below can tell serving from not.
     let leechers = tempfile::tempdir().unwrap();
     let (got, rejected) = leech(&d.node, &data, leechers.path(), "a.bin", SCENARIO_TIMEOUT).await;
@@ -120,12 +135,12 @@ async fn a_user_cannot_make_the_root_daemon_serve_a_root_file_through_a_symlink(
 
     // 2. The same after Complete, at the final name. (The symlink made Complete refuse the
     // file: download it again first.)
-    let refused = c.complete(jref(&job.id)).await;
+    let refused = c.complete(jref(&job)).await;
     assert!(refused.is_err(), "Complete renamed a symlink");
     assert!(std::fs::symlink_metadata(&dest).is_err());
-    c.resume(jref(&job.id)).await.unwrap();
-    wait_for(&d.node, job.id.parse().unwrap(), &[State::Transferred]).await;
-    c.complete(jref(&job.id)).await.unwrap();
+    c.resume(jref(&job)).await.unwrap();
+    wait_for(&d.node, id, &[State::Transferred]).await;
+    c.complete(jref(&job)).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     let (got, _) = leech(&d.node, &data, leechers.path(), "c.bin", SCENARIO_TIMEOUT).await;
     assert_eq!(
@@ -182,22 +197,13 @@ async fn complete_renames_only_the_file_that_verified_with_the_owners_mode() {
 
     // Another user swaps the verified temporary file for a regular file of the same length
     // in the shared (0777, not sticky) directory before Complete.
-    let job = c.create_job(create("swap")).await.unwrap().into_inner();
     let dest = dir.path().join("swapped.bin");
-    let job = c
-        .add_file(add(&job.id, &origin.url("c.bin"), &dest, &data))
-        .await
-        .unwrap()
-        .into_inner();
-    let id: shoal_node::JobId = job.id.parse().unwrap();
-    let temp = PathBuf::from(&job.files[0].temp_name);
-    c.resume(jref(&job.id)).await.unwrap();
-    wait_for(&d.node, id, &[State::Transferred]).await;
+    let (job, id, temp) = transferred(&mut c, &d, "swap", &origin.url("c.bin"), &dest, &data).await;
     assert_eq!(std::fs::metadata(&temp).unwrap().mode() & 0o022, 0);
     let forged = dir.path().join("forged");
     std::fs::write(&forged, vec![0xee; data.len()]).unwrap();
     std::fs::rename(&forged, &temp).unwrap();
-    let err = c.complete(jref(&job.id)).await.unwrap_err();
+    let err = c.complete(jref(&job)).await.unwrap_err();
     assert!(
         err.message().contains("no longer the file that verified"),
         "{err:?}"
@@ -212,23 +218,15 @@ async fn complete_renames_only_the_file_that_verified_with_the_owners_mode() {
     assert_eq!((e.context, e.file), (ErrorContext::LocalFile, Some(0)));
     assert!(!info.files[0].transferred);
     // Resume downloads it again; Complete then gives the verified bytes.
-    c.resume(jref(&job.id)).await.unwrap();
+    c.resume(jref(&job)).await.unwrap();
     wait_for(&d.node, id, &[State::Transferred]).await;
-    c.complete(jref(&job.id)).await.unwrap();
+    c.complete(jref(&job)).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
 
     // The owner changes the file in place (same inode, same length) before Complete: the
     // change is seen and the file hashed again.
-    let job = c.create_job(create("edit")).await.unwrap().into_inner();
     let dest = dir.path().join("edited.bin");
-    let job = c
-        .add_file(add(&job.id, &origin.url("c.bin"), &dest, &data))
-        .await
-        .unwrap()
-        .into_inner();
-    let temp = PathBuf::from(&job.files[0].temp_name);
-    c.resume(jref(&job.id)).await.unwrap();
-    wait_for(&d.node, job.id.parse().unwrap(), &[State::Transferred]).await;
+    let (job, _, temp) = transferred(&mut c, &d, "edit", &origin.url("c.bin"), &dest, &data).await;
     {
         use std::os::unix::fs::FileExt as _;
         // Past the next clock tick, so the status change time moves.
@@ -236,7 +234,7 @@ async fn complete_renames_only_the_file_that_verified_with_the_owners_mode() {
         let f = std::fs::OpenOptions::new().write(true).open(&temp).unwrap();
         f.write_all_at(b"edited", 1000).unwrap();
     }
-    assert!(c.complete(jref(&job.id)).await.is_err());
+    assert!(c.complete(jref(&job)).await.is_err());
     assert!(std::fs::symlink_metadata(&dest).is_err());
     d.stop().await;
 }
@@ -250,19 +248,11 @@ async fn a_fifo_at_a_local_name_does_not_delay_the_daemon_start() {
     origin.put("f.bin", data.clone());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(user.uid).await;
-    let job = c.create_job(create("fifo")).await.unwrap().into_inner();
     let dest = dir.path().join("f.bin");
-    let job = c
-        .add_file(add(&job.id, &origin.url("f.bin"), &dest, &data))
-        .await
-        .unwrap()
-        .into_inner();
-    let id: shoal_node::JobId = job.id.parse().unwrap();
-    c.resume(jref(&job.id)).await.unwrap();
-    wait_for(&d.node, id, &[State::Transferred]).await;
+    let (_, id, temp) = transferred(&mut c, &d, "fifo", &origin.url("f.bin"), &dest, &data).await;
     d.stop().await;
     // The user deletes the temporary file and puts a FIFO at the local name.
-    std::fs::remove_file(&job.files[0].temp_name).unwrap();
+    std::fs::remove_file(&temp).unwrap();
     let name = std::ffi::CString::new(dest.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid C string.
     assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o666) }, 0);
