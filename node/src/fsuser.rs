@@ -4,9 +4,10 @@
 //! that user's file-system identity (Linux `setfsuid`/`setfsgid`, per thread), as BITS
 //! impersonates the job's owner: the kernel then checks every path as the user would see it,
 //! so a symlink or a directory swapped in by the user cannot make the daemon read or write where
-//! the user may not, and new files belong to the user. For the work the thread also has no
-//! supplementary groups (set per thread with the raw system call, not glibc's process-wide
-//! `setgroups`), so the daemon's groups lend the user nothing. The switch fails closed: a
+//! the user may not, and new files belong to the user. For the work the thread also has the
+//! user's own supplementary groups instead of the daemon's (set per thread with the raw system
+//! call, not glibc's process-wide `setgroups`), so the daemon's groups lend the user nothing
+//! and the user's groups count as they would for the user. The switch fails closed: a
 //! daemon that cannot take the user's identity (no `CAP_SETUID`/`CAP_SETGID`, as in a
 //! container that dropped them) does no work at all rather than doing it as root, and the
 //! previous identity is restored even when the work panics. Without root, or for jobs of root
@@ -152,6 +153,28 @@ pub(crate) fn dir_identity(local: &Path) -> io::Result<(u64, u64)> {
     let (fd, _) = open_dir(local)?;
     let st = rustix::fs::fstat(&fd)?;
     Ok((st.st_dev, st.st_ino))
+}
+
+/// Checks, as the caller of [`as_owner`] is now, that files may be created in the directory of
+/// `local` (write and search permission, with ACLs, by the file-system ids).
+///
+/// # Errors
+/// `PermissionDenied` naming the directory.
+pub(crate) fn may_create_in(local: &Path) -> io::Result<()> {
+    use rustix::fs::{Access, AtFlags};
+    let dir = parent_of(local);
+    rustix::fs::accessat(
+        rustix::fs::CWD,
+        dir,
+        Access::WRITE_OK | Access::EXEC_OK,
+        AtFlags::EACCESS,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("may not create files in {}: {e}", dir.display()),
+        )
+    })
 }
 
 /// Why Complete could not rename a file.
@@ -352,9 +375,9 @@ fn thread_groups() -> io::Result<Vec<libc::gid_t>> {
 }
 
 impl Impersonation {
-    /// Takes the file-system identity of `uid`:`gid` with no supplementary groups for this
-    /// thread, and checks that it took effect.
-    fn begin(uid: u32, gid: u32) -> io::Result<Self> {
+    /// Takes the file-system identity of `uid`:`gid` with the supplementary groups `groups`
+    /// (the user's own) for this thread, and checks that it took effect.
+    fn begin(uid: u32, gid: u32, groups_of_user: &[libc::gid_t]) -> io::Result<Self> {
         let groups = thread_groups()?;
         // SAFETY: setfsgid/setfsuid change only this thread's file-system ids (and with
         // QUERY_ID nothing); they have no memory preconditions.
@@ -375,10 +398,10 @@ impl Impersonation {
                 ),
             ));
         }
-        set_thread_groups(&[]).map_err(|e| {
+        set_thread_groups(groups_of_user).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("cannot drop the supplementary groups to act as user {uid}: {e}"),
+                format!("cannot take the supplementary groups of user {uid}: {e}"),
             )
         })?;
         Ok(guard)
@@ -397,9 +420,10 @@ impl Drop for Impersonation {
     }
 }
 
-/// Runs `work` with the file-system identity of `owner` (the owner's primary group and no
-/// supplementary groups) when this process runs as root and `owner` is another user; as is
-/// otherwise. The previous identity is restored after `work`, also when it panics.
+/// Runs `work` with the file-system identity of `owner` (the owner's primary group and the
+/// owner's supplementary groups, none of the daemon's) when this process runs as root and
+/// `owner` is another user; as is otherwise. The previous identity is restored after `work`,
+/// also when it panics.
 ///
 /// # Errors
 /// What `work` returns; `PermissionDenied` when `owner` has no password entry or the identity
@@ -411,14 +435,42 @@ pub(crate) fn as_owner<T>(
     let Some(uid) = owner.filter(|&u| u != 0 && is_root()) else {
         return work();
     };
-    let gid = crate::daemon::primary_gid(uid).ok_or_else(|| {
+    let (gid, groups) = user_groups(uid).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("user {uid} has no password entry"),
         )
     })?;
-    let _guard = Impersonation::begin(uid, gid)?;
+    let _guard = Impersonation::begin(uid, gid, &groups)?;
     work()
+}
+
+/// How long a user's groups are taken from the group database before it is read again.
+const GROUPS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The primary group and every group of `uid` (as `initgroups` would set), from the password
+/// and group databases, kept for [`GROUPS_TTL`]; `None` without a password entry.
+fn user_groups(uid: u32) -> Option<(u32, Vec<libc::gid_t>)> {
+    type Cached = std::collections::HashMap<u32, (std::time::Instant, u32, Vec<libc::gid_t>)>;
+    static CACHE: std::sync::Mutex<Option<Cached>> = std::sync::Mutex::new(None);
+    let now = std::time::Instant::now();
+    {
+        let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, gid, groups)) = cache.as_ref().and_then(|c| c.get(&uid))
+            && now.duration_since(*at) < GROUPS_TTL
+        {
+            return Some((*gid, groups.clone()));
+        }
+    }
+    let user = crate::daemon::passwd(uid)?;
+    let groups = crate::daemon::group_list(&user.name, user.gid);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cache.get_or_insert_with(Default::default);
+    if c.len() > 4096 {
+        c.clear();
+    }
+    c.insert(uid, (now, user.gid, groups.clone()));
+    Some((user.gid, groups))
 }
 
 /// Checks, as root, that this process can act as other users (`nobody`, uid 65534, when it
@@ -503,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn the_work_runs_as_the_owner_without_supplementary_groups_and_a_panic_restores_root() {
+    fn the_work_runs_as_the_owner_with_the_owners_groups_and_a_panic_restores_root() {
         require_root();
         std::thread::spawn(|| {
             set_thread_groups(&[4, 27]).unwrap();
@@ -514,7 +566,14 @@ mod tests {
             })
             .unwrap();
             assert_eq!(inside.0, (65_534, 65_534));
-            assert!(inside.1.is_empty(), "groups kept: {:?}", inside.1);
+            // nobody's groups, none of the thread's own.
+            let nobody = user_groups(65_534).unwrap().1;
+            assert_eq!(inside.1, nobody);
+            assert!(
+                !inside.1.contains(&4) && !inside.1.contains(&27),
+                "{:?}",
+                inside.1
+            );
             // Back to root with the groups it had.
             assert_eq!(thread_groups().unwrap(), vec![4, 27]);
             let panicked = std::panic::catch_unwind(|| {

@@ -1266,14 +1266,24 @@ impl Node {
         // As the owner sees it: the daemon tells a user nothing of paths the user may not see.
         let dir = crate::fsuser::as_owner(owner, || {
             check_local_name(&spec.local_name).map_err(std::io::Error::other)?;
-            crate::fsuser::dir_identity(&spec.local_name)
+            let dir = crate::fsuser::dir_identity(&spec.local_name)?;
+            crate::fsuser::may_create_in(&spec.local_name)?;
+            Ok(dir)
         })
-        .map_err(|e| match e.downcast::<Error>() {
-            Ok(e) => e,
-            Err(e) => Error::BadLocalName {
-                path: spec.local_name.clone(),
-                reason: format!("its directory cannot be used: {e}"),
-            },
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Error::Io {
+                    path: spec.local_name.clone(),
+                    source: e,
+                };
+            }
+            match e.downcast::<Error>() {
+                Ok(e) => e,
+                Err(e) => Error::BadLocalName {
+                    path: spec.local_name.clone(),
+                    reason: format!("its directory cannot be used: {e}"),
+                },
+            }
         })?;
         let start = {
             let mut rec = lock(&slot);

@@ -58,6 +58,9 @@ fn status_of(e: &Error) -> Status {
             Status::invalid_argument(msg)
         }
         Error::DuplicateLocalName(_) => Status::already_exists(msg),
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            Status::permission_denied(msg)
+        }
         Error::Cache(crate::cache::CacheError::Unknown(_)) => Status::not_found(msg),
         _ => Status::internal(msg),
     }
@@ -223,19 +226,6 @@ fn parse_digest(field: &str, text: &str) -> Result<Option<[u8; 32]>, Status> {
     shoal_protocol::parse_blake3_hex(text)
         .map(Some)
         .map_err(|_| Status::invalid_argument(format!("{field}: {text:?} is not 64 hex digits")))
-}
-
-/// Whether `uid` may create files in `dir`: root may; others when they own it and it is
-/// writable by its owner, or it is writable by everyone.
-fn may_write_in(uid: u32, dir: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if uid == 0 {
-        return true;
-    }
-    match std::fs::metadata(dir) {
-        Ok(m) => (m.uid() == uid && m.mode() & 0o200 != 0) || m.mode() & 0o002 != 0,
-        Err(_) => false,
-    }
 }
 
 /// The API form of a cache entry.
@@ -439,16 +429,6 @@ impl Control for Service {
             return Err(Status::invalid_argument(format!(
                 "local name {:?} must be an absolute path",
                 r.local_name
-            )));
-        }
-        if let Some(dir) = local.parent()
-            && dir.is_dir()
-            && !may_write_in(caller.uid, dir)
-        {
-            return Err(Status::permission_denied(format!(
-                "user {} may not create files in {}",
-                caller.uid,
-                dir.display()
             )));
         }
         let expected = Expected {

@@ -455,3 +455,31 @@ async fn status_and_diagnose_are_rate_limited_per_user() {
     assert!(c.status(pb::StatusRequest {}).await.is_ok());
     d.stop().await;
 }
+
+#[tokio::test]
+async fn add_file_checks_the_directory_as_the_caller() {
+    let user = test_user();
+    let dir = shared_dir();
+    let d = TestDaemon::start(dir.path(), Default::default()).await;
+    let mut c = d.client(user.uid).await;
+    let job = c.create_job(create("dirs")).await.unwrap().into_inner();
+    let add_in = |sub: &Path| pb::AddFileRequest {
+        job: job.id.clone(),
+        url: "http://127.0.0.1:1/x".into(),
+        local_name: sub.join("x").display().to_string(),
+        ..Default::default()
+    };
+    // Root's 0755 directory: refused, as the user would be.
+    let root_dir = dir.path().join("root-dir");
+    std::fs::create_dir(&root_dir).unwrap();
+    std::fs::set_permissions(&root_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = c.add_file(add_in(&root_dir)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A directory of a group the user is in, writable by the group: taken.
+    let group_dir = dir.path().join("group-dir");
+    std::fs::create_dir(&group_dir).unwrap();
+    std::os::unix::fs::chown(&group_dir, Some(0), Some(user.extra_gid)).unwrap();
+    std::fs::set_permissions(&group_dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+    c.add_file(add_in(&group_dir)).await.unwrap();
+    d.stop().await;
+}
