@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod diagnose;
+mod dialscope;
 pub(crate) mod download;
 mod error;
 pub mod events;

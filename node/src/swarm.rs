@@ -34,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dialscope::{DialScopes, ScopedDial};
 use crate::{
     Error,
     group::{Group, PUBLIC_DHT_PROTOCOL, PeerMode},
@@ -192,15 +193,18 @@ mod behaviour {
         AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle,
         identify, kad, mdns, ping,
     };
+    use crate::dialscope::ScopedDial;
 
     /// Shoal's network behaviour: identify, ping, optional mDNS, the optional Kademlia DHT,
-    /// and the three peer protocols.
+    /// and the three peer protocols. The addresses identify, mDNS and Kademlia offer for an
+    /// outgoing connection were stated by peers: they are dialed only in the open scopes
+    /// (`dialscope`).
     #[derive(NetworkBehaviour)]
     pub struct Behaviour {
-        pub(super) identify: identify::Behaviour,
+        pub(super) identify: ScopedDial<identify::Behaviour>,
         pub(super) ping: ping::Behaviour,
-        pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
-        pub(super) kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+        pub(super) mdns: Toggle<ScopedDial<mdns::tokio::Behaviour>>,
+        pub(super) kad: Toggle<ScopedDial<kad::Behaviour<kad::store::MemoryStore>>>,
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
         pub(super) piece: PieceBehaviour,
@@ -814,17 +818,11 @@ pub(crate) fn is_tcp(addr: &Multiaddr) -> bool {
 /// Whether a peer's address is on this host or a private network (RFC 1918, RFC 4193,
 /// link-local): a peer there counts as a LAN peer.
 fn is_local(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        libp2p::multiaddr::Protocol::Ip4(ip) => {
-            ip.is_loopback() || ip.is_private() || ip.is_link_local()
-        }
-        libp2p::multiaddr::Protocol::Ip6(ip) => {
-            ip.is_loopback()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
-        }
-        _ => false,
-    })
+    use crate::dialscope::{Scope, scope_of};
+    matches!(
+        scope_of(addr),
+        Scope::Loopback | Scope::Private | Scope::LinkLocal
+    )
 }
 
 /// Connections kept at most from one IP address (loopback aside: tests and single-host
@@ -832,6 +830,8 @@ fn is_local(addr: &Multiaddr) -> bool {
 const MAX_CONNECTIONS_PER_IP: usize = 8;
 /// Connections kept at most in all.
 const MAX_CONNECTIONS: usize = 1024;
+/// Listen addresses of one peer taken from identify into the DHT's routing table.
+const MAX_STATED_ADDRESSES: usize = 8;
 
 /// Which inbound and outbound connections the node keeps: in `lan` mode only peers on this
 /// host or a private network, or listed (static peers, cache nodes), may connect in; and at
@@ -938,26 +938,39 @@ pub(crate) async fn spawn(
     };
     let mdns_on = config.mdns;
     let dht_on = config.mode.uses_dht();
+    let dial_scopes = DialScopes::new(
+        config
+            .peers
+            .iter()
+            .chain(&config.bootstrap)
+            .chain(&config.cache_nodes),
+        config.mode == PeerMode::Lan || mdns_on,
+    );
     let piece_timeout = config.piece_timeout;
     let make_behaviour =
         |key: &identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
             let peer_id = key.public().to_peer_id();
             let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(
-                    mdns::Config::default(),
-                    peer_id,
-                )?)
+                Some(ScopedDial::new(
+                    mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?,
+                    dial_scopes.clone(),
+                ))
             } else {
                 None
             };
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/shoal/1.0.0".into(),
-                    key.public(),
-                )),
+                identify: ScopedDial::new(
+                    identify::Behaviour::new(identify::Config::new(
+                        "/shoal/1.0.0".into(),
+                        key.public(),
+                    )),
+                    dial_scopes.clone(),
+                ),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
-                kad: Toggle::from(dht_on.then(|| kad_behaviour(peer_id, &config))),
+                kad: Toggle::from(dht_on.then(|| {
+                    ScopedDial::new(kad_behaviour(peer_id, &config), dial_scopes.clone())
+                })),
                 have: request_response::Behaviour::new(
                     [(StreamProtocol::new(HAVE_PROTOCOL), ProtocolSupport::Full)],
                     request_config(Duration::from_secs(10)),
@@ -1085,6 +1098,7 @@ pub(crate) async fn spawn(
                 .collect(),
             ..ConnectionGate::default()
         },
+        dial_scopes,
         static_peers: config.peers,
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
@@ -1146,6 +1160,8 @@ struct EventLoop {
     static_peers: Vec<Multiaddr>,
     /// Which connections the node keeps.
     gate: ConnectionGate,
+    /// Where the node dials addresses peers state.
+    dial_scopes: DialScopes,
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
@@ -1459,6 +1475,7 @@ impl EventLoop {
                     return;
                 }
                 debug!(%peer_id, "connected");
+                self.dial_scopes.connected(remote);
                 // A guess for a peer found no other way: LAN if it is on this host or a
                 // private network.
                 let guess = if is_local(endpoint.get_remote_address()) {
@@ -1470,6 +1487,9 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
+                    if !self.dial_scopes.allows(&addr) {
+                        continue;
+                    }
                     learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
@@ -1485,7 +1505,14 @@ impl EventLoop {
                 if let Some(kad) = self.swarm.behaviour_mut().kad.as_mut()
                     && proto.is_some_and(|p| info.protocols.contains(&p))
                 {
-                    for addr in info.listen_addrs {
+                    // A peer's stated addresses, at most a few, kept to be relayed to other
+                    // DHT peers; this node dials them only in the open scopes (`dialscope`).
+                    for addr in info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(|a| crate::dialscope::scope_of(a) != crate::dialscope::Scope::Never)
+                        .take(MAX_STATED_ADDRESSES)
+                    {
                         kad.add_address(&peer_id, addr);
                     }
                 }
