@@ -246,10 +246,13 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
 #[tokio::test]
 async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
     let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
     // 16 MiB in 16 KiB pieces: a layer of 32 KiB.
     let data = content(16 * MIB, 85);
     let file = dir.path().join("seed.bin");
     std::fs::write(&file, &data).unwrap();
+    // Two small files honest leechers fetch from the same seed, before and during the flood.
+    let small: Vec<Vec<u8>> = (0..2).map(|i| content(2 * MIB, 90 + i)).collect();
     let rate = MIB as u64;
     let seed = test_builder(&[])
         .await
@@ -261,11 +264,40 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
         .await
         .unwrap();
     seed.seed(&file).await.unwrap();
+    for (i, d) in small.iter().enumerate() {
+        let f = dir.path().join(format!("small{i}.bin"));
+        std::fs::write(&f, d).unwrap();
+        seed.seed(&f).await.unwrap();
+        origin.put(&format!("small{i}.bin"), d.clone());
+    }
+    // An honest leecher's time for one small file from the seed alone.
+    let leech = |i: usize| {
+        let (seed, origin, small, dir) = (&seed, &origin, &small, dir.path());
+        async move {
+            let node = honest(std::slice::from_ref(seed), &[]).await;
+            connected(&node, 1).await;
+            let (infos, took) = fetch_all(
+                std::slice::from_ref(&node),
+                origin.url(&format!("small{i}.bin")),
+                &small[i],
+                &dir.join(format!("leech{i}")),
+                blake3_only(&small[i]),
+                SCENARIO_TIMEOUT,
+            )
+            .await;
+            node.shutdown().await;
+            (infos[0].bytes_from_peers, took)
+        }
+    };
+    std::fs::create_dir_all(dir.path().join("leech0")).unwrap();
+    std::fs::create_dir_all(dir.path().join("leech1")).unwrap();
+    let (_, quiet) = leech(0).await;
     let flood = BadPeer::start(Misbehaviour::LayerFlood(64), &data).await;
     seed.dial(flood.addr.clone()).await;
+    let before = flood.total_received();
     let window = Duration::from_secs(4);
     tokio::time::sleep(window).await;
-    let got = flood.total_received();
+    let got = flood.total_received() - before;
     // Rate × time, plus the bucket's burst (one second), a second of slack for a slow
     // machine, and what the per-peer slots held. Unmetered, the loopback carries hundreds of
     // MiB in that time.
@@ -273,6 +305,26 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
     eprintln!("LayerFlood: {got} bytes of layers in {window:?} (bound {bound})");
     assert!(got > 0, "no layer was served at all");
     assert!(got <= bound, "{got} bytes of layers, more than {bound}");
+    // While the flood goes on, an honest leecher still gets its file from the seed: the flood
+    // holds at most half the upload slots, so the leecher gets at least a share of the rate.
+    // Bound: its 2 MiB at half the rate, the patience, and 10 s.
+    let served_before = origin.bytes_served();
+    let (from_peers, flooded) = leech(1).await;
+    let leech_bound =
+        Duration::from_secs(2 * 2 * MIB as u64 / rate) + PATIENCE + Duration::from_secs(10);
+    eprintln!(
+        "LayerFlood: a 2 MiB leecher took {quiet:?} without the flood, {flooded:?} during it (bound {leech_bound:?})"
+    );
+    assert!(
+        flooded <= leech_bound,
+        "the leecher took {flooded:?} during the flood"
+    );
+    assert_eq!(
+        from_peers,
+        2 * MIB as u64,
+        "the leecher fell back to the origin"
+    );
+    assert_eq!(origin.bytes_served(), served_before);
     seed.shutdown().await;
 }
 
