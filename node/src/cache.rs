@@ -48,8 +48,8 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
-    persist::{from_ms, to_ms},
     store::ContentStore,
+    timestamp::{from_ms, to_ms},
 };
 
 /// The directory, in the cache directory, of a cache node's downloads in progress.
@@ -444,7 +444,8 @@ impl Cache {
     ) -> Result<(PieceLayer, Entry), String> {
         let id: ContentId = key.parse().map_err(|e| format!("content id: {e}"))?;
         let meta: Meta = serde_json::from_slice(meta).map_err(|e| format!("record: {e}"))?;
-        let cvs = crate::persist::cvs_of(layer.ok_or("no piece layer")?)?;
+        let cvs = shoal_validator::chaining_values_from_bytes(layer.ok_or("no piece layer")?)
+            .map_err(|e| e.to_string())?;
         let layer = PieceLayer::verify(id, cvs).map_err(|e| format!("piece layer: {e}"))?;
         let sha256 = match &meta.sha256 {
             None => None,
@@ -728,7 +729,7 @@ impl Cache {
             .map_err(|e| self.idx_err(e))?
             .map(|v| v.value().to_vec())
             .ok_or_else(|| CacheError::Unknown(id.to_string()))?;
-        crate::persist::cvs_of(&flat)
+        shoal_validator::chaining_values_from_bytes(&flat)
             .ok()
             .and_then(|cvs| PieceLayer::verify(*id, cvs).ok())
             .ok_or_else(|| CacheError::Unknown(id.to_string()))

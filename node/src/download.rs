@@ -42,7 +42,7 @@ use crate::{
     job::{ByteRange, ErrorContext, JobError, JobId},
     members,
     origin::{self, OriginError, Remote},
-    persist::{ResumeDisk, StateStore},
+    persist::{ResumeDisk, ResumePoint, StateStore},
     scheduler::{self, Action, Received, Scheduler, Source},
     store::{Backing, ContentStore},
     swarm,
@@ -212,65 +212,6 @@ pub(crate) struct FileTask {
     pub(crate) left: Mutex<Option<ResumePoint>>,
     /// Cache the file whatever its size (a cache node's fill).
     pub(crate) cache_any_size: bool,
-}
-
-/// What an earlier run left in a file's temporary file, as the state store recorded it.
-#[derive(Clone, Debug)]
-pub(crate) struct ResumePoint {
-    /// Pieces written and flushed; each is checked again before it is trusted.
-    pub(crate) pieces: Bitfield,
-    /// What the pieces are pieces of.
-    pub(crate) meta: ResumeDisk,
-    /// The layer they were verified against, itself checked against `meta.content_id`.
-    pub(crate) layer: Option<PieceLayer>,
-    /// Set when this process verified the pieces itself and kept the file open to nobody else
-    /// (a download that stopped): the pieces need no second check, and `builder` holds their
-    /// chaining values when the file has no layer.
-    pub(crate) trusted: Option<Option<LayerBuilder>>,
-}
-
-impl ResumePoint {
-    /// The resume point of stored rows, if they describe usable pieces: the bitmap's length
-    /// matches the stored length, a stored layer verifies against the stored content id, and
-    /// that content id carries the expected BLAKE3 (when one is expected).
-    pub(crate) fn from_stored(
-        pieces: Option<&[u8]>,
-        meta: Option<&ResumeDisk>,
-        layer: Option<&[shoal_validator::ChainingValue]>,
-        expected: &Expected,
-    ) -> Option<Self> {
-        let meta = meta?;
-        let geometry = ContentId::new([0; 32], meta.length).ok()?;
-        let pieces = Bitfield::from_bytes(pieces?, geometry.piece_count())?;
-        let layer = match &meta.content_id {
-            None => None,
-            Some(text) => {
-                let id: ContentId = text.parse().ok()?;
-                if id.length() != meta.length || expected.check_content_id(&id).is_err() {
-                    return None;
-                }
-                Some(PieceLayer::verify(id, layer?.to_vec()).ok()?)
-            }
-        };
-        Some(Self {
-            pieces,
-            meta: meta.clone(),
-            layer,
-            trusted: None,
-        })
-    }
-
-    /// Bytes of the pieces it holds.
-    pub(crate) fn bytes(&self) -> u64 {
-        let Ok(geometry) = ContentId::new([0; 32], self.meta.length) else {
-            return 0;
-        };
-        self.pieces
-            .ones()
-            .filter_map(|i| geometry.piece_range(i))
-            .map(|r| r.end - r.start)
-            .sum()
-    }
 }
 
 /// The state store and the file's key in it.

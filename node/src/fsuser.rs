@@ -462,8 +462,8 @@ fn user_groups(uid: u32) -> Option<(u32, Vec<libc::gid_t>)> {
             return Some((*gid, groups.clone()));
         }
     }
-    let user = crate::daemon::passwd(uid)?;
-    let groups = crate::daemon::group_list(&user.name, user.gid);
+    let user = passwd(uid)?;
+    let groups = group_list(&user.name, user.gid);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let c = cache.get_or_insert_with(Default::default);
     if c.len() > 4096 {
@@ -480,13 +480,90 @@ fn user_groups(uid: u32) -> Option<(u32, Vec<libc::gid_t>)> {
 /// `PermissionDenied` naming the missing capability.
 pub(crate) fn check_impersonation() -> io::Result<()> {
     const NOBODY: u32 = 65_534;
-    if !is_root() || crate::daemon::primary_gid(NOBODY).is_none() {
+    if !is_root() || primary_gid(NOBODY).is_none() {
         return Ok(());
     }
     // A thread of its own, so a failure cannot leave anything behind on a runtime worker.
     std::thread::spawn(|| as_owner(Some(NOBODY), || Ok(())))
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the impersonation check panicked")))
+}
+
+/// A user's entry in the password database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Passwd {
+    /// The login name.
+    pub(crate) name: String,
+    /// The primary group.
+    pub(crate) gid: u32,
+    /// The home directory.
+    pub(crate) home: std::path::PathBuf,
+    /// The login shell.
+    pub(crate) shell: String,
+}
+
+/// The password database entry of `uid`.
+pub(crate) fn passwd(uid: u32) -> Option<Passwd> {
+    use std::ffi::CStr;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
+    // getpwuid_r writes only within them, and the strings it points `pwd` at live in `buf`,
+    // which is still alive where they are copied out.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &raw mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        );
+        if rc != 0 || out.is_null() {
+            return None;
+        }
+        let text = |p: *const libc::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        Some(Passwd {
+            name: text(pwd.pw_name),
+            gid: pwd.pw_gid,
+            home: text(pwd.pw_dir).into(),
+            shell: text(pwd.pw_shell),
+        })
+    }
+}
+
+/// The primary group of `uid`, from the password database.
+pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
+    passwd(uid).map(|p| p.gid)
+}
+
+/// Every group `user` (with primary group `gid`) is a member of, as `initgroups` would set.
+pub(crate) fn group_list(user: &str, gid: u32) -> Vec<u32> {
+    let Ok(name) = std::ffi::CString::new(user) else {
+        return vec![gid];
+    };
+    let mut n: libc::c_int = 64;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let mut count = n;
+        // SAFETY: `groups` has room for `count` ids; `name` is a valid C string.
+        let rc =
+            unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &raw mut count) };
+        if rc >= 0 {
+            groups.truncate(count.max(0) as usize);
+            return groups;
+        }
+        if count <= n || count > 65_536 {
+            return vec![gid];
+        }
+        n = count;
+    }
 }
 
 #[cfg(test)]

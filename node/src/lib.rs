@@ -44,8 +44,10 @@ pub mod persist;
 pub mod policy;
 pub mod scheduler;
 mod slots;
+pub mod stats;
 pub mod store;
 pub mod swarm;
+mod timestamp;
 mod tls;
 
 pub use error::Error;
@@ -55,3 +57,4 @@ pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Builder, CallbackFactory, Node};
 pub use shoal_protocol::HaveKey;
 pub use shoal_validator::{ContentId, Expected, Sha256Digest, ValidationState};
+pub use stats::NodeStats;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::{
     Error,
-    download::{self, Bans, Durable, Env, Failure, FileTask, ResumePoint, Update},
+    download::{self, Bans, Durable, Env, Failure, FileTask, Update},
     events::{Callback, Event, TransferredFile},
     fsuser::{LocalIds, RenameError},
     group::{Group, PeerMode},
@@ -27,6 +27,7 @@ use crate::{
         JobProperties, PeerStats, Priority, State, Transition, next_state,
     },
     origin,
+    persist::ResumePoint,
     persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
     scheduler,
     slots::Slots,
@@ -520,7 +521,7 @@ const RETIRED_JOBS: usize = 256;
 /// The most bytes (estimated from their strings) those final jobs may take together.
 const RETIRED_BYTES: usize = 16 << 20;
 
-/// The atomics behind [`crate::job::NodeStats`].
+/// The atomics behind [`crate::stats::NodeStats`].
 #[derive(Debug, Default)]
 struct Counters {
     origin: AtomicU64,
@@ -694,9 +695,9 @@ impl Node {
     /// Node-wide figures since the node started: bytes by source, bytes uploaded, pieces
     /// rejected, peers banned (Delivery Optimization's performance snapshot).
     #[must_use]
-    pub fn stats(&self) -> crate::job::NodeStats {
+    pub fn stats(&self) -> crate::stats::NodeStats {
         let c = &self.inner.counters;
-        crate::job::NodeStats {
+        crate::stats::NodeStats {
             bytes_from_origin: c.origin.load(Relaxed),
             bytes_from_lan_peers: c.lan.load(Relaxed),
             bytes_from_group_peers: c.group.load(Relaxed),

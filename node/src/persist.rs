@@ -24,19 +24,19 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::Bitfield;
 use shoal_validator::{
-    ChainingValue, ContentId, Expected, PieceLayer, Sha256Digest, ValidationState,
+    ChainingValue, ContentId, Expected, LayerBuilder, PieceLayer, Sha256Digest, ValidationState,
 };
 use thiserror::Error;
 
+use crate::timestamp::{from_ms, to_ms};
 use crate::{
-    download::ResumePoint,
     fsuser::LocalIds,
     job::{
         ByteRange, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats,
@@ -361,7 +361,10 @@ impl StateStore {
         };
         let pieces = get(PIECES)?;
         let meta: ResumeDisk = serde_json::from_slice(&get(RESUME)?).ok()?;
-        let layer = get(LAYERS).map(|flat| cvs_of(&flat)).transpose().ok()?;
+        let layer = get(LAYERS)
+            .map(|flat| shoal_validator::chaining_values_from_bytes(&flat))
+            .transpose()
+            .ok()?;
         ResumePoint::from_stored(Some(&pieces), Some(&meta), layer.as_deref(), &file.expected)
     }
 
@@ -476,9 +479,11 @@ impl StateStore {
                     .map_err(db_err)?
                     .flatten()
                     .map(|v| {
-                        cvs_of(v.value()).map_err(|detail| PersistError::Corrupt {
-                            what: format!("{what} layer"),
-                            detail,
+                        shoal_validator::chaining_values_from_bytes(v.value()).map_err(|e| {
+                            PersistError::Corrupt {
+                                what: format!("{what} layer"),
+                                detail: e.to_string(),
+                            }
                         })
                     })
                     .transpose()?;
@@ -513,37 +518,11 @@ fn put(
     Ok(())
 }
 
-/// Chaining values from their concatenation.
-pub(crate) fn cvs_of(flat: &[u8]) -> Result<Vec<ChainingValue>, String> {
-    if !flat.len().is_multiple_of(32) {
-        return Err(format!("{} bytes is not a multiple of 32", flat.len()));
-    }
-    Ok(flat
-        .chunks_exact(32)
-        .map(|c| {
-            let mut cv = [0u8; 32];
-            cv.copy_from_slice(c);
-            cv
-        })
-        .collect())
-}
-
 fn corrupt(what: &str, e: &dyn std::fmt::Display) -> PersistError {
     PersistError::Corrupt {
         what: what.to_owned(),
         detail: e.to_string(),
     }
-}
-
-/// Milliseconds since the Unix epoch (0 before it).
-pub(crate) fn to_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The time `ms` milliseconds after the Unix epoch.
-pub(crate) fn from_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 impl JobDisk {
@@ -723,13 +702,72 @@ fn parse_context(s: &str) -> Option<ErrorContext> {
     })
 }
 
+/// What an earlier run left in a file's temporary file, as the state store recorded it.
+#[derive(Clone, Debug)]
+pub(crate) struct ResumePoint {
+    /// Pieces written and flushed; each is checked again before it is trusted.
+    pub(crate) pieces: Bitfield,
+    /// What the pieces are pieces of.
+    pub(crate) meta: ResumeDisk,
+    /// The layer they were verified against, itself checked against `meta.content_id`.
+    pub(crate) layer: Option<PieceLayer>,
+    /// Set when this process verified the pieces itself and kept the file open to nobody else
+    /// (a download that stopped): the pieces need no second check, and `builder` holds their
+    /// chaining values when the file has no layer.
+    pub(crate) trusted: Option<Option<LayerBuilder>>,
+}
+
+impl ResumePoint {
+    /// The resume point of stored rows, if they describe usable pieces: the bitmap's length
+    /// matches the stored length, a stored layer verifies against the stored content id, and
+    /// that content id carries the expected BLAKE3 (when one is expected).
+    pub(crate) fn from_stored(
+        pieces: Option<&[u8]>,
+        meta: Option<&ResumeDisk>,
+        layer: Option<&[shoal_validator::ChainingValue]>,
+        expected: &Expected,
+    ) -> Option<Self> {
+        let meta = meta?;
+        let geometry = ContentId::new([0; 32], meta.length).ok()?;
+        let pieces = Bitfield::from_bytes(pieces?, geometry.piece_count())?;
+        let layer = match &meta.content_id {
+            None => None,
+            Some(text) => {
+                let id: ContentId = text.parse().ok()?;
+                if id.length() != meta.length || expected.check_content_id(&id).is_err() {
+                    return None;
+                }
+                Some(PieceLayer::verify(id, layer?.to_vec()).ok()?)
+            }
+        };
+        Some(Self {
+            pieces,
+            meta: meta.clone(),
+            layer,
+            trusted: None,
+        })
+    }
+
+    /// Bytes of the pieces it holds.
+    pub(crate) fn bytes(&self) -> u64 {
+        let Ok(geometry) = ContentId::new([0; 32], self.meta.length) else {
+            return 0;
+        };
+        self.pieces
+            .ones()
+            .filter_map(|i| geometry.piece_range(i))
+            .map(|r| r.end - r.start)
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::FileInfo;
 
     fn info(files: usize) -> JobInfo {
-        let now = from_ms(to_ms(SystemTime::now()));
+        let now = from_ms(to_ms(std::time::SystemTime::now()));
         JobInfo {
             id: JobId::new(),
             display_name: "update".into(),

@@ -15,7 +15,7 @@
 //! from origin bytes, and serves nothing. A SHA-256 maps to a content id only after this node computed that
 //! SHA-256 over the whole file itself.
 //!
-//! Entries live in memory. At start the cache (`crate::cache`) registers its files again, and
+//! Entries live in memory. At start the cache (the `cache` module) registers its files again, and
 //! restored jobs their temporary files as they resume.
 
 use std::{

@@ -31,6 +31,24 @@ pub fn piece_chaining_value(offset: u64, bytes: &[u8]) -> ChainingValue {
     hasher.finalize_non_root()
 }
 
+/// Chaining values from their concatenation (32 bytes each, as a piece layer is stored).
+///
+/// # Errors
+/// [`Error::LayerBytes`] when `flat`'s length is not a multiple of 32.
+pub fn chaining_values_from_bytes(flat: &[u8]) -> Result<Vec<ChainingValue>, Error> {
+    if !flat.len().is_multiple_of(32) {
+        return Err(Error::LayerBytes(flat.len()));
+    }
+    Ok(flat
+        .chunks_exact(32)
+        .map(|c| {
+            let mut cv = [0u8; 32];
+            cv.copy_from_slice(c);
+            cv
+        })
+        .collect())
+}
+
 /// Checks that piece `index`, `bytes` starting `offset` bytes into a file of more than one
 /// piece, still has the chaining value `cv` it verified with (bytes read back from a file
 /// someone else may write).

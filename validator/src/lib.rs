@@ -17,7 +17,10 @@ mod digest;
 mod layer;
 
 pub use digest::{Expected, FileDigests, Sha256Stream, ValidationState, hash_reader};
-pub use layer::{ChainingValue, LayerBuilder, PieceLayer, check_piece, piece_chaining_value};
+pub use layer::{
+    ChainingValue, LayerBuilder, PieceLayer, chaining_values_from_bytes, check_piece,
+    piece_chaining_value,
+};
 pub use shoal_protocol::{ContentId, Sha256Digest};
 
 use shoal_protocol::PieceIndex;
@@ -57,6 +60,9 @@ pub enum Error {
         /// The file's piece count.
         piece_count: u32,
     },
+    /// Stored chaining values whose byte length is not a multiple of 32.
+    #[error("{0} bytes of chaining values is not a multiple of 32")]
+    LayerBytes(usize),
     /// A length beyond [`shoal_protocol::MAX_CONTENT_LEN_BYTES`].
     #[error("a file of {0} bytes exceeds the maximum length")]
     TooLong(u64),

@@ -316,11 +316,11 @@ async fn run_cmdline(
     // SAFETY: `geteuid` has no preconditions.
     let (euid, root) = unsafe { (libc::geteuid(), libc::geteuid() == 0) };
     let uid = owner.unwrap_or(euid);
-    let user = super::passwd(uid)
+    let user = crate::fsuser::passwd(uid)
         .ok_or_else(|| CallbackError(format!("user {uid} has no password entry")))?;
     let become_user = root && uid != 0;
     let groups = if become_user {
-        super::group_list(&user.name, user.gid)
+        crate::fsuser::group_list(&user.name, user.gid)
     } else {
         Vec::new()
     };
@@ -469,7 +469,7 @@ impl Callback for JobCallback {
             &pb::Event {
                 job: job.id.to_string(),
                 kind: Some(Kind::JobModification(pb::JobModification {
-                    state: super::service::state_to_pb(job.state) as i32,
+                    state: super::convert::state_to_pb(job.state) as i32,
                 })),
             },
         );
@@ -502,7 +502,7 @@ impl Callback for JobCallback {
             if flags & notify::DISABLE != 0 || flags & notify::JOB_ERROR == 0 {
                 return Ok(());
             }
-            let error = super::service::error_to_pb(&error);
+            let error = super::convert::error_to_pb(&error);
             hub.deliver(
                 job,
                 move |delivery| {

@@ -7,6 +7,7 @@
 //! ([`DaemonConfig::tcp_uid`], root by default, as the token file is readable only by whoever
 //! the administrator allows). Jobs belong to their creator; see [`Caller::may_see`].
 
+mod convert;
 mod hub;
 mod service;
 
@@ -387,83 +388,6 @@ fn read_token(path: Option<&Path>) -> Result<String, DaemonError> {
         )));
     }
     Ok(token)
-}
-
-/// A user's entry in the password database.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Passwd {
-    /// The login name.
-    pub(crate) name: String,
-    /// The primary group.
-    pub(crate) gid: u32,
-    /// The home directory.
-    pub(crate) home: std::path::PathBuf,
-    /// The login shell.
-    pub(crate) shell: String,
-}
-
-/// The password database entry of `uid`.
-pub(crate) fn passwd(uid: u32) -> Option<Passwd> {
-    use std::ffi::CStr;
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
-    // getpwuid_r writes only within them, and the strings it points `pwd` at live in `buf`,
-    // which is still alive where they are copied out.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            uid,
-            &raw mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &raw mut out,
-        );
-        if rc != 0 || out.is_null() {
-            return None;
-        }
-        let text = |p: *const libc::c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        Some(Passwd {
-            name: text(pwd.pw_name),
-            gid: pwd.pw_gid,
-            home: text(pwd.pw_dir).into(),
-            shell: text(pwd.pw_shell),
-        })
-    }
-}
-
-/// The primary group of `uid`, from the password database.
-pub(crate) fn primary_gid(uid: u32) -> Option<u32> {
-    passwd(uid).map(|p| p.gid)
-}
-
-/// Every group `user` (with primary group `gid`) is a member of, as `initgroups` would set.
-pub(crate) fn group_list(user: &str, gid: u32) -> Vec<u32> {
-    let Ok(name) = std::ffi::CString::new(user) else {
-        return vec![gid];
-    };
-    let mut n: libc::c_int = 64;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let mut count = n;
-        // SAFETY: `groups` has room for `count` ids; `name` is a valid C string.
-        let rc =
-            unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &raw mut count) };
-        if rc >= 0 {
-            groups.truncate(count.max(0) as usize);
-            return groups;
-        }
-        if count <= n || count > 65_536 {
-            return vec![gid];
-        }
-        n = count;
-    }
 }
 
 #[cfg(test)]
