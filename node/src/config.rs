@@ -18,8 +18,9 @@ use shoal_validator::ValidationState;
 use crate::{
     Builder,
     daemon::DaemonConfig,
-    group::{Group, PeerMode},
-    origin, scheduler,
+    download::scheduler,
+    source::origin,
+    swarm::group::{Group, PeerMode},
 };
 
 /// A configuration file that could not be used.
@@ -325,7 +326,7 @@ impl Config {
         }
         b = self.apply_peers(b, path)?;
         let p = &self.policy;
-        let mut policy = crate::policy::SourcePolicy::default();
+        let mut policy = crate::source::policy::SourcePolicy::default();
         for (i, (key, v)) in [
             (
                 "policy.origin_delay_foreground_seconds",
@@ -393,7 +394,7 @@ impl Config {
                 });
             }
         }
-        b = b.bandwidth(crate::bandwidth::BandwidthLimits {
+        b = b.bandwidth(crate::source::bandwidth::BandwidthLimits {
             download_foreground: w.download_foreground_bytes_per_sec,
             download_background: w.download_background_bytes_per_sec,
             upload: w.upload_bytes_per_sec,
@@ -594,14 +595,17 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError`] naming the key for a percentage outside 0–100 or a bad duration.
-    pub fn cache(&self, path: &str) -> Result<Option<crate::cache::CacheConfig>, ConfigError> {
+    pub fn cache(
+        &self,
+        path: &str,
+    ) -> Result<Option<crate::store::cache::CacheConfig>, ConfigError> {
         let c = &self.cache;
         if c.enabled == Some(false) {
             return Ok(None);
         }
-        let mut config = crate::cache::CacheConfig {
+        let mut config = crate::store::cache::CacheConfig {
             dir: c.dir.as_ref().map(PathBuf::from),
-            ..crate::cache::CacheConfig::default()
+            ..crate::store::cache::CacheConfig::default()
         };
         if let Some(b) = c.max_size_bytes {
             config.max_size_bytes = Some(b);
@@ -633,7 +637,7 @@ impl Config {
     pub fn cache_node_role(
         &self,
         path: &str,
-    ) -> Result<Option<crate::fill::CacheNodeRole>, ConfigError> {
+    ) -> Result<Option<crate::store::fill::CacheNodeRole>, ConfigError> {
         let c = &self.cache;
         let bad = |reason: String| ConfigError {
             path: path.to_owned(),
@@ -647,7 +651,7 @@ impl Config {
                 "cache.node = true needs the cache (cache.enabled = false)".into(),
             ));
         }
-        let mut role = crate::fill::CacheNodeRole::default();
+        let mut role = crate::store::fill::CacheNodeRole::default();
         if let Some(n) = c.node_max_fills {
             if n == 0 {
                 return Err(bad("cache.node_max_fills must be at least 1".into()));
@@ -893,7 +897,7 @@ mod tests {
         let d = Config::default();
         assert_eq!(
             d.cache("x").unwrap(),
-            Some(crate::cache::CacheConfig::default())
+            Some(crate::store::cache::CacheConfig::default())
         );
         assert_eq!(d.cache_node_role("x").unwrap(), None);
         let off = Config::parse("[cache]\nenabled = false\n", "x.toml").unwrap();

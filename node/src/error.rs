@@ -57,10 +57,10 @@ pub enum Error {
     Origin(String),
     /// The state store failed (the daemon's durable state).
     #[error(transparent)]
-    State(#[from] crate::persist::PersistError),
+    State(#[from] crate::store::state::PersistError),
     /// The cache failed, or holds no such content.
     #[error(transparent)]
-    Cache(#[from] crate::cache::CacheError),
+    Cache(#[from] crate::store::cache::CacheError),
     /// A file to seed could not be hashed.
     #[error("cannot hash {path}: {reason}")]
     Hash {

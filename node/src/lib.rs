@@ -22,39 +22,31 @@
 //! # Ok(()) }
 //! ```
 
-pub mod bandwidth;
-pub mod cache;
 pub mod config;
-pub mod control;
 pub mod daemon;
-pub mod diagnose;
-mod dialscope;
 pub(crate) mod download;
 mod error;
 pub mod events;
-pub mod fill;
-mod fsuser;
-pub mod group;
 pub mod job;
-pub mod members;
-mod metrics;
 mod node;
-pub mod origin;
-pub mod persist;
-pub mod policy;
-pub mod scheduler;
-mod slots;
-pub mod stats;
+pub mod source;
 pub mod store;
 pub mod swarm;
 mod timestamp;
-mod tls;
 
 pub use error::Error;
 pub use events::{Callback, CallbackError, Event, TransferredFile};
 pub use job::{ByteRange, FileSpec, JobId, JobInfo, Priority, State};
 pub use libp2p::{Multiaddr, PeerId};
+pub use node::stats::NodeStats;
 pub use node::{Builder, CallbackFactory, Node};
 pub use shoal_protocol::HaveKey;
 pub use shoal_validator::{ContentId, Expected, Sha256Digest, ValidationState};
-pub use stats::NodeStats;
+
+// Paths of the layout before issue 12, kept while callers move.
+pub use daemon::control;
+pub use download::{members, scheduler};
+pub use node::{diagnose, stats};
+pub use source::{bandwidth, origin, policy};
+pub use store::{cache, fill, state as persist};
+pub use swarm::group;

@@ -6,7 +6,8 @@ use tonic::Status;
 
 use crate::timestamp::to_ms;
 use crate::{
-    Node, control as pb,
+    Node,
+    daemon::control as pb,
     job::{ErrorContext, FileInfo, JobError, JobId, JobInfo, Priority, State},
 };
 
@@ -163,7 +164,7 @@ pub(super) fn parse_digest(field: &str, text: &str) -> Result<Option<[u8; 32]>, 
 }
 
 /// The API form of a cache entry.
-pub(super) fn cache_entry_to_pb(i: &crate::cache::CacheItem) -> pb::CacheEntry {
+pub(super) fn cache_entry_to_pb(i: &crate::store::cache::CacheItem) -> pb::CacheEntry {
     pb::CacheEntry {
         content_id: i.content_id.to_string(),
         sha256: i.sha256.map(|d| d.to_string()).unwrap_or_default(),
@@ -175,7 +176,7 @@ pub(super) fn cache_entry_to_pb(i: &crate::cache::CacheItem) -> pb::CacheEntry {
     }
 }
 
-pub(super) fn cache_usage_to_pb(u: &crate::cache::CacheUsage) -> pb::CacheUsage {
+pub(super) fn cache_usage_to_pb(u: &crate::store::cache::CacheUsage) -> pb::CacheUsage {
     pb::CacheUsage {
         bytes: u.bytes,
         limit: u.limit,

@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
-    control::{self as pb, event::Kind},
+    daemon::control::{self as pb, event::Kind},
     events::{Callback, CallbackError, TransferredFile},
     job::{JobError, JobId, JobInfo, notify},
 };
@@ -316,11 +316,11 @@ async fn run_cmdline(
     // SAFETY: `geteuid` has no preconditions.
     let (euid, root) = unsafe { (libc::geteuid(), libc::geteuid() == 0) };
     let uid = owner.unwrap_or(euid);
-    let user = crate::fsuser::passwd(uid)
+    let user = crate::store::fsuser::passwd(uid)
         .ok_or_else(|| CallbackError(format!("user {uid} has no password entry")))?;
     let become_user = root && uid != 0;
     let groups = if become_user {
-        crate::fsuser::group_list(&user.name, user.gid)
+        crate::store::fsuser::group_list(&user.name, user.gid)
     } else {
         Vec::new()
     };

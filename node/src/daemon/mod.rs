@@ -7,6 +7,8 @@
 //! ([`DaemonConfig::tcp_uid`], root by default, as the token file is readable only by whoever
 //! the administrator allows). Jobs belong to their creator; see [`Caller::may_see`].
 
+pub mod control;
+
 mod convert;
 mod hub;
 mod service;
@@ -29,7 +31,7 @@ use tonic::{
 };
 use tracing::info;
 
-use crate::{Node, control::control_server::ControlServer};
+use crate::{Node, daemon::control::control_server::ControlServer};
 
 /// Errors of starting or running the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -218,7 +220,7 @@ impl Daemon {
         builder: crate::Builder,
         config: DaemonConfig,
     ) -> Result<Self, crate::Error> {
-        crate::fsuser::check_impersonation().map_err(crate::Error::Impersonation)?;
+        crate::store::fsuser::check_impersonation().map_err(crate::Error::Impersonation)?;
         let hub = Hub::new(config.notify.clone());
         let h = hub.clone();
         let node = builder
@@ -365,7 +367,7 @@ fn read_token(path: Option<&Path>) -> Result<String, DaemonError> {
     use std::os::unix::fs::MetadataExt as _;
     let bad =
         |what: String| DaemonError::Tcp(format!("daemon.token_file {}: {what}", path.display()));
-    let file = crate::fsuser::open_regular(path, None).map_err(|e| bad(e.to_string()))?;
+    let file = crate::store::fsuser::open_regular(path, None).map_err(|e| bad(e.to_string()))?;
     let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
     // SAFETY: `geteuid` has no preconditions.
     let me = unsafe { libc::geteuid() };

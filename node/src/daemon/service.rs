@@ -21,7 +21,7 @@ use super::convert::{
 use super::{Caller, Credentials, Limits, hub::Hub};
 use crate::{
     Error, Node,
-    control::{self as pb, control_server::Control},
+    daemon::control::{self as pb, control_server::Control},
     job::{ByteRange, FileSpec, JobId, JobInfo, MIN_RETRY_DELAY, State},
 };
 
@@ -61,7 +61,7 @@ fn status_of(e: &Error) -> Status {
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
             Status::permission_denied(msg)
         }
-        Error::Cache(crate::cache::CacheError::Unknown(_)) => Status::not_found(msg),
+        Error::Cache(crate::store::cache::CacheError::Unknown(_)) => Status::not_found(msg),
         _ => Status::internal(msg),
     }
 }

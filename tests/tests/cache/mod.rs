@@ -1,7 +1,7 @@
 //! The content-addressed cache (issue 4): a verified file outlives its job, is served to peers
 //! after a restart, fills later jobs without a download, and is evicted by size (least
 //! recently used first) but never when pinned. Eviction by age runs with paused time in the
-//! cache's unit tests (`node/src/cache.rs`).
+//! cache's unit tests (`node/src/store/cache.rs`).
 
 use super::*;
 use shoal_node::{HaveKey, cache::CacheConfig};

@@ -111,12 +111,12 @@ impl Group {
         &self,
         key: &identity::Keypair,
         tcp: tcp::Config,
-    ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, crate::tls::TlsError> {
+    ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, crate::swarm::tls::TlsError> {
         let psk = self.psk;
         Ok(tcp::tokio::Transport::new(tcp)
             .and_then(move |socket, _| pnet::PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
-            .authenticate(crate::tls::Config::new(key)?)
+            .authenticate(crate::swarm::tls::Config::new(key)?)
             .multiplex(yamux::Config::default())
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed())

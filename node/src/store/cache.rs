@@ -294,7 +294,7 @@ impl Cache {
                 .create(&dir)
                 .map_err(dir_err)?;
         }
-        crate::fsuser::check_private_dir(&dir).map_err(dir_err)?;
+        crate::store::fsuser::check_private_dir(&dir).map_err(dir_err)?;
         let index = dir.join(INDEX_FILE);
         let idx_err = |e: redb::Error| CacheError::Index {
             path: index.clone(),
@@ -942,7 +942,7 @@ pub(crate) fn clone_or_copy(src: &File, dst: &File, len: u64) -> std::io::Result
 /// How the store reads a file of the cache's own: reopened for each piece, only while it is
 /// the regular file there now.
 fn own_backing(path: &std::path::Path) -> std::io::Result<crate::store::Backing> {
-    let file = crate::fsuser::open_regular(path, None)?;
+    let file = crate::store::fsuser::open_regular(path, None)?;
     crate::store::Backing::named(&file, None)
 }
 

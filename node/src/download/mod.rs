@@ -17,6 +17,9 @@
 //! Memory stays bounded: at most [`scheduler::Config::max_in_flight`] peer pieces plus a few
 //! origin pieces are held at once, whatever the file's size.
 
+pub mod members;
+pub mod scheduler;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::{File, OpenOptions},
@@ -38,12 +41,11 @@ use tracing::{debug, info, warn};
 use url::Url;
 
 use crate::{
-    fsuser::FileIdentity,
+    download::scheduler::{Action, Received, Scheduler, Source},
     job::{ByteRange, ErrorContext, JobError, JobId},
-    members,
-    origin::{self, OriginError, Remote},
-    persist::{ResumeDisk, ResumePoint, StateStore},
-    scheduler::{self, Action, Received, Scheduler, Source},
+    source::origin::{self, OriginError, Remote},
+    store::fsuser::FileIdentity,
+    store::state::{ResumeDisk, ResumePoint, StateStore},
     store::{Backing, ContentStore},
     swarm,
 };
@@ -181,11 +183,11 @@ pub(crate) struct Env {
     /// How long to wait for a first peer connection when peers are configured.
     pub(crate) discovery_wait: Duration,
     /// When the origin may be used.
-    pub(crate) policy: Arc<crate::policy::SourcePolicy>,
+    pub(crate) policy: Arc<crate::source::policy::SourcePolicy>,
     /// The content-addressed cache, if the node keeps one.
-    pub(crate) cache: Option<Arc<crate::cache::Cache>>,
+    pub(crate) cache: Option<Arc<crate::store::cache::Cache>>,
     /// The download buckets.
-    pub(crate) bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    pub(crate) bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
 }
 
 /// One file to download.
@@ -510,7 +512,7 @@ async fn from_cache(
     let copied = tokio::task::spawn_blocking(move || {
         let src = File::open(&path)?;
         let dst = create_temp(&temp, owner, length)?;
-        let reflinked = crate::cache::clone_or_copy(&src, &dst, length)?;
+        let reflinked = crate::store::cache::clone_or_copy(&src, &dst, length)?;
         dst.sync_data()?;
         let f = open_temp(&temp, owner, false)?;
         let identity = FileIdentity::of(&f)?;
@@ -535,7 +537,7 @@ async fn from_cache(
         // Cancel or Complete ran meanwhile: leave no file behind.
         let (temp, owner) = (task.temp.clone(), task.owner);
         let _ = tokio::task::spawn_blocking(move || {
-            crate::fsuser::as_owner(owner, || std::fs::remove_file(&temp))
+            crate::store::fsuser::as_owner(owner, || std::fs::remove_file(&temp))
         })
         .await;
         return None;
@@ -594,10 +596,11 @@ async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
     let (temp, owner, layer, sha256) = (task.temp.clone(), task.owner, d.layer.clone(), d.sha256);
     let any_size = task.cache_any_size;
     let r = tokio::task::spawn_blocking(move || {
-        let f = open_temp(&temp, owner, false).map_err(|e| crate::cache::CacheError::Io {
-            path: temp.clone(),
-            source: e,
-        })?;
+        let f =
+            open_temp(&temp, owner, false).map_err(|e| crate::store::cache::CacheError::Io {
+                path: temp.clone(),
+                source: e,
+            })?;
         cache.admit(&layer, Some(sha256), &f, any_size)
     })
     .await;
@@ -1130,10 +1133,10 @@ fn sha_in_order(
 
 /// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
 /// its place) is removed, and the new one is created exclusively, never through a symlink,
-/// with the owner's usual mode ([`crate::fsuser::file_mode`]).
+/// with the owner's usual mode ([`crate::store::fsuser::file_mode`]).
 fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    crate::fsuser::as_owner(owner, || {
+    crate::store::fsuser::as_owner(owner, || {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1148,7 +1151,7 @@ fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<
             .open(path)?;
         // The owner's usual mode, whatever the daemon's umask.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
-            crate::fsuser::file_mode(owner),
+            crate::store::fsuser::file_mode(owner),
         ))?;
         file.set_len(length)?;
         Ok(file)
@@ -1158,7 +1161,7 @@ fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<
 /// Opens the temporary file of an earlier run, as the job's owner, never through a symlink.
 fn open_temp(path: &Path, owner: Option<u32>, write: bool) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    crate::fsuser::as_owner(owner, || {
+    crate::store::fsuser::as_owner(owner, || {
         OpenOptions::new()
             .read(true)
             .write(write)
@@ -1755,7 +1758,7 @@ async fn attempt(
         sched.set_seed(u64::from(origin_start(me, id, u32::MAX)));
         sched.set_me(me);
         if use_peers {
-            // Swarm members (`crate::members`): have answers now state this node as one.
+            // Swarm members (`crate::download::members`): have answers now state this node as one.
             env.store.join_members(*id, me, Instant::now());
             membership = Some(Membership {
                 store: env.store.clone(),

@@ -37,11 +37,11 @@ use thiserror::Error;
 
 use crate::timestamp::{from_ms, to_ms};
 use crate::{
-    fsuser::LocalIds,
     job::{
         ByteRange, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats,
         Priority, State,
     },
+    store::fsuser::LocalIds,
 };
 
 /// The value of `meta/format` this code writes and reads.
@@ -218,7 +218,7 @@ impl StateStore {
                 .create(dir)
                 .map_err(|e| open_err(redb::Error::Io(e)))?;
         }
-        crate::fsuser::check_private_dir(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
+        crate::store::fsuser::check_private_dir(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
         let fresh = !path.exists();
         // The integrity check reads the whole file: state databases are small, and a file
         // damaged while the daemon was down is reported instead of trusted.
@@ -822,7 +822,7 @@ mod tests {
     fn local_ids(i: usize) -> LocalIds {
         LocalIds {
             dir: Some((8, 100 + i as u64)),
-            verified: Some(crate::fsuser::FileIdentity {
+            verified: Some(crate::store::fsuser::FileIdentity {
                 dev: 8,
                 ino: 200 + i as u64,
                 len: 1234,

@@ -18,6 +18,11 @@
 //! Entries live in memory. At start the cache (the `cache` module) registers its files again, and
 //! restored jobs their temporary files as they resume.
 
+pub mod cache;
+pub mod fill;
+pub(crate) mod fsuser;
+pub mod state;
+
 use std::{
     collections::HashMap,
     fs::File,
@@ -35,8 +40,8 @@ use shoal_protocol::{Bitfield, HaveKey, Holding, LayerResponse, PieceIndex};
 use shoal_validator::{ChainingValue, ContentId, PieceLayer, Sha256Digest};
 
 use crate::{
-    fsuser::{FileIdentity, as_owner, open_regular},
-    members::MemberView,
+    download::members::MemberView,
+    store::fsuser::{FileIdentity, as_owner, open_regular},
 };
 
 /// Where an entry's bytes are read from to serve a peer.

@@ -383,10 +383,10 @@ impl Scheduler {
     }
 
     /// Sets the swarm members that share out the pieces needing the origin: each with its
-    /// seed (`crate::members::fetcher_seed`), this node among them when it uses the origin.
+    /// seed (`crate::download::members::fetcher_seed`), this node among them when it uses the origin.
     /// With two or more (or only others), the pieces are cut into blocks of [`SHARE_BLOCK`]
     /// and each block goes to one fetcher by rendezvous hashing
-    /// (`crate::members::assign`); a block of another fetcher is awaited, not fetched,
+    /// (`crate::download::members::assign`); a block of another fetcher is awaited, not fetched,
     /// unless no piece arrived for [`Config::coming_patience`] (the shares lapse) or the piece
     /// failed from peers. Every node that knows the same fetchers computes the same shares,
     /// whether or not they are its neighbours. Unchanged fetchers change nothing.
@@ -423,7 +423,7 @@ impl Scheduler {
         let block = SHARE_BLOCK;
         let blocks = (self.pieces.len() as u32).div_ceil(block);
         let seeds: Vec<u64> = fetchers.iter().map(|(_, s)| *s).collect();
-        let owners = crate::members::assign(&seeds, blocks);
+        let owners = crate::download::members::assign(&seeds, blocks);
         let me = self.fetchers.iter().position(|p| Some(*p) == self.me);
         let mine = owners
             .iter()
@@ -1668,7 +1668,7 @@ mod tests {
             let mut f = vec![me, other];
             f.sort_unstable();
             f.into_iter()
-                .map(|p| (p, crate::members::fetcher_seed(&p, &content)))
+                .map(|p| (p, crate::download::members::fetcher_seed(&p, &content)))
                 .collect()
         };
         // 20 blocks of 8 pieces; `other` is not a neighbour (never answered a have query).
@@ -1678,7 +1678,7 @@ mod tests {
         s.set_fetchers(&fetchers, now);
         let seeds: Vec<u64> = fetchers.iter().map(|f| f.1).collect();
         let me_at = fetchers.iter().position(|f| f.0 == me).unwrap() as u16;
-        let mine: Vec<u32> = crate::members::assign(&seeds, 20)
+        let mine: Vec<u32> = crate::download::members::assign(&seeds, 20)
             .iter()
             .enumerate()
             .filter(|(_, o)| **o == me_at)

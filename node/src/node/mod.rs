@@ -1,5 +1,9 @@
 //! [`Node`]: the embeddable node, with its builder and the BITS-style job API.
 
+pub mod diagnose;
+pub(crate) mod metrics;
+pub mod stats;
+
 use std::{
     collections::{HashMap, HashSet},
     path::{Component, Path, PathBuf},
@@ -18,21 +22,21 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::{
     Error,
+    download::scheduler,
     download::{self, Bans, Durable, Env, Failure, FileTask, Update},
     events::{Callback, Event, TransferredFile},
-    fsuser::{LocalIds, RenameError},
-    group::{Group, PeerMode},
+    job::slots::Slots,
     job::{
         ByteRange, ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo,
         JobProperties, PeerStats, Priority, State, Transition, next_state,
     },
-    origin,
-    persist::ResumePoint,
-    persist::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
-    scheduler,
-    slots::Slots,
+    source::origin,
+    store::fsuser::{LocalIds, RenameError},
+    store::state::ResumePoint,
+    store::state::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
     store::{Backing, ContentStore},
     swarm,
+    swarm::group::{Group, PeerMode},
 };
 
 /// The state database's record of this month's uploads.
@@ -57,11 +61,11 @@ pub struct Builder {
     scheduler: scheduler::Config,
     retry_delay: Option<Duration>,
     discovery_wait: Option<Duration>,
-    policy: crate::policy::SourcePolicy,
+    policy: crate::source::policy::SourcePolicy,
     metrics: Option<std::net::SocketAddr>,
-    cache: Option<crate::cache::CacheConfig>,
-    cache_node_role: Option<crate::fill::CacheNodeRole>,
-    bandwidth: crate::bandwidth::BandwidthLimits,
+    cache: Option<crate::store::cache::CacheConfig>,
+    cache_node_role: Option<crate::store::fill::CacheNodeRole>,
+    bandwidth: crate::source::bandwidth::BandwidthLimits,
     keypair: Option<identity::Keypair>,
     state_dir: Option<PathBuf>,
     callbacks: Option<CallbackFactory>,
@@ -187,7 +191,7 @@ impl Builder {
     /// The source policy: per priority, how long downloads wait for peers before they use the
     /// origin, and whether the origin is used at all (default: at once, yes).
     #[must_use]
-    pub fn source_policy(mut self, policy: crate::policy::SourcePolicy) -> Self {
+    pub fn source_policy(mut self, policy: crate::source::policy::SourcePolicy) -> Self {
         self.policy = policy;
         self
     }
@@ -201,30 +205,30 @@ impl Builder {
         self
     }
 
-    /// Keeps a content-addressed cache of verified files (see [`crate::cache`]): downloaded
+    /// Keeps a content-addressed cache of verified files (see [`crate::store::cache`]): downloaded
     /// files are cloned into it and served from it, later jobs of the same content are filled
     /// from it, and it is trimmed to `config`'s limits. Without a directory in `config`, the
     /// cache is `cache` in the state directory ([`Builder::state_dir`]), and building fails
     /// without one. Default: no cache.
     #[must_use]
-    pub fn cache(mut self, config: crate::cache::CacheConfig) -> Self {
+    pub fn cache(mut self, config: crate::store::cache::CacheConfig) -> Self {
         self.cache = Some(config);
         self
     }
 
-    /// Bandwidth limits (see [`crate::bandwidth`]; default: none), changeable later with
+    /// Bandwidth limits (see [`crate::source::bandwidth`]; default: none), changeable later with
     /// [`Node::set_bandwidth`].
     #[must_use]
-    pub fn bandwidth(mut self, limits: crate::bandwidth::BandwidthLimits) -> Self {
+    pub fn bandwidth(mut self, limits: crate::source::bandwidth::BandwidthLimits) -> Self {
         self.bandwidth = limits;
         self
     }
 
-    /// Makes the node a cache node (see [`crate::fill`]): a peer's have request carrying an
+    /// Makes the node a cache node (see [`crate::store::fill`]): a peer's have request carrying an
     /// origin URL under `role.origins`, for content the node lacks, makes it fetch the content
     /// into its cache and serve it. Needs [`Builder::cache`]; building fails without it.
     #[must_use]
-    pub fn cache_node_role(mut self, role: crate::fill::CacheNodeRole) -> Self {
+    pub fn cache_node_role(mut self, role: crate::store::fill::CacheNodeRole) -> Self {
         self.cache_node_role = Some(role);
         self
     }
@@ -249,7 +253,7 @@ impl Builder {
     /// Keeps jobs in a state database under `dir` (created with mode 0700), so they survive
     /// restarts and crashes: at build the node reloads every job, checks the pieces its
     /// temporary files hold, and resumes the jobs that were active. The node's identity is
-    /// kept there too, unless [`Builder::keypair`] gives one. See [`crate::persist`].
+    /// kept there too, unless [`Builder::keypair`] gives one. See [`crate::store::state`].
     #[must_use]
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
@@ -305,11 +309,11 @@ impl Builder {
                     .dir
                     .clone()
                     .or_else(|| self.state_dir.as_ref().map(|d| d.join("cache")))
-                    .ok_or(crate::cache::CacheError::NoDir)?;
+                    .ok_or(crate::store::cache::CacheError::NoDir)?;
                 let store = store.clone();
                 Some(Arc::new(
                     tokio::task::spawn_blocking(move || {
-                        crate::cache::Cache::open(dir, config, store)
+                        crate::store::cache::Cache::open(dir, config, store)
                     })
                     .await
                     .map_err(|e| Error::Swarm(e.to_string()))??,
@@ -337,7 +341,7 @@ impl Builder {
             (None, None) => identity::Keypair::generate_ed25519(),
         };
         if self.cache_node_role.is_some() && cache.is_none() {
-            return Err(crate::cache::CacheError::NoCache.into());
+            return Err(crate::store::cache::CacheError::NoCache.into());
         }
         let has_peers = self.swarm.mode.uses_peers()
             && (!self.swarm.peers.is_empty()
@@ -360,7 +364,10 @@ impl Builder {
                 let (m, b) = text.split_once(' ')?;
                 Some((m.to_owned(), b.parse().ok()?))
             });
-        let bandwidth = Arc::new(crate::bandwidth::Bandwidth::new(self.bandwidth, month));
+        let bandwidth = Arc::new(crate::source::bandwidth::Bandwidth::new(
+            self.bandwidth,
+            month,
+        ));
         let (fill_tx, fill_rx) = match self.cache_node_role {
             Some(_) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(FILL_QUEUE);
@@ -417,9 +424,13 @@ impl Builder {
         };
         tokio::spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
         if let (Some(addr), Some(registry)) = (self.metrics, registry) {
-            let bound =
-                crate::metrics::serve(node.clone(), registry, addr, node.inner.shutdown.clone())
-                    .await?;
+            let bound = crate::node::metrics::serve(
+                node.clone(),
+                registry,
+                addr,
+                node.inner.shutdown.clone(),
+            )
+            .await?;
             *node
                 .inner
                 .metrics_addr
@@ -430,7 +441,7 @@ impl Builder {
         node.spawn_cache_sweeper();
         node.spawn_upload_month_keeper();
         if let (Some(role), Some(rx)) = (self.cache_node_role, fill_rx) {
-            tokio::spawn(crate::fill::run(
+            tokio::spawn(crate::store::fill::run(
                 node.clone(),
                 role,
                 rx,
@@ -521,7 +532,7 @@ const RETIRED_JOBS: usize = 256;
 /// The most bytes (estimated from their strings) those final jobs may take together.
 const RETIRED_BYTES: usize = 16 << 20;
 
-/// The atomics behind [`crate::stats::NodeStats`].
+/// The atomics behind [`crate::node::stats::NodeStats`].
 #[derive(Debug, Default)]
 struct Counters {
     origin: AtomicU64,
@@ -695,9 +706,9 @@ impl Node {
     /// Node-wide figures since the node started: bytes by source, bytes uploaded, pieces
     /// rejected, peers banned (Delivery Optimization's performance snapshot).
     #[must_use]
-    pub fn stats(&self) -> crate::stats::NodeStats {
+    pub fn stats(&self) -> crate::node::stats::NodeStats {
         let c = &self.inner.counters;
-        crate::stats::NodeStats {
+        crate::node::stats::NodeStats {
             bytes_from_origin: c.origin.load(Relaxed),
             bytes_from_lan_peers: c.lan.load(Relaxed),
             bytes_from_group_peers: c.group.load(Relaxed),
@@ -711,14 +722,14 @@ impl Node {
 
     /// The bandwidth limits and this month's uploads.
     #[must_use]
-    pub fn bandwidth(&self) -> crate::bandwidth::BandwidthStatus {
+    pub fn bandwidth(&self) -> crate::source::bandwidth::BandwidthStatus {
         self.inner.env.bandwidth.status()
     }
 
     /// Replaces the bandwidth limits while the node runs (they last until it stops; the
     /// configuration gives those of the next start). Transfers waiting on an old limit finish
     /// that wait, at most one second's worth of it.
-    pub fn set_bandwidth(&self, limits: crate::bandwidth::BandwidthLimits) {
+    pub fn set_bandwidth(&self, limits: crate::source::bandwidth::BandwidthLimits) {
         info!(?limits, "bandwidth limits changed");
         self.inner.env.bandwidth.set(limits);
     }
@@ -773,7 +784,7 @@ impl Node {
 
     /// The cached files, most recently used first (empty without a cache).
     #[must_use]
-    pub fn cache_items(&self) -> Vec<crate::cache::CacheItem> {
+    pub fn cache_items(&self) -> Vec<crate::store::cache::CacheItem> {
         self.inner
             .env
             .cache
@@ -782,9 +793,9 @@ impl Node {
             .unwrap_or_default()
     }
 
-    fn cache(&self) -> Result<Arc<crate::cache::Cache>, Error> {
+    fn cache(&self) -> Result<Arc<crate::store::cache::Cache>, Error> {
         self.inner.env.cache.clone().ok_or_else(|| {
-            crate::cache::CacheError::Unknown("cache: the node keeps none".into()).into()
+            crate::store::cache::CacheError::Unknown("cache: the node keeps none".into()).into()
         })
     }
 
@@ -851,7 +862,7 @@ impl Node {
         keys
     }
 
-    /// Sweeps the cache every [`crate::cache::SWEEP_INTERVAL`] and after a file entered it.
+    /// Sweeps the cache every [`crate::store::cache::SWEEP_INTERVAL`] and after a file entered it.
     fn spawn_cache_sweeper(&self) {
         let Some(cache) = self.inner.env.cache.clone() else {
             return;
@@ -862,7 +873,7 @@ impl Node {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(crate::cache::SWEEP_INTERVAL) => {}
+                    () = tokio::time::sleep(crate::store::cache::SWEEP_INTERVAL) => {}
                     () = cache.woken() => {}
                 }
                 if let Err(e) = node.cache_sweep().await {
@@ -924,7 +935,7 @@ impl Node {
         let path = path.as_ref().to_owned();
         let p = path.clone();
         let (digests, backing) = tokio::task::spawn_blocking(move || {
-            let file = crate::fsuser::open_regular(&p, None)?;
+            let file = crate::store::fsuser::open_regular(&p, None)?;
             let backing = Backing::named(&file, None)?;
             let len = file.metadata()?.len();
             shoal_validator::hash_reader(std::io::BufReader::new(file), len)
@@ -1100,8 +1111,9 @@ impl Node {
                 let ids = s.files[i].file.local;
                 // Only the owner's view of the path, and no open: nothing a user put there
                 // (a FIFO, a symlink) can block or mislead the start.
-                let there =
-                    |p: &Path| crate::fsuser::as_owner(owner, || std::fs::symlink_metadata(p)).ok();
+                let there = |p: &Path| {
+                    crate::store::fsuser::as_owner(owner, || std::fs::symlink_metadata(p)).ok()
+                };
                 if done && there(&f.temp_name).is_none() {
                     // Complete renamed it just before the stop, before it could record that.
                     if renamed_already(there(&f.local_name), &ids) {
@@ -1265,10 +1277,10 @@ impl Node {
         let slot = self.job(job)?;
         let owner = lock(&slot).info.owner;
         // As the owner sees it: the daemon tells a user nothing of paths the user may not see.
-        let dir = crate::fsuser::as_owner(owner, || {
+        let dir = crate::store::fsuser::as_owner(owner, || {
             check_local_name(&spec.local_name).map_err(std::io::Error::other)?;
-            let dir = crate::fsuser::dir_identity(&spec.local_name)?;
-            crate::fsuser::may_create_in(&spec.local_name)?;
+            let dir = crate::store::fsuser::dir_identity(&spec.local_name)?;
+            crate::store::fsuser::may_create_in(&spec.local_name)?;
             Ok(dir)
         })
         .map_err(|e| {
@@ -1447,7 +1459,7 @@ impl Node {
         if let Some(id) = &f.content_id {
             self.inner.env.store.remove_at(id, &f.temp_name);
         }
-        let _ = crate::fsuser::as_owner(owner, || std::fs::remove_file(&f.temp_name));
+        let _ = crate::store::fsuser::as_owner(owner, || std::fs::remove_file(&f.temp_name));
     }
 
     /// Ends a job (BITS `Complete`): renames each transferred and validated file's temporary
@@ -1496,8 +1508,8 @@ impl Node {
                 .map_err(std::io::Error::other)?;
                 Ok(d.content_id() == id && f.sha256.is_none_or(|s| s == d.sha256))
             };
-            let renamed = crate::fsuser::as_owner(rec.info.owner, || {
-                Ok(crate::fsuser::rename_verified(
+            let renamed = crate::store::fsuser::as_owner(rec.info.owner, || {
+                Ok(crate::store::fsuser::rename_verified(
                     &f.temp_name,
                     &f.local_name,
                     &ids,

@@ -21,7 +21,7 @@ pub struct NodeStats {
     /// Bans of a peer for a content.
     pub peers_banned: u64,
     /// How full the cache is (DO's CacheSizeBytes), if the node keeps one.
-    pub cache: Option<crate::cache::CacheUsage>,
+    pub cache: Option<crate::store::cache::CacheUsage>,
 }
 
 impl NodeStats {

@@ -5,6 +5,8 @@
 //! Complete) and `BG_JOB_STATE`; see `docs/jobs.md` for the full table and the choices made
 //! where BITS is silent.
 
+pub(crate) mod slots;
+
 use std::{
     fmt,
     path::PathBuf,

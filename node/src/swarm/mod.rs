@@ -6,6 +6,10 @@
 //! tasks (disk reads never run on the loop), at most [`Config::max_concurrent_uploads`] at once;
 //! beyond that a piece request is answered Busy.
 
+pub(crate) mod dialscope;
+pub mod group;
+pub(crate) mod tls;
+
 use std::{
     collections::{HashMap, HashSet},
     io,
@@ -34,11 +38,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dialscope::{DialScopes, ScopedDial};
+use crate::swarm::dialscope::{DialScopes, ScopedDial};
 use crate::{
     Error,
-    group::{Group, PUBLIC_DHT_PROTOCOL, PeerMode},
     store::ContentStore,
+    swarm::group::{Group, PUBLIC_DHT_PROTOCOL, PeerMode},
 };
 
 /// Capacity of the command channel into the event loop.
@@ -193,7 +197,7 @@ mod behaviour {
         AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle,
         identify, kad, mdns, ping,
     };
-    use crate::dialscope::ScopedDial;
+    use crate::swarm::dialscope::ScopedDial;
 
     /// Shoal's network behaviour: identify, ping, optional mDNS, the optional Kademlia DHT,
     /// and the three peer protocols. The addresses identify, mDNS and Kademlia offer for an
@@ -818,7 +822,7 @@ pub(crate) fn is_tcp(addr: &Multiaddr) -> bool {
 /// Whether a peer's address is on this host or a private network (RFC 1918, RFC 4193,
 /// link-local): a peer there counts as a LAN peer.
 fn is_local(addr: &Multiaddr) -> bool {
-    use crate::dialscope::{Scope, scope_of};
+    use crate::swarm::dialscope::{Scope, scope_of};
     matches!(
         scope_of(addr),
         Scope::Loopback | Scope::Private | Scope::LinkLocal
@@ -899,7 +903,7 @@ pub(crate) async fn spawn(
     store: Arc<ContentStore>,
     registry: Option<&mut prometheus_client::registry::Registry>,
     fills: Option<mpsc::Sender<FillRequest>>,
-    bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
     shutdown: CancellationToken,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
     let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
@@ -1012,7 +1016,7 @@ pub(crate) async fn spawn(
             .with_tcp(
                 tcp_config,
                 // TLS with AES-GCM first (see `tls`); noise for peers that only speak noise.
-                (crate::tls::Config::new, noise::Config::new),
+                (crate::swarm::tls::Config::new, noise::Config::new),
                 yamux::Config::default,
             )
             .map_err(|e| swarm_err(&e))?
@@ -1184,7 +1188,7 @@ struct EventLoop {
     /// A cache node's fill task: have requests with an origin URL for content not held.
     fills: Option<mpsc::Sender<FillRequest>>,
     /// The upload bucket and the monthly upload cap.
-    bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
     dht_protocol: String,
 }
 
@@ -1510,7 +1514,10 @@ impl EventLoop {
                     for addr in info
                         .listen_addrs
                         .into_iter()
-                        .filter(|a| crate::dialscope::scope_of(a) != crate::dialscope::Scope::Never)
+                        .filter(|a| {
+                            crate::swarm::dialscope::scope_of(a)
+                                != crate::swarm::dialscope::Scope::Never
+                        })
                         .take(MAX_STATED_ADDRESSES)
                     {
                         kad.add_address(&peer_id, addr);
@@ -1695,7 +1702,7 @@ impl EventLoop {
     }
 }
 
-/// The deepest pipeline a leecher keeps with one peer ([`crate::scheduler::Config`]'s
+/// The deepest pipeline a leecher keeps with one peer ([`crate::download::scheduler::Config`]'s
 /// default `max_per_peer`): the most piece requests of one peer served at once.
 pub const MAX_UPLOADS_PER_PEER: usize = 16;
 

@@ -14,8 +14,8 @@ use shoal_protocol::HaveKey;
 use crate::{
     Error, Node,
     download::BanKey,
-    group::PeerMode,
     job::{JobId, JobInfo},
+    swarm::group::PeerMode,
     swarm::{DhtStatus, PeerSource},
 };
 
@@ -64,7 +64,7 @@ pub struct FileDiagnosis {
     pub bytes_from_origin: u64,
     /// Whether this node's cache holds the file's content (a job of it is filled from there).
     pub in_cache: bool,
-    /// This node's view of the swarm members of the file's content (`crate::members`), while
+    /// This node's view of the swarm members of the file's content (`crate::download::members`), while
     /// a download of it runs or the content is held; `None` otherwise.
     pub members: Option<SwarmMembers>,
 }

@@ -67,7 +67,7 @@ impl CacheNodeRole {
     /// `https://a.example@evil.net/`). With no origin configured, nothing.
     pub(crate) fn allows(&self, url: &url::Url) -> bool {
         if !matches!(url.scheme(), "http" | "https")
-            || crate::origin::has_secrets(url)
+            || crate::source::origin::has_secrets(url)
             || url.host_str().is_none()
         {
             return false;
@@ -138,7 +138,7 @@ pub(crate) async fn run(
     // Fills follow redirects only within the configured origins.
     let origin = {
         let role = role.clone();
-        match crate::origin::Client::with_redirect_filter(
+        match crate::source::origin::Client::with_redirect_filter(
             node.env().origin.config().clone(),
             move |u| role.allows(u),
         ) {
@@ -160,7 +160,7 @@ pub(crate) async fn run(
         let url = match url::Url::parse(&req.origin_url) {
             Ok(u) if role.allows(&u) => u,
             Ok(u) => {
-                debug!(peer = %req.peer, url = %crate::origin::redact(&u), "not fetching for a peer: the URL is not under a configured origin");
+                debug!(peer = %req.peer, url = %crate::source::origin::redact(&u), "not fetching for a peer: the URL is not under a configured origin");
                 continue;
             }
             Err(e) => {
@@ -186,7 +186,7 @@ pub(crate) async fn run(
             f.running.insert(req.key);
             *f.per_peer.entry(req.peer).or_default() += 1;
         }
-        info!(peer = %req.peer, key = %req.key, url = %crate::origin::redact(&url), "fetching for a peer (cache node)");
+        info!(peer = %req.peer, key = %req.key, url = %crate::source::origin::redact(&url), "fetching for a peer (cache node)");
         let (node, fills, token) = (node.clone(), fills.clone(), shutdown.child_token());
         let origin = origin.clone();
         tokio::spawn(async move {
@@ -209,7 +209,7 @@ pub(crate) async fn run(
 /// Fetches `key` from `url` (and peers) into the cache; true when it is cached.
 async fn fill(
     node: &Node,
-    origin: &crate::origin::Client,
+    origin: &crate::source::origin::Client,
     key: HaveKey,
     url: url::Url,
     cancel: &CancellationToken,
@@ -225,12 +225,12 @@ async fn fill(
         Ok(r) => {
             let usage = cache.usage();
             if r.length > usage.limit.saturating_sub(usage.pinned_bytes) {
-                info!(url = %crate::origin::redact(&url), length = r.length, "not fetching for a peer: the file does not fit the cache");
+                info!(url = %crate::source::origin::redact(&url), length = r.length, "not fetching for a peer: the file does not fit the cache");
                 return false;
             }
         }
         Err(e) => {
-            warn!(url = %crate::origin::redact(&url), "not fetching for a peer: {e}");
+            warn!(url = %crate::source::origin::redact(&url), "not fetching for a peer: {e}");
             return false;
         }
     }
@@ -281,14 +281,14 @@ async fn fill(
             // Served from the cache's copy now, if it was admitted; else from nowhere.
             let admitted = cache.items().iter().any(|i| i.path == at_cache);
             if !admitted {
-                warn!(url = %crate::origin::redact(&url), "the fetched file does not fit the cache; it is not kept");
+                warn!(url = %crate::source::origin::redact(&url), "the fetched file does not fit the cache; it is not kept");
             } else {
-                info!(url = %crate::origin::redact(&url), id = %d.content_id, "fetched for peers and cached");
+                info!(url = %crate::source::origin::redact(&url), id = %d.content_id, "fetched for peers and cached");
             }
             admitted
         }
         Err(e) => {
-            warn!(url = %crate::origin::redact(&url), key = %key, "fetching for a peer failed: {e:?}");
+            warn!(url = %crate::source::origin::redact(&url), key = %key, "fetching for a peer failed: {e:?}");
             false
         }
     };
