@@ -4,6 +4,14 @@
 //! them all. An unknown key, a value of the wrong type or a bad multiaddr is a
 //! [`ConfigError`] naming the file and the key; the node does not start with it.
 
+pub use crate::download::scheduler::Config as SchedulerConfig;
+pub use crate::source::bandwidth::BandwidthLimits;
+pub use crate::source::origin::Config as OriginConfig;
+pub use crate::source::policy::SourcePolicy;
+pub use crate::store::cache::CacheConfig;
+pub use crate::store::fill::CacheNodeRole;
+pub use crate::swarm::group::{Group, PeerMode};
+
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -15,13 +23,7 @@ use serde::Deserialize;
 
 use shoal_validator::ValidationState;
 
-use crate::{
-    Builder,
-    daemon::DaemonConfig,
-    download::scheduler,
-    source::origin,
-    swarm::group::{Group, PeerMode},
-};
+use crate::{Builder, daemon::DaemonConfig, download::scheduler, source::origin};
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,29 @@
+#![warn(unnameable_types)]
 //! The Shoal node: a peer-to-peer delivery-optimization node after Windows BITS and Delivery
 //! Optimization.
 //!
 //! A [`Node`] runs download jobs ([`job`]): each file is fetched in pieces from peers over
-//! libp2p ([`swarm`]) and from its origin over HTTP ([`origin`]), every piece verified against a
-//! BLAKE3 piece layer (`shoal_validator`), and a file reaches its local name only when the caller
-//! completes the job ([`Node::complete`]). The node serves the verified pieces it holds to other
-//! peers ([`store`]).
+//! libp2p and from its origin over HTTP, every piece verified against a BLAKE3 piece layer
+//! (`shoal_validator`), and a file reaches its local name only when the caller completes the
+//! job ([`Node::complete`]). The node serves the verified pieces it holds to other peers.
+//!
+//! # The API
+//!
+//! What an embedding update agent needs, and nothing else:
+//! - [`Node`] and its [`Builder`]; the settings the builder takes are in [`config`], which
+//!   also reads the TOML configuration file;
+//! - the job types ([`job`]: [`JobId`], [`FileSpec`], [`JobInfo`], [`State`], errors) and the
+//!   BITS operations on `Node` (create, add files, resume, suspend, cancel, complete);
+//! - [`events`]: the per-job [`Callback`] (BITS `IBackgroundCopyCallback`) and broadcast
+//!   [`Event`]s;
+//! - [`Error`], and the status types `Node`'s getters return ([`NodeStats`], [`Diagnosis`],
+//!   [`CacheUsage`], [`BandwidthStatus`], ...);
+//! - [`daemon`]: the multi-user daemon and its gRPC control API, for the `shoal` binary and
+//!   for agents that run the daemon in-process; [`wire`]: the peer protocols' codec, for tools
+//!   that speak them.
+//!
+//! Everything else (the scheduler, the swarm, the stores) is internal; `docs/ARCHITECTURE.md`
+//! maps it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), shoal_node::Error> {
@@ -29,9 +47,9 @@ mod error;
 pub mod events;
 pub mod job;
 mod node;
-pub mod source;
-pub mod store;
-pub mod swarm;
+pub(crate) mod source;
+pub(crate) mod store;
+pub(crate) mod swarm;
 mod timestamp;
 
 pub use error::Error;
@@ -43,10 +61,16 @@ pub use node::{Builder, CallbackFactory, Node};
 pub use shoal_protocol::HaveKey;
 pub use shoal_validator::{ContentId, Expected, Sha256Digest, ValidationState};
 
-// Paths of the layout before issue 12, kept while callers move.
-pub use daemon::control;
-pub use download::{members, scheduler};
-pub use node::{diagnose, stats};
-pub use source::{bandwidth, origin, policy};
-pub use store::{cache, fill, state as persist};
-pub use swarm::group;
+pub use node::diagnose::{Diagnosis, FileDiagnosis, PeerAnswer, SwarmMembers};
+pub use source::bandwidth::BandwidthStatus;
+pub use store::cache::{CacheError, CacheItem, CacheUsage};
+pub use store::state::PersistError;
+pub use swarm::group::GroupError;
+pub use swarm::{DhtStatus, PeerSource, UploadStats};
+
+/// Shoal's peer protocols on the wire, for tools that speak them (the hostile-input kit in
+/// `tests/`): the libp2p request-response codec over `shoal-protocol`'s messages, with each
+/// message type's size limit.
+pub mod wire {
+    pub use crate::swarm::Codec;
+}

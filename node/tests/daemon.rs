@@ -20,7 +20,7 @@ use std::{
 };
 
 use sha2::Digest as _;
-use shoal_node::control::{self as pb, control_client::ControlClient};
+use shoal_node::daemon::control::{self as pb, control_client::ControlClient};
 use shoal_tests::{TestOrigin, content, test_node};
 use tonic::transport::Channel;
 

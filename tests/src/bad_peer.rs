@@ -1,4 +1,4 @@
-//! [`BadPeer`]: a hostile peer built on Shoal's public wire codecs (`shoal_node::swarm::Codec`
+//! [`BadPeer`]: a hostile peer built on Shoal's public wire codecs (`shoal_node::wire::Codec`
 //! over `shoal_protocol`'s messages), for the tests of what one remote peer can and cannot do
 //! to a node (`docs/security.md`). It is a libp2p swarm of its own (TCP, noise, yamux) that
 //! speaks the have, layer, piece and announce protocols and misbehaves as its
@@ -21,7 +21,7 @@ use libp2p::{
     swarm::{NetworkBehaviour, SwarmEvent},
     tcp, yamux,
 };
-use shoal_node::swarm::Codec;
+use shoal_node::wire::Codec;
 use shoal_protocol::{
     Ack, Bitfield, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
     Member, PieceRequest, PieceResponse,

@@ -23,7 +23,10 @@ use axum::{
 };
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_node::{Node, origin, scheduler};
+use shoal_node::{
+    Node,
+    config::{OriginConfig, SchedulerConfig},
+};
 
 pub mod bad_peer;
 pub mod demo;
@@ -301,15 +304,15 @@ pub async fn test_builder(peers: &[Node]) -> shoal_node::Builder {
         ])
         .mdns(false)
         .retry_delay(Duration::from_millis(200))
-        .origin(origin::Config {
+        .origin(OriginConfig {
             retries: 3,
             backoff: Duration::from_millis(20),
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(5),
         })
-        .scheduler(scheduler::Config {
+        .scheduler(SchedulerConfig {
             peer_backoff: Duration::from_millis(50),
-            ..scheduler::Config::default()
+            ..SchedulerConfig::default()
         });
     for p in peers {
         for a in p.listen_addrs().await {
@@ -388,7 +391,10 @@ impl TestDaemon {
                 .connect()
                 .await
                 .expect("connect to the daemon");
-        shoal_node::control::control_client::ControlClient::with_interceptor(channel, AsUid(uid))
+        shoal_node::daemon::control::control_client::ControlClient::with_interceptor(
+            channel,
+            AsUid(uid),
+        )
     }
 
     /// Stops the daemon and its node.
@@ -405,7 +411,7 @@ impl TestDaemon {
 }
 
 /// A control API client with the `x-test-uid` header.
-pub type Client = shoal_node::control::control_client::ControlClient<
+pub type Client = shoal_node::daemon::control::control_client::ControlClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AsUid>,
 >;
 

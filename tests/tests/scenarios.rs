@@ -12,7 +12,7 @@ use std::{
 
 use futures::future::BoxFuture;
 use sha2::Digest as _;
-use shoal_node::control as pb;
+use shoal_node::daemon::control as pb;
 use shoal_node::{
     Callback, CallbackError, Error, Expected, FileSpec, JobId, JobInfo, Node, Priority, State,
     TransferredFile, ValidationState, job::ErrorContext,
@@ -1442,7 +1442,7 @@ async fn timeouts_fire_no_progress_then_inactivity() {
         .mdns(false)
         .retry_delay(Duration::from_secs(30))
         .inactivity_timeout(Duration::from_secs(3600))
-        .origin(shoal_node::origin::Config {
+        .origin(shoal_node::config::OriginConfig {
             retries: 0,
             backoff: Duration::from_millis(10),
             connect_timeout: Duration::from_secs(1),

@@ -27,17 +27,17 @@ use shoal_protocol::{MAX_MEMBERS, Member};
 /// How long a member's heartbeat may stay the same before the member is taken as gone: 10 s.
 /// Entries reach a node through up to a few relays, each of which includes a given entry in
 /// about every answer while the swarm has at most [`MAX_MEMBERS`] members.
-pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a member that lacks pieces may stay without a new one before it is taken as
 /// stalled (its share goes to the others): 20 s, the scheduler's default patience for pieces
 /// a peer fetches.
-pub const MEMBER_STALL: Duration = Duration::from_secs(20);
+pub(crate) const MEMBER_STALL: Duration = Duration::from_secs(20);
 /// How long an entry that is gone stays known (so that a relayed copy of its last heartbeat
 /// does not bring it back): 60 s.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// How far ahead of this node's clock a relayed heartbeat may be: 10 min (clocks of
 /// machines on one LAN differ by less).
-pub const MAX_SKEW: Duration = Duration::from_secs(600);
+pub(crate) const MAX_SKEW: Duration = Duration::from_secs(600);
 /// The most members one view keeps; further ones are ignored.
 const MAX_KNOWN: usize = 4096;
 
@@ -60,7 +60,7 @@ struct Known {
 
 /// This node's view of the members fetching one content.
 #[derive(Debug, Clone)]
-pub struct MemberView {
+pub(crate) struct MemberView {
     me: PeerId,
     me_bytes: Bytes,
     done: u32,
@@ -76,7 +76,7 @@ pub struct MemberView {
 impl MemberView {
     /// A view holding only this node, `me`, with no piece and not using the origin.
     #[must_use]
-    pub fn new(me: PeerId, now: Instant) -> Self {
+    pub(crate) fn new(me: PeerId, now: Instant) -> Self {
         let base_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -100,7 +100,7 @@ impl MemberView {
 
     /// Sets what this node states of itself: `done` pieces held, and whether it uses the
     /// origin for this content now.
-    pub fn set_self(&mut self, done: u32, origin: bool, now: Instant) {
+    pub(crate) fn set_self(&mut self, done: u32, origin: bool, now: Instant) {
         if origin && !self.origin {
             self.grew_at = now;
         }
@@ -110,7 +110,7 @@ impl MemberView {
 
     /// No download of the content runs here any more: states `done` pieces (what the node
     /// holds and serves) and forgets the other members, which only a download refreshes.
-    pub fn idle(&mut self, done: u32) {
+    pub(crate) fn idle(&mut self, done: u32) {
         self.done = done;
         self.known.clear();
     }
@@ -121,7 +121,7 @@ impl MemberView {
     /// with a higher heartbeat, and one more than [`MAX_SKEW`] ahead of this node's clock is
     /// skipped (so a made-up heartbeat cannot freeze a member's own out for long). Entries of
     /// this node and entries that do not parse are skipped.
-    pub fn merge(&mut self, from: &PeerId, members: &[Member], now: Instant) {
+    pub(crate) fn merge(&mut self, from: &PeerId, members: &[Member], now: Instant) {
         let own_first = members
             .first()
             .is_some_and(|m| m.peer_id.as_ref() == from.to_bytes().as_slice());
@@ -183,7 +183,7 @@ impl MemberView {
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
     /// higher heartbeat than the last one known arrives.
-    pub fn forget(&mut self, peer: &PeerId) {
+    pub(crate) fn forget(&mut self, peer: &PeerId) {
         if let Some(k) = self.known.get_mut(peer) {
             k.gone = true;
         }
@@ -196,7 +196,7 @@ impl MemberView {
     /// The entries to send a peer: this node first, then up to [`MAX_MEMBERS`] − 1 other live
     /// members picked at random (over successive answers, every member is passed on).
     #[must_use]
-    pub fn sample(&self, now: Instant) -> Vec<Member> {
+    pub(crate) fn sample(&self, now: Instant) -> Vec<Member> {
         let mut out = Vec::with_capacity(MAX_MEMBERS.min(self.known.len() + 1));
         out.push(Member {
             peer_id: self.me_bytes.clone(),
@@ -222,7 +222,7 @@ impl MemberView {
     /// relayed entries may be made up), only those this node heard from directly that hold
     /// some piece by now. This node is among them when it uses the origin.
     #[must_use]
-    pub fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
+    pub(crate) fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
         let mut out: Vec<PeerId> = self
             .known
             .iter()
@@ -245,13 +245,13 @@ impl MemberView {
     /// When a member that uses the origin was last learned of (or came back, or this node
     /// started using the origin).
     #[must_use]
-    pub fn grew_at(&self) -> Instant {
+    pub(crate) fn grew_at(&self) -> Instant {
         self.grew_at
     }
 
     /// How many other members are known alive.
     #[must_use]
-    pub fn len_alive(&self, now: Instant) -> usize {
+    pub(crate) fn len_alive(&self, now: Instant) -> usize {
         self.known.values().filter(|k| self.alive(k, now)).count()
     }
 }
@@ -263,7 +263,7 @@ impl MemberView {
 /// wins or held. Returns, per block, the index into `seeds` of its owner; empty when `seeds`
 /// is empty. At most 65 535 fetchers count (indices are `u16`).
 #[must_use]
-pub fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
+pub(crate) fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
     if seeds.is_empty() {
         return Vec::new();
     }
@@ -284,7 +284,7 @@ pub fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
 
 /// A member's seed for [`assign`]: the first 8 bytes of BLAKE3(peer id ‖ content hash).
 #[must_use]
-pub fn fetcher_seed(peer: &PeerId, content: &[u8; 32]) -> u64 {
+pub(crate) fn fetcher_seed(peer: &PeerId, content: &[u8; 32]) -> u64 {
     let h = blake3::hash(&[peer.to_bytes().as_slice(), content].concat());
     let mut b = [0u8; 8];
     b.copy_from_slice(&h.as_bytes()[..8]);

@@ -17,8 +17,8 @@
 //! Memory stays bounded: at most [`scheduler::Config::max_in_flight`] peer pieces plus a few
 //! origin pieces are held at once, whatever the file's size.
 
-pub mod members;
-pub mod scheduler;
+pub(crate) mod members;
+pub(crate) mod scheduler;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -46,7 +46,7 @@ use shoal_protocol::{Bitfield, PieceIndex};
 
 /// Where a piece came from or is being fetched from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     /// A peer.
     Peer(PeerId),
     /// The origin server.
@@ -55,7 +55,7 @@ pub enum Source {
 
 /// Something for the driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Request piece `index` from `peer`.
     Peer {
         /// The peer.
@@ -74,7 +74,7 @@ pub enum Action {
 
 /// What [`Scheduler::on_received`] made of an arriving piece.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Received {
+pub(crate) enum Received {
     /// The first copy: verify it. The requests for the same piece to these peers are
     /// cancelled (the driver drops them).
     First {
@@ -129,17 +129,17 @@ impl Default for Config {
 /// many bytes of pieces (8 pieces of 1 MiB), whatever [`Config::max_per_peer`] allows. It
 /// bounds the memory of pieces in flight (issue 2's 64 MiB for a 1 GiB download) and is far
 /// more than a LAN's bandwidth-delay product.
-pub const PEER_WINDOW_BYTES: u64 = 8 << 20;
+pub(crate) const PEER_WINDOW_BYTES: u64 = 8 << 20;
 /// The most bytes requested from all peers together at a time (16 pieces of 1 MiB).
-pub const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
+pub(crate) const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
 /// The most members that share out the origin for one download: those with the lowest seeds.
 /// Bounds the work of computing the shares (blocks × fetchers) whatever members peers make up.
-pub const MAX_FETCHERS: usize = 256;
+pub(crate) const MAX_FETCHERS: usize = 256;
 
 /// Pieces per block when the swarm's members share out the origin
 /// ([`Scheduler::set_fetchers`]). Every node must cut the same blocks, so this is part of the
 /// protocol, not a setting.
-pub const SHARE_BLOCK: u32 = 8;
+pub(crate) const SHARE_BLOCK: u32 = 8;
 
 /// Pieces of equal rarity are taken a window of this many at a time, from the first missing
 /// piece on, in random order inside the window.
@@ -264,7 +264,7 @@ fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32) {
 
 /// The per-file scheduler.
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     config: Config,
     piece_size: u64,
     pieces: Vec<Piece>,
@@ -327,7 +327,7 @@ struct Shares {
 impl Scheduler {
     /// A scheduler for `piece_count` pieces of `piece_size` bytes, none held yet.
     #[must_use]
-    pub fn new(piece_count: u32, piece_size: u64, config: Config) -> Self {
+    pub(crate) fn new(piece_count: u32, piece_size: u64, config: Config) -> Self {
         let n = piece_count as usize;
         Self {
             config,
@@ -364,7 +364,7 @@ impl Scheduler {
     /// Says whether peers may take part even before any is known (connected peers, a DHT):
     /// origin runs then stay at [`Config::max_origin_run`], so that pieces are left for peers
     /// that show up.
-    pub fn set_swarm(&mut self, swarm: bool) {
+    pub(crate) fn set_swarm(&mut self, swarm: bool) {
         self.swarm = swarm;
     }
 
@@ -372,13 +372,13 @@ impl Scheduler {
     /// run is read from byte 0, so a run is never cut short for the swarm's sake: it takes
     /// every missing piece from its start on, up to the first one fetched or held (an origin
     /// run of a few pieces at a time would cost the square of the file's length in transfer).
-    pub fn set_origin_ranges(&mut self, ranges: bool) {
+    pub(crate) fn set_origin_ranges(&mut self, ranges: bool) {
         self.origin_ranges = ranges;
     }
 
     /// Tells the scheduler this node's peer id: among the peers fetching the same content, each
     /// node takes a different share of the pieces that need the origin, by the rank of its id.
-    pub fn set_me(&mut self, me: PeerId) {
+    pub(crate) fn set_me(&mut self, me: PeerId) {
         self.me = Some(me);
     }
 
@@ -390,7 +390,7 @@ impl Scheduler {
     /// unless no piece arrived for [`Config::coming_patience`] (the shares lapse) or the piece
     /// failed from peers. Every node that knows the same fetchers computes the same shares,
     /// whether or not they are its neighbours. Unchanged fetchers change nothing.
-    pub fn set_fetchers(&mut self, fetchers: &[(PeerId, u64)], now: Instant) {
+    pub(crate) fn set_fetchers(&mut self, fetchers: &[(PeerId, u64)], now: Instant) {
         let mut fetchers: Vec<(PeerId, u64)> = fetchers
             .iter()
             .filter(|(p, _)| !self.excluded.contains(p))
@@ -470,7 +470,7 @@ impl Scheduler {
     /// Whether the shares lapsed at least once in this download (some fetcher's blocks never
     /// came): from then on only members this node heard from itself take shares.
     #[must_use]
-    pub fn has_lapsed(&self) -> bool {
+    pub(crate) fn has_lapsed(&self) -> bool {
         !self.excluded.is_empty()
     }
 
@@ -495,12 +495,12 @@ impl Scheduler {
     }
 
     /// Seeds the random choices (random first pieces, ties between equally rare pieces).
-    pub fn set_seed(&mut self, seed: u64) {
+    pub(crate) fn set_seed(&mut self, seed: u64) {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
     /// Marks piece `index` as already held (verified earlier, from `source`).
-    pub fn set_done(&mut self, index: PieceIndex, source: Source) {
+    pub(crate) fn set_done(&mut self, index: PieceIndex, source: Source) {
         if let Some(p) = self.pieces.get_mut(index as usize) {
             if !matches!(p, Piece::Done(_)) {
                 self.done += 1;
@@ -510,18 +510,18 @@ impl Scheduler {
     }
 
     /// Allows or forbids the origin.
-    pub fn set_origin_allowed(&mut self, allowed: bool) {
+    pub(crate) fn set_origin_allowed(&mut self, allowed: bool) {
         self.origin_allowed = allowed;
     }
 
     /// Keeps the origin unused until `when` (the source policy's wait for peers).
-    pub fn set_origin_not_before(&mut self, when: Option<Instant>) {
+    pub(crate) fn set_origin_not_before(&mut self, when: Option<Instant>) {
         self.origin_not_before = when;
     }
 
     /// Where the first origin run starts (wrapping around): each node of a swarm starting one
     /// job together should pass a different place.
-    pub fn set_origin_start(&mut self, index: PieceIndex) {
+    pub(crate) fn set_origin_start(&mut self, index: PieceIndex) {
         if !self.pieces.is_empty() {
             self.origin_start = index % self.pieces.len() as u32;
         }
@@ -530,7 +530,7 @@ impl Scheduler {
     /// Adds a peer or updates what it holds (`have`), fetches (`fetching`) and claims
     /// (`claimed`: fetched from the origin, servable once the piece layer is verified).
     /// Banned peers and bitfields of another length are ignored.
-    pub fn set_peer(
+    pub(crate) fn set_peer(
         &mut self,
         peer: PeerId,
         have: Bitfield,
@@ -589,7 +589,7 @@ impl Scheduler {
 
     /// Forgets every peer's claims (the piece layer assembled from them failed to verify):
     /// the origin may take those pieces now.
-    pub fn drop_claims(&mut self) {
+    pub(crate) fn drop_claims(&mut self) {
         for p in self.peers.values_mut() {
             p.claimed = Bitfield::new(p.claimed.len());
         }
@@ -598,7 +598,7 @@ impl Scheduler {
 
     /// Forgets `peer` (it left, or stopped answering): what it held, fetched and claimed no
     /// longer counts. Its live requests stay; they end on their own.
-    pub fn remove_peer(&mut self, peer: &PeerId) {
+    pub(crate) fn remove_peer(&mut self, peer: &PeerId) {
         if let Some(old) = self.peers.remove(peer) {
             self.count_peer(&old, -1);
         }
@@ -610,7 +610,7 @@ impl Scheduler {
     }
 
     /// Bans `peer` for this file: no more requests to it.
-    pub fn ban(&mut self, peer: PeerId) {
+    pub(crate) fn ban(&mut self, peer: PeerId) {
         if let Some(old) = self.peers.remove(&peer) {
             self.count_peer(&old, -1);
         }
@@ -632,31 +632,31 @@ impl Scheduler {
 
     /// The peers known for this file (they answered with its content).
     #[must_use]
-    pub fn peer_ids(&self) -> Vec<PeerId> {
+    pub(crate) fn peer_ids(&self) -> Vec<PeerId> {
         self.peers.keys().copied().collect()
     }
 
     /// The peers banned so far.
-    #[must_use]
-    pub fn banned(&self) -> &[PeerId] {
+    #[cfg(test)]
+    fn banned(&self) -> &[PeerId] {
         &self.banned
     }
 
     /// How many pieces are held.
     #[must_use]
-    pub fn done_count(&self) -> u32 {
+    pub(crate) fn done_count(&self) -> u32 {
         self.done
     }
 
     /// True when every piece is held.
     #[must_use]
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.done as usize == self.pieces.len()
     }
 
     /// True when some piece is being fetched.
     #[must_use]
-    pub fn is_busy(&self) -> bool {
+    pub(crate) fn is_busy(&self) -> bool {
         self.origin_busy || self.peer_in_flight > 0
     }
 
@@ -664,7 +664,7 @@ impl Scheduler {
     /// from peers [`Config::peer_attempts`] times), and the origin is forbidden: no source can
     /// supply it.
     #[must_use]
-    pub fn is_stuck(&self) -> bool {
+    pub(crate) fn is_stuck(&self) -> bool {
         !self.origin_allowed
             && !self.is_busy()
             && (0..self.pieces.len()).any(|i| {
@@ -676,18 +676,9 @@ impl Scheduler {
             })
     }
 
-    /// Whether piece `index` came from a peer.
-    #[must_use]
-    pub fn from_peer(&self, index: PieceIndex) -> bool {
-        matches!(
-            self.pieces.get(index as usize),
-            Some(Piece::Done(Source::Peer(_)))
-        )
-    }
-
     /// The pieces in flight now (to any source).
     #[must_use]
-    pub fn in_flight(&self) -> Bitfield {
+    pub(crate) fn in_flight(&self) -> Bitfield {
         let mut b = Bitfield::new(self.pieces.len() as u32);
         for (i, p) in self.pieces.iter().enumerate() {
             if matches!(p, Piece::InFlight(_)) {
@@ -776,7 +767,7 @@ impl Scheduler {
     }
 
     /// The fetches to start now.
-    pub fn next_actions(&mut self, now: Instant) -> Vec<Action> {
+    pub(crate) fn next_actions(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         self.stall_refusers(now);
         if let Some((done, at)) = &mut self.progress
@@ -996,7 +987,7 @@ impl Scheduler {
 
     /// Piece `index` arrived (`bytes` long) from `source`. The first copy goes to verification
     /// and cancels the other requests for it; anything else is [`Received::Late`].
-    pub fn on_received(
+    pub(crate) fn on_received(
         &mut self,
         index: PieceIndex,
         source: Source,
@@ -1042,7 +1033,7 @@ impl Scheduler {
     }
 
     /// Piece `index` from `source` verified and was written.
-    pub fn on_done(&mut self, index: PieceIndex, source: Source) {
+    pub(crate) fn on_done(&mut self, index: PieceIndex, source: Source) {
         if let Source::Peer(peer) = source
             && let Some(p) = self.peers.get_mut(&peer)
         {
@@ -1056,7 +1047,7 @@ impl Scheduler {
     /// NotFound, Busy, a dropped connection): the peer is backed off and loses score, and
     /// the piece returns to the pool unless another request for it is live. A failure of a
     /// request that was cancelled is ignored.
-    pub fn on_failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
+    pub(crate) fn on_failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
         self.failed(index, peer, now, true);
     }
 
@@ -1066,7 +1057,7 @@ impl Scheduler {
     /// after its last piece is stalled: it is asked for nothing more in this download, and
     /// what it holds no longer keeps any piece from the origin (a peer that claims every
     /// piece and never serves cannot hold a download back).
-    pub fn on_busy(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
+    pub(crate) fn on_busy(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
         self.failed(index, peer, now, false);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.refused_since.get_or_insert(now);
@@ -1117,7 +1108,7 @@ impl Scheduler {
 
     /// Piece `index` from `peer` failed verification: the peer is banned and the piece
     /// returns to the pool.
-    pub fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
+    pub(crate) fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
         self.ban(peer);
         if let Some(p) = self.pieces.get_mut(index as usize)
             && *p == Piece::Verifying(Source::Peer(peer))
@@ -1128,7 +1119,7 @@ impl Scheduler {
 
     /// The origin run ended (all its pieces reported, or the stream failed); its pieces still
     /// in flight go to a live peer request for them, or back to the pool.
-    pub fn on_origin_run_end(&mut self) {
+    pub(crate) fn on_origin_run_end(&mut self) {
         self.origin_busy = false;
         for i in 0..self.pieces.len() {
             if self.pieces[i] == Piece::InFlight(Source::Origin) {

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// How long a diagnosis waits for the DHT and for peers' answers, per file.
-pub const DIAGNOSE_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const DIAGNOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// One peer's answer about one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub struct Diagnosis {
 
 impl Node {
     /// Diagnoses `job`: asks the DHT and the peers again, for each file, and explains why it
-    /// does or does not use peers. Takes up to [`DIAGNOSE_WAIT`] per file.
+    /// does or does not use peers. Takes up to 2 s per file.
     ///
     /// # Errors
     /// [`Error::UnknownJob`].

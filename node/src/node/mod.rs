@@ -1,8 +1,8 @@
 //! [`Node`]: the embeddable node, with its builder and the BITS-style job API.
 
-pub mod diagnose;
+pub(crate) mod diagnose;
 pub(crate) mod metrics;
-pub mod stats;
+pub(crate) mod stats;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -205,7 +205,7 @@ impl Builder {
         self
     }
 
-    /// Keeps a content-addressed cache of verified files (see [`crate::store::cache`]): downloaded
+    /// Keeps a content-addressed cache of verified files (`docs/operations.md`, "Cache"): downloaded
     /// files are cloned into it and served from it, later jobs of the same content are filled
     /// from it, and it is trimmed to `config`'s limits. Without a directory in `config`, the
     /// cache is `cache` in the state directory ([`Builder::state_dir`]), and building fails
@@ -216,7 +216,7 @@ impl Builder {
         self
     }
 
-    /// Bandwidth limits (see [`crate::source::bandwidth`]; default: none), changeable later with
+    /// Bandwidth limits (token buckets and the monthly upload cap; default: none), changeable later with
     /// [`Node::set_bandwidth`].
     #[must_use]
     pub fn bandwidth(mut self, limits: crate::source::bandwidth::BandwidthLimits) -> Self {
@@ -224,7 +224,7 @@ impl Builder {
         self
     }
 
-    /// Makes the node a cache node (see [`crate::store::fill`]): a peer's have request carrying an
+    /// Makes the node a cache node: a peer's have request carrying an
     /// origin URL under `role.origins`, for content the node lacks, makes it fetch the content
     /// into its cache and serve it. Needs [`Builder::cache`]; building fails without it.
     #[must_use]
@@ -253,7 +253,7 @@ impl Builder {
     /// Keeps jobs in a state database under `dir` (created with mode 0700), so they survive
     /// restarts and crashes: at build the node reloads every job, checks the pieces its
     /// temporary files hold, and resumes the jobs that were active. The node's identity is
-    /// kept there too, unless [`Builder::keypair`] gives one. See [`crate::store::state`].
+    /// kept there too, unless [`Builder::keypair`] gives one..
     #[must_use]
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
@@ -888,7 +888,7 @@ impl Node {
         self.inner.env.swarm.dht_status().await
     }
 
-    /// Looks up the providers of `key` in the DHT (see [`swarm::Handle::find_providers`]),
+    /// Looks up the providers of `key` in the DHT (dialing each as it is found),
     /// waiting at most `wait`.
     pub async fn find_providers(
         &self,

@@ -46,7 +46,7 @@ impl Default for Config {
 
 /// An origin failure.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum OriginError {
+pub(crate) enum OriginError {
     /// 404 or 410.
     #[error("{} was not found (HTTP {status})", redact(.url))]
     NotFound {
@@ -101,7 +101,7 @@ pub enum OriginError {
 impl OriginError {
     /// True when trying again later may succeed (the job goes to TransientError).
     #[must_use]
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, Self::Unreachable { .. })
     }
 }
@@ -109,7 +109,7 @@ impl OriginError {
 /// `url` as it may be logged or told to others: without user information, and with the query
 /// and fragment (where presigned tokens live) replaced by `?…`.
 #[must_use]
-pub fn redact(url: &Url) -> String {
+pub(crate) fn redact(url: &Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
@@ -126,13 +126,13 @@ pub fn redact(url: &Url) -> String {
 /// Whether `url` carries something secret: user information or a query string (presigned
 /// URLs carry their signature there). Such URLs are never sent to peers or cache nodes.
 #[must_use]
-pub fn has_secrets(url: &Url) -> bool {
+pub(crate) fn has_secrets(url: &Url) -> bool {
     !url.username().is_empty() || url.password().is_some() || url.query().is_some()
 }
 
 /// What the origin told about a resource on first contact.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Remote {
+pub(crate) struct Remote {
     /// The resource's length in bytes.
     pub length: u64,
     /// Whether the server honours `Range`.
@@ -143,7 +143,7 @@ pub struct Remote {
 
 /// The origin HTTP client; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     config: Config,
 }
@@ -164,7 +164,7 @@ impl Client {
     /// # Errors
     /// The `reqwest::Error` when the HTTP client or its TLS stack cannot be built; the node
     /// reports it as [`crate::Error::Origin`].
-    pub fn new(config: Config) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(config: Config) -> Result<Self, reqwest::Error> {
         Self::build(config, reqwest::redirect::Policy::default())
     }
 
@@ -175,7 +175,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::new`].
-    pub fn with_redirect_filter(
+    pub(crate) fn with_redirect_filter(
         config: Config,
         allowed: impl Fn(&Url) -> bool + Send + Sync + 'static,
     ) -> Result<Self, reqwest::Error> {
@@ -206,7 +206,7 @@ impl Client {
 
     /// The settings the client was built with.
     #[must_use]
-    pub fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &Config {
         &self.config
     }
 
@@ -254,7 +254,7 @@ impl Client {
     /// # Errors
     /// Fatal [`OriginError`]s for 4xx, [`OriginError::BadResponse`] without a length, and
     /// [`OriginError::Unreachable`] after the retries.
-    pub async fn probe(&self, url: &Url) -> Result<Remote, OriginError> {
+    pub(crate) async fn probe(&self, url: &Url) -> Result<Remote, OriginError> {
         let mut attempt = 0;
         loop {
             match self.probe_once(url).await? {
@@ -333,7 +333,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::probe`], plus [`OriginError::Changed`] when the content changed.
-    pub async fn fetch<F>(
+    pub(crate) async fn fetch<F>(
         &self,
         url: &Url,
         remote: &Remote,

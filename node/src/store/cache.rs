@@ -53,9 +53,9 @@ use crate::{
 };
 
 /// The directory, in the cache directory, of a cache node's downloads in progress.
-pub const FILLS_DIR: &str = "fills";
+pub(crate) const FILLS_DIR: &str = "fills";
 /// The index's file name in the cache directory.
-pub const INDEX_FILE: &str = "index.redb";
+pub(crate) const INDEX_FILE: &str = "index.redb";
 /// The value of `meta/format` this code writes and reads.
 const FORMAT: &[u8] = b"shoal-cache/1";
 
@@ -64,7 +64,7 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
 
 /// How often the cache is swept when nothing enters it.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Settings of the cache. [`Default`] gives Delivery Optimization's defaults.
 #[derive(Clone, Debug, PartialEq)]

@@ -35,9 +35,9 @@ use crate::{
 };
 
 /// How long a key whose fill failed is not fetched again.
-pub const FAILED_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const FAILED_BACKOFF: Duration = Duration::from_secs(30);
 /// Fills one asking peer may have running at once.
-pub const FILLS_PER_PEER: usize = 2;
+pub(crate) const FILLS_PER_PEER: usize = 2;
 
 /// Settings of the cache node role.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -18,10 +18,10 @@
 //! Entries live in memory. At start the cache (the `cache` module) registers its files again, and
 //! restored jobs their temporary files as they resume.
 
-pub mod cache;
-pub mod fill;
+pub(crate) mod cache;
+pub(crate) mod fill;
 pub(crate) mod fsuser;
-pub mod state;
+pub(crate) mod state;
 
 use std::{
     collections::HashMap,
@@ -177,7 +177,7 @@ struct Inner {
 
 /// The registry of verified content, shared by the swarm (serving) and the jobs (filling it).
 #[derive(Debug, Default)]
-pub struct ContentStore {
+pub(crate) struct ContentStore {
     inner: RwLock<Inner>,
     /// Signalled when the set of content ids or SHA-256s changes (one waiter: the swarm, which
     /// announces them in the DHT).
@@ -187,7 +187,7 @@ pub struct ContentStore {
 impl ContentStore {
     /// An empty store.
     #[must_use]
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -238,7 +238,7 @@ impl ContentStore {
     /// known): have queries then report its fetching and claimed pieces, and it is announced
     /// in the DHT, but no piece is served. True when the entry is this path's; false when
     /// another download of the same content holds it (with or without a layer).
-    pub fn begin_assembly(&self, id: ContentId, path: PathBuf) -> bool {
+    pub(crate) fn begin_assembly(&self, id: ContentId, path: PathBuf) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = inner.by_id.get(&id) {
             return old.path == path && old.layer.is_none();
@@ -263,7 +263,13 @@ impl ContentStore {
 
     /// Records the chaining value this node computed for piece `index` of `id` from origin
     /// bytes, while the entry at `path` assembles its layer.
-    pub fn add_claim(&self, id: &ContentId, path: &Path, index: PieceIndex, cv: ChainingValue) {
+    pub(crate) fn add_claim(
+        &self,
+        id: &ContentId,
+        path: &Path,
+        index: PieceIndex,
+        cv: ChainingValue,
+    ) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = inner.by_id.get_mut(id)
             && e.path == path
@@ -276,7 +282,7 @@ impl ContentStore {
     /// Records chaining values of `id` taken in from peers' partial layers while the entry at
     /// `path` assembles its layer (`entries`: piece index and value); values already known are
     /// kept. With `entries` empty, forgets every relayed value (the assembly failed).
-    pub fn set_relayed(
+    pub(crate) fn set_relayed(
         &self,
         id: &ContentId,
         path: &Path,
@@ -301,7 +307,7 @@ impl ContentStore {
     }
 
     /// Sets the pieces of `id` being fetched into `path`.
-    pub fn set_fetching(&self, id: &ContentId, path: &Path, fetching: Bitfield) {
+    pub(crate) fn set_fetching(&self, id: &ContentId, path: &Path, fetching: Bitfield) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = inner.by_id.get_mut(id)
             && e.path == path
@@ -312,7 +318,7 @@ impl ContentStore {
     }
 
     /// Marks piece `index` of `id` as verified and written to `path`.
-    pub fn mark_verified(&self, id: &ContentId, path: &Path, index: PieceIndex) {
+    pub(crate) fn mark_verified(&self, id: &ContentId, path: &Path, index: PieceIndex) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = inner.by_id.get_mut(id)
             && e.path == path
@@ -324,7 +330,7 @@ impl ContentStore {
     }
 
     /// Records that this node computed `sha256` over the whole of `id`.
-    pub fn set_sha256(&self, id: &ContentId, sha256: Sha256Digest) {
+    pub(crate) fn set_sha256(&self, id: &ContentId, sha256: Sha256Digest) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if inner.by_id.contains_key(id) && inner.by_sha256.insert(sha256, *id) != Some(*id) {
             self.changed.notify_one();
@@ -344,7 +350,7 @@ impl ContentStore {
     }
 
     /// Forgets `id` if its bytes are at `path` (a temporary file being deleted).
-    pub fn remove_at(&self, id: &ContentId, path: &Path) {
+    pub(crate) fn remove_at(&self, id: &ContentId, path: &Path) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if inner.by_id.get(id).is_some_and(|e| e.path == path) {
             inner.by_id.remove(id);
@@ -359,7 +365,7 @@ impl ContentStore {
 
     /// Starts (or joins) the member view of `id` for a download on this node, `me`: have
     /// answers for `id` then carry the view's sample ([`MemberView::sample`]).
-    pub fn join_members(&self, id: ContentId, me: libp2p::PeerId, now: Instant) {
+    pub(crate) fn join_members(&self, id: ContentId, me: libp2p::PeerId, now: Instant) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         inner
             .members
@@ -369,7 +375,7 @@ impl ContentStore {
     }
 
     /// Runs `f` on the member view of `id`; `None` when there is none.
-    pub fn with_members<R>(
+    pub(crate) fn with_members<R>(
         &self,
         id: &ContentId,
         f: impl FnOnce(&mut MemberView) -> R,
@@ -381,7 +387,7 @@ impl ContentStore {
     /// A download of `id` that joined the member view ended. The view goes when no download
     /// uses it and the content is not held; while held, this node stays a member, stating the
     /// pieces it holds, and forgets the others (only a download keeps them fresh).
-    pub fn leave_members(&self, id: &ContentId) {
+    pub(crate) fn leave_members(&self, id: &ContentId) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let held = inner.by_id.get(id).map(|e| {
             if e.layer.is_some() {
@@ -404,7 +410,7 @@ impl ContentStore {
 
     /// Whether a piece of `id` at `path` was read to serve a peer since the last call.
     #[must_use]
-    pub fn take_served(&self, id: &ContentId, path: &Path) -> bool {
+    pub(crate) fn take_served(&self, id: &ContentId, path: &Path) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .by_id
@@ -413,7 +419,7 @@ impl ContentStore {
     }
 
     /// Forgets every entry whose bytes are at `path` (a file being deleted).
-    pub fn remove_path(&self, path: &Path) {
+    pub(crate) fn remove_path(&self, path: &Path) {
         let ids: Vec<ContentId> = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             inner
@@ -430,14 +436,14 @@ impl ContentStore {
 
     /// Resolves when the set of content ids or SHA-256s changed since the last call resolved
     /// (for one waiter).
-    pub async fn changed(&self) {
+    pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
 
     /// The keys this node can answer have queries for: every content id's BLAKE3 hash and
     /// every SHA-256 it computed.
     #[must_use]
-    pub fn keys(&self) -> Vec<HaveKey> {
+    pub(crate) fn keys(&self) -> Vec<HaveKey> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
             .by_id
@@ -450,7 +456,7 @@ impl ContentStore {
     /// What this node holds for a have query: the content id, its verified pieces, and the
     /// pieces it fetches and claims.
     #[must_use]
-    pub fn have(&self, key: &HaveKey) -> Option<Holding> {
+    pub(crate) fn have(&self, key: &HaveKey) -> Option<Holding> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let id = match key {
             HaveKey::Blake3(h) => *inner.by_hash.get(h)?,
@@ -463,22 +469,10 @@ impl ContentStore {
         Some(h)
     }
 
-    /// The verified piece layer of `id`.
-    #[must_use]
-    pub fn layer(&self, id: &ContentId) -> Option<Vec<ChainingValue>> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .by_id
-            .get(id)?
-            .layer
-            .as_ref()
-            .map(|l| l.chaining_values().to_vec())
-    }
-
     /// The answer to a layer request: the verified layer; or, with `partial` and while
     /// assembling, the chaining values this node computed from origin bytes.
     #[must_use]
-    pub fn layer_response(&self, id: &ContentId, partial: bool) -> LayerResponse {
+    pub(crate) fn layer_response(&self, id: &ContentId, partial: bool) -> LayerResponse {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         match inner.by_id.get(id) {
             Some(Entry { layer: Some(l), .. }) => LayerResponse::Full(l.chaining_values().to_vec()),
@@ -501,7 +495,7 @@ impl ContentStore {
     /// that verified (a symlink, a FIFO or another file at its path), the read fails, or the
     /// bytes changed since they verified (the piece is then no longer offered).
     #[must_use]
-    pub fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
+    pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
         let (path, backing, range, layer) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let e = inner.by_id.get(id)?;
@@ -534,18 +528,6 @@ impl ContentStore {
             return None;
         }
         Some(Bytes::from(buf))
-    }
-
-    /// The content ids held, with how many pieces of each are verified.
-    #[must_use]
-    pub fn list(&self) -> Vec<(ContentId, u32)> {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .by_id
-            .iter()
-            .filter(|(_, e)| e.layer.is_some())
-            .map(|(id, e)| (*id, e.verified.count_ones()))
-            .collect()
     }
 }
 

@@ -47,7 +47,7 @@ use crate::{
 /// The value of `meta/format` this code writes and reads.
 const FORMAT: &[u8] = b"shoal-state/1";
 /// The database file's name in the state directory.
-pub const DB_FILE: &str = "state.redb";
+pub(crate) const DB_FILE: &str = "state.redb";
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
@@ -191,7 +191,7 @@ pub(crate) struct StoredFile {
 /// The redb database of a node's durable state. `Send + Sync`; every method blocks on disk
 /// I/O (call it from a blocking context in async code).
 #[derive(Debug)]
-pub struct StateStore {
+pub(crate) struct StateStore {
     db: Database,
     path: PathBuf,
 }
@@ -204,7 +204,7 @@ impl StateStore {
     /// [`PersistError::Open`] when the directory or file cannot be created or opened, or the
     /// file is corrupt or held by another process; [`PersistError::Foreign`] when the file is
     /// another program's database or another format version.
-    pub fn open(dir: &Path) -> Result<Self, PersistError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, PersistError> {
         let path = dir.join(DB_FILE);
         let open_err = |e: redb::Error| PersistError::Open {
             path: path.clone(),
@@ -241,17 +241,11 @@ impl StateStore {
         Ok(store)
     }
 
-    /// The database file's path.
-    #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// A value of the `meta` table.
     ///
     /// # Errors
     /// [`PersistError::Db`] when the read fails.
-    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, PersistError> {
+    pub(crate) fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, PersistError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = match tx.open_table(META) {
             Ok(t) => t,
@@ -265,7 +259,7 @@ impl StateStore {
     ///
     /// # Errors
     /// [`PersistError::Db`] when the write fails.
-    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), PersistError> {
+    pub(crate) fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(META)
             .map_err(db_err)?

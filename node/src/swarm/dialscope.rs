@@ -145,7 +145,7 @@ impl DialScopes {
 
 /// A behaviour whose addresses for outgoing connections are filtered by [`DialScopes`]; it
 /// dereferences to the behaviour it wraps, and behaves as that behaviour in every other way.
-pub struct ScopedDial<B> {
+pub(crate) struct ScopedDial<B> {
     inner: B,
     scopes: DialScopes,
 }

@@ -20,12 +20,12 @@ use libp2p::{
 };
 
 /// The DHT protocol name of nodes without a group.
-pub const PUBLIC_DHT_PROTOCOL: &str = "/shoal/kad/1.0.0";
+pub(crate) const PUBLIC_DHT_PROTOCOL: &str = "/shoal/kad/1.0.0";
 
 /// The longest group name, in bytes.
-pub const MAX_GROUP_NAME_BYTES: usize = 64;
+pub(crate) const MAX_GROUP_NAME_BYTES: usize = 64;
 /// The shortest group secret, in bytes (a 128-bit random secret in hex is 32 bytes).
-pub const MIN_GROUP_SECRET_BYTES: usize = 16;
+pub(crate) const MIN_GROUP_SECRET_BYTES: usize = 16;
 
 /// A group definition that cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub enum GroupError {
     /// The name is empty, too long, or has a character outside `A-Z a-z 0-9 . _ -`.
     #[error("group name {0:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'")]
     BadName(String),
-    /// The secret is shorter than [`MIN_GROUP_SECRET_BYTES`].
+    /// The secret is shorter than 16 bytes.
     #[error(
         "the group secret is {0} bytes; it must be at least 16 (`head -c 32 /dev/urandom | base64` makes one)"
     )]

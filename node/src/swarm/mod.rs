@@ -7,7 +7,7 @@
 //! beyond that a piece request is answered Busy.
 
 pub(crate) mod dialscope;
-pub mod group;
+pub(crate) mod group;
 pub(crate) mod tls;
 
 use std::{
@@ -204,7 +204,7 @@ mod behaviour {
     /// outgoing connection were stated by peers: they are dialed only in the open scopes
     /// (`dialscope`).
     #[derive(NetworkBehaviour)]
-    pub struct Behaviour {
+    pub(crate) struct Behaviour {
         pub(super) identify: ScopedDial<identify::Behaviour>,
         pub(super) ping: ping::Behaviour,
         pub(super) mdns: Toggle<ScopedDial<mdns::tokio::Behaviour>>,
@@ -216,11 +216,11 @@ mod behaviour {
     }
 }
 
-pub use behaviour::{Behaviour, BehaviourEvent};
+pub(crate) use behaviour::{Behaviour, BehaviourEvent};
 
 /// Swarm settings.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub(crate) struct Config {
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start and redial while not connected (with or without `/p2p/ID`).
@@ -254,7 +254,7 @@ pub struct Config {
 /// A peer's have request with an origin URL for content this node lacks, passed to a cache
 /// node's fill task: the node may fetch the content and serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FillRequest {
+pub(crate) struct FillRequest {
     /// Who asked.
     pub peer: PeerId,
     /// The content asked for.
@@ -334,7 +334,7 @@ pub struct DhtStatus {
 
 /// Why a request to a peer failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     /// The request failed on the network (timeout, closed connection, unsupported protocol,
     /// malformed response).
     #[error("request to {peer} failed: {reason}")]
@@ -398,8 +398,8 @@ pub struct UploadStats {
     pub pieces: u64,
     /// Bytes of pieces sent to peers.
     pub bytes: u64,
-    /// Piece requests answered Busy because [`Config::max_concurrent_uploads`] requests or
-    /// [`Config::max_upload_peers`] peers were being served.
+    /// Piece requests answered Busy because the most concurrent uploads or
+    /// the most upload peers were being served.
     pub busy: u64,
     /// The most peers served at once so far.
     pub peak_peers: u64,
@@ -448,7 +448,7 @@ const RANK_CACHE: u8 = 3;
 
 /// A cloneable handle to the swarm's event loop.
 #[derive(Clone, Debug)]
-pub struct Handle {
+pub(crate) struct Handle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     uploads: Arc<UploadCounters>,
@@ -468,13 +468,13 @@ const ANNOUNCE_QUEUE: usize = 1024;
 impl Handle {
     /// How many peers are connected now (without a round trip to the event loop).
     #[must_use]
-    pub fn connected_count(&self) -> usize {
+    pub(crate) fn connected_count(&self) -> usize {
         self.connected.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Pushes `holding` to `peers` (fire and forget): what this node holds and fetches of one
     /// content, so that peers fetching it too see at once which pieces are taken.
-    pub async fn announce(&self, peers: Vec<PeerId>, holding: Holding) {
+    pub(crate) async fn announce(&self, peers: Vec<PeerId>, holding: Holding) {
         if !peers.is_empty() {
             let _ = self.commands.send(Command::Announce(peers, holding)).await;
         }
@@ -482,26 +482,26 @@ impl Handle {
 
     /// Announcements received from peers, as they come.
     #[must_use]
-    pub fn announcements(&self) -> tokio::sync::broadcast::Receiver<(PeerId, Holding)> {
+    pub(crate) fn announcements(&self) -> tokio::sync::broadcast::Receiver<(PeerId, Holding)> {
         self.announcements.subscribe()
     }
 
     /// The peer mode the swarm runs in.
     #[must_use]
-    pub fn mode(&self) -> PeerMode {
+    pub(crate) fn mode(&self) -> PeerMode {
         self.mode
     }
 
     /// The name of the node's group, if it has one.
     #[must_use]
-    pub fn group(&self) -> Option<&str> {
+    pub(crate) fn group(&self) -> Option<&str> {
         self.group.as_deref()
     }
 
     /// How this node came to know `peer` ([`PeerSource::Lan`] for a peer it knows nothing
     /// about).
     #[must_use]
-    pub fn peer_source(&self, peer: &PeerId) -> PeerSource {
+    pub(crate) fn peer_source(&self, peer: &PeerId) -> PeerSource {
         self.sources
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -514,7 +514,7 @@ impl Handle {
     /// providers found (without this node) when the lookup ends or `wait` has passed,
     /// whichever comes first (the lookup goes on, dialing what it finds, for at most the DHT
     /// query timeout of 15 s). Empty at once when the node is in no DHT.
-    pub async fn find_providers(&self, key: HaveKey, wait: Duration) -> Vec<PeerId> {
+    pub(crate) async fn find_providers(&self, key: HaveKey, wait: Duration) -> Vec<PeerId> {
         let (tx, mut rx) = mpsc::channel(PROVIDERS_QUEUE);
         if self
             .commands
@@ -535,7 +535,7 @@ impl Handle {
     }
 
     /// What the DHT side knows now.
-    pub async fn dht_status(&self) -> DhtStatus {
+    pub(crate) async fn dht_status(&self) -> DhtStatus {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::DhtStatus(tx)).await.is_err() {
             return DhtStatus::default();
@@ -545,13 +545,13 @@ impl Handle {
 
     /// This node's peer id.
     #[must_use]
-    pub fn peer_id(&self) -> PeerId {
+    pub(crate) fn peer_id(&self) -> PeerId {
         self.peer_id
     }
 
     /// What this node has served to peers so far.
     #[must_use]
-    pub fn upload_stats(&self) -> UploadStats {
+    pub(crate) fn upload_stats(&self) -> UploadStats {
         use std::sync::atomic::Ordering::Relaxed;
         UploadStats {
             pieces: self.uploads.pieces.load(Relaxed),
@@ -576,21 +576,21 @@ impl Handle {
 
     /// Sets the most peers served at once (at least 1); requests of further peers are
     /// answered Busy.
-    pub fn set_max_upload_peers(&self, n: usize) {
+    pub(crate) fn set_max_upload_peers(&self, n: usize) {
         self.max_upload_peers
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The most peers served at once.
     #[must_use]
-    pub fn max_upload_peers(&self) -> usize {
+    pub(crate) fn max_upload_peers(&self) -> usize {
         self.max_upload_peers
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The configured cache nodes, in order of preference.
     #[must_use]
-    pub fn cache_nodes(&self) -> &[PeerId] {
+    pub(crate) fn cache_nodes(&self) -> &[PeerId] {
         &self.cache_nodes
     }
 
@@ -598,7 +598,7 @@ impl Handle {
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
-    pub async fn have(
+    pub(crate) async fn have(
         &self,
         peer: PeerId,
         request: HaveRequest,
@@ -611,7 +611,7 @@ impl Handle {
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
-    pub async fn layer(
+    pub(crate) async fn layer(
         &self,
         peer: PeerId,
         id: ContentId,
@@ -633,7 +633,7 @@ impl Handle {
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
-    pub async fn piece(
+    pub(crate) async fn piece(
         &self,
         peer: PeerId,
         id: ContentId,
@@ -652,7 +652,7 @@ impl Handle {
     }
 
     /// The peers connected now.
-    pub async fn connected_peers(&self) -> Vec<PeerId> {
+    pub(crate) async fn connected_peers(&self) -> Vec<PeerId> {
         let (tx, rx) = oneshot::channel();
         if self
             .commands
@@ -666,7 +666,7 @@ impl Handle {
     }
 
     /// The addresses this node listens on, each ending in `/p2p/PEER_ID`.
-    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+    pub(crate) async fn listen_addrs(&self) -> Vec<Multiaddr> {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
             return Vec::new();
@@ -675,7 +675,7 @@ impl Handle {
     }
 
     /// Dials `addr` once (with or without `/p2p/ID`).
-    pub async fn dial(&self, addr: Multiaddr) {
+    pub(crate) async fn dial(&self, addr: Multiaddr) {
         let _ = self.commands.send(Command::Dial(addr)).await;
     }
 }
@@ -688,7 +688,7 @@ fn request_config(timeout: Duration) -> request_response::Config {
 
 /// The DHT record key of a have key: the BLAKE3 hash itself, or `sha256:` and the digest.
 #[must_use]
-pub fn record_key(key: &HaveKey) -> kad::RecordKey {
+pub(crate) fn record_key(key: &HaveKey) -> kad::RecordKey {
     match key {
         HaveKey::Blake3(h) => kad::RecordKey::new(h),
         HaveKey::Sha256(d) => kad::RecordKey::new(&[b"sha256:".as_slice(), &d.0].concat()),
@@ -1704,7 +1704,7 @@ impl EventLoop {
 
 /// The deepest pipeline a leecher keeps with one peer ([`crate::download::scheduler::Config`]'s
 /// default `max_per_peer`): the most piece requests of one peer served at once.
-pub const MAX_UPLOADS_PER_PEER: usize = 16;
+pub(crate) const MAX_UPLOADS_PER_PEER: usize = 16;
 
 /// The piece requests one peer may have served at once, out of `slots` in all: as many as a
 /// leecher's pipeline, and at most half the slots, so that one peer that never reads its

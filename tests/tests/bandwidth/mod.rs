@@ -2,7 +2,7 @@
 //! cap, and changes while the node runs.
 
 use super::*;
-use shoal_node::bandwidth::BandwidthLimits;
+use shoal_node::config::BandwidthLimits;
 use shoal_tests::test_builder;
 
 const MIB: usize = 1 << 20;

@@ -4,7 +4,7 @@
 //! cache's unit tests (`node/src/store/cache.rs`).
 
 use super::*;
-use shoal_node::{HaveKey, cache::CacheConfig};
+use shoal_node::{HaveKey, config::CacheConfig};
 use shoal_tests::test_builder;
 
 const MIB: usize = 1 << 20;
@@ -146,7 +146,7 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
                 dir: Some(dir.path().join("cache")),
                 ..CacheConfig::default()
             })
-            .cache_node_role(shoal_node::fill::CacheNodeRole {
+            .cache_node_role(shoal_node::config::CacheNodeRole {
                 origins: vec![origin.url("").to_string()],
                 ..Default::default()
             })
@@ -255,7 +255,7 @@ async fn a_cache_node_is_not_an_open_proxy() {
                         dir: Some(dir),
                         ..CacheConfig::default()
                     })
-                    .cache_node_role(shoal_node::fill::CacheNodeRole {
+                    .cache_node_role(shoal_node::config::CacheNodeRole {
                         origins,
                         ..Default::default()
                     })

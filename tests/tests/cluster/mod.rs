@@ -3,10 +3,8 @@
 
 use super::*;
 use shoal_node::{
-    HaveKey, Multiaddr, PeerId,
-    group::{Group, PeerMode},
-    policy::SourcePolicy,
-    swarm::PeerSource,
+    HaveKey, Multiaddr, PeerId, PeerSource,
+    config::{Group, PeerMode, SourcePolicy},
 };
 use shoal_tests::test_builder;
 

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use shoal_node::{bandwidth::BandwidthLimits, scheduler};
+use shoal_node::config::{BandwidthLimits, SchedulerConfig};
 use shoal_tests::{BadPeer, Misbehaviour, test_builder};
 
 use super::*;
@@ -17,10 +17,10 @@ const PATIENCE: Duration = Duration::from_secs(3);
 
 /// An honest node with a short patience, dialing `peers` and the bad peers `bad`.
 async fn honest(peers: &[Node], bad: &[&BadPeer]) -> Node {
-    let mut b = test_builder(peers).await.scheduler(scheduler::Config {
+    let mut b = test_builder(peers).await.scheduler(SchedulerConfig {
         peer_backoff: Duration::from_millis(50),
         coming_patience: PATIENCE,
-        ..scheduler::Config::default()
+        ..SchedulerConfig::default()
     });
     for p in bad {
         b = b.peer(p.addr.clone());

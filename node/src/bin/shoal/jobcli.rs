@@ -13,7 +13,7 @@ use clap::{Subcommand, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use shoal_node::{
-    control::{self as pb, control_client::ControlClient, event::Kind},
+    daemon::control::{self as pb, control_client::ControlClient, event::Kind},
     daemon::{DEFAULT_SOCKET, Daemon},
 };
 use tonic::transport::Channel;

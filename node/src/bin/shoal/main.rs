@@ -137,7 +137,7 @@ struct GetArgs {
     /// Which peers to use: origin, lan, group (needs a `[group]` section in --config) or
     /// internet.
     #[arg(long)]
-    mode: Option<shoal_node::group::PeerMode>,
+    mode: Option<shoal_node::config::PeerMode>,
     /// A DHT bootstrap peer, ending in /p2p/PEER_ID (repeatable; modes group and internet).
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
