@@ -17,6 +17,7 @@
 //! Memory stays bounded: at most [`scheduler::Config::max_in_flight`] peer pieces plus a few
 //! origin pieces are held at once, whatever the file's size.
 
+mod core;
 pub(crate) mod members;
 pub(crate) mod scheduler;
 
@@ -40,8 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use url::Url;
 
+use self::core::{Action, Core, End, Setup, StoreOp, Verdict};
 use crate::{
-    download::scheduler::{Action, Received, Scheduler, Source},
+    download::scheduler::Source,
     job::{ByteRange, ErrorContext, JobError, JobId},
     source::origin::{self, OriginError, Remote},
     store::fsuser::FileIdentity,
@@ -850,17 +852,6 @@ type ShaPiece = (
     Option<shoal_validator::ChainingValue>,
 );
 
-struct Verified {
-    index: PieceIndex,
-    source: Source,
-    bytes: u64,
-    result: Result<(), String>,
-    /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).
-    cv: Option<shoal_validator::ChainingValue>,
-    /// A piece written earlier that the layer assembled since rejects (not a queued piece).
-    after_layer: bool,
-}
-
 /// The alignment O_DIRECT needs for offsets, lengths and buffer addresses, in bytes.
 const DIRECT_ALIGN: usize = swarm::BULK_ALIGN;
 
@@ -945,7 +936,7 @@ fn spawn_writer(
     length: u64,
     resumed: Bitfield,
     mut checkpointing: Option<Checkpointing>,
-    out: mpsc::Sender<Verified>,
+    out: mpsc::Sender<Verdict>,
 ) -> Writer {
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
@@ -983,7 +974,7 @@ fn spawn_writer(
                                     && layer.chaining_values().get(index as usize) != cv.as_ref()
                                 {
                                     on_disk.clear(index);
-                                    results.push(Verified {
+                                    results.push(Verdict {
                                         index,
                                         source: Source::Origin,
                                         bytes: 0,
@@ -1020,7 +1011,7 @@ fn spawn_writer(
                     let _ =
                         sha_tx.send((index, Some(bytes.clone()), checker.chaining_value(index)));
                 }
-                results.push(Verified {
+                results.push(Verdict {
                     index,
                     source,
                     bytes: bytes.len() as u64,
@@ -1204,18 +1195,6 @@ fn recheck(
     Ok((kept, checker))
 }
 
-/// The next fetch result from the origin or from a peer. Cancel safe: `recv` is.
-async fn next_fetched(
-    origin: &mut mpsc::Receiver<Fetched>,
-    peers: &mut mpsc::Receiver<Fetched>,
-) -> Option<Fetched> {
-    tokio::select! {
-        Some(f) = origin.recv() => Some(f),
-        Some(f) = peers.recv() => Some(f),
-        else => None,
-    }
-}
-
 enum Fetched {
     Piece(PieceIndex, Source, Bytes),
     Failed(PieceIndex, Source, String),
@@ -1363,6 +1342,375 @@ fn origin_start(me: PeerId, id: &ContentId, piece_count: u32) -> u32 {
         h.as_bytes()[3],
     ]);
     if piece_count == 0 { 0 } else { n % piece_count }
+}
+
+/// What a driver's child task reports.
+enum Event {
+    Fetched(Fetched),
+    /// A have round: the peers asked, the peers that could have been asked (connected, or
+    /// found in the DHT), and the answers (for the content, from peers not banned).
+    Round(Vec<PeerId>, Vec<PeerId>, Vec<Answer>),
+    Assembled(Assembled),
+}
+
+/// The clock a download reads: tokio's, so that paused time drives a whole download.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Runs a [`Core`]: carries out its actions, owns every child task (piece requests, origin
+/// runs, have rounds, gatherings) in one `JoinSet`, and feeds results, announcements and
+/// timeouts back. Dropping it aborts every child task.
+struct Driver<'a> {
+    env: &'a Env,
+    task: &'a FileTask,
+    foreground: bool,
+    length: u64,
+    piece_size: u64,
+    piece_count: u32,
+    remote: Arc<OnceCell<Remote>>,
+    writer: mpsc::Sender<ToWriter>,
+    served_file: Arc<File>,
+    progress: &'a (dyn Fn(Update) + Send + Sync),
+    tasks: tokio::task::JoinSet<Event>,
+    requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle>,
+    origin_tx: mpsc::Sender<Fetched>,
+}
+
+impl Driver<'_> {
+    fn writer_failed(&self) -> AttemptFailure {
+        Failure::Fatal(JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(self.task.index),
+            description: format!("writing {} failed", self.task.temp.display()),
+        })
+        .into()
+    }
+
+    /// Runs `core` until it ends, the download is cancelled or the writer fails.
+    async fn run(
+        &mut self,
+        core: &mut Core,
+        verified: &mut mpsc::Receiver<Verdict>,
+        origin_rx: &mut mpsc::Receiver<Fetched>,
+        writer_done: &(dyn Fn() -> bool + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<(), AttemptFailure> {
+        let mut announcements = self.env.swarm.announcements();
+        let mut announcements_open = true;
+        loop {
+            while let Some(action) = core.poll_action() {
+                self.execute(core, action).await?;
+            }
+            if let Some(end) = core.poll_end() {
+                return self.render(core, end);
+            }
+            let deadline = core
+                .poll_timeout()
+                .map_or_else(|| tokio::time::Instant::now() + TICK, Into::into);
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
+                Some(v) = verified.recv() => core.handle_verified(now(), v),
+                Some(f) = origin_rx.recv() => self.on_fetched(core, f),
+                Some(Ok(event)) = self.tasks.join_next(), if !self.tasks.is_empty() => match event {
+                    Event::Fetched(f) => self.on_fetched(core, f),
+                    Event::Round(asked, reachable, answers) => {
+                        core.handle_round(now(), &asked, &reachable, answers);
+                    }
+                    Event::Assembled(a) => core.handle_assembled(now(), a),
+                },
+                got = announcements.recv(), if announcements_open && core.content_id().is_some() => match got {
+                    Ok((peer, h)) => {
+                        let banned = core
+                            .content_id()
+                            .is_some_and(|c| self.env.bans.is_banned(BanKey::Blake3(*c.hash()), &peer));
+                        if !banned {
+                            core.handle_holding(now(), peer, h);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    // The writer stops only on a write, flush or state-store failure; the
+                    // pieces it held will never be reported, so end here (its error comes from
+                    // the join).
+                    if writer_done() {
+                        return Err(self.writer_failed());
+                    }
+                    core.handle_timeout(now());
+                }
+            }
+        }
+    }
+
+    fn on_fetched(&mut self, core: &mut Core, f: Fetched) {
+        match f {
+            Fetched::Piece(index, source, bytes) => {
+                if let Source::Peer(p) = source {
+                    self.requests.remove(&(index, p));
+                }
+                core.handle_piece(now(), index, source, bytes);
+            }
+            Fetched::Failed(index, source, reason) => {
+                debug!(index, ?source, "piece fetch failed: {reason}");
+                if let Source::Peer(p) = source {
+                    self.requests.remove(&(index, p));
+                    core.handle_failed(now(), index, p, false);
+                }
+            }
+            Fetched::Busy(index, p) => {
+                self.requests.remove(&(index, p));
+                core.handle_failed(now(), index, p, true);
+            }
+            Fetched::OriginEnd(result) => {
+                core.handle_origin_end(now(), result, self.remote.get().map(|r| r.ranges));
+            }
+        }
+    }
+
+    /// The one place a core's end becomes the download's outcome.
+    fn render(&self, core: &Core, end: End) -> Result<(), AttemptFailure> {
+        let (task, url) = (self.task, origin::redact(&self.task.url));
+        let content = core.content_id().map(|c| c.to_string()).unwrap_or_default();
+        let fatal = |description: String| {
+            Err(Failure::Fatal(JobError {
+                context: ErrorContext::RemoteFile,
+                file: Some(task.index),
+                description,
+            })
+            .into())
+        };
+        match end {
+            End::Done => Ok(()),
+            End::Stuck => Err(Failure::Transient(JobError {
+                context: ErrorContext::Transport,
+                file: Some(task.index),
+                description: format!(
+                    "no peer has the missing pieces of {url} and the source policy never uses the origin"
+                ),
+            })
+            .into()),
+            End::DiffersFromLayer(index) => fatal(format!(
+                "piece {index} from {url} differs from the verified piece layer of {content}"
+            )),
+            End::ClaimFailed => Err(AttemptFailure::ClaimFailed),
+            End::OriginPieceFailed(index, reason) => fatal(format!(
+                "piece {index} from {url} fails verification against content id {content}: {reason}"
+            )),
+            End::Origin(e) => Err(origin_failure(task.index, &e).into()),
+        }
+    }
+
+    /// Carries out one action.
+    async fn execute(&mut self, core: &mut Core, action: Action) -> Result<(), AttemptFailure> {
+        let env = self.env;
+        match action {
+            Action::RequestPiece {
+                content_id,
+                peer,
+                index,
+            } => {
+                let (swarm, bandwidth, fg) =
+                    (env.swarm.clone(), env.bandwidth.clone(), self.foreground);
+                let h = self.tasks.spawn(async move {
+                    Event::Fetched(match swarm.piece(peer, content_id, index).await {
+                        Ok(PieceResponse::Data(b)) => {
+                            bandwidth.download(fg, b.len() as u64).await;
+                            Fetched::Piece(index, Source::Peer(peer), b)
+                        }
+                        Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
+                        Ok(other) => {
+                            Fetched::Failed(index, Source::Peer(peer), format!("{other:?}"))
+                        }
+                        Err(e) => Fetched::Failed(index, Source::Peer(peer), e.to_string()),
+                    })
+                });
+                self.requests.insert((index, peer), h);
+            }
+            Action::CancelRequest { peer, index } => {
+                if let Some(h) = self.requests.remove(&(index, peer)) {
+                    h.abort();
+                }
+            }
+            Action::FetchOrigin { start, end } => self.fetch_origin(start, end),
+            Action::AskPeers {
+                content_id,
+                dht,
+                busy,
+            } => {
+                let env2 = env.clone();
+                self.tasks.spawn(async move {
+                    let (asked, reachable, answers) =
+                        have_round(&env2, content_id, dht, &busy).await;
+                    Event::Round(asked, reachable, answers)
+                });
+            }
+            Action::Announce { content_id, to } => {
+                if let Some(h) = env.store.have(&HaveKey::Blake3(*content_id.hash()))
+                    && h.content_id == content_id
+                {
+                    env.swarm.announce(to, h).await;
+                }
+            }
+            Action::Gather {
+                content_id,
+                known,
+                claims,
+                full_from,
+            } => {
+                let env2 = env.clone();
+                self.tasks.spawn(async move {
+                    Event::Assembled(assemble(env2, content_id, known, claims, full_from).await)
+                });
+            }
+            Action::Write {
+                index,
+                source,
+                bytes,
+            } => {
+                if self
+                    .writer
+                    .send(ToWriter::Piece(index, source, bytes))
+                    .await
+                    .is_err()
+                {
+                    return Err(self.writer_failed());
+                }
+            }
+            Action::SetLayer { layer, verified } => {
+                let id = layer.content_id();
+                info!(url = %origin::redact(&self.task.url), %id, "piece layer assembled and verified");
+                if self
+                    .writer
+                    .send(ToWriter::Layer(layer.clone()))
+                    .await
+                    .is_err()
+                {
+                    return Err(self.writer_failed());
+                }
+                env.store.insert(
+                    layer,
+                    verified,
+                    self.task.temp.clone(),
+                    Backing::Held(self.served_file.clone()),
+                );
+                (self.progress)(Update::ContentId(id));
+            }
+            Action::MemberTick {
+                content_id,
+                done,
+                origin_now,
+                proven_only,
+            } => {
+                let now = now();
+                let piece_count = self.piece_count;
+                let view = env.store.with_members(&content_id, |v| {
+                    v.set_self(done, origin_now, now);
+                    (v.fetchers(piece_count, now, proven_only), v.grew_at())
+                });
+                core.handle_members(now, view);
+            }
+            Action::Ban { content_id, peer } => {
+                if env.bans.ban(BanKey::Blake3(*content_id.hash()), peer) {
+                    (self.progress)(Update::Banned);
+                }
+            }
+            Action::Store(op) => self.store(op),
+            Action::PieceDone { bytes, peer } => {
+                let source = peer.map(|p| env.swarm.peer_source(&p));
+                (self.progress)(Update::Piece { bytes, source });
+            }
+            Action::Rejected => (self.progress)(Update::Rejected),
+        }
+        Ok(())
+    }
+
+    fn store(&self, op: StoreOp) {
+        let (store, temp) = (&self.env.store, &self.task.temp);
+        match op {
+            StoreOp::SetFetching(id, fetching) => store.set_fetching(&id, temp, fetching),
+            StoreOp::MarkVerified(id, index) => store.mark_verified(&id, temp, index),
+            StoreOp::AddClaim(id, index, cv) => store.add_claim(&id, temp, index, cv),
+            StoreOp::SetRelayed(id, entries) => store.set_relayed(&id, temp, &entries),
+            StoreOp::MergeMembers(id, peer, members) => {
+                let now = now();
+                store.with_members(&id, |v| v.merge(&peer, &members, now));
+            }
+            StoreOp::ForgetMember(id, peer) => {
+                store.with_members(&id, |v| v.forget(&peer));
+            }
+        }
+    }
+
+    /// Starts an origin run of pieces `start..end`: pieces go out through the origin channel
+    /// as they arrive, the run's end through the task set.
+    fn fetch_origin(&mut self, start: u32, end: u32) {
+        let (origin, url, tx, remote) = (
+            self.env.origin.clone(),
+            self.task.url.clone(),
+            self.origin_tx.clone(),
+            self.remote.clone(),
+        );
+        let (bandwidth, fg) = (self.env.bandwidth.clone(), self.foreground);
+        let (length, piece_size) = (self.length, self.piece_size);
+        self.tasks.spawn(async move {
+            let run = async {
+                let r = remote.get_or_try_init(|| origin.probe(&url)).await?.clone();
+                if r.length != length {
+                    return Err(OriginError::Changed {
+                        url: url.clone(),
+                        detail: format!(
+                            "the origin has {} bytes, the content id {length}",
+                            r.length
+                        ),
+                    });
+                }
+                let mut index = start;
+                let range =
+                    u64::from(start) * piece_size..(u64::from(end) * piece_size).min(length);
+                origin
+                    .fetch(&url, &r, range, piece_size, |bytes| {
+                        let (tx, i, bandwidth) = (tx.clone(), index, bandwidth.clone());
+                        index += 1;
+                        async move {
+                            bandwidth.download(fg, bytes.len() as u64).await;
+                            tx.send(Fetched::Piece(i, Source::Origin, bytes))
+                                .await
+                                .is_ok()
+                        }
+                    })
+                    .await
+            };
+            Event::Fetched(Fetched::OriginEnd(run.await))
+        });
+    }
+}
+
+/// One have round for `id`: the providers from the DHT too when `dht`, then at most
+/// [`POLL_PEERS`] of the reachable peers (`busy` first), not banned.
+async fn have_round(
+    env: &Env,
+    id: ContentId,
+    dht: bool,
+    busy: &HashSet<PeerId>,
+) -> (Vec<PeerId>, Vec<PeerId>, Vec<Answer>) {
+    let key = BanKey::Blake3(*id.hash());
+    let have = HaveKey::Blake3(*id.hash());
+    let providers = if dht {
+        env.swarm.find_providers(have, PEER_REFRESH).await
+    } else {
+        Vec::new()
+    };
+    let reachable = peers_to_ask(env, key, providers).await;
+    let asked = poll_sample(reachable.clone(), busy);
+    let answers = ask(env, have, asked.clone(), None)
+        .await
+        .into_iter()
+        .filter(|(p, h)| h.content_id == id && !env.bans.is_banned(key, p))
+        .collect();
+    (asked, reachable, answers)
 }
 
 #[allow(clippy::too_many_lines)]
@@ -1714,7 +2062,7 @@ async fn attempt(
             }
         }
     }
-    let (verified_tx, mut verified_rx) = mpsc::channel::<Verified>(256);
+    let (verified_tx, mut verified_rx) = mpsc::channel::<Verdict>(256);
     let checkpointing = task.durable.clone().map(|durable| Checkpointing {
         durable,
         meta: ResumeDisk {
@@ -1738,636 +2086,83 @@ async fn attempt(
         checkpointing,
         verified_tx,
     );
-    // 5. Schedule.
-    let mut sched = Scheduler::new(piece_count, piece_size, env.scheduler.clone());
-    for index in kept.ones() {
-        sched.set_done(index, Source::Origin);
-    }
-    // The content peers are asked about: the verified layer's, or the one being assembled.
-    let mut content_id = layer
+    // 5. Transfer: the core decides, the driver carries out.
+    let me = env.swarm.peer_id();
+    let content = layer
         .as_ref()
         .map(PieceLayer::content_id)
         .or(assembly.as_ref().map(|a| a.id));
-    // Before the first origin run: not before this, and, while `settling`, not before the
-    // member view has been still for `SETTLE`.
-    let mut not_before: Option<Instant> = None;
-    let mut settling = false;
-    let mut membership: Option<Membership> = None;
-    if let Some(id) = &content_id {
-        let me = env.swarm.peer_id();
-        sched.set_seed(u64::from(origin_start(me, id, u32::MAX)));
-        sched.set_me(me);
-        if use_peers {
-            // Swarm members (`crate::download::members`): have answers now state this node as one.
-            env.store.join_members(*id, me, Instant::now());
-            membership = Some(Membership {
-                store: env.store.clone(),
-                id: *id,
-            });
-        }
-        if !peers.is_empty()
+    let swarm_about = content.is_some()
+        && (!peers.is_empty()
             || env.swarm.mode().uses_dht()
-            || !env.swarm.connected_peers().await.is_empty()
-        {
-            sched.set_origin_start(origin_start(me, id, piece_count));
-            sched.set_swarm(true);
-            // Nodes that start together start their origin runs up to 100 ms apart, so that
-            // each sees the others' announcements first.
-            let jitter = Duration::from_millis(u64::from(origin_start(me, id, 100)));
-            not_before = Some(Instant::now() + jitter);
-            settling = membership.is_some() && !never_origin;
+            || !env.swarm.connected_peers().await.is_empty());
+    // Swarm members (`members`): have answers now state this node as one.
+    let _membership = content.filter(|_| use_peers).map(|id| {
+        env.store.join_members(id, me, now());
+        Membership {
+            store: env.store.clone(),
+            id,
         }
-    }
-    if never_origin {
-        sched.set_origin_allowed(false);
-    }
-    // The rest of the source policy's wait for peers before the origin (DO's
-    // DelayBackground/ForegroundDownloadFromHttp).
-    if use_peers && !delay.is_zero() && Instant::now() < wait_until {
-        not_before = not_before.max(Some(wait_until));
-    }
-    sched.set_origin_not_before(not_before);
-    // Settling counts from when the origin may be used.
-    let settle_from = not_before.unwrap_or_else(Instant::now);
-    let mut fetcher_seeds: HashMap<PeerId, u64> = HashMap::new();
-    let mut members_at: Option<Instant> = None;
-    let mut announced_growth: Option<Instant> = None;
-    let mut rounds_answered = 0u32;
-    let empty = Bitfield::new(piece_count);
-    let apply_peer = |sched: &mut Scheduler,
-                      assembly: &mut Option<Assembly>,
-                      layer_known: bool,
-                      peer: PeerId,
-                      h: Holding| {
-        // A peer's claims stand for pieces it will serve once it has the layer; while this
-        // node has none, the peer's verified pieces count as claims too (its layer can be had).
-        let claimed = match assembly {
-            Some(a) if !a.failed => {
-                let mut c = h.claimed.clone();
-                if !layer_known {
-                    for i in h.have.ones() {
-                        c.set(i);
-                    }
-                    // What the peer can tell: its claims, its pieces, and relayed values.
-                    let mut tell = h.chaining.clone();
-                    for i in c.ones() {
-                        tell.set(i);
-                    }
-                    if a.claims.get(&peer) != Some(&tell) {
-                        a.claims.insert(peer, tell);
-                        a.changed = true;
-                    }
-                }
-                c
-            }
-            _ => empty.clone(),
-        };
-        // Pieces from peers can be checked only against a verified layer. Once this node has
-        // one, a peer's claims are pieces it is about to serve: awaited like pieces it fetches,
-        // with the same patience.
-        let (have, fetching, claimed) = if layer_known {
-            let mut f = h.fetching;
-            for i in claimed.ones() {
-                f.set(i);
-            }
-            (h.have, f, empty.clone())
-        } else {
-            (empty.clone(), h.fetching, claimed)
-        };
-        sched.set_peer(peer, have, fetching, claimed, Instant::now());
-    };
-    // Have rounds in a row each known peer missed (no answer, or nothing of the content).
-    let mut misses: HashMap<PeerId, u32> = HashMap::new();
-    if let Some(id) = &content_id {
-        for (peer, h) in std::mem::take(&mut peers) {
-            env.store
-                .with_members(id, |v| v.merge(&peer, &h.members, Instant::now()));
-            apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
-        }
-    }
-    let (peer_tx, mut peer_rx) = mpsc::channel::<Fetched>(256);
+    });
+    let mut core = Core::new(
+        Setup {
+            me,
+            piece_size,
+            piece_count,
+            layer: layer.clone(),
+            assembly: assembly.take(),
+            kept: kept.clone(),
+            claimed,
+            from_peers: resume.is_some_and(|r| r.meta.from_peers),
+            never_origin,
+            use_peers,
+            swarm: swarm_about,
+            wait_until,
+            origin_wait: (use_peers && !delay.is_zero() && now() < wait_until)
+                .then_some(wait_until),
+            scheduler: env.scheduler.clone(),
+        },
+        now(),
+    );
+    core.start(now(), std::mem::take(&mut peers));
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
-    // A have round's result: the peers asked, the peers that could have been asked
-    // (connected, or found in the DHT), and the answers.
-    type Round = (Vec<PeerId>, Vec<PeerId>, Vec<Answer>);
-    let (refresh_tx, mut refresh_rx) = mpsc::channel::<Round>(1);
-    let (assembled_tx, mut assembled_rx) = mpsc::channel::<Assembled>(1);
-    let mut requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle> = HashMap::new();
-    let mut announcements = env.swarm.announcements();
-    let mut announcements_open = true;
-    // Since when no source can supply some missing piece (the origin not being used).
-    let mut stuck_since: Option<Instant> = None;
-    let mut in_verifier = 0usize;
-    // The first have round goes out at once.
-    let mut last_refresh = Instant::now()
-        .checked_sub(PEER_REFRESH)
-        .unwrap_or_else(Instant::now);
-    // At most one have round is out at a time, however slow the peers answer.
-    let mut refreshing = false;
-    let mut refreshes = 0u32;
-    let mut from_peers = resume.is_some_and(|r| r.meta.from_peers);
-    let mut tick = tokio::time::interval(TICK);
-    let run_cancel = cancel.child_token();
-    let _guard = run_cancel.clone().drop_guard();
-    let result: Result<(), AttemptFailure> = loop {
-        if sched.is_complete() && in_verifier == 0 {
-            break Ok(());
-        }
-        // The swarm's members, every tick: state this node, share the origin among those that
-        // use it, and while settling, hold the first origin run until the view is still.
-        if let Some(id) = content_id
-            && membership.is_some()
-            && members_at.is_none_or(|t| t.elapsed() >= TICK)
-        {
-            let now = Instant::now();
-            members_at = Some(now);
-            let done = sched.done_count();
-            let origin_now = !never_origin && now >= wait_until;
-            if let Some((fetchers, grew)) = env.store.with_members(&id, |v| {
-                v.set_self(done, origin_now, now);
-                (
-                    v.fetchers(piece_count, now, sched.has_lapsed()),
-                    v.grew_at(),
-                )
-            }) {
-                if fetcher_seeds.len() > 2 * fetchers.len() + 16 {
-                    let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
-                    fetcher_seeds.retain(|p, _| now_fetching.contains(p));
-                }
-                let seeded: Vec<(PeerId, u64)> = fetchers
-                    .into_iter()
-                    .map(|p| {
-                        let seed = *fetcher_seeds
-                            .entry(p)
-                            .or_insert_with(|| members::fetcher_seed(&p, id.hash()));
-                        (p, seed)
-                    })
-                    .collect();
-                sched.set_fetchers(&seeded, now);
-                if settling && now >= settle_from + MAX_SETTLE {
-                    settling = false;
-                }
-                if settling {
-                    // Two have rounds answered (members two hops away known), and no new
-                    // member for `SETTLE`; at most `MAX_SETTLE`.
-                    let cap = settle_from + MAX_SETTLE;
-                    let until = if rounds_answered >= 2 {
-                        (grew + SETTLE).min(cap)
-                    } else {
-                        cap
-                    };
-                    sched.set_origin_not_before(not_before.max(Some(until)));
-                    // New members reach the peers at once, not at their next have round.
-                    if announced_growth != Some(grew)
-                        && let Some(h) = env.store.have(&HaveKey::Blake3(*id.hash()))
-                        && h.content_id == id
-                    {
-                        announced_growth = Some(grew);
-                        let to = poll_sample(sched.peer_ids(), &HashSet::new());
-                        env.swarm.announce(to, h).await;
-                    }
-                }
-            }
-        }
-        let actions = sched.next_actions(Instant::now());
-        if actions.iter().any(|a| matches!(a, Action::Origin { .. })) {
-            settling = false;
-        }
-        if sched.is_stuck() {
-            let since = *stuck_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= STUCK_GRACE {
-                break Err(Failure::Transient(JobError {
-                    context: ErrorContext::Transport,
-                    file: Some(task.index),
-                    description: format!(
-                        "no peer has the missing pieces of {} and the source policy never uses the origin",
-                        origin::redact(&task.url)
-                    ),
-                })
-                .into());
-            }
-        } else {
-            stuck_since = None;
-        }
-        if !actions.is_empty()
-            && let Some(id) = &content_id
-        {
-            env.store.set_fetching(id, &task.temp, sched.in_flight());
-            // Starting on the origin: tell the peers fetching the same content at once.
-            if actions.iter().any(|a| matches!(a, Action::Origin { .. }))
-                && let Some(h) = env.store.have(&HaveKey::Blake3(*id.hash()))
-                && h.content_id == *id
-            {
-                env.swarm.announce(sched.peer_ids(), h).await;
-            }
-        }
-        for action in actions {
-            match action {
-                Action::Peer { peer, index } => {
-                    let (swarm, tx) = (env.swarm.clone(), peer_tx.clone());
-                    let bandwidth = env.bandwidth.clone();
-                    let Some(id) = content_id else { continue };
-                    let h = tokio::spawn(async move {
-                        let msg = match swarm.piece(peer, id, index).await {
-                            Ok(PieceResponse::Data(b)) => {
-                                bandwidth.download(foreground, b.len() as u64).await;
-                                Fetched::Piece(index, Source::Peer(peer), b)
-                            }
-                            Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
-                            Ok(other) => {
-                                Fetched::Failed(index, Source::Peer(peer), format!("{other:?}"))
-                            }
-                            Err(e) => Fetched::Failed(index, Source::Peer(peer), e.to_string()),
-                        };
-                        let _ = tx.send(msg).await;
-                    });
-                    requests.insert((index, peer), h.abort_handle());
-                }
-                Action::Origin { start, end } => {
-                    let (origin, url, tx, remote) = (
-                        env.origin.clone(),
-                        task.url.clone(),
-                        origin_tx.clone(),
-                        remote.clone(),
-                    );
-                    let bandwidth = env.bandwidth.clone();
-                    let token = run_cancel.clone();
-                    tokio::spawn(async move {
-                        let run = async {
-                            let r = remote.get_or_try_init(|| origin.probe(&url)).await?.clone();
-                            if r.length != length {
-                                return Err(OriginError::Changed {
-                                    url: url.clone(),
-                                    detail: format!(
-                                        "the origin has {} bytes, the content id {length}",
-                                        r.length
-                                    ),
-                                });
-                            }
-                            let mut index = start;
-                            let range = u64::from(start) * piece_size
-                                ..(u64::from(end) * piece_size).min(length);
-                            origin
-                                .fetch(&url, &r, range, piece_size, |bytes| {
-                                    let (tx, i, bandwidth) = (tx.clone(), index, bandwidth.clone());
-                                    index += 1;
-                                    async move {
-                                        bandwidth.download(foreground, bytes.len() as u64).await;
-                                        tx.send(Fetched::Piece(i, Source::Origin, bytes))
-                                            .await
-                                            .is_ok()
-                                    }
-                                })
-                                .await
-                        };
-                        let res = tokio::select! {
-                            () = token.cancelled() => return,
-                            r = run => r,
-                        };
-                        let _ = tx.send(Fetched::OriginEnd(res)).await;
-                    });
-                }
-            }
-        }
-        if content_id.is_some() && !refreshing && last_refresh.elapsed() >= PEER_REFRESH {
-            last_refresh = Instant::now();
-            if let Some(id) = content_id {
-                refreshing = true;
-                refreshes += 1;
-                env.store.set_fetching(&id, &task.temp, sched.in_flight());
-                let dht = refreshes.is_multiple_of(DHT_EVERY_REFRESHES);
-                let busy: HashSet<PeerId> = requests.keys().map(|(_, p)| *p).collect();
-                let (env2, tx) = (env.clone(), refresh_tx.clone());
-                tokio::spawn(async move {
-                    let key = BanKey::Blake3(*id.hash());
-                    let have = HaveKey::Blake3(*id.hash());
-                    let providers = if dht {
-                        env2.swarm.find_providers(have, PEER_REFRESH).await
-                    } else {
-                        Vec::new()
-                    };
-                    let reachable = peers_to_ask(&env2, key, providers).await;
-                    let asked = poll_sample(reachable.clone(), &busy);
-                    let answers = ask(&env2, have, asked.clone(), None).await;
-                    let _ = tx
-                        .send((
-                            asked,
-                            reachable,
-                            answers
-                                .into_iter()
-                                .filter(|(p, h)| h.content_id == id && !env2.bans.is_banned(key, p))
-                                .collect(),
-                        ))
-                        .await;
-                });
-            }
-        }
-        // Gather chaining values from peers that can tell ones not known here, and assemble
-        // the layer once all are known (a peer with a verified layer gives it whole).
-        if layer.is_none()
-            && let Some(a) = &mut assembly
-            && !a.running
-            && !a.failed
-        {
-            let full_from: Vec<PeerId> = Vec::new();
-            // Checked only after own pieces or peers' values changed: it walks every piece
-            // against every peer.
-            if std::mem::take(&mut a.changed)
-                && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
-            {
-                a.running = true;
-                let claims: Vec<(PeerId, Bitfield)> =
-                    a.claims.iter().map(|(p, b)| (*p, b.clone())).collect();
-                let (env2, tx, id, own) = (env.clone(), assembled_tx.clone(), a.id, a.known());
-                tokio::spawn(async move {
-                    let _ = tx
-                        .send(assemble(env2, id, own, claims, full_from).await)
-                        .await;
-                });
-            }
-        }
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => break Err(Failure::Cancelled.into()),
-            Some(v) = verified_rx.recv() => {
-                if !v.after_layer {
-                    in_verifier -= 1;
-                }
-                match v.result {
-                    Ok(()) if v.cv.is_some()
-                        && layer
-                            .as_ref()
-                            .is_some_and(|l| l.chaining_values().get(v.index as usize) != v.cv.as_ref()) =>
-                    {
-                        // Recorded before the writer had the assembled layer, and not the
-                        // layer's: the origin served bytes other than the content's.
-                        break Err(Failure::Fatal(JobError {
-                            context: ErrorContext::RemoteFile,
-                            file: Some(task.index),
-                            description: format!(
-                                "piece {} from {} differs from the verified piece layer of {}",
-                                v.index,
-                                origin::redact(&task.url),
-                                content_id.map(|c| c.to_string()).unwrap_or_default()
-                            ),
-                        })
-                        .into());
-                    }
-                    Ok(()) => {
-                        sched.on_done(v.index, v.source);
-                        if let Some(id) = &content_id {
-                            env.store.mark_verified(id, &task.temp, v.index);
-                        }
-                        if let (Some(a), Some(cv)) = (&mut assembly, v.cv)
-                            && layer.is_none()
-                        {
-                            a.own[v.index as usize] = Some(cv);
-                            a.changed = true;
-                            env.store.add_claim(&a.id, &task.temp, v.index, cv);
-                        }
-                        let source = match v.source {
-                            Source::Peer(p) => Some(env.swarm.peer_source(&p)),
-                            Source::Origin => None,
-                        };
-                        from_peers |= source.is_some();
-                        progress(Update::Piece { bytes: v.bytes, source });
-                    }
-                    Err(reason) => {
-                        progress(Update::Rejected);
-                        match v.source {
-                            Source::Peer(peer) => {
-                                warn!(%peer, index = v.index, "piece rejected, peer banned: {reason}");
-                                sched.on_corrupt(v.index, peer);
-                                if let Some(id) = &content_id
-                                    && env.bans.ban(BanKey::Blake3(*id.hash()), peer)
-                                {
-                                    progress(Update::Banned);
-                                }
-                            }
-                            Source::Origin if claimed => break Err(AttemptFailure::ClaimFailed),
-                            Source::Origin => {
-                                break Err(Failure::Fatal(JobError {
-                                    context: ErrorContext::RemoteFile,
-                                    file: Some(task.index),
-                                    description: format!(
-                                        "piece {} from {} fails verification against content id {}: {reason}",
-                                        v.index,
-                                        origin::redact(&task.url),
-                                        content_id.map(|c| c.to_string()).unwrap_or_default()
-                                    ),
-                                }).into());
-                            }
-                        }
-                    }
-                }
-            }
-            Some(f) = next_fetched(&mut origin_rx, &mut peer_rx) => match f {
-                Fetched::Piece(index, source, bytes) => {
-                    if let Source::Peer(p) = source {
-                        requests.remove(&(index, p));
-                    }
-                    match sched.on_received(index, source, bytes.len() as u64, Instant::now()) {
-                        Received::Late => {}
-                        Received::First { cancel } => {
-                            for p in cancel {
-                                if let Some(h) = requests.remove(&(index, p)) {
-                                    h.abort();
-                                }
-                            }
-                            in_verifier += 1;
-                            if writer.tx.send(ToWriter::Piece(index, source, bytes)).await.is_err() {
-                                break Err(Failure::Fatal(JobError {
-                                    context: ErrorContext::LocalFile,
-                                    file: Some(task.index),
-                                    description: format!("writing {} failed", task.temp.display()),
-                                }).into());
-                            }
-                        }
-                    }
-                }
-                Fetched::Failed(index, source, reason) => {
-                    debug!(index, ?source, "piece fetch failed: {reason}");
-                    if let Source::Peer(p) = source {
-                        requests.remove(&(index, p));
-                        sched.on_failed(index, p, Instant::now());
-                    }
-                }
-                Fetched::Busy(index, p) => {
-                    requests.remove(&(index, p));
-                    sched.on_busy(index, p, Instant::now());
-                }
-                Fetched::OriginEnd(Ok(())) => {
-                    // An origin without Range support sends from byte 0 on every request:
-                    // its runs then go on as far as the pieces are missing.
-                    if let Some(r) = remote.get() {
-                        sched.set_origin_ranges(r.ranges);
-                    }
-                    sched.on_origin_run_end();
-                }
-                Fetched::OriginEnd(Err(e)) => {
-                    sched.on_origin_run_end();
-                    if claimed && matches!(e, OriginError::Changed { .. }) {
-                        break Err(AttemptFailure::ClaimFailed);
-                    }
-                    break Err(origin_failure(task.index, &e).into());
-                }
-            },
-            got = announcements.recv(), if announcements_open && content_id.is_some() => match got {
-                Ok((peer, h)) => {
-                    let key = content_id.map(|c| BanKey::Blake3(*c.hash()));
-                    if let Some(id) = content_id
-                        && h.content_id == id
-                        && !key.is_some_and(|k| env.bans.is_banned(k, &peer))
-                    {
-                        env.store.with_members(&id, |v| v.merge(&peer, &h.members, Instant::now()));
-                        apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
-            },
-            Some((asked, reachable, answers)) = refresh_rx.recv() => {
-                refreshing = false;
-                rounds_answered += 1;
-                last_refresh = Instant::now();
-                let mut full_from = Vec::new();
-                let answered: HashSet<PeerId> = answers.iter().map(|(p, _)| *p).collect();
-                for peer in sched.peer_ids() {
-                    if !asked.contains(&peer) && reachable.contains(&peer) {
-                        // Not asked this round: its last answer stands. (A peer that is not
-                        // reachable any more, disconnected, counts a miss.)
-                        continue;
-                    }
-                    if answered.contains(&peer) {
-                        misses.remove(&peer);
-                        continue;
-                    }
-                    let m = misses.entry(peer).or_default();
-                    *m += 1;
-                    if *m >= PEER_MISSES {
-                        // Gone, or holds nothing of it any more: its pieces and claims no
-                        // longer count.
-                        sched.remove_peer(&peer);
-                        if let Some(id) = &content_id {
-                            env.store.with_members(id, |v| v.forget(&peer));
-                        }
-                        if let Some(a) = &mut assembly {
-                            a.claims.remove(&peer);
-                            a.changed = true;
-                        }
-                        misses.remove(&peer);
-                    }
-                }
-                let now = Instant::now();
-                for (peer, h) in answers {
-                    if layer.is_none() && h.have.count_ones() > 0 {
-                        full_from.push(peer);
-                    }
-                    if let Some(id) = &content_id {
-                        env.store.with_members(id, |v| v.merge(&peer, &h.members, now));
-                    }
-                    apply_peer(&mut sched, &mut assembly, layer.is_some(), peer, h);
-                }
-                // Values a peer could tell that an earlier gathering missed are asked again.
-                if let Some(a) = &mut assembly
-                    && layer.is_none()
-                    && !a.running
-                    && a.peers_know_more()
-                {
-                    a.changed = true;
-                }
-                // A peer with a verified layer: take it rather than wait for the claims.
-                if layer.is_none()
-                    && !full_from.is_empty()
-                    && let Some(a) = &mut assembly
-                    && !a.running
-                {
-                    a.running = true;
-                    let (env2, tx, id) = (env.clone(), assembled_tx.clone(), a.id);
-                    let own = vec![None; 0];
-                    tokio::spawn(async move {
-                        let _ = tx.send(assemble(env2, id, own, Vec::new(), full_from).await).await;
-                    });
-                }
-            }
-            Some(result) = assembled_rx.recv() => {
-                let Some(a) = &mut assembly else { continue };
-                a.running = false;
-                match result {
-                    Assembled::Layer(l) => {
-                        info!(url = %origin::redact(&task.url), id = %l.content_id(), "piece layer assembled and verified");
-                        // Only own pieces whose chaining value is the layer's are servable; the
-                        // writer checks every recorded piece against the layer too.
-                        let mut verified = Bitfield::new(piece_count);
-                        for (i, cv) in a.own.iter().enumerate() {
-                            if cv.is_some() && cv.as_ref() == l.chaining_values().get(i) {
-                                verified.set(i as u32);
-                            }
-                        }
-                        if writer.tx.send(ToWriter::Layer(l.clone())).await.is_err() {
-                            break Err(Failure::Fatal(JobError {
-                                context: ErrorContext::LocalFile,
-                                file: Some(task.index),
-                                description: format!("writing {} failed", task.temp.display()),
-                            }).into());
-                        }
-                        env.store.insert(
-                            l.clone(),
-                            verified,
-                            task.temp.clone(),
-                            Backing::Held(served_file.clone()),
-                        );
-                        content_id = Some(l.content_id());
-                        progress(Update::ContentId(l.content_id()));
-                        layer = Some(l);
-                        // Peers' pieces count from the next have round on.
-                        last_refresh = Instant::now() - PEER_REFRESH;
-                    }
-                    Assembled::Learned(entries) => {
-                        // Passed on to peers from now on; the rest is asked for again when
-                        // peers tell more (or at the next have round).
-                        for (i, cv) in &entries {
-                            a.relayed[*i as usize] = Some(*cv);
-                        }
-                        if !entries.is_empty() {
-                            env.store.set_relayed(&a.id, &task.temp, &entries);
-                        }
-                    }
-                    Assembled::Failed { reason, from_claims } => {
-                        if !from_claims {
-                            // Only peers' verified layers were tried; claims may still do.
-                            a.changed = true;
-                            continue;
-                        }
-                        warn!(url = %origin::redact(&task.url), "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin");
-                        a.failed = true;
-                        a.relayed.iter_mut().for_each(|c| *c = None);
-                        env.store.set_relayed(&a.id, &task.temp, &[]);
-                        sched.drop_claims();
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                // The writer stops only on a write, flush or state-store failure; the pieces
-                // it held will never be reported, so end here (its error comes from the join).
-                if writer.thread.is_finished() {
-                    break Err(Failure::Fatal(JobError {
-                        context: ErrorContext::LocalFile,
-                        file: Some(task.index),
-                        description: format!("writing {} failed", task.temp.display()),
-                    }).into());
-                }
-            }
-        }
+    let Writer {
+        tx: writer_tx,
+        thread: writer_thread,
+    } = writer;
+    let mut driver = Driver {
+        env,
+        task,
+        foreground,
+        length,
+        piece_size,
+        piece_count,
+        remote: remote.clone(),
+        writer: writer_tx,
+        served_file: served_file.clone(),
+        progress,
+        tasks: tokio::task::JoinSet::new(),
+        requests: HashMap::new(),
+        origin_tx,
     };
-    run_cancel.cancel();
-    for (_, h) in requests {
-        h.abort();
-    }
-    drop(writer.tx);
+    let result = driver
+        .run(
+            &mut core,
+            &mut verified_rx,
+            &mut origin_rx,
+            &|| writer_thread.is_finished(),
+            cancel,
+        )
+        .await;
+    // Every child task is aborted, and the writer's queue closes.
+    drop(driver);
+    let content_id = core.content_id();
+    let layer = core.layer().cloned();
+    let from_peers = core.got_peer_bytes();
+    let assembly_id = core.assembly_id();
     // Read what the writer still reports while it ends (it must never block on a full
     // channel): a piece that the assembled layer rejected after the loop ended fails the file.
-    let join = tokio::task::spawn_blocking(move || writer.thread.join());
+    let join = tokio::task::spawn_blocking(move || writer_thread.join());
     let mut late_rejects = Vec::new();
     while let Some(v) = verified_rx.recv().await {
         if let Err(reason) = v.result {
@@ -2459,8 +2254,8 @@ async fn attempt(
     // A whole-file mismatch: these bytes must not be resumed from.
     let forget = || {
         env.store.remove_at(&id, &task.temp);
-        if let Some(a) = &assembly {
-            env.store.remove_at(&a.id, &task.temp);
+        if let Some(a) = &assembly_id {
+            env.store.remove_at(a, &task.temp);
         }
         if let Some(d) = &task.durable
             && let Err(e) = d.store.clear_pieces(d.job, d.index)

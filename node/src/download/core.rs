@@ -1,0 +1,892 @@
+//! The transfer phase of one file's download as a state machine without I/O, after
+//! quinn-proto's `Connection`: no tokio, no file system, no clock.
+//!
+//! Inputs are the `handle_*` methods, each given `now`: what a have round found, an
+//! announcement, a fetched piece (or a failed, refused or ended fetch), a piece the writer
+//! verified (or rejected), the outcome of a layer gathering, the member view's fetchers, and
+//! timeouts. Outputs are [`Core::poll_action`] (request or cancel a piece, fetch an origin run,
+//! ask peers, announce, gather a layer, write a piece, hand the writer a layer, ban a peer,
+//! report progress, update what the store serves), [`Core::poll_timeout`] (when to call
+//! [`Core::handle_timeout`]) and [`Core::poll_end`]. The driver (`super::attempt`) carries the
+//! actions out and feeds the results back.
+//!
+//! The core decides; the scheduler (`super::scheduler`) inside it picks pieces and origin runs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use shoal_protocol::{Bitfield, ContentId, Holding, Member, PieceIndex};
+use shoal_validator::{ChainingValue, PieceLayer};
+
+use super::members;
+use super::scheduler::{self, Received, Scheduler, Source};
+use super::{
+    Assembled, Assembly, DHT_EVERY_REFRESHES, MAX_SETTLE, PEER_MISSES, PEER_REFRESH, SETTLE,
+    STUCK_GRACE, TICK, origin_start,
+};
+use crate::source::origin::OriginError;
+
+/// What the core starts from: the file's geometry and what the preamble found.
+pub(super) struct Setup {
+    /// This node.
+    pub(super) me: PeerId,
+    /// The file's pieces: their size in bytes, and how many.
+    pub(super) piece_size: u64,
+    pub(super) piece_count: u32,
+    /// The verified layer, if the preamble has one.
+    pub(super) layer: Option<PieceLayer>,
+    /// The layer being assembled from origin pieces, without one.
+    pub(super) assembly: Option<Assembly>,
+    /// Pieces already on disk and verified (kept from an earlier run).
+    pub(super) kept: Bitfield,
+    /// The content id was claimed for a SHA-256 by peers (its layer verified against it).
+    pub(super) claimed: bool,
+    /// Bytes came from peers before (an earlier run).
+    pub(super) from_peers: bool,
+    /// The source policy never uses the origin.
+    pub(super) never_origin: bool,
+    /// This download asks peers and is a member of its content's swarm.
+    pub(super) use_peers: bool,
+    /// Peers are about (answers, a DHT, connections): the origin is shared among members.
+    pub(super) swarm: bool,
+    /// Until when peers are waited for before the origin (the source policy's wait, a cache
+    /// node's, the first peers'): the member view hears whether this node uses the origin.
+    pub(super) wait_until: Instant,
+    /// The source policy's wait for peers before the first origin run, when it is ahead.
+    pub(super) origin_wait: Option<Instant>,
+    /// The scheduler's settings.
+    pub(super) scheduler: scheduler::Config,
+}
+
+/// An update of what the store serves and reports of this file.
+#[derive(Debug)]
+pub(super) enum StoreOp {
+    /// The pieces being fetched now (reported in have answers).
+    SetFetching(ContentId, Bitfield),
+    /// Piece verified and written: servable.
+    MarkVerified(ContentId, PieceIndex),
+    /// A chaining value computed from origin bytes (a claim, while assembling).
+    AddClaim(ContentId, PieceIndex, ChainingValue),
+    /// Values taken in from peers, passed on in turn (empty: none any more).
+    SetRelayed(ContentId, Vec<(PieceIndex, ChainingValue)>),
+    /// The member view: a peer's members merged, or the peer gone.
+    MergeMembers(ContentId, PeerId, Vec<Member>),
+    ForgetMember(ContentId, PeerId),
+}
+
+/// What the core asks the driver to do.
+#[derive(Debug)]
+pub(super) enum Action {
+    /// Ask `peer` for piece `index` of the content.
+    RequestPiece {
+        content_id: ContentId,
+        peer: PeerId,
+        index: PieceIndex,
+    },
+    /// Abort the request for `index` to `peer` (another source delivered it).
+    CancelRequest { peer: PeerId, index: PieceIndex },
+    /// Fetch pieces `start..end` from the origin.
+    FetchOrigin { start: u32, end: u32 },
+    /// A have round for the content: the peers to ask are chosen by the driver, `busy` (peers
+    /// with requests in flight) first; `dht` also asks the DHT for providers.
+    AskPeers {
+        content_id: ContentId,
+        dht: bool,
+        busy: HashSet<PeerId>,
+    },
+    /// Tell `to` at once what this node holds of the content.
+    Announce {
+        content_id: ContentId,
+        to: Vec<PeerId>,
+    },
+    /// Gather chaining values (or a whole verified layer from `full_from`) for the assembly.
+    Gather {
+        content_id: ContentId,
+        known: Vec<Option<ChainingValue>>,
+        claims: Vec<(PeerId, Bitfield)>,
+        full_from: Vec<PeerId>,
+    },
+    /// Hand a piece to the writer (verify, write).
+    Write {
+        index: PieceIndex,
+        source: Source,
+        bytes: Bytes,
+    },
+    /// The layer was assembled and verified: the writer checks against it from now on, and
+    /// the store serves the `verified` pieces.
+    SetLayer {
+        layer: PieceLayer,
+        verified: Bitfield,
+    },
+    /// Report this node's state to the member view and call [`Core::handle_members`] with its
+    /// fetchers (`proven_only`: after a lapse, only members heard from directly).
+    MemberTick {
+        content_id: ContentId,
+        done: u32,
+        origin_now: bool,
+        proven_only: bool,
+    },
+    /// `peer` served bad data of the content: ban it.
+    Ban { content_id: ContentId, peer: PeerId },
+    /// Update the store.
+    Store(StoreOp),
+    /// A piece verified and was written (`peer`: `None` for the origin).
+    PieceDone { bytes: u64, peer: Option<PeerId> },
+    /// A piece failed verification and was discarded.
+    Rejected,
+}
+
+/// How the transfer phase ended, when not by completing.
+#[derive(Debug)]
+pub(super) enum End {
+    /// Every piece verified and was written.
+    Done,
+    /// No source can supply the missing pieces (the origin not being used).
+    Stuck,
+    /// A piece recorded before the assembled layer is not the layer's: the origin served
+    /// bytes other than the content's.
+    DiffersFromLayer(PieceIndex),
+    /// Origin bytes do not match the content id peers claimed for a SHA-256.
+    ClaimFailed,
+    /// An origin piece failed verification against the content id.
+    OriginPieceFailed(PieceIndex, String),
+    /// An origin run failed.
+    Origin(OriginError),
+}
+
+/// The timers of the transfer phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// The next have round.
+    PeerRefresh,
+    /// The next member tick.
+    MemberTick,
+    /// The stuck grace ends.
+    Stuck,
+    /// The scheduler's own deadlines (patience, timeouts, the first origin run): looked at
+    /// every [`TICK`].
+    Schedule,
+}
+
+/// One deadline per timer.
+#[derive(Debug, Default)]
+struct TimerTable([Option<Instant>; 4]);
+
+impl TimerTable {
+    fn set(&mut self, t: Timer, at: Instant) {
+        self.0[t as usize] = Some(at);
+    }
+    fn stop(&mut self, t: Timer) {
+        self.0[t as usize] = None;
+    }
+    fn get(&self, t: Timer) -> Option<Instant> {
+        self.0[t as usize]
+    }
+    fn next(&self) -> Option<Instant> {
+        self.0.iter().flatten().min().copied()
+    }
+}
+
+/// The transfer phase of one file.
+pub(super) struct Core {
+    sched: Scheduler,
+    piece_count: u32,
+    layer: Option<PieceLayer>,
+    assembly: Option<Assembly>,
+    content_id: Option<ContentId>,
+    claimed: bool,
+    never_origin: bool,
+    from_peers: bool,
+    wait_until: Instant,
+    /// A member of the content's swarm (joined by the driver).
+    member: bool,
+    /// Holding the first origin run until the member view is still.
+    settling: bool,
+    /// A member tick is out: the step goes on when the fetchers come back.
+    awaiting_members: bool,
+    not_before: Option<Instant>,
+    settle_from: Instant,
+    fetcher_seeds: HashMap<PeerId, u64>,
+    announced_growth: Option<Instant>,
+    rounds_answered: u32,
+    /// Have rounds in a row each known peer missed.
+    misses: HashMap<PeerId, u32>,
+    /// Pieces handed to the writer and not reported yet.
+    in_verifier: usize,
+    /// Requests in flight to peers.
+    requests: HashSet<(PieceIndex, PeerId)>,
+    /// A have round is out.
+    refreshing: bool,
+    refreshes: u32,
+    timers: TimerTable,
+    actions: VecDeque<Action>,
+    end: Option<End>,
+}
+
+impl Core {
+    /// The core of a transfer starting at `now`.
+    pub(super) fn new(s: Setup, now: Instant) -> Self {
+        let mut sched = Scheduler::new(s.piece_count, s.piece_size, s.scheduler);
+        for index in s.kept.ones() {
+            sched.set_done(index, Source::Origin);
+        }
+        let content_id = s
+            .layer
+            .as_ref()
+            .map(PieceLayer::content_id)
+            .or(s.assembly.as_ref().map(|a| a.id));
+        // Before the first origin run: not before this, and, while settling, not before the
+        // member view has been still for `SETTLE`.
+        let mut not_before = None;
+        let mut settling = false;
+        let member = s.use_peers && content_id.is_some();
+        if let Some(id) = &content_id {
+            sched.set_seed(u64::from(origin_start(s.me, id, u32::MAX)));
+            sched.set_me(s.me);
+            if s.swarm {
+                sched.set_origin_start(origin_start(s.me, id, s.piece_count));
+                sched.set_swarm(true);
+                // Nodes that start together start their origin runs up to 100 ms apart, so
+                // that each sees the others' announcements first.
+                let jitter = Duration::from_millis(u64::from(origin_start(s.me, id, 100)));
+                not_before = Some(now + jitter);
+                settling = member && !s.never_origin;
+            }
+        }
+        if s.never_origin {
+            sched.set_origin_allowed(false);
+        }
+        // The rest of the source policy's wait for peers before the origin (DO's
+        // DelayBackground/ForegroundDownloadFromHttp).
+        not_before = not_before.max(s.origin_wait);
+        sched.set_origin_not_before(not_before);
+        let mut timers = TimerTable::default();
+        if content_id.is_some() {
+            // The first have round goes out at once.
+            timers.set(Timer::PeerRefresh, now);
+        }
+        if member {
+            timers.set(Timer::MemberTick, now);
+        }
+        timers.set(Timer::Schedule, now);
+        Self {
+            sched,
+            piece_count: s.piece_count,
+            layer: s.layer,
+            assembly: s.assembly,
+            content_id,
+            claimed: s.claimed,
+            never_origin: s.never_origin,
+            from_peers: s.from_peers,
+            wait_until: s.wait_until,
+            member,
+            settling,
+            awaiting_members: false,
+            not_before,
+            // Settling counts from when the origin may be used.
+            settle_from: not_before.unwrap_or(now),
+            fetcher_seeds: HashMap::new(),
+            announced_growth: None,
+            rounds_answered: 0,
+            misses: HashMap::new(),
+            in_verifier: 0,
+            requests: HashSet::new(),
+            refreshing: false,
+            refreshes: 0,
+            timers,
+            actions: VecDeque::new(),
+            end: None,
+        }
+    }
+
+    /// The content peers are asked about: the verified layer's, or the one being assembled.
+    pub(super) fn content_id(&self) -> Option<ContentId> {
+        self.content_id
+    }
+
+    /// The verified layer, once there is one.
+    pub(super) fn layer(&self) -> Option<&PieceLayer> {
+        self.layer.as_ref()
+    }
+
+    /// The layer being assembled (its content id), if any.
+    pub(super) fn assembly_id(&self) -> Option<ContentId> {
+        self.assembly.as_ref().map(|a| a.id)
+    }
+
+    /// Whether some bytes came from peers.
+    pub(super) fn got_peer_bytes(&self) -> bool {
+        self.from_peers
+    }
+
+    /// The next thing to do.
+    #[must_use]
+    pub(super) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    #[must_use]
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        if self.end.is_some() {
+            return None;
+        }
+        self.timers.next()
+    }
+
+    /// How the transfer ended, once it has.
+    #[must_use]
+    pub(super) fn poll_end(&mut self) -> Option<End> {
+        self.end.take()
+    }
+
+    fn finish(&mut self, end: End) {
+        if self.end.is_none() {
+            self.end = Some(end);
+        }
+    }
+
+    /// A peer's holding of the content: from the first answers, a have round or an
+    /// announcement. A peer's claims stand for pieces it will serve once it has the layer;
+    /// while this node has none, the peer's verified pieces count as claims too (its layer can
+    /// be had).
+    fn apply_holding(&mut self, now: Instant, peer: PeerId, h: Holding) {
+        let n = self.piece_count;
+        let layer_known = self.layer.is_some();
+        let claimed = match &mut self.assembly {
+            Some(a) if !a.failed => {
+                let mut c = h.claimed.clone();
+                if !layer_known {
+                    for i in h.have.ones() {
+                        c.set(i);
+                    }
+                    // What the peer can tell: its claims, its pieces, and relayed values.
+                    let mut tell = h.chaining.clone();
+                    for i in c.ones() {
+                        tell.set(i);
+                    }
+                    if a.claims.get(&peer) != Some(&tell) {
+                        a.claims.insert(peer, tell);
+                        a.changed = true;
+                    }
+                }
+                c
+            }
+            _ => Bitfield::new(n),
+        };
+        // Pieces from peers can be checked only against a verified layer. Once this node has
+        // one, a peer's claims are pieces it is about to serve: awaited like pieces it
+        // fetches, with the same patience.
+        let (have, fetching, claimed) = if layer_known {
+            let mut f = h.fetching;
+            for i in claimed.ones() {
+                f.set(i);
+            }
+            (h.have, f, Bitfield::new(n))
+        } else {
+            (Bitfield::new(n), h.fetching, claimed)
+        };
+        self.sched.set_peer(peer, have, fetching, claimed, now);
+    }
+
+    /// The transfer starts with the answers of the peers the preamble chose (for the content).
+    pub(super) fn start(&mut self, now: Instant, peers: Vec<(PeerId, Holding)>) {
+        if let Some(id) = self.content_id {
+            for (peer, h) in peers {
+                self.actions.push_back(Action::Store(StoreOp::MergeMembers(
+                    id,
+                    peer,
+                    h.members.clone(),
+                )));
+                self.apply_holding(now, peer, h);
+            }
+        }
+        self.step(now);
+    }
+
+    /// A peer's answer or announcement for the content: its members join the view, its
+    /// holding counts. Answers for other content are ignored. Peers banned for the content
+    /// must be filtered out by the driver.
+    pub(super) fn handle_holding(&mut self, now: Instant, peer: PeerId, h: Holding) {
+        let Some(id) = self.content_id else { return };
+        if h.content_id != id {
+            return;
+        }
+        self.actions.push_back(Action::Store(StoreOp::MergeMembers(
+            id,
+            peer,
+            h.members.clone(),
+        )));
+        self.apply_holding(now, peer, h);
+        self.step(now);
+    }
+
+    /// A have round ended: `asked` were asked, `reachable` could have been (connected, or
+    /// found in the DHT), `answers` came back (for the content, from peers not banned).
+    pub(super) fn handle_round(
+        &mut self,
+        now: Instant,
+        asked: &[PeerId],
+        reachable: &[PeerId],
+        answers: Vec<(PeerId, Holding)>,
+    ) {
+        self.refreshing = false;
+        self.rounds_answered += 1;
+        self.timers.set(Timer::PeerRefresh, now + PEER_REFRESH);
+        let answered: HashSet<PeerId> = answers.iter().map(|(p, _)| *p).collect();
+        for peer in self.sched.peer_ids() {
+            if !asked.contains(&peer) && reachable.contains(&peer) {
+                // Not asked this round: its last answer stands. (A peer that is not reachable
+                // any more, disconnected, counts a miss.)
+                continue;
+            }
+            if answered.contains(&peer) {
+                self.misses.remove(&peer);
+                continue;
+            }
+            let m = self.misses.entry(peer).or_default();
+            *m += 1;
+            if *m >= PEER_MISSES {
+                // Gone, or holds nothing of it any more: its pieces and claims no longer count.
+                self.sched.remove_peer(&peer);
+                if let Some(id) = self.content_id {
+                    self.actions
+                        .push_back(Action::Store(StoreOp::ForgetMember(id, peer)));
+                }
+                if let Some(a) = &mut self.assembly {
+                    a.claims.remove(&peer);
+                    a.changed = true;
+                }
+                self.misses.remove(&peer);
+            }
+        }
+        let mut full_from = Vec::new();
+        for (peer, h) in answers {
+            if self.content_id != Some(h.content_id) {
+                continue;
+            }
+            if self.layer.is_none() && h.have.count_ones() > 0 {
+                full_from.push(peer);
+            }
+            if let Some(id) = self.content_id {
+                self.actions.push_back(Action::Store(StoreOp::MergeMembers(
+                    id,
+                    peer,
+                    h.members.clone(),
+                )));
+            }
+            self.apply_holding(now, peer, h);
+        }
+        if self.layer.is_none()
+            && let Some(a) = &mut self.assembly
+            && !a.running
+        {
+            // Values a peer could tell that an earlier gathering missed are asked again.
+            if a.peers_know_more() {
+                a.changed = true;
+            }
+            // A peer with a verified layer: take it rather than wait for the claims.
+            if !full_from.is_empty() {
+                a.running = true;
+                self.actions.push_back(Action::Gather {
+                    content_id: a.id,
+                    known: Vec::new(),
+                    claims: Vec::new(),
+                    full_from,
+                });
+            }
+        }
+        self.step(now);
+    }
+
+    /// A piece arrived from `source`.
+    pub(super) fn handle_piece(
+        &mut self,
+        now: Instant,
+        index: PieceIndex,
+        source: Source,
+        bytes: Bytes,
+    ) {
+        if let Source::Peer(p) = source {
+            self.requests.remove(&(index, p));
+        }
+        match self
+            .sched
+            .on_received(index, source, bytes.len() as u64, now)
+        {
+            Received::Late => {}
+            Received::First { cancel } => {
+                for peer in cancel {
+                    if self.requests.remove(&(index, peer)) {
+                        self.actions
+                            .push_back(Action::CancelRequest { peer, index });
+                    }
+                }
+                self.in_verifier += 1;
+                self.actions.push_back(Action::Write {
+                    index,
+                    source,
+                    bytes,
+                });
+            }
+        }
+        self.step(now);
+    }
+
+    /// A request to `peer` for `index` failed (`busy`: refused for want of an upload slot).
+    pub(super) fn handle_failed(
+        &mut self,
+        now: Instant,
+        index: PieceIndex,
+        peer: PeerId,
+        busy: bool,
+    ) {
+        self.requests.remove(&(index, peer));
+        if busy {
+            self.sched.on_busy(index, peer, now);
+        } else {
+            self.sched.on_failed(index, peer, now);
+        }
+        self.step(now);
+    }
+
+    /// An origin run ended; `ranges`: whether the origin is known to honour Range.
+    pub(super) fn handle_origin_end(
+        &mut self,
+        now: Instant,
+        result: Result<(), OriginError>,
+        ranges: Option<bool>,
+    ) {
+        self.sched.on_origin_run_end();
+        match result {
+            Ok(()) => {
+                // An origin without Range support sends from byte 0 on every request: its runs
+                // then go on as far as the pieces are missing.
+                if let Some(r) = ranges {
+                    self.sched.set_origin_ranges(r);
+                }
+                self.step(now);
+            }
+            Err(e) if self.claimed && matches!(e, OriginError::Changed { .. }) => {
+                self.finish(End::ClaimFailed);
+            }
+            Err(e) => self.finish(End::Origin(e)),
+        }
+    }
+
+    /// The writer verified (`Ok`) or rejected piece `index`; `cv`: its chaining value, when
+    /// recorded to derive the layer; `after_layer`: a piece written earlier that the layer
+    /// assembled since rejects (not one of the pieces handed over).
+    pub(super) fn handle_verified(&mut self, now: Instant, v: Verdict) {
+        if !v.after_layer {
+            self.in_verifier = self.in_verifier.saturating_sub(1);
+        }
+        match v.result {
+            Ok(())
+                if v.cv.is_some()
+                    && self.layer.as_ref().is_some_and(|l| {
+                        l.chaining_values().get(v.index as usize) != v.cv.as_ref()
+                    }) =>
+            {
+                self.finish(End::DiffersFromLayer(v.index));
+            }
+            Ok(()) => {
+                self.sched.on_done(v.index, v.source);
+                if let Some(id) = self.content_id {
+                    self.actions
+                        .push_back(Action::Store(StoreOp::MarkVerified(id, v.index)));
+                }
+                if let (Some(a), Some(cv)) = (&mut self.assembly, v.cv)
+                    && self.layer.is_none()
+                {
+                    a.own[v.index as usize] = Some(cv);
+                    a.changed = true;
+                    self.actions
+                        .push_back(Action::Store(StoreOp::AddClaim(a.id, v.index, cv)));
+                }
+                let peer = match v.source {
+                    Source::Peer(p) => Some(p),
+                    Source::Origin => None,
+                };
+                self.from_peers |= peer.is_some();
+                self.actions.push_back(Action::PieceDone {
+                    bytes: v.bytes,
+                    peer,
+                });
+                self.step(now);
+            }
+            Err(reason) => {
+                self.actions.push_back(Action::Rejected);
+                match v.source {
+                    Source::Peer(peer) => {
+                        tracing::warn!(%peer, index = v.index, "piece rejected, peer banned: {reason}");
+                        self.sched.on_corrupt(v.index, peer);
+                        if let Some(content_id) = self.content_id {
+                            self.actions.push_back(Action::Ban { content_id, peer });
+                        }
+                        self.step(now);
+                    }
+                    Source::Origin if self.claimed => self.finish(End::ClaimFailed),
+                    Source::Origin => self.finish(End::OriginPieceFailed(v.index, reason)),
+                }
+            }
+        }
+    }
+
+    /// A layer gathering ended.
+    pub(super) fn handle_assembled(&mut self, now: Instant, result: Assembled) {
+        let Some(a) = &mut self.assembly else { return };
+        a.running = false;
+        match result {
+            Assembled::Layer(l) => {
+                // Only own pieces whose chaining value is the layer's are servable; the writer
+                // checks every recorded piece against the layer too.
+                let mut verified = Bitfield::new(self.piece_count);
+                for (i, cv) in a.own.iter().enumerate() {
+                    if cv.is_some() && cv.as_ref() == l.chaining_values().get(i) {
+                        verified.set(i as u32);
+                    }
+                }
+                self.content_id = Some(l.content_id());
+                self.layer = Some(l.clone());
+                self.actions
+                    .push_back(Action::SetLayer { layer: l, verified });
+                // Peers' pieces count from the next have round on, which goes out now.
+                self.timers.set(Timer::PeerRefresh, now);
+            }
+            Assembled::Learned(entries) => {
+                // Passed on to peers from now on; the rest is asked for again when peers tell
+                // more (or at the next have round).
+                for (i, cv) in &entries {
+                    a.relayed[*i as usize] = Some(*cv);
+                }
+                if !entries.is_empty() {
+                    self.actions
+                        .push_back(Action::Store(StoreOp::SetRelayed(a.id, entries)));
+                }
+            }
+            Assembled::Failed {
+                reason,
+                from_claims,
+            } => {
+                if from_claims {
+                    tracing::warn!(
+                        "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin"
+                    );
+                    a.failed = true;
+                    a.relayed.iter_mut().for_each(|c| *c = None);
+                    self.actions
+                        .push_back(Action::Store(StoreOp::SetRelayed(a.id, Vec::new())));
+                    self.sched.drop_claims();
+                } else {
+                    // Only peers' verified layers were tried; claims may still do.
+                    a.changed = true;
+                }
+            }
+        }
+        self.step(now);
+    }
+
+    /// The member view's fetchers and when it last grew, after an [`Action::MemberTick`].
+    /// `view`: `None` when there is no member view (any more).
+    pub(super) fn handle_members(&mut self, now: Instant, view: Option<(Vec<PeerId>, Instant)>) {
+        self.awaiting_members = false;
+        let (Some(id), Some((fetchers, grew))) = (self.content_id, view) else {
+            self.schedule(now);
+            return;
+        };
+        if self.fetcher_seeds.len() > 2 * fetchers.len() + 16 {
+            let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
+            self.fetcher_seeds.retain(|p, _| now_fetching.contains(p));
+        }
+        let seeded: Vec<(PeerId, u64)> = fetchers
+            .into_iter()
+            .map(|p| {
+                let seed = *self
+                    .fetcher_seeds
+                    .entry(p)
+                    .or_insert_with(|| members::fetcher_seed(&p, id.hash()));
+                (p, seed)
+            })
+            .collect();
+        self.sched.set_fetchers(&seeded, now);
+        if self.settling && now >= self.settle_from + MAX_SETTLE {
+            self.settling = false;
+        }
+        if self.settling {
+            // Two have rounds answered (members two hops away known), and no new member for
+            // `SETTLE`; at most `MAX_SETTLE`.
+            let cap = self.settle_from + MAX_SETTLE;
+            let until = if self.rounds_answered >= 2 {
+                (grew + SETTLE).min(cap)
+            } else {
+                cap
+            };
+            self.sched
+                .set_origin_not_before(self.not_before.max(Some(until)));
+            // New members reach the peers at once, not at their next have round.
+            if self.announced_growth != Some(grew) {
+                self.announced_growth = Some(grew);
+                self.actions.push_back(Action::Announce {
+                    content_id: id,
+                    to: super::poll_sample(self.sched.peer_ids(), &HashSet::new()),
+                });
+            }
+        }
+        if self.end.is_none() {
+            self.schedule(now);
+        }
+    }
+
+    /// Timers that are due run.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        self.step(now);
+    }
+
+    /// After any input: the member tick when due, then [`Self::schedule`].
+    fn step(&mut self, now: Instant) {
+        if self.end.is_some() || self.awaiting_members {
+            return;
+        }
+        if self.sched.is_complete() && self.in_verifier == 0 {
+            self.finish(End::Done);
+            return;
+        }
+        // The swarm's members, every tick: state this node, share the origin among those that
+        // use it, and while settling, hold the first origin run until the view is still. The
+        // rest of the step waits for the fetchers ([`Self::handle_members`]).
+        if let Some(id) = self.content_id
+            && self.member
+            && self.timers.get(Timer::MemberTick).is_none_or(|t| now >= t)
+        {
+            self.timers.set(Timer::MemberTick, now + TICK);
+            self.awaiting_members = true;
+            self.actions.push_back(Action::MemberTick {
+                content_id: id,
+                done: self.sched.done_count(),
+                origin_now: !self.never_origin && now >= self.wait_until,
+                proven_only: self.sched.has_lapsed(),
+            });
+            return;
+        }
+        self.schedule(now);
+    }
+
+    /// The scheduler's actions, the stuck check, the have round when due, and a gathering
+    /// when the assembly can learn something.
+    fn schedule(&mut self, now: Instant) {
+        self.timers.set(Timer::Schedule, now + TICK);
+        let actions = self.sched.next_actions(now);
+        let origin_run = actions
+            .iter()
+            .any(|a| matches!(a, scheduler::Action::Origin { .. }));
+        if origin_run {
+            self.settling = false;
+        }
+        if self.sched.is_stuck() {
+            let since = match self.timers.get(Timer::Stuck) {
+                Some(deadline) => deadline - STUCK_GRACE,
+                None => {
+                    self.timers.set(Timer::Stuck, now + STUCK_GRACE);
+                    now
+                }
+            };
+            if now >= since + STUCK_GRACE {
+                self.finish(End::Stuck);
+                return;
+            }
+        } else {
+            self.timers.stop(Timer::Stuck);
+        }
+        if !actions.is_empty()
+            && let Some(id) = self.content_id
+        {
+            self.actions.push_back(Action::Store(StoreOp::SetFetching(
+                id,
+                self.sched.in_flight(),
+            )));
+            // Starting on the origin: tell the peers fetching the same content at once.
+            if origin_run {
+                self.actions.push_back(Action::Announce {
+                    content_id: id,
+                    to: self.sched.peer_ids(),
+                });
+            }
+        }
+        for action in actions {
+            match action {
+                scheduler::Action::Peer { peer, index } => {
+                    let Some(content_id) = self.content_id else {
+                        continue;
+                    };
+                    self.requests.insert((index, peer));
+                    self.actions.push_back(Action::RequestPiece {
+                        content_id,
+                        peer,
+                        index,
+                    });
+                }
+                scheduler::Action::Origin { start, end } => {
+                    self.actions.push_back(Action::FetchOrigin { start, end });
+                }
+            }
+        }
+        if let Some(id) = self.content_id
+            && !self.refreshing
+            && self
+                .timers
+                .get(Timer::PeerRefresh)
+                .is_some_and(|t| now >= t)
+        {
+            self.refreshing = true;
+            self.refreshes += 1;
+            // While a round is out, the next is not due.
+            self.timers.stop(Timer::PeerRefresh);
+            self.actions.push_back(Action::Store(StoreOp::SetFetching(
+                id,
+                self.sched.in_flight(),
+            )));
+            self.actions.push_back(Action::AskPeers {
+                content_id: id,
+                dht: self.refreshes.is_multiple_of(DHT_EVERY_REFRESHES),
+                busy: self.requests.iter().map(|(_, p)| *p).collect(),
+            });
+        }
+        // Gather chaining values from peers that can tell ones not known here, and assemble
+        // the layer once all are known (a peer with a verified layer gives it whole).
+        if self.layer.is_none()
+            && let Some(a) = &mut self.assembly
+            && !a.running
+            && !a.failed
+            // Checked only after own pieces or peers' values changed: it walks every piece
+            // against every peer.
+            && std::mem::take(&mut a.changed)
+            && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
+        {
+            a.running = true;
+            self.actions.push_back(Action::Gather {
+                content_id: a.id,
+                known: a.known(),
+                claims: a.claims.iter().map(|(p, b)| (*p, b.clone())).collect(),
+                full_from: Vec::new(),
+            });
+        }
+    }
+}
+
+/// The writer's verdict on one piece.
+#[derive(Debug)]
+pub(super) struct Verdict {
+    pub(super) index: PieceIndex,
+    pub(super) source: Source,
+    /// The piece's length, in bytes.
+    pub(super) bytes: u64,
+    /// `Err`: why it failed verification.
+    pub(super) result: Result<(), String>,
+    /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).
+    pub(super) cv: Option<ChainingValue>,
+    /// A piece written earlier that the layer assembled since rejects (not a queued piece).
+    pub(super) after_layer: bool,
+}
