@@ -223,6 +223,8 @@ pub(super) struct Core {
     timers: TimerTable,
     actions: VecDeque<Action>,
     end: Option<End>,
+    /// The transfer ended (its end may have been taken already).
+    ended: bool,
 }
 
 impl Core {
@@ -298,6 +300,7 @@ impl Core {
             timers,
             actions: VecDeque::new(),
             end: None,
+            ended: false,
         }
     }
 
@@ -330,7 +333,7 @@ impl Core {
     /// When [`Self::handle_timeout`] is due.
     #[must_use]
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
-        if self.end.is_some() {
+        if self.ended {
             return None;
         }
         self.timers.next()
@@ -343,7 +346,8 @@ impl Core {
     }
 
     fn finish(&mut self, end: End) {
-        if self.end.is_none() {
+        if !self.ended {
+            self.ended = true;
             self.end = Some(end);
         }
     }
@@ -735,9 +739,7 @@ impl Core {
                 });
             }
         }
-        if self.end.is_none() {
-            self.schedule(now);
-        }
+        self.schedule(now);
     }
 
     /// Timers that are due run.
@@ -747,7 +749,7 @@ impl Core {
 
     /// After any input: the member tick when due, then [`Self::schedule`].
     fn step(&mut self, now: Instant) {
-        if self.end.is_some() || self.awaiting_members {
+        if self.ended || self.awaiting_members {
             return;
         }
         if self.sched.is_complete() && self.in_verifier == 0 {
@@ -777,6 +779,9 @@ impl Core {
     /// The scheduler's actions, the stuck check, the have round when due, and a gathering
     /// when the assembly can learn something.
     fn schedule(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
         self.timers.set(Timer::Schedule, now + TICK);
         let actions = self.sched.next_actions(now);
         let origin_run = actions
@@ -889,4 +894,485 @@ pub(super) struct Verdict {
     pub(super) cv: Option<ChainingValue>,
     /// A piece written earlier that the layer assembled since rejects (not a queued piece).
     pub(super) after_layer: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIECE: u64 = 16 * 1024;
+
+    /// A verified layer of a file of `pieces` pieces of 16 KiB, and the file's bytes.
+    fn layer_of(pieces: u64) -> (PieceLayer, Vec<u8>) {
+        let bytes: Vec<u8> = (0..pieces * PIECE).map(|i| (i % 251) as u8).collect();
+        let d = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64).unwrap();
+        (d.layer, bytes)
+    }
+
+    fn setup(layer: &PieceLayer, now: Instant) -> Setup {
+        let id = layer.content_id();
+        Setup {
+            me: PeerId::random(),
+            piece_size: id.piece_size(),
+            piece_count: id.piece_count(),
+            layer: Some(layer.clone()),
+            assembly: None,
+            kept: Bitfield::new(id.piece_count()),
+            claimed: false,
+            from_peers: false,
+            never_origin: false,
+            use_peers: true,
+            swarm: false,
+            wait_until: now,
+            origin_wait: None,
+            scheduler: scheduler::Config::default(),
+        }
+    }
+
+    fn holding(id: ContentId, have: &[u32]) -> Holding {
+        let n = id.piece_count();
+        let mut h = Bitfield::new(n);
+        for i in have {
+            h.set(*i);
+        }
+        Holding {
+            content_id: id,
+            chaining: h.clone(),
+            have: h,
+            fetching: Bitfield::new(n),
+            claimed: Bitfield::new(n),
+            members: Vec::new(),
+        }
+    }
+
+    /// Every action the core has, answering member ticks with an empty view (as the driver
+    /// does with the store's).
+    fn drain(core: &mut Core, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = core.poll_action() {
+            if matches!(a, Action::MemberTick { .. }) {
+                core.handle_members(now, Some((Vec::new(), now)));
+            }
+            out.push(a);
+        }
+        out
+    }
+
+    fn pieces_asked(actions: &[Action]) -> Vec<(PeerId, PieceIndex)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RequestPiece { peer, index, .. } => Some((*peer, *index)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn origin_runs(actions: &[Action]) -> Vec<(u32, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::FetchOrigin { start, end } => Some((*start, *end)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn written(actions: &[Action]) -> Vec<(PieceIndex, Source)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Write { index, source, .. } => Some((*index, *source)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ok(index: PieceIndex, source: Source) -> Verdict {
+        Verdict {
+            index,
+            source,
+            bytes: PIECE,
+            result: Ok(()),
+            cv: None,
+            after_layer: false,
+        }
+    }
+
+    #[test]
+    fn pieces_a_peer_has_are_asked_of_it_written_when_they_come_and_the_transfer_ends_when_all_verified()
+     {
+        let t0 = Instant::now();
+        let (layer, bytes) = layer_of(4);
+        let id = layer.content_id();
+        let mut core = Core::new(setup(&layer, t0), t0);
+        let peer = PeerId::random();
+        core.start(t0, vec![(peer, holding(id, &[0, 1, 2, 3]))]);
+        let actions = drain(&mut core, t0);
+        // The member view hears of the answer, a have round goes out at once, and every piece
+        // is asked of the peer that has it; the origin is not used.
+        assert!(actions.iter().any(
+            |a| matches!(a, Action::Store(StoreOp::MergeMembers(c, p, _)) if *c == id && *p == peer)
+        ));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::AskPeers { content_id, .. } if *content_id == id))
+        );
+        let mut asked = pieces_asked(&actions);
+        asked.sort_by_key(|(_, i)| *i);
+        assert_eq!(asked, (0..4).map(|i| (peer, i)).collect::<Vec<_>>());
+        assert!(origin_runs(&actions).is_empty());
+        // Pieces come back: each is handed to the writer once.
+        for i in 0..4u32 {
+            let piece =
+                Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize]);
+            core.handle_piece(t0, i, Source::Peer(peer), piece);
+        }
+        let actions = drain(&mut core, t0);
+        assert_eq!(
+            written(&actions),
+            (0..4).map(|i| (i, Source::Peer(peer))).collect::<Vec<_>>()
+        );
+        // Not done until the writer verified every piece.
+        assert!(core.poll_end().is_none());
+        for i in 0..4 {
+            core.handle_verified(t0, ok(i, Source::Peer(peer)));
+        }
+        let actions = drain(&mut core, t0);
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::PieceDone { peer: Some(p), .. } if *p == peer))
+                .count(),
+            4
+        );
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Store(StoreOp::MarkVerified(..))))
+                .count(),
+            4
+        );
+        assert!(matches!(core.poll_end(), Some(End::Done)));
+        assert!(core.got_peer_bytes());
+        assert!(core.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn without_peers_the_origin_fetches_every_piece_and_a_second_copy_is_not_written() {
+        let t0 = Instant::now();
+        let (layer, bytes) = layer_of(3);
+        let mut core = Core::new(setup(&layer, t0), t0);
+        core.start(t0, Vec::new());
+        let actions = drain(&mut core, t0);
+        assert_eq!(origin_runs(&actions), vec![(0, 3)]);
+        let piece = |i: u32| {
+            Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize])
+        };
+        core.handle_piece(t0, 0, Source::Origin, piece(0));
+        // The same piece again (a late duplicate) is not written twice.
+        core.handle_piece(t0, 0, Source::Origin, piece(0));
+        let actions = drain(&mut core, t0);
+        assert_eq!(written(&actions), vec![(0, Source::Origin)]);
+    }
+
+    #[test]
+    fn a_peer_piece_that_fails_verification_bans_the_peer_and_the_piece_is_fetched_again() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let id = layer.content_id();
+        let mut core = Core::new(setup(&layer, t0), t0);
+        let (bad, good) = (PeerId::random(), PeerId::random());
+        core.start(t0, vec![(bad, holding(id, &[0, 1]))]);
+        drain(&mut core, t0);
+        core.handle_piece(
+            t0,
+            0,
+            Source::Peer(bad),
+            Bytes::from_static(b"not the piece"),
+        );
+        drain(&mut core, t0);
+        core.handle_holding(t0, good, holding(id, &[0, 1]));
+        drain(&mut core, t0);
+        core.handle_verified(
+            t0,
+            Verdict {
+                result: Err("does not match".into()),
+                ..ok(0, Source::Peer(bad))
+            },
+        );
+        let t1 = t0 + TICK;
+        core.handle_timeout(t1);
+        let actions = drain(&mut core, t1);
+        assert!(matches!(actions[0], Action::Rejected));
+        assert!(actions.iter().any(
+            |a| matches!(a, Action::Ban { content_id, peer } if *content_id == id && *peer == bad)
+        ));
+        // Piece 0 is asked again, of the good peer, never of the banned one.
+        let asked = pieces_asked(&actions);
+        assert!(asked.contains(&(good, 0)), "{asked:?}");
+        assert!(asked.iter().all(|(p, _)| *p != bad));
+        assert!(core.poll_end().is_none());
+    }
+
+    #[test]
+    fn an_origin_piece_that_fails_verification_ends_the_transfer_and_a_claimed_content_id_fails_its_claim()
+     {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        for claimed in [false, true] {
+            let mut core = Core::new(
+                Setup {
+                    claimed,
+                    ..setup(&layer, t0)
+                },
+                t0,
+            );
+            core.start(t0, Vec::new());
+            drain(&mut core, t0);
+            core.handle_verified(
+                t0,
+                Verdict {
+                    result: Err("does not match".into()),
+                    ..ok(1, Source::Origin)
+                },
+            );
+            match (claimed, core.poll_end()) {
+                (false, Some(End::OriginPieceFailed(1, reason))) => {
+                    assert_eq!(reason, "does not match");
+                }
+                (true, Some(End::ClaimFailed)) => {}
+                (c, other) => panic!("claimed {c}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_origin_run_that_fails_ends_the_transfer_with_its_error() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let url: url::Url = "http://origin.invalid/f".parse().unwrap();
+        for claimed in [false, true] {
+            let mut core = Core::new(
+                Setup {
+                    claimed,
+                    ..setup(&layer, t0)
+                },
+                t0,
+            );
+            core.start(t0, Vec::new());
+            drain(&mut core, t0);
+            core.handle_origin_end(
+                t0,
+                Err(OriginError::Changed {
+                    url: url.clone(),
+                    detail: "other length".into(),
+                }),
+                None,
+            );
+            match (claimed, core.poll_end()) {
+                (false, Some(End::Origin(OriginError::Changed { .. })))
+                | (true, Some(End::ClaimFailed)) => {}
+                (c, other) => panic!("claimed {c}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn with_the_origin_never_used_and_no_peer_the_transfer_is_stuck_after_the_grace() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let mut core = Core::new(
+            Setup {
+                never_origin: true,
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        let actions = drain(&mut core, t0);
+        assert!(origin_runs(&actions).is_empty());
+        // The stuck timer is armed: the core wants to be woken before the grace ends.
+        let wake = core.poll_timeout().unwrap();
+        assert!(wake <= t0 + STUCK_GRACE);
+        let almost = t0 + STUCK_GRACE - Duration::from_millis(1);
+        core.handle_timeout(almost);
+        drain(&mut core, almost);
+        assert!(core.poll_end().is_none(), "stuck before the grace ended");
+        core.handle_timeout(t0 + STUCK_GRACE);
+        assert!(matches!(core.poll_end(), Some(End::Stuck)));
+    }
+
+    #[test]
+    fn have_rounds_go_out_one_at_a_time_every_peer_refresh_and_a_peer_that_misses_rounds_is_forgotten()
+     {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(8);
+        let id = layer.content_id();
+        let mut core = Core::new(
+            Setup {
+                never_origin: true,
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        let gone = PeerId::random();
+        core.start(t0, vec![(gone, holding(id, &[0, 1, 2, 3, 4, 5, 6, 7]))]);
+        let rounds = |actions: &[Action]| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::AskPeers { .. }))
+                .count()
+        };
+        assert_eq!(rounds(&drain(&mut core, t0)), 1);
+        // While the round is out, no other goes out, however long it takes.
+        let later = t0 + 10 * PEER_REFRESH;
+        core.handle_timeout(later);
+        assert_eq!(rounds(&drain(&mut core, later)), 0);
+        let mut now = later;
+        for round in 1..=PEER_MISSES {
+            // The peer was asked and did not answer.
+            core.handle_round(now, &[gone], &[gone], Vec::new());
+            let actions = drain(&mut core, now);
+            let forgotten = actions.iter().any(
+                |a| matches!(a, Action::Store(StoreOp::ForgetMember(c, p)) if *c == id && *p == gone),
+            );
+            assert_eq!(forgotten, round == PEER_MISSES, "round {round}");
+            // The next round is due `PEER_REFRESH` after this one ended, not before.
+            assert_eq!(rounds(&actions), 0);
+            core.handle_timeout(now + PEER_REFRESH - Duration::from_millis(1));
+            assert_eq!(rounds(&drain(&mut core, now)), 0);
+            now += PEER_REFRESH;
+            core.handle_timeout(now);
+            assert_eq!(rounds(&drain(&mut core, now)), 1, "round {round}");
+        }
+    }
+
+    #[test]
+    fn member_ticks_come_every_tick_and_the_step_waits_for_the_fetchers() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let mut core = Core::new(
+            Setup {
+                swarm: true,
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        // The first action is the member tick; nothing is scheduled until it is answered.
+        let first = core.poll_action();
+        assert!(
+            matches!(first, Some(Action::MemberTick { done: 0, .. })),
+            "{first:?}"
+        );
+        assert!(core.poll_action().is_none());
+        core.handle_members(t0, Some((Vec::new(), t0)));
+        assert!(core.poll_action().is_some());
+        drain(&mut core, t0);
+        // Within the tick, no other member tick.
+        core.handle_timeout(t0 + TICK / 2);
+        let ticks = |a: &[Action]| {
+            a.iter()
+                .filter(|a| matches!(a, Action::MemberTick { .. }))
+                .count()
+        };
+        assert_eq!(ticks(&drain(&mut core, t0 + TICK / 2)), 0);
+        core.handle_timeout(t0 + TICK);
+        assert_eq!(ticks(&drain(&mut core, t0 + TICK)), 1);
+        assert!(core.poll_timeout().is_some_and(|t| t <= t0 + 2 * TICK));
+    }
+
+    #[test]
+    fn an_assembled_layer_is_handed_over_with_the_own_pieces_that_match_it_and_peers_are_asked_again()
+     {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(3);
+        let id = layer.content_id();
+        let n = id.piece_count() as usize;
+        let mut own = vec![None; n];
+        own[0] = Some(layer.chaining_values()[0]);
+        // A recorded value that is not the layer's: not servable.
+        own[2] = Some([7u8; 32]);
+        let assembly = Assembly {
+            id,
+            own,
+            relayed: vec![None; n],
+            claims: HashMap::new(),
+            failed: false,
+            running: true,
+            changed: false,
+        };
+        let mut core = Core::new(
+            Setup {
+                layer: None,
+                assembly: Some(assembly),
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        drain(&mut core, t0);
+        core.handle_round(t0, &[], &[], Vec::new());
+        drain(&mut core, t0);
+        core.handle_assembled(t0, Assembled::Layer(layer.clone()));
+        let actions = drain(&mut core, t0);
+        let verified = actions.iter().find_map(|a| match a {
+            Action::SetLayer { layer: l, verified } if *l == layer => Some(verified.clone()),
+            _ => None,
+        });
+        let verified = verified.expect("the layer is handed over");
+        assert_eq!(verified.ones().collect::<Vec<_>>(), vec![0]);
+        assert_eq!(core.layer(), Some(&layer));
+        // A have round goes out at once: peers' pieces count now.
+        assert!(actions.iter().any(|a| matches!(a, Action::AskPeers { .. })));
+    }
+
+    #[test]
+    fn a_failed_assembly_from_claims_drops_the_relayed_values_and_a_busy_peer_is_not_asked_at_once()
+    {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let id = layer.content_id();
+        let assembly = Assembly {
+            id,
+            own: vec![None; 2],
+            relayed: vec![Some([1u8; 32]), None],
+            claims: HashMap::new(),
+            failed: false,
+            running: true,
+            changed: false,
+        };
+        let mut core = Core::new(
+            Setup {
+                layer: None,
+                assembly: Some(assembly),
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        drain(&mut core, t0);
+        core.handle_assembled(
+            t0,
+            Assembled::Failed {
+                reason: "does not merge".into(),
+                from_claims: true,
+            },
+        );
+        let actions = drain(&mut core, t0);
+        assert!(actions.iter().any(
+            |a| matches!(a, Action::Store(StoreOp::SetRelayed(c, v)) if *c == id && v.is_empty())
+        ));
+        // A peer that answers Busy is not asked for the same piece again at once.
+        let (layer, _) = layer_of(2);
+        let id = layer.content_id();
+        let mut core = Core::new(setup(&layer, t0), t0);
+        let peer = PeerId::random();
+        core.start(t0, vec![(peer, holding(id, &[0, 1]))]);
+        assert!(pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
+        core.handle_failed(t0, 0, peer, true);
+        assert!(!pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
+    }
 }
