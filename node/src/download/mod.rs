@@ -1713,7 +1713,50 @@ async fn have_round(
     (asked, reachable, answers)
 }
 
-#[allow(clippy::too_many_lines)]
+/// What discovery found: the content chosen among the peers' answers (with the key a false
+/// claim bans under), its verified layer if a peer gave one (or the resumed one), the peers
+/// that serve it, and until when peers are waited for before the origin.
+struct Discovered {
+    choice: Option<(ContentId, Vec<Answer>, BanKey)>,
+    layer: Option<PieceLayer>,
+    peers: Vec<Answer>,
+    wait_until: Instant,
+    /// The origin's answer, once probed (shared with origin runs).
+    remote: Arc<OnceCell<Remote>>,
+    /// The source policy's wait for peers before the origin.
+    delay: Duration,
+    /// The content id was claimed by peers for a SHA-256 (its layer verified against it).
+    claimed: bool,
+}
+
+/// The file sized and opened: its geometry, the layer being assembled (without a verified
+/// one), the temporary file, the pieces kept from an earlier run and what checks new ones.
+struct Opened<'r> {
+    found: Discovered,
+    length: u64,
+    geometry: ContentId,
+    assembly: Option<Assembly>,
+    file: Arc<File>,
+    kept: Bitfield,
+    checker: Checker,
+    resume: Option<&'r ResumePoint>,
+    resumed_bytes: u64,
+}
+
+/// What the transfer left: the writer's end (pieces on disk, the SHA-256, the derived layer),
+/// the layer, and where bytes came from.
+struct Transferred {
+    found: Discovered,
+    end: WriterEnd,
+    layer: Option<PieceLayer>,
+    from_peers: bool,
+    assembly_id: Option<ContentId>,
+    piece_count: u32,
+    served_file: Arc<File>,
+}
+
+/// One try at a file: discovery and the layer, the temporary file, the transfer, and the
+/// whole-file checks.
 async fn attempt(
     env: &Env,
     task: &FileTask,
@@ -1722,9 +1765,25 @@ async fn attempt(
     cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Downloaded, AttemptFailure> {
+    let use_peers = !origin_only && !task.expected.is_none() && env.swarm.mode().uses_peers();
+    let found = discover_layer(env, task, use_peers, resume, cancel, progress).await?;
+    let opened = open_file(env, task, use_peers, resume, found).await?;
+    let done = transfer(env, task, use_peers, opened, cancel, progress).await?;
+    finish(env, task, done, progress)
+}
+
+/// Discovery and the piece layer (steps 1 and 2): the resumed layer, or the first peer's that
+/// verifies. Under the source policy's wait for peers, this is repeated until a peer gives a
+/// verified layer or the wait is over, before the origin is contacted at all.
+async fn discover_layer(
+    env: &Env,
+    task: &FileTask,
+    use_peers: bool,
+    resume: Option<&ResumePoint>,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Discovered, AttemptFailure> {
     let expected = task.expected;
-    let foreground = task.priority == crate::job::Priority::Foreground;
-    let use_peers = !origin_only && !expected.is_none() && env.swarm.mode().uses_peers();
     // 1. Discovery, and 2. the piece layer: the resumed one, or from the first peer whose
     // layer verifies. Under the source policy's wait for peers, this is repeated until a peer
     // gives a verified layer or the wait is over, before the origin is contacted at all.
@@ -1881,6 +1940,29 @@ async fn attempt(
     // A claimed content id (SHA-256 lookup) counts only with a layer that verifies against it.
     let claimed = expected.blake3.is_none() && layer.is_some();
     drop(length_probe);
+    Ok(Discovered {
+        choice,
+        layer,
+        peers,
+        wait_until,
+        remote,
+        delay,
+        claimed,
+    })
+}
+
+/// The length (from the layer or the origin) and the temporary file (step 3), keeping the
+/// pieces of an earlier run that are pieces of this content.
+async fn open_file<'r>(
+    env: &Env,
+    task: &FileTask,
+    use_peers: bool,
+    resume: Option<&'r ResumePoint>,
+    mut found: Discovered,
+) -> Result<Opened<'r>, AttemptFailure> {
+    let expected = task.expected;
+    let never_origin = env.policy.never_origin;
+    let (layer, remote) = (&found.layer, &found.remote);
     // 3. Length, from the layer or the origin.
     let length = match &layer {
         Some(l) => l.content_id().length(),
@@ -1910,10 +1992,10 @@ async fn attempt(
             description: format!("{}: {e}", origin::redact(&task.url)),
         })
     })?;
-    let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
+    let piece_count = geometry.piece_count();
     // Without a verified layer but with the expected BLAKE3, the layer is assembled from the
     // pieces this node and its peers fetch from the origin.
-    let mut assembly = match (&layer, expected.blake3) {
+    let assembly = match (&layer, expected.blake3) {
         (None, Some(h)) if use_peers && piece_count > 1 && !never_origin => {
             ContentId::new(h, length).ok().map(|id| Assembly {
                 id,
@@ -1928,7 +2010,7 @@ async fn attempt(
         _ => None,
     };
     if let Some(a) = &assembly {
-        peers.retain(|(_, h)| h.content_id == a.id);
+        found.peers.retain(|(_, h)| h.content_id == a.id);
     }
     // 4. The temporary file: pieces of an earlier run are kept if they are pieces of this
     // content (same length; same layer, or from the origin with the same validator).
@@ -2035,6 +2117,46 @@ async fn attempt(
             "resuming with pieces from an earlier run"
         );
     }
+    Ok(Opened {
+        found,
+        length,
+        geometry,
+        assembly,
+        file,
+        kept,
+        checker,
+        resume,
+        resumed_bytes,
+    })
+}
+
+/// The transfer (step 4): the file registered with the store, the writer started, and the
+/// core run by the driver until every piece verified; on failure, what the next run may keep.
+async fn transfer(
+    env: &Env,
+    task: &FileTask,
+    use_peers: bool,
+    o: Opened<'_>,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Transferred, AttemptFailure> {
+    let Opened {
+        mut found,
+        length,
+        geometry,
+        mut assembly,
+        file,
+        kept,
+        checker,
+        resume,
+        resumed_bytes,
+    } = o;
+    let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
+    let foreground = task.priority == crate::job::Priority::Foreground;
+    let never_origin = env.policy.never_origin;
+    let (claimed, wait_until, delay) = (found.claimed, found.wait_until, found.delay);
+    let remote = found.remote.clone();
+    let layer = found.layer.clone();
     progress(Update::Started {
         length,
         content_id: layer.as_ref().map(PieceLayer::content_id),
@@ -2093,7 +2215,7 @@ async fn attempt(
         .map(PieceLayer::content_id)
         .or(assembly.as_ref().map(|a| a.id));
     let swarm_about = content.is_some()
-        && (!peers.is_empty()
+        && (!found.peers.is_empty()
             || env.swarm.mode().uses_dht()
             || !env.swarm.connected_peers().await.is_empty());
     // Swarm members (`members`): have answers now state this node as one.
@@ -2124,7 +2246,7 @@ async fn attempt(
         },
         now(),
     );
-    core.start(now(), std::mem::take(&mut peers));
+    core.start(now(), std::mem::take(&mut found.peers));
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
     let Writer {
         tx: writer_tx,
@@ -2219,6 +2341,36 @@ async fn attempt(
             .into());
         }
     };
+    Ok(Transferred {
+        found,
+        end,
+        layer,
+        from_peers,
+        assembly_id,
+        piece_count,
+        served_file,
+    })
+}
+
+/// The whole-file checks (step 5): every piece on disk, the content id and the SHA-256
+/// expected; then the file is served as verified.
+fn finish(
+    env: &Env,
+    task: &FileTask,
+    t: Transferred,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Downloaded, AttemptFailure> {
+    let Transferred {
+        found,
+        end,
+        layer,
+        from_peers,
+        assembly_id,
+        piece_count,
+        served_file,
+    } = t;
+    let expected = task.expected;
+    let (choice, claimed) = (found.choice, found.claimed);
     // 6. Whole-file checks: every piece on disk, checked.
     if end.on_disk.count_ones() != piece_count {
         return Err(Failure::Fatal(JobError {
