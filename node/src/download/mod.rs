@@ -1772,6 +1772,174 @@ async fn attempt(
     finish(env, task, done, progress)
 }
 
+/// Discovery's state between have rounds: until when peers are waited for, the cache node
+/// wait, and the origin's length probe (SHA-256 claims only).
+struct Discovery {
+    started: Instant,
+    wait_until: Instant,
+    cache_wait: CacheWait,
+    remote: Arc<OnceCell<Remote>>,
+    length_probe: Option<AbortOnDrop>,
+}
+
+impl Discovery {
+    fn new(env: &Env, task: &FileTask, use_peers: bool, delay: Duration) -> Self {
+        let started = now();
+        let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
+        // With only a SHA-256, a peer's claim names the length too, and a crowd of made-up
+        // peers could claim any length (up to 1 TiB of disk): the origin tells the length, and
+        // claims of another length do not count. The probe runs beside the peers' answers.
+        let probe = use_peers && task.expected.blake3.is_none() && !env.policy.never_origin;
+        let length_probe = probe.then(|| {
+            let (origin, url, remote) = (env.origin.clone(), task.url.clone(), remote.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                if let Ok(r) = origin.probe(&url).await {
+                    let _ = remote.set(r);
+                }
+            }))
+        });
+        Self {
+            started,
+            wait_until: started + if use_peers { delay } else { Duration::ZERO },
+            cache_wait: CacheWait::new(env.policy.cache_fallback(task.priority)),
+            remote,
+            length_probe,
+        }
+    }
+
+    /// One have round: asks the peers (and the DHT's providers, and a cache node with the
+    /// origin URL), and chooses the content: the resumed layer's, else the one most peers
+    /// serve verified pieces of. Claims of another length than the origin's do not count.
+    async fn choose(
+        &mut self,
+        env: &Env,
+        task: &FileTask,
+        resume: Option<&ResumePoint>,
+    ) -> Option<(ContentId, Vec<Answer>, BanKey)> {
+        let expected = task.expected;
+        let (key, ban) = match (expected.blake3, expected.sha256) {
+            (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
+            (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
+            (None, None) => return None,
+        };
+        let providers = discover(env, key).await;
+        let cache_nodes = env.swarm.cache_nodes();
+        let fill_from = if cache_nodes.is_empty() {
+            None
+        } else {
+            let connected = env.swarm.connected_peers().await;
+            let target = self.cache_wait.target(&connected, cache_nodes);
+            if target.is_none() {
+                // Cache nodes are configured but none is connected yet: wait for one as for
+                // any first peer.
+                self.wait_until = self.wait_until.max(self.started + env.discovery_wait);
+            }
+            target
+        };
+        let mut answers =
+            ask_peers(env, key, ban, providers, fill_from.map(|p| (p, &task.url))).await;
+        if let Some(until) = self.cache_wait.observe(&answers, now()) {
+            self.wait_until = self.wait_until.max(until);
+        }
+        if let Some(h) = expected.blake3 {
+            answers.retain(|(_, h2)| *h2.content_id.hash() == h);
+        } else if !answers.is_empty()
+            && let Some(probe) = &self.length_probe
+        {
+            // The claims wait for the origin's length (at most `LENGTH_WAIT`; a probe that
+            // fails tells nothing, and the claims are then taken as they are).
+            let deadline = tokio::time::Instant::now() + LENGTH_WAIT;
+            while !probe.0.is_finished() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if let Some(r) = self.remote.get() {
+                answers.retain(|(_, h2)| h2.content_id.length() == r.length);
+            }
+        }
+        let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
+        for a in answers {
+            groups.entry(a.1.content_id).or_default().push(a);
+        }
+        match resume.and_then(|r| r.layer.as_ref()) {
+            // Resuming pieces verified against a layer: stay with that content.
+            Some(l) => {
+                let id = l.content_id();
+                Some((id, groups.remove(&id).unwrap_or_default(), ban))
+            }
+            // The content most peers serve verified pieces of.
+            None => groups
+                .into_iter()
+                .max_by_key(|(id, v)| {
+                    (
+                        v.iter().filter(|(_, h)| h.have.count_ones() > 0).count(),
+                        v.len(),
+                        *id,
+                    )
+                })
+                .map(|(id, v)| (id, v, ban)),
+        }
+    }
+}
+
+/// The layer of content `id` from the peers that answered for it (`answers`), unless `layer`
+/// is already known: a few peers at once, each for a short while, until one verifies (a crowd
+/// of peers that never answer costs [`LAYER_WAIT`] per [`LAYER_ASKS`] of them, not 20 s
+/// each). Peers plainly assembling a layer themselves are not asked. A peer whose layer does
+/// not verify is banned. Returns the layer and the peers not banned.
+async fn layer_of_peers(
+    env: &Env,
+    id: ContentId,
+    answers: &[Answer],
+    mut layer: Option<PieceLayer>,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> (Option<PieceLayer>, Vec<Answer>) {
+    let ban_key = BanKey::Blake3(*id.hash());
+    let mut peers: Vec<Answer> = answers
+        .iter()
+        .filter(|(peer, _)| !env.bans.is_banned(ban_key, peer))
+        .cloned()
+        .collect();
+    let askable: Vec<PeerId> = peers
+        .iter()
+        .filter(|(_, h)| !(h.have.count_ones() == 0 && h.claimed.count_ones() > 0))
+        .map(|(p, _)| *p)
+        .collect();
+    if layer.is_none() && id.piece_count() <= 1 && !askable.is_empty() {
+        layer = PieceLayer::verify(id, Vec::new()).ok();
+    }
+    for batch in askable.chunks(LAYER_ASKS) {
+        if layer.is_some() {
+            break;
+        }
+        let asks = batch.iter().map(|peer| async move {
+            let got = tokio::time::timeout(LAYER_WAIT, env.swarm.layer(*peer, id, false)).await;
+            (*peer, got)
+        });
+        for (peer, got) in futures::future::join_all(asks).await {
+            match got {
+                Ok(Ok(LayerResponse::Full(cvs))) => match PieceLayer::verify(id, cvs) {
+                    Ok(l) => {
+                        if layer.is_none() {
+                            layer = Some(l);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%peer, "piece layer rejected: {e}");
+                        if env.bans.ban(ban_key, peer) {
+                            progress(Update::Banned);
+                        }
+                        peers.retain(|(p, _)| *p != peer);
+                    }
+                },
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => debug!("layer request failed: {e}"),
+                Err(_) => debug!(%peer, "layer request took too long"),
+            }
+        }
+    }
+    (layer, peers)
+}
+
 /// Discovery and the piece layer (steps 1 and 2): the resumed layer, or the first peer's that
 /// verifies. Under the source policy's wait for peers, this is repeated until a peer gives a
 /// verified layer or the wait is over, before the origin is contacted at all.
@@ -1783,172 +1951,108 @@ async fn discover_layer(
     cancel: &CancellationToken,
     progress: &(dyn Fn(Update) + Send + Sync),
 ) -> Result<Discovered, AttemptFailure> {
-    let expected = task.expected;
-    // 1. Discovery, and 2. the piece layer: the resumed one, or from the first peer whose
-    // layer verifies. Under the source policy's wait for peers, this is repeated until a peer
-    // gives a verified layer or the wait is over, before the origin is contacted at all.
     let delay = env.policy.origin_delay(task.priority);
-    let started = Instant::now();
-    let never_origin = env.policy.never_origin;
-    let remote: Arc<OnceCell<Remote>> = Arc::new(OnceCell::new());
-    // With only a SHA-256, a peer's claim names the length too, and a crowd of made-up peers
-    // could claim any length (up to 1 TiB of disk): the origin tells the length, and claims
-    // of another length do not count. The probe runs beside the peers' answers.
-    let length_probe = (use_peers && expected.blake3.is_none() && !never_origin).then(|| {
-        let (origin, url, remote) = (env.origin.clone(), task.url.clone(), remote.clone());
-        AbortOnDrop(tokio::spawn(async move {
-            if let Ok(r) = origin.probe(&url).await {
-                let _ = remote.set(r);
-            }
-        }))
-    });
-    let mut wait_until = started + if use_peers { delay } else { Duration::ZERO };
-    let mut cache_wait = CacheWait::new(env.policy.cache_fallback(task.priority));
-    let mut choice: Option<(ContentId, Vec<Answer>, BanKey)>;
-    let mut layer: Option<PieceLayer>;
-    let mut peers: Vec<Answer>;
+    let mut d = Discovery::new(env, task, use_peers, delay);
     loop {
-        choice = None;
-        if use_peers {
-            let (key, ban) = match (expected.blake3, expected.sha256) {
-                (Some(h), _) => (HaveKey::Blake3(h), BanKey::Blake3(h)),
-                (None, Some(d)) => (HaveKey::Sha256(d), BanKey::Sha256(d)),
-                (None, None) => unreachable!("use_peers needs a digest"),
-            };
-            let providers = discover(env, key).await;
-            let cache_nodes = env.swarm.cache_nodes();
-            let fill_from = if cache_nodes.is_empty() {
-                None
-            } else {
-                let connected = env.swarm.connected_peers().await;
-                let target = cache_wait.target(&connected, cache_nodes);
-                if target.is_none() {
-                    // Cache nodes are configured but none is connected yet: wait for one as
-                    // for any first peer.
-                    wait_until = wait_until.max(started + env.discovery_wait);
-                }
-                target
-            };
-            let mut answers =
-                ask_peers(env, key, ban, providers, fill_from.map(|p| (p, &task.url))).await;
-            if let Some(until) = cache_wait.observe(&answers, Instant::now()) {
-                wait_until = wait_until.max(until);
-            }
-            if let Some(h) = expected.blake3 {
-                answers.retain(|(_, h2)| *h2.content_id.hash() == h);
-            } else if !answers.is_empty()
-                && let Some(probe) = &length_probe
-            {
-                // The claims wait for the origin's length (at most `LENGTH_WAIT`; a probe that
-                // fails tells nothing, and the claims are then taken as they are).
-                let deadline = tokio::time::Instant::now() + LENGTH_WAIT;
-                while !probe.0.is_finished() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                if let Some(r) = remote.get() {
-                    answers.retain(|(_, h2)| h2.content_id.length() == r.length);
-                }
-            }
-            let mut groups: HashMap<ContentId, Vec<Answer>> = HashMap::new();
-            for a in answers {
-                groups.entry(a.1.content_id).or_default().push(a);
-            }
-            choice = match resume.and_then(|r| r.layer.as_ref()) {
-                // Resuming pieces verified against a layer: stay with that content.
-                Some(l) => {
-                    let id = l.content_id();
-                    Some((id, groups.remove(&id).unwrap_or_default(), ban))
-                }
-                // The content most peers serve verified pieces of.
-                None => groups
-                    .into_iter()
-                    .max_by_key(|(id, v)| {
-                        (
-                            v.iter().filter(|(_, h)| h.have.count_ones() > 0).count(),
-                            v.len(),
-                            *id,
-                        )
-                    })
-                    .map(|(id, v)| (id, v, ban)),
-            };
-        }
-        // 2. The piece layer: the resumed one, or from the first peer whose layer verifies.
-        layer = if use_peers {
+        let choice = if use_peers {
+            d.choose(env, task, resume).await
+        } else {
+            None
+        };
+        let resumed = if use_peers {
             resume.and_then(|r| r.layer.clone())
         } else {
             None
         };
-        peers = Vec::new();
-        if let Some((id, answers, _)) = &choice {
-            let ban_key = BanKey::Blake3(*id.hash());
-            peers = answers
-                .iter()
-                .filter(|(peer, _)| !env.bans.is_banned(ban_key, peer))
-                .cloned()
-                .collect();
-            // Ask for the layer unless a peer is plainly assembling one itself: a few peers
-            // at once, each for a short while, until one verifies (a crowd of peers that
-            // never answer costs `LAYER_WAIT` per `LAYER_ASKS` of them, not 20 s each).
-            let askable: Vec<PeerId> = peers
-                .iter()
-                .filter(|(_, h)| !(h.have.count_ones() == 0 && h.claimed.count_ones() > 0))
-                .map(|(p, _)| *p)
-                .collect();
-            if layer.is_none() && id.piece_count() <= 1 && !askable.is_empty() {
-                layer = PieceLayer::verify(*id, Vec::new()).ok();
-            }
-            for batch in askable.chunks(LAYER_ASKS) {
-                if layer.is_some() {
-                    break;
-                }
-                let asks = batch.iter().map(|peer| async move {
-                    let got =
-                        tokio::time::timeout(LAYER_WAIT, env.swarm.layer(*peer, *id, false)).await;
-                    (*peer, got)
-                });
-                for (peer, got) in futures::future::join_all(asks).await {
-                    match got {
-                        Ok(Ok(LayerResponse::Full(cvs))) => match PieceLayer::verify(*id, cvs) {
-                            Ok(l) => {
-                                if layer.is_none() {
-                                    layer = Some(l);
-                                }
-                            }
-                            Err(e) => {
-                                warn!(%peer, "piece layer rejected: {e}");
-                                if env.bans.ban(ban_key, peer) {
-                                    progress(Update::Banned);
-                                }
-                                peers.retain(|(p, _)| *p != peer);
-                            }
-                        },
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => debug!("layer request failed: {e}"),
-                        Err(_) => debug!(%peer, "layer request took too long"),
-                    }
-                }
-            }
-        }
-        if layer.is_some() || Instant::now() >= wait_until {
-            break;
+        let (layer, peers) = match &choice {
+            Some((id, answers, _)) => layer_of_peers(env, *id, answers, resumed, progress).await,
+            None => (resumed, Vec::new()),
+        };
+        if layer.is_some() || now() >= d.wait_until {
+            // A claimed content id (SHA-256 lookup) counts only with a layer that verifies
+            // against it.
+            let claimed = task.expected.blake3.is_none() && layer.is_some();
+            return Ok(Discovered {
+                choice,
+                layer,
+                peers,
+                wait_until: d.wait_until,
+                remote: d.remote,
+                delay,
+                claimed,
+            });
         }
         tokio::select! {
             () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
             () = tokio::time::sleep(PEER_REFRESH) => {}
         }
     }
-    // A claimed content id (SHA-256 lookup) counts only with a layer that verifies against it.
-    let claimed = expected.blake3.is_none() && layer.is_some();
-    drop(length_probe);
-    Ok(Discovered {
-        choice,
-        layer,
-        peers,
-        wait_until,
-        remote,
-        delay,
-        claimed,
-    })
+}
+
+/// The pieces an earlier run left in the temporary file that this run keeps, and what checks
+/// new pieces: the layer, or a builder deriving it. Pieces this process verified itself in a
+/// run that stopped are kept as they are; others are checked again from the file.
+async fn kept_pieces(
+    task: &FileTask,
+    geometry: ContentId,
+    layer: Option<&PieceLayer>,
+    resume: Option<&ResumePoint>,
+) -> Result<(Bitfield, Checker), AttemptFailure> {
+    let length = geometry.length();
+    let piece_count = geometry.piece_count();
+    let local = |e: std::io::Error| AttemptFailure::from(local_error(task.index, &task.temp, &e));
+    let builder = || {
+        LayerBuilder::new(length).map_err(|e| {
+            AttemptFailure::from(Failure::Fatal(JobError {
+                context: ErrorContext::RemoteFile,
+                file: Some(task.index),
+                description: e.to_string(),
+            }))
+        })
+    };
+    let kept = match resume {
+        None => (
+            Bitfield::new(piece_count),
+            match layer {
+                Some(l) => Checker::Layer(l.clone()),
+                None => Checker::Builder(builder()?),
+            },
+        ),
+        // Pieces this process verified and wrote in a run that stopped: no second check.
+        // (Against the same layer, or into the content id being derived.)
+        Some(ResumePoint {
+            pieces,
+            trusted: Some(kept_builder),
+            layer: before,
+            ..
+        }) if match (layer, before, kept_builder) {
+            (Some(now), Some(before), _) => now == before,
+            (None, None, Some(_)) => true,
+            _ => false,
+        } =>
+        {
+            (
+                pieces.clone(),
+                match (layer, kept_builder) {
+                    (Some(l), _) => Checker::Layer(l.clone()),
+                    (None, Some(b)) => Checker::Builder(b.clone()),
+                    (None, None) => unreachable!("guarded"),
+                },
+            )
+        }
+        Some(r) => {
+            let checker = match layer {
+                Some(l) => Checker::Layer(l.clone()),
+                None => Checker::Builder(builder()?),
+            };
+            let (pieces, temp, owner) = (r.pieces.clone(), task.temp.clone(), task.owner);
+            tokio::task::spawn_blocking(move || recheck(&temp, geometry, &pieces, checker, owner))
+                .await
+                .map_err(|e| local(std::io::Error::other(e)))?
+                .map_err(local)?
+        }
+    };
+    Ok(kept)
 }
 
 /// The length (from the layer or the origin) and the temporary file (step 3), keeping the
@@ -2054,57 +2158,7 @@ async fn open_file<'r>(
     }
     .map(Arc::new)
     .map_err(local)?;
-    let builder = || {
-        LayerBuilder::new(length).map_err(|e| {
-            AttemptFailure::from(Failure::Fatal(JobError {
-                context: ErrorContext::RemoteFile,
-                file: Some(task.index),
-                description: e.to_string(),
-            }))
-        })
-    };
-    let (kept, checker) = match resume {
-        None => (
-            Bitfield::new(piece_count),
-            match &layer {
-                Some(l) => Checker::Layer(l.clone()),
-                None => Checker::Builder(builder()?),
-            },
-        ),
-        // Pieces this process verified and wrote in a run that stopped: no second check.
-        // (Against the same layer, or into the content id being derived.)
-        Some(ResumePoint {
-            pieces,
-            trusted: Some(kept_builder),
-            layer: before,
-            ..
-        }) if match (&layer, before, kept_builder) {
-            (Some(now), Some(before), _) => now == before,
-            (None, None, Some(_)) => true,
-            _ => false,
-        } =>
-        {
-            (
-                pieces.clone(),
-                match (&layer, kept_builder) {
-                    (Some(l), _) => Checker::Layer(l.clone()),
-                    (None, Some(b)) => Checker::Builder(b.clone()),
-                    (None, None) => unreachable!("guarded"),
-                },
-            )
-        }
-        Some(r) => {
-            let checker = match &layer {
-                Some(l) => Checker::Layer(l.clone()),
-                None => Checker::Builder(builder()?),
-            };
-            let (pieces, temp, owner) = (r.pieces.clone(), task.temp.clone(), task.owner);
-            tokio::task::spawn_blocking(move || recheck(&temp, geometry, &pieces, checker, owner))
-                .await
-                .map_err(|e| local(std::io::Error::other(e)))?
-                .map_err(local)?
-        }
-    };
+    let (kept, checker) = kept_pieces(task, geometry, layer.as_ref(), resume).await?;
     let resumed_bytes: u64 = kept
         .ones()
         .filter_map(|i| geometry.piece_range(i))
@@ -2130,6 +2184,159 @@ async fn open_file<'r>(
     })
 }
 
+/// Registers the file with the store: served from its descriptor when the layer is known, or
+/// assembling the layer (with the chaining values of the pieces kept) when this download is the
+/// node's only one assembling it; another one is: `assembly` becomes `None`.
+fn register(
+    env: &Env,
+    task: &FileTask,
+    layer: Option<&PieceLayer>,
+    kept: &Bitfield,
+    file: &Arc<File>,
+    assembly: &mut Option<Assembly>,
+    checker: &Checker,
+) {
+    if let Some(l) = layer {
+        env.store.remove_at(&l.content_id(), &task.temp);
+        env.store.insert(
+            l.clone(),
+            kept.clone(),
+            task.temp.clone(),
+            Backing::Held(file.clone()),
+        );
+    }
+    if let Some(a) = assembly {
+        if !env.store.begin_assembly(a.id, task.temp.clone()) {
+            // Another download of this content on this node assembles it: do without.
+            *assembly = None;
+        } else if let Checker::Builder(b) = checker {
+            for i in kept.ones() {
+                a.own[i as usize] = b.chaining_value(i);
+                if let Some(cv) = a.own[i as usize] {
+                    env.store.add_claim(&a.id, &task.temp, i, cv);
+                }
+            }
+        }
+    }
+}
+
+/// After the run: reads what the writer still reports while it ends (it must never block on
+/// a full channel; a piece that the assembled layer rejected after the run ended fails the
+/// file), and on failure stops serving the file and leaves in `task.left` what the next run may
+/// keep (`left`: the content id, the layer and what the pieces are of).
+async fn wind_down(
+    env: &Env,
+    task: &FileTask,
+    result: Result<(), AttemptFailure>,
+    writer_thread: std::thread::JoinHandle<Result<WriterEnd, std::io::Error>>,
+    mut verified_rx: mpsc::Receiver<Verdict>,
+    (content_id, layer, left): (Option<ContentId>, Option<&PieceLayer>, ResumeDisk),
+) -> Result<WriterEnd, AttemptFailure> {
+    let join = tokio::task::spawn_blocking(move || writer_thread.join());
+    let mut late_rejects = Vec::new();
+    while let Some(v) = verified_rx.recv().await {
+        if let Err(reason) = v.result {
+            late_rejects.push(format!("piece {}: {reason}", v.index));
+        }
+    }
+    let end = join.await.ok().and_then(Result::ok);
+    let result = match result {
+        Ok(()) if !late_rejects.is_empty() => Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!(
+                "{}: bytes from the origin differ from the verified piece layer ({})",
+                origin::redact(&task.url),
+                late_rejects.join(", ")
+            ),
+        })
+        .into()),
+        other => other,
+    };
+    if let Err(e) = result {
+        if let Some(id) = &content_id {
+            env.store.remove_at(id, &task.temp);
+        }
+        // Unless the bytes are discarded (a false claim), the next run may keep the pieces.
+        if !matches!(e, AttemptFailure::ClaimFailed)
+            && let Some(Ok(end)) = &end
+            && end.on_disk.count_ones() > 0
+        {
+            *task.left.lock().unwrap_or_else(|e| e.into_inner()) = Some(ResumePoint {
+                pieces: end.on_disk.clone(),
+                meta: left,
+                layer: layer.cloned(),
+                trusted: Some(end.builder.clone()),
+            });
+        }
+        return Err(e);
+    }
+    match end {
+        Some(Ok(end)) => Ok(end),
+        Some(Err(e)) => Err(local_error(task.index, &task.temp, &e).into()),
+        None => Err(local_error(
+            task.index,
+            &task.temp,
+            &std::io::Error::other("writer thread failed"),
+        )
+        .into()),
+    }
+}
+
+/// The core of a transfer, and this download's membership of its content's swarm (left when
+/// dropped).
+#[allow(clippy::too_many_arguments)]
+async fn start_core(
+    env: &Env,
+    use_peers: bool,
+    found: &Discovered,
+    layer: Option<PieceLayer>,
+    assembly: Option<Assembly>,
+    kept: Bitfield,
+    geometry: ContentId,
+    from_peers: bool,
+) -> (Core, Option<Membership>) {
+    let me = env.swarm.peer_id();
+    let content = layer
+        .as_ref()
+        .map(PieceLayer::content_id)
+        .or(assembly.as_ref().map(|a| a.id));
+    let swarm_about = content.is_some()
+        && (!found.peers.is_empty()
+            || env.swarm.mode().uses_dht()
+            || !env.swarm.connected_peers().await.is_empty());
+    // Swarm members (`members`): have answers now state this node as one.
+    let membership = content.filter(|_| use_peers).map(|id| {
+        env.store.join_members(id, me, now());
+        Membership {
+            store: env.store.clone(),
+            id,
+        }
+    });
+    let (wait_until, delay) = (found.wait_until, found.delay);
+    let core = Core::new(
+        Setup {
+            me,
+            piece_size: geometry.piece_size(),
+            piece_count: geometry.piece_count(),
+            layer,
+            assembly,
+            kept,
+            claimed: found.claimed,
+            from_peers,
+            never_origin: env.policy.never_origin,
+            use_peers,
+            swarm: swarm_about,
+            wait_until,
+            origin_wait: (use_peers && !delay.is_zero() && now() < wait_until)
+                .then_some(wait_until),
+            scheduler: env.scheduler.clone(),
+        },
+        now(),
+    );
+    (core, membership)
+}
+
 /// The transfer (step 4): the file registered with the store, the writer started, and the
 /// core run by the driver until every piece verified; on failure, what the next run may keep.
 async fn transfer(
@@ -2153,8 +2360,7 @@ async fn transfer(
     } = o;
     let (piece_size, piece_count) = (geometry.piece_size(), geometry.piece_count());
     let foreground = task.priority == crate::job::Priority::Foreground;
-    let never_origin = env.policy.never_origin;
-    let (claimed, wait_until, delay) = (found.claimed, found.wait_until, found.delay);
+    let claimed = found.claimed;
     let remote = found.remote.clone();
     let layer = found.layer.clone();
     progress(Update::Started {
@@ -2162,28 +2368,15 @@ async fn transfer(
         content_id: layer.as_ref().map(PieceLayer::content_id),
         resumed: resumed_bytes,
     });
-    if let Some(l) = &layer {
-        env.store.remove_at(&l.content_id(), &task.temp);
-        env.store.insert(
-            l.clone(),
-            kept.clone(),
-            task.temp.clone(),
-            Backing::Held(file.clone()),
-        );
-    }
-    if let Some(a) = &mut assembly {
-        if !env.store.begin_assembly(a.id, task.temp.clone()) {
-            // Another download of this content on this node assembles it: do without.
-            assembly = None;
-        } else if let Checker::Builder(b) = &checker {
-            for i in kept.ones() {
-                a.own[i as usize] = b.chaining_value(i);
-                if let Some(cv) = a.own[i as usize] {
-                    env.store.add_claim(&a.id, &task.temp, i, cv);
-                }
-            }
-        }
-    }
+    register(
+        env,
+        task,
+        layer.as_ref(),
+        &kept,
+        &file,
+        &mut assembly,
+        &checker,
+    );
     let (verified_tx, mut verified_rx) = mpsc::channel::<Verdict>(256);
     let checkpointing = task.durable.clone().map(|durable| Checkpointing {
         durable,
@@ -2209,43 +2402,17 @@ async fn transfer(
         verified_tx,
     );
     // 5. Transfer: the core decides, the driver carries out.
-    let me = env.swarm.peer_id();
-    let content = layer
-        .as_ref()
-        .map(PieceLayer::content_id)
-        .or(assembly.as_ref().map(|a| a.id));
-    let swarm_about = content.is_some()
-        && (!found.peers.is_empty()
-            || env.swarm.mode().uses_dht()
-            || !env.swarm.connected_peers().await.is_empty());
-    // Swarm members (`members`): have answers now state this node as one.
-    let _membership = content.filter(|_| use_peers).map(|id| {
-        env.store.join_members(id, me, now());
-        Membership {
-            store: env.store.clone(),
-            id,
-        }
-    });
-    let mut core = Core::new(
-        Setup {
-            me,
-            piece_size,
-            piece_count,
-            layer: layer.clone(),
-            assembly: assembly.take(),
-            kept: kept.clone(),
-            claimed,
-            from_peers: resume.is_some_and(|r| r.meta.from_peers),
-            never_origin,
-            use_peers,
-            swarm: swarm_about,
-            wait_until,
-            origin_wait: (use_peers && !delay.is_zero() && now() < wait_until)
-                .then_some(wait_until),
-            scheduler: env.scheduler.clone(),
-        },
-        now(),
-    );
+    let (mut core, _membership) = start_core(
+        env,
+        use_peers,
+        &found,
+        layer.clone(),
+        assembly.take(),
+        kept.clone(),
+        geometry,
+        resume.is_some_and(|r| r.meta.from_peers),
+    )
+    .await;
     core.start(now(), std::mem::take(&mut found.peers));
     let (origin_tx, mut origin_rx) = mpsc::channel::<Fetched>(ORIGIN_QUEUE);
     let Writer {
@@ -2282,65 +2449,22 @@ async fn transfer(
     let layer = core.layer().cloned();
     let from_peers = core.got_peer_bytes();
     let assembly_id = core.assembly_id();
-    // Read what the writer still reports while it ends (it must never block on a full
-    // channel): a piece that the assembled layer rejected after the loop ended fails the file.
-    let join = tokio::task::spawn_blocking(move || writer_thread.join());
-    let mut late_rejects = Vec::new();
-    while let Some(v) = verified_rx.recv().await {
-        if let Err(reason) = v.result {
-            late_rejects.push(format!("piece {}: {reason}", v.index));
-        }
-    }
-    let end = join.await.ok().and_then(Result::ok);
-    let result = match result {
-        Ok(()) if !late_rejects.is_empty() => Err(Failure::Fatal(JobError {
-            context: ErrorContext::RemoteFile,
-            file: Some(task.index),
-            description: format!(
-                "{}: bytes from the origin differ from the verified piece layer ({})",
-                origin::redact(&task.url),
-                late_rejects.join(", ")
-            ),
-        })
-        .into()),
-        other => other,
+    let left = ResumeDisk {
+        length,
+        content_id: layer.as_ref().map(|l| l.content_id().to_string()),
+        claimed,
+        validator: remote.get().and_then(|r| r.validator.clone()),
+        from_peers,
     };
-    if let Err(e) = result {
-        if let Some(id) = &content_id {
-            env.store.remove_at(id, &task.temp);
-        }
-        // Unless the bytes are discarded (a false claim), the next run may keep the pieces.
-        if !matches!(e, AttemptFailure::ClaimFailed)
-            && let Some(Ok(end)) = &end
-            && end.on_disk.count_ones() > 0
-        {
-            *task.left.lock().unwrap_or_else(|e| e.into_inner()) = Some(ResumePoint {
-                pieces: end.on_disk.clone(),
-                meta: ResumeDisk {
-                    length,
-                    content_id: layer.as_ref().map(|l| l.content_id().to_string()),
-                    claimed,
-                    validator: remote.get().and_then(|r| r.validator.clone()),
-                    from_peers,
-                },
-                layer: layer.clone(),
-                trusted: Some(end.builder.clone()),
-            });
-        }
-        return Err(e);
-    }
-    let end = match end {
-        Some(Ok(end)) => end,
-        Some(Err(e)) => return Err(local_error(task.index, &task.temp, &e).into()),
-        None => {
-            return Err(local_error(
-                task.index,
-                &task.temp,
-                &std::io::Error::other("writer thread failed"),
-            )
-            .into());
-        }
-    };
+    let end = wind_down(
+        env,
+        task,
+        result,
+        writer_thread,
+        verified_rx,
+        (content_id, layer.as_ref(), left),
+    )
+    .await?;
     Ok(Transferred {
         found,
         end,
