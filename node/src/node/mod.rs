@@ -1941,58 +1941,15 @@ impl Node {
             return Ended::Stopped;
         }
         let mut i = 0;
-        'files: loop {
+        loop {
             if i >= lock(slot).info.files.len() {
-                // Every file is done, unless one was added meanwhile: checked and moved to
-                // Transferred under one lock, so that an AddFile cannot slip in between.
-                let mut rec = lock(slot);
-                if token.is_cancelled() {
-                    return Ended::Stopped;
+                match self.all_transferred(slot, token) {
+                    Ok(next) => i = next,
+                    Err(ended) => return ended,
                 }
-                if let Some(next) = rec.info.files.iter().position(|f| !f.transferred) {
-                    i = next;
-                    drop(rec);
-                    continue 'files;
-                }
-                rec.info.transfer_completed = Some(SystemTime::now());
-                return match next_state(rec.info.state, Transition::AllTransferred) {
-                    Ok(to) => {
-                        self.set_state(&mut rec, to);
-                        self.save_logged(&rec);
-                        Ended::Transferred
-                    }
-                    Err(e) => {
-                        warn!("runner transition refused: {e}");
-                        Ended::Stopped
-                    }
-                };
+                continue;
             }
-            let (mut task, done) = {
-                let mut rec = lock(slot);
-                let resume = rec.left.get_mut(i).and_then(Option::take);
-                let f = &rec.info.files[i];
-                (
-                    FileTask {
-                        index: i,
-                        priority: rec.info.priority,
-                        url: f.url.clone(),
-                        expected: f.expected,
-                        ranges: f.ranges.clone(),
-                        temp: f.temp_name.clone(),
-                        origin_only: rec.origin_only[i],
-                        resume,
-                        owner: rec.info.owner,
-                        durable: self.state().map(|store| Durable {
-                            store,
-                            job,
-                            index: u32::try_from(i).unwrap_or(u32::MAX),
-                        }),
-                        left: Mutex::new(None),
-                        cache_any_size: false,
-                    },
-                    f.transferred,
-                )
-            };
+            let (mut task, done) = self.file_task(job, slot, i);
             if done {
                 i += 1;
                 continue;
@@ -2020,130 +1977,216 @@ impl Node {
                 }
             }
             match result {
-                Ok(d) => {
-                    let (info, cb) = {
-                        let mut rec = lock(slot);
-                        let f = &mut rec.info.files[i];
-                        f.content_id = Some(d.content_id);
-                        f.sha256 = Some(d.sha256);
-                        rec.local[i].verified = Some(d.identity);
-                        self.save_logged(&rec);
-                        (rec.info.clone(), rec.callback.clone())
-                    };
-                    if let Some(d2) = &task.durable {
-                        // The derived or trusted layer, so a restart can serve the file.
-                        let (store, index, layer) = (d2.store.clone(), d2.index, d.layer.clone());
-                        let _ = tokio::task::spawn_blocking(move || {
-                            store.record_layer(job, index, &layer)
-                        })
-                        .await;
-                    }
-                    let file = TransferredFile {
-                        index: i,
-                        temp_name: task.temp.clone(),
-                        from_peers: d.from_peers,
-                    };
-                    let _ = self.inner.events.send(Event::FileTransferred {
-                        job,
-                        file: file.clone(),
-                    });
-                    let verdict = match cb {
-                        Some(cb) => tokio::select! {
-                            biased;
-                            v = cb.file_transferred(info, file) => v,
-                            () = token.cancelled() => return Ended::Stopped,
-                        },
-                        None => ValidationState::Valid,
-                    };
-                    if token.is_cancelled() {
-                        return Ended::Stopped;
-                    }
-                    let rejected_origin_content = {
-                        let mut rec = lock(slot);
-                        rec.info.files[i].validation_state = verdict;
-                        let rejected = if verdict == ValidationState::Invalid {
-                            self.inner.env.store.remove_at(&d.content_id, &task.temp);
-                            if let Some(d2) = &task.durable
-                                && let Err(e) = d2.store.clear_pieces(job, d2.index)
-                            {
-                                warn!(%job, "cannot forget rejected pieces: {e}");
-                            }
-                            if (d.from_peers || d.from_cache) && !task.origin_only {
-                                info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
-                                rec.origin_only[i] = true;
-                                false
-                            } else {
-                                true
-                            }
-                        } else {
-                            rec.info.files[i].transferred = true;
-                            rec.info.modified = SystemTime::now();
-                            i += 1;
-                            false
-                        };
-                        self.save_logged(&rec);
-                        rejected
-                    };
-                    if rejected_origin_content {
-                        let url = task.url.clone();
-                        self.fail(
-                            slot,
-                            token,
-                            JobError {
-                                context: ErrorContext::Validation,
-                                file: Some(i),
-                                description: format!(
-                                    "the caller rejected the content of {url} from the origin"
-                                ),
-                            },
-                        );
-                        return Ended::Failed;
-                    }
-                }
+                Ok(d) => match self.file_transferred(job, slot, token, &task, d).await {
+                    Ok(true) => i += 1,
+                    Ok(false) => {}
+                    Err(ended) => return ended,
+                },
                 Err(Failure::Cancelled) => return Ended::Stopped,
                 Err(Failure::Fatal(e)) => {
                     self.fail(slot, token, e);
                     return Ended::Failed;
                 }
-                Err(Failure::Transient(e)) => {
-                    let (delay, timed_out) = {
-                        let mut rec = lock(slot);
-                        rec.info.error = Some(e.clone());
-                        // The no-progress timer runs from the first transient error with no
-                        // progress since (BITS SetNoProgressTimeout).
-                        let since = *rec
-                            .transient_since
-                            .get_or_insert_with(tokio::time::Instant::now);
-                        (
-                            rec.info.properties.retry_delay,
-                            since.elapsed() >= rec.info.properties.no_progress_timeout,
-                        )
-                    };
-                    if timed_out {
-                        let timeout = lock(slot).info.properties.no_progress_timeout;
-                        warn!(%job, "no progress for {timeout:?}: {e}");
-                        self.fail(
-                            slot,
-                            token,
-                            JobError {
-                                description: format!(
-                                    "no progress within the no-progress timeout ({} s): {}",
-                                    timeout.as_secs(),
-                                    e.description
-                                ),
-                                ..e
-                            },
-                        );
-                        return Ended::Failed;
-                    }
-                    warn!(%job, "transient error, retrying in {delay:?}: {e}");
-                    if !self.runner_transition(slot, token, Transition::TransientFailure) {
-                        return Ended::Stopped;
-                    }
-                    return Ended::Transient(delay);
-                }
+                Err(Failure::Transient(e)) => return self.transient(job, slot, token, e),
             }
         }
+    }
+
+    /// Every file is done, unless one was added meanwhile (`Ok`: its index): checked and moved
+    /// to Transferred under one lock, so that an AddFile cannot slip in between.
+    fn all_transferred(
+        &self,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+    ) -> Result<usize, Ended> {
+        let mut rec = lock(slot);
+        if token.is_cancelled() {
+            return Err(Ended::Stopped);
+        }
+        if let Some(next) = rec.info.files.iter().position(|f| !f.transferred) {
+            return Ok(next);
+        }
+        rec.info.transfer_completed = Some(SystemTime::now());
+        Err(
+            match next_state(rec.info.state, Transition::AllTransferred) {
+                Ok(to) => {
+                    self.set_state(&mut rec, to);
+                    self.save_logged(&rec);
+                    Ended::Transferred
+                }
+                Err(e) => {
+                    warn!("runner transition refused: {e}");
+                    Ended::Stopped
+                }
+            },
+        )
+    }
+
+    /// The download of file `i` (`true`: it is transferred already).
+    fn file_task(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, i: usize) -> (FileTask, bool) {
+        let mut rec = lock(slot);
+        let resume = rec.left.get_mut(i).and_then(Option::take);
+        let f = &rec.info.files[i];
+        (
+            FileTask {
+                index: i,
+                priority: rec.info.priority,
+                url: f.url.clone(),
+                expected: f.expected,
+                ranges: f.ranges.clone(),
+                temp: f.temp_name.clone(),
+                origin_only: rec.origin_only[i],
+                resume,
+                owner: rec.info.owner,
+                durable: self.state().map(|store| Durable {
+                    store,
+                    job,
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                }),
+                left: Mutex::new(None),
+                cache_any_size: false,
+            },
+            f.transferred,
+        )
+    }
+
+    /// File `task.index` downloaded and verified: recorded, reported, and given to the
+    /// callback's verdict (BITS validation). `Ok(true)`: it is transferred; `Ok(false)`: it is
+    /// fetched again, from the origin (the caller rejected peer or cached content).
+    async fn file_transferred(
+        &self,
+        job: JobId,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+        task: &FileTask,
+        d: download::Downloaded,
+    ) -> Result<bool, Ended> {
+        let i = task.index;
+        let mut advance = false;
+        let (info, cb) = {
+            let mut rec = lock(slot);
+            let f = &mut rec.info.files[i];
+            f.content_id = Some(d.content_id);
+            f.sha256 = Some(d.sha256);
+            rec.local[i].verified = Some(d.identity);
+            self.save_logged(&rec);
+            (rec.info.clone(), rec.callback.clone())
+        };
+        if let Some(d2) = &task.durable {
+            // The derived or trusted layer, so a restart can serve the file.
+            let (store, index, layer) = (d2.store.clone(), d2.index, d.layer.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || store.record_layer(job, index, &layer)).await;
+        }
+        let file = TransferredFile {
+            index: i,
+            temp_name: task.temp.clone(),
+            from_peers: d.from_peers,
+        };
+        let _ = self.inner.events.send(Event::FileTransferred {
+            job,
+            file: file.clone(),
+        });
+        let verdict = match cb {
+            Some(cb) => tokio::select! {
+                biased;
+                v = cb.file_transferred(info, file) => v,
+                () = token.cancelled() => return Err(Ended::Stopped),
+            },
+            None => ValidationState::Valid,
+        };
+        if token.is_cancelled() {
+            return Err(Ended::Stopped);
+        }
+        let rejected_origin_content = {
+            let mut rec = lock(slot);
+            rec.info.files[i].validation_state = verdict;
+            let rejected = if verdict == ValidationState::Invalid {
+                self.inner.env.store.remove_at(&d.content_id, &task.temp);
+                if let Some(d2) = &task.durable
+                    && let Err(e) = d2.store.clear_pieces(job, d2.index)
+                {
+                    warn!(%job, "cannot forget rejected pieces: {e}");
+                }
+                if (d.from_peers || d.from_cache) && !task.origin_only {
+                    info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
+                    rec.origin_only[i] = true;
+                    false
+                } else {
+                    true
+                }
+            } else {
+                rec.info.files[i].transferred = true;
+                rec.info.modified = SystemTime::now();
+                advance = true;
+                false
+            };
+            self.save_logged(&rec);
+            rejected
+        };
+        if rejected_origin_content {
+            let url = task.url.clone();
+            self.fail(
+                slot,
+                token,
+                JobError {
+                    context: ErrorContext::Validation,
+                    file: Some(i),
+                    description: format!(
+                        "the caller rejected the content of {url} from the origin"
+                    ),
+                },
+            );
+            return Err(Ended::Failed);
+        }
+        Ok(advance)
+    }
+
+    /// A transient error: the job waits and retries, or fails once the no-progress timeout
+    /// has passed since the first transient error with no progress (BITS
+    /// SetNoProgressTimeout).
+    fn transient(
+        &self,
+        job: JobId,
+        slot: &Arc<Mutex<JobRecord>>,
+        token: &CancellationToken,
+        e: JobError,
+    ) -> Ended {
+        let (delay, timed_out) = {
+            let mut rec = lock(slot);
+            rec.info.error = Some(e.clone());
+            // The no-progress timer runs from the first transient error with no
+            // progress since (BITS SetNoProgressTimeout).
+            let since = *rec
+                .transient_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            (
+                rec.info.properties.retry_delay,
+                since.elapsed() >= rec.info.properties.no_progress_timeout,
+            )
+        };
+        if timed_out {
+            let timeout = lock(slot).info.properties.no_progress_timeout;
+            warn!(%job, "no progress for {timeout:?}: {e}");
+            self.fail(
+                slot,
+                token,
+                JobError {
+                    description: format!(
+                        "no progress within the no-progress timeout ({} s): {}",
+                        timeout.as_secs(),
+                        e.description
+                    ),
+                    ..e
+                },
+            );
+            return Ended::Failed;
+        }
+        warn!(%job, "transient error, retrying in {delay:?}: {e}");
+        if !self.runner_transition(slot, token, Transition::TransientFailure) {
+            return Ended::Stopped;
+        }
+        Ended::Transient(delay)
     }
 
     fn on_update(

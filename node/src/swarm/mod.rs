@@ -892,21 +892,12 @@ impl ConnectionGate {
     }
 }
 
-/// Builds the swarm and spawns its event loop; the loop stops when `shutdown` is cancelled.
+/// Checks the settings against the mode (an origin-only node binds and dials nothing; a
+/// group needs its name and secret, and TCP only) and returns the bootstrap peers.
 ///
 /// # Errors
-/// [`Error::Swarm`] when a transport cannot be built, a listen address cannot be bound, a
-/// grouped node is given a non-TCP listen address, or a bootstrap address lacks `/p2p/ID`.
-pub(crate) async fn spawn(
-    keypair: identity::Keypair,
-    mut config: Config,
-    store: Arc<ContentStore>,
-    registry: Option<&mut prometheus_client::registry::Registry>,
-    fills: Option<mpsc::Sender<FillRequest>>,
-    bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
-    shutdown: CancellationToken,
-) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
-    let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
+/// [`Error::Swarm`] naming what is wrong.
+fn check(config: &mut Config) -> Result<Vec<(PeerId, Multiaddr)>, Error> {
     if !config.mode.uses_peers() {
         // Origin only: nothing is bound and nobody is dialed.
         config.listen.clear();
@@ -927,7 +918,7 @@ pub(crate) async fn spawn(
             )));
         }
     }
-    let bootstrap: Vec<(PeerId, Multiaddr)> = if config.mode.uses_dht() {
+    Ok(if config.mode.uses_dht() {
         config
             .bootstrap
             .iter()
@@ -939,17 +930,21 @@ pub(crate) async fn spawn(
             .collect::<Result<_, _>>()?
     } else {
         Vec::new()
-    };
+    })
+}
+
+/// The swarm: the behaviour (addresses peers state dialed only in `dial_scopes`) over TCP with
+/// TLS or noise and QUIC, or over the group's pnet TCP transport.
+///
+/// # Errors
+/// [`Error::Swarm`] when a transport or mDNS cannot be set up.
+fn build_swarm(
+    keypair: identity::Keypair,
+    config: &Config,
+    dial_scopes: &DialScopes,
+) -> Result<libp2p::Swarm<Behaviour>, Error> {
     let mdns_on = config.mdns;
     let dht_on = config.mode.uses_dht();
-    let dial_scopes = DialScopes::new(
-        config
-            .peers
-            .iter()
-            .chain(&config.bootstrap)
-            .chain(&config.cache_nodes),
-        config.mode == PeerMode::Lan || mdns_on,
-    );
     let piece_timeout = config.piece_timeout;
     let make_behaviour =
         |key: &identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
@@ -972,9 +967,11 @@ pub(crate) async fn spawn(
                 ),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
-                kad: Toggle::from(dht_on.then(|| {
-                    ScopedDial::new(kad_behaviour(peer_id, &config), dial_scopes.clone())
-                })),
+                kad: Toggle::from(
+                    dht_on.then(|| {
+                        ScopedDial::new(kad_behaviour(peer_id, config), dial_scopes.clone())
+                    }),
+                ),
                 have: request_response::Behaviour::new(
                     [(StreamProtocol::new(HAVE_PROTOCOL), ProtocolSupport::Full)],
                     request_config(Duration::from_secs(10)),
@@ -998,7 +995,8 @@ pub(crate) async fn spawn(
         };
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
     let tcp_config = tcp::Config::default().nodelay(true);
-    let mut swarm = match &config.group {
+    let swarm_err = |e: &dyn std::fmt::Display| Error::Swarm(e.to_string());
+    Ok(match &config.group {
         Some(group) => libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_other_transport(|key| {
@@ -1025,7 +1023,33 @@ pub(crate) async fn spawn(
             .map_err(|e| swarm_err(&e))?
             .with_swarm_config(idle)
             .build(),
-    };
+    })
+}
+
+/// Builds the swarm and spawns its event loop; the loop stops when `shutdown` is cancelled.
+///
+/// # Errors
+/// [`Error::Swarm`] when a transport cannot be built, a listen address cannot be bound, a
+/// grouped node is given a non-TCP listen address, or a bootstrap address lacks `/p2p/ID`.
+pub(crate) async fn spawn(
+    keypair: identity::Keypair,
+    mut config: Config,
+    store: Arc<ContentStore>,
+    registry: Option<&mut prometheus_client::registry::Registry>,
+    fills: Option<mpsc::Sender<FillRequest>>,
+    bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
+    shutdown: CancellationToken,
+) -> Result<(Handle, tokio::task::JoinHandle<()>), Error> {
+    let bootstrap = check(&mut config)?;
+    let dial_scopes = DialScopes::new(
+        config
+            .peers
+            .iter()
+            .chain(&config.bootstrap)
+            .chain(&config.cache_nodes),
+        config.mode == PeerMode::Lan || config.mdns,
+    );
+    let mut swarm = build_swarm(keypair, &config, &dial_scopes)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
