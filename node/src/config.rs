@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use shoal_validator::ValidationState;
 
-use crate::{Builder, daemon::DaemonConfig, download::scheduler, source::origin};
+use crate::{Builder, daemon::DaemonConfig};
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -327,8 +327,18 @@ impl Config {
             b = b.max_upload_peers(u);
         }
         b = self.apply_peers(b, path)?;
+        b = b.source_policy(self.source_policy(path)?);
+        b = b.bandwidth(self.bandwidth_limits(path)?);
+        b = self.apply_cache_nodes_and_metrics(b, path)?;
+        b = b.origin(self.origin_config(path)?);
+        b = b.scheduler(self.scheduler_config(path)?);
+        self.apply_jobs(b, path)
+    }
+
+    /// `[policy]`: the source policy.
+    fn source_policy(&self, path: &str) -> Result<SourcePolicy, ConfigError> {
         let p = &self.policy;
-        let mut policy = crate::source::policy::SourcePolicy::default();
+        let mut policy = SourcePolicy::default();
         for (i, (key, v)) in [
             (
                 "policy.origin_delay_foreground_seconds",
@@ -372,7 +382,11 @@ impl Config {
                 policy.cache_fallback[i] = seconds(path, key, v)?;
             }
         }
-        b = b.source_policy(policy);
+        Ok(policy)
+    }
+
+    /// `[bandwidth]`: the limits (a key set to 0 is an error: leave it out for none).
+    fn bandwidth_limits(&self, path: &str) -> Result<BandwidthLimits, ConfigError> {
         let w = &self.bandwidth;
         for (key, v) in [
             (
@@ -396,12 +410,21 @@ impl Config {
                 });
             }
         }
-        b = b.bandwidth(crate::source::bandwidth::BandwidthLimits {
+        Ok(BandwidthLimits {
             download_foreground: w.download_foreground_bytes_per_sec,
             download_background: w.download_background_bytes_per_sec,
             upload: w.upload_bytes_per_sec,
             monthly_upload_cap: w.monthly_upload_cap_bytes,
-        });
+        })
+    }
+
+    /// `policy.cache_nodes` and `[metrics]`.
+    fn apply_cache_nodes_and_metrics(
+        &self,
+        mut b: Builder,
+        path: &str,
+    ) -> Result<Builder, ConfigError> {
+        let p = &self.policy;
         for a in addrs(
             path,
             "policy.cache_nodes",
@@ -431,8 +454,13 @@ impl Config {
             }
             b = b.metrics(addr);
         }
+        Ok(b)
+    }
+
+    /// `[origin]`: the origin client's retries and timeouts.
+    fn origin_config(&self, path: &str) -> Result<OriginConfig, ConfigError> {
         let o = &self.origin;
-        let mut origin = origin::Config::default();
+        let mut origin = OriginConfig::default();
         if let Some(r) = o.retries {
             origin.retries = r;
         }
@@ -445,9 +473,13 @@ impl Config {
         if let Some(s) = o.read_timeout_seconds {
             origin.read_timeout = seconds(path, "origin.read_timeout_seconds", s)?;
         }
-        b = b.origin(origin);
+        Ok(origin)
+    }
+
+    /// `[scheduler]`: the piece scheduler's limits.
+    fn scheduler_config(&self, path: &str) -> Result<SchedulerConfig, ConfigError> {
         let s = &self.scheduler;
-        let mut sched = scheduler::Config::default();
+        let mut sched = SchedulerConfig::default();
         if let Some(v) = s.max_requests_per_peer {
             sched.max_per_peer = v;
         }
@@ -463,7 +495,11 @@ impl Config {
         if let Some(v) = s.peer_backoff_seconds {
             sched.peer_backoff = seconds(path, "scheduler.peer_backoff_seconds", v)?;
         }
-        b = b.scheduler(sched);
+        Ok(sched)
+    }
+
+    /// `[jobs]` and `[daemon]`: retries, discovery, transfer slots, inactivity.
+    fn apply_jobs(&self, mut b: Builder, path: &str) -> Result<Builder, ConfigError> {
         if let Some(v) = self.jobs.retry_delay_seconds {
             b = b.retry_delay(seconds(path, "jobs.retry_delay_seconds", v)?);
         }

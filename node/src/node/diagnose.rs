@@ -134,90 +134,7 @@ impl Node {
             _ => {}
         }
         for (index, f) in info.files.iter().enumerate() {
-            let mut d = FileDiagnosis {
-                index,
-                url: f.url.to_string(),
-                peers_allowed: Ok(()),
-                dht_providers: Vec::new(),
-                answers: Vec::new(),
-                asked: 0,
-                bytes_from_peers: f.bytes_from_peers,
-                bytes_from_origin: f.bytes_from_origin,
-                in_cache: false,
-                members: None,
-            };
-            if let Some(id) = &f.content_id {
-                let me = env.swarm.peer_id();
-                let now = std::time::Instant::now();
-                d.members = env.store.with_members(id, |v| {
-                    let fetchers = v.fetchers(id.piece_count(), now, false);
-                    SwarmMembers {
-                        alive: v.len_alive(now),
-                        fetchers: fetchers.len(),
-                        me_fetching: fetchers.contains(&me),
-                    }
-                });
-            }
-            let key = match (f.expected.blake3, f.expected.sha256) {
-                (Some(h), _) => Some((HaveKey::Blake3(h), BanKey::Blake3(h))),
-                (None, Some(s)) => Some((HaveKey::Sha256(s), BanKey::Sha256(s))),
-                (None, None) => None,
-            };
-            if !f.ranges.is_empty() {
-                d.peers_allowed = Err("it has byte ranges, which come from the origin only".into());
-            } else if key.is_none() {
-                d.peers_allowed = Err("it has no expected digest, so nothing from peers could \
-                     be trusted: it comes from the origin only"
-                    .into());
-            } else if mode == PeerMode::Origin {
-                d.peers_allowed = Err("the peer mode is \"origin\"".into());
-            } else if self.origin_only(job, index) {
-                d.peers_allowed = Err("the caller marked content from peers invalid, so it is \
-                     fetched again from the origin only"
-                    .into());
-            }
-            if let (Ok(()), Some((have, ban))) = (&d.peers_allowed, key) {
-                d.dht_providers = env.swarm.find_providers(have, DIAGNOSE_WAIT).await;
-                let mut peers = connected.clone();
-                for p in &d.dht_providers {
-                    if !peers.contains(p) {
-                        peers.push(*p);
-                    }
-                }
-                d.asked = peers.len();
-                let asks = peers.into_iter().map(|peer| {
-                    let swarm = env.swarm.clone();
-                    async move {
-                        let r = tokio::time::timeout(
-                            DIAGNOSE_WAIT,
-                            swarm.have(peer, shoal_protocol::HaveRequest::new(have)),
-                        )
-                        .await;
-                        match r {
-                            Ok(Ok(resp)) => resp.0.map(|h| (peer, h)),
-                            _ => None,
-                        }
-                    }
-                });
-                for (peer, h) in futures::future::join_all(asks).await.into_iter().flatten() {
-                    let id = h.content_id;
-                    d.answers.push(PeerAnswer {
-                        peer,
-                        source: env.swarm.peer_source(&peer),
-                        banned: env.bans.is_banned(ban, &peer)
-                            || env.bans.is_banned(BanKey::Blake3(*id.hash()), &peer),
-                        content_id: id.to_string(),
-                        have: h.have.count_ones(),
-                        fetching: h.fetching.count_ones(),
-                        claimed: h.claimed.count_ones(),
-                        pieces: id.piece_count(),
-                    });
-                }
-            }
-            d.in_cache = self.cache_items().iter().any(|c| {
-                Some(*c.content_id.hash()) == f.expected.blake3.or(f.content_id.map(|i| *i.hash()))
-                    || (c.sha256.is_some() && c.sha256 == f.expected.sha256)
-            });
+            let d = self.diagnose_file(job, index, f, &connected).await;
             reasons.extend(file_reasons(&d));
             files.push(d);
         }
@@ -266,6 +183,104 @@ impl Node {
             reasons,
             job: info,
         })
+    }
+
+    /// One file's findings: whether peers may serve it, the DHT's providers and the peers'
+    /// answers (each asked for at most [`DIAGNOSE_WAIT`]), the member view, the cache.
+    async fn diagnose_file(
+        &self,
+        job: JobId,
+        index: usize,
+        f: &crate::job::FileInfo,
+        connected: &[PeerId],
+    ) -> FileDiagnosis {
+        let env = self.env();
+        let mode = env.swarm.mode();
+        let mut d = FileDiagnosis {
+            index,
+            url: f.url.to_string(),
+            peers_allowed: Ok(()),
+            dht_providers: Vec::new(),
+            answers: Vec::new(),
+            asked: 0,
+            bytes_from_peers: f.bytes_from_peers,
+            bytes_from_origin: f.bytes_from_origin,
+            in_cache: false,
+            members: None,
+        };
+        if let Some(id) = &f.content_id {
+            let me = env.swarm.peer_id();
+            let now = std::time::Instant::now();
+            d.members = env.store.with_members(id, |v| {
+                let fetchers = v.fetchers(id.piece_count(), now, false);
+                SwarmMembers {
+                    alive: v.len_alive(now),
+                    fetchers: fetchers.len(),
+                    me_fetching: fetchers.contains(&me),
+                }
+            });
+        }
+        let key = match (f.expected.blake3, f.expected.sha256) {
+            (Some(h), _) => Some((HaveKey::Blake3(h), BanKey::Blake3(h))),
+            (None, Some(s)) => Some((HaveKey::Sha256(s), BanKey::Sha256(s))),
+            (None, None) => None,
+        };
+        if !f.ranges.is_empty() {
+            d.peers_allowed = Err("it has byte ranges, which come from the origin only".into());
+        } else if key.is_none() {
+            d.peers_allowed = Err("it has no expected digest, so nothing from peers could \
+                 be trusted: it comes from the origin only"
+                .into());
+        } else if mode == PeerMode::Origin {
+            d.peers_allowed = Err("the peer mode is \"origin\"".into());
+        } else if self.origin_only(job, index) {
+            d.peers_allowed = Err("the caller marked content from peers invalid, so it is \
+                 fetched again from the origin only"
+                .into());
+        }
+        if let (Ok(()), Some((have, ban))) = (&d.peers_allowed, key) {
+            d.dht_providers = env.swarm.find_providers(have, DIAGNOSE_WAIT).await;
+            let mut peers = connected.to_vec();
+            for p in &d.dht_providers {
+                if !peers.contains(p) {
+                    peers.push(*p);
+                }
+            }
+            d.asked = peers.len();
+            let asks = peers.into_iter().map(|peer| {
+                let swarm = env.swarm.clone();
+                async move {
+                    let r = tokio::time::timeout(
+                        DIAGNOSE_WAIT,
+                        swarm.have(peer, shoal_protocol::HaveRequest::new(have)),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(resp)) => resp.0.map(|h| (peer, h)),
+                        _ => None,
+                    }
+                }
+            });
+            for (peer, h) in futures::future::join_all(asks).await.into_iter().flatten() {
+                let id = h.content_id;
+                d.answers.push(PeerAnswer {
+                    peer,
+                    source: env.swarm.peer_source(&peer),
+                    banned: env.bans.is_banned(ban, &peer)
+                        || env.bans.is_banned(BanKey::Blake3(*id.hash()), &peer),
+                    content_id: id.to_string(),
+                    have: h.have.count_ones(),
+                    fetching: h.fetching.count_ones(),
+                    claimed: h.claimed.count_ones(),
+                    pieces: id.piece_count(),
+                });
+            }
+        }
+        d.in_cache = self.cache_items().iter().any(|c| {
+            Some(*c.content_id.hash()) == f.expected.blake3.or(f.content_id.map(|i| *i.hash()))
+                || (c.sha256.is_some() && c.sha256 == f.expected.sha256)
+        });
+        d
     }
 }
 

@@ -302,39 +302,9 @@ impl Builder {
     /// cannot be opened.
     pub async fn build(self) -> Result<Node, Error> {
         let store = Arc::new(ContentStore::new());
-        let cache = match self.cache {
-            None => None,
-            Some(config) => {
-                let dir = config
-                    .dir
-                    .clone()
-                    .or_else(|| self.state_dir.as_ref().map(|d| d.join("cache")))
-                    .ok_or(crate::store::cache::CacheError::NoDir)?;
-                let store = store.clone();
-                Some(Arc::new(
-                    tokio::task::spawn_blocking(move || {
-                        crate::store::cache::Cache::open(dir, config, store)
-                    })
-                    .await
-                    .map_err(|e| Error::Swarm(e.to_string()))??,
-                ))
-            }
-        };
+        let cache = open_cache(self.cache.clone(), self.state_dir.as_deref(), &store).await?;
         let shutdown = CancellationToken::new();
-        let (state, stored) = match &self.state_dir {
-            Some(dir) => {
-                let dir = dir.clone();
-                let (state, stored) = tokio::task::spawn_blocking(move || {
-                    let state = StateStore::open(&dir)?;
-                    let stored = state.load()?;
-                    Ok::<_, PersistError>((state, stored))
-                })
-                .await
-                .map_err(|e| Error::Swarm(e.to_string()))??;
-                (Some(Arc::new(state)), stored)
-            }
-            None => (None, Vec::new()),
-        };
+        let (state, stored) = open_state(self.state_dir.as_deref()).await?;
         let keypair = match (self.keypair, &state) {
             (Some(k), _) => k,
             (None, Some(state)) => state_identity(state)?,
@@ -355,15 +325,7 @@ impl Builder {
         let mut registry = self
             .metrics
             .map(|_| prometheus_client::registry::Registry::default());
-        // This month's uploads, as the state database kept them ("YYYY-MM BYTES").
-        let month = state
-            .as_ref()
-            .and_then(|st| st.meta(UPLOAD_MONTH).ok().flatten())
-            .and_then(|v| {
-                let text = String::from_utf8(v).ok()?;
-                let (m, b) = text.split_once(' ')?;
-                Some((m.to_owned(), b.parse().ok()?))
-            });
+        let month = state.as_deref().and_then(upload_month);
         let bandwidth = Arc::new(crate::source::bandwidth::Bandwidth::new(
             self.bandwidth,
             month,
@@ -454,6 +416,54 @@ impl Builder {
         );
         Ok(node)
     }
+}
+
+/// The cache of a node that keeps one (its directory: the configured one, else `cache` in the
+/// state directory), registering its files with `store`.
+async fn open_cache(
+    config: Option<crate::store::cache::CacheConfig>,
+    state_dir: Option<&Path>,
+    store: &Arc<ContentStore>,
+) -> Result<Option<Arc<crate::store::cache::Cache>>, Error> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let dir = config
+        .dir
+        .clone()
+        .or_else(|| state_dir.map(|d| d.join("cache")))
+        .ok_or(crate::store::cache::CacheError::NoDir)?;
+    let store = store.clone();
+    Ok(Some(Arc::new(
+        tokio::task::spawn_blocking(move || crate::store::cache::Cache::open(dir, config, store))
+            .await
+            .map_err(|e| Error::Swarm(e.to_string()))??,
+    )))
+}
+
+/// The state database in `dir` and the jobs it holds (none without a directory).
+async fn open_state(
+    dir: Option<&Path>,
+) -> Result<(Option<Arc<StateStore>>, Vec<crate::store::state::StoredJob>), Error> {
+    let Some(dir) = dir.map(Path::to_path_buf) else {
+        return Ok((None, Vec::new()));
+    };
+    let (state, stored) = tokio::task::spawn_blocking(move || {
+        let state = StateStore::open(&dir)?;
+        let stored = state.load()?;
+        Ok::<_, PersistError>((state, stored))
+    })
+    .await
+    .map_err(|e| Error::Swarm(e.to_string()))??;
+    Ok((Some(Arc::new(state)), stored))
+}
+
+/// This month's uploads, as the state database kept them (`"YYYY-MM BYTES"`).
+fn upload_month(state: &StateStore) -> Option<(String, u64)> {
+    let v = state.meta(UPLOAD_MONTH).ok().flatten()?;
+    let text = String::from_utf8(v).ok()?;
+    let (m, b) = text.split_once(' ')?;
+    Some((m.to_owned(), b.parse().ok()?))
 }
 
 /// The node identity kept in the state database, made on first use.

@@ -336,24 +336,8 @@ fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-async fn get(args: GetArgs) -> Result<()> {
-    let expected = digests(&args)?;
-    let names = local_names(&args)?;
-    if !args.no_daemon {
-        let socket = jobcli::socket_path(args.socket.as_deref());
-        if socket.exists()
-            && let Ok(client) = jobcli::connect(&socket).await
-        {
-            return jobcli::get_via_daemon(
-                client,
-                &args.urls,
-                &names,
-                &expected,
-                args.no_progress_timeout,
-            )
-            .await;
-        }
-    }
+/// The node `shoal get` runs without a daemon: the configuration file's, with the flags.
+fn get_builder(args: &GetArgs) -> Result<shoal_node::Builder> {
     let mut b = builder(args.config.as_deref())?;
     if args.no_mdns || args.config.is_none() {
         b = b.mdns(!args.no_mdns);
@@ -376,30 +360,18 @@ async fn get(args: GetArgs) -> Result<()> {
         }
         b = b.bootstrap(a.clone());
     }
-    let node = b.build().await?;
-    let job = node.create_job("shoal get", Priority::Foreground)?;
-    for ((url, name), exp) in args.urls.iter().zip(&names).zip(&expected) {
-        node.add_file(
-            job,
-            FileSpec {
-                url: url.clone(),
-                local_name: name.clone(),
-                expected: *exp,
-                ranges: Vec::new(),
-            },
-        )?;
-    }
-    let (tx, mut rx) = mpsc::channel(1);
-    node.set_callback(
-        job,
-        Arc::new(Finisher {
-            node: node.clone(),
-            done: tx,
-        }),
-    )?;
-    node.set_retry_delay(job, Duration::from_secs(5))?;
-    let start = Instant::now();
-    node.resume(job)?;
+    Ok(b)
+}
+
+/// Shows the job's progress (a bar on a terminal, a line a second otherwise) until the
+/// callback reports its end, or until it made no progress for `no_progress_timeout` seconds
+/// in TransientError.
+async fn watch(
+    node: &Node,
+    job: shoal_node::JobId,
+    mut rx: mpsc::Receiver<std::result::Result<(), String>>,
+    no_progress_timeout: u64,
+) -> Result<std::result::Result<(), String>> {
     let tty = std::io::stderr().is_terminal();
     let bar_style = ProgressStyle::with_template(
         "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
@@ -418,7 +390,7 @@ async fn get(args: GetArgs) -> Result<()> {
     };
     let mut bar_has_length = false;
     let mut tick = tokio::time::interval(Duration::from_millis(if tty { 100 } else { 1000 }));
-    let no_progress = Duration::from_secs(args.no_progress_timeout);
+    let no_progress = Duration::from_secs(no_progress_timeout);
     let mut stalled_since: Option<Instant> = None;
     let outcome = loop {
         tokio::select! {
@@ -459,6 +431,52 @@ async fn get(args: GetArgs) -> Result<()> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
+    Ok(outcome)
+}
+
+async fn get(args: GetArgs) -> Result<()> {
+    let expected = digests(&args)?;
+    let names = local_names(&args)?;
+    if !args.no_daemon {
+        let socket = jobcli::socket_path(args.socket.as_deref());
+        if socket.exists()
+            && let Ok(client) = jobcli::connect(&socket).await
+        {
+            return jobcli::get_via_daemon(
+                client,
+                &args.urls,
+                &names,
+                &expected,
+                args.no_progress_timeout,
+            )
+            .await;
+        }
+    }
+    let node = get_builder(&args)?.build().await?;
+    let job = node.create_job("shoal get", Priority::Foreground)?;
+    for ((url, name), exp) in args.urls.iter().zip(&names).zip(&expected) {
+        node.add_file(
+            job,
+            FileSpec {
+                url: url.clone(),
+                local_name: name.clone(),
+                expected: *exp,
+                ranges: Vec::new(),
+            },
+        )?;
+    }
+    let (tx, rx) = mpsc::channel(1);
+    node.set_callback(
+        job,
+        Arc::new(Finisher {
+            node: node.clone(),
+            done: tx,
+        }),
+    )?;
+    node.set_retry_delay(job, Duration::from_secs(5))?;
+    let start = Instant::now();
+    node.resume(job)?;
+    let outcome = watch(&node, job, rx, args.no_progress_timeout).await?;
     let info = node.info(job)?;
     if let Err(reason) = outcome {
         // Cancel deletes the temporary files; nothing is left behind.
