@@ -1,0 +1,131 @@
+//! The piece layer assembled from the chaining values of origin pieces (this node's and its peers').
+
+use super::*;
+
+/// Where a download stands with its piece layer while it has no verified one: it is assembling
+/// the layer of content `id` from the chaining values of the pieces it fetched from the origin
+/// itself and those its peers claim (see `docs/scheduling.md`).
+pub(super) struct Assembly {
+    pub(super) id: ContentId,
+    /// Chaining values of the pieces this node fetched and recorded.
+    pub(super) own: Vec<Option<shoal_validator::ChainingValue>>,
+    /// Chaining values taken in from peers' partial layers (untrusted until the layer
+    /// verifies); passed on to peers in turn.
+    pub(super) relayed: Vec<Option<shoal_validator::ChainingValue>>,
+    /// Pieces whose chaining values each peer can tell (its claims and what it relays).
+    pub(super) claims: HashMap<PeerId, Bitfield>,
+    /// Set after an assembled layer failed: claims are ignored from then on.
+    pub(super) failed: bool,
+    /// An assembly (or a fetch of a peer's verified layer) is running.
+    pub(super) running: bool,
+    /// Own pieces or claims changed since coverage was last checked.
+    pub(super) changed: bool,
+}
+
+impl Assembly {
+    /// Whether the chaining value of piece `i` is known here (own or relayed).
+    pub(super) fn knows(&self, i: usize) -> bool {
+        self.own[i].is_some() || self.relayed[i].is_some()
+    }
+
+    /// Whether some peer can tell a chaining value not known here: a gathering round would
+    /// learn something.
+    pub(super) fn peers_know_more(&self) -> bool {
+        self.claims
+            .values()
+            .any(|b| b.ones().any(|i| !self.knows(i as usize)))
+    }
+
+    /// The chaining values known here: own, else relayed.
+    pub(super) fn known(&self) -> Vec<Option<shoal_validator::ChainingValue>> {
+        self.own
+            .iter()
+            .zip(&self.relayed)
+            .map(|(o, r)| o.or(*r))
+            .collect()
+    }
+}
+
+/// What an assembly task found.
+pub(super) enum Assembled {
+    /// A layer that verified against the content id.
+    Layer(PieceLayer),
+    /// Some values are still unknown; these were taken in from peers (piece and value).
+    Learned(Vec<(PieceIndex, shoal_validator::ChainingValue)>),
+    /// Claimed values did not merge into the content id (`from_claims`), or no peer's
+    /// verified layer could be had.
+    Failed { reason: String, from_claims: bool },
+}
+
+/// Gathers the chaining values the assembly lacks (`known` holds the rest) from the peers
+/// that can tell them (their claims, and values they relay from their own peers); once every
+/// value is known, merges them and checks the result against the content id. A peer with a
+/// verified layer (`full_from`) is asked for that instead. Values learned while some are still
+/// missing come back as [`Assembled::Learned`], to be relayed in turn.
+pub(super) async fn assemble(
+    env: Env,
+    id: ContentId,
+    known: Vec<Option<shoal_validator::ChainingValue>>,
+    claims: Vec<(PeerId, Bitfield)>,
+    full_from: Vec<PeerId>,
+) -> Assembled {
+    for peer in full_from {
+        if let Ok(LayerResponse::Full(cvs)) = env.swarm.layer(peer, id, false).await {
+            match PieceLayer::verify(id, cvs) {
+                Ok(l) => return Assembled::Layer(l),
+                Err(e) => {
+                    warn!(%peer, "piece layer rejected: {e}");
+                    env.bans.ban(BanKey::Blake3(*id.hash()), peer);
+                }
+            }
+        }
+    }
+    if claims.is_empty() {
+        return Assembled::Failed {
+            reason: "no peer's verified layer".into(),
+            from_claims: false,
+        };
+    }
+    let mut cvs = known;
+    let mut learned = Vec::new();
+    for (peer, bits) in claims {
+        if bits.ones().all(|i| cvs[i as usize].is_some()) {
+            continue;
+        }
+        match env.swarm.layer(peer, id, true).await {
+            Ok(LayerResponse::Partial(entries)) => {
+                // Only the values the peer said it can tell: one made-up answer does not
+                // fill the whole layer.
+                for (i, cv) in entries {
+                    if bits.get(i)
+                        && let Some(slot) = cvs.get_mut(i as usize)
+                        && slot.is_none()
+                    {
+                        *slot = Some(cv);
+                        learned.push((i, cv));
+                    }
+                }
+            }
+            Ok(LayerResponse::Full(full)) => {
+                if let Ok(l) = PieceLayer::verify(id, full) {
+                    return Assembled::Layer(l);
+                }
+            }
+            Ok(LayerResponse::NotFound) => {}
+            Err(e) => debug!("partial layer request failed: {e}"),
+        }
+        if cvs.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let Some(cvs) = cvs.into_iter().collect::<Option<Vec<_>>>() else {
+        return Assembled::Learned(learned);
+    };
+    match PieceLayer::verify(id, cvs) {
+        Ok(l) => Assembled::Layer(l),
+        Err(e) => Assembled::Failed {
+            reason: e.to_string(),
+            from_claims: true,
+        },
+    }
+}

@@ -1,0 +1,119 @@
+//! The whole-file checks after the transfer.
+
+use super::*;
+
+/// The whole-file checks (step 5): every piece on disk, the content id and the SHA-256
+/// expected; then the file is served as verified.
+pub(super) fn finish(
+    env: &Env,
+    task: &FileTask,
+    t: Transferred,
+    progress: &(dyn Fn(Update) + Send + Sync),
+) -> Result<Downloaded, AttemptFailure> {
+    let Transferred {
+        found,
+        end,
+        layer,
+        from_peers,
+        assembly_id,
+        piece_count,
+        served_file,
+    } = t;
+    let expected = task.expected;
+    let (choice, claimed) = (found.choice, found.claimed);
+    // 6. Whole-file checks: every piece on disk, checked.
+    if end.on_disk.count_ones() != piece_count {
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(task.index),
+            description: format!(
+                "{} of {piece_count} pieces of {} are on disk at the end",
+                end.on_disk.count_ones(),
+                task.temp.display()
+            ),
+        })
+        .into());
+    }
+    let layer = match (layer, end.builder) {
+        (Some(l), _) => l,
+        (None, Some(b)) => b.finish().ok_or_else(|| {
+            Failure::Fatal(JobError {
+                context: ErrorContext::LocalFile,
+                file: Some(task.index),
+                description: "pieces missing at the end".into(),
+            })
+        })?,
+        (None, None) => unreachable!("a writer without a layer has a builder"),
+    };
+    let id = layer.content_id();
+    let sha256 = end.sha256.ok_or_else(|| {
+        Failure::Fatal(JobError {
+            context: ErrorContext::LocalFile,
+            file: Some(task.index),
+            description: "SHA-256 could not be computed".into(),
+        })
+    })?;
+    // A whole-file mismatch: these bytes must not be resumed from.
+    let forget = || {
+        env.store.remove_at(&id, &task.temp);
+        if let Some(a) = &assembly_id {
+            env.store.remove_at(a, &task.temp);
+        }
+        if let Some(d) = &task.durable
+            && let Err(e) = d.store.clear_pieces(d.job, d.index)
+        {
+            warn!(url = %origin::redact(&task.url), "cannot forget the pieces of a file that failed: {e}");
+        }
+    };
+    if let Err(e) = expected.check_content_id(&id) {
+        forget();
+        // Only origin bytes reach here without a trusted layer.
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!("{}: {e}", origin::redact(&task.url)),
+        })
+        .into());
+    }
+    if let Err(e) = expected.check_sha256(sha256) {
+        forget();
+        if claimed && from_peers {
+            if let Some((_, answers, ban)) = &choice {
+                for (peer, _) in answers {
+                    if env.bans.ban(*ban, *peer) {
+                        progress(Update::Banned);
+                    }
+                }
+            }
+            return Err(AttemptFailure::ClaimFailed);
+        }
+        return Err(Failure::Fatal(JobError {
+            context: ErrorContext::RemoteFile,
+            file: Some(task.index),
+            description: format!("{}: {e}", origin::redact(&task.url)),
+        })
+        .into());
+    }
+    // Verified: serve it (from now on from the file reopened as its owner, only while it is
+    // this file), and answer SHA-256 lookups for it.
+    let identity = FileIdentity::of(&served_file)
+        .map_err(|e| AttemptFailure::from(local_error(task.index, &task.temp, &e)))?;
+    env.store.insert(
+        layer.clone(),
+        Bitfield::full(piece_count),
+        task.temp.clone(),
+        Backing::Named {
+            owner: task.owner,
+            identity,
+        },
+    );
+    env.store.set_sha256(&id, sha256);
+    Ok(Downloaded {
+        content_id: id,
+        layer,
+        sha256,
+        from_peers,
+        from_cache: false,
+        identity,
+    })
+}

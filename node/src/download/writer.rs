@@ -1,0 +1,434 @@
+//! The thread that verifies and writes pieces, checkpoints them, and the one that hashes SHA-256 in file order; the temporary file.
+
+use super::*;
+
+/// The thread that verifies and writes pieces, and the one that hashes SHA-256 in order.
+/// What the writer thread is sent.
+pub(super) enum ToWriter {
+    /// A piece to check and write.
+    Piece(PieceIndex, Source, Bytes),
+    /// From now on check pieces against this verified layer (assembled while downloading);
+    /// the pieces recorded so far are checked against it too.
+    Layer(PieceLayer),
+}
+
+pub(super) struct Writer {
+    pub(super) tx: mpsc::Sender<ToWriter>,
+    pub(super) thread: std::thread::JoinHandle<Result<WriterEnd, std::io::Error>>,
+}
+
+pub(super) struct WriterEnd {
+    pub(super) builder: Option<LayerBuilder>,
+    pub(super) sha256: Option<Sha256Digest>,
+    /// The pieces verified and written.
+    pub(super) on_disk: Bitfield,
+}
+
+pub(super) enum Checker {
+    Layer(PieceLayer),
+    Builder(LayerBuilder),
+}
+
+impl Checker {
+    /// The chaining value piece `index` verified with (`None` for a file of one piece, or a
+    /// piece the builder has not taken).
+    pub(super) fn chaining_value(
+        &self,
+        index: PieceIndex,
+    ) -> Option<shoal_validator::ChainingValue> {
+        match self {
+            Self::Layer(l) => l.chaining_values().get(index as usize).copied(),
+            Self::Builder(b) => b.chaining_value(index),
+        }
+    }
+}
+
+/// A piece for the SHA-256 thread: its index, its bytes (`None`: read it from the file), and
+/// the chaining value it verified with, which bytes read back from the file must still have.
+pub(super) type ShaPiece = (
+    PieceIndex,
+    Option<Bytes>,
+    Option<shoal_validator::ChainingValue>,
+);
+
+/// The alignment O_DIRECT needs for offsets, lengths and buffer addresses, in bytes.
+pub(super) const DIRECT_ALIGN: usize = swarm::BULK_ALIGN;
+
+/// Writes pieces at their offsets. Where the file system allows it, aligned pieces go through a
+/// second descriptor opened with `O_DIRECT`: on the 2-core machines Shoal is measured on, the
+/// kernel's copy into the page cache costs more CPU than hashing, and direct writes skip it
+/// (see `docs/benchmarks.md`). Other pieces, and every piece when `O_DIRECT` is refused, go
+/// through the page cache. Reads (serving, SHA-256 read-back) see both, as the kernel keeps
+/// them coherent.
+pub(super) struct PieceWriter {
+    pub(super) buffered: Arc<File>,
+    pub(super) direct: Option<File>,
+    /// A buffer of one piece plus slack, so an aligned window of it can be used.
+    pub(super) scratch: Vec<u8>,
+}
+
+impl PieceWriter {
+    pub(super) fn new(buffered: Arc<File>, piece_size: u64) -> Self {
+        use std::os::unix::{fs::OpenOptionsExt, io::AsRawFd};
+        // The same inode as `buffered`, not whatever the path names by now.
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
+            .ok();
+        let scratch = if direct.is_some() {
+            vec![0u8; piece_size as usize + DIRECT_ALIGN]
+        } else {
+            Vec::new()
+        };
+        Self {
+            buffered,
+            direct,
+            scratch,
+        }
+    }
+
+    pub(super) fn write(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let aligned =
+            offset.is_multiple_of(DIRECT_ALIGN as u64) && bytes.len().is_multiple_of(DIRECT_ALIGN);
+        if let Some(direct) = &self.direct
+            && aligned
+            && bytes.len() + DIRECT_ALIGN <= self.scratch.len()
+        {
+            // Pieces from peers arrive aligned (`swarm::read_body`); others are copied first.
+            let window = if bytes.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+                bytes
+            } else {
+                let start = self.scratch.as_ptr().align_offset(DIRECT_ALIGN);
+                let window = &mut self.scratch[start..start + bytes.len()];
+                window.copy_from_slice(bytes);
+                window
+            };
+            match direct.write_all_at(window, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) => return Err(e),
+            }
+        }
+        self.buffered.write_all_at(bytes, offset)
+    }
+}
+
+/// What the writer thread records with each checkpoint.
+pub(super) struct Checkpointing {
+    pub(super) durable: Durable,
+    pub(super) meta: ResumeDisk,
+    /// The trusted layer, written with the first checkpoint.
+    pub(super) layer: Option<Vec<shoal_validator::ChainingValue>>,
+    /// The origin resource, once probed: its validator goes into the record.
+    pub(super) remote: Arc<OnceCell<Remote>>,
+}
+
+/// Pieces the writer takes from its queue before it flushes and records them.
+pub(super) const CHECKPOINT_BATCH: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn spawn_writer(
+    file: Arc<File>,
+    checker: Checker,
+    piece_size: u64,
+    length: u64,
+    resumed: Bitfield,
+    mut checkpointing: Option<Checkpointing>,
+    out: mpsc::Sender<Verdict>,
+) -> Writer {
+    let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
+    let thread = std::thread::spawn(move || {
+        let mut writer = PieceWriter::new(file.clone(), piece_size);
+        let (sha_tx, sha_rx) = std::sync::mpsc::sync_channel::<ShaPiece>(VERIFY_QUEUE);
+        let sha_file = file.clone();
+        let sha_thread =
+            std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, length));
+        let mut on_disk = resumed;
+        // Pieces kept from an earlier run are hashed from the file (checked again first).
+        for index in on_disk.ones() {
+            let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+        }
+        let mut checker = checker;
+        let mut results = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < CHECKPOINT_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let mut wrote = false;
+            for msg in batch {
+                let (index, source, bytes) = match msg {
+                    ToWriter::Piece(i, s, b) => (i, s, b),
+                    ToWriter::Layer(layer) => {
+                        // Pieces recorded so far must be the layer's: a piece whose chaining
+                        // value differs is dropped and reported as failing.
+                        if let Checker::Builder(b) = &checker {
+                            for index in on_disk.ones().collect::<Vec<_>>() {
+                                let cv = b.chaining_value(index);
+                                if cv.is_some()
+                                    && layer.chaining_values().get(index as usize) != cv.as_ref()
+                                {
+                                    on_disk.clear(index);
+                                    results.push(Verdict {
+                                        index,
+                                        source: Source::Origin,
+                                        bytes: 0,
+                                        result: Err("differs from the assembled piece layer".into()),
+                                        cv: None,
+                                        after_layer: true,
+                                    });
+                                }
+                            }
+                        }
+                        if let Some(c) = &mut checkpointing {
+                            c.meta.content_id = Some(layer.content_id().to_string());
+                            c.layer = Some(layer.chaining_values().to_vec());
+                        }
+                        checker = Checker::Layer(layer);
+                        continue;
+                    }
+                };
+                let mut cv = None;
+                let result = match &mut checker {
+                    Checker::Layer(layer) => layer.verify_piece(index, &bytes),
+                    Checker::Builder(b) => b.add_piece(index, &bytes).inspect(|()| {
+                        cv = b.chaining_value(index);
+                    }),
+                }
+                .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    writer.write(u64::from(index) * piece_size, &bytes)?;
+                    on_disk.set(index);
+                    wrote = true;
+                    if let (Some(c), Source::Peer(_)) = (&mut checkpointing, source) {
+                        c.meta.from_peers = true;
+                    }
+                    let _ =
+                        sha_tx.send((index, Some(bytes.clone()), checker.chaining_value(index)));
+                }
+                results.push(Verdict {
+                    index,
+                    source,
+                    bytes: bytes.len() as u64,
+                    result,
+                    cv,
+                    after_layer: false,
+                });
+            }
+            // Data first, then the record that says it is there.
+            if let Some(c) = &mut checkpointing
+                && wrote
+            {
+                file.sync_data()?;
+                c.meta.validator = c.remote.get().and_then(|r| r.validator.clone());
+                c.durable
+                    .store
+                    .checkpoint(
+                        c.durable.job,
+                        c.durable.index,
+                        &on_disk,
+                        &c.meta,
+                        c.layer.take().as_deref(),
+                    )
+                    .map_err(std::io::Error::other)?;
+            }
+            for v in results.drain(..) {
+                let _ = out.blocking_send(v);
+            }
+        }
+        drop(sha_tx);
+        let sha256 = sha_thread
+            .join()
+            .map_err(|_| std::io::Error::other("SHA-256 thread panicked"))??;
+        Ok(WriterEnd {
+            builder: match checker {
+                Checker::Builder(b) => Some(b),
+                Checker::Layer(_) => None,
+            },
+            sha256,
+            on_disk,
+        })
+    });
+    Writer { tx, thread }
+}
+
+/// Hashes the file in order. Pieces come with their bytes, or without (`None`: already in the
+/// file, kept from an earlier run). Pieces that arrive in order are hashed from memory, and so
+/// are pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back
+/// from the file when their turn comes, and must still have the chaining value they verified
+/// with (the owner of the file may write it meanwhile: what is hashed is what verified, or the
+/// file fails as a local error that bans nobody). `None` unless every piece arrived.
+pub(super) fn sha_in_order(
+    file: &File,
+    rx: std::sync::mpsc::Receiver<ShaPiece>,
+    piece_size: u64,
+    length: u64,
+) -> Result<Option<Sha256Digest>, std::io::Error> {
+    let piece_count = u32::try_from(length.div_ceil(piece_size)).unwrap_or(u32::MAX);
+    let mut sha = Sha256Stream::new();
+    let mut next: PieceIndex = 0;
+    // Pieces ahead of `next`: with their bytes while they fit in `SHA_HOLD_BYTES`, else
+    // `None`, to be read back from the file; with their chaining values.
+    let mut later: BTreeMap<PieceIndex, (Option<Bytes>, Option<shoal_validator::ChainingValue>)> =
+        BTreeMap::new();
+    let mut held = 0usize;
+    let mut buf = Vec::new();
+    let mut hash_from_file =
+        |sha: &mut Sha256Stream, index: PieceIndex, cv: Option<shoal_validator::ChainingValue>| {
+            let start = u64::from(index) * piece_size;
+            let len = (length - start).min(piece_size);
+            buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+            file.read_exact_at(&mut buf, start)?;
+            if let Some(cv) = cv {
+                shoal_validator::check_piece(index, start, &buf, &cv).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("the temporary file changed after its piece verified: {e}"),
+                    )
+                })?;
+            }
+            sha.update(&buf);
+            Ok::<(), std::io::Error>(())
+        };
+    for (index, bytes, cv) in rx {
+        if index != next {
+            let keep = bytes
+                .filter(|b| held + b.len() <= SHA_HOLD_BYTES)
+                .inspect(|b| held += b.len());
+            later.insert(index, (keep, cv));
+            continue;
+        }
+        match bytes {
+            Some(b) => sha.update(&b),
+            None => hash_from_file(&mut sha, index, cv)?,
+        }
+        next += 1;
+        while let Some((piece, cv)) = later.remove(&next) {
+            match piece {
+                Some(b) => {
+                    held -= b.len();
+                    sha.update(&b);
+                }
+                None => hash_from_file(&mut sha, next, cv)?,
+            }
+            next += 1;
+        }
+    }
+    Ok((next == piece_count).then(|| sha.finish()))
+}
+
+/// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
+/// its place) is removed, and the new one is created exclusively, never through a symlink,
+/// with the owner's usual mode ([`crate::store::fsuser::file_mode`]).
+pub(super) fn create_temp(path: &Path, owner: Option<u32>, length: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::store::fsuser::as_owner(owner, || {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        // The owner's usual mode, whatever the daemon's umask.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+            crate::store::fsuser::file_mode(owner),
+        ))?;
+        file.set_len(length)?;
+        Ok(file)
+    })
+}
+
+/// Opens the temporary file of an earlier run, as the job's owner, never through a symlink.
+pub(super) fn open_temp(path: &Path, owner: Option<u32>, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::store::fsuser::as_owner(owner, || {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    })
+}
+
+/// Checks again the pieces an earlier run left in `temp`: against the layer, or hashed into
+/// the content id being derived. Returns the pieces that pass, and the checker to go on with.
+pub(super) fn recheck(
+    temp: &Path,
+    geometry: ContentId,
+    pieces: &Bitfield,
+    mut checker: Checker,
+    owner: Option<u32>,
+) -> std::io::Result<(Bitfield, Checker)> {
+    let file = open_temp(temp, owner, false)?;
+    let mut kept = Bitfield::new(pieces.len());
+    let mut buf = Vec::new();
+    for index in pieces.ones() {
+        let Some(range) = geometry.piece_range(index) else {
+            continue;
+        };
+        buf.resize(
+            usize::try_from(range.end - range.start).unwrap_or(usize::MAX),
+            0,
+        );
+        file.read_exact_at(&mut buf, range.start)?;
+        let ok = match &mut checker {
+            Checker::Layer(l) => l.verify_piece(index, &buf).is_ok(),
+            Checker::Builder(b) => b.add_piece(index, &buf).is_ok(),
+        };
+        if ok {
+            kept.set(index);
+        } else {
+            warn!(path = %temp.display(), index, "a piece kept from an earlier run fails its check; fetching it again");
+        }
+    }
+    Ok((kept, checker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_read_back_for_the_sha256_must_still_be_the_verified_ones() {
+        use std::os::unix::fs::FileExt as _;
+        let piece = 16 * 1024u64;
+        let bytes: Vec<u8> = (0..3 * piece).map(|i| (i % 251) as u8).collect();
+        let d = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64).unwrap();
+        let cvs = d.layer.chaining_values().to_vec();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        std::fs::write(&path, &bytes).unwrap();
+        let run = |file: &File| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            // Pieces 2 and 1 come first and without their bytes (read back), then piece 0.
+            for i in [2u32, 1] {
+                tx.send((i, None, Some(cvs[i as usize]))).unwrap();
+            }
+            let p0 = Bytes::copy_from_slice(&bytes[..piece as usize]);
+            tx.send((0, Some(p0), Some(cvs[0]))).unwrap();
+            drop(tx);
+            sha_in_order(file, rx, piece, bytes.len() as u64)
+        };
+        let file = File::open(&path).unwrap();
+        assert_eq!(run(&file).unwrap(), Some(d.sha256));
+        // The owner writes into piece 2 after it verified: no SHA-256 is claimed for it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"changed", 2 * piece + 9)
+            .unwrap();
+        let e = run(&file).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    }
+}
