@@ -28,6 +28,7 @@ mod cache;
 mod cluster;
 mod hostile;
 mod security;
+mod tidy;
 
 /// Upper bound of any single scenario.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);

@@ -100,6 +100,13 @@ impl FileDigests {
     pub fn content_id(&self) -> ContentId {
         self.layer.content_id()
     }
+
+    /// Whether these are the digests of content `id` and, when given, of SHA-256 `sha256`: a
+    /// copy, a cached file or a renamed file is still the verified content.
+    #[must_use]
+    pub fn is(&self, id: &ContentId, sha256: Option<Sha256Digest>) -> bool {
+        self.content_id() == *id && sha256.is_none_or(|s| s == self.sha256)
+    }
 }
 
 /// Hashes a whole file of `length` bytes from `reader` in one pass: content id, piece layer and

@@ -142,6 +142,13 @@ impl PieceLayer {
         &self.cvs
     }
 
+    /// Whether piece `index`'s chaining value in this layer is `cv` (a value recorded before
+    /// the layer was known, checked against it). False for an index out of range.
+    #[must_use]
+    pub fn agrees(&self, index: PieceIndex, cv: &ChainingValue) -> bool {
+        self.cvs.get(index as usize) == Some(cv)
+    }
+
     /// Checks piece `index` against its chaining value (or, for a one-piece file, against the
     /// content id itself).
     ///

@@ -589,10 +589,9 @@ impl Core {
         }
         match v.result {
             Ok(())
-                if v.cv.is_some()
-                    && self.layer.as_ref().is_some_and(|l| {
-                        l.chaining_values().get(v.index as usize) != v.cv.as_ref()
-                    }) =>
+                if v.cv.is_some_and(|cv| {
+                    self.layer.as_ref().is_some_and(|l| !l.agrees(v.index, &cv))
+                }) =>
             {
                 self.finish(End::DiffersFromLayer(v.index));
             }
@@ -649,7 +648,7 @@ impl Core {
                 // checks every recorded piece against the layer too.
                 let mut verified = Bitfield::new(self.piece_count);
                 for (i, cv) in a.own.iter().enumerate() {
-                    if cv.is_some() && cv.as_ref() == l.chaining_values().get(i) {
+                    if cv.is_some_and(|cv| l.agrees(i as u32, &cv)) {
                         verified.set(i as u32);
                     }
                 }

@@ -16,7 +16,7 @@
 
 use std::{
     collections::HashMap,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -74,12 +74,12 @@ pub(crate) struct MemberView {
 }
 
 impl MemberView {
-    /// A view holding only this node, `me`, with no piece and not using the origin.
+    /// A view holding only this node, `me`, with no piece and not using the origin; `wall_ms`
+    /// is the wall clock at `now` (milliseconds since the Unix epoch), which heartbeats count
+    /// from, so that they keep rising across restarts.
     #[must_use]
-    pub(crate) fn new(me: PeerId, now: Instant) -> Self {
-        let base_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    pub(crate) fn new(me: PeerId, now: Instant, wall_ms: u64) -> Self {
+        let base_ms = wall_ms;
         Self {
             me,
             me_bytes: Bytes::from(me.to_bytes()),
@@ -302,6 +302,9 @@ fn mix(mut x: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// A wall clock for the views under test, in milliseconds since the Unix epoch.
+    const WALL: u64 = 1_764_547_200_000;
+
     fn member(peer: PeerId, heartbeat: u64, done: u32, origin: bool) -> Member {
         Member {
             peer_id: Bytes::from(peer.to_bytes()),
@@ -315,9 +318,9 @@ mod tests {
     fn gossip_spreads_members_and_old_rumours_do_not_revive_them() {
         let t0 = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut va = MemberView::new(a, t0);
-        let mut vb = MemberView::new(b, t0);
-        let mut vc = MemberView::new(c, t0);
+        let mut va = MemberView::new(a, t0, WALL);
+        let mut vb = MemberView::new(b, t0, WALL);
+        let mut vc = MemberView::new(c, t0, WALL);
         for v in [&mut va, &mut vb, &mut vc] {
             v.set_self(0, true, t0);
         }
@@ -359,7 +362,7 @@ mod tests {
     fn after_a_lapse_only_members_heard_from_directly_take_shares() {
         let t0 = Instant::now();
         let (me, neighbour, far) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut v = MemberView::new(me, t0);
+        let mut v = MemberView::new(me, t0, WALL);
         v.set_self(0, true, t0);
         // The neighbour (which holds pieces) relays `far` (which may be made up) and 60
         // made-up fetchers.
@@ -382,7 +385,7 @@ mod tests {
     fn a_member_without_progress_stalls_unless_it_has_everything() {
         let t0 = Instant::now();
         let (me, slow, full) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut v = MemberView::new(me, t0);
+        let mut v = MemberView::new(me, t0, WALL);
         v.merge(
             &slow,
             &[member(slow, 1, 3, true), member(full, 1, 10, true)],
@@ -411,7 +414,7 @@ mod tests {
     fn a_sample_holds_this_node_first_and_at_most_the_limit() {
         let t0 = Instant::now();
         let me = PeerId::random();
-        let mut v = MemberView::new(me, t0);
+        let mut v = MemberView::new(me, t0, WALL);
         let others: Vec<Member> = (0..200)
             .map(|_| member(PeerId::random(), 1, 0, true))
             .collect();

@@ -381,7 +381,7 @@ async fn from_cache(
                     shoal_validator::hash_reader(std::io::BufReader::new(f), length)
                         .map_err(|e| e.to_string())
                 })
-                .is_ok_and(|d| d.content_id() != id)
+                .is_ok_and(|d| !d.is(&id, None))
         })
         .await
         .unwrap_or(false);

@@ -169,9 +169,7 @@ pub(super) fn spawn_writer(
                         if let Checker::Builder(b) = &checker {
                             for index in on_disk.ones().collect::<Vec<_>>() {
                                 let cv = b.chaining_value(index);
-                                if cv.is_some()
-                                    && layer.chaining_values().get(index as usize) != cv.as_ref()
-                                {
+                                if cv.is_some_and(|cv| !layer.agrees(index, &cv)) {
                                     on_disk.clear(index);
                                     results.push(Verdict {
                                         index,

@@ -1516,7 +1516,7 @@ impl Node {
                     id.length(),
                 )
                 .map_err(std::io::Error::other)?;
-                Ok(d.content_id() == id && f.sha256.is_none_or(|s| s == d.sha256))
+                Ok(d.is(&id, f.sha256))
             };
             let renamed = crate::store::fsuser::as_owner(rec.info.owner, || {
                 Ok(crate::store::fsuser::rename_verified(

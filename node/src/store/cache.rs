@@ -637,7 +637,7 @@ impl Cache {
         let copy = part.reopen().map_err(io)?;
         let d = shoal_validator::hash_reader(std::io::BufReader::new(copy), id.length())
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        if d.content_id() != id || sha256.is_some_and(|s| s != d.sha256) {
+        if !d.is(&id, sha256) {
             return Err(io(std::io::Error::other(
                 "the copy does not match the verified content (the source changed)",
             )));

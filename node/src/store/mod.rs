@@ -370,7 +370,10 @@ impl ContentStore {
         inner
             .members
             .entry(id)
-            .or_insert_with(|| (MemberView::new(me, now), 0))
+            .or_insert_with(|| {
+                let wall = crate::timestamp::to_ms(std::time::SystemTime::now());
+                (MemberView::new(me, now, wall), 0)
+            })
             .1 += 1;
     }
 
