@@ -158,6 +158,13 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert!(hash_reader(&bytes[..10], 11).is_err());
+        // A copy is the verified content only with the same content id and, when one is
+        // expected, the same SHA-256.
+        assert!(d.is(&d.content_id(), None));
+        assert!(d.is(&d.content_id(), Some(d.sha256)));
+        assert!(!d.is(&d.content_id(), Some(Sha256Digest([0; 32]))));
+        let other = hash_reader(&bytes[1..], bytes.len() as u64 - 1).unwrap();
+        assert!(!other.is(&d.content_id(), None));
     }
 
     #[test]

@@ -384,6 +384,17 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_chaining_value_agrees_only_with_its_own_piece() {
+        let bytes = data(5 * 16 * 1024);
+        let layer = layer_of(&bytes);
+        let cvs = layer.chaining_values().to_vec();
+        assert!(layer.agrees(2, &cvs[2]));
+        assert!(!layer.agrees(3, &cvs[2]));
+        assert!(!layer.agrees(2, &[0; 32]));
+        assert!(!layer.agrees(5, &cvs[4]), "out of range");
+    }
+
+    #[test]
     fn one_piece_files_verify_against_the_content_id() {
         let bytes = data(1000);
         let layer = layer_of(&bytes);
