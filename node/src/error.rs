@@ -8,6 +8,7 @@ use crate::job::{InvalidState, JobId};
 
 /// Errors of the node's API.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No job has this id.
     #[error("no job {0}")]

@@ -12,6 +12,7 @@ pub const MAX_PREFIX_LEN_BYTES: usize = 10;
 
 /// A framing error.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The announced body length exceeds the limit for the message type.
     #[error("message of {len} bytes exceeds the limit of {limit} bytes")]

@@ -46,6 +46,7 @@ pub fn piece_size_for(length: u64) -> u64 {
 
 /// A parse error for a hex digest or a content id.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ParseError {
     /// The text is not 64 hexadecimal digits.
     #[error("a digest must be 64 hexadecimal digits, got {0:?}")]

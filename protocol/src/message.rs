@@ -24,6 +24,7 @@ const MEMBER_BYTES: usize = 2 + (2 + MAX_MEMBER_ID_BYTES) + (1 + 10) + (1 + 5) +
 
 /// A message that could not be decoded; names what was wrong.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The body exceeds the limit of its message type.
     #[error("{message} of {len} bytes exceeds the limit of {limit} bytes")]

@@ -28,6 +28,7 @@ use thiserror::Error;
 
 /// Why bytes, a piece layer or a file failed verification.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A piece layer has the wrong number of chaining values for its content id.
     #[error("piece layer has {got} chaining values, content {content_id} needs {expected}")]

@@ -35,6 +35,7 @@ use crate::{Node, daemon::control::control_server::ControlServer};
 
 /// Errors of starting or running the daemon.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DaemonError {
     /// The Unix socket could not be bound or given its mode.
     #[error("cannot serve on {path}: {source}")]

@@ -71,12 +71,16 @@ impl Driver<'_> {
                 () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
                 Some(v) = verified.recv() => core.handle_verified(now(), v),
                 Some(f) = origin_rx.recv() => self.on_fetched(core, f),
-                Some(Ok(event)) = self.tasks.join_next(), if !self.tasks.is_empty() => match event {
-                    Event::Fetched(f) => self.on_fetched(core, f),
-                    Event::Round(asked, reachable, answers) => {
+                // An aborted request joins as an error: matched here, so that the branch stays
+                // enabled for the results behind it (a failed pattern would disable it until the
+                // next wake-up).
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => match joined {
+                    Ok(Event::Fetched(f)) => self.on_fetched(core, f),
+                    Ok(Event::Round(asked, reachable, answers)) => {
                         core.handle_round(now(), &asked, &reachable, answers);
                     }
-                    Event::Assembled(a) => core.handle_assembled(now(), a),
+                    Ok(Event::Assembled(a)) => core.handle_assembled(now(), a),
+                    Err(_) => {}
                 },
                 got = announcements.recv(), if announcements_open && core.content_id().is_some() => match got {
                     Ok((peer, h)) => {

@@ -99,6 +99,7 @@ impl Default for CacheConfig {
 
 /// Errors of the cache.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum CacheError {
     /// The cache directory could not be created or read.
     #[error("cache directory {path}: {source}")]

@@ -58,6 +58,7 @@ const LAYERS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("layers
 
 /// Errors of the state store.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PersistError {
     /// The state directory could not be created or the database opened (a corrupt file, one
     /// locked by another daemon, or a permission problem).

@@ -29,6 +29,7 @@ pub(crate) const MIN_GROUP_SECRET_BYTES: usize = 16;
 
 /// A group definition that cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GroupError {
     /// The name is empty, too long, or has a character outside `A-Z a-z 0-9 . _ -`.
     #[error("group name {0:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'")]
