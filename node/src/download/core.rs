@@ -656,8 +656,11 @@ impl Core {
                 self.layer = Some(l.clone());
                 self.actions
                     .push_back(Action::SetLayer { layer: l, verified });
-                // Peers' pieces count from the next have round on, which goes out now.
-                self.timers.set(Timer::PeerRefresh, now);
+                // Peers' pieces count from the next have round on, which goes out now (or, with
+                // a round out, when it ends and the refresh is due).
+                if !self.refreshing {
+                    self.timers.set(Timer::PeerRefresh, now);
+                }
             }
             Assembled::Learned(entries) => {
                 // Passed on to peers from now on; the rest is asked for again when peers tell
@@ -1373,5 +1376,51 @@ mod tests {
         assert!(pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
         core.handle_failed(t0, 0, peer, true);
         assert!(!pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
+    }
+
+    #[test]
+    fn a_layer_assembled_while_a_have_round_is_out_asks_for_no_wake_up_in_the_past() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(2);
+        let id = layer.content_id();
+        let assembly = Assembly {
+            id,
+            own: vec![None; 2],
+            relayed: vec![None; 2],
+            claims: HashMap::new(),
+            failed: false,
+            running: true,
+            changed: false,
+        };
+        let mut core = Core::new(
+            Setup {
+                layer: None,
+                assembly: Some(assembly),
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        // The first have round is out.
+        assert!(
+            drain(&mut core, t0)
+                .iter()
+                .any(|a| matches!(a, Action::AskPeers { .. }))
+        );
+        let t1 = t0 + Duration::from_millis(10);
+        core.handle_assembled(t1, Assembled::Layer(layer));
+        drain(&mut core, t1);
+        // The driver sleeps until the next deadline: one in the past would wake it at once,
+        // again and again, until the round ends.
+        assert!(core.poll_timeout().is_some_and(|t| t > t1));
+        // When the round ends, the next is due a refresh later.
+        core.handle_round(t1, &[], &[], Vec::new());
+        drain(&mut core, t1);
+        core.handle_timeout(t1 + PEER_REFRESH);
+        assert!(
+            drain(&mut core, t1 + PEER_REFRESH)
+                .iter()
+                .any(|a| matches!(a, Action::AskPeers { .. }))
+        );
     }
 }

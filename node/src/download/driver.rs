@@ -56,6 +56,9 @@ impl Driver<'_> {
     ) -> Result<(), AttemptFailure> {
         let mut announcements = self.env.swarm.announcements();
         let mut announcements_open = true;
+        // One timer, moved to each new deadline (not a new one per wake-up).
+        let sleep = tokio::time::sleep(TICK);
+        tokio::pin!(sleep);
         loop {
             while let Some(action) = core.poll_action() {
                 self.execute(core, action).await?;
@@ -63,9 +66,12 @@ impl Driver<'_> {
             if let Some(end) = core.poll_end() {
                 return self.render(core, end);
             }
-            let deadline = core
+            let deadline: tokio::time::Instant = core
                 .poll_timeout()
                 .map_or_else(|| tokio::time::Instant::now() + TICK, Into::into);
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
@@ -94,7 +100,7 @@ impl Driver<'_> {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => announcements_open = false,
                 },
-                () = tokio::time::sleep_until(deadline) => {
+                () = &mut sleep => {
                     // The writer stops only on a write, flush or state-store failure; the
                     // pieces it held will never be reported, so end here (its error comes from
                     // the join).
