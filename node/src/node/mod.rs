@@ -490,15 +490,9 @@ fn state_identity(state: &StateStore) -> Result<identity::Keypair, Error> {
 struct JobRecord {
     info: JobInfo,
     callback: Option<Arc<dyn Callback>>,
-    /// Per file: fetch from the origin alone (the caller rejected peer content).
-    origin_only: Vec<bool>,
-    /// Per file: renamed to its local name by Complete.
-    completed: Vec<bool>,
-    /// Per file: where a stopped download left off (pieces verified and written).
-    left: Vec<Option<ResumePoint>>,
-    /// Per file: its directory and the file that verified (Complete renames only that file
-    /// there; the node serves only that file).
-    local: Vec<LocalIds>,
+    /// Per file, what the node keeps besides its `FileInfo` (`files[i]` goes with
+    /// `info.files[i]`).
+    files: Vec<FileRecord>,
     runner: Option<CancellationToken>,
     /// Held by a runner for its whole life, so a new runner starts only after the one it
     /// replaces has stopped writing.
@@ -513,6 +507,19 @@ struct JobRecord {
     /// The last change by the caller or progress (the inactivity timer; tokio's clock, so
     /// that tests can advance it).
     touched: tokio::time::Instant,
+}
+
+/// What the node keeps of one file of a job besides its [`crate::job::FileInfo`].
+struct FileRecord {
+    /// Fetch from the origin alone (the caller rejected peer content).
+    origin_only: bool,
+    /// Renamed to its local name by Complete.
+    completed: bool,
+    /// Where a stopped download left off (pieces verified and written).
+    left: Option<ResumePoint>,
+    /// Its directory and the file that verified (Complete renames only that file there; the
+    /// node serves only that file).
+    local: LocalIds,
 }
 
 struct Inner {
@@ -1015,10 +1022,7 @@ impl Node {
                 transfer_completed: None,
             },
             callback: None,
-            origin_only: Vec::new(),
-            completed: Vec::new(),
-            left: Vec::new(),
-            local: Vec::new(),
+            files: Vec::new(),
             runner: None,
             run_lock: Arc::default(),
             wake: Arc::default(),
@@ -1061,7 +1065,12 @@ impl Node {
             .map(|(i, f)| {
                 (
                     u32::try_from(i).unwrap_or(u32::MAX),
-                    FileDisk::of(f, rec.origin_only[i], rec.completed[i], rec.local[i]),
+                    FileDisk::of(
+                        f,
+                        rec.files[i].origin_only,
+                        rec.files[i].completed,
+                        rec.files[i].local,
+                    ),
                 )
             })
             .collect();
@@ -1176,10 +1185,16 @@ impl Node {
             let now = tokio::time::Instant::now();
             let callback = self.inner.callbacks.as_ref().and_then(|f| f(&info));
             let record = JobRecord {
-                origin_only: flags.iter().map(|f| f.0).collect(),
-                completed: flags.iter().map(|f| f.1).collect(),
-                left: vec![None; flags.len()],
-                local: s.files.iter().map(|f| f.file.local).collect(),
+                files: flags
+                    .iter()
+                    .zip(&s.files)
+                    .map(|(&(origin_only, completed), f)| FileRecord {
+                        origin_only,
+                        completed,
+                        left: None,
+                        local: f.file.local,
+                    })
+                    .collect(),
                 info,
                 callback,
                 runner: None,
@@ -1337,22 +1352,21 @@ impl Node {
                 transferred: false,
                 validation_state: ValidationState::Unknown,
             });
-            rec.origin_only.push(false);
-            rec.completed.push(false);
-            rec.left.push(None);
-            rec.local.push(LocalIds {
-                dir: Some(dir),
-                verified: None,
+            rec.files.push(FileRecord {
+                origin_only: false,
+                completed: false,
+                left: None,
+                local: LocalIds {
+                    dir: Some(dir),
+                    verified: None,
+                },
             });
             let changed = to != rec.info.state;
             self.set_state(&mut rec, to);
             if let Err(e) = self.save(&rec) {
                 // Not stored, so not added: the caller may try again.
                 rec.info.files.pop();
-                rec.origin_only.pop();
-                rec.completed.pop();
-                rec.left.pop();
-                rec.local.pop();
+                rec.files.pop();
                 return Err(e);
             }
             changed && to == State::Queued
@@ -1489,7 +1503,7 @@ impl Node {
         }
         for i in 0..rec.info.files.len() {
             let f = rec.info.files[i].clone();
-            if rec.completed[i] {
+            if rec.files[i].completed {
                 continue;
             }
             if !f.transferred {
@@ -1506,7 +1520,7 @@ impl Node {
             // swapped for a symlink since the file was added leads nowhere the user may not
             // write; a sticky directory keeps other users' files). Only the file that
             // verified is renamed, within the directory the file was added in.
-            let ids = rec.local[i];
+            let ids = rec.files[i].local;
             let recheck = |file: &std::fs::File| -> std::io::Result<bool> {
                 let Some(id) = f.content_id else {
                     return Ok(false);
@@ -1539,7 +1553,7 @@ impl Node {
                     return Err(self.complete_refused(&mut rec, i, reason));
                 }
             };
-            rec.local[i].verified = Some(identity);
+            rec.files[i].local.verified = Some(identity);
             if let Some(id) = &f.content_id {
                 self.inner.env.store.relocate(
                     id,
@@ -1551,7 +1565,7 @@ impl Node {
                     },
                 );
             }
-            rec.completed[i] = true;
+            rec.files[i].completed = true;
             self.save(&rec)?;
         }
         self.set_state(&mut rec, to);
@@ -1575,7 +1589,7 @@ impl Node {
         f.bytes_transferred = 0;
         f.validation_state = ValidationState::Unknown;
         let path = f.temp_name.clone();
-        rec.local[i].verified = None;
+        rec.files[i].local.verified = None;
         if let Some(state) = self.state()
             && let Err(e) = state.clear_pieces(rec.info.id, u32::try_from(i).unwrap_or(u32::MAX))
         {
@@ -1628,7 +1642,7 @@ impl Node {
     /// content).
     pub(crate) fn origin_only(&self, job: JobId, index: usize) -> bool {
         self.job(job)
-            .is_ok_and(|slot| lock(&slot).origin_only.get(index).copied().unwrap_or(false))
+            .is_ok_and(|slot| lock(&slot).files.get(index).is_some_and(|f| f.origin_only))
     }
 
     /// Snapshots of every job.
@@ -1982,8 +1996,8 @@ impl Node {
             // Pieces verified and written by a download that stopped: the next run keeps them.
             if result.is_err() {
                 let left = task.left.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(slot_left) = lock(slot).left.get_mut(i) {
-                    *slot_left = left;
+                if let Some(f) = lock(slot).files.get_mut(i) {
+                    f.left = left;
                 }
             }
             match result {
@@ -2035,7 +2049,7 @@ impl Node {
     /// The download of file `i` (`true`: it is transferred already).
     fn file_task(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, i: usize) -> (FileTask, bool) {
         let mut rec = lock(slot);
-        let resume = rec.left.get_mut(i).and_then(Option::take);
+        let resume = rec.files.get_mut(i).and_then(|f| f.left.take());
         let f = &rec.info.files[i];
         (
             FileTask {
@@ -2045,7 +2059,7 @@ impl Node {
                 expected: f.expected,
                 ranges: f.ranges.clone(),
                 temp: f.temp_name.clone(),
-                origin_only: rec.origin_only[i],
+                origin_only: rec.files[i].origin_only,
                 resume,
                 owner: rec.info.owner,
                 durable: self.state().map(|store| Durable {
@@ -2078,7 +2092,7 @@ impl Node {
             let f = &mut rec.info.files[i];
             f.content_id = Some(d.content_id);
             f.sha256 = Some(d.sha256);
-            rec.local[i].verified = Some(d.identity);
+            rec.files[i].local.verified = Some(d.identity);
             self.save_logged(&rec);
             (rec.info.clone(), rec.callback.clone())
         };
@@ -2120,7 +2134,7 @@ impl Node {
                 }
                 if (d.from_peers || d.from_cache) && !task.origin_only {
                     info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
-                    rec.origin_only[i] = true;
+                    rec.files[i].origin_only = true;
                     false
                 } else {
                     true
