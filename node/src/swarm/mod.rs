@@ -1105,6 +1105,7 @@ pub(crate) async fn spawn(
         max_upload_peers: max_upload_peers.clone(),
     };
     let listening = !config.listen.is_empty();
+    let (bound_tx, bound) = oneshot::channel();
     let event_loop = EventLoop {
         swarm,
         commands: rx,
@@ -1138,6 +1139,7 @@ pub(crate) async fn spawn(
         provided: HashSet::new(),
         dht_counts: (0, 0),
         remote_providers: RemoteProviders::default(),
+        bound: Some(bound_tx),
         republish: false,
         announcements,
         connected,
@@ -1152,12 +1154,10 @@ pub(crate) async fn spawn(
             }),
     };
     let task = tokio::spawn(event_loop.run(shutdown));
-    // Wait until the listeners are bound so `listen_addrs` is useful at once.
-    for _ in 0..100 {
-        if !listening || !handle.listen_addrs().await.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // Wait until a listener is bound (at most a second), so that `listen_addrs` is useful at
+    // once.
+    if listening {
+        let _ = tokio::time::timeout(Duration::from_secs(1), bound).await;
     }
     Ok((handle, task))
 }
@@ -1203,6 +1203,8 @@ struct EventLoop {
     dht_counts: (u64, u64),
     /// Quotas on other peers' provider records.
     remote_providers: RemoteProviders,
+    /// Told when the first listen address is bound.
+    bound: Option<oneshot::Sender<()>>,
     /// Set when the provider records should be published again at the next tick.
     republish: bool,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
@@ -1483,6 +1485,9 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
                 self.listen_addrs.insert(address);
+                if let Some(tx) = self.bound.take() {
+                    let _ = tx.send(());
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.remove(&address);
