@@ -101,11 +101,9 @@ pub(super) async fn discover(env: &Env, key: HaveKey) -> Vec<PeerId> {
     providers
 }
 
+/// Waits until some peer is connected, at most the discovery wait.
 pub(super) async fn wait_for_peers(env: &Env) {
-    let deadline = Instant::now() + env.discovery_wait;
-    while env.swarm.connected_peers().await.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.swarm.wait_connected(env.discovery_wait).await;
 }
 
 /// One have round for `id`: the providers from the DHT too when `dht`, then at most

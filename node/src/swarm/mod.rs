@@ -456,7 +456,7 @@ pub(crate) struct Handle {
     mode: PeerMode,
     group: Option<String>,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
-    connected: Arc<std::sync::atomic::AtomicUsize>,
+    connected: tokio::sync::watch::Receiver<usize>,
     cache_nodes: Arc<Vec<PeerId>>,
     max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -469,7 +469,15 @@ impl Handle {
     /// How many peers are connected now (without a round trip to the event loop).
     #[must_use]
     pub(crate) fn connected_count(&self) -> usize {
-        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+        *self.connected.borrow()
+    }
+
+    /// Waits until some peer is connected, at most `wait`; true when one is.
+    pub(crate) async fn wait_connected(&self, wait: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(wait, rx.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Pushes `holding` to `peers` (fire and forget): what this node holds and fetches of one
@@ -1089,7 +1097,7 @@ pub(crate) async fn spawn(
     let max_upload_peers = Arc::new(std::sync::atomic::AtomicUsize::new(
         config.max_upload_peers.max(1),
     ));
-    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (connected, connected_rx) = tokio::sync::watch::channel(0usize);
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
     let handle = Handle {
@@ -1100,7 +1108,7 @@ pub(crate) async fn spawn(
         mode: config.mode,
         group: config.group.as_ref().map(|g| g.name().to_owned()),
         announcements: announcements.clone(),
-        connected: connected.clone(),
+        connected: connected_rx,
         cache_nodes: Arc::new(cache_nodes),
         max_upload_peers: max_upload_peers.clone(),
     };
@@ -1209,7 +1217,7 @@ struct EventLoop {
     republish: bool,
     announcements: tokio::sync::broadcast::Sender<(PeerId, Holding)>,
     /// Peers connected now (read by the metrics).
-    connected: Arc<std::sync::atomic::AtomicUsize>,
+    connected: tokio::sync::watch::Sender<usize>,
     metrics: Option<libp2p::metrics::Metrics>,
     /// A cache node's fill task: have requests with an origin URL for content not held.
     fills: Option<mpsc::Sender<FillRequest>>,
@@ -1470,14 +1478,12 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 num_established, ..
             } if num_established.get() == 1 => {
-                self.connected
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.connected.send_modify(|n| *n += 1);
             }
             SwarmEvent::ConnectionClosed {
                 num_established: 0, ..
             } => {
-                self.connected
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.connected.send_modify(|n| *n = n.saturating_sub(1));
             }
             _ => {}
         }
