@@ -70,6 +70,17 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A blocking task of the node (state database, cache) panicked or was cancelled.
+    #[error("a node task failed: {0}")]
+    Task(String),
+    /// The metrics endpoint could not be served.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The daemon runs as root but cannot take its users' file-system identity (no
     /// `CAP_SETUID`/`CAP_SETGID`): it refuses to start rather than do users' file work as root.
     #[error("cannot act as the daemon's users: {0}")]

@@ -133,7 +133,7 @@ impl Collector for NodeCollector {
 /// `http://addr/metrics` until `shutdown`. Returns the bound address (for port 0).
 ///
 /// # Errors
-/// [`Error::Swarm`] when `addr` is not a loopback address or cannot be bound.
+/// [`Error::Metrics`] when `addr` is not a loopback address or cannot be bound.
 pub(crate) async fn serve(
     node: Node,
     mut registry: Registry,
@@ -141,18 +141,22 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, Error> {
     if !addr.ip().is_loopback() {
-        return Err(Error::Swarm(format!(
-            "metrics address {addr} is not a loopback address"
-        )));
+        return Err(Error::Metrics {
+            addr,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a loopback address: metrics are served on this host only",
+            ),
+        });
     }
     registry.register_collector(Box::new(NodeCollector { node }));
     let registry = Arc::new(registry);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Swarm(format!("cannot listen for metrics on {addr}: {e}")))?;
+        .map_err(|source| Error::Metrics { addr, source })?;
     let bound = listener
         .local_addr()
-        .map_err(|e| Error::Swarm(e.to_string()))?;
+        .map_err(|source| Error::Metrics { addr, source })?;
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {

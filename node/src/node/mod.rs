@@ -299,7 +299,8 @@ impl Builder {
     /// [`Error::Origin`] when the HTTP client cannot be built, [`Error::State`] when the state
     /// database cannot be opened, is another program's, or holds a record that does not
     /// decode (naming it), [`Error::Cache`] when the cache has no directory or its index
-    /// cannot be opened.
+    /// cannot be opened, [`Error::Metrics`] when the metrics address is not loopback or cannot
+    /// be bound, [`Error::Task`] when opening the state or the cache panicked.
     pub async fn build(self) -> Result<Node, Error> {
         let store = Arc::new(ContentStore::new());
         let cache = open_cache(self.cache.clone(), self.state_dir.as_deref(), &store).await?;
@@ -437,7 +438,7 @@ async fn open_cache(
     Ok(Some(Arc::new(
         tokio::task::spawn_blocking(move || crate::store::cache::Cache::open(dir, config, store))
             .await
-            .map_err(|e| Error::Swarm(e.to_string()))??,
+            .map_err(|e| Error::Task(e.to_string()))??,
     )))
 }
 
@@ -454,7 +455,7 @@ async fn open_state(
         Ok::<_, PersistError>((state, stored))
     })
     .await
-    .map_err(|e| Error::Swarm(e.to_string()))??;
+    .map_err(|e| Error::Task(e.to_string()))??;
     Ok((Some(Arc::new(state)), stored))
 }
 
@@ -826,7 +827,7 @@ impl Node {
         let cache = self.cache()?;
         Ok(tokio::task::spawn_blocking(move || cache.pin(&key, pinned))
             .await
-            .map_err(|e| Error::Swarm(e.to_string()))??)
+            .map_err(|e| Error::Task(e.to_string()))??)
     }
 
     /// Evicts the cached file whose BLAKE3 hash or SHA-256 is `key`, pinned or not: peers are
@@ -839,7 +840,7 @@ impl Node {
         let cache = self.cache()?;
         Ok(tokio::task::spawn_blocking(move || cache.evict(&key))
             .await
-            .map_err(|e| Error::Swarm(e.to_string()))??)
+            .map_err(|e| Error::Task(e.to_string()))??)
     }
 
     /// Applies the cache's limits now (the node also does every minute and after a file
@@ -856,7 +857,7 @@ impl Node {
         let in_use = self.content_in_use();
         Ok(tokio::task::spawn_blocking(move || cache.sweep(&in_use))
             .await
-            .map_err(|e| Error::Swarm(e.to_string()))??)
+            .map_err(|e| Error::Task(e.to_string()))??)
     }
 
     /// The content ids and SHA-256s of the transferred files of jobs that are not Acknowledged
