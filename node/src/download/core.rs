@@ -931,6 +931,33 @@ mod tests {
         }
     }
 
+    /// A core without a layer, assembling `layer`'s from the values `own` and `relayed` (a
+    /// gathering running).
+    fn assembling(
+        layer: &PieceLayer,
+        own: Vec<Option<ChainingValue>>,
+        relayed: Vec<Option<ChainingValue>>,
+        t0: Instant,
+    ) -> Core {
+        let assembly = Assembly {
+            id: layer.content_id(),
+            own,
+            relayed,
+            claims: HashMap::new(),
+            failed: false,
+            running: true,
+            changed: false,
+        };
+        Core::new(
+            Setup {
+                layer: None,
+                assembly: Some(assembly),
+                ..setup(layer, t0)
+            },
+            t0,
+        )
+    }
+
     fn holding(id: ContentId, have: &[u32]) -> Holding {
         let n = id.piece_count();
         let mut h = Bitfield::new(n);
@@ -1297,23 +1324,7 @@ mod tests {
         own[0] = Some(layer.chaining_values()[0]);
         // A recorded value that is not the layer's: not servable.
         own[2] = Some([7u8; 32]);
-        let assembly = Assembly {
-            id,
-            own,
-            relayed: vec![None; n],
-            claims: HashMap::new(),
-            failed: false,
-            running: true,
-            changed: false,
-        };
-        let mut core = Core::new(
-            Setup {
-                layer: None,
-                assembly: Some(assembly),
-                ..setup(&layer, t0)
-            },
-            t0,
-        );
+        let mut core = assembling(&layer, own, vec![None; n], t0);
         core.start(t0, Vec::new());
         drain(&mut core, t0);
         core.handle_round(t0, &[], &[], Vec::new());
@@ -1337,23 +1348,7 @@ mod tests {
         let t0 = Instant::now();
         let (layer, _) = layer_of(2);
         let id = layer.content_id();
-        let assembly = Assembly {
-            id,
-            own: vec![None; 2],
-            relayed: vec![Some([1u8; 32]), None],
-            claims: HashMap::new(),
-            failed: false,
-            running: true,
-            changed: false,
-        };
-        let mut core = Core::new(
-            Setup {
-                layer: None,
-                assembly: Some(assembly),
-                ..setup(&layer, t0)
-            },
-            t0,
-        );
+        let mut core = assembling(&layer, vec![None; 2], vec![Some([1u8; 32]), None], t0);
         core.start(t0, Vec::new());
         drain(&mut core, t0);
         core.handle_assembled(
@@ -1382,24 +1377,7 @@ mod tests {
     fn a_layer_assembled_while_a_have_round_is_out_asks_for_no_wake_up_in_the_past() {
         let t0 = Instant::now();
         let (layer, _) = layer_of(2);
-        let id = layer.content_id();
-        let assembly = Assembly {
-            id,
-            own: vec![None; 2],
-            relayed: vec![None; 2],
-            claims: HashMap::new(),
-            failed: false,
-            running: true,
-            changed: false,
-        };
-        let mut core = Core::new(
-            Setup {
-                layer: None,
-                assembly: Some(assembly),
-                ..setup(&layer, t0)
-            },
-            t0,
-        );
+        let mut core = assembling(&layer, vec![None; 2], vec![None; 2], t0);
         core.start(t0, Vec::new());
         // The first have round is out.
         assert!(
