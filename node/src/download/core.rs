@@ -987,6 +987,14 @@ mod tests {
         out
     }
 
+    /// A core started at `t0` with no peer, its first actions drained.
+    fn started(s: Setup, t0: Instant) -> Core {
+        let mut core = Core::new(s, t0);
+        core.start(t0, Vec::new());
+        drain(&mut core, t0);
+        core
+    }
+
     fn pieces_asked(actions: &[Action]) -> Vec<(PeerId, PieceIndex)> {
         actions
             .iter()
@@ -1151,15 +1159,13 @@ mod tests {
         let t0 = Instant::now();
         let (layer, _) = layer_of(2);
         for claimed in [false, true] {
-            let mut core = Core::new(
+            let mut core = started(
                 Setup {
                     claimed,
                     ..setup(&layer, t0)
                 },
                 t0,
             );
-            core.start(t0, Vec::new());
-            drain(&mut core, t0);
             core.handle_verified(
                 t0,
                 Verdict {
@@ -1183,15 +1189,13 @@ mod tests {
         let (layer, _) = layer_of(2);
         let url: url::Url = "http://origin.invalid/f".parse().unwrap();
         for claimed in [false, true] {
-            let mut core = Core::new(
+            let mut core = started(
                 Setup {
                     claimed,
                     ..setup(&layer, t0)
                 },
                 t0,
             );
-            core.start(t0, Vec::new());
-            drain(&mut core, t0);
             core.handle_origin_end(
                 t0,
                 Err(OriginError::Changed {
