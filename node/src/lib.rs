@@ -68,6 +68,11 @@ pub use store::state::PersistError;
 pub use swarm::group::GroupError;
 pub use swarm::{DhtStatus, PeerSource, UploadStats};
 
+/// The deterministic swarm simulator: N real download cores on a modelled network in virtual
+/// time (`docs/simulator.md`). Built with the `sim` feature, for benchmarks and tests.
+#[cfg(feature = "sim")]
+pub use download::sim;
+
 /// Shoal's peer protocols on the wire, for tools that speak them (the hostile-input kit in
 /// `tests/`): the libp2p request-response codec over `shoal-protocol`'s messages, with each
 /// message type's size limit.

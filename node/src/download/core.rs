@@ -12,11 +12,12 @@
 //!
 //! The core decides; the scheduler (`super::scheduler`) inside it picks pieces and origin runs.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libp2p::PeerId;
+use rand::{SeedableRng, rngs::StdRng};
 use shoal_protocol::{Bitfield, ContentId, Holding, Member, PieceIndex};
 use shoal_validator::{ChainingValue, PieceLayer};
 
@@ -208,19 +209,22 @@ pub(super) struct Core {
     awaiting_members: bool,
     not_before: Option<Instant>,
     settle_from: Instant,
-    fetcher_seeds: HashMap<PeerId, u64>,
+    fetcher_seeds: BTreeMap<PeerId, u64>,
     announced_growth: Option<Instant>,
     rounds_answered: u32,
     /// Have rounds in a row each known peer missed.
-    misses: HashMap<PeerId, u32>,
+    misses: BTreeMap<PeerId, u32>,
     /// Pieces handed to the writer and not reported yet.
     in_verifier: usize,
     /// Requests in flight to peers.
-    requests: HashSet<(PieceIndex, PeerId)>,
+    requests: BTreeSet<(PieceIndex, PeerId)>,
     /// A have round is out.
     refreshing: bool,
     refreshes: u32,
     timers: TimerTable,
+    /// The core's random choices (which peers hear of new members), seeded from this node
+    /// and the content so that a simulated run repeats.
+    rng: StdRng,
     actions: VecDeque<Action>,
     end: Option<End>,
     /// The transfer ended (its end may have been taken already).
@@ -243,9 +247,11 @@ impl Core {
         // member view has been still for `SETTLE`.
         let mut not_before = None;
         let mut settling = false;
+        let mut seed = 0;
         let member = s.use_peers && content_id.is_some();
         if let Some(id) = &content_id {
-            sched.set_seed(u64::from(origin_start(s.me, id, u32::MAX)));
+            seed = u64::from(origin_start(s.me, id, u32::MAX));
+            sched.set_seed(seed);
             sched.set_me(s.me);
             if s.swarm {
                 sched.set_origin_start(origin_start(s.me, id, s.piece_count));
@@ -289,15 +295,16 @@ impl Core {
             not_before,
             // Settling counts from when the origin may be used.
             settle_from: not_before.unwrap_or(now),
-            fetcher_seeds: HashMap::new(),
+            fetcher_seeds: BTreeMap::new(),
             announced_growth: None,
             rounds_answered: 0,
-            misses: HashMap::new(),
+            misses: BTreeMap::new(),
             in_verifier: 0,
-            requests: HashSet::new(),
+            requests: BTreeSet::new(),
             refreshing: false,
             refreshes: 0,
             timers,
+            rng: StdRng::seed_from_u64(seed),
             actions: VecDeque::new(),
             end: None,
             ended: false,
@@ -737,7 +744,11 @@ impl Core {
                 self.announced_growth = Some(grew);
                 self.actions.push_back(Action::Announce {
                     content_id: id,
-                    to: super::poll_sample(self.sched.peer_ids(), &HashSet::new()),
+                    to: super::poll_sample_with(
+                        self.sched.peer_ids(),
+                        &HashSet::new(),
+                        &mut self.rng,
+                    ),
                 });
             }
         }
@@ -901,6 +912,7 @@ pub(super) struct Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     const PIECE: u64 = 16 * 1024;
 

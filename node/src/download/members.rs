@@ -15,7 +15,7 @@
 //! some is taken as stalled. Neither takes a share then.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,9 @@ pub(crate) const MEMBER_STALL: Duration = Duration::from_secs(20);
 /// How long an entry that is gone stays known (so that a relayed copy of its last heartbeat
 /// does not bring it back): 60 s.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
+/// How often entries gone for [`FORGET_AFTER`] are dropped: a walk over every entry, not
+/// taken on every merge (an entry may stay up to this much longer).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How far ahead of this node's clock a relayed heartbeat may be: 10 min (clocks of
 /// machines on one LAN differ by less).
 pub(crate) const MAX_SKEW: Duration = Duration::from_secs(600);
@@ -56,6 +59,8 @@ struct Known {
     /// This node heard from the member itself (its own entry, first in its own answer or
     /// announcement, over a connection that authenticates it): not made up by a relayer.
     proven: bool,
+    /// The member's peer id bytes, as sent on.
+    id: Bytes,
 }
 
 /// This node's view of the members fetching one content.
@@ -68,9 +73,11 @@ pub(crate) struct MemberView {
     /// The heartbeat at `base`, in milliseconds since the Unix epoch.
     base_ms: u64,
     base: Instant,
-    known: HashMap<PeerId, Known>,
+    known: BTreeMap<PeerId, Known>,
     /// When a member that uses the origin was last learned of (the fetchers grew).
     grew_at: Instant,
+    /// When entries gone for [`FORGET_AFTER`] were last dropped.
+    pruned_at: Instant,
 }
 
 impl MemberView {
@@ -87,8 +94,9 @@ impl MemberView {
             origin: false,
             base_ms,
             base: now,
-            known: HashMap::new(),
+            known: BTreeMap::new(),
             grew_at: now,
+            pruned_at: now,
         }
     }
 
@@ -171,14 +179,18 @@ impl MemberView {
                             progressed: now,
                             gone: false,
                             proven: direct,
+                            id: Bytes::from(peer.to_bytes()),
                         },
                     );
                 }
                 None => {}
             }
         }
-        self.known
-            .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+        if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
+            self.pruned_at = now;
+            self.known
+                .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+        }
     }
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
@@ -197,6 +209,12 @@ impl MemberView {
     /// members picked at random (over successive answers, every member is passed on).
     #[must_use]
     pub(crate) fn sample(&self, now: Instant) -> Vec<Member> {
+        self.sample_with(now, &mut rand::rng())
+    }
+
+    /// [`Self::sample`] with the members picked by `rng` (seeded in the simulator).
+    #[must_use]
+    pub(crate) fn sample_with(&self, now: Instant, rng: &mut impl rand::Rng) -> Vec<Member> {
         let mut out = Vec::with_capacity(MAX_MEMBERS.min(self.known.len() + 1));
         out.push(Member {
             peer_id: self.me_bytes.clone(),
@@ -205,9 +223,9 @@ impl MemberView {
             origin: self.origin,
         });
         let live = self.known.iter().filter(|(_, k)| self.alive(k, now));
-        for (peer, k) in live.choose_multiple(&mut rand::rng(), MAX_MEMBERS - 1) {
+        for (_, k) in live.choose_multiple(rng, MAX_MEMBERS - 1) {
             out.push(Member {
-                peer_id: Bytes::from(peer.to_bytes()),
+                peer_id: k.id.clone(),
                 heartbeat: k.heartbeat,
                 done: k.done,
                 origin: k.origin,

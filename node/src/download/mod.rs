@@ -28,6 +28,8 @@ mod peers;
 mod prepare;
 mod ranges;
 pub(crate) mod scheduler;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod writer;
 
 use std::{

@@ -39,12 +39,22 @@ pub(super) const POLL_PEERS: usize = 16;
 
 /// Of `peers`, the ones to ask this round: all when at most [`POLL_PEERS`]; else those in
 /// `busy` (live requests) first, up to half the bound, and the rest at random.
-pub(super) fn poll_sample(mut peers: Vec<PeerId>, busy: &HashSet<PeerId>) -> Vec<PeerId> {
+pub(super) fn poll_sample(peers: Vec<PeerId>, busy: &HashSet<PeerId>) -> Vec<PeerId> {
+    poll_sample_with(peers, busy, &mut rand::rng())
+}
+
+/// [`poll_sample`] with the random choices drawn from `rng` (seeded in the core and the
+/// simulator, so that a run repeats).
+pub(super) fn poll_sample_with(
+    mut peers: Vec<PeerId>,
+    busy: &HashSet<PeerId>,
+    rng: &mut impl rand::Rng,
+) -> Vec<PeerId> {
     use rand::seq::SliceRandom;
     if peers.len() <= POLL_PEERS {
         return peers;
     }
-    peers.shuffle(&mut rand::rng());
+    peers.shuffle(rng);
     // Busy peers to the front (in random order among them), at most half the bound.
     peers.sort_by_key(|p| !busy.contains(p));
     let busy_n = peers.iter().take_while(|p| busy.contains(p)).count();

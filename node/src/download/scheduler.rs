@@ -36,7 +36,7 @@
 //!   for good.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -262,6 +262,46 @@ fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32) {
     }
 }
 
+/// Moves the per-piece `counts` from bitfield `old` to `new`: the pieces set only in `new`
+/// count one more, those set only in `old` one less (the same as removing `old` and adding
+/// `new`, at the cost of the bytes that differ).
+fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield) {
+    for (byte, (a, b)) in old.as_bytes().iter().zip(new.as_bytes()).enumerate() {
+        let mut diff = a ^ b;
+        while diff != 0 {
+            let bit = diff.leading_zeros() as usize;
+            diff &= !(0x80 >> bit);
+            let i = byte * 8 + bit;
+            if let Some(c) = counts.get_mut(i) {
+                *c = if b & (0x80 >> bit) != 0 {
+                    c.saturating_add(1)
+                } else {
+                    c.saturating_sub(1)
+                };
+            }
+        }
+    }
+}
+
+/// A peer that may take a request, with what ranks it: the most room left in its pipeline,
+/// then the fewest failures, then the fastest, then the highest id.
+struct Candidate {
+    id: PeerId,
+    room: usize,
+    failures: u32,
+    rate: f64,
+    have: Bitfield,
+}
+
+impl Candidate {
+    fn rank(&self, other: &Self) -> std::cmp::Ordering {
+        (self.room, std::cmp::Reverse(self.failures))
+            .cmp(&(other.room, std::cmp::Reverse(other.failures)))
+            .then(self.rate.total_cmp(&other.rate))
+            .then(self.id.cmp(&other.id))
+    }
+}
+
 /// The per-file scheduler.
 #[derive(Debug)]
 pub(crate) struct Scheduler {
@@ -279,9 +319,9 @@ pub(crate) struct Scheduler {
     /// Per piece: since when some peer first claimed it (never reset: a claim that has not
     /// become a piece within [`Config::coming_patience`] no longer holds the origin back).
     claimed_since: Vec<Option<Instant>>,
-    peers: HashMap<PeerId, Peer>,
+    peers: BTreeMap<PeerId, Peer>,
     /// Live peer requests: piece and peer.
-    requests: HashSet<(PieceIndex, PeerId)>,
+    requests: BTreeSet<(PieceIndex, PeerId)>,
     banned: Vec<PeerId>,
     origin_busy: bool,
     origin_allowed: bool,
@@ -302,11 +342,11 @@ pub(crate) struct Scheduler {
     /// node's shares of them; see [`Scheduler::set_fetchers`].
     fetchers: Vec<PeerId>,
     /// The seed of each fetcher.
-    seeds: HashMap<PeerId, u64>,
+    seeds: BTreeMap<PeerId, u64>,
     shares: Option<Shares>,
     /// Fetchers whose blocks were still awaited when the shares lapsed: they take no share
     /// again in this download (they may not exist, or may never deliver).
-    excluded: HashSet<PeerId>,
+    excluded: BTreeSet<PeerId>,
     /// Pieces held when last looked at, and since when (from the shares being first set):
     /// shares lapse after [`Config::coming_patience`] without a new piece.
     progress: Option<(u32, Instant)>,
@@ -339,8 +379,8 @@ impl Scheduler {
             claimed_count: vec![0; n],
             coming_since: vec![None; n],
             claimed_since: vec![None; n],
-            peers: HashMap::new(),
-            requests: HashSet::new(),
+            peers: BTreeMap::new(),
+            requests: BTreeSet::new(),
             banned: Vec::new(),
             origin_busy: false,
             origin_allowed: true,
@@ -353,9 +393,9 @@ impl Scheduler {
             swarm: false,
             me: None,
             fetchers: Vec::new(),
-            seeds: HashMap::new(),
+            seeds: BTreeMap::new(),
             shares: None,
-            excluded: HashSet::new(),
+            excluded: BTreeSet::new(),
             progress: None,
             rng: StdRng::seed_from_u64(0x5eed),
         }
@@ -482,10 +522,11 @@ impl Scheduler {
                 .is_none_or(|(_, t)| now.saturating_duration_since(t) < self.config.coming_patience)
     }
 
-    /// Whether piece `index` is this node's to fetch from the origin under the shares.
-    fn mine(&self, index: usize, now: Instant) -> bool {
+    /// Whether piece `index` is this node's to fetch from the origin under the shares
+    /// (`shared`: [`Self::shared`] now).
+    fn mine(&self, index: usize, shared: bool) -> bool {
         match &self.shares {
-            Some(s) if self.shared(now) => s
+            Some(s) if shared => s
                 .mine
                 .get(index / s.block as usize)
                 .copied()
@@ -543,24 +584,23 @@ impl Scheduler {
         {
             return;
         }
-        let stalled = self.peers.get(&peer).is_some_and(|p| p.stalled);
-        if let Some(old) = self.peers.remove(&peer) {
-            self.count_peer(&old, -1);
-            self.peers.insert(peer, old);
-        }
         match self.peers.get_mut(&peer) {
+            // A stalled peer's bits are not in the counts: only what changed is counted.
             Some(p) => {
+                if !p.stalled {
+                    recount(&mut self.have_count, &p.have, &have);
+                    recount(&mut self.fetching_count, &p.fetching, &fetching);
+                    recount(&mut self.claimed_count, &p.claimed, &claimed);
+                }
                 p.have = have;
                 p.fetching = fetching;
                 p.claimed = claimed;
             }
             None => {
-                self.peers.insert(peer, Peer::new(have, fetching, claimed));
+                let p = Peer::new(have, fetching, claimed);
+                self.count_peer(&p, 1);
+                self.peers.insert(peer, p);
             }
-        }
-        if !stalled && let Some(p) = self.peers.remove(&peer) {
-            self.count_peer(&p, 1);
-            self.peers.insert(peer, p);
         }
         for (i, since) in self.coming_since.iter_mut().enumerate() {
             if self.fetching_count[i] == 0 {
@@ -720,6 +760,11 @@ impl Scheduler {
 
     /// Whether the origin should take piece `index` now.
     fn needs_origin(&self, index: usize, now: Instant) -> bool {
+        self.needs_origin_shared(index, now, self.shared(now))
+    }
+
+    /// [`Self::needs_origin`], with [`Self::shared`] computed once for a walk over pieces.
+    fn needs_origin_shared(&self, index: usize, now: Instant, shared: bool) -> bool {
         if self.pieces[index] != Piece::Missing {
             return false;
         }
@@ -731,7 +776,10 @@ impl Scheduler {
         };
         let coming_in_time = self.fetching_count[index] > 0 && in_time(self.coming_since[index]);
         let claimed_in_time = self.claimed_count[index] > 0 && in_time(self.claimed_since[index]);
-        self.have_count[index] == 0 && !coming_in_time && !claimed_in_time && self.mine(index, now)
+        self.have_count[index] == 0
+            && !coming_in_time
+            && !claimed_in_time
+            && self.mine(index, shared)
     }
 
     /// The best eligible peer holding `index`, other than `not`: the most room left in its
@@ -740,18 +788,20 @@ impl Scheduler {
         self.peers
             .iter()
             .filter(|(id, p)| Some(**id) != not && p.have.get(index) && self.eligible(p, now))
-            .map(|(id, p)| {
-                let room = self.depth(p, now) - p.in_flight;
-                let rate = p.rate(now).unwrap_or(0.0);
-                (room, std::cmp::Reverse(p.failures), rate, *id)
-            })
-            .max_by(|a, b| {
-                (a.0, a.1)
-                    .cmp(&(b.0, b.1))
-                    .then(a.2.total_cmp(&b.2))
-                    .then(a.3.cmp(&b.3))
-            })
-            .map(|t| t.3)
+            .map(|(id, p)| self.candidate(*id, p, now))
+            .max_by(Candidate::rank)
+            .map(|c| c.id)
+    }
+
+    /// An eligible peer as [`Self::best_peer`] ranks it.
+    fn candidate(&self, id: PeerId, p: &Peer, now: Instant) -> Candidate {
+        Candidate {
+            id,
+            room: self.depth(p, now) - p.in_flight,
+            failures: p.failures,
+            rate: p.rate(now).unwrap_or(0.0),
+            have: p.have.clone(),
+        }
     }
 
     fn request(&mut self, peer: PeerId, index: PieceIndex, now: Instant) -> Action {
@@ -802,12 +852,32 @@ impl Scheduler {
                 let low = wanted.iter().copied().min().unwrap_or(0);
                 wanted.sort_by_key(|&i| (self.have_count[i as usize], (i - low) / ORDER_WINDOW));
             }
+            // The eligible peers, ranked as `best_peer` ranks them, taken once: a request
+            // changes only its own peer's entry.
+            let mut cands: Vec<Candidate> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| self.eligible(p, now))
+                .map(|(id, p)| self.candidate(*id, p, now))
+                .collect();
             for index in wanted {
-                if self.peer_in_flight >= max_in_flight {
+                if self.peer_in_flight >= max_in_flight || cands.is_empty() {
                     break;
                 }
-                if let Some(peer) = self.best_peer(index, None, now) {
+                let best = cands
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.have.get(index))
+                    .max_by(|(_, a), (_, b)| a.rank(b))
+                    .map(|(k, c)| (k, c.id));
+                if let Some((k, peer)) = best {
                     actions.push(self.request(peer, index, now));
+                    match self.peers.get(&peer) {
+                        Some(p) if self.eligible(p, now) => cands[k] = self.candidate(peer, p, now),
+                        _ => {
+                            cands.swap_remove(k);
+                        }
+                    }
                 }
             }
         }
@@ -850,7 +920,7 @@ impl Scheduler {
     /// Second requests for pieces in flight: for every one (`endgame`), or for those whose
     /// first request went to a snubbed peer.
     fn duplicates(&mut self, endgame: bool, now: Instant, actions: &mut Vec<Action>) {
-        let snubbed: HashSet<PeerId> = self
+        let snubbed: BTreeSet<PeerId> = self
             .peers
             .iter()
             .filter(|(_, p)| p.snubbed(now, self.config.snub_after))
@@ -859,7 +929,7 @@ impl Scheduler {
         if !endgame && snubbed.is_empty() {
             return;
         }
-        let mut live: HashMap<PieceIndex, usize> = HashMap::new();
+        let mut live: BTreeMap<PieceIndex, usize> = BTreeMap::new();
         for (i, _) in &self.requests {
             *live.entry(*i).or_default() += 1;
         }
@@ -903,37 +973,34 @@ impl Scheduler {
             return None;
         }
         let unlimited = u32::MAX;
+        let shared = self.shared(now);
+        let needs = |i: u32| self.needs_origin_shared(i as usize, now, shared);
         if let Some(next) = self.origin_next
             && next < n
-            && self.needs_origin(next as usize, now)
+            && needs(next)
             && !self.alongside(next)
         {
             return Some((next, unlimited));
         }
         // Pieces that failed from peers are this node's own business.
-        if let Some(i) = (0..n).find(|&i| {
-            self.peer_failures[i as usize] >= self.config.peer_attempts
-                && self.needs_origin(i as usize, now)
-        }) {
+        if let Some(i) = (0..n)
+            .find(|&i| self.peer_failures[i as usize] >= self.config.peer_attempts && needs(i))
+        {
             return Some((i, unlimited));
         }
         // Shares among the swarm's members: the first piece of this node's blocks that needs
         // the origin, in file order (every fetcher goes front to back, so the swarm's file
         // fills roughly in order).
-        if self.shared(now) {
-            return (0..n)
-                .find(|&i| self.needs_origin(i as usize, now))
-                .map(|i| (i, unlimited));
+        if shared {
+            return (0..n).find(|&i| needs(i)).map(|i| (i, unlimited));
         }
         if self.peers.is_empty() || self.me.is_none() {
             return (0..n)
                 .map(|k| (self.origin_start + k) % n)
-                .find(|&i| self.needs_origin(i as usize, now))
+                .find(|&i| needs(i))
                 .map(|i| (i, unlimited));
         }
-        let needed: Vec<u32> = (0..n)
-            .filter(|&i| self.needs_origin(i as usize, now))
-            .collect();
+        let needed: Vec<u32> = (0..n).filter(|&i| needs(i)).collect();
         if needed.is_empty() {
             return None;
         }
@@ -1140,6 +1207,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{HashMap, HashSet};
 
     const PIECE: u64 = 256 * 1024;
 

@@ -83,6 +83,22 @@ fn the_pure_cores_read_no_clock_spawn_nothing_and_do_no_io() {
         let hits: Vec<&&str> = forbidden.iter().filter(|w| code.contains(**w)).collect();
         assert!(hits.is_empty(), "{file} mentions {hits:?}");
     }
+    // The simulator runs the cores in virtual time: it reads the clock once, to anchor it.
+    for file in ["download/sim/mod.rs", "download/sim/world.rs"] {
+        let (_, code) = node_sources()
+            .into_iter()
+            .find(|(rel, _)| rel == file)
+            .unwrap_or_else(|| panic!("{file} is missing"));
+        let hits: Vec<&&str> = forbidden[..]
+            .iter()
+            .filter(|w| **w != "Instant::now()" && code.contains(**w))
+            .collect();
+        assert!(hits.is_empty(), "{file} mentions {hits:?}");
+        assert!(
+            code.matches("Instant::now()").count() <= 1,
+            "{file} reads the clock more than once"
+        );
+    }
 }
 
 #[test]
