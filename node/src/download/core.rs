@@ -21,7 +21,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use shoal_protocol::{Bitfield, ContentId, Holding, Member, PieceIndex};
 use shoal_validator::{ChainingValue, PieceLayer};
 
-use super::members;
+use super::members::{self, Fetchers};
 use super::scheduler::{self, Received, Scheduler, Source};
 use super::{
     Assembled, Assembly, DHT_EVERY_REFRESHES, MAX_SETTLE, PEER_MISSES, PEER_REFRESH, SETTLE,
@@ -210,6 +210,8 @@ pub(super) struct Core {
     not_before: Option<Instant>,
     settle_from: Instant,
     fetcher_seeds: BTreeMap<PeerId, u64>,
+    /// The generation of the member view's fetchers last given to the scheduler.
+    fetchers_generation: Option<u64>,
     announced_growth: Option<Instant>,
     rounds_answered: u32,
     /// Have rounds in a row each known peer missed.
@@ -296,6 +298,7 @@ impl Core {
             // Settling counts from when the origin may be used.
             settle_from: not_before.unwrap_or(now),
             fetcher_seeds: BTreeMap::new(),
+            fetchers_generation: None,
             announced_growth: None,
             rounds_answered: 0,
             misses: BTreeMap::new(),
@@ -704,27 +707,18 @@ impl Core {
 
     /// The member view's fetchers and when it last grew, after an [`Action::MemberTick`].
     /// `view`: `None` when there is no member view (any more).
-    pub(super) fn handle_members(&mut self, now: Instant, view: Option<(Vec<PeerId>, Instant)>) {
+    pub(super) fn handle_members(&mut self, now: Instant, view: Option<(Fetchers, Instant)>) {
         self.awaiting_members = false;
         let (Some(id), Some((fetchers, grew))) = (self.content_id, view) else {
             self.schedule(now);
             return;
         };
-        if self.fetcher_seeds.len() > 2 * fetchers.len() + 16 {
-            let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
-            self.fetcher_seeds.retain(|p, _| now_fetching.contains(p));
+        // The same list as last time changes nothing (the scheduler would find its fetchers
+        // unchanged), unless the shares lapsed since: then the scheduler filters them anew.
+        if self.fetchers_generation != Some(fetchers.generation) || self.sched.has_lapsed() {
+            self.fetchers_generation = Some(fetchers.generation);
+            self.set_fetchers(now, id, &fetchers.ids);
         }
-        let seeded: Vec<(PeerId, u64)> = fetchers
-            .into_iter()
-            .map(|p| {
-                let seed = *self
-                    .fetcher_seeds
-                    .entry(p)
-                    .or_insert_with(|| members::fetcher_seed(&p, id.hash()));
-                (p, seed)
-            })
-            .collect();
-        self.sched.set_fetchers(&seeded, now);
         if self.settling && now >= self.settle_from + MAX_SETTLE {
             self.settling = false;
         }
@@ -753,6 +747,25 @@ impl Core {
             }
         }
         self.schedule(now);
+    }
+
+    /// Gives the scheduler the member view's fetchers, with their seeds.
+    fn set_fetchers(&mut self, now: Instant, id: ContentId, fetchers: &[PeerId]) {
+        if self.fetcher_seeds.len() > 2 * fetchers.len() + 16 {
+            let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
+            self.fetcher_seeds.retain(|p, _| now_fetching.contains(p));
+        }
+        let seeded: Vec<(PeerId, u64)> = fetchers
+            .iter()
+            .map(|p| {
+                let seed = *self
+                    .fetcher_seeds
+                    .entry(*p)
+                    .or_insert_with(|| members::fetcher_seed(p, id.hash()));
+                (*p, seed)
+            })
+            .collect();
+        self.sched.set_fetchers(&seeded, now);
     }
 
     /// Timers that are due run.
@@ -992,7 +1005,7 @@ mod tests {
         let mut out = Vec::new();
         while let Some(a) = core.poll_action() {
             if matches!(a, Action::MemberTick { .. }) {
-                core.handle_members(now, Some((Vec::new(), now)));
+                core.handle_members(now, Some((Fetchers::new(Vec::new()), now)));
             }
             out.push(a);
         }
@@ -1313,7 +1326,7 @@ mod tests {
             "{first:?}"
         );
         assert!(core.poll_action().is_none());
-        core.handle_members(t0, Some((Vec::new(), t0)));
+        core.handle_members(t0, Some((Fetchers::new(Vec::new()), t0)));
         assert!(core.poll_action().is_some());
         drain(&mut core, t0);
         // Within the tick, no other member tick.

@@ -280,7 +280,10 @@ impl Driver<'_> {
                 let piece_count = self.piece_count;
                 let view = env.store.with_members(&content_id, |v| {
                     v.set_self(done, origin_now, now);
-                    (v.fetchers(piece_count, now, proven_only), v.grew_at())
+                    (
+                        v.fetchers_cached(piece_count, now, proven_only),
+                        v.grew_at(),
+                    )
                 });
                 core.handle_members(now, view);
             }

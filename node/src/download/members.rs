@@ -16,12 +16,15 @@
 
 use std::{
     collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use rand::seq::IteratorRandom;
 use shoal_protocol::{MAX_MEMBERS, Member};
 
 /// How long a member's heartbeat may stay the same before the member is taken as gone: 10 s.
@@ -78,6 +81,59 @@ pub(crate) struct MemberView {
     grew_at: Instant,
     /// When entries gone for [`FORGET_AFTER`] were last dropped.
     pruned_at: Instant,
+    /// The fetchers as last computed by [`Self::fetchers_cached`], while they hold.
+    cache: Option<FetcherCache>,
+}
+
+/// The other members that take a share, as last computed, and until when they stay the same
+/// unless an entry changes: time alone only takes members out (a member's heartbeat goes
+/// stale, or its progress stalls), so the list holds until the first of those times.
+#[derive(Debug, Clone)]
+struct FetcherCache {
+    pieces: u32,
+    proven_only: bool,
+    others: Arc<[PeerId]>,
+    valid_until: Instant,
+    /// What the last call returned.
+    last: Option<Fetchers>,
+}
+
+/// The fetchers of a member view at one tick, for [`crate::download`]'s core.
+#[derive(Debug, Clone)]
+pub(crate) struct Fetchers {
+    /// The members that take a share, sorted ([`MemberView::fetchers`]).
+    pub(crate) ids: Arc<[PeerId]>,
+    /// Equal for two ticks only when `ids` are the same list (unique within the process).
+    pub(crate) generation: u64,
+}
+
+/// Whether member `k` is heard from: not gone, and its heartbeat rose within
+/// [`MEMBER_TIMEOUT`].
+fn alive(k: &Known, now: Instant) -> bool {
+    !k.gone && now.saturating_duration_since(k.seen) < MEMBER_TIMEOUT
+}
+
+/// Whether member `k` takes a share at `now` ([`MemberView::fetchers`]).
+fn is_fetcher(k: &Known, pieces: u32, now: Instant, proven_only: bool) -> bool {
+    k.origin
+        && (!proven_only || (k.proven && k.done > 0))
+        && alive(k, now)
+        && (k.done >= pieces || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
+}
+
+/// The source of [`Fetchers::generation`].
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+impl Fetchers {
+    /// `ids` (sorted) with a generation of their own.
+    #[must_use]
+    #[cfg(test)]
+    pub(crate) fn new(ids: Vec<PeerId>) -> Self {
+        Self {
+            ids: ids.into(),
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 impl MemberView {
@@ -97,6 +153,14 @@ impl MemberView {
             known: BTreeMap::new(),
             grew_at: now,
             pruned_at: now,
+            cache: None,
+        }
+    }
+
+    /// The cached fetchers must be computed again (the last list stays, to compare with).
+    fn invalidate(&mut self) {
+        if let Some(c) = &mut self.cache {
+            c.valid_until = self.base;
         }
     }
 
@@ -121,6 +185,7 @@ impl MemberView {
     pub(crate) fn idle(&mut self, done: u32) {
         self.done = done;
         self.known.clear();
+        self.invalidate();
     }
 
     /// Takes in the entries peer `from` sent. The first entry must be `from`'s own (the
@@ -147,11 +212,14 @@ impl MemberView {
                 continue;
             }
             let room = self.known.len() < MAX_KNOWN;
+            let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
+            let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
             match self.known.get_mut(&peer) {
                 Some(k) => {
                     if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
                         continue;
                     }
+                    let before = counts(k);
                     if m.origin && (!k.origin || k.gone) {
                         self.grew_at = now;
                     }
@@ -164,24 +232,28 @@ impl MemberView {
                     k.origin = m.origin;
                     k.gone = false;
                     k.proven |= direct;
+                    if counts(k) != before {
+                        self.invalidate();
+                    }
                 }
                 None if room => {
                     if m.origin {
                         self.grew_at = now;
                     }
-                    self.known.insert(
-                        peer,
-                        Known {
-                            heartbeat: m.heartbeat,
-                            done: m.done,
-                            origin: m.origin,
-                            seen: now,
-                            progressed: now,
-                            gone: false,
-                            proven: direct,
-                            id: Bytes::from(peer.to_bytes()),
-                        },
-                    );
+                    let k = Known {
+                        heartbeat: m.heartbeat,
+                        done: m.done,
+                        origin: m.origin,
+                        seen: now,
+                        progressed: now,
+                        gone: false,
+                        proven: direct,
+                        id: Bytes::from(peer.to_bytes()),
+                    };
+                    if counts(&k) == Some(true) {
+                        self.invalidate();
+                    }
+                    self.known.insert(peer, k);
                 }
                 None => {}
             }
@@ -196,13 +268,11 @@ impl MemberView {
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
     /// higher heartbeat than the last one known arrives.
     pub(crate) fn forget(&mut self, peer: &PeerId) {
-        if let Some(k) = self.known.get_mut(peer) {
-            k.gone = true;
+        if let Some(k) = self.known.get_mut(peer)
+            && !std::mem::replace(&mut k.gone, true)
+        {
+            self.invalidate();
         }
-    }
-
-    fn alive(&self, k: &Known, now: Instant) -> bool {
-        !k.gone && now.saturating_duration_since(k.seen) < MEMBER_TIMEOUT
     }
 
     /// The entries to send a peer: this node first, then up to [`MAX_MEMBERS`] − 1 other live
@@ -222,8 +292,9 @@ impl MemberView {
             done: self.done,
             origin: self.origin,
         });
-        let live = self.known.iter().filter(|(_, k)| self.alive(k, now));
-        for (_, k) in live.choose_multiple(rng, MAX_MEMBERS - 1) {
+        let live: Vec<&Known> = self.known.values().filter(|k| alive(k, now)).collect();
+        let picks = rand::seq::index::sample(rng, live.len(), live.len().min(MAX_MEMBERS - 1));
+        for k in picks.into_iter().map(|i| live[i]) {
             out.push(Member {
                 peer_id: k.id.clone(),
                 heartbeat: k.heartbeat,
@@ -234,6 +305,25 @@ impl MemberView {
         out
     }
 
+    /// The other members that take a share at `now`, sorted.
+    fn other_fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
+        self.known
+            .iter()
+            .filter(|(_, k)| is_fetcher(k, pieces, now, proven_only))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Adds this node, when it uses the origin, to the sorted `others`.
+    fn with_me(&self, mut others: Vec<PeerId>) -> Vec<PeerId> {
+        if self.origin
+            && let Err(at) = others.binary_search(&self.me)
+        {
+            others.insert(at, self.me);
+        }
+        others
+    }
+
     /// The members that take a share of the pieces that need the origin, sorted: those that
     /// use the origin, are alive, and have not stalled (a member with all `pieces` counts
     /// however long ago it last progressed); with `proven_only` (after a lapse of the shares:
@@ -241,23 +331,75 @@ impl MemberView {
     /// some piece by now. This node is among them when it uses the origin.
     #[must_use]
     pub(crate) fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
-        let mut out: Vec<PeerId> = self
-            .known
-            .iter()
-            .filter(|(_, k)| {
-                k.origin
-                    && (!proven_only || (k.proven && k.done > 0))
-                    && self.alive(k, now)
-                    && (k.done >= pieces
-                        || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        if self.origin {
-            out.push(self.me);
+        self.with_me(self.other_fetchers(pieces, now, proven_only))
+    }
+
+    /// [`Self::fetchers`], computed again only when an entry changed in a way that matters,
+    /// when `pieces` or `proven_only` differ from the last call, or when time took a member
+    /// out; with a generation that changes only when the list does. A download asks every
+    /// tick (100 ms); in a swarm of N members, walking and sorting the view each time costs
+    /// every node O(N log N) per tick.
+    pub(crate) fn fetchers_cached(
+        &mut self,
+        pieces: u32,
+        now: Instant,
+        proven_only: bool,
+    ) -> Fetchers {
+        let fresh = self.cache.as_ref().is_some_and(|c| {
+            c.pieces == pieces && c.proven_only == proven_only && now < c.valid_until
+        });
+        if !fresh {
+            let others = self.other_fetchers(pieces, now, proven_only);
+            // The first time a member counted now stops counting by time alone.
+            let far = now + FORGET_AFTER;
+            let valid_until = others
+                .iter()
+                .filter_map(|p| self.known.get(p))
+                .map(|k| {
+                    let stale = k.seen + MEMBER_TIMEOUT;
+                    if k.done >= pieces {
+                        stale
+                    } else {
+                        stale.min(k.progressed + MEMBER_STALL)
+                    }
+                })
+                .fold(far, Instant::min);
+            let last = self.cache.take().and_then(|c| c.last);
+            self.cache = Some(FetcherCache {
+                pieces,
+                proven_only,
+                others: others.into(),
+                valid_until,
+                last,
+            });
         }
-        out.sort_unstable();
-        out
+        let (me, origin) = (self.me, self.origin);
+        let cache = self.cache.get_or_insert_with(|| FetcherCache {
+            pieces,
+            proven_only,
+            others: Arc::from(Vec::new()),
+            valid_until: now,
+            last: None,
+        });
+        let ids: Arc<[PeerId]> = match cache.others.binary_search(&me) {
+            Err(at) if origin => {
+                let mut all = cache.others.to_vec();
+                all.insert(at, me);
+                all.into()
+            }
+            _ => cache.others.clone(),
+        };
+        match &cache.last {
+            Some(l) if l.ids == ids => l.clone(),
+            _ => {
+                let f = Fetchers {
+                    ids,
+                    generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                };
+                cache.last = Some(f.clone());
+                f
+            }
+        }
     }
 
     /// When a member that uses the origin was last learned of (or came back, or this node
@@ -270,7 +412,7 @@ impl MemberView {
     /// How many other members are known alive.
     #[must_use]
     pub(crate) fn len_alive(&self, now: Instant) -> usize {
-        self.known.values().filter(|k| self.alive(k, now)).count()
+        self.known.values().filter(|k| alive(k, now)).count()
     }
 }
 
@@ -478,5 +620,69 @@ mod tests {
         }
         assert!(after.contains(&9));
         assert!(assign(&[], 5).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Over a random run of merges, forgets, own-state changes and time passing, the cached
+    /// fetchers are always the ones computed afresh, and their generation changes exactly
+    /// when the list does.
+    #[test]
+    fn the_cached_fetchers_are_always_the_fresh_ones() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        let me = PeerId::random();
+        let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
+        let mut v = MemberView::new(me, t0, 1_764_547_200_000);
+        let mut now = t0;
+        let mut last: Option<Fetchers> = None;
+        let mut heartbeats = vec![1_764_547_200_000u64; peers.len()];
+        for step in 0..3000 {
+            now += Duration::from_millis(rng.random_range(0..800));
+            // Stretches where only time passes: members go stale and stall on their own.
+            let op = if step % 100 < 40 {
+                9
+            } else {
+                rng.random_range(0..10)
+            };
+            match op {
+                0..=5 => {
+                    let from = rng.random_range(0..peers.len());
+                    let other = rng.random_range(0..peers.len());
+                    heartbeats[from] += rng.random_range(0..2000);
+                    heartbeats[other] += rng.random_range(0..500);
+                    let entry = |i: usize, rng: &mut StdRng| Member {
+                        peer_id: Bytes::from(peers[i].to_bytes()),
+                        heartbeat: heartbeats[i],
+                        done: rng.random_range(0..12),
+                        origin: rng.random_bool(0.7),
+                    };
+                    let list = vec![entry(from, &mut rng), entry(other, &mut rng)];
+                    v.merge(&peers[from], &list, now);
+                }
+                6 => v.forget(&peers[rng.random_range(0..peers.len())]),
+                7 => v.set_self(rng.random_range(0..10), rng.random_bool(0.5), now),
+                _ => {}
+            }
+            let (pieces, proven_only) = (10, step % 500 > 400);
+            let got = v.fetchers_cached(pieces, now, proven_only);
+            assert_eq!(
+                got.ids.to_vec(),
+                v.fetchers(pieces, now, proven_only),
+                "step {step}"
+            );
+            if let Some(l) = &last {
+                assert_eq!(
+                    l.ids == got.ids,
+                    l.generation == got.generation,
+                    "step {step}"
+                );
+            }
+            last = Some(got);
+        }
     }
 }

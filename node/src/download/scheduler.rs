@@ -441,7 +441,14 @@ impl Scheduler {
         // seeds cannot leave it without a share of its own.
         if fetchers.len() > MAX_FETCHERS {
             let me = self.me;
-            fetchers.sort_unstable_by_key(|(p, s)| (Some(*p) != me, *s, *p));
+            // The lowest `MAX_FETCHERS` by (not this node, seed, id), found in linear time,
+            // then in id order (ids compared by reference while selecting).
+            let rank = |a: &(PeerId, u64), b: &(PeerId, u64)| {
+                (Some(a.0) != me, a.1)
+                    .cmp(&(Some(b.0) != me, b.1))
+                    .then_with(|| a.0.cmp(&b.0))
+            };
+            fetchers.select_nth_unstable_by(MAX_FETCHERS - 1, rank);
             fetchers.truncate(MAX_FETCHERS);
             fetchers.sort_unstable_by_key(|(p, _)| *p);
         }
@@ -991,8 +998,21 @@ impl Scheduler {
         // Shares among the swarm's members: the first piece of this node's blocks that needs
         // the origin, in file order (every fetcher goes front to back, so the swarm's file
         // fills roughly in order).
-        if shared {
-            return (0..n).find(|&i| needs(i)).map(|i| (i, unlimited));
+        if shared && let Some(shares) = &self.shares {
+            // Only this node's blocks can hold such a piece (a piece that failed from peers
+            // was taken above): walk those, not every piece.
+            let block = shares.block.max(1);
+            return shares
+                .mine
+                .iter()
+                .enumerate()
+                .filter(|(_, mine)| **mine)
+                .flat_map(|(b, _)| {
+                    let start = b as u32 * block;
+                    start..(start + block).min(n)
+                })
+                .find(|&i| needs(i))
+                .map(|i| (i, unlimited));
         }
         if self.peers.is_empty() || self.me.is_none() {
             return (0..n)

@@ -52,7 +52,11 @@ enum Ev {
         reachable: Vec<PeerId>,
     },
     /// An announcement reaches `to`.
-    Announce { to: usize, from: usize, h: Holding },
+    Announce {
+        to: usize,
+        from: usize,
+        h: Box<Holding>,
+    },
     /// The writer of `node` verified (or rejected) a piece.
     Verified {
         node: usize,
@@ -390,7 +394,7 @@ impl<'a> World<'a> {
                 if !n.banned.contains(&from)
                     && let Some(c) = &mut n.core
                 {
-                    c.handle_holding(now, p, h);
+                    c.handle_holding(now, p, *h);
                 }
                 to
             }
@@ -556,7 +560,7 @@ impl World<'_> {
                             Ev::Announce {
                                 to: j,
                                 from: i,
-                                h: h.clone(),
+                                h: Box::new(h.clone()),
                             },
                         );
                     }
@@ -573,7 +577,7 @@ impl World<'_> {
                 let node = &mut self.nodes[i];
                 let view = node.view.as_mut().map(|v| {
                     v.set_self(done, origin_now, now);
-                    (v.fetchers(pieces, now, proven_only), v.grew_at())
+                    (v.fetchers_cached(pieces, now, proven_only), v.grew_at())
                 });
                 if let Some(c) = &mut node.core {
                     c.handle_members(now, view);
