@@ -15,7 +15,6 @@
 //! some is taken as stalled. Neither takes a share then.
 
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -62,8 +61,30 @@ struct Known {
     /// This node heard from the member itself (its own entry, first in its own answer or
     /// announcement, over a connection that authenticates it): not made up by a relayer.
     proven: bool,
-    /// The member's peer id bytes, as sent on.
+    /// The member's peer id bytes (canonical), as sent on: the key entries are sorted by.
     id: Bytes,
+    /// The member's peer id.
+    peer: PeerId,
+}
+
+/// The known members, sorted by their peer id bytes: an entry a peer relays is found by the
+/// bytes it carries, without parsing them again; the members are walked in order and picked
+/// at random by index.
+#[derive(Debug, Clone, Default)]
+struct Entries(Vec<Known>);
+
+impl Entries {
+    fn find(&self, id: &[u8]) -> Result<usize, usize> {
+        self.0.binary_search_by(|k| k.id.as_ref().cmp(id))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Known> {
+        self.0.iter()
+    }
 }
 
 /// This node's view of the members fetching one content.
@@ -76,7 +97,7 @@ pub(crate) struct MemberView {
     /// The heartbeat at `base`, in milliseconds since the Unix epoch.
     base_ms: u64,
     base: Instant,
-    known: BTreeMap<PeerId, Known>,
+    known: Entries,
     /// When a member that uses the origin was last learned of (the fetchers grew).
     grew_at: Instant,
     /// When entries gone for [`FORGET_AFTER`] were last dropped.
@@ -94,8 +115,8 @@ struct FetcherCache {
     proven_only: bool,
     others: Arc<[PeerId]>,
     valid_until: Instant,
-    /// What the last call returned.
-    last: Option<Fetchers>,
+    /// What the last call returned, and whether this node used the origin then.
+    last: Option<(Fetchers, bool)>,
 }
 
 /// The fetchers of a member view at one tick, for [`crate::download`]'s core.
@@ -150,7 +171,7 @@ impl MemberView {
             origin: false,
             base_ms,
             base: now,
-            known: BTreeMap::new(),
+            known: Entries::default(),
             grew_at: now,
             pruned_at: now,
             cache: None,
@@ -184,7 +205,7 @@ impl MemberView {
     /// holds and serves) and forgets the other members, which only a download refreshes.
     pub(crate) fn idle(&mut self, done: u32) {
         self.done = done;
-        self.known.clear();
+        self.known.0.clear();
         self.invalidate();
     }
 
@@ -195,81 +216,98 @@ impl MemberView {
     /// skipped (so a made-up heartbeat cannot freeze a member's own out for long). Entries of
     /// this node and entries that do not parse are skipped.
     pub(crate) fn merge(&mut self, from: &PeerId, members: &[Member], now: Instant) {
+        let from_bytes = from.to_bytes();
         let own_first = members
             .first()
-            .is_some_and(|m| m.peer_id.as_ref() == from.to_bytes().as_slice());
+            .is_some_and(|m| m.peer_id.as_ref() == from_bytes.as_slice());
         if !own_first {
             return;
         }
         let skew_ms = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
         let ceiling = self.heartbeat(now).saturating_add(skew_ms);
         for (i, m) in members.iter().enumerate() {
-            let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
-                continue;
-            };
             let direct = i == 0;
-            if peer == self.me || (i > 0 && peer == *from) || (!direct && m.heartbeat > ceiling) {
+            let id = m.peer_id.as_ref();
+            if id == self.me_bytes.as_ref()
+                || (i > 0 && id == from_bytes.as_slice())
+                || (!direct && m.heartbeat > ceiling)
+            {
                 continue;
             }
-            let room = self.known.len() < MAX_KNOWN;
-            let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
-            let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
-            match self.known.get_mut(&peer) {
-                Some(k) => {
-                    if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
-                        continue;
-                    }
-                    let before = counts(k);
-                    if m.origin && (!k.origin || k.gone) {
-                        self.grew_at = now;
-                    }
-                    k.heartbeat = m.heartbeat;
-                    k.seen = now;
-                    if m.done > k.done {
-                        k.progressed = now;
-                    }
-                    k.done = m.done;
-                    k.origin = m.origin;
-                    k.gone = false;
-                    k.proven |= direct;
-                    if counts(k) != before {
-                        self.invalidate();
-                    }
-                }
-                None if room => {
-                    if m.origin {
-                        self.grew_at = now;
-                    }
-                    let k = Known {
-                        heartbeat: m.heartbeat,
-                        done: m.done,
-                        origin: m.origin,
-                        seen: now,
-                        progressed: now,
-                        gone: false,
-                        proven: direct,
-                        id: Bytes::from(peer.to_bytes()),
-                    };
-                    if counts(&k) == Some(true) {
-                        self.invalidate();
-                    }
-                    self.known.insert(peer, k);
-                }
-                None => {}
-            }
+            self.merge_entry(m, direct, now);
         }
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
             self.pruned_at = now;
             self.known
-                .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+                .0
+                .retain(|k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+        }
+    }
+
+    /// Takes in one entry of a peer's list (`direct`: the peer's own).
+    fn merge_entry(&mut self, m: &Member, direct: bool, now: Instant) {
+        let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
+        let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
+        match self.known.find(&m.peer_id) {
+            Ok(at) => {
+                let k = &mut self.known.0[at];
+                if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
+                    return;
+                }
+                let before = counts(k);
+                if m.origin && (!k.origin || k.gone) {
+                    self.grew_at = now;
+                }
+                k.heartbeat = m.heartbeat;
+                k.seen = now;
+                if m.done > k.done {
+                    k.progressed = now;
+                }
+                k.done = m.done;
+                k.origin = m.origin;
+                k.gone = false;
+                k.proven |= direct;
+                if counts(k) != before {
+                    self.invalidate();
+                }
+            }
+            Err(at) if self.known.len() < MAX_KNOWN => {
+                // A new member: its id must parse, and be in its one canonical encoding (the
+                // key it is found by from then on).
+                let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
+                    return;
+                };
+                if peer.to_bytes() != m.peer_id.as_ref() {
+                    return;
+                }
+                if m.origin {
+                    self.grew_at = now;
+                }
+                let k = Known {
+                    heartbeat: m.heartbeat,
+                    done: m.done,
+                    origin: m.origin,
+                    seen: now,
+                    progressed: now,
+                    gone: false,
+                    proven: direct,
+                    id: m.peer_id.clone(),
+                    peer,
+                };
+                if counts(&k) == Some(true) {
+                    self.invalidate();
+                }
+                self.known.0.insert(at, k);
+            }
+            Err(_) => {}
         }
     }
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
     /// higher heartbeat than the last one known arrives.
     pub(crate) fn forget(&mut self, peer: &PeerId) {
-        if let Some(k) = self.known.get_mut(peer)
-            && !std::mem::replace(&mut k.gone, true)
+        if let Ok(at) = self.known.find(&peer.to_bytes())
+            && !std::mem::replace(&mut self.known.0[at].gone, true)
         {
             self.invalidate();
         }
@@ -292,26 +330,60 @@ impl MemberView {
             done: self.done,
             origin: self.origin,
         });
-        let live: Vec<&Known> = self.known.values().filter(|k| alive(k, now)).collect();
-        let picks = rand::seq::index::sample(rng, live.len(), live.len().min(MAX_MEMBERS - 1));
-        for k in picks.into_iter().map(|i| live[i]) {
-            out.push(Member {
-                peer_id: k.id.clone(),
-                heartbeat: k.heartbeat,
-                done: k.done,
-                origin: k.origin,
-            });
+        let want = MAX_MEMBERS - 1;
+        let entry = |k: &Known| Member {
+            peer_id: k.id.clone(),
+            heartbeat: k.heartbeat,
+            done: k.done,
+            origin: k.origin,
+        };
+        let n = self.known.len();
+        if n > 2 * want {
+            // Many members: twice the number wanted, picked at random, and the live ones of
+            // them (a uniform pick of the live members), without walking the view.
+            let live: Vec<&Known> = rand::seq::index::sample(rng, n, 2 * want)
+                .into_iter()
+                .map(|i| &self.known.0[i])
+                .filter(|k| alive(k, now))
+                .take(want)
+                .collect();
+            if live.len() == want {
+                out.extend(live.into_iter().map(entry));
+                return out;
+            }
         }
+        let live: Vec<&Known> = self.known.iter().filter(|k| alive(k, now)).collect();
+        let picks = rand::seq::index::sample(rng, live.len(), live.len().min(want));
+        out.extend(picks.into_iter().map(|i| entry(live[i])));
         out
     }
 
-    /// The other members that take a share at `now`, sorted.
-    fn other_fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
-        self.known
+    /// The other members that take a share at `now`, sorted, and the first time one of them
+    /// stops counting by time alone (its heartbeat goes stale, or it stalls), at most
+    /// [`FORGET_AFTER`] from now.
+    fn other_fetchers(
+        &self,
+        pieces: u32,
+        now: Instant,
+        proven_only: bool,
+    ) -> (Vec<PeerId>, Instant) {
+        let mut until = now + FORGET_AFTER;
+        let mut out: Vec<PeerId> = self
+            .known
             .iter()
-            .filter(|(_, k)| is_fetcher(k, pieces, now, proven_only))
-            .map(|(p, _)| *p)
-            .collect()
+            .filter(|k| is_fetcher(k, pieces, now, proven_only))
+            .map(|k| {
+                let stale = k.seen + MEMBER_TIMEOUT;
+                until = until.min(if k.done >= pieces {
+                    stale
+                } else {
+                    stale.min(k.progressed + MEMBER_STALL)
+                });
+                k.peer
+            })
+            .collect();
+        out.sort_unstable();
+        (out, until)
     }
 
     /// Adds this node, when it uses the origin, to the sorted `others`.
@@ -331,7 +403,7 @@ impl MemberView {
     /// some piece by now. This node is among them when it uses the origin.
     #[must_use]
     pub(crate) fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
-        self.with_me(self.other_fetchers(pieces, now, proven_only))
+        self.with_me(self.other_fetchers(pieces, now, proven_only).0)
     }
 
     /// [`Self::fetchers`], computed again only when an entry changed in a way that matters,
@@ -348,22 +420,15 @@ impl MemberView {
         let fresh = self.cache.as_ref().is_some_and(|c| {
             c.pieces == pieces && c.proven_only == proven_only && now < c.valid_until
         });
+        if fresh
+            && let Some((l, origin)) = self.cache.as_ref().and_then(|c| c.last.as_ref())
+            && *origin == self.origin
+        {
+            // Nothing changed since the last call: the same list, without walking it.
+            return l.clone();
+        }
         if !fresh {
-            let others = self.other_fetchers(pieces, now, proven_only);
-            // The first time a member counted now stops counting by time alone.
-            let far = now + FORGET_AFTER;
-            let valid_until = others
-                .iter()
-                .filter_map(|p| self.known.get(p))
-                .map(|k| {
-                    let stale = k.seen + MEMBER_TIMEOUT;
-                    if k.done >= pieces {
-                        stale
-                    } else {
-                        stale.min(k.progressed + MEMBER_STALL)
-                    }
-                })
-                .fold(far, Instant::min);
+            let (others, valid_until) = self.other_fetchers(pieces, now, proven_only);
             let last = self.cache.take().and_then(|c| c.last);
             self.cache = Some(FetcherCache {
                 pieces,
@@ -389,17 +454,15 @@ impl MemberView {
             }
             _ => cache.others.clone(),
         };
-        match &cache.last {
-            Some(l) if l.ids == ids => l.clone(),
-            _ => {
-                let f = Fetchers {
-                    ids,
-                    generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-                };
-                cache.last = Some(f.clone());
-                f
-            }
-        }
+        let f = match &cache.last {
+            Some((l, _)) if l.ids == ids => l.clone(),
+            _ => Fetchers {
+                ids,
+                generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            },
+        };
+        cache.last = Some((f.clone(), origin));
+        f
     }
 
     /// When a member that uses the origin was last learned of (or came back, or this node
@@ -412,7 +475,7 @@ impl MemberView {
     /// How many other members are known alive.
     #[must_use]
     pub(crate) fn len_alive(&self, now: Instant) -> usize {
-        self.known.values().filter(|k| alive(k, now)).count()
+        self.known.iter().filter(|k| alive(k, now)).count()
     }
 }
 

@@ -290,6 +290,7 @@ struct Candidate {
     room: usize,
     failures: u32,
     rate: f64,
+    /// The peer's pieces, while lent for a walk; empty otherwise.
     have: Bitfield,
 }
 
@@ -800,14 +801,21 @@ impl Scheduler {
             .map(|c| c.id)
     }
 
-    /// An eligible peer as [`Self::best_peer`] ranks it.
+    /// An eligible peer as [`Self::best_peer`] ranks it, without its bitfield.
     fn candidate(&self, id: PeerId, p: &Peer, now: Instant) -> Candidate {
         Candidate {
             id,
             room: self.depth(p, now) - p.in_flight,
             failures: p.failures,
             rate: p.rate(now).unwrap_or(0.0),
-            have: p.have.clone(),
+            have: Bitfield::new(0),
+        }
+    }
+
+    /// Gives a candidate's lent bitfield back to its peer.
+    fn give_back(&mut self, c: Candidate) {
+        if let Some(p) = self.peers.get_mut(&c.id) {
+            p.have = c.have;
         }
     }
 
@@ -861,12 +869,20 @@ impl Scheduler {
             }
             // The eligible peers, ranked as `best_peer` ranks them, taken once: a request
             // changes only its own peer's entry.
-            let mut cands: Vec<Candidate> = self
+            let ranked: Vec<Candidate> = self
                 .peers
                 .iter()
                 .filter(|(_, p)| self.eligible(p, now))
                 .map(|(id, p)| self.candidate(*id, p, now))
                 .collect();
+            // Each candidate's bitfield is lent to it for the walk (requests do not read
+            // them) and given back after.
+            let mut cands = ranked;
+            for c in &mut cands {
+                if let Some(p) = self.peers.get_mut(&c.id) {
+                    c.have = std::mem::replace(&mut p.have, Bitfield::new(0));
+                }
+            }
             for index in wanted {
                 if self.peer_in_flight >= max_in_flight || cands.is_empty() {
                     break;
@@ -880,12 +896,22 @@ impl Scheduler {
                 if let Some((k, peer)) = best {
                     actions.push(self.request(peer, index, now));
                     match self.peers.get(&peer) {
-                        Some(p) if self.eligible(p, now) => cands[k] = self.candidate(peer, p, now),
+                        Some(p) if self.eligible(p, now) => {
+                            let have = std::mem::replace(&mut cands[k].have, Bitfield::new(0));
+                            cands[k] = Candidate {
+                                have,
+                                ..self.candidate(peer, p, now)
+                            };
+                        }
                         _ => {
-                            cands.swap_remove(k);
+                            let c = cands.swap_remove(k);
+                            self.give_back(c);
                         }
                     }
                 }
+            }
+            for c in cands {
+                self.give_back(c);
             }
         }
         // Endgame: a second request for every piece in flight once none is left missing.

@@ -2,6 +2,9 @@
 
 pub(crate) mod diagnose;
 pub(crate) mod metrics;
+mod runner;
+
+use self::runner::{Doing, Runner};
 pub(crate) mod stats;
 
 use std::{
@@ -494,15 +497,13 @@ struct JobRecord {
     /// Per file, what the node keeps besides its `FileInfo` (`files[i]` goes with
     /// `info.files[i]`).
     files: Vec<FileRecord>,
-    runner: Option<CancellationToken>,
-    /// Held by a runner for its whole life, so a new runner starts only after the one it
-    /// replaces has stopped writing.
-    run_lock: Arc<tokio::sync::Mutex<()>>,
+    /// What runs the job now ([`Runner`]).
+    runner: Runner,
+    /// The task of the last runner: the next one starts after it ended, so that it has stopped
+    /// writing; shutdown waits for it.
+    task: Option<tokio::task::JoinHandle<()>>,
     /// Cuts short a retry delay ([`Node::retry_now`]).
     wake: Arc<tokio::sync::Notify>,
-    /// True while the runner waits out a retry delay or delivers a notification, so that a
-    /// Resume or AddFile that queues the job again replaces it.
-    lingering: bool,
     /// When the job entered TransientError with no progress since (the no-progress timer).
     transient_since: Option<tokio::time::Instant>,
     /// The last change by the caller or progress (the inactivity timer; tokio's clock, so
@@ -1024,10 +1025,9 @@ impl Node {
             },
             callback: None,
             files: Vec::new(),
-            runner: None,
-            run_lock: Arc::default(),
+            runner: Runner::Idle,
+            task: None,
             wake: Arc::default(),
-            lingering: false,
             transient_since: None,
             touched: tokio::time::Instant::now(),
         };
@@ -1198,10 +1198,9 @@ impl Node {
                     .collect(),
                 info,
                 callback,
-                runner: None,
-                run_lock: Arc::default(),
+                runner: Runner::Idle,
+                task: None,
                 wake: Arc::default(),
-                lingering: false,
                 transient_since: None,
                 touched: now.checked_sub(idle).unwrap_or(now),
             };
@@ -1425,9 +1424,7 @@ impl Node {
         let slot = self.job(job)?;
         let mut rec = lock(&slot);
         let to = next_state(rec.info.state, Transition::Suspend)?;
-        if let Some(t) = rec.runner.take() {
-            t.cancel();
-        }
+        rec.runner.stop();
         self.set_state(&mut rec, to);
         self.save(&rec)
     }
@@ -1440,9 +1437,7 @@ impl Node {
         let slot = self.job(job)?;
         let mut rec = lock(&slot);
         let to = next_state(rec.info.state, Transition::Cancel)?;
-        if let Some(t) = rec.runner.take() {
-            t.cancel();
-        }
+        rec.runner.stop();
         // The state first: a crash after it leaves stray temporary files, never a live job
         // whose files are gone.
         self.set_state(&mut rec, to);
@@ -1499,9 +1494,7 @@ impl Node {
         let slot = self.job(job)?;
         let mut rec = lock(&slot);
         let to = next_state(rec.info.state, Transition::Complete)?;
-        if let Some(t) = rec.runner.take() {
-            t.cancel();
-        }
+        rec.runner.stop();
         for i in 0..rec.info.files.len() {
             let f = rec.info.files[i].clone();
             if rec.files[i].completed {
@@ -1668,13 +1661,14 @@ impl Node {
         if let Some(t) = task {
             let _ = t.await;
         }
-        let locks: Vec<_> = self
+        // Every runner was cancelled with the node's token: wait until each has stopped.
+        let tasks: Vec<_> = self
             .lock_jobs()
             .values()
-            .map(|slot| lock(slot).run_lock.clone())
+            .filter_map(|slot| lock(slot).task.take())
             .collect();
-        for l in locks {
-            let _ = l.lock().await;
+        for t in tasks {
+            let _ = t.await;
         }
         self.inner
             .state
@@ -1683,39 +1677,23 @@ impl Node {
             .take();
     }
 
+    /// Starts a runner for a Queued job, unless one is at work already; one that only waits
+    /// out a retry delay or delivers a notification is replaced ([`Runner::is_replaceable`]).
     fn start_runner(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
         let mut rec = lock(slot);
-        if rec.info.state != State::Queued {
+        if rec.info.state != State::Queued || !rec.runner.is_replaceable() {
             return;
         }
-        // A runner may linger from the state the job just left (waiting out a retry delay,
-        // delivering a notification): it would stop without running the job, so a new one
-        // replaces it. One that is itself waiting for a slot (Queued) goes on.
-        if let Some(old) = &rec.runner {
-            if !rec.lingering {
-                return;
-            }
-            old.cancel();
-        }
-        rec.lingering = false;
         let token = self.inner.shutdown.child_token();
-        rec.runner = Some(token.clone());
-        let node = self.clone();
-        let slot = slot.clone();
-        let run_lock = rec.run_lock.clone();
-        tokio::spawn(async move {
-            // Wait until a runner this one replaces has stopped writing.
-            let _running = run_lock.lock().await;
-            if token.is_cancelled() {
-                return;
-            }
-            node.run_job(job, &slot, &token).await;
-            // A runner that was stopped had its token taken by whoever stopped it (and a new
-            // runner may hold the slot now); one that ended on its own still holds the slot.
-            if !token.is_cancelled() {
-                lock(&slot).runner = None;
-            }
-        });
+        let (node, slot2, t) = (self.clone(), slot.clone(), token.clone());
+        let previous = rec.task.take();
+        let task = rec
+            .runner
+            .start(token, Doing::WaitingSlot, previous, async move {
+                node.run_job(job, &slot2, &t).await;
+                lock(&slot2).runner.ended(&t);
+            });
+        rec.task = Some(task);
     }
 
     /// Moves the job on `t` unless the runner was stopped; false when it was.
@@ -1833,25 +1811,24 @@ impl Node {
     /// Runs the notification delivery of a reloaded Transferred or Error job.
     fn start_notifier(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
         let mut rec = lock(slot);
-        if rec.runner.is_some() || rec.callback.is_none() {
+        if rec.runner.is_live() || rec.callback.is_none() {
             return;
         }
         let token = self.inner.shutdown.child_token();
-        rec.runner = Some(token.clone());
-        rec.lingering = true;
         let state = rec.info.state;
-        drop(rec);
-        let (node, slot) = (self.clone(), slot.clone());
-        tokio::spawn(async move {
-            match state {
-                State::Transferred => node.deliver_transferred(job, &slot, &token).await,
-                State::Error => node.deliver_error(&slot, &token).await,
-                _ => {}
-            }
-            if !token.is_cancelled() {
-                lock(&slot).runner = None;
-            }
-        });
+        let (node, slot2, t) = (self.clone(), slot.clone(), token.clone());
+        let previous = rec.task.take();
+        let task = rec
+            .runner
+            .start(token, Doing::Notifying, previous, async move {
+                match state {
+                    State::Transferred => node.deliver_transferred(job, &slot2, &t).await,
+                    State::Error => node.deliver_error(&slot2, &t).await,
+                    _ => {}
+                }
+                lock(&slot2).runner.ended(&t);
+            });
+        rec.task = Some(task);
     }
 
     /// Cancels, every so often, jobs idle for longer than `timeout`.
@@ -1907,6 +1884,9 @@ impl Node {
             let Some(guard) = self.inner.slots.acquire(job, priority, token).await else {
                 return;
             };
+            if !lock(slot).runner.set(token, Doing::Transferring) {
+                return;
+            }
             let end = self.transfer(job, slot, &guard.preempt).await;
             let preempted = guard.preempt.is_cancelled() && !token.is_cancelled();
             drop(guard);
@@ -1924,27 +1904,29 @@ impl Node {
                     ) =>
                 {
                     info!(%job, "yielding the transfer slot");
-                    if !self.runner_transition(slot, token, Transition::Requeue) {
+                    if !self.runner_transition(slot, token, Transition::Requeue)
+                        || !lock(slot).runner.set(token, Doing::WaitingSlot)
+                    {
                         return;
                     }
                 }
                 Ended::Stopped => return,
                 Ended::Transient(delay) => {
-                    lock(slot).lingering = true;
-                    let go_on = Self::sleep_or_cancel(token, slot, delay).await
-                        && self.runner_transition(slot, token, Transition::Retry);
-                    lock(slot).lingering = false;
+                    let go_on = lock(slot).runner.set(token, Doing::RetryWait)
+                        && Self::sleep_or_cancel(token, slot, delay).await
+                        && self.runner_transition(slot, token, Transition::Retry)
+                        && lock(slot).runner.set(token, Doing::WaitingSlot);
                     if !go_on {
                         return;
                     }
                 }
                 Ended::Failed => {
-                    lock(slot).lingering = true;
+                    lock(slot).runner.set(token, Doing::Notifying);
                     self.deliver_error(slot, token).await;
                     return;
                 }
                 Ended::Transferred => {
-                    lock(slot).lingering = true;
+                    lock(slot).runner.set(token, Doing::Notifying);
                     let _ = self.inner.events.send(Event::JobTransferred { job });
                     self.deliver_transferred(job, slot, token).await;
                     return;
