@@ -157,6 +157,9 @@ struct World<'a> {
 /// [`Scenario::limit`], and reports what happened. The same scenario gives the same report.
 ///
 /// Building the piece layer hashes the file's length of zeros once (about 0.5 s for 1 GiB).
+///
+/// # Panics
+/// When [`Scenario::file_bytes`] is more than Shoal's largest file (1 TiB).
 #[must_use]
 pub fn run(scenario: &Scenario) -> Report {
     let mut w = World::new(scenario);
