@@ -869,7 +869,7 @@ impl Scheduler {
             }
             // The eligible peers, ranked as `best_peer` ranks them, taken once: a request
             // changes only its own peer's entry.
-            let ranked: Vec<Candidate> = self
+            let mut cands: Vec<Candidate> = self
                 .peers
                 .iter()
                 .filter(|(_, p)| self.eligible(p, now))
@@ -877,7 +877,6 @@ impl Scheduler {
                 .collect();
             // Each candidate's bitfield is lent to it for the walk (requests do not read
             // them) and given back after.
-            let mut cands = ranked;
             for c in &mut cands {
                 if let Some(p) = self.peers.get_mut(&c.id) {
                     c.have = std::mem::replace(&mut p.have, Bitfield::new(0));

@@ -3,9 +3,9 @@
 pub(crate) mod diagnose;
 pub(crate) mod metrics;
 mod runner;
+pub(crate) mod stats;
 
 use self::runner::{Doing, Runner};
-pub(crate) mod stats;
 
 use std::{
     collections::{HashMap, HashSet},
