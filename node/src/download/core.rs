@@ -21,7 +21,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use shoal_protocol::{Bitfield, ContentId, Holding, Member, PieceIndex};
 use shoal_validator::{ChainingValue, PieceLayer};
 
-use super::members::{self, Fetchers};
+use super::members::Fetchers;
 use super::scheduler::{self, Received, Scheduler, Source};
 use super::{
     Assembled, Assembly, DHT_EVERY_REFRESHES, MAX_SETTLE, PEER_MISSES, PEER_REFRESH, SETTLE,
@@ -122,12 +122,15 @@ pub(super) enum Action {
         verified: Bitfield,
     },
     /// Report this node's state to the member view and call [`Core::handle_members`] with its
-    /// fetchers (`proven_only`: after a lapse, only members heard from directly).
+    /// fetchers (`proven_only`: after a lapse, only members heard from directly; `lowest`: at
+    /// least the fetchers with the lowest seeds up to this many, the only ones that can take
+    /// shares).
     MemberTick {
         content_id: ContentId,
         done: u32,
         origin_now: bool,
         proven_only: bool,
+        lowest: usize,
     },
     /// `peer` served bad data of the content: ban it.
     Ban { content_id: ContentId, peer: PeerId },
@@ -209,7 +212,6 @@ pub(super) struct Core {
     awaiting_members: bool,
     not_before: Option<Instant>,
     settle_from: Instant,
-    fetcher_seeds: BTreeMap<PeerId, u64>,
     /// The generation of the member view's fetchers last given to the scheduler.
     fetchers_generation: Option<u64>,
     announced_growth: Option<Instant>,
@@ -297,7 +299,6 @@ impl Core {
             not_before,
             // Settling counts from when the origin may be used.
             settle_from: not_before.unwrap_or(now),
-            fetcher_seeds: BTreeMap::new(),
             fetchers_generation: None,
             announced_growth: None,
             rounds_answered: 0,
@@ -428,10 +429,11 @@ impl Core {
         if h.content_id != id {
             return;
         }
+        let mut h = h;
         self.actions.push_back(Action::Store(StoreOp::MergeMembers(
             id,
             peer,
-            h.members.clone(),
+            std::mem::take(&mut h.members),
         )));
         self.apply_holding(now, peer, h);
         self.step(now);
@@ -477,7 +479,7 @@ impl Core {
             }
         }
         let mut full_from = Vec::new();
-        for (peer, h) in answers {
+        for (peer, mut h) in answers {
             if self.content_id != Some(h.content_id) {
                 continue;
             }
@@ -488,7 +490,7 @@ impl Core {
                 self.actions.push_back(Action::Store(StoreOp::MergeMembers(
                     id,
                     peer,
-                    h.members.clone(),
+                    std::mem::take(&mut h.members),
                 )));
             }
             self.apply_holding(now, peer, h);
@@ -717,7 +719,7 @@ impl Core {
         // unchanged), unless the shares lapsed since: then the scheduler filters them anew.
         if self.fetchers_generation != Some(fetchers.generation) || self.sched.has_lapsed() {
             self.fetchers_generation = Some(fetchers.generation);
-            self.set_fetchers(now, id, &fetchers.ids);
+            self.sched.set_fetchers(&fetchers.ids, now);
         }
         if self.settling && now >= self.settle_from + MAX_SETTLE {
             self.settling = false;
@@ -749,25 +751,6 @@ impl Core {
         self.schedule(now);
     }
 
-    /// Gives the scheduler the member view's fetchers, with their seeds.
-    fn set_fetchers(&mut self, now: Instant, id: ContentId, fetchers: &[PeerId]) {
-        if self.fetcher_seeds.len() > 2 * fetchers.len() + 16 {
-            let now_fetching: HashSet<&PeerId> = fetchers.iter().collect();
-            self.fetcher_seeds.retain(|p, _| now_fetching.contains(p));
-        }
-        let seeded: Vec<(PeerId, u64)> = fetchers
-            .iter()
-            .map(|p| {
-                let seed = *self
-                    .fetcher_seeds
-                    .entry(*p)
-                    .or_insert_with(|| members::fetcher_seed(p, id.hash()));
-                (*p, seed)
-            })
-            .collect();
-        self.sched.set_fetchers(&seeded, now);
-    }
-
     /// Timers that are due run.
     pub(super) fn handle_timeout(&mut self, now: Instant) {
         self.step(now);
@@ -796,6 +779,7 @@ impl Core {
                 done: self.sched.done_count(),
                 origin_now: !self.never_origin && now >= self.wait_until,
                 proven_only: self.sched.has_lapsed(),
+                lowest: self.sched.fetchers_wanted(),
             });
             return;
         }

@@ -275,13 +275,14 @@ impl Driver<'_> {
                 done,
                 origin_now,
                 proven_only,
+                lowest,
             } => {
                 let now = now();
                 let piece_count = self.piece_count;
                 let view = env.store.with_members(&content_id, |v| {
                     v.set_self(done, origin_now, now);
                     (
-                        v.fetchers_cached(piece_count, now, proven_only),
+                        v.fetchers_cached(piece_count, now, proven_only, lowest),
                         v.grew_at(),
                     )
                 });

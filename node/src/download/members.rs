@@ -23,6 +23,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use libp2p::PeerId;
 use shoal_protocol::{MAX_MEMBERS, Member};
 
@@ -61,29 +62,75 @@ struct Known {
     /// This node heard from the member itself (its own entry, first in its own answer or
     /// announcement, over a connection that authenticates it): not made up by a relayer.
     proven: bool,
-    /// The member's peer id bytes (canonical), as sent on: the key entries are sorted by.
-    id: Bytes,
     /// The member's peer id.
     peer: PeerId,
+    /// Its seed for the shares of this content ([`fetcher_seed`]).
+    seed: u64,
 }
 
-/// The known members, sorted by their peer id bytes: an entry a peer relays is found by the
-/// bytes it carries, without parsing them again; the members are walked in order and picked
-/// at random by index.
-#[derive(Debug, Clone, Default)]
-struct Entries(Vec<Known>);
+/// The longest canonical peer id, in bytes: an identity multihash of a public key of at most
+/// 42 bytes (longer keys are hashed to a SHA-256 multihash of 34 bytes), as libp2p encodes it.
+const MAX_ID_BYTES: usize = 44;
 
-impl Entries {
-    fn find(&self, id: &[u8]) -> Result<usize, usize> {
-        self.0.binary_search_by(|k| k.id.as_ref().cmp(id))
+/// A canonical peer id's bytes, held inline: a relayed entry is looked up by the bytes it
+/// carries, and comparing them must not reach for another allocation (a view of a thousand
+/// members is looked up a thousand times a second).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct IdBytes {
+    len: u8,
+    bytes: [u8; MAX_ID_BYTES],
+}
+
+impl IdBytes {
+    /// `id`, when it is at most [`MAX_ID_BYTES`] long.
+    fn new(id: &[u8]) -> Option<Self> {
+        let mut bytes = [0; MAX_ID_BYTES];
+        bytes.get_mut(..id.len())?.copy_from_slice(id);
+        Some(Self {
+            len: u8::try_from(id.len()).ok()?,
+            bytes,
+        })
     }
 
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for IdBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdBytes({} bytes)", self.len)
+    }
+}
+
+// Hashed as the slice it holds, so that a lookup by `&[u8]` finds it (`Borrow`'s contract).
+impl std::hash::Hash for IdBytes {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for IdBytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// The known members, by their peer id bytes (canonical), in the order they were learned
+/// of: an entry a peer relays is found by the bytes it carries, with one hash and without
+/// parsing them again; the members are walked in order and picked by index. The hasher is
+/// keyed at random per view (std's `RandomState`), since peers choose the ids; the order does
+/// not depend on it, so a seeded simulation repeats exactly.
+#[derive(Debug, Clone, Default)]
+struct Entries(IndexMap<IdBytes, Known>);
+
+impl Entries {
     fn len(&self) -> usize {
         self.0.len()
     }
 
-    fn iter(&self) -> std::slice::Iter<'_, Known> {
-        self.0.iter()
+    fn iter(&self) -> indexmap::map::Values<'_, IdBytes, Known> {
+        self.0.values()
     }
 }
 
@@ -92,6 +139,10 @@ impl Entries {
 pub(crate) struct MemberView {
     me: PeerId,
     me_bytes: Bytes,
+    /// The content's hash, which members' seeds are drawn from ([`fetcher_seed`]).
+    content: [u8; 32],
+    /// This node's seed.
+    my_seed: u64,
     done: u32,
     origin: bool,
     /// The heartbeat at `base`, in milliseconds since the Unix epoch.
@@ -113,7 +164,8 @@ pub(crate) struct MemberView {
 struct FetcherCache {
     pieces: u32,
     proven_only: bool,
-    others: Arc<[PeerId]>,
+    lowest: usize,
+    others: Arc<[(PeerId, u64)]>,
     valid_until: Instant,
     /// What the last call returned, and whether this node used the origin then.
     last: Option<(Fetchers, bool)>,
@@ -122,8 +174,9 @@ struct FetcherCache {
 /// The fetchers of a member view at one tick, for [`crate::download`]'s core.
 #[derive(Debug, Clone)]
 pub(crate) struct Fetchers {
-    /// The members that take a share, sorted ([`MemberView::fetchers`]).
-    pub(crate) ids: Arc<[PeerId]>,
+    /// The members that take a share ([`MemberView::fetchers`]), each with its seed
+    /// ([`fetcher_seed`]), sorted by (seed, id): the order the scheduler ranks them in.
+    pub(crate) ids: Arc<[(PeerId, u64)]>,
     /// Equal for two ticks only when `ids` are the same list (unique within the process).
     pub(crate) generation: u64,
 }
@@ -146,10 +199,10 @@ fn is_fetcher(k: &Known, pieces: u32, now: Instant, proven_only: bool) -> bool {
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Fetchers {
-    /// `ids` (sorted) with a generation of their own.
+    /// `ids` (sorted by seed and id) with a generation of their own.
     #[must_use]
     #[cfg(test)]
-    pub(crate) fn new(ids: Vec<PeerId>) -> Self {
+    pub(crate) fn new(ids: Vec<(PeerId, u64)>) -> Self {
         Self {
             ids: ids.into(),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -158,15 +211,18 @@ impl Fetchers {
 }
 
 impl MemberView {
-    /// A view holding only this node, `me`, with no piece and not using the origin; `wall_ms`
-    /// is the wall clock at `now` (milliseconds since the Unix epoch), which heartbeats count
-    /// from, so that they keep rising across restarts.
+    /// A view of the members fetching the content with hash `content`, holding only this
+    /// node, `me`, with no piece and not using the origin; `wall_ms` is the wall clock at
+    /// `now` (milliseconds since the Unix epoch), which heartbeats count from, so that they
+    /// keep rising across restarts.
     #[must_use]
-    pub(crate) fn new(me: PeerId, now: Instant, wall_ms: u64) -> Self {
+    pub(crate) fn new(me: PeerId, content: &[u8; 32], now: Instant, wall_ms: u64) -> Self {
         let base_ms = wall_ms;
         Self {
             me,
             me_bytes: Bytes::from(me.to_bytes()),
+            content: *content,
+            my_seed: fetcher_seed(&me, content),
             done: 0,
             origin: false,
             base_ms,
@@ -240,7 +296,7 @@ impl MemberView {
             self.pruned_at = now;
             self.known
                 .0
-                .retain(|k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+                .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
         }
     }
 
@@ -248,9 +304,9 @@ impl MemberView {
     fn merge_entry(&mut self, m: &Member, direct: bool, now: Instant) {
         let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
         let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
-        match self.known.find(&m.peer_id) {
-            Ok(at) => {
-                let k = &mut self.known.0[at];
+        let len = self.known.len();
+        match self.known.0.get_mut(m.peer_id.as_ref()) {
+            Some(k) => {
                 if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
                     return;
                 }
@@ -271,7 +327,7 @@ impl MemberView {
                     self.invalidate();
                 }
             }
-            Err(at) if self.known.len() < MAX_KNOWN => {
+            None if len < MAX_KNOWN => {
                 // A new member: its id must parse, and be in its one canonical encoding (the
                 // key it is found by from then on).
                 let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
@@ -280,6 +336,9 @@ impl MemberView {
                 if peer.to_bytes() != m.peer_id.as_ref() {
                     return;
                 }
+                let Some(key) = IdBytes::new(&m.peer_id) else {
+                    return;
+                };
                 if m.origin {
                     self.grew_at = now;
                 }
@@ -291,23 +350,23 @@ impl MemberView {
                     progressed: now,
                     gone: false,
                     proven: direct,
-                    id: m.peer_id.clone(),
+                    seed: fetcher_seed(&peer, &self.content),
                     peer,
                 };
                 if counts(&k) == Some(true) {
                     self.invalidate();
                 }
-                self.known.0.insert(at, k);
+                self.known.0.insert(key, k);
             }
-            Err(_) => {}
+            None => {}
         }
     }
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
     /// higher heartbeat than the last one known arrives.
     pub(crate) fn forget(&mut self, peer: &PeerId) {
-        if let Ok(at) = self.known.find(&peer.to_bytes())
-            && !std::mem::replace(&mut self.known.0[at].gone, true)
+        if let Some(k) = self.known.0.get_mut(peer.to_bytes().as_slice())
+            && !std::mem::replace(&mut k.gone, true)
         {
             self.invalidate();
         }
@@ -320,80 +379,89 @@ impl MemberView {
         self.sample_with(now, &mut rand::rng())
     }
 
-    /// [`Self::sample`] with the members picked by `rng` (seeded in the simulator).
+    /// [`Self::sample`] with the members picked by `rng` (seeded in the simulator): the live
+    /// members that follow a random one in the view's order, up to [`MAX_MEMBERS`] − 1 of
+    /// them (each member is as likely to be sent as any other, and the view is read in one
+    /// stretch rather than at scattered places).
     #[must_use]
     pub(crate) fn sample_with(&self, now: Instant, rng: &mut impl rand::Rng) -> Vec<Member> {
-        let mut out = Vec::with_capacity(MAX_MEMBERS.min(self.known.len() + 1));
+        let want = MAX_MEMBERS - 1;
+        let n = self.known.len();
+        let mut out = Vec::with_capacity(MAX_MEMBERS.min(n + 1));
         out.push(Member {
             peer_id: self.me_bytes.clone(),
             heartbeat: self.heartbeat(now),
             done: self.done,
             origin: self.origin,
         });
-        let want = MAX_MEMBERS - 1;
-        let entry = |k: &Known| Member {
-            peer_id: k.id.clone(),
-            heartbeat: k.heartbeat,
-            done: k.done,
-            origin: k.origin,
-        };
-        let n = self.known.len();
-        if n > 2 * want {
-            // Many members: twice the number wanted, picked at random, and the live ones of
-            // them (a uniform pick of the live members), without walking the view.
-            let live: Vec<&Known> = rand::seq::index::sample(rng, n, 2 * want)
-                .into_iter()
-                .map(|i| &self.known.0[i])
-                .filter(|k| alive(k, now))
-                .take(want)
-                .collect();
-            if live.len() == want {
-                out.extend(live.into_iter().map(entry));
-                return out;
-            }
+        if n == 0 {
+            return out;
         }
-        let live: Vec<&Known> = self.known.iter().filter(|k| alive(k, now)).collect();
-        let picks = rand::seq::index::sample(rng, live.len(), live.len().min(want));
-        out.extend(picks.into_iter().map(|i| entry(live[i])));
+        let start = rng.random_range(0..n);
+        let (head, tail) = self.known.0.as_slice().split_at(start);
+        out.extend(
+            tail.iter()
+                .chain(head)
+                .filter(|(_, k)| alive(k, now))
+                .take(want)
+                .map(|(id, k)| Member {
+                    peer_id: Bytes::copy_from_slice(id.as_slice()),
+                    heartbeat: k.heartbeat,
+                    done: k.done,
+                    origin: k.origin,
+                }),
+        );
         out
     }
 
-    /// The other members that take a share at `now`, sorted, and the first time one of them
-    /// stops counting by time alone (its heartbeat goes stale, or it stalls), at most
-    /// [`FORGET_AFTER`] from now.
+    /// The other members that take a share at `now` with their seeds, the `lowest` of them
+    /// by (seed, id) and in that order, and the first time one of those stops counting by
+    /// time alone (its heartbeat goes stale, or it stalls), at most [`FORGET_AFTER`] from
+    /// now. (Time only takes members out, so a member beyond the `lowest` that goes stale
+    /// changes nothing.)
     fn other_fetchers(
         &self,
         pieces: u32,
         now: Instant,
         proven_only: bool,
-    ) -> (Vec<PeerId>, Instant) {
+        lowest: usize,
+    ) -> (Vec<(PeerId, u64)>, Instant) {
+        let entries = self.known.0.as_slice();
+        // (seed, position): small to select and sort; ids are compared only on equal seeds.
+        let mut found: Vec<(u64, usize)> = entries
+            .values()
+            .enumerate()
+            .filter(|(_, k)| is_fetcher(k, pieces, now, proven_only))
+            .map(|(i, k)| (k.seed, i))
+            .collect();
+        let order = |a: &(u64, usize), b: &(u64, usize)| {
+            a.0.cmp(&b.0)
+                .then_with(|| entries[a.1].peer.cmp(&entries[b.1].peer))
+        };
+        if found.len() > lowest {
+            if lowest == 0 {
+                found.clear();
+            } else {
+                found.select_nth_unstable_by(lowest - 1, order);
+                found.truncate(lowest);
+            }
+        }
+        found.sort_unstable_by(order);
         let mut until = now + FORGET_AFTER;
-        let mut out: Vec<PeerId> = self
-            .known
-            .iter()
-            .filter(|k| is_fetcher(k, pieces, now, proven_only))
-            .map(|k| {
+        let out = found
+            .into_iter()
+            .map(|(_, i)| {
+                let k = &entries[i];
                 let stale = k.seen + MEMBER_TIMEOUT;
                 until = until.min(if k.done >= pieces {
                     stale
                 } else {
                     stale.min(k.progressed + MEMBER_STALL)
                 });
-                k.peer
+                (k.peer, k.seed)
             })
             .collect();
-        out.sort_unstable();
         (out, until)
-    }
-
-    /// Adds this node, when it uses the origin, to the sorted `others`.
-    fn with_me(&self, mut others: Vec<PeerId>) -> Vec<PeerId> {
-        if self.origin
-            && let Err(at) = others.binary_search(&self.me)
-        {
-            others.insert(at, self.me);
-        }
-        others
     }
 
     /// The members that take a share of the pieces that need the origin, sorted: those that
@@ -403,22 +471,34 @@ impl MemberView {
     /// some piece by now. This node is among them when it uses the origin.
     #[must_use]
     pub(crate) fn fetchers(&self, pieces: u32, now: Instant, proven_only: bool) -> Vec<PeerId> {
-        self.with_me(self.other_fetchers(pieces, now, proven_only).0)
+        let (others, _) = self.other_fetchers(pieces, now, proven_only, usize::MAX);
+        let mut out: Vec<PeerId> = others.into_iter().map(|(p, _)| p).collect();
+        if self.origin {
+            out.push(self.me);
+        }
+        out.sort_unstable();
+        out
     }
 
-    /// [`Self::fetchers`], computed again only when an entry changed in a way that matters,
-    /// when `pieces` or `proven_only` differ from the last call, or when time took a member
-    /// out; with a generation that changes only when the list does. A download asks every
-    /// tick (100 ms); in a swarm of N members, walking and sorting the view each time costs
-    /// every node O(N log N) per tick.
+    /// [`Self::fetchers`] with their seeds, in (seed, id) order: the other members with the
+    /// `lowest` seeds, and this node when it uses the origin (so the first `lowest` are
+    /// exactly those of the whole list). Computed again only when an entry changed in a way
+    /// that matters, when `pieces`, `proven_only` or `lowest` differ from the last call, or
+    /// when time took one of them out; with a generation that changes only when the list
+    /// does. A download asks every tick (100 ms); in a swarm of N members, walking the view
+    /// each time would cost every node O(N) per tick.
     pub(crate) fn fetchers_cached(
         &mut self,
         pieces: u32,
         now: Instant,
         proven_only: bool,
+        lowest: usize,
     ) -> Fetchers {
         let fresh = self.cache.as_ref().is_some_and(|c| {
-            c.pieces == pieces && c.proven_only == proven_only && now < c.valid_until
+            c.pieces == pieces
+                && c.proven_only == proven_only
+                && c.lowest == lowest
+                && now < c.valid_until
         });
         if fresh
             && let Some((l, origin)) = self.cache.as_ref().and_then(|c| c.last.as_ref())
@@ -428,25 +508,27 @@ impl MemberView {
             return l.clone();
         }
         if !fresh {
-            let (others, valid_until) = self.other_fetchers(pieces, now, proven_only);
+            let (others, valid_until) = self.other_fetchers(pieces, now, proven_only, lowest);
             let last = self.cache.take().and_then(|c| c.last);
             self.cache = Some(FetcherCache {
                 pieces,
                 proven_only,
+                lowest,
                 others: others.into(),
                 valid_until,
                 last,
             });
         }
-        let (me, origin) = (self.me, self.origin);
+        let (me, origin) = ((self.me, self.my_seed), self.origin);
         let cache = self.cache.get_or_insert_with(|| FetcherCache {
             pieces,
             proven_only,
+            lowest,
             others: Arc::from(Vec::new()),
             valid_until: now,
             last: None,
         });
-        let ids: Arc<[PeerId]> = match cache.others.binary_search(&me) {
+        let ids: Arc<[(PeerId, u64)]> = match cache.others.binary_search_by(|o| by_seed(o, &me)) {
             Err(at) if origin => {
                 let mut all = cache.others.to_vec();
                 all.insert(at, me);
@@ -505,6 +587,12 @@ pub(crate) fn assign(seeds: &[u64], blocks: u32) -> Vec<u16> {
         .collect()
 }
 
+/// The order of fetchers for the shares: by seed, then by id (seeds of two ids are equal
+/// only by chance).
+pub(crate) fn by_seed(a: &(PeerId, u64), b: &(PeerId, u64)) -> std::cmp::Ordering {
+    a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0))
+}
+
 /// A member's seed for [`assign`]: the first 8 bytes of BLAKE3(peer id ‖ content hash).
 #[must_use]
 pub(crate) fn fetcher_seed(peer: &PeerId, content: &[u8; 32]) -> u64 {
@@ -527,6 +615,8 @@ mod tests {
 
     /// A wall clock for the views under test, in milliseconds since the Unix epoch.
     const WALL: u64 = 1_764_547_200_000;
+    /// The content the views under test are of.
+    const CONTENT: [u8; 32] = [5; 32];
 
     fn member(peer: PeerId, heartbeat: u64, done: u32, origin: bool) -> Member {
         Member {
@@ -541,9 +631,9 @@ mod tests {
     fn gossip_spreads_members_and_old_rumours_do_not_revive_them() {
         let t0 = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut va = MemberView::new(a, t0, WALL);
-        let mut vb = MemberView::new(b, t0, WALL);
-        let mut vc = MemberView::new(c, t0, WALL);
+        let mut va = MemberView::new(a, &CONTENT, t0, WALL);
+        let mut vb = MemberView::new(b, &CONTENT, t0, WALL);
+        let mut vc = MemberView::new(c, &CONTENT, t0, WALL);
         for v in [&mut va, &mut vb, &mut vc] {
             v.set_self(0, true, t0);
         }
@@ -585,7 +675,7 @@ mod tests {
     fn after_a_lapse_only_members_heard_from_directly_take_shares() {
         let t0 = Instant::now();
         let (me, neighbour, far) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut v = MemberView::new(me, t0, WALL);
+        let mut v = MemberView::new(me, &CONTENT, t0, WALL);
         v.set_self(0, true, t0);
         // The neighbour (which holds pieces) relays `far` (which may be made up) and 60
         // made-up fetchers.
@@ -608,7 +698,7 @@ mod tests {
     fn a_member_without_progress_stalls_unless_it_has_everything() {
         let t0 = Instant::now();
         let (me, slow, full) = (PeerId::random(), PeerId::random(), PeerId::random());
-        let mut v = MemberView::new(me, t0, WALL);
+        let mut v = MemberView::new(me, &CONTENT, t0, WALL);
         v.merge(
             &slow,
             &[member(slow, 1, 3, true), member(full, 1, 10, true)],
@@ -637,7 +727,7 @@ mod tests {
     fn a_sample_holds_this_node_first_and_at_most_the_limit() {
         let t0 = Instant::now();
         let me = PeerId::random();
-        let mut v = MemberView::new(me, t0, WALL);
+        let mut v = MemberView::new(me, &CONTENT, t0, WALL);
         let others: Vec<Member> = (0..200)
             .map(|_| member(PeerId::random(), 1, 0, true))
             .collect();
@@ -700,7 +790,7 @@ mod cache_tests {
         let t0 = Instant::now();
         let me = PeerId::random();
         let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
-        let mut v = MemberView::new(me, t0, 1_764_547_200_000);
+        let mut v = MemberView::new(me, &[9; 32], t0, 1_764_547_200_000);
         let mut now = t0;
         let mut last: Option<Fetchers> = None;
         let mut heartbeats = vec![1_764_547_200_000u64; peers.len()];
@@ -732,12 +822,21 @@ mod cache_tests {
                 _ => {}
             }
             let (pieces, proven_only) = (10, step % 500 > 400);
-            let got = v.fetchers_cached(pieces, now, proven_only);
-            assert_eq!(
-                got.ids.to_vec(),
-                v.fetchers(pieces, now, proven_only),
-                "step {step}"
-            );
+            // All of them, or only the lowest 3 besides this node.
+            let lowest = if step % 300 < 150 { usize::MAX } else { 3 };
+            let got = v.fetchers_cached(pieces, now, proven_only, lowest);
+            // The same members as afresh, each with its seed, in (seed, id) order.
+            let seeded = |p: &PeerId| (*p, fetcher_seed(p, &[9; 32]));
+            let fresh = v.fetchers(pieces, now, proven_only);
+            let mut want: Vec<(PeerId, u64)> =
+                fresh.iter().filter(|p| **p != me).map(seeded).collect();
+            want.sort_unstable_by(by_seed);
+            want.truncate(lowest);
+            if fresh.contains(&me) {
+                want.push(seeded(&me));
+                want.sort_unstable_by(by_seed);
+            }
+            assert_eq!(got.ids.to_vec(), want, "step {step}");
             if let Some(l) = &last {
                 assert_eq!(
                     l.ids == got.ids,

@@ -339,11 +339,11 @@ pub(crate) struct Scheduler {
     swarm: bool,
     /// This node, to rank itself among the peers that fetch the same content.
     me: Option<PeerId>,
-    /// The swarm members that share out the pieces needing the origin (sorted), and this
+    /// The swarm members that share out the pieces needing the origin (by seed, then id), and this
     /// node's shares of them; see [`Scheduler::set_fetchers`].
     fetchers: Vec<PeerId>,
     /// The seed of each fetcher.
-    seeds: BTreeMap<PeerId, u64>,
+    seeds: Vec<u64>,
     shares: Option<Shares>,
     /// Fetchers whose blocks were still awaited when the shares lapsed: they take no share
     /// again in this download (they may not exist, or may never deliver).
@@ -394,7 +394,7 @@ impl Scheduler {
             swarm: false,
             me: None,
             fetchers: Vec::new(),
-            seeds: BTreeMap::new(),
+            seeds: Vec::new(),
             shares: None,
             excluded: BTreeSet::new(),
             progress: None,
@@ -431,34 +431,42 @@ impl Scheduler {
     /// unless no piece arrived for [`Config::coming_patience`] (the shares lapse) or the piece
     /// failed from peers. Every node that knows the same fetchers computes the same shares,
     /// whether or not they are its neighbours. Unchanged fetchers change nothing.
+    ///
+    /// At most [`MAX_FETCHERS`] take shares: those with the lowest seeds, the same ones on
+    /// every node that knows the same members, whether or not this node is among them. In a
+    /// swarm of more members, the others await the pieces (`docs/decisions/0012`). Made-up
+    /// members with low seeds cost a lapse of the shares: their blocks never come, and they
+    /// are out after [`Config::coming_patience`].
     pub(crate) fn set_fetchers(&mut self, fetchers: &[(PeerId, u64)], now: Instant) {
-        let mut fetchers: Vec<(PeerId, u64)> = fetchers
-            .iter()
-            .filter(|(p, _)| !self.excluded.contains(p))
-            .copied()
-            .collect();
-        // At most `MAX_FETCHERS`, the same ones on every node that knows the same members:
-        // those with the lowest seeds; but always this node, so that made-up members with low
-        // seeds cannot leave it without a share of its own.
-        if fetchers.len() > MAX_FETCHERS {
-            let me = self.me;
-            // The lowest `MAX_FETCHERS` by (not this node, seed, id), found in linear time,
-            // then in id order (ids compared by reference while selecting).
-            let rank = |a: &(PeerId, u64), b: &(PeerId, u64)| {
-                (Some(a.0) != me, a.1)
-                    .cmp(&(Some(b.0) != me, b.1))
-                    .then_with(|| a.0.cmp(&b.0))
-            };
-            fetchers.select_nth_unstable_by(MAX_FETCHERS - 1, rank);
-            fetchers.truncate(MAX_FETCHERS);
-            fetchers.sort_unstable_by_key(|(p, _)| *p);
-        }
-        let ids: Vec<PeerId> = fetchers.iter().map(|(p, _)| *p).collect();
-        if ids == self.fetchers {
+        let by_seed = crate::download::members::by_seed;
+        let usable = |(p, _): &&(PeerId, u64)| !self.excluded.contains(p);
+        let fetchers: Vec<(PeerId, u64)> = if fetchers.is_sorted_by(|a, b| by_seed(a, b).is_le()) {
+            // The member view's order: the first `MAX_FETCHERS` are the lowest.
+            fetchers
+                .iter()
+                .filter(usable)
+                .take(MAX_FETCHERS)
+                .copied()
+                .collect()
+        } else {
+            let mut f: Vec<(PeerId, u64)> = fetchers.iter().filter(usable).copied().collect();
+            if f.len() > MAX_FETCHERS {
+                f.select_nth_unstable_by(MAX_FETCHERS - 1, by_seed);
+                f.truncate(MAX_FETCHERS);
+            }
+            f.sort_unstable_by(by_seed);
+            f
+        };
+        if fetchers.len() == self.fetchers.len()
+            && fetchers
+                .iter()
+                .zip(&self.fetchers)
+                .all(|((a, _), b)| a == b)
+        {
             return;
         }
-        self.fetchers = ids;
-        self.seeds = fetchers.iter().copied().collect();
+        self.fetchers = fetchers.iter().map(|(p, _)| *p).collect();
+        self.seeds = fetchers.iter().map(|(_, s)| *s).collect();
         let alone = fetchers.is_empty() || (fetchers.len() == 1 && Some(fetchers[0].0) == self.me);
         if alone || self.me.is_none() {
             self.shares = None;
@@ -505,14 +513,22 @@ impl Scheduler {
             }
         }
         let keep: Vec<(PeerId, u64)> = self
-            .seeds
+            .fetchers
             .iter()
+            .zip(&self.seeds)
             .filter(|(p, _)| !self.excluded.contains(p))
             .map(|(p, s)| (*p, *s))
             .collect();
         self.fetchers.clear();
         self.progress = None;
         self.set_fetchers(&keep, now);
+    }
+
+    /// How many of the member view's fetchers with the lowest seeds [`Self::set_fetchers`]
+    /// needs to choose exactly as from all of them: [`MAX_FETCHERS`] and those it excluded.
+    #[must_use]
+    pub(crate) fn fetchers_wanted(&self) -> usize {
+        MAX_FETCHERS + self.excluded.len()
     }
 
     /// Whether the shares lapsed at least once in this download (some fetcher's blocks never
@@ -852,8 +868,9 @@ impl Scheduler {
         if room && self.peer_in_flight < max_in_flight {
             let mut wanted: Vec<u32> = (0..n as u32)
                 .filter(|&i| {
-                    self.pieces[i as usize] == Piece::Missing
-                        && self.have_count[i as usize] > 0
+                    // The piece counts first: a small array, where `pieces` is large.
+                    self.have_count[i as usize] > 0
+                        && self.pieces[i as usize] == Piece::Missing
                         && self.peer_failures[i as usize] < self.config.peer_attempts
                 })
                 .collect();
@@ -1738,7 +1755,7 @@ mod tests {
     }
 
     #[test]
-    fn made_up_fetchers_with_low_seeds_never_push_this_node_out_of_the_shares() {
+    fn made_up_fetchers_with_low_seeds_cost_this_node_one_lapse_of_the_shares() {
         let now = Instant::now();
         let me = PeerId::random();
         // 300 fetchers whose seeds are all below this node's.
@@ -1750,17 +1767,59 @@ mod tests {
         s.set_me(me);
         s.set_swarm(true);
         s.set_fetchers(&fetchers, now);
+        // The lowest seeds take the shares, as on every other node: not this one.
         assert_eq!(s.fetchers.len(), MAX_FETCHERS);
-        assert!(s.fetchers.contains(&me));
-        let shares = s.shares.as_ref().unwrap();
-        assert!(shares.mine.iter().any(|m| *m), "this node owns no block");
+        assert!(!s.fetchers.contains(&me));
+        assert!(
+            s.next_actions(now).is_empty(),
+            "the others' blocks are awaited"
+        );
         // After the made-up fetchers' blocks never came, the shares lapse and they are out.
         let later = now + Config::default().coming_patience;
         s.next_actions(later);
         assert!(s.has_lapsed());
         // (A few made-up fetchers owned no block, so nothing was awaited of them.)
         assert!(s.excluded.len() >= 200, "{}", s.excluded.len());
-        assert!(s.fetchers.contains(&me) && s.fetchers.len() < 50);
+        // The member view's list again: this node is among the few left, and fetches its share.
+        s.set_fetchers(&fetchers, later);
+        assert!(s.fetchers.contains(&me) && s.fetchers.len() < 100);
+        assert!(s.shares.as_ref().unwrap().mine.iter().any(|m| *m));
+        assert!(
+            s.next_actions(later)
+                .iter()
+                .any(|a| matches!(a, Action::Origin { .. })),
+            "this node fetches its share"
+        );
+    }
+
+    #[test]
+    fn in_a_swarm_of_more_than_max_fetchers_members_only_the_lowest_seeds_fetch() {
+        // 1,000 members that all use the origin, known alike on every node: the blocks go to
+        // the 256 with the lowest seeds, and each block to exactly one of them.
+        let now = Instant::now();
+        let content = [4u8; 32];
+        let members: Vec<(PeerId, u64)> = (0..1000)
+            .map(|_| {
+                let p = PeerId::random();
+                (p, crate::download::members::fetcher_seed(&p, &content))
+            })
+            .collect();
+        let mut owners = vec![0u32; (1024 / SHARE_BLOCK) as usize];
+        let mut fetching_nodes = 0;
+        for (me, _) in &members {
+            let mut s = sched(1024, Config::default());
+            s.set_me(*me);
+            s.set_swarm(true);
+            s.set_fetchers(&members, now);
+            let shares = s.shares.as_ref().unwrap();
+            let mine: Vec<usize> = (0..shares.mine.len()).filter(|&b| shares.mine[b]).collect();
+            fetching_nodes += usize::from(!mine.is_empty());
+            for b in mine {
+                owners[b] += 1;
+            }
+        }
+        assert!(owners.iter().all(|&o| o == 1), "{owners:?}");
+        assert!(fetching_nodes <= MAX_FETCHERS, "{fetching_nodes}");
     }
 
     #[test]

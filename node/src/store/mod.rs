@@ -372,7 +372,7 @@ impl ContentStore {
             .entry(id)
             .or_insert_with(|| {
                 let wall = crate::timestamp::to_ms(std::time::SystemTime::now());
-                (MemberView::new(me, now, wall), 0)
+                (MemberView::new(me, id.hash(), now, wall), 0)
             })
             .1 += 1;
     }

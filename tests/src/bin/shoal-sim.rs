@@ -44,6 +44,10 @@ struct Args {
     /// The seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Stop each simulation at this virtual time, in seconds (nodes not done by then count as
+    /// not done).
+    #[arg(long, default_value_t = 3600.0)]
+    limit: f64,
     /// Skip cells with more than this many nodes in a full mesh.
     #[arg(long, default_value_t = 1000)]
     max_full_mesh: usize,
@@ -170,6 +174,8 @@ fn main() -> Result<(), String> {
             };
             sc.cpu = cpu;
             sc.seed = args.seed;
+            sc.limit = Duration::try_from_secs_f64(args.limit)
+                .map_err(|e| format!("--limit {}: {e}", args.limit))?;
             sc.adversaries.clone_from(&adversaries);
             let start = Instant::now();
             let r = run(&sc);

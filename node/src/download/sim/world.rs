@@ -261,7 +261,7 @@ impl<'a> World<'a> {
             let seed = i < sc.seeds;
             // A seed serves the file with no download running: its view states only itself.
             let view = seed.then(|| {
-                let mut v = MemberView::new(peer, base, WALL_MS);
+                let mut v = MemberView::new(peer, id.hash(), base, WALL_MS);
                 v.idle(n);
                 v
             });
@@ -473,6 +473,7 @@ impl<'a> World<'a> {
         let node = &mut self.nodes[i];
         node.view = Some(MemberView::new(
             me,
+            self.id.hash(),
             now,
             WALL_MS + self.now.as_millis() as u64,
         ));
@@ -574,14 +575,19 @@ impl World<'_> {
                 done,
                 origin_now,
                 proven_only,
+                lowest,
                 ..
             } => {
                 let pieces = self.id.piece_count();
                 let node = &mut self.nodes[i];
                 let view = node.view.as_mut().map(|v| {
                     v.set_self(done, origin_now, now);
-                    (v.fetchers_cached(pieces, now, proven_only), v.grew_at())
+                    (
+                        v.fetchers_cached(pieces, now, proven_only, lowest),
+                        v.grew_at(),
+                    )
                 });
+
                 if let Some(c) = &mut node.core {
                     c.handle_members(now, view);
                 }
