@@ -136,6 +136,31 @@ pub(crate) const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
 /// Bounds the work of computing the shares (blocks × fetchers) whatever members peers make up.
 pub(crate) const MAX_FETCHERS: usize = 256;
 
+/// The indices of the bits set in `words` (bit `i % 64` of word `i / 64`), ascending.
+fn set_bits(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    words.iter().enumerate().flat_map(|(w, &bits)| {
+        let mut bits = bits;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                w * 64 + b
+            })
+        })
+    })
+}
+
+/// A bitset of `n` pieces, every one set.
+fn all_missing(n: usize) -> Vec<u64> {
+    let mut words = vec![u64::MAX; n.div_ceil(64)];
+    if !n.is_multiple_of(64)
+        && let Some(last) = words.last_mut()
+    {
+        *last = (1u64 << (n % 64)) - 1;
+    }
+    words
+}
+
 /// Pieces per block when the swarm's members share out the origin
 /// ([`Scheduler::set_fetchers`]). Every node must cut the same blocks, so this is part of the
 /// protocol, not a setting.
@@ -309,6 +334,11 @@ pub(crate) struct Scheduler {
     config: Config,
     piece_size: u64,
     pieces: Vec<Piece>,
+    /// Bit `i` is set while piece `i` is [`Piece::Missing`] ([`Self::set_piece`] keeps it):
+    /// the walks over missing pieces skip 64 held ones at a time.
+    missing: Vec<u64>,
+    /// Bit `i` is set while piece `i` is [`Piece::InFlight`] (kept the same way).
+    flying: Vec<u64>,
     /// Per piece: failed peer attempts so far.
     peer_failures: Vec<u8>,
     /// Per piece: how many known peers hold it, fetch it, claim it.
@@ -374,6 +404,8 @@ impl Scheduler {
             config,
             piece_size: piece_size.max(1),
             pieces: vec![Piece::Missing; n],
+            missing: all_missing(n),
+            flying: vec![0; n.div_ceil(64)],
             peer_failures: vec![0; n],
             have_count: vec![0; n],
             fetching_count: vec![0; n],
@@ -566,12 +598,33 @@ impl Scheduler {
 
     /// Marks piece `index` as already held (verified earlier, from `source`).
     pub(crate) fn set_done(&mut self, index: PieceIndex, source: Source) {
-        if let Some(p) = self.pieces.get_mut(index as usize) {
+        if let Some(p) = self.pieces.get(index as usize) {
             if !matches!(p, Piece::Done(_)) {
                 self.done += 1;
             }
-            *p = Piece::Done(source);
+            self.set_piece(index as usize, Piece::Done(source));
         }
+    }
+
+    /// Sets the state of piece `index` (in range), and its bits in [`Self::missing`] and
+    /// [`Self::flying`].
+    fn set_piece(&mut self, index: usize, state: Piece) {
+        let (word, bit) = (index / 64, 1u64 << (index % 64));
+        let set = |words: &mut Vec<u64>, on: bool| {
+            if on {
+                words[word] |= bit;
+            } else {
+                words[word] &= !bit;
+            }
+        };
+        set(&mut self.missing, state == Piece::Missing);
+        set(&mut self.flying, matches!(state, Piece::InFlight(_)));
+        self.pieces[index] = state;
+    }
+
+    /// The missing pieces, ascending.
+    fn missing_pieces(&self) -> impl Iterator<Item = usize> + '_ {
+        set_bits(&self.missing)
     }
 
     /// Allows or forbids the origin.
@@ -731,12 +784,11 @@ impl Scheduler {
     pub(crate) fn is_stuck(&self) -> bool {
         !self.origin_allowed
             && !self.is_busy()
-            && (0..self.pieces.len()).any(|i| {
-                self.pieces[i] == Piece::Missing
-                    && (self.peer_failures[i] >= self.config.peer_attempts
-                        || (self.have_count[i] == 0
-                            && self.fetching_count[i] == 0
-                            && self.claimed_count[i] == 0))
+            && self.missing_pieces().any(|i| {
+                self.peer_failures[i] >= self.config.peer_attempts
+                    || (self.have_count[i] == 0
+                        && self.fetching_count[i] == 0
+                        && self.claimed_count[i] == 0)
             })
     }
 
@@ -744,10 +796,8 @@ impl Scheduler {
     #[must_use]
     pub(crate) fn in_flight(&self) -> Bitfield {
         let mut b = Bitfield::new(self.pieces.len() as u32);
-        for (i, p) in self.pieces.iter().enumerate() {
-            if matches!(p, Piece::InFlight(_)) {
-                b.set(i as u32);
-            }
+        for i in set_bits(&self.flying) {
+            b.set(i as u32);
         }
         b
     }
@@ -842,7 +892,7 @@ impl Scheduler {
         self.peer_in_flight += 1;
         self.requests.insert((index, peer));
         if self.pieces[index as usize] == Piece::Missing {
-            self.pieces[index as usize] = Piece::InFlight(Source::Peer(peer));
+            self.set_piece(index as usize, Piece::InFlight(Source::Peer(peer)));
         }
         Action::Peer { peer, index }
     }
@@ -866,13 +916,12 @@ impl Scheduler {
         let room = self.peers.values().any(|p| self.eligible(p, now));
         let max_in_flight = self.max_in_flight();
         if room && self.peer_in_flight < max_in_flight {
-            let mut wanted: Vec<u32> = (0..n as u32)
+            let mut wanted: Vec<u32> = self
+                .missing_pieces()
                 .filter(|&i| {
-                    // The piece counts first: a small array, where `pieces` is large.
-                    self.have_count[i as usize] > 0
-                        && self.pieces[i as usize] == Piece::Missing
-                        && self.peer_failures[i as usize] < self.config.peer_attempts
+                    self.have_count[i] > 0 && self.peer_failures[i] < self.config.peer_attempts
                 })
+                .map(|i| i as u32)
                 .collect();
             wanted.shuffle(&mut self.rng);
             if self.done >= self.config.random_first {
@@ -931,7 +980,7 @@ impl Scheduler {
             }
         }
         // Endgame: a second request for every piece in flight once none is left missing.
-        if (0..n).all(|i| self.pieces[i] != Piece::Missing) {
+        if self.missing_pieces().next().is_none() {
             self.duplicates(true, now, &mut actions);
         }
         // Origin: one contiguous run of pieces no peer can give.
@@ -957,7 +1006,7 @@ impl Scheduler {
                 end += 1;
             }
             for i in start..end {
-                self.pieces[i as usize] = Piece::InFlight(Source::Origin);
+                self.set_piece(i as usize, Piece::InFlight(Source::Origin));
             }
             self.origin_busy = true;
             self.origin_next = Some(end);
@@ -1032,7 +1081,9 @@ impl Scheduler {
             return Some((next, unlimited));
         }
         // Pieces that failed from peers are this node's own business.
-        if let Some(i) = (0..n)
+        if let Some(i) = self
+            .missing_pieces()
+            .map(|i| i as u32)
             .find(|&i| self.peer_failures[i as usize] >= self.config.peer_attempts && needs(i))
         {
             return Some((i, unlimited));
@@ -1062,7 +1113,11 @@ impl Scheduler {
                 .find(|&i| needs(i))
                 .map(|i| (i, unlimited));
         }
-        let needed: Vec<u32> = (0..n).filter(|&i| needs(i)).collect();
+        let needed: Vec<u32> = self
+            .missing_pieces()
+            .map(|i| i as u32)
+            .filter(|&i| needs(i))
+            .collect();
         if needed.is_empty() {
             return None;
         }
@@ -1108,10 +1163,11 @@ impl Scheduler {
             .iter()
             .find(|(i, _)| *i == index)
             .map(|(_, q)| *q);
-        self.pieces[index as usize] = match other {
+        let state = match other {
             Some(q) => Piece::InFlight(Source::Peer(q)),
             None => Piece::Missing,
         };
+        self.set_piece(index as usize, state);
     }
 
     /// Piece `index` arrived (`bytes` long) from `source`. The first copy goes to verification
@@ -1138,7 +1194,7 @@ impl Scheduler {
         if !matches!(self.pieces.get(index as usize), Some(Piece::InFlight(_))) {
             return Received::Late;
         }
-        self.pieces[index as usize] = Piece::Verifying(source);
+        self.set_piece(index as usize, Piece::Verifying(source));
         let cancel: Vec<PeerId> = self
             .requests
             .iter()
@@ -1239,10 +1295,8 @@ impl Scheduler {
     /// returns to the pool.
     pub(crate) fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
         self.ban(peer);
-        if let Some(p) = self.pieces.get_mut(index as usize)
-            && *p == Piece::Verifying(Source::Peer(peer))
-        {
-            *p = Piece::Missing;
+        if self.pieces.get(index as usize) == Some(&Piece::Verifying(Source::Peer(peer))) {
+            self.set_piece(index as usize, Piece::Missing);
         }
     }
 
@@ -1257,10 +1311,11 @@ impl Scheduler {
                     .iter()
                     .find(|(j, _)| *j as usize == i)
                     .map(|(_, q)| *q);
-                self.pieces[i] = match other {
+                let state = match other {
                     Some(q) => Piece::InFlight(Source::Peer(q)),
                     None => Piece::Missing,
                 };
+                self.set_piece(i, state);
             }
         }
     }
@@ -1283,6 +1338,81 @@ mod tests {
 
     fn sched(n: u32, cfg: Config) -> Scheduler {
         Scheduler::new(n, PIECE, cfg)
+    }
+
+    #[test]
+    fn the_missing_and_in_flight_bits_always_follow_the_pieces() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        let n = 200u32;
+        let mut s = sched(n, Config::default());
+        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        let mut now = Instant::now();
+        for p in &peers {
+            let held: Vec<u32> = (0..n).filter(|_| rng.random_bool(0.6)).collect();
+            holds(&mut s, *p, &held, now);
+        }
+        let mut requested: Vec<(u32, PeerId)> = Vec::new();
+        let mut verifying: Vec<(u32, PeerId)> = Vec::new();
+        let mut origin = false;
+        for step in 0..4000 {
+            now += Duration::from_millis(rng.random_range(0..300));
+            match rng.random_range(0..8) {
+                0..=2 => {
+                    for a in s.next_actions(now) {
+                        match a {
+                            Action::Peer { peer, index } => requested.push((index, peer)),
+                            Action::Origin { .. } => origin = true,
+                        }
+                    }
+                }
+                3 if !requested.is_empty() => {
+                    let (i, p) = requested.swap_remove(rng.random_range(0..requested.len()));
+                    if let Received::First { .. } = s.on_received(i, Source::Peer(p), PIECE, now) {
+                        verifying.push((i, p));
+                    }
+                }
+                7 if !verifying.is_empty() => {
+                    let (i, p) = verifying.swap_remove(rng.random_range(0..verifying.len()));
+                    if rng.random_bool(0.8) {
+                        s.on_done(i, Source::Peer(p));
+                    } else {
+                        s.on_corrupt(i, p);
+                    }
+                }
+                4 if !requested.is_empty() => {
+                    let (i, p) = requested.swap_remove(rng.random_range(0..requested.len()));
+                    s.on_failed(i, p, now);
+                }
+                5 if origin => {
+                    origin = false;
+                    s.on_origin_run_end();
+                }
+                6 => s.set_done(rng.random_range(0..n), Source::Origin),
+                _ => {}
+            }
+            let missing: Vec<usize> = (0..n as usize)
+                .filter(|&i| s.pieces[i] == Piece::Missing)
+                .collect();
+            assert_eq!(
+                s.missing_pieces().collect::<Vec<_>>(),
+                missing,
+                "step {step}"
+            );
+            let flying: Vec<u32> = (0..n)
+                .filter(|&i| matches!(s.pieces[i as usize], Piece::InFlight(_)))
+                .collect();
+            assert_eq!(
+                s.in_flight().ones().collect::<Vec<_>>(),
+                flying,
+                "step {step}"
+            );
+        }
+        assert!(
+            s.done > n / 2,
+            "the walk reached far into the download: {}",
+            s.done
+        );
     }
 
     fn holds(s: &mut Scheduler, peer: PeerId, pieces: &[u32], now: Instant) {
