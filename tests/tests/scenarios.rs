@@ -1003,6 +1003,22 @@ fn add(job: &str, url: &url::Url, local: &Path, data: &[u8]) -> pb::AddFileReque
     }
 }
 
+/// Creates job `name` over the API with one file, `url` to `local`, expected as `data` (as
+/// [`add`] states it), and returns the job as the daemon answers the file's addition.
+async fn job_with_file(
+    c: &mut shoal_tests::Client,
+    name: &str,
+    url: &url::Url,
+    local: &Path,
+    data: &[u8],
+) -> pb::Job {
+    let job = c.create_job(create(name)).await.unwrap().into_inner();
+    c.add_file(add(&job.id, url, local, data))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn api_jobs_belong_to_their_user_and_limits_hold() {
     let dir = shared_dir();
@@ -1224,20 +1240,15 @@ async fn api_job_transferred_is_delivered_until_acknowledged_and_then_no_more() 
     origin.put("n.bin", data.clone());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(1000).await;
-    let job = c
-        .create_job(create("notify"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
+    let job = job_with_file(
+        &mut c,
+        "notify",
         &origin.url("n.bin"),
         &dir.path().join("n.bin"),
         &data,
-    ))
+    )
     .await
-    .unwrap();
+    .id;
     // The node's retry delay for new jobs is 200 ms in tests (below the API's 5 s minimum).
     let mut stream = c
         .watch(pb::WatchRequest {
@@ -1301,20 +1312,15 @@ async fn api_notify_command_line_runs_and_is_retried_until_it_succeeds() {
     origin.put("m.bin", data.clone());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(0).await;
-    let job = c
-        .create_job(create("cmdline"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
+    let job = job_with_file(
+        &mut c,
+        "cmdline",
         &origin.url("m.bin"),
         &dir.path().join("m.bin"),
         &data,
-    ))
+    )
     .await
-    .unwrap();
+    .id;
     // The program logs its last argument (the job id) and fails on its first run.
     let log = dir.path().join("notified");
     let script = format!(
@@ -1380,8 +1386,7 @@ async fn api_validation_verdicts_come_from_the_client_or_the_timeout() {
         let (mut c, url, dest, data) =
             (c.clone(), url.clone(), dir.path().join(name), data.clone());
         async move {
-            let job = c.create_job(create(name)).await.unwrap().into_inner().id;
-            c.add_file(add(&job, &url, &dest, &data)).await.unwrap();
+            let job = job_with_file(&mut c, name, &url, &dest, &data).await.id;
             c.set_properties(pb::SetPropertiesRequest {
                 job: job.clone(),
                 notify_flags: Some(flags),
@@ -1687,20 +1692,15 @@ async fn api_at_most_four_notifications_per_user_are_in_flight() {
     for i in 0..6u8 {
         let data = content(20_000, 60 + i);
         origin.put(&format!("{i}.bin"), data.clone());
-        let job = c
-            .create_job(create(&format!("n{i}")))
-            .await
-            .unwrap()
-            .into_inner()
-            .id;
-        c.add_file(add(
-            &job,
+        let job = job_with_file(
+            &mut c,
+            &format!("n{i}"),
             &origin.url(&format!("{i}.bin")),
             &dir.path().join(format!("{i}.bin")),
             &data,
-        ))
+        )
         .await
-        .unwrap();
+        .id;
         c.set_properties(pb::SetPropertiesRequest {
             job: job.clone(),
             notify_cmdline: Some(pb::CommandLine {
@@ -1866,20 +1866,15 @@ async fn api_events_come_in_order_and_progress_at_a_bounded_rate() {
     origin.put("e.bin", data.clone());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(1000).await;
-    let job = c
-        .create_job(create("events"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
+    let job = job_with_file(
+        &mut c,
+        "events",
         &origin.url("e.bin"),
         &dir.path().join("e.bin"),
         &data,
-    ))
+    )
     .await
-    .unwrap();
+    .id;
     let mut stream = c
         .watch(pb::WatchRequest {
             job: job.clone(),
@@ -1991,13 +1986,8 @@ async fn api_a_symlink_or_a_swapped_directory_does_not_redirect_writes() {
     std::fs::write(&victim, b"secret").unwrap();
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
     // 1. A symlink planted at the temporary file's path is replaced, never followed.
-    let job = c.create_job(create("symlink")).await.unwrap().into_inner();
     let dest = dir.path().join("s.bin");
-    let job = c
-        .add_file(add(&job.id, &origin.url("s.bin"), &dest, &data))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = job_with_file(&mut c, "symlink", &origin.url("s.bin"), &dest, &data).await;
     let temp = PathBuf::from(&job.files[0].temp_name);
     std::os::unix::fs::symlink(&victim, &temp).unwrap();
     c.resume(jref(&job.id)).await.unwrap();
@@ -2014,15 +2004,14 @@ async fn api_a_symlink_or_a_swapped_directory_does_not_redirect_writes() {
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let job = c.create_job(create("swap")).await.unwrap().into_inner();
-        c.add_file(add(
-            &job.id,
+        let job = job_with_file(
+            &mut c,
+            "swap",
             &origin.url("s.bin"),
             &sub.join("x.bin"),
             &data,
-        ))
-        .await
-        .unwrap();
+        )
+        .await;
         std::fs::remove_dir(&sub).unwrap();
         std::os::unix::fs::symlink(private.path(), &sub).unwrap();
         c.resume(jref(&job.id)).await.unwrap();

@@ -12,7 +12,7 @@ use std::{
 use shoal_node::{FileSpec, Priority, State, job::ErrorContext};
 use shoal_tests::{Client, TestDaemon, TestOrigin, content, test_node, test_user};
 
-use super::{SCENARIO_TIMEOUT, add, blake3_only, create, jref, pb, shared_dir, wait_for};
+use super::{SCENARIO_TIMEOUT, blake3_only, create, job_with_file, jref, pb, shared_dir, wait_for};
 
 /// A root-only file of `len` bytes: what a user must never read through the daemon.
 fn root_secret(dir: &Path, len: usize) -> PathBuf {
@@ -83,12 +83,7 @@ async fn transferred(
     dest: &Path,
     data: &[u8],
 ) -> (String, shoal_node::JobId, PathBuf) {
-    let job = c.create_job(create(name)).await.unwrap().into_inner();
-    let job = c
-        .add_file(add(&job.id, url, dest, data))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = job_with_file(c, name, url, dest, data).await;
     let id: shoal_node::JobId = job.id.parse().unwrap();
     c.resume(jref(&job.id)).await.unwrap();
     wait_for(&d.node, id, &[State::Transferred]).await;
@@ -180,11 +175,8 @@ async fn complete_renames_only_the_file_that_verified_with_the_owners_mode() {
     // A normal job: the file is the user's, 0644 whatever the daemon's umask.
     // SAFETY: umask has no preconditions; 0007 is what the shipped unit sets.
     let old = unsafe { libc::umask(0o007) };
-    let job = c.create_job(create("mode")).await.unwrap().into_inner();
     let ok = dir.path().join("ok.bin");
-    c.add_file(add(&job.id, &origin.url("c.bin"), &ok, &data))
-        .await
-        .unwrap();
+    let job = job_with_file(&mut c, "mode", &origin.url("c.bin"), &ok, &data).await;
     c.resume(jref(&job.id)).await.unwrap();
     wait_for(&d.node, job.id.parse().unwrap(), &[State::Transferred]).await;
     c.complete(jref(&job.id)).await.unwrap();
@@ -277,20 +269,15 @@ async fn the_notify_command_runs_as_the_user_in_its_own_session_with_a_clean_env
     origin.put("n.bin", data.clone());
     let d = TestDaemon::start(dir.path(), Default::default()).await;
     let mut c = d.client(user.uid).await;
-    let job = c
-        .create_job(create("notify"))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    c.add_file(add(
-        &job,
+    let job = job_with_file(
+        &mut c,
+        "notify",
         &origin.url("n.bin"),
         &dir.path().join("n.bin"),
         &data,
-    ))
+    )
     .await
-    .unwrap();
+    .id;
     let out = dir.path().join("notified");
     // What the command sees: its standard streams, its session, its ids, its environment
     // and its working directory, one per line.
