@@ -62,6 +62,19 @@ fn a_full_mesh_also_takes_one_origin_copy() {
 }
 
 #[test]
+fn a_swarm_of_more_than_256_members_still_takes_about_one_origin_copy() {
+    // Beyond `MAX_FETCHERS` members only the lowest seeds fetch (decision 0012). When every
+    // node also kept a share of its own, 300 nodes took several copies.
+    let r = run(&Scenario::lan(300, 16 * MIB));
+    assert!(
+        r.origin_copies() <= 1.1,
+        "origin copies {}",
+        r.origin_copies()
+    );
+    assert!(r.all_completed().is_some());
+}
+
+#[test]
 fn seeds_serve_the_swarm_and_the_origin_sends_nothing() {
     // Every node sees the seeds (a full mesh): each piece is at a peer from the first have
     // round on, so no piece needs the origin.
