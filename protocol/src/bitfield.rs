@@ -31,11 +31,14 @@ impl Bitfield {
     /// A bitfield for `len` pieces with every piece set.
     #[must_use]
     pub fn full(len: u32) -> Self {
-        let mut b = Self::new(len);
-        for i in 0..len {
-            b.set(i);
+        let mut bytes = vec![0xff; len.div_ceil(8) as usize];
+        if let Some(last) = bytes.last_mut()
+            && !len.is_multiple_of(8)
+        {
+            // The spare bits at the end stay zero.
+            *last = 0xff << (8 - len % 8);
         }
-        b
+        Self { bytes, len }
     }
 
     /// Parses the wire form for a file of `len` pieces; `None` when the byte count is not
@@ -108,15 +111,67 @@ impl Bitfield {
         self.count_ones() == self.len
     }
 
-    /// The indices of the pieces set, ascending.
+    /// The indices of the pieces set, ascending. Bytes with no bit set are skipped whole.
     pub fn ones(&self) -> impl Iterator<Item = PieceIndex> + '_ {
-        (0..self.len).filter(|&i| self.get(i))
+        self.bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != 0)
+            .flat_map(|(at, &b)| {
+                let mut rest = b;
+                std::iter::from_fn(move || {
+                    (rest != 0).then(|| {
+                        let bit = rest.leading_zeros();
+                        rest &= !(0x80 >> bit);
+                        at as u32 * 8 + bit
+                    })
+                })
+            })
+    }
+
+    /// Sets every piece that `other` has set (a union). A bitfield of another length leaves
+    /// this one as it is and returns false.
+    pub fn union_with(&mut self, other: &Bitfield) -> bool {
+        if other.len != self.len {
+            return false;
+        }
+        for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
+            *a |= b;
+        }
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ones_full_and_union_agree_with_get_and_set() {
+        for len in [0u32, 1, 7, 8, 9, 63, 64, 65, 1000] {
+            let full = Bitfield::full(len);
+            assert_eq!(full.count_ones(), len, "{len}");
+            assert!(
+                Bitfield::from_bytes(full.as_bytes(), len).is_some(),
+                "{len}"
+            );
+            let (mut a, mut b) = (Bitfield::new(len), Bitfield::new(len));
+            for i in 0..len {
+                if (i * 7 + i / 5) % 3 == 0 {
+                    a.set(i);
+                }
+                if i % 11 == 4 {
+                    b.set(i);
+                }
+            }
+            let want: Vec<u32> = (0..len).filter(|&i| a.get(i)).collect();
+            assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");
+            let want: Vec<u32> = (0..len).filter(|&i| a.get(i) || b.get(i)).collect();
+            assert!(a.union_with(&b));
+            assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");
+            assert!(!a.union_with(&Bitfield::new(len + 1)));
+        }
+    }
 
     #[test]
     fn wire_form_is_msb_first_and_rejects_spare_bits() {

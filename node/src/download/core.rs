@@ -374,14 +374,10 @@ impl Core {
             Some(a) if !a.failed => {
                 let mut c = h.claimed.clone();
                 if !layer_known {
-                    for i in h.have.ones() {
-                        c.set(i);
-                    }
+                    union(&mut c, &h.have);
                     // What the peer can tell: its claims, its pieces, and relayed values.
                     let mut tell = h.chaining.clone();
-                    for i in c.ones() {
-                        tell.set(i);
-                    }
+                    union(&mut tell, &c);
                     if a.claims.get(&peer) != Some(&tell) {
                         a.claims.insert(peer, tell);
                         a.changed = true;
@@ -396,9 +392,7 @@ impl Core {
         // fetches, with the same patience.
         let (have, fetching, claimed) = if layer_known {
             let mut f = h.fetching;
-            for i in claimed.ones() {
-                f.set(i);
-            }
+            union(&mut f, &claimed);
             (h.have, f, Bitfield::new(n))
         } else {
             (Bitfield::new(n), h.fetching, claimed)
@@ -904,6 +898,16 @@ pub(super) struct Verdict {
     pub(super) cv: Option<ChainingValue>,
     /// A piece written earlier that the layer assembled since rejects (not a queued piece).
     pub(super) after_layer: bool,
+}
+
+/// Sets in `into` every piece set in `from`, whatever their lengths (bits past `into`'s
+/// length are ignored).
+fn union(into: &mut Bitfield, from: &Bitfield) {
+    if !into.union_with(from) {
+        for i in from.ones() {
+            into.set(i);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -62,8 +62,6 @@ struct Known {
     /// This node heard from the member itself (its own entry, first in its own answer or
     /// announcement, over a connection that authenticates it): not made up by a relayer.
     proven: bool,
-    /// The member's peer id.
-    peer: PeerId,
     /// Its seed for the shares of this content ([`fetcher_seed`]).
     seed: u64,
 }
@@ -120,13 +118,35 @@ impl std::borrow::Borrow<[u8]> for IdBytes {
 /// of: an entry a peer relays is found by the bytes it carries, with one hash and without
 /// parsing them again; the members are walked in order and picked by index. The hasher is
 /// keyed at random per view (std's `RandomState`), since peers choose the ids; the order does
-/// not depend on it, so a seeded simulation repeats exactly.
+/// not depend on it, so a seeded simulation repeats exactly. The parsed peer ids (80 bytes
+/// each, needed only to list the fetchers) are kept apart, at the same positions, so that a
+/// lookup reads less memory.
 #[derive(Debug, Clone, Default)]
-struct Entries(IndexMap<IdBytes, Known>);
+struct Entries(IndexMap<IdBytes, Known>, Vec<PeerId>);
 
 impl Entries {
     fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Adds a member that is not known yet.
+    fn insert(&mut self, key: IdBytes, k: Known, peer: PeerId) {
+        self.0.insert(key, k);
+        self.1.push(peer);
+    }
+
+    /// Keeps the members for which `keep` holds, in order.
+    fn retain(&mut self, mut keep: impl FnMut(&Known) -> bool) {
+        let kept: Vec<bool> = self.0.values().map(&mut keep).collect();
+        let mut at = kept.iter();
+        self.0.retain(|_, _| at.next().copied().unwrap_or(false));
+        let mut at = kept.iter();
+        self.1.retain(|_| at.next().copied().unwrap_or(false));
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+        self.1.clear();
     }
 
     fn iter(&self) -> indexmap::map::Values<'_, IdBytes, Known> {
@@ -261,7 +281,7 @@ impl MemberView {
     /// holds and serves) and forgets the other members, which only a download refreshes.
     pub(crate) fn idle(&mut self, done: u32) {
         self.done = done;
-        self.known.0.clear();
+        self.known.clear();
         self.invalidate();
     }
 
@@ -295,8 +315,7 @@ impl MemberView {
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
             self.pruned_at = now;
             self.known
-                .0
-                .retain(|_, k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+                .retain(|k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
         }
     }
 
@@ -351,12 +370,11 @@ impl MemberView {
                     gone: false,
                     proven: direct,
                     seed: fetcher_seed(&peer, &self.content),
-                    peer,
                 };
                 if counts(&k) == Some(true) {
                     self.invalidate();
                 }
-                self.known.0.insert(key, k);
+                self.known.insert(key, k, peer);
             }
             None => {}
         }
@@ -426,7 +444,7 @@ impl MemberView {
         proven_only: bool,
         lowest: usize,
     ) -> (Vec<(PeerId, u64)>, Instant) {
-        let entries = self.known.0.as_slice();
+        let (entries, peers) = (self.known.0.as_slice(), &self.known.1);
         // (seed, position): small to select and sort; ids are compared only on equal seeds.
         let mut found: Vec<(u64, usize)> = entries
             .values()
@@ -435,8 +453,7 @@ impl MemberView {
             .map(|(i, k)| (k.seed, i))
             .collect();
         let order = |a: &(u64, usize), b: &(u64, usize)| {
-            a.0.cmp(&b.0)
-                .then_with(|| entries[a.1].peer.cmp(&entries[b.1].peer))
+            a.0.cmp(&b.0).then_with(|| peers[a.1].cmp(&peers[b.1]))
         };
         if found.len() > lowest {
             if lowest == 0 {
@@ -458,7 +475,7 @@ impl MemberView {
                 } else {
                     stale.min(k.progressed + MEMBER_STALL)
                 });
-                (k.peer, k.seed)
+                (peers[i], k.seed)
             })
             .collect();
         (out, until)

@@ -278,11 +278,15 @@ fn backoff(first: Duration, failures: u32) -> Duration {
         .min(Duration::from_secs(30))
 }
 
-/// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts.
-fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32) {
+/// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts, and marks the pieces
+/// counted in `dirty` (when given; bit `i % 64` of word `i / 64`).
+fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&mut [u64]>) {
     for i in b.ones() {
         if let Some(c) = counts.get_mut(i as usize) {
             *c = u16::try_from((i32::from(*c) + delta).max(0)).unwrap_or(u16::MAX);
+            if let Some(d) = dirty.as_deref_mut() {
+                d[i as usize / 64] |= 1 << (i % 64);
+            }
         }
     }
 }
@@ -290,7 +294,7 @@ fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32) {
 /// Moves the per-piece `counts` from bitfield `old` to `new`: the pieces set only in `new`
 /// count one more, those set only in `old` one less (the same as removing `old` and adding
 /// `new`, at the cost of the bytes that differ).
-fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield) {
+fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option<&mut [u64]>) {
     for (byte, (a, b)) in old.as_bytes().iter().zip(new.as_bytes()).enumerate() {
         let mut diff = a ^ b;
         while diff != 0 {
@@ -303,6 +307,9 @@ fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield) {
                 } else {
                     c.saturating_sub(1)
                 };
+                if let Some(d) = dirty.as_deref_mut() {
+                    d[i / 64] |= 1 << (i % 64);
+                }
             }
         }
     }
@@ -347,6 +354,10 @@ pub(crate) struct Scheduler {
     claimed_count: Vec<u16>,
     /// Per piece: since when some peer has been fetching it.
     coming_since: Vec<Option<Instant>>,
+    /// Pieces whose fetching or claimed counts changed since `set_peer` last brought
+    /// `coming_since` and `claimed_since` in line with the counts (a bitset, as
+    /// [`Self::missing`]).
+    since_dirty: Vec<u64>,
     /// Per piece: since when some peer first claimed it (never reset: a claim that has not
     /// become a piece within [`Config::coming_patience`] no longer holds the origin back).
     claimed_since: Vec<Option<Instant>>,
@@ -411,6 +422,7 @@ impl Scheduler {
             fetching_count: vec![0; n],
             claimed_count: vec![0; n],
             coming_since: vec![None; n],
+            since_dirty: vec![0; n.div_ceil(64)],
             claimed_since: vec![None; n],
             peers: BTreeMap::new(),
             requests: BTreeSet::new(),
@@ -665,9 +677,11 @@ impl Scheduler {
             // A stalled peer's bits are not in the counts: only what changed is counted.
             Some(p) => {
                 if !p.stalled {
-                    recount(&mut self.have_count, &p.have, &have);
-                    recount(&mut self.fetching_count, &p.fetching, &fetching);
-                    recount(&mut self.claimed_count, &p.claimed, &claimed);
+                    recount(&mut self.have_count, &p.have, &have, None);
+                    let dirty = Some(self.since_dirty.as_mut_slice());
+                    recount(&mut self.fetching_count, &p.fetching, &fetching, dirty);
+                    let dirty = Some(self.since_dirty.as_mut_slice());
+                    recount(&mut self.claimed_count, &p.claimed, &claimed, dirty);
                 }
                 p.have = have;
                 p.fetching = fetching;
@@ -679,16 +693,18 @@ impl Scheduler {
                 self.peers.insert(peer, p);
             }
         }
-        for (i, since) in self.coming_since.iter_mut().enumerate() {
+        // Only pieces whose counts changed since the last time can need it: for the others
+        // the times already agree with the counts.
+        let dirty = std::mem::replace(&mut self.since_dirty, vec![0; self.missing.len()]);
+        for i in set_bits(&dirty) {
+            let since = &mut self.coming_since[i];
             if self.fetching_count[i] == 0 {
                 *since = None;
             } else if since.is_none() {
                 *since = Some(now);
             }
-        }
-        for (i, since) in self.claimed_since.iter_mut().enumerate() {
-            if self.claimed_count[i] > 0 && since.is_none() {
-                *since = Some(now);
+            if self.claimed_count[i] > 0 && self.claimed_since[i].is_none() {
+                self.claimed_since[i] = Some(now);
             }
         }
     }
@@ -699,9 +715,11 @@ impl Scheduler {
         if peer.stalled {
             return;
         }
-        count_bits(&mut self.have_count, &peer.have, sign);
-        count_bits(&mut self.fetching_count, &peer.fetching, sign);
-        count_bits(&mut self.claimed_count, &peer.claimed, sign);
+        count_bits(&mut self.have_count, &peer.have, sign, None);
+        let dirty = Some(self.since_dirty.as_mut_slice());
+        count_bits(&mut self.fetching_count, &peer.fetching, sign, dirty);
+        let dirty = Some(self.since_dirty.as_mut_slice());
+        count_bits(&mut self.claimed_count, &peer.claimed, sign, dirty);
     }
 
     /// Forgets every peer's claims (the piece layer assembled from them failed to verify):
@@ -719,9 +737,11 @@ impl Scheduler {
         if let Some(old) = self.peers.remove(peer) {
             self.count_peer(&old, -1);
         }
-        for (i, since) in self.coming_since.iter_mut().enumerate() {
+        // (The pieces stay marked: the next `set_peer` also starts the times of counts that
+        // rose.)
+        for i in set_bits(&self.since_dirty) {
             if self.fetching_count[i] == 0 {
-                *since = None;
+                self.coming_since[i] = None;
             }
         }
     }
