@@ -136,31 +136,6 @@ pub(crate) const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
 /// Bounds the work of computing the shares (blocks × fetchers) whatever members peers make up.
 pub(crate) const MAX_FETCHERS: usize = 256;
 
-/// The indices of the bits set in `words` (bit `i % 64` of word `i / 64`), ascending.
-fn set_bits(words: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    words.iter().enumerate().flat_map(|(w, &bits)| {
-        let mut bits = bits;
-        std::iter::from_fn(move || {
-            (bits != 0).then(|| {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                w * 64 + b
-            })
-        })
-    })
-}
-
-/// A bitset of `n` pieces, every one set.
-fn all_missing(n: usize) -> Vec<u64> {
-    let mut words = vec![u64::MAX; n.div_ceil(64)];
-    if !n.is_multiple_of(64)
-        && let Some(last) = words.last_mut()
-    {
-        *last = (1u64 << (n % 64)) - 1;
-    }
-    words
-}
-
 /// Pieces per block when the swarm's members share out the origin
 /// ([`Scheduler::set_fetchers`]). Every node must cut the same blocks, so this is part of the
 /// protocol, not a setting.
@@ -279,13 +254,13 @@ fn backoff(first: Duration, failures: u32) -> Duration {
 }
 
 /// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts, and marks the pieces
-/// counted in `dirty` (when given; bit `i % 64` of word `i / 64`).
-fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&mut [u64]>) {
+/// counted in `dirty` (when given).
+fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&mut Bitfield>) {
     for i in b.ones() {
         if let Some(c) = counts.get_mut(i as usize) {
             *c = u16::try_from((i32::from(*c) + delta).max(0)).unwrap_or(u16::MAX);
             if let Some(d) = dirty.as_deref_mut() {
-                d[i as usize / 64] |= 1 << (i % 64);
+                d.set(i);
             }
         }
     }
@@ -294,7 +269,7 @@ fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&m
 /// Moves the per-piece `counts` from bitfield `old` to `new`: the pieces set only in `new`
 /// count one more, those set only in `old` one less (the same as removing `old` and adding
 /// `new`, at the cost of the bytes that differ).
-fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option<&mut [u64]>) {
+fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option<&mut Bitfield>) {
     for (byte, (a, b)) in old.as_bytes().iter().zip(new.as_bytes()).enumerate() {
         let mut diff = a ^ b;
         while diff != 0 {
@@ -308,7 +283,7 @@ fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option
                     c.saturating_sub(1)
                 };
                 if let Some(d) = dirty.as_deref_mut() {
-                    d[i / 64] |= 1 << (i % 64);
+                    d.set(i as u32);
                 }
             }
         }
@@ -342,10 +317,10 @@ pub(crate) struct Scheduler {
     piece_size: u64,
     pieces: Vec<Piece>,
     /// Bit `i` is set while piece `i` is [`Piece::Missing`] ([`Self::set_piece`] keeps it):
-    /// the walks over missing pieces skip 64 held ones at a time.
-    missing: Vec<u64>,
+    /// the walks over missing pieces skip 8 held ones at a time.
+    missing: Bitfield,
     /// Bit `i` is set while piece `i` is [`Piece::InFlight`] (kept the same way).
-    flying: Vec<u64>,
+    flying: Bitfield,
     /// Per piece: failed peer attempts so far.
     peer_failures: Vec<u8>,
     /// Per piece: how many known peers hold it, fetch it, claim it.
@@ -357,7 +332,7 @@ pub(crate) struct Scheduler {
     /// Pieces whose fetching or claimed counts changed since `set_peer` last brought
     /// `coming_since` and `claimed_since` in line with the counts (a bitset, as
     /// [`Self::missing`]).
-    since_dirty: Vec<u64>,
+    since_dirty: Bitfield,
     /// Per piece: since when some peer first claimed it (never reset: a claim that has not
     /// become a piece within [`Config::coming_patience`] no longer holds the origin back).
     claimed_since: Vec<Option<Instant>>,
@@ -415,14 +390,14 @@ impl Scheduler {
             config,
             piece_size: piece_size.max(1),
             pieces: vec![Piece::Missing; n],
-            missing: all_missing(n),
-            flying: vec![0; n.div_ceil(64)],
+            missing: Bitfield::full(n as u32),
+            flying: Bitfield::new(n as u32),
             peer_failures: vec![0; n],
             have_count: vec![0; n],
             fetching_count: vec![0; n],
             claimed_count: vec![0; n],
             coming_since: vec![None; n],
-            since_dirty: vec![0; n.div_ceil(64)],
+            since_dirty: Bitfield::new(n as u32),
             claimed_since: vec![None; n],
             peers: BTreeMap::new(),
             requests: BTreeSet::new(),
@@ -621,12 +596,11 @@ impl Scheduler {
     /// Sets the state of piece `index` (in range), and its bits in [`Self::missing`] and
     /// [`Self::flying`].
     fn set_piece(&mut self, index: usize, state: Piece) {
-        let (word, bit) = (index / 64, 1u64 << (index % 64));
-        let set = |words: &mut Vec<u64>, on: bool| {
+        let set = |b: &mut Bitfield, on: bool| {
             if on {
-                words[word] |= bit;
+                b.set(index as u32);
             } else {
-                words[word] &= !bit;
+                b.clear(index as u32);
             }
         };
         set(&mut self.missing, state == Piece::Missing);
@@ -636,7 +610,7 @@ impl Scheduler {
 
     /// The missing pieces, ascending.
     fn missing_pieces(&self) -> impl Iterator<Item = usize> + '_ {
-        set_bits(&self.missing)
+        self.missing.ones().map(|i| i as usize)
     }
 
     /// Allows or forbids the origin.
@@ -678,9 +652,9 @@ impl Scheduler {
             Some(p) => {
                 if !p.stalled {
                     recount(&mut self.have_count, &p.have, &have, None);
-                    let dirty = Some(self.since_dirty.as_mut_slice());
+                    let dirty = Some(&mut self.since_dirty);
                     recount(&mut self.fetching_count, &p.fetching, &fetching, dirty);
-                    let dirty = Some(self.since_dirty.as_mut_slice());
+                    let dirty = Some(&mut self.since_dirty);
                     recount(&mut self.claimed_count, &p.claimed, &claimed, dirty);
                 }
                 p.have = have;
@@ -695,8 +669,8 @@ impl Scheduler {
         }
         // Only pieces whose counts changed since the last time can need it: for the others
         // the times already agree with the counts.
-        let dirty = std::mem::replace(&mut self.since_dirty, vec![0; self.missing.len()]);
-        for i in set_bits(&dirty) {
+        let dirty = std::mem::replace(&mut self.since_dirty, Bitfield::new(self.missing.len()));
+        for i in dirty.ones().map(|i| i as usize) {
             let since = &mut self.coming_since[i];
             if self.fetching_count[i] == 0 {
                 *since = None;
@@ -716,9 +690,9 @@ impl Scheduler {
             return;
         }
         count_bits(&mut self.have_count, &peer.have, sign, None);
-        let dirty = Some(self.since_dirty.as_mut_slice());
+        let dirty = Some(&mut self.since_dirty);
         count_bits(&mut self.fetching_count, &peer.fetching, sign, dirty);
-        let dirty = Some(self.since_dirty.as_mut_slice());
+        let dirty = Some(&mut self.since_dirty);
         count_bits(&mut self.claimed_count, &peer.claimed, sign, dirty);
     }
 
@@ -739,7 +713,7 @@ impl Scheduler {
         }
         // (The pieces stay marked: the next `set_peer` also starts the times of counts that
         // rose.)
-        for i in set_bits(&self.since_dirty) {
+        for i in self.since_dirty.ones().map(|i| i as usize) {
             if self.fetching_count[i] == 0 {
                 self.coming_since[i] = None;
             }
@@ -815,11 +789,7 @@ impl Scheduler {
     /// The pieces in flight now (to any source).
     #[must_use]
     pub(crate) fn in_flight(&self) -> Bitfield {
-        let mut b = Bitfield::new(self.pieces.len() as u32);
-        for i in set_bits(&self.flying) {
-            b.set(i as u32);
-        }
-        b
+        self.flying.clone()
     }
 
     /// The pipeline depth of a peer: its measured rate times [`Config::target_queue`] in
