@@ -129,16 +129,18 @@ impl Bitfield {
             })
     }
 
-    /// Sets every piece that `other` has set (a union). A bitfield of another length leaves
-    /// this one as it is and returns false.
-    pub fn union_with(&mut self, other: &Bitfield) -> bool {
-        if other.len != self.len {
-            return false;
-        }
+    /// Sets every piece that `other` has set (a union); pieces of `other` past this
+    /// bitfield's length are ignored, as [`Self::set`] ignores them.
+    pub fn union_with(&mut self, other: &Bitfield) {
         for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
             *a |= b;
         }
-        true
+        // The spare bits at the end stay zero.
+        if let Some(last) = self.bytes.last_mut()
+            && !self.len.is_multiple_of(8)
+        {
+            *last &= 0xff << (8 - self.len % 8);
+        }
     }
 }
 
@@ -167,9 +169,14 @@ mod tests {
             let want: Vec<u32> = (0..len).filter(|&i| a.get(i)).collect();
             assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");
             let want: Vec<u32> = (0..len).filter(|&i| a.get(i) || b.get(i)).collect();
-            assert!(a.union_with(&b));
+            a.union_with(&b);
             assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");
-            assert!(!a.union_with(&Bitfield::new(len + 1)));
+            // Longer or shorter: only the pieces within this length count.
+            let mut c = Bitfield::new(len);
+            c.union_with(&Bitfield::full(len + 9));
+            assert_eq!(c, Bitfield::full(len), "{len}");
+            c.union_with(&Bitfield::new(len / 2));
+            assert_eq!(c, Bitfield::full(len), "{len}");
         }
     }
 

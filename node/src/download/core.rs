@@ -374,10 +374,10 @@ impl Core {
             Some(a) if !a.failed => {
                 let mut c = h.claimed.clone();
                 if !layer_known {
-                    union(&mut c, &h.have);
+                    c.union_with(&h.have);
                     // What the peer can tell: its claims, its pieces, and relayed values.
                     let mut tell = h.chaining.clone();
-                    union(&mut tell, &c);
+                    tell.union_with(&c);
                     if a.claims.get(&peer) != Some(&tell) {
                         a.claims.insert(peer, tell);
                         a.changed = true;
@@ -392,7 +392,7 @@ impl Core {
         // fetches, with the same patience.
         let (have, fetching, claimed) = if layer_known {
             let mut f = h.fetching;
-            union(&mut f, &claimed);
+            f.union_with(&claimed);
             (h.have, f, Bitfield::new(n))
         } else {
             (Bitfield::new(n), h.fetching, claimed)
@@ -418,12 +418,11 @@ impl Core {
     /// A peer's answer or announcement for the content: its members join the view, its
     /// holding counts. Answers for other content are ignored. Peers banned for the content
     /// must be filtered out by the driver.
-    pub(super) fn handle_holding(&mut self, now: Instant, peer: PeerId, h: Holding) {
+    pub(super) fn handle_holding(&mut self, now: Instant, peer: PeerId, mut h: Holding) {
         let Some(id) = self.content_id else { return };
         if h.content_id != id {
             return;
         }
-        let mut h = h;
         self.actions.push_back(Action::Store(StoreOp::MergeMembers(
             id,
             peer,
@@ -898,16 +897,6 @@ pub(super) struct Verdict {
     pub(super) cv: Option<ChainingValue>,
     /// A piece written earlier that the layer assembled since rejects (not a queued piece).
     pub(super) after_layer: bool,
-}
-
-/// Sets in `into` every piece set in `from`, whatever their lengths (bits past `into`'s
-/// length are ignored).
-fn union(into: &mut Bitfield, from: &Bitfield) {
-    if !into.union_with(from) {
-        for i in from.ones() {
-            into.set(i);
-        }
-    }
 }
 
 #[cfg(test)]
