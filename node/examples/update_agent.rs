@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 struct Agent {
     node: Node,
-    done: std::sync::Mutex<Option<oneshot::Sender<String>>>,
+    done: Arc<std::sync::Mutex<Option<oneshot::Sender<String>>>>,
 }
 
 impl Callback for Agent {
@@ -36,19 +36,22 @@ impl Callback for Agent {
 
     fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
         // Complete renames the temporary files to their names; only then do they exist.
-        let result = self.node.complete(job.id);
-        let message = match &result {
-            Ok(()) => format!(
-                "completed: {} bytes from peers, {} from the origin",
-                job.bytes_from_peers(),
-                job.bytes_from_origin()
-            ),
-            Err(e) => format!("complete failed: {e}"),
-        };
-        if let Some(tx) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = tx.send(message);
-        }
-        Box::pin(async move { result.map_err(|e| CallbackError(e.to_string())) })
+        let (node, done) = (self.node.clone(), self.done.clone());
+        Box::pin(async move {
+            let result = node.complete(job.id).await;
+            let message = match &result {
+                Ok(()) => format!(
+                    "completed: {} bytes from peers, {} from the origin",
+                    job.bytes_from_peers(),
+                    job.bytes_from_origin()
+                ),
+                Err(e) => format!("complete failed: {e}"),
+            };
+            if let Some(tx) = done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = tx.send(message);
+            }
+            result.map_err(|e| CallbackError(e.to_string()))
+        })
     }
 }
 
@@ -64,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sha256: args.next().map(|h| h.parse()).transpose()?,
     };
     let node = Node::builder().build().await?;
-    let job = node.create_job("update", Priority::Normal)?;
+    let job = node.create_job("update", Priority::Normal).await?;
     node.add_file(
         job,
         FileSpec {
@@ -73,16 +76,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             expected,
             ranges: Vec::new(),
         },
-    )?;
+    )
+    .await?;
     let (tx, rx) = oneshot::channel();
     node.set_callback(
         job,
         Arc::new(Agent {
             node: node.clone(),
-            done: std::sync::Mutex::new(Some(tx)),
+            done: Arc::new(std::sync::Mutex::new(Some(tx))),
         }),
-    )?;
-    node.resume(job)?;
+    )
+    .await?;
+    node.resume(job).await?;
     println!("{}", rx.await?);
     node.shutdown().await;
     Ok(())

@@ -29,14 +29,14 @@
 //! # async fn demo() -> Result<(), shoal_node::Error> {
 //! use shoal_node::{FileSpec, Node, Priority};
 //! let node = Node::builder().build().await?;
-//! let job = node.create_job("update", Priority::Normal)?;
+//! let job = node.create_job("update", Priority::Normal).await?;
 //! node.add_file(job, FileSpec {
 //!     url: "https://example.org/pkg.deb".parse().unwrap(),
 //!     local_name: "pkg.deb".into(),
 //!     expected: Default::default(),
 //!     ranges: Vec::new(),
-//! })?;
-//! node.resume(job)?;
+//! }).await?;
+//! node.resume(job).await?;
 //! # Ok(()) }
 //! ```
 

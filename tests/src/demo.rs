@@ -268,7 +268,9 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
     for (i, node) in nodes.iter().enumerate() {
         let out = work.path().join(format!("node{i}"));
         std::fs::create_dir(&out).map_err(io_err(&out))?;
-        let job = node.create_job(&format!("demo {i}"), Priority::Foreground)?;
+        let job = node
+            .create_job(&format!("demo {i}"), Priority::Foreground)
+            .await?;
         for ((path, _), exp) in files.iter().zip(&expected) {
             let name = path
                 .file_name()
@@ -291,15 +293,17 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
                     expected: *exp,
                     ranges: Vec::new(),
                 },
-            )?;
+            )
+            .await?;
         }
         let (tx, rx) = oneshot::channel();
-        node.set_callback(job, Arc::new(Done(std::sync::Mutex::new(Some(tx)))))?;
+        node.set_callback(job, Arc::new(Done(std::sync::Mutex::new(Some(tx)))))
+            .await?;
         running.push((node.clone(), job, rx, out));
     }
     let start = Instant::now();
     for (node, job, ..) in &running {
-        node.resume(*job)?;
+        node.resume(*job).await?;
     }
     let mut reports = Vec::new();
     for (node, job, rx, out) in running {
@@ -307,7 +311,7 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
         let elapsed = start.elapsed();
         let info = node.info(job)?;
         if info.state == State::Transferred {
-            node.complete(job)?;
+            node.complete(job).await?;
         }
         let verified = info.state == State::Transferred
             && files.iter().zip(&expected).all(|((path, _), exp)| {

@@ -151,22 +151,23 @@ fn spec(url: url::Url, local: &Path, expected: Expected) -> FileSpec {
 }
 
 /// Creates a one-file job with `rec` as callback and resumes it.
-fn start_job(node: &Node, file: FileSpec, rec: &Arc<Recorder>) -> JobId {
-    let job = node.create_job("test", Priority::Normal).unwrap();
-    node.set_callback(job, rec.clone()).unwrap();
+async fn start_job(node: &Node, file: FileSpec, rec: &Arc<Recorder>) -> JobId {
+    let job = node.create_job("test", Priority::Normal).await.unwrap();
+    node.set_callback(job, rec.clone()).await.unwrap();
     node.set_retry_delay(job, Duration::from_millis(100))
+        .await
         .unwrap();
-    node.add_file(job, file).unwrap();
-    node.resume(job).unwrap();
+    node.add_file(job, file).await.unwrap();
+    node.resume(job).await.unwrap();
     job
 }
 
 /// Runs a one-file job of `url` into `local` to Acknowledged and returns its final snapshot.
 async fn fetch(node: &Node, url: url::Url, local: &Path, data: &[u8]) -> JobInfo {
     let rec = Arc::new(Recorder::default());
-    let job = start_job(node, spec(url, local, blake3_only(data)), &rec);
+    let job = start_job(node, spec(url, local, blake3_only(data)), &rec).await;
     let info = wait_for(node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(local).unwrap(), data, "{}", local.display());
     info
 }
@@ -193,7 +194,7 @@ async fn origin_only_job_transfers_verifies_and_completes() {
         blake3: None,
         sha256: Some(sha256_of(&data)),
     };
-    let job = start_job(&node, spec(origin.url("a.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("a.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
     // The file does not exist under its name before Complete; the temporary file does.
     assert!(!dest.exists());
@@ -201,7 +202,7 @@ async fn origin_only_job_transfers_verifies_and_completes() {
     assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
     assert_eq!(info.files[0].bytes_from_peers, 0);
     assert_eq!(info.files[0].content_id.unwrap().hash(), &blake3_of(&data));
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert!(!info.files[0].temp_name.exists());
     assert_eq!(node.info(job).unwrap().state, State::Acknowledged);
@@ -233,7 +234,10 @@ async fn origin_only_job_transfers_verifies_and_completes() {
         ]
     );
     // Complete on an Acknowledged job is InvalidState.
-    assert!(matches!(node.complete(job), Err(Error::InvalidState(_))));
+    assert!(matches!(
+        node.complete(job).await,
+        Err(Error::InvalidState(_))
+    ));
     node.shutdown().await;
 }
 
@@ -253,7 +257,7 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     for (i, node) in leechers.iter().enumerate() {
         let rec = Arc::new(Recorder::default());
         let dest = dir.path().join(format!("out{i}.bin"));
-        let job = start_job(node, spec(origin.url("big.bin"), &dest, expected), &rec);
+        let job = start_job(node, spec(origin.url("big.bin"), &dest, expected), &rec).await;
         jobs.push((node, job, dest, rec));
     }
     let mut from_peers = 0;
@@ -268,7 +272,7 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
         assert_eq!(stats.bytes_from_origin, info.bytes_from_origin());
         let pct = 100.0 * info.bytes_from_peers() as f64 / data.len() as f64;
         assert!((info.percent_peer_caching() - pct).abs() < 1e-9);
-        node.complete(*job).unwrap();
+        node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(dest).unwrap(), data);
         assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);
     }
@@ -307,9 +311,9 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert!(
         info.peer_stats.pieces_rejected >= 1,
@@ -334,9 +338,9 @@ async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(info.peer_stats.peers_banned, 1);
     assert_eq!(info.files[0].bytes_from_peers, 0);
@@ -360,9 +364,9 @@ async fn a_lying_sha256_claim_is_refetched_from_the_origin_and_banned() {
         blake3: None,
         sha256: Some(sha256_of(&data)),
     };
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(info.files[0].bytes_from_peers, 0);
     assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
@@ -383,7 +387,7 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
     let rec = Arc::new(Recorder::default());
     rec.verdicts.lock().unwrap().push(ValidationState::Invalid);
     let dest = dir.path().join("a.bin");
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
     assert_eq!(
         rec.log(),
@@ -394,7 +398,7 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
         ]
     );
     assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     // Invalid on origin content: the job goes to Error.
     let rec = Arc::new(Recorder::default());
@@ -404,7 +408,8 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
         &node,
         spec(origin.url("f.bin"), &dest, Expected::default()),
         &rec,
-    );
+    )
+    .await;
     let info = wait_for(&node, job, &[State::Error]).await;
     assert_eq!(info.error.unwrap().context, ErrorContext::Validation);
     assert_eq!(
@@ -424,38 +429,45 @@ async fn complete_semantics() {
     origin.put("small.bin", small.clone());
     let node = test_node(&[]).await;
     // A job whose second file cannot arrive: Complete keeps only the first.
-    let job = node.create_job("early", Priority::Normal).unwrap();
+    let job = node.create_job("early", Priority::Normal).await.unwrap();
     let (a, b) = (dir.path().join("a.bin"), dir.path().join("b.bin"));
     node.add_file(job, spec(origin.url("small.bin"), &a, Expected::default()))
+        .await
         .unwrap();
     node.add_file(
         job,
         spec(origin.url("missing.bin"), &b, Expected::default()),
     )
+    .await
     .unwrap();
     node.set_retry_delay(job, Duration::from_secs(3600))
+        .await
         .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let info = wait_for(&node, job, &[State::Error]).await;
     assert!(info.files[0].transferred && !info.files[1].transferred);
     let err = info.error.unwrap();
     assert_eq!(err.context, ErrorContext::RemoteFile);
     assert!(err.description.contains("missing.bin"), "{err}");
     assert!(!a.exists() && !b.exists());
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&a).unwrap(), small);
     assert!(!b.exists());
     assert!(!info.files[1].temp_name.exists());
     // Complete after Cancel is InvalidState, and Cancel deletes the temporary files.
-    let job = node.create_job("cancelled", Priority::Low).unwrap();
+    let job = node.create_job("cancelled", Priority::Low).await.unwrap();
     let c = dir.path().join("c.bin");
     node.add_file(job, spec(origin.url("small.bin"), &c, Expected::default()))
+        .await
         .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.cancel(job).unwrap();
+    node.cancel(job).await.unwrap();
     assert!(!info.files[0].temp_name.exists());
-    assert!(matches!(node.complete(job), Err(Error::InvalidState(_))));
+    assert!(matches!(
+        node.complete(job).await,
+        Err(Error::InvalidState(_))
+    ));
     assert!(!c.exists());
     node.shutdown().await;
 }
@@ -464,28 +476,33 @@ async fn complete_semantics() {
 async fn bad_input_is_refused_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let node = test_node(&[]).await;
-    let job = node.create_job("bad", Priority::Normal).unwrap();
-    assert!(matches!(node.resume(job), Err(Error::Empty(_))));
+    let job = node.create_job("bad", Priority::Normal).await.unwrap();
+    assert!(matches!(node.resume(job).await, Err(Error::Empty(_))));
     let url: url::Url = "http://127.0.0.1:9/x".parse().unwrap();
     let escape = dir.path().join("sub/../../x.bin");
     assert!(matches!(
-        node.add_file(job, spec(url.clone(), &escape, Expected::default())),
+        node.add_file(job, spec(url.clone(), &escape, Expected::default()))
+            .await,
         Err(Error::BadLocalName { .. })
     ));
     assert!(matches!(
-        node.add_file(job, spec(url.clone(), dir.path(), Expected::default())),
+        node.add_file(job, spec(url.clone(), dir.path(), Expected::default()))
+            .await,
         Err(Error::BadLocalName { .. })
     ));
     let ftp: url::Url = "ftp://127.0.0.1/x".parse().unwrap();
     assert!(matches!(
-        node.add_file(job, spec(ftp, &dir.path().join("y"), Expected::default())),
+        node.add_file(job, spec(ftp, &dir.path().join("y"), Expected::default()))
+            .await,
         Err(Error::BadUrl { .. })
     ));
     let ok = dir.path().join("ok.bin");
     node.add_file(job, spec(url.clone(), &ok, Expected::default()))
+        .await
         .unwrap();
     assert!(matches!(
-        node.add_file(job, spec(url, &ok, Expected::default())),
+        node.add_file(job, spec(url, &ok, Expected::default()))
+            .await,
         Err(Error::DuplicateLocalName(_))
     ));
     assert!(matches!(node.info(JobId::new()), Err(Error::UnknownJob(_))));
@@ -506,10 +523,10 @@ async fn origin_misbehaviour_is_survived() {
     let run = async |name: &str| -> (JobInfo, PathBuf) {
         let rec = Arc::new(Recorder::default());
         let dest = dir.path().join(name);
-        let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+        let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
         let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
         if info.state == State::Transferred {
-            node.complete(job).unwrap();
+            node.complete(job).await.unwrap();
         }
         (info, dest)
     };
@@ -519,10 +536,10 @@ async fn origin_misbehaviour_is_survived() {
     let url = format!("http://{}/redirect/f.bin", origin.addr)
         .parse()
         .unwrap();
-    let job = start_job(&node, spec(url, &dest, expected), &rec);
+    let job = start_job(&node, spec(url, &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     // An empty file transfers too.
     origin.put("empty.bin", Vec::new());
@@ -532,10 +549,10 @@ async fn origin_misbehaviour_is_survived() {
         blake3: Some(blake3_of(&[])),
         sha256: Some(sha256_of(&[])),
     };
-    let job = start_job(&node, spec(origin.url("empty.bin"), &dest, empty), &rec);
+    let job = start_job(&node, spec(origin.url("empty.bin"), &dest, empty), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), Vec::<u8>::new());
     // No Range support: a 200 with the whole body still works.
     origin.state.no_range.store(true, Ordering::SeqCst);
@@ -553,12 +570,13 @@ async fn origin_misbehaviour_is_survived() {
     let requests_before = origin.state.requests.load(Ordering::SeqCst);
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("cut.bin");
-    let job = node.create_job("cut", Priority::Normal).unwrap();
-    node.set_callback(job, rec).unwrap();
+    let job = node.create_job("cut", Priority::Normal).await.unwrap();
+    node.set_callback(job, rec).await.unwrap();
     node.add_file(job, spec(origin.url("f.bin"), &dest, expected))
+        .await
         .unwrap();
     origin.state.cut_next_after.store(0, Ordering::SeqCst);
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     // The probe is the first request; cut the body of the second.
     for _ in 0..100 {
         if origin.state.requests.load(Ordering::SeqCst) > requests_before {
@@ -569,7 +587,7 @@ async fn origin_misbehaviour_is_survived() {
     }
     let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     node.shutdown().await;
 }
@@ -583,12 +601,13 @@ async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
     let node = test_node(&[]).await;
     let state = origin.state.clone();
     // Swap the content right after the probe: every range request then fails If-Range.
-    let job = node.create_job("changing", Priority::Normal).unwrap();
+    let job = node.create_job("changing", Priority::Normal).await.unwrap();
     let dest = dir.path().join("out.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
+        .await
         .unwrap();
     let before = state.requests.load(Ordering::SeqCst);
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     for _ in 0..1000 {
         if state.requests.load(Ordering::SeqCst) > before {
             origin.put("f.bin", content(1 << 20, 10));
@@ -603,7 +622,7 @@ async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
         assert!(!dest.exists());
     } else {
         // The swap came after the whole body was sent: the file is one consistent version.
-        node.complete(job).unwrap();
+        node.complete(job).await.unwrap();
         let got = std::fs::read(&dest).unwrap();
         assert!(got == data || got == content(1 << 20, 10));
     }
@@ -626,7 +645,8 @@ async fn a_failing_job_transferred_handler_is_called_until_it_succeeds() {
             Expected::default(),
         ),
         &rec,
-    );
+    )
+    .await;
     wait_for(&node, job, &[State::Transferred]).await;
     let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
     while rec.transferred_calls.load(Ordering::SeqCst) < 3 {
@@ -653,7 +673,8 @@ async fn a_missing_file_is_an_error_naming_the_url() {
             Expected::default(),
         ),
         &rec,
-    );
+    )
+    .await;
     let info = wait_for(&node, job, &[State::Error]).await;
     let e = info.error.unwrap();
     assert!(e.description.contains("/nope.bin"), "{e}");
@@ -669,20 +690,24 @@ async fn suspend_and_resume_finish_the_job() {
     let data = content(2_000_000, 13);
     origin.put("f.bin", data.clone());
     let node = test_node(&[]).await;
-    let job = node.create_job("pausing", Priority::High).unwrap();
+    let job = node.create_job("pausing", Priority::High).await.unwrap();
     let dest = dir.path().join("f.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
+        .await
         .unwrap();
-    node.resume(job).unwrap();
-    node.suspend(job).unwrap();
+    node.resume(job).await.unwrap();
+    node.suspend(job).await.unwrap();
     assert_eq!(node.info(job).unwrap().state, State::Suspended);
     // Suspended stays suspended: nothing moves it on its own.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(node.info(job).unwrap().state, State::Suspended);
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     wait_for(&node, job, &[State::Transferred]).await;
-    assert!(matches!(node.suspend(job), Err(Error::InvalidState(_))));
-    node.complete(job).unwrap();
+    assert!(matches!(
+        node.suspend(job).await,
+        Err(Error::InvalidState(_))
+    ));
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     node.shutdown().await;
 }
@@ -708,9 +733,9 @@ async fn a_leecher_fetches_from_a_seed_over_quic() {
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
     // With the content id known and a seed holding every piece, the origin is never contacted.
@@ -739,9 +764,9 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
-    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec);
+    let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     let served = seed.upload_stats();
     // The leecher keeps several requests in flight; the seed takes one at a time.
@@ -781,7 +806,8 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
         &a,
         spec(origin.url("f.bin"), &dir.path().join("a.bin"), expected),
         &rec_a,
-    );
+    )
+    .await;
     // Once A holds some verified pieces, B starts; B knows only A.
     let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
     while a.info(job_a).unwrap().bytes_from_peers() == 0 {
@@ -791,7 +817,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     let b = test_node(std::slice::from_ref(&a)).await;
     let rec_b = Arc::new(Recorder::default());
     let dest_b = dir.path().join("b.bin");
-    let job_b = start_job(&b, spec(origin.url("f.bin"), &dest_b, expected), &rec_b);
+    let job_b = start_job(&b, spec(origin.url("f.bin"), &dest_b, expected), &rec_b).await;
     while b.info(job_b).unwrap().bytes_from_peers() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -803,7 +829,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     assert_ne!(a.info(job_a).unwrap().state, State::Transferred);
     assert!(a.upload_stats().pieces > 0);
     wait_for(&b, job_b, &[State::Transferred]).await;
-    b.complete(job_b).unwrap();
+    b.complete(job_b).await.unwrap();
     assert_eq!(std::fs::read(&dest_b).unwrap(), data);
     wait_for(&a, job_a, &[State::Transferred]).await;
     for n in [a, b] {
@@ -821,11 +847,12 @@ async fn part_way(
     expected: Expected,
     part: u64,
 ) -> (JobId, u64) {
-    let job = node.create_job("restart", Priority::Normal).unwrap();
+    let job = node.create_job("restart", Priority::Normal).await.unwrap();
     node.set_retry_delay(job, Duration::from_millis(100))
+        .await
         .unwrap();
-    node.add_file(job, spec(url, dest, expected)).unwrap();
-    node.resume(job).unwrap();
+    node.add_file(job, spec(url, dest, expected)).await.unwrap();
+    node.resume(job).await.unwrap();
     let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
     loop {
         let done = node.info(job).unwrap().bytes_transferred();
@@ -872,7 +899,7 @@ async fn a_job_survives_a_restart_and_keeps_the_pieces_it_verified() {
     );
     let info = wait_for(&second, job, &[State::Transferred]).await;
     assert_eq!(info.files[0].bytes_transferred, data.len() as u64);
-    second.complete(job).unwrap();
+    second.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     // The origin sent the file once, plus at most what was in flight at the stop: one origin
     // run of 16 pieces and the queues behind it (4 + 4 pieces), plus the probes.
@@ -922,7 +949,7 @@ async fn a_job_whose_temporary_file_vanished_is_an_error_after_a_restart() {
     assert_eq!(error.context, ErrorContext::LocalFile);
     assert!(error.description.contains("vanished"), "{error}");
     // The node runs on: the job can still be cancelled.
-    second.cancel(job).unwrap();
+    second.cancel(job).await.unwrap();
     second.shutdown().await;
 }
 
@@ -947,7 +974,7 @@ async fn a_suspended_job_stays_suspended_after_a_restart() {
         512 << 10,
     )
     .await;
-    first.suspend(job).unwrap();
+    first.suspend(job).await.unwrap();
     first.shutdown().await;
     drop(first);
 
@@ -962,9 +989,9 @@ async fn a_suspended_job_stays_suspended_after_a_restart() {
         served,
         "a suspended job fetched bytes"
     );
-    second.resume(job).unwrap();
+    second.resume(job).await.unwrap();
     wait_for(&second, job, &[State::Transferred]).await;
-    second.complete(job).unwrap();
+    second.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     second.shutdown().await;
 }
@@ -1459,18 +1486,20 @@ async fn timeouts_fire_no_progress_then_inactivity() {
         .unwrap();
     // Nothing listens on port 9 of 127.0.0.1: every attempt is a transient error.
     let url: url::Url = "http://127.0.0.1:9/nothing".parse().unwrap();
-    let job = node.create_job("stalled", Priority::Normal).unwrap();
+    let job = node.create_job("stalled", Priority::Normal).await.unwrap();
     node.modify(job, |i| {
         i.properties.no_progress_timeout = Duration::from_secs(300);
         Ok(())
     })
+    .await
     .unwrap();
     node.add_file(
         job,
         spec(url.clone(), &dir.path().join("s"), Expected::default()),
     )
+    .await
     .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     // Within the timeout it stays in TransientError (retried every 30 s)...
     tokio::time::sleep(Duration::from_secs(200)).await;
     let info = node.info(job).unwrap();
@@ -1486,19 +1515,21 @@ async fn timeouts_fire_no_progress_then_inactivity() {
             .contains("no-progress timeout")
     );
     // A timeout of 0 fails at the first transient error.
-    let quick = node.create_job("quick", Priority::Normal).unwrap();
+    let quick = node.create_job("quick", Priority::Normal).await.unwrap();
     node.modify(quick, |i| {
         i.properties.no_progress_timeout = Duration::ZERO;
         Ok(())
     })
+    .await
     .unwrap();
     node.add_file(quick, spec(url, &dir.path().join("q"), Expected::default()))
+        .await
         .unwrap();
-    node.resume(quick).unwrap();
+    node.resume(quick).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(node.info(quick).unwrap().state, State::Error);
     // Inactivity: a job nobody touches for an hour is cancelled.
-    let idle = node.create_job("idle", Priority::Low).unwrap();
+    let idle = node.create_job("idle", Priority::Low).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1800)).await;
     assert_eq!(node.info(idle).unwrap().state, State::Suspended);
     // The sweep runs every tenth of the timeout, so within 3600 + 360 s.
@@ -1546,8 +1577,11 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
         .build()
         .await
         .unwrap();
-    let start = |i: usize, priority: Priority| {
-        let job = node.create_job(&format!("job {i}"), priority).unwrap();
+    let start = async |i: usize, priority: Priority| {
+        let job = node
+            .create_job(&format!("job {i}"), priority)
+            .await
+            .unwrap();
         let url = origin.url(&format!("{i}.bin"));
         node.add_file(
             job,
@@ -1557,14 +1591,15 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
                 blake3_only(&files[i]),
             ),
         )
+        .await
         .unwrap();
-        node.resume(job).unwrap();
+        node.resume(job).await.unwrap();
         job
     };
     // A Low job runs alone; then a Foreground job arrives and takes the slot at once.
-    let low = start(0, Priority::Low);
+    let low = start(0, Priority::Low).await;
     until(&node, low, "Low job starts", |i| i.bytes_transferred() > 0).await;
-    let fg = start(1, Priority::Foreground);
+    let fg = start(1, Priority::Foreground).await;
     until(&node, low, "Low job yields", |i| i.state == State::Queued).await;
     let at_yield = node.info(low).unwrap().bytes_transferred();
     wait_for(&node, fg, &[State::Transferred]).await;
@@ -1578,8 +1613,8 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
         "{refetched} bytes fetched twice (the Low job had {at_yield} verified when it yielded)"
     );
     // Two Normal jobs share the slot: both make progress before either is done.
-    let a = start(2, Priority::Normal);
-    let b = start(3, Priority::Normal);
+    let a = start(2, Priority::Normal).await;
+    let b = start(3, Priority::Normal).await;
     let first_done = loop {
         let (ia, ib) = (node.info(a).unwrap(), node.info(b).unwrap());
         if ia.state == State::Transferred || ib.state == State::Transferred {
@@ -1595,7 +1630,7 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
     );
     for job in [low, fg, a, b] {
         wait_for(&node, job, &[State::Transferred]).await;
-        node.complete(job).unwrap();
+        node.complete(job).await.unwrap();
     }
     for (i, f) in files.iter().enumerate() {
         assert_eq!(
@@ -1762,7 +1797,7 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
         want.extend_from_slice(&data[a..b]);
     }
     let dest = dir.path().join("r.part");
-    let job = node.create_job("ranges", Priority::Normal).unwrap();
+    let job = node.create_job("ranges", Priority::Normal).await.unwrap();
     node.add_file(
         job,
         FileSpec {
@@ -1777,17 +1812,21 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
             )
         },
     )
+    .await
     .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let info = wait_for(&node, job, &[State::Transferred]).await;
     assert_eq!(info.files[0].bytes_total, Some(want.len() as u64));
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), want);
     // The origin sent the ranges, not the file (plus the one-byte probe).
     assert_eq!(origin.bytes_served(), want.len() as u64 + 1);
 
     // Overlapping or empty ranges are refused when the file is added.
-    let job = node.create_job("bad ranges", Priority::Normal).unwrap();
+    let job = node
+        .create_job("bad ranges", Priority::Normal)
+        .await
+        .unwrap();
     for bad in [
         vec![range(0, Some(100)), range(50, Some(10))],
         vec![range(10, None), range(500, Some(1))],
@@ -1805,6 +1844,7 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
                     )
                 },
             )
+            .await
             .unwrap_err();
         assert!(matches!(e, Error::BadRange(_)), "{e}");
     }
@@ -1820,8 +1860,9 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
             )
         },
     )
+    .await
     .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let info = wait_for(&node, job, &[State::Error]).await;
     let error = info.error.unwrap();
     assert_eq!(error.context, ErrorContext::RemoteFile);
@@ -1830,6 +1871,7 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
     origin.state.no_range.store(true, Ordering::SeqCst);
     let job = node
         .create_job("no range support", Priority::Normal)
+        .await
         .unwrap();
     node.add_file(
         job,
@@ -1842,8 +1884,9 @@ async fn ranged_files_hold_their_ranges_in_the_order_given() {
             )
         },
     )
+    .await
     .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let info = wait_for(&node, job, &[State::Error]).await;
     assert!(
         info.error
@@ -1944,15 +1987,18 @@ async fn resume_during_a_retry_delay_runs_the_job_at_once() {
     // The test node's origin client tries 4 times; all of them fail.
     origin.state.fail_next.store(4, Ordering::SeqCst);
     let node = test_node(&[]).await;
-    let job = node.create_job("retry", Priority::Normal).unwrap();
-    node.set_retry_delay(job, Duration::from_secs(600)).unwrap();
+    let job = node.create_job("retry", Priority::Normal).await.unwrap();
+    node.set_retry_delay(job, Duration::from_secs(600))
+        .await
+        .unwrap();
     let dest = dir.path().join("t.bin");
     node.add_file(job, spec(origin.url("t.bin"), &dest, blake3_only(&data)))
+        .await
         .unwrap();
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     wait_for(&node, job, &[State::TransientError]).await;
     // BITS: Resume in TransientError retries now, not after the 600 s delay.
-    node.resume(job).unwrap();
+    node.resume(job).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while node.info(job).unwrap().state != State::Transferred {
         assert!(
@@ -1962,7 +2008,7 @@ async fn resume_during_a_retry_delay_runs_the_job_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     node.shutdown().await;
 }
@@ -2031,11 +2077,15 @@ async fn a_complete_cut_short_after_its_rename_is_not_an_error_after_a_restart()
     origin.put("c.bin", data.clone());
     let dest = dir.path().join("c.bin");
     let first = stateful_node(&state).await;
-    let job = first.create_job("complete", Priority::Normal).unwrap();
+    let job = first
+        .create_job("complete", Priority::Normal)
+        .await
+        .unwrap();
     first
         .add_file(job, spec(origin.url("c.bin"), &dest, blake3_only(&data)))
+        .await
         .unwrap();
-    first.resume(job).unwrap();
+    first.resume(job).await.unwrap();
     let info = wait_for(&first, job, &[State::Transferred]).await;
     first.shutdown().await;
     drop(first);
@@ -2044,7 +2094,7 @@ async fn a_complete_cut_short_after_its_rename_is_not_an_error_after_a_restart()
     let second = stateful_node(&state).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(second.info(job).unwrap().state, State::Transferred);
-    second.complete(job).unwrap();
+    second.complete(job).await.unwrap();
     assert_eq!(second.info(job).unwrap().state, State::Acknowledged);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     second.shutdown().await;

@@ -66,14 +66,9 @@ fn status_of(e: &Error) -> Status {
     }
 }
 
-/// Runs a blocking node call (it may commit to the state database) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| status_of(&e))
+/// The answer of a node call, as a gRPC status on error.
+fn answer<T>(r: Result<T, Error>) -> Result<T, Status> {
+    r.map_err(|e| status_of(&e))
 }
 
 impl Service {
@@ -115,15 +110,14 @@ impl Service {
         }
     }
 
-    async fn job_call(
+    async fn job_call<F: Future<Output = Result<(), Error>>>(
         &self,
         req: Request<pb::JobRef>,
-        op: fn(&Node, JobId) -> Result<(), Error>,
+        op: impl FnOnce(Node, JobId) -> F,
     ) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&req)?;
         let id = self.visible(caller, &req.get_ref().job)?.id;
-        let node = self.node.clone();
-        blocking(move || op(&node, id)).await?;
+        answer(op(self.node.clone(), id).await)?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
     }
@@ -193,11 +187,11 @@ impl Control for Service {
                 caller.uid
             )));
         }
-        let node = self.node.clone();
-        let id = blocking(move || {
-            node.create_job_with(&r.display_name, priority, Some(caller.uid), None)
-        })
-        .await?;
+        let id = answer(
+            self.node
+                .create_job_with(&r.display_name, priority, Some(caller.uid), None)
+                .await,
+        )?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
     }
@@ -246,37 +240,42 @@ impl Control for Service {
                 length: b.length,
             })
             .collect();
-        let (node, id) = (self.node.clone(), info.id);
-        blocking(move || {
-            node.add_file(
-                id,
-                FileSpec {
-                    url,
-                    local_name: local,
-                    expected,
-                    ranges,
-                },
-            )
-        })
-        .await?;
+        let id = info.id;
+        answer(
+            self.node
+                .add_file(
+                    id,
+                    FileSpec {
+                        url,
+                        local_name: local,
+                        expected,
+                        ranges,
+                    },
+                )
+                .await,
+        )?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
     }
 
     async fn resume(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        self.job_call(req, Node::resume).await
+        self.job_call(req, |n, id| async move { n.resume(id).await })
+            .await
     }
 
     async fn suspend(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        self.job_call(req, Node::suspend).await
+        self.job_call(req, |n, id| async move { n.suspend(id).await })
+            .await
     }
 
     async fn cancel(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        self.job_call(req, Node::cancel).await
+        self.job_call(req, |n, id| async move { n.cancel(id).await })
+            .await
     }
 
     async fn complete(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
-        self.job_call(req, Node::complete).await
+        self.job_call(req, |n, id| async move { n.complete(id).await })
+            .await
     }
 
     async fn diagnose(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Diagnosis>, Status> {
@@ -408,31 +407,31 @@ impl Control for Service {
                 Some(Some(c.argv))
             }
         };
-        let node = self.node.clone();
-        blocking(move || {
-            node.modify(id, |info| {
-                if let Some(n) = r.display_name {
-                    info.display_name = n;
-                }
-                if let Some(p) = priority {
-                    info.priority = p;
-                }
-                if let Some(s) = r.retry_delay_seconds {
-                    info.properties.retry_delay = Duration::from_secs(s);
-                }
-                if let Some(s) = r.no_progress_timeout_seconds {
-                    info.properties.no_progress_timeout = Duration::from_secs(s);
-                }
-                if let Some(f) = r.notify_flags {
-                    info.properties.notify_flags = f;
-                }
-                if let Some(c) = cmdline {
-                    info.properties.notify_cmdline = c;
-                }
-                Ok(())
-            })
-        })
-        .await?;
+        answer(
+            self.node
+                .modify(id, move |info| {
+                    if let Some(n) = r.display_name {
+                        info.display_name = n;
+                    }
+                    if let Some(p) = priority {
+                        info.priority = p;
+                    }
+                    if let Some(s) = r.retry_delay_seconds {
+                        info.properties.retry_delay = Duration::from_secs(s);
+                    }
+                    if let Some(s) = r.no_progress_timeout_seconds {
+                        info.properties.no_progress_timeout = Duration::from_secs(s);
+                    }
+                    if let Some(f) = r.notify_flags {
+                        info.properties.notify_flags = f;
+                    }
+                    if let Some(c) = cmdline {
+                        info.properties.notify_cmdline = c;
+                    }
+                    Ok(())
+                })
+                .await,
+        )?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
     }
@@ -493,7 +492,7 @@ impl Control for Service {
                 && job.is_none_or(|j| j == info.id)
                 && matches!(info.state, State::Transferred | State::Error)
             {
-                let _ = self.node.retry_now(info.id);
+                let _ = self.node.retry_now(info.id).await;
             }
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

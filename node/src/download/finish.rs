@@ -4,7 +4,7 @@ use super::*;
 
 /// The whole-file checks (step 5): every piece on disk, the content id and the SHA-256
 /// expected; then the file is served as verified.
-pub(super) fn finish(
+pub(super) async fn finish(
     env: &Env,
     task: &FileTask,
     t: Transferred,
@@ -54,19 +54,19 @@ pub(super) fn finish(
         })
     })?;
     // A whole-file mismatch: these bytes must not be resumed from.
-    let forget = || {
+    let forget = || async {
         env.store.remove_at(&id, &task.temp);
         if let Some(a) = &assembly_id {
             env.store.remove_at(a, &task.temp);
         }
         if let Some(d) = &task.durable
-            && let Err(e) = d.store.clear_pieces(d.job, d.index)
+            && let Err(e) = d.store.clear_pieces(d.job, d.index).await
         {
             warn!(url = %origin::redact(&task.url), "cannot forget the pieces of a file that failed: {e}");
         }
     };
     if let Err(e) = expected.check_content_id(&id) {
-        forget();
+        forget().await;
         // Only origin bytes reach here without a trusted layer.
         return Err(Failure::Fatal(JobError {
             context: ErrorContext::RemoteFile,
@@ -76,7 +76,7 @@ pub(super) fn finish(
         .into());
     }
     if let Err(e) = expected.check_sha256(sha256) {
-        forget();
+        forget().await;
         if claimed && from_peers {
             if let Some((_, answers, ban)) = &choice {
                 for (peer, _) in answers {

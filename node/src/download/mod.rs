@@ -62,7 +62,7 @@ use crate::{
     job::{ByteRange, ErrorContext, JobError, JobId},
     source::origin::{self, OriginError, Remote},
     store::fsuser::FileIdentity,
-    store::state::{ResumeDisk, ResumePoint, StateStore},
+    store::state::{ResumeDisk, ResumePoint},
     store::{Backing, ContentStore},
     swarm,
 };
@@ -186,7 +186,7 @@ pub(crate) struct FileTask {
 /// The state store and the file's key in it.
 #[derive(Clone, Debug)]
 pub(crate) struct Durable {
-    pub(crate) store: Arc<StateStore>,
+    pub(crate) store: crate::store::state_actor::StateHandle,
     pub(crate) job: JobId,
     pub(crate) index: u32,
 }
@@ -325,7 +325,7 @@ async fn from_cache(
         .ok()
         .flatten()?;
     if let Some(d) = &task.durable
-        && let Err(e) = d.store.clear_pieces(d.job, d.index)
+        && let Err(e) = d.store.clear_pieces(d.job, d.index).await
     {
         warn!(url = %origin::redact(&task.url), "cannot reset the stored pieces before a cache copy: {e}");
         return None;
@@ -482,5 +482,5 @@ async fn attempt(
     let found = discover_layer(env, task, use_peers, resume, cancel, progress).await?;
     let opened = open_file(env, task, use_peers, resume, found).await?;
     let done = transfer(env, task, use_peers, opened, cancel, progress).await?;
-    finish(env, task, done, progress)
+    finish(env, task, done, progress).await
 }

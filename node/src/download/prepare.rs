@@ -411,6 +411,7 @@ pub(super) async fn open_file<'r>(
                 // Forget an earlier run's pieces before the file is emptied.
                 d.store
                     .clear_pieces(d.job, d.index)
+                    .await
                     .map_err(|e| local(std::io::Error::other(e)))?;
             }
             create_temp(&task.temp, task.owner, length)

@@ -53,6 +53,7 @@ pub(super) async fn download_ranges(
     if let Some(d) = &task.durable {
         d.store
             .clear_pieces(d.job, d.index)
+            .await
             .map_err(|e| local(std::io::Error::other(e)))?;
     }
     let file = create_temp(&task.temp, task.owner, total).map_err(local)?;

@@ -223,15 +223,20 @@ pub(super) fn spawn_writer(
             {
                 file.sync_data()?;
                 c.meta.validator = c.remote.get().and_then(|r| r.validator.clone());
+                let (job, index, pieces, meta, layer) = (
+                    c.durable.job,
+                    c.durable.index,
+                    on_disk.clone(),
+                    c.meta.clone(),
+                    c.layer.take(),
+                );
+                // On the state database's thread; this writer thread waits for it.
                 c.durable
                     .store
-                    .checkpoint(
-                        c.durable.job,
-                        c.durable.index,
-                        &on_disk,
-                        &c.meta,
-                        c.layer.take().as_deref(),
-                    )
+                    .run_blocking(move |s| {
+                        s.checkpoint(job, index, &pieces, &meta, layer.as_deref())
+                    })
+                    .unwrap_or(Ok(()))
                     .map_err(std::io::Error::other)?;
             }
             for v in results.drain(..) {

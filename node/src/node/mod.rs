@@ -1,14 +1,17 @@
 //! [`Node`]: the embeddable node, with its builder and the BITS-style job API.
 
+mod complete;
 pub(crate) mod diagnose;
 pub(crate) mod metrics;
+mod registry;
+mod run;
 mod runner;
 pub(crate) mod stats;
 
-use self::runner::{Doing, Runner};
+use self::registry::{Command, FileRecord, JobRecord};
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     path::{Component, Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -26,17 +29,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::{
     Error,
     download::scheduler,
-    download::{self, Bans, Durable, Env, Failure, FileTask, Update},
-    events::{Callback, Event, TransferredFile},
+    download::{Bans, Env},
+    events::{Callback, Event},
     job::slots::Slots,
     job::{
-        ByteRange, ErrorContext, FileInfo, FileSpec, InvalidState, JobError, JobId, JobInfo,
-        JobProperties, PeerStats, Priority, State, Transition, next_state,
+        ByteRange, ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, JobProperties,
+        PeerStats, Priority, State,
     },
     source::origin,
-    store::fsuser::{LocalIds, RenameError},
+    store::fsuser::LocalIds,
     store::state::ResumePoint,
-    store::state::{FileDisk, JobDisk, PersistError, StateStore, StoredJob},
+    store::state::{PersistError, StateStore, StoredJob},
+    store::state_actor::StateHandle,
     store::{Backing, ContentStore},
     swarm,
     swarm::group::{Group, PeerMode},
@@ -308,12 +312,12 @@ impl Builder {
         let store = Arc::new(ContentStore::new());
         let cache = open_cache(self.cache.clone(), self.state_dir.as_deref(), &store).await?;
         let shutdown = CancellationToken::new();
-        let (state, stored) = open_state(self.state_dir.as_deref()).await?;
-        let keypair = match (self.keypair, &state) {
-            (Some(k), _) => k,
-            (None, Some(state)) => state_identity(state)?,
+        let opened = open_state(self.state_dir.as_deref(), self.keypair.is_none()).await?;
+        let keypair = match (self.keypair, opened.identity) {
+            (Some(k), _) | (None, Some(k)) => k,
             (None, None) => identity::Keypair::generate_ed25519(),
         };
+        let state = opened.store.map(StateHandle::spawn).transpose()?;
         if self.cache_node_role.is_some() && cache.is_none() {
             return Err(crate::store::cache::CacheError::NoCache.into());
         }
@@ -329,7 +333,7 @@ impl Builder {
         let mut registry = self
             .metrics
             .map(|_| prometheus_client::registry::Registry::default());
-        let month = state.as_deref().and_then(upload_month);
+        let month = opened.month;
         let bandwidth = Arc::new(crate::source::bandwidth::Bandwidth::new(
             self.bandwidth,
             month,
@@ -359,33 +363,43 @@ impl Builder {
         } else {
             Duration::ZERO
         };
+        let slots = Slots::new(
+            self.max_active_jobs.unwrap_or(4),
+            self.time_slice.unwrap_or(Duration::from_secs(60)),
+        );
         let node = Node {
-            inner: Arc::new(Inner {
-                env: Env {
-                    swarm: handle,
-                    origin,
-                    store,
-                    bans: Arc::new(Bans::default()),
-                    scheduler: self.scheduler,
-                    discovery_wait,
-                    policy: Arc::new(self.policy),
-                    cache,
-                    bandwidth,
-                },
-                jobs: Mutex::new(HashMap::new()),
-                events,
-                shutdown,
-                swarm_task: Mutex::new(Some(task)),
-                retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
-                state: Mutex::new(state),
-                callbacks: self.callbacks,
-                counters: Counters::default(),
-                metrics_addr: Mutex::new(None),
-                retired: Mutex::default(),
-                slots: Slots::new(
-                    self.max_active_jobs.unwrap_or(4),
-                    self.time_slice.unwrap_or(Duration::from_secs(60)),
-                ),
+            inner: Arc::new_cyclic(|weak| {
+                let (registry, views) = registry::spawn(registry::Parts {
+                    state: state.clone(),
+                    events: events.clone(),
+                    slots: slots.clone(),
+                    content: store.clone(),
+                    node: weak.clone(),
+                });
+                Inner {
+                    env: Env {
+                        swarm: handle,
+                        origin,
+                        store,
+                        bans: Arc::new(Bans::default()),
+                        scheduler: self.scheduler,
+                        discovery_wait,
+                        policy: Arc::new(self.policy),
+                        cache,
+                        bandwidth,
+                    },
+                    registry,
+                    views,
+                    events,
+                    shutdown,
+                    swarm_task: Mutex::new(Some(task)),
+                    retry_delay: self.retry_delay.unwrap_or(Duration::from_secs(600)),
+                    state,
+                    callbacks: self.callbacks,
+                    counters: Counters::default(),
+                    metrics_addr: Mutex::new(None),
+                    slots,
+                }
             }),
         };
         tokio::spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
@@ -403,7 +417,16 @@ impl Builder {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(bound);
         }
-        node.restore(stored);
+        let (content, callbacks) = (node.inner.env.store.clone(), node.inner.callbacks.clone());
+        let records = tokio::task::spawn_blocking(move || {
+            restore_records(opened.stored, &content, callbacks.as_ref())
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?;
+        // Published before build returns: the restored jobs answer at once.
+        node.registry()
+            .ask(|reply| Command::Restore { records, reply })
+            .await;
         node.spawn_cache_sweeper();
         node.spawn_upload_month_keeper();
         if let (Some(role), Some(rx)) = (self.cache_node_role, fill_rx) {
@@ -445,21 +468,34 @@ async fn open_cache(
     )))
 }
 
-/// The state database in `dir` and the jobs it holds (none without a directory).
-async fn open_state(
-    dir: Option<&Path>,
-) -> Result<(Option<Arc<StateStore>>, Vec<crate::store::state::StoredJob>), Error> {
+/// What a state directory holds at start.
+#[derive(Default)]
+struct Opened {
+    store: Option<StateStore>,
+    stored: Vec<StoredJob>,
+    /// The node's identity (made and stored on first use), when asked for.
+    identity: Option<identity::Keypair>,
+    /// This month's uploads.
+    month: Option<(String, u64)>,
+}
+
+/// Opens the state database in `dir` (nothing without a directory) and reads its jobs, this
+/// month's uploads and, with `identity`, the node's identity, on a blocking thread.
+async fn open_state(dir: Option<&Path>, identity: bool) -> Result<Opened, Error> {
     let Some(dir) = dir.map(Path::to_path_buf) else {
-        return Ok((None, Vec::new()));
+        return Ok(Opened::default());
     };
-    let (state, stored) = tokio::task::spawn_blocking(move || {
-        let state = StateStore::open(&dir)?;
-        let stored = state.load()?;
-        Ok::<_, PersistError>((state, stored))
+    tokio::task::spawn_blocking(move || {
+        let store = StateStore::open(&dir)?;
+        Ok(Opened {
+            stored: store.load()?,
+            identity: identity.then(|| state_identity(&store)).transpose()?,
+            month: upload_month(&store),
+            store: Some(store),
+        })
     })
     .await
-    .map_err(|e| Error::Task(e.to_string()))??;
-    Ok((Some(Arc::new(state)), stored))
+    .map_err(|e| Error::Task(e.to_string()))?
 }
 
 /// This month's uploads, as the state database kept them (`"YYYY-MM BYTES"`).
@@ -491,65 +527,26 @@ fn state_identity(state: &StateStore) -> Result<identity::Keypair, Error> {
     Ok(key)
 }
 
-struct JobRecord {
-    info: JobInfo,
-    callback: Option<Arc<dyn Callback>>,
-    /// Per file, what the node keeps besides its `FileInfo` (`files[i]` goes with
-    /// `info.files[i]`).
-    files: Vec<FileRecord>,
-    /// What runs the job now ([`Runner`]).
-    runner: Runner,
-    /// The task of the last runner: the next one starts after it ended, so that it has stopped
-    /// writing; shutdown waits for it.
-    task: Option<tokio::task::JoinHandle<()>>,
-    /// Cuts short a retry delay ([`Node::retry_now`]).
-    wake: Arc<tokio::sync::Notify>,
-    /// When the job entered TransientError with no progress since (the no-progress timer).
-    transient_since: Option<tokio::time::Instant>,
-    /// The last change by the caller or progress (the inactivity timer; tokio's clock, so
-    /// that tests can advance it).
-    touched: tokio::time::Instant,
-}
-
-/// What the node keeps of one file of a job besides its [`crate::job::FileInfo`].
-struct FileRecord {
-    /// Fetch from the origin alone (the caller rejected peer content).
-    origin_only: bool,
-    /// Renamed to its local name by Complete.
-    completed: bool,
-    /// Where a stopped download left off (pieces verified and written).
-    left: Option<ResumePoint>,
-    /// Its directory and the file that verified (Complete renames only that file there; the
-    /// node serves only that file).
-    local: LocalIds,
-}
-
 struct Inner {
     env: Env,
-    jobs: Mutex<HashMap<JobId, Arc<Mutex<JobRecord>>>>,
+    /// The job registry's task ([`registry`]).
+    registry: registry::Handle,
+    /// The jobs as the registry last published them.
+    views: tokio::sync::watch::Receiver<registry::Views>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
     swarm_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     retry_delay: Duration,
-    /// The state database, when the node keeps jobs across restarts; taken (closed) by
+    /// The state database's thread, when the node keeps jobs across restarts; closed by
     /// [`Node::shutdown`].
-    state: Mutex<Option<Arc<StateStore>>>,
+    state: Option<StateHandle>,
     callbacks: Option<CallbackFactory>,
     slots: Slots,
     /// Node-wide byte and trust counters since start.
     counters: Counters,
     /// Where the metrics are served.
     metrics_addr: Mutex<Option<std::net::SocketAddr>>,
-    /// Acknowledged and Cancelled jobs still answered by [`Node::info`], oldest first, with
-    /// their estimated sizes in bytes; see [`Node::retire`].
-    retired: Mutex<std::collections::VecDeque<(JobId, usize)>>,
 }
-
-/// The most final (Acknowledged, Cancelled) jobs a node still answers [`Node::info`] for; older
-/// ones are forgotten, as BITS forgets a job once it is complete or cancelled.
-const RETIRED_JOBS: usize = 256;
-/// The most bytes (estimated from their strings) those final jobs may take together.
-const RETIRED_BYTES: usize = 16 << 20;
 
 /// The atomics behind [`crate::node::stats::NodeStats`].
 #[derive(Debug, Default)]
@@ -577,22 +574,6 @@ impl std::fmt::Debug for Node {
             .field("peer_id", &self.peer_id())
             .finish_non_exhaustive()
     }
-}
-
-/// A job's size in memory, estimated from its strings and files, in bytes.
-fn job_size(info: &JobInfo) -> usize {
-    let path = |p: &Path| p.as_os_str().len();
-    512 + info.display_name.len()
-        + info
-            .files
-            .iter()
-            .map(|f| {
-                512 + f.url.as_str().len()
-                    + path(&f.local_name)
-                    + path(&f.temp_name)
-                    + f.ranges.len() * 16
-            })
-            .sum::<usize>()
 }
 
 fn temp_name_for(local: &Path, job: JobId) -> PathBuf {
@@ -765,16 +746,14 @@ impl Node {
     }
 
     /// Writes this month's upload count to the state database, if any.
-    fn keep_upload_month(&self) {
-        let state = self
-            .inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(state) = state {
+    async fn keep_upload_month(&self) {
+        if let Some(state) = &self.inner.state {
             let (month, bytes) = self.inner.env.bandwidth.month();
-            if let Err(e) = state.put_meta(UPLOAD_MONTH, format!("{month} {bytes}").as_bytes()) {
+            let value = format!("{month} {bytes}");
+            if let Some(Err(e)) = state
+                .run(move |s| s.put_meta(UPLOAD_MONTH, value.as_bytes()))
+                .await
+            {
                 warn!("cannot store this month's uploads: {e}");
             }
         }
@@ -793,8 +772,7 @@ impl Node {
                 }
                 let now = node.inner.env.bandwidth.month();
                 if now != kept {
-                    let n = node.clone();
-                    let _ = tokio::task::spawn_blocking(move || n.keep_upload_month()).await;
+                    node.keep_upload_month().await;
                     kept = now;
                 }
             }
@@ -864,21 +842,7 @@ impl Node {
     /// The content ids and SHA-256s of the transferred files of jobs that are not Acknowledged
     /// or Cancelled: the cache keeps them (and counts them against its limit).
     fn content_in_use(&self) -> HashSet<HaveKey> {
-        let slots: Vec<_> = self.lock_jobs().values().cloned().collect();
-        let mut keys = HashSet::new();
-        for slot in slots {
-            let rec = lock(&slot);
-            if rec.info.state.is_final() {
-                continue;
-            }
-            // Only what a job transferred: naming a digest as expected does not keep another
-            // user's cached content from eviction.
-            for f in rec.info.files.iter().filter(|f| f.transferred) {
-                keys.extend(f.content_id.map(|id| HaveKey::Blake3(*id.hash())));
-                keys.extend(f.sha256.map(HaveKey::Sha256));
-            }
-        }
-        keys
+        registry::Registry::in_use(&self.inner.views.borrow())
     }
 
     /// Sweeps the cache every [`crate::store::cache::SWEEP_INTERVAL`] and after a file entered it.
@@ -986,8 +950,9 @@ impl Node {
     ///
     /// # Errors
     /// [`Error::State`] when the job cannot be stored (with a state directory).
-    pub fn create_job(&self, display_name: &str, priority: Priority) -> Result<JobId, Error> {
+    pub async fn create_job(&self, display_name: &str, priority: Priority) -> Result<JobId, Error> {
         self.create_job_with(display_name, priority, None, None)
+            .await
     }
 
     /// Creates a job owned by the Unix user `owner` (the daemon's API caller; `None` for the
@@ -995,7 +960,7 @@ impl Node {
     ///
     /// # Errors
     /// [`Error::State`] when the job cannot be stored (with a state directory).
-    pub fn create_job_with(
+    pub async fn create_job_with(
         &self,
         display_name: &str,
         priority: Priority,
@@ -1008,8 +973,8 @@ impl Node {
             retry_delay: self.inner.retry_delay,
             ..JobProperties::default()
         });
-        let mut record = JobRecord {
-            info: JobInfo {
+        let mut record = JobRecord::new(
+            JobInfo {
                 id,
                 display_name: display_name.to_owned(),
                 priority,
@@ -1023,232 +988,57 @@ impl Node {
                 modified: now,
                 transfer_completed: None,
             },
-            callback: None,
-            files: Vec::new(),
-            runner: Runner::Idle,
-            task: None,
-            wake: Arc::default(),
-            transient_since: None,
-            touched: tokio::time::Instant::now(),
-        };
+            Vec::new(),
+        );
         if let Some(f) = &self.inner.callbacks {
             record.callback = f(&record.info);
         }
-        self.save(&record)?;
-        self.lock_jobs().insert(id, Arc::new(Mutex::new(record)));
+        let record = Box::new(record);
+        self.registry()
+            .call(|reply| Command::Create { record, reply })
+            .await?;
         Ok(id)
     }
 
-    /// The state database, if the node has one and is not shut down.
-    fn state(&self) -> Option<Arc<StateStore>> {
+    /// The job registry's handle.
+    fn registry(&self) -> &registry::Handle {
+        &self.inner.registry
+    }
+
+    /// The published snapshot of `job`.
+    fn view(&self, job: JobId) -> Result<registry::JobView, Error> {
         self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Writes a job's record to the state database (or removes it once final). Without a
-    /// state directory it does nothing.
-    fn save(&self, rec: &JobRecord) -> Result<(), Error> {
-        let Some(state) = self.state() else {
-            return Ok(());
-        };
-        if rec.info.state.is_final() {
-            state.remove_job(rec.info.id)?;
-            return Ok(());
-        }
-        let files: Vec<(u32, FileDisk)> = rec
-            .info
-            .files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                (
-                    u32::try_from(i).unwrap_or(u32::MAX),
-                    FileDisk::of(
-                        f,
-                        rec.files[i].origin_only,
-                        rec.files[i].completed,
-                        rec.files[i].local,
-                    ),
-                )
-            })
-            .collect();
-        state.put_job(rec.info.id, &JobDisk::of(&rec.info), &files)?;
-        Ok(())
-    }
-
-    /// [`Node::save`] for the runner, which has nobody to return an error to: logs it.
-    fn save_logged(&self, rec: &JobRecord) {
-        if let Err(e) = self.save(rec) {
-            warn!(job = %rec.info.id, "cannot store the job: {e}");
-        }
-    }
-
-    /// Reloads the jobs of the state database (at build).
-    fn restore(&self, stored: Vec<StoredJob>) {
-        for s in stored {
-            let id = s.id;
-            let mut files = Vec::with_capacity(s.files.len());
-            let mut flags = Vec::with_capacity(s.files.len());
-            let mut bad = None;
-            for (i, f) in s.files.iter().enumerate() {
-                match f.file.to_info(&format!("job {id} file {i}")) {
-                    Ok(mut info) => {
-                        info.bytes_transferred = ResumePoint::from_stored(
-                            f.pieces.as_deref(),
-                            f.resume.as_ref(),
-                            f.layer.as_deref(),
-                            &info.expected,
-                        )
-                        .map_or(0, |r| r.bytes());
-                        if info.transferred {
-                            info.bytes_transferred = info.bytes_total.unwrap_or(0);
-                        }
-                        files.push(info);
-                        flags.push((f.file.origin_only, f.file.completed));
-                    }
-                    Err(e) => bad = Some(e),
-                }
-            }
-            let info = match bad {
-                Some(e) => Err(e),
-                None => s.job.to_info(id, files),
-            };
-            let mut info = match info {
-                Ok(i) => i,
-                Err(e) => {
-                    warn!(job = %id, "cannot restore the job: {e}");
-                    continue;
-                }
-            };
-            // Files that verified keep serving; a vanished temporary file is an error.
-            let mut vanished = None;
-            let owner = info.owner;
-            for (i, f) in info.files.iter().enumerate() {
-                let done = f.transferred && !flags[i].1;
-                let ids = s.files[i].file.local;
-                // Only the owner's view of the path, and no open: nothing a user put there
-                // (a FIFO, a symlink) can block or mislead the start.
-                let there = |p: &Path| {
-                    crate::store::fsuser::as_owner(owner, || std::fs::symlink_metadata(p)).ok()
-                };
-                if done && there(&f.temp_name).is_none() {
-                    // Complete renamed it just before the stop, before it could record that.
-                    if renamed_already(there(&f.local_name), &ids) {
-                        flags[i].1 = true;
-                        continue;
-                    }
-                    vanished = Some(i);
-                }
-                if done
-                    && let Some(identity) = ids.verified
-                    && let Some(layer) = s.files[i].layer.as_ref().and_then(|cvs| {
-                        f.content_id
-                            .and_then(|id| PieceLayer::verify(id, cvs.clone()).ok())
-                    })
-                {
-                    // Served only while the temporary file is the one that verified.
-                    let count = layer.content_id().piece_count();
-                    self.inner.env.store.insert(
-                        layer,
-                        Bitfield::full(count),
-                        f.temp_name.clone(),
-                        Backing::Named { owner, identity },
-                    );
-                    if let (Some(id), Some(sha)) = (f.content_id, f.sha256) {
-                        self.inner.env.store.set_sha256(&id, sha);
-                    }
-                }
-            }
-            let was = info.state;
-            if let Some(i) = vanished
-                && !was.is_final()
-            {
-                info.state = State::Error;
-                info.error = Some(JobError {
-                    context: ErrorContext::LocalFile,
-                    file: Some(i),
-                    description: format!(
-                        "{}: the temporary file of a transferred file vanished",
-                        info.files[i].temp_name.display()
-                    ),
-                });
-            } else if was.is_active() {
-                // It was working when the node stopped: it goes on.
-                info.state = State::Queued;
-            }
-            info!(job = %id, state = %info.state, "restored job");
-            let idle = SystemTime::now()
-                .duration_since(info.modified)
-                .unwrap_or_default();
-            let now = tokio::time::Instant::now();
-            let callback = self.inner.callbacks.as_ref().and_then(|f| f(&info));
-            let record = JobRecord {
-                files: flags
-                    .iter()
-                    .zip(&s.files)
-                    .map(|(&(origin_only, completed), f)| FileRecord {
-                        origin_only,
-                        completed,
-                        left: None,
-                        local: f.file.local,
-                    })
-                    .collect(),
-                info,
-                callback,
-                runner: Runner::Idle,
-                task: None,
-                wake: Arc::default(),
-                transient_since: None,
-                touched: now.checked_sub(idle).unwrap_or(now),
-            };
-            if record.info.state != was {
-                self.save_logged(&record);
-            }
-            let state = record.info.state;
-            let slot = Arc::new(Mutex::new(record));
-            self.lock_jobs().insert(id, slot.clone());
-            match state {
-                State::Queued => self.start_runner(id, &slot),
-                // Notifications nobody acknowledged before the stop are delivered again.
-                State::Transferred | State::Error => self.start_notifier(id, &slot),
-                _ => {}
-            }
-        }
-    }
-
-    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<Mutex<JobRecord>>>> {
-        self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn job(&self, id: JobId) -> Result<Arc<Mutex<JobRecord>>, Error> {
-        self.lock_jobs()
-            .get(&id)
+            .views
+            .borrow()
+            .get(&job)
             .cloned()
-            .ok_or(Error::UnknownJob(id))
+            .ok_or(Error::UnknownJob(job))
     }
 
     /// Sets the job's callback (BITS `SetNotifyInterface`).
     ///
     /// # Errors
     /// [`Error::UnknownJob`].
-    pub fn set_callback(&self, job: JobId, callback: Arc<dyn Callback>) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        lock(&slot).callback = Some(callback);
-        Ok(())
+    pub async fn set_callback(&self, job: JobId, callback: Arc<dyn Callback>) -> Result<(), Error> {
+        self.registry()
+            .call(|reply| Command::SetCallback {
+                job,
+                callback,
+                reply,
+            })
+            .await
     }
 
     /// Sets the job's retry delay (BITS `SetMinimumRetryDelay`).
     ///
     /// # Errors
     /// [`Error::UnknownJob`], [`Error::State`].
-    pub fn set_retry_delay(&self, job: JobId, delay: Duration) -> Result<(), Error> {
-        self.modify(job, |info| {
+    pub async fn set_retry_delay(&self, job: JobId, delay: Duration) -> Result<(), Error> {
+        self.modify(job, move |info| {
             info.properties.retry_delay = delay;
             Ok(())
         })
+        .await
     }
 
     /// Changes a job's display name, priority or properties (BITS `SetDisplayName`,
@@ -1258,31 +1048,15 @@ impl Node {
     /// # Errors
     /// What `change` returns, [`Error::InvalidState`] on a final job, [`Error::UnknownJob`],
     /// [`Error::State`].
-    pub fn modify(
+    pub async fn modify(
         &self,
         job: JobId,
-        change: impl FnOnce(&mut JobInfo) -> Result<(), Error>,
+        change: impl FnOnce(&mut JobInfo) -> Result<(), Error> + Send + 'static,
     ) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        let mut rec = lock(&slot);
-        if rec.info.state.is_final() {
-            return Err(InvalidState {
-                from: rec.info.state,
-                transition: Transition::AddFile,
-            }
-            .into());
-        }
-        let mut info = rec.info.clone();
-        change(&mut info)?;
-        rec.info.display_name = info.display_name;
-        if rec.info.priority != info.priority {
-            self.inner.slots.set_priority(job, info.priority);
-        }
-        rec.info.priority = info.priority;
-        rec.info.properties = info.properties;
-        rec.info.modified = SystemTime::now();
-        rec.touched = tokio::time::Instant::now();
-        self.save(&rec)
+        let change = Box::new(change);
+        self.registry()
+            .call(|reply| Command::Modify { job, change, reply })
+            .await
     }
 
     /// Adds a file to a job (BITS `AddFile`). Adding to a Transferred job queues it again.
@@ -1291,7 +1065,7 @@ impl Node {
     /// [`Error::BadUrl`] for a scheme other than http/https, [`Error::BadLocalName`],
     /// [`Error::DuplicateLocalName`], [`Error::InvalidState`] on a final job,
     /// [`Error::UnknownJob`].
-    pub fn add_file(&self, job: JobId, spec: FileSpec) -> Result<(), Error> {
+    pub async fn add_file(&self, job: JobId, spec: FileSpec) -> Result<(), Error> {
         if !matches!(spec.url.scheme(), "http" | "https") {
             return Err(Error::BadUrl {
                 url: spec.url.to_string(),
@@ -1299,15 +1073,19 @@ impl Node {
             });
         }
         check_ranges(&spec.ranges)?;
-        let slot = self.job(job)?;
-        let owner = lock(&slot).info.owner;
+        let owner = self.view(job)?.info.owner;
+        let local = spec.local_name.clone();
         // As the owner sees it: the daemon tells a user nothing of paths the user may not see.
-        let dir = crate::store::fsuser::as_owner(owner, || {
-            check_local_name(&spec.local_name).map_err(std::io::Error::other)?;
-            let dir = crate::store::fsuser::dir_identity(&spec.local_name)?;
-            crate::store::fsuser::may_create_in(&spec.local_name)?;
-            Ok(dir)
+        let dir = tokio::task::spawn_blocking(move || {
+            crate::store::fsuser::as_owner(owner, || {
+                check_local_name(&local).map_err(std::io::Error::other)?;
+                let dir = crate::store::fsuser::dir_identity(&local)?;
+                crate::store::fsuser::may_create_in(&local)?;
+                Ok(dir)
+            })
         })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 return Error::Io {
@@ -1323,74 +1101,40 @@ impl Node {
                 },
             }
         })?;
-        let start = {
-            let mut rec = lock(&slot);
-            if rec
-                .info
-                .files
-                .iter()
-                .any(|f| f.local_name == spec.local_name)
-            {
-                return Err(Error::DuplicateLocalName(spec.local_name));
-            }
-            let to = next_state(rec.info.state, Transition::AddFile)?;
-            rec.info.files.push(FileInfo {
-                temp_name: temp_name_for(&spec.local_name, job),
-                url: spec.url,
-                local_name: spec.local_name,
-                expected: spec.expected,
-                ranges: spec.ranges,
-                content_id: None,
-                sha256: None,
-                bytes_total: None,
-                bytes_transferred: 0,
-                bytes_from_peers: 0,
-                bytes_from_origin: 0,
-                bytes_from_lan_peers: 0,
-                bytes_from_group_peers: 0,
-                bytes_from_cache: 0,
-                transferred: false,
-                validation_state: ValidationState::Unknown,
-            });
-            rec.files.push(FileRecord {
-                origin_only: false,
-                completed: false,
-                left: None,
-                local: LocalIds {
-                    dir: Some(dir),
-                    verified: None,
-                },
-            });
-            let changed = to != rec.info.state;
-            self.set_state(&mut rec, to);
-            if let Err(e) = self.save(&rec) {
-                // Not stored, so not added: the caller may try again.
-                rec.info.files.pop();
-                rec.files.pop();
-                return Err(e);
-            }
-            changed && to == State::Queued
+        let file = FileInfo {
+            temp_name: temp_name_for(&spec.local_name, job),
+            url: spec.url,
+            local_name: spec.local_name,
+            expected: spec.expected,
+            ranges: spec.ranges,
+            content_id: None,
+            sha256: None,
+            bytes_total: None,
+            bytes_transferred: 0,
+            bytes_from_peers: 0,
+            bytes_from_origin: 0,
+            bytes_from_lan_peers: 0,
+            bytes_from_group_peers: 0,
+            bytes_from_cache: 0,
+            transferred: false,
+            validation_state: ValidationState::Unknown,
         };
-        if start {
-            self.start_runner(job, &slot);
-        }
-        Ok(())
-    }
-
-    fn set_state(&self, rec: &mut JobRecord, to: State) {
-        let changed = rec.info.state != to;
-        rec.info.state = to;
-        rec.info.modified = SystemTime::now();
-        rec.touched = tokio::time::Instant::now();
-        if changed {
-            let _ = self.inner.events.send(Event::JobModification {
-                job: rec.info.id,
-                state: to,
-            });
-            if let Some(cb) = &rec.callback {
-                cb.job_modification(rec.info.clone());
-            }
-        }
+        let record = FileRecord {
+            origin_only: false,
+            completed: false,
+            left: None,
+            local: LocalIds {
+                dir: Some(dir),
+                verified: None,
+            },
+        };
+        self.registry()
+            .call(|reply| Command::AddFile {
+                job,
+                file: Box::new((file, record)),
+                reply,
+            })
+            .await
     }
 
     /// Starts or restarts a job (BITS `Resume`).
@@ -1398,213 +1142,54 @@ impl Node {
     /// # Errors
     /// [`Error::Empty`] without files (BITS `BG_E_EMPTY`), [`Error::InvalidState`] on a final
     /// job, [`Error::UnknownJob`].
-    pub fn resume(&self, job: JobId) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        {
-            let mut rec = lock(&slot);
-            if rec.info.files.is_empty() {
-                return Err(Error::Empty(job));
-            }
-            let to = next_state(rec.info.state, Transition::Resume)?;
-            if to == State::Queued {
-                rec.info.error = None;
-            }
-            self.set_state(&mut rec, to);
-            self.save(&rec)?;
-        }
-        self.start_runner(job, &slot);
-        Ok(())
+    pub async fn resume(&self, job: JobId) -> Result<(), Error> {
+        self.registry()
+            .call(|reply| Command::Resume { job, reply })
+            .await
     }
 
     /// Pauses a job (BITS `Suspend`); its temporary files stay.
     ///
     /// # Errors
     /// [`Error::InvalidState`] on a Transferred or final job, [`Error::UnknownJob`].
-    pub fn suspend(&self, job: JobId) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        let mut rec = lock(&slot);
-        let to = next_state(rec.info.state, Transition::Suspend)?;
-        rec.runner.stop();
-        self.set_state(&mut rec, to);
-        self.save(&rec)
+    pub async fn suspend(&self, job: JobId) -> Result<(), Error> {
+        self.registry()
+            .call(|reply| Command::Suspend { job, reply })
+            .await
     }
 
     /// Cancels a job (BITS `Cancel`): stops it and deletes its temporary files.
     ///
     /// # Errors
     /// [`Error::InvalidState`] on a final job, [`Error::UnknownJob`].
-    pub fn cancel(&self, job: JobId) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        let mut rec = lock(&slot);
-        let to = next_state(rec.info.state, Transition::Cancel)?;
-        rec.runner.stop();
-        // The state first: a crash after it leaves stray temporary files, never a live job
-        // whose files are gone.
-        self.set_state(&mut rec, to);
-        self.save(&rec)?;
-        for f in &rec.info.files {
-            self.forget_temp(f, rec.info.owner);
-        }
-        let size = job_size(&rec.info);
-        drop(rec);
-        self.retire(job, size);
-        Ok(())
-    }
-
-    /// A final job leaves the node's memory but for a bounded list of the most recent ones
-    /// ([`RETIRED_JOBS`], [`RETIRED_BYTES`]), which [`Node::info`] still answers for; older
-    /// ones are forgotten ([`Error::UnknownJob`]). Called without any job's lock held.
-    fn retire(&self, job: JobId, size: usize) {
-        let gone: Vec<JobId> = {
-            let mut retired = self.inner.retired.lock().unwrap_or_else(|e| e.into_inner());
-            retired.push_back((job, size));
-            let mut bytes: usize = retired.iter().map(|(_, b)| b).sum();
-            let mut gone = Vec::new();
-            while retired.len() > RETIRED_JOBS || bytes > RETIRED_BYTES {
-                let Some((old, b)) = retired.pop_front() else {
-                    break;
-                };
-                bytes -= b;
-                gone.push(old);
+    pub async fn cancel(&self, job: JobId) -> Result<(), Error> {
+        let (owner, temps) = self
+            .registry()
+            .call(|reply| Command::Cancel { job, reply })
+            .await?;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in temps {
+                let _ = crate::store::fsuser::as_owner(owner, || std::fs::remove_file(&t));
             }
-            gone
-        };
-        let mut jobs = self.lock_jobs();
-        for id in gone {
-            jobs.remove(&id);
-        }
-    }
-
-    fn forget_temp(&self, f: &FileInfo, owner: Option<u32>) {
-        if let Some(id) = &f.content_id {
-            self.inner.env.store.remove_at(id, &f.temp_name);
-        }
-        let _ = crate::store::fsuser::as_owner(owner, || std::fs::remove_file(&f.temp_name));
+        })
+        .await;
+        Ok(())
     }
 
     /// Ends a job (BITS `Complete`): renames each transferred and validated file's temporary
     /// file to its local name, deletes the other temporary files, and moves the job to
     /// Acknowledged. Called during a transfer, only the files already transferred are kept.
+    /// The renames go on if the returned future is dropped.
     ///
     /// # Errors
     /// [`Error::InvalidState`] on a Cancelled or Acknowledged job, [`Error::Io`] when a rename
     /// fails (the job then keeps its state and its remaining temporary files, so Complete can
     /// be called again), [`Error::UnknownJob`].
-    pub fn complete(&self, job: JobId) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        let mut rec = lock(&slot);
-        let to = next_state(rec.info.state, Transition::Complete)?;
-        rec.runner.stop();
-        for i in 0..rec.info.files.len() {
-            let f = rec.info.files[i].clone();
-            if rec.files[i].completed {
-                continue;
-            }
-            if !f.transferred {
-                self.forget_temp(&f, rec.info.owner);
-                continue;
-            }
-            if f.local_name.is_dir() {
-                return Err(Error::BadLocalName {
-                    path: f.local_name.clone(),
-                    reason: "it became a directory".into(),
-                });
-            }
-            // As the job's owner: the rename is checked as the user would be (a directory
-            // swapped for a symlink since the file was added leads nowhere the user may not
-            // write; a sticky directory keeps other users' files). Only the file that
-            // verified is renamed, within the directory the file was added in.
-            let ids = rec.files[i].local;
-            let recheck = |file: &std::fs::File| -> std::io::Result<bool> {
-                let Some(id) = f.content_id else {
-                    return Ok(false);
-                };
-                let d = shoal_validator::hash_reader(
-                    std::io::BufReader::new(file.try_clone()?),
-                    id.length(),
-                )
-                .map_err(std::io::Error::other)?;
-                Ok(d.is(&id, f.sha256))
-            };
-            let renamed = crate::store::fsuser::as_owner(rec.info.owner, || {
-                Ok(crate::store::fsuser::rename_verified(
-                    &f.temp_name,
-                    &f.local_name,
-                    &ids,
-                    recheck,
-                ))
-            })
-            .unwrap_or_else(|e| Err(RenameError::Io(e)));
-            let identity = match renamed {
-                Ok(identity) => identity,
-                Err(RenameError::Io(e)) => {
-                    return Err(Error::Io {
-                        path: f.local_name.clone(),
-                        source: e,
-                    });
-                }
-                Err(RenameError::NotVerified(reason)) => {
-                    return Err(self.complete_refused(&mut rec, i, reason));
-                }
-            };
-            rec.files[i].local.verified = Some(identity);
-            if let Some(id) = &f.content_id {
-                self.inner.env.store.relocate(
-                    id,
-                    &f.temp_name,
-                    f.local_name.clone(),
-                    Backing::Named {
-                        owner: rec.info.owner,
-                        identity,
-                    },
-                );
-            }
-            rec.files[i].completed = true;
-            self.save(&rec)?;
-        }
-        self.set_state(&mut rec, to);
-        self.save(&rec)?;
-        let size = job_size(&rec.info);
-        drop(rec);
-        self.retire(job, size);
-        Ok(())
-    }
-
-    /// Complete found that file `i` is not the file that verified: the file counts as not
-    /// transferred (its pieces and its served entry are forgotten), and the job goes to
-    /// Error with the LocalFile context naming it; a Resume downloads it again.
-    fn complete_refused(&self, rec: &mut JobRecord, i: usize, reason: String) -> Error {
-        let f = &mut rec.info.files[i];
-        warn!(job = %rec.info.id, file = i, "Complete refused: {reason}");
-        if let Some(id) = &f.content_id {
-            self.inner.env.store.remove_at(id, &f.temp_name);
-        }
-        f.transferred = false;
-        f.bytes_transferred = 0;
-        f.validation_state = ValidationState::Unknown;
-        let path = f.temp_name.clone();
-        rec.files[i].local.verified = None;
-        if let Some(state) = self.state()
-            && let Err(e) = state.clear_pieces(rec.info.id, u32::try_from(i).unwrap_or(u32::MAX))
-        {
-            warn!(job = %rec.info.id, "cannot forget the pieces of a refused file: {e}");
-        }
-        let error = JobError {
-            context: ErrorContext::LocalFile,
-            file: Some(i),
-            description: format!("{reason}; resume the job to download it again"),
-        };
-        rec.info.error = Some(error.clone());
-        self.set_state(rec, State::Error);
-        self.save_logged(rec);
-        let _ = self.inner.events.send(Event::JobError {
-            job: rec.info.id,
-            error,
-        });
-        Error::Io {
-            path,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
-        }
+    pub async fn complete(&self, job: JobId) -> Result<(), Error> {
+        let node = self.clone();
+        tokio::spawn(async move { complete::run(&node, job).await })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
     }
 
     /// A snapshot of a job (BITS `GetState`, `GetProgress`, `GetError`, `GetTimes`).
@@ -1612,8 +1197,7 @@ impl Node {
     /// # Errors
     /// [`Error::UnknownJob`].
     pub fn info(&self, job: JobId) -> Result<JobInfo, Error> {
-        let slot = self.job(job)?;
-        Ok(lock(&slot).info.clone())
+        Ok(self.view(job)?.info)
     }
 
     /// Adds verified bytes from `source` (`None`: the origin) to the node-wide counters.
@@ -1635,15 +1219,19 @@ impl Node {
     /// Whether file `index` of `job` comes from the origin alone (the caller rejected its peer
     /// content).
     pub(crate) fn origin_only(&self, job: JobId, index: usize) -> bool {
-        self.job(job)
-            .is_ok_and(|slot| lock(&slot).files.get(index).is_some_and(|f| f.origin_only))
+        self.view(job)
+            .is_ok_and(|v| v.origin_only.get(index).copied().unwrap_or(false))
     }
 
     /// Snapshots of every job.
     #[must_use]
     pub fn jobs(&self) -> Vec<JobInfo> {
-        let slots: Vec<_> = self.lock_jobs().values().cloned().collect();
-        slots.iter().map(|s| lock(s).info.clone()).collect()
+        self.inner
+            .views
+            .borrow()
+            .values()
+            .map(|v| v.info.clone())
+            .collect()
     }
 
     /// Stops the node: cancels running jobs' transfers and the swarm, waits until every job
@@ -1651,7 +1239,7 @@ impl Node {
     /// state they were in, for the next start).
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
-        self.keep_upload_month();
+        self.keep_upload_month().await;
         let task = self
             .inner
             .swarm_task
@@ -1662,75 +1250,16 @@ impl Node {
             let _ = t.await;
         }
         // Every runner was cancelled with the node's token: wait until each has stopped.
-        let tasks: Vec<_> = self
-            .lock_jobs()
-            .values()
-            .filter_map(|slot| lock(slot).task.take())
-            .collect();
+        let tasks = self
+            .registry()
+            .ask(|reply| Command::Shutdown { reply })
+            .await
+            .unwrap_or_default();
         for t in tasks {
             let _ = t.await;
         }
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-    }
-
-    /// Starts a runner for a Queued job, unless one is at work already; one that only waits
-    /// out a retry delay or delivers a notification is replaced ([`Runner::is_replaceable`]).
-    fn start_runner(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
-        let mut rec = lock(slot);
-        if rec.info.state != State::Queued || !rec.runner.is_replaceable() {
-            return;
-        }
-        let token = self.inner.shutdown.child_token();
-        let (node, slot2, t) = (self.clone(), slot.clone(), token.clone());
-        let previous = rec.task.take();
-        let task = rec
-            .runner
-            .start(token, Doing::WaitingSlot, previous, async move {
-                node.run_job(job, &slot2, &t).await;
-                lock(&slot2).runner.ended(&t);
-            });
-        rec.task = Some(task);
-    }
-
-    /// Moves the job on `t` unless the runner was stopped; false when it was.
-    fn runner_transition(
-        &self,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-        t: Transition,
-    ) -> bool {
-        let mut rec = lock(slot);
-        if token.is_cancelled() {
-            return false;
-        }
-        match next_state(rec.info.state, t) {
-            Ok(to) => {
-                self.set_state(&mut rec, to);
-                self.save_logged(&rec);
-                true
-            }
-            Err(e) => {
-                warn!("runner transition refused: {e}");
-                false
-            }
-        }
-    }
-
-    /// Waits `d`, or less if [`Node::retry_now`] wakes the job; false when cancelled.
-    async fn sleep_or_cancel(
-        token: &CancellationToken,
-        slot: &Arc<Mutex<JobRecord>>,
-        d: Duration,
-    ) -> bool {
-        let wake = lock(slot).wake.clone();
-        tokio::select! {
-            () = token.cancelled() => false,
-            () = tokio::time::sleep(d) => true,
-            () = wake.notified() => true,
+        if let Some(state) = &self.inner.state {
+            state.close().await;
         }
     }
 
@@ -1740,95 +1269,10 @@ impl Node {
     ///
     /// # Errors
     /// [`Error::UnknownJob`].
-    pub fn retry_now(&self, job: JobId) -> Result<(), Error> {
-        let slot = self.job(job)?;
-        lock(&slot).wake.notify_one();
-        Ok(())
-    }
-
-    /// Delivers JobTransferred to the job's callback until it returns Ok or the job leaves
-    /// Transferred (BITS: called until S_OK is returned).
-    async fn deliver_transferred(
-        &self,
-        job: JobId,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-    ) {
-        loop {
-            let (info, cb) = {
-                let rec = lock(slot);
-                (rec.info.clone(), rec.callback.clone())
-            };
-            let Some(cb) = cb else { return };
-            if info.state != State::Transferred || token.is_cancelled() {
-                return;
-            }
-            let delay = info.properties.retry_delay;
-            // The callback goes first: one that completes the job itself (and so cancels this
-            // runner) still finishes its work; a cancellation ends only a long wait.
-            let delivered = tokio::select! {
-                biased;
-                r = cb.job_transferred(info) => r,
-                () = token.cancelled() => return,
-            };
-            match delivered {
-                Ok(()) => return,
-                Err(e) => {
-                    warn!(%job, "JobTransferred not acknowledged, again in {delay:?}: {e}");
-                    if !Self::sleep_or_cancel(token, slot, delay).await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Delivers JobError until the callback returns Ok or the job leaves Error.
-    async fn deliver_error(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken) {
-        loop {
-            let (info, cb) = {
-                let rec = lock(slot);
-                (rec.info.clone(), rec.callback.clone())
-            };
-            let (Some(cb), Some(error)) = (cb, info.error.clone()) else {
-                return;
-            };
-            if info.state != State::Error || token.is_cancelled() {
-                return;
-            }
-            let delay = info.properties.retry_delay;
-            let delivered = tokio::select! {
-                biased;
-                r = cb.job_error(info, error) => r,
-                () = token.cancelled() => return,
-            };
-            if delivered.is_ok() || !Self::sleep_or_cancel(token, slot, delay).await {
-                return;
-            }
-        }
-    }
-
-    /// Runs the notification delivery of a reloaded Transferred or Error job.
-    fn start_notifier(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>) {
-        let mut rec = lock(slot);
-        if rec.runner.is_live() || rec.callback.is_none() {
-            return;
-        }
-        let token = self.inner.shutdown.child_token();
-        let state = rec.info.state;
-        let (node, slot2, t) = (self.clone(), slot.clone(), token.clone());
-        let previous = rec.task.take();
-        let task = rec
-            .runner
-            .start(token, Doing::Notifying, previous, async move {
-                match state {
-                    State::Transferred => node.deliver_transferred(job, &slot2, &t).await,
-                    State::Error => node.deliver_error(&slot2, &t).await,
-                    _ => {}
-                }
-                lock(&slot2).runner.ended(&t);
-            });
-        rec.task = Some(task);
+    pub async fn retry_now(&self, job: JobId) -> Result<(), Error> {
+        self.registry()
+            .call(|reply| Command::RetryNow { job, reply })
+            .await
     }
 
     /// Cancels, every so often, jobs idle for longer than `timeout`.
@@ -1842,443 +1286,145 @@ impl Node {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(period) => {}
                 }
-                let idle: Vec<JobId> = node
-                    .lock_jobs()
-                    .iter()
-                    .filter(|(_, slot)| {
-                        let rec = lock(slot);
-                        !rec.info.state.is_final() && rec.touched.elapsed() >= timeout
-                    })
-                    .map(|(id, _)| *id)
-                    .collect();
+                let idle = node
+                    .registry()
+                    .ask(|reply| Command::Idle { timeout, reply })
+                    .await
+                    .unwrap_or_default();
                 for job in idle {
                     info!(%job, "no change for {timeout:?}: cancelling (inactivity timeout)");
-                    if let Err(e) = node.cancel(job) {
+                    if let Err(e) = node.cancel(job).await {
                         warn!(%job, "cannot cancel an inactive job: {e}");
                     }
                 }
             }
         });
     }
-
-    /// Moves the job to Error with `error` and broadcasts JobError; the runner delivers the
-    /// notification after it gave up its transfer slot.
-    fn fail(&self, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken, error: JobError) {
-        let job = {
-            let mut rec = lock(slot);
-            rec.info.error = Some(error.clone());
-            rec.info.id
-        };
-        if !self.runner_transition(slot, token, Transition::Fail) {
-            return;
-        }
-        warn!(%job, "job error: {error}");
-        let _ = self.inner.events.send(Event::JobError { job, error });
-    }
-
-    /// The life of a queued job: wait for a transfer slot, transfer, and deliver the
-    /// notifications once the slot is given back.
-    async fn run_job(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, token: &CancellationToken) {
-        loop {
-            let priority = lock(slot).info.priority;
-            let Some(guard) = self.inner.slots.acquire(job, priority, token).await else {
-                return;
-            };
-            if !lock(slot).runner.set(token, Doing::Transferring) {
-                return;
-            }
-            let end = self.transfer(job, slot, &guard.preempt).await;
-            let preempted = guard.preempt.is_cancelled() && !token.is_cancelled();
-            drop(guard);
-            if token.is_cancelled() {
-                return;
-            }
-            let state = lock(slot).info.state;
-            match end {
-                // Preempted, possibly while failing or finishing: the transition that would
-                // have ended the run was refused, so the job queues again.
-                _ if preempted
-                    && matches!(
-                        state,
-                        State::Queued | State::Connecting | State::Transferring
-                    ) =>
-                {
-                    info!(%job, "yielding the transfer slot");
-                    if !self.runner_transition(slot, token, Transition::Requeue)
-                        || !lock(slot).runner.set(token, Doing::WaitingSlot)
-                    {
-                        return;
-                    }
-                }
-                Ended::Stopped => return,
-                Ended::Transient(delay) => {
-                    let go_on = lock(slot).runner.set(token, Doing::RetryWait)
-                        && Self::sleep_or_cancel(token, slot, delay).await
-                        && self.runner_transition(slot, token, Transition::Retry)
-                        && lock(slot).runner.set(token, Doing::WaitingSlot);
-                    if !go_on {
-                        return;
-                    }
-                }
-                Ended::Failed => {
-                    lock(slot).runner.set(token, Doing::Notifying);
-                    self.deliver_error(slot, token).await;
-                    return;
-                }
-                Ended::Transferred => {
-                    lock(slot).runner.set(token, Doing::Notifying);
-                    let _ = self.inner.events.send(Event::JobTransferred { job });
-                    self.deliver_transferred(job, slot, token).await;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The transfer of every file not yet transferred, while the job holds a slot. `token` is
-    /// the slot's preempt token (a child of the runner's).
-    #[allow(clippy::too_many_lines)]
-    async fn transfer(
-        &self,
-        job: JobId,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-    ) -> Ended {
-        if !self.runner_transition(slot, token, Transition::Connect) {
-            return Ended::Stopped;
-        }
-        let mut i = 0;
-        loop {
-            if i >= lock(slot).info.files.len() {
-                match self.all_transferred(slot, token) {
-                    Ok(next) => i = next,
-                    Err(ended) => return ended,
-                }
-                continue;
-            }
-            let (mut task, done) = self.file_task(job, slot, i);
-            if done {
-                i += 1;
-                continue;
-            }
-            // With a state store, pick up the pieces an earlier run left on disk.
-            if let Some(d) = &task.durable {
-                let (store, index) = (d.store.clone(), d.index);
-                let file = lock(slot).info.files[i].clone();
-                if let Some(r) =
-                    tokio::task::spawn_blocking(move || store.resume_point(job, index, &file))
-                        .await
-                        .ok()
-                        .flatten()
-                {
-                    task.resume = Some(r);
-                }
-            }
-            let progress = |u: Update| self.on_update(slot, token, i, u);
-            let result = download::download_file(&self.inner.env, &task, token, &progress).await;
-            // Pieces verified and written by a download that stopped: the next run keeps them.
-            if result.is_err() {
-                let left = task.left.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(f) = lock(slot).files.get_mut(i) {
-                    f.left = left;
-                }
-            }
-            match result {
-                Ok(d) => match self.file_transferred(job, slot, token, &task, d).await {
-                    Ok(true) => i += 1,
-                    Ok(false) => {}
-                    Err(ended) => return ended,
-                },
-                Err(Failure::Cancelled) => return Ended::Stopped,
-                Err(Failure::Fatal(e)) => {
-                    self.fail(slot, token, e);
-                    return Ended::Failed;
-                }
-                Err(Failure::Transient(e)) => return self.transient(job, slot, token, e),
-            }
-        }
-    }
-
-    /// Every file is done, unless one was added meanwhile (`Ok`: its index): checked and moved
-    /// to Transferred under one lock, so that an AddFile cannot slip in between.
-    fn all_transferred(
-        &self,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-    ) -> Result<usize, Ended> {
-        let mut rec = lock(slot);
-        if token.is_cancelled() {
-            return Err(Ended::Stopped);
-        }
-        if let Some(next) = rec.info.files.iter().position(|f| !f.transferred) {
-            return Ok(next);
-        }
-        rec.info.transfer_completed = Some(SystemTime::now());
-        Err(
-            match next_state(rec.info.state, Transition::AllTransferred) {
-                Ok(to) => {
-                    self.set_state(&mut rec, to);
-                    self.save_logged(&rec);
-                    Ended::Transferred
-                }
-                Err(e) => {
-                    warn!("runner transition refused: {e}");
-                    Ended::Stopped
-                }
-            },
-        )
-    }
-
-    /// The download of file `i` (`true`: it is transferred already).
-    fn file_task(&self, job: JobId, slot: &Arc<Mutex<JobRecord>>, i: usize) -> (FileTask, bool) {
-        let mut rec = lock(slot);
-        let resume = rec.files.get_mut(i).and_then(|f| f.left.take());
-        let f = &rec.info.files[i];
-        (
-            FileTask {
-                index: i,
-                priority: rec.info.priority,
-                url: f.url.clone(),
-                expected: f.expected,
-                ranges: f.ranges.clone(),
-                temp: f.temp_name.clone(),
-                origin_only: rec.files[i].origin_only,
-                resume,
-                owner: rec.info.owner,
-                durable: self.state().map(|store| Durable {
-                    store,
-                    job,
-                    index: u32::try_from(i).unwrap_or(u32::MAX),
-                }),
-                left: Mutex::new(None),
-                cache_any_size: false,
-            },
-            f.transferred,
-        )
-    }
-
-    /// File `task.index` downloaded and verified: recorded, reported, and given to the
-    /// callback's verdict (BITS validation). `Ok(true)`: it is transferred; `Ok(false)`: it is
-    /// fetched again, from the origin (the caller rejected peer or cached content).
-    async fn file_transferred(
-        &self,
-        job: JobId,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-        task: &FileTask,
-        d: download::Downloaded,
-    ) -> Result<bool, Ended> {
-        let i = task.index;
-        let mut advance = false;
-        let (info, cb) = {
-            let mut rec = lock(slot);
-            let f = &mut rec.info.files[i];
-            f.content_id = Some(d.content_id);
-            f.sha256 = Some(d.sha256);
-            rec.files[i].local.verified = Some(d.identity);
-            self.save_logged(&rec);
-            (rec.info.clone(), rec.callback.clone())
-        };
-        if let Some(d2) = &task.durable {
-            // The derived or trusted layer, so a restart can serve the file.
-            let (store, index, layer) = (d2.store.clone(), d2.index, d.layer.clone());
-            let _ =
-                tokio::task::spawn_blocking(move || store.record_layer(job, index, &layer)).await;
-        }
-        let file = TransferredFile {
-            index: i,
-            temp_name: task.temp.clone(),
-            from_peers: d.from_peers,
-        };
-        let _ = self.inner.events.send(Event::FileTransferred {
-            job,
-            file: file.clone(),
-        });
-        let verdict = match cb {
-            Some(cb) => tokio::select! {
-                biased;
-                v = cb.file_transferred(info, file) => v,
-                () = token.cancelled() => return Err(Ended::Stopped),
-            },
-            None => ValidationState::Valid,
-        };
-        if token.is_cancelled() {
-            return Err(Ended::Stopped);
-        }
-        let rejected_origin_content = {
-            let mut rec = lock(slot);
-            rec.info.files[i].validation_state = verdict;
-            let rejected = if verdict == ValidationState::Invalid {
-                self.inner.env.store.remove_at(&d.content_id, &task.temp);
-                if let Some(d2) = &task.durable
-                    && let Err(e) = d2.store.clear_pieces(job, d2.index)
-                {
-                    warn!(%job, "cannot forget rejected pieces: {e}");
-                }
-                if (d.from_peers || d.from_cache) && !task.origin_only {
-                    info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
-                    rec.files[i].origin_only = true;
-                    false
-                } else {
-                    true
-                }
-            } else {
-                rec.info.files[i].transferred = true;
-                rec.info.modified = SystemTime::now();
-                advance = true;
-                false
-            };
-            self.save_logged(&rec);
-            rejected
-        };
-        if rejected_origin_content {
-            let url = task.url.clone();
-            self.fail(
-                slot,
-                token,
-                JobError {
-                    context: ErrorContext::Validation,
-                    file: Some(i),
-                    description: format!(
-                        "the caller rejected the content of {url} from the origin"
-                    ),
-                },
-            );
-            return Err(Ended::Failed);
-        }
-        Ok(advance)
-    }
-
-    /// A transient error: the job waits and retries, or fails once the no-progress timeout
-    /// has passed since the first transient error with no progress (BITS
-    /// SetNoProgressTimeout).
-    fn transient(
-        &self,
-        job: JobId,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-        e: JobError,
-    ) -> Ended {
-        let (delay, timed_out) = {
-            let mut rec = lock(slot);
-            rec.info.error = Some(e.clone());
-            // The no-progress timer runs from the first transient error with no
-            // progress since (BITS SetNoProgressTimeout).
-            let since = *rec
-                .transient_since
-                .get_or_insert_with(tokio::time::Instant::now);
-            (
-                rec.info.properties.retry_delay,
-                since.elapsed() >= rec.info.properties.no_progress_timeout,
-            )
-        };
-        if timed_out {
-            let timeout = lock(slot).info.properties.no_progress_timeout;
-            warn!(%job, "no progress for {timeout:?}: {e}");
-            self.fail(
-                slot,
-                token,
-                JobError {
-                    description: format!(
-                        "no progress within the no-progress timeout ({} s): {}",
-                        timeout.as_secs(),
-                        e.description
-                    ),
-                    ..e
-                },
-            );
-            return Ended::Failed;
-        }
-        warn!(%job, "transient error, retrying in {delay:?}: {e}");
-        if !self.runner_transition(slot, token, Transition::TransientFailure) {
-            return Ended::Stopped;
-        }
-        Ended::Transient(delay)
-    }
-
-    fn on_update(
-        &self,
-        slot: &Arc<Mutex<JobRecord>>,
-        token: &CancellationToken,
-        index: usize,
-        u: Update,
-    ) {
-        let first_piece = {
-            let mut rec = lock(slot);
-            rec.info.modified = SystemTime::now();
-            match u {
-                Update::Started {
-                    length,
-                    content_id,
-                    resumed,
-                } => {
-                    let f = &mut rec.info.files[index];
-                    f.bytes_total = Some(length);
-                    f.content_id = content_id;
-                    f.bytes_transferred = resumed;
-                    if resumed == 0 {
-                        f.bytes_from_peers = 0;
-                        f.bytes_from_origin = 0;
-                        f.bytes_from_lan_peers = 0;
-                        f.bytes_from_group_peers = 0;
-                        f.bytes_from_cache = 0;
-                    }
-                    self.save_logged(&rec);
-                    false
-                }
-                Update::ContentId(id) => {
-                    rec.info.files[index].content_id = Some(id);
-                    false
-                }
-                Update::Piece { bytes, source } => {
-                    rec.transient_since = None;
-                    rec.touched = tokio::time::Instant::now();
-                    let f = &mut rec.info.files[index];
-                    f.bytes_transferred += bytes;
-                    self.count_bytes(source, bytes);
-                    match source {
-                        None => f.bytes_from_origin += bytes,
-                        Some(s) => {
-                            f.bytes_from_peers += bytes;
-                            *match s {
-                                swarm::PeerSource::Lan => &mut f.bytes_from_lan_peers,
-                                swarm::PeerSource::Dht => &mut f.bytes_from_group_peers,
-                                swarm::PeerSource::Cache => &mut f.bytes_from_cache,
-                            } += bytes;
-                        }
-                    }
-                    rec.info.state == State::Connecting
-                }
-                Update::Rejected => {
-                    rec.info.peer_stats.pieces_rejected += 1;
-                    self.inner.counters.rejected.fetch_add(1, Relaxed);
-                    false
-                }
-                Update::Banned => {
-                    rec.info.peer_stats.peers_banned += 1;
-                    self.inner.counters.banned.fetch_add(1, Relaxed);
-                    false
-                }
-            }
-        };
-        if first_piece {
-            self.runner_transition(slot, token, Transition::Transfer);
-        }
-    }
 }
 
-/// How a job's transfer (while it held a slot) ended.
-enum Ended {
-    /// Stopped by Suspend, Cancel, shutdown, or preemption.
-    Stopped,
-    /// In TransientError; retry after this delay.
-    Transient(Duration),
-    /// In Error.
-    Failed,
-    /// Every file transferred.
-    Transferred,
-}
-
-fn lock(slot: &Mutex<JobRecord>) -> std::sync::MutexGuard<'_, JobRecord> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
+/// The records of the jobs of the state database (at build), and whether each changed in
+/// reload (so is stored again). Registers the files that verified with `content`, to serve.
+/// Reads the file system as each job's owner: call on a blocking thread.
+fn restore_records(
+    stored: Vec<StoredJob>,
+    content: &ContentStore,
+    callbacks: Option<&CallbackFactory>,
+) -> Vec<(JobRecord, bool)> {
+    let mut out = Vec::new();
+    for s in stored {
+        let id = s.id;
+        let mut files = Vec::with_capacity(s.files.len());
+        let mut flags = Vec::with_capacity(s.files.len());
+        let mut bad = None;
+        for (i, f) in s.files.iter().enumerate() {
+            match f.file.to_info(&format!("job {id} file {i}")) {
+                Ok(mut info) => {
+                    info.bytes_transferred = ResumePoint::from_stored(
+                        f.pieces.as_deref(),
+                        f.resume.as_ref(),
+                        f.layer.as_deref(),
+                        &info.expected,
+                    )
+                    .map_or(0, |r| r.bytes());
+                    if info.transferred {
+                        info.bytes_transferred = info.bytes_total.unwrap_or(0);
+                    }
+                    files.push(info);
+                    flags.push((f.file.origin_only, f.file.completed));
+                }
+                Err(e) => bad = Some(e),
+            }
+        }
+        let info = match bad {
+            Some(e) => Err(e),
+            None => s.job.to_info(id, files),
+        };
+        let mut info = match info {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(job = %id, "cannot restore the job: {e}");
+                continue;
+            }
+        };
+        // Files that verified keep serving; a vanished temporary file is an error.
+        let mut vanished = None;
+        let owner = info.owner;
+        for (i, f) in info.files.iter().enumerate() {
+            let done = f.transferred && !flags[i].1;
+            let ids = s.files[i].file.local;
+            // Only the owner's view of the path, and no open: nothing a user put there
+            // (a FIFO, a symlink) can block or mislead the start.
+            let there = |p: &Path| {
+                crate::store::fsuser::as_owner(owner, || std::fs::symlink_metadata(p)).ok()
+            };
+            if done && there(&f.temp_name).is_none() {
+                // Complete renamed it just before the stop, before it could record that.
+                if renamed_already(there(&f.local_name), &ids) {
+                    flags[i].1 = true;
+                    continue;
+                }
+                vanished = Some(i);
+            }
+            if done
+                && let Some(identity) = ids.verified
+                && let Some(layer) = s.files[i].layer.as_ref().and_then(|cvs| {
+                    f.content_id
+                        .and_then(|id| PieceLayer::verify(id, cvs.clone()).ok())
+                })
+            {
+                // Served only while the temporary file is the one that verified.
+                let count = layer.content_id().piece_count();
+                content.insert(
+                    layer,
+                    Bitfield::full(count),
+                    f.temp_name.clone(),
+                    Backing::Named { owner, identity },
+                );
+                if let (Some(id), Some(sha)) = (f.content_id, f.sha256) {
+                    content.set_sha256(&id, sha);
+                }
+            }
+        }
+        let was = info.state;
+        if let Some(i) = vanished
+            && !was.is_final()
+        {
+            info.state = State::Error;
+            info.error = Some(JobError {
+                context: ErrorContext::LocalFile,
+                file: Some(i),
+                description: format!(
+                    "{}: the temporary file of a transferred file vanished",
+                    info.files[i].temp_name.display()
+                ),
+            });
+        } else if was.is_active() {
+            // It was working when the node stopped: it goes on.
+            info.state = State::Queued;
+        }
+        info!(job = %id, state = %info.state, "restored job");
+        let idle = SystemTime::now()
+            .duration_since(info.modified)
+            .unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        let callback = callbacks.and_then(|f| f(&info));
+        let changed = info.state != was;
+        let mut record = JobRecord::new(
+            info,
+            flags
+                .iter()
+                .zip(&s.files)
+                .map(|(&(origin_only, completed), f)| FileRecord {
+                    origin_only,
+                    completed,
+                    left: None,
+                    local: f.file.local,
+                })
+                .collect(),
+        );
+        record.callback = callback;
+        record.touched = now.checked_sub(idle).unwrap_or(now);
+        out.push((record, changed));
+    }
+    out
 }

@@ -22,6 +22,7 @@ pub(crate) mod cache;
 pub(crate) mod fill;
 pub(crate) mod fsuser;
 pub(crate) mod state;
+pub(crate) mod state_actor;
 
 use std::{
     collections::HashMap,

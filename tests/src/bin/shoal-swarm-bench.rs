@@ -150,6 +150,7 @@ async fn run_jobs(
         let local = dir.join(format!("node-{i}.bin"));
         let job = node
             .create_job("bench", Priority::Foreground)
+            .await
             .map_err(|e| e.to_string())?;
         node.add_file(
             job,
@@ -163,12 +164,13 @@ async fn run_jobs(
                 ranges: Vec::new(),
             },
         )
+        .await
         .map_err(|e| e.to_string())?;
         jobs.push((job, local));
     }
     let start = Instant::now();
     for (node, (job, _)) in nodes.iter().zip(&jobs) {
-        node.resume(*job).map_err(|e| e.to_string())?;
+        node.resume(*job).await.map_err(|e| e.to_string())?;
     }
     let mut done: Vec<Option<f64>> = vec![None; nodes.len()];
     let deadline = start + Duration::from_secs(3600);
@@ -193,7 +195,7 @@ async fn run_jobs(
         let info = node.info(*job).map_err(|e| e.to_string())?;
         from_peers += info.bytes_from_peers();
         from_origin += info.bytes_from_origin();
-        node.complete(*job).map_err(|e| e.to_string())?;
+        node.complete(*job).await.map_err(|e| e.to_string())?;
     }
     let first = &jobs[0].1;
     let file = std::fs::File::open(first).map_err(|e| e.to_string())?;

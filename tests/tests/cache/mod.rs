@@ -172,13 +172,14 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
                 &client,
                 spec(origin.url("u.bin"), &local, blake3_only(&data)),
                 &rec,
-            );
+            )
+            .await;
             clients.push((client, local, job));
             tokio::time::sleep(Duration::from_millis(600)).await;
         }
         for (client, local, job) in &clients {
             let info = wait_for(client, *job, &[State::Transferred]).await;
-            client.complete(*job).unwrap();
+            client.complete(*job).await.unwrap();
             assert_eq!(std::fs::read(local).unwrap(), data);
             assert_eq!(
                 info.files[0].bytes_from_cache,
@@ -216,9 +217,10 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
             client,
             spec(other.url("v.bin"), &local, blake3_only(&v)),
             &rec,
-        );
+        )
+        .await;
         let info = wait_for(client, job, &[State::Transferred]).await;
-        client.complete(job).unwrap();
+        client.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), v);
         assert_eq!(info.files[0].bytes_from_origin, v.len() as u64);
         assert_eq!(
@@ -285,10 +287,10 @@ async fn a_cache_node_is_not_an_open_proxy() {
                 .unwrap();
             let local = dir.path().join("client.bin");
             let rec = Arc::new(Recorder::default());
-            let job = start_job(&client, spec(url, &local, blake3_only(&data)), &rec);
+            let job = start_job(&client, spec(url, &local, blake3_only(&data)), &rec).await;
             // The client fetches it itself, following the redirect as any client does.
             let info = wait_for(&client, job, &[State::Transferred]).await;
-            client.complete(job).unwrap();
+            client.complete(job).await.unwrap();
             assert_eq!(std::fs::read(&local).unwrap(), data);
             assert_eq!(info.files[0].bytes_from_cache, 0);
             std::fs::remove_file(&local).unwrap();

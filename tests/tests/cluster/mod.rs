@@ -21,10 +21,10 @@ async fn addr_of(node: &Node) -> Multiaddr {
 
 /// Starts a one-file job on `node` fetching `url` (expected by BLAKE3) into `local`, making
 /// its directory.
-fn one_file_job(node: &Node, local: PathBuf, url: url::Url, data: &[u8]) -> (PathBuf, JobId) {
+async fn one_file_job(node: &Node, local: PathBuf, url: url::Url, data: &[u8]) -> (PathBuf, JobId) {
     std::fs::create_dir_all(local.parent().unwrap()).unwrap();
     let rec = Arc::new(Recorder::default());
-    let job = start_job(node, spec(url, &local, blake3_only(data)), &rec);
+    let job = start_job(node, spec(url, &local, blake3_only(data)), &rec).await;
     (local, job)
 }
 
@@ -64,9 +64,10 @@ async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
             dir.path().join("out/d.bin"),
             origin.url("d.bin"),
             &data,
-        );
+        )
+        .await;
         let info = wait_for(&leech, job, &[State::Transferred]).await;
-        leech.complete(job).unwrap();
+        leech.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         // Every byte came from the seed, found through the DHT.
         assert_eq!(origin.bytes_served(), 0);
@@ -124,7 +125,8 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
                 dir.path().join(format!("f{i}/g.bin")),
                 origin.url("g.bin"),
                 &data,
-            );
+            )
+            .await;
             let info = wait_for(&node, job, &[State::Transferred]).await;
             // Refused: everything from the origin, and never connected.
             assert_eq!(info.bytes_from_peers(), 0, "foreigner {i}");
@@ -148,9 +150,10 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
             dir.path().join("m/g.bin"),
             origin.url("g.bin"),
             &data,
-        );
+        )
+        .await;
         let info = wait_for(&member, job, &[State::Transferred]).await;
-        member.complete(job).unwrap();
+        member.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
         assert_eq!(origin.bytes_served(), served);
@@ -197,9 +200,10 @@ async fn a_grouped_node_finds_its_group_in_the_group_dht() {
             dir.path().join("out/h.bin"),
             origin.url("h.bin"),
             &data,
-        );
+        )
+        .await;
         let info = wait_for(&leech, job, &[State::Transferred]).await;
-        leech.complete(job).unwrap();
+        leech.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
         assert_eq!(origin.bytes_served(), 0);
@@ -232,9 +236,10 @@ async fn origin_only_mode_contacts_no_peer() {
             dir.path().join("out/o.bin"),
             origin.url("o.bin"),
             &data,
-        );
+        )
+        .await;
         let info = wait_for(&node, job, &[State::Transferred]).await;
-        node.complete(job).unwrap();
+        node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_origin(), data.len() as u64);
         assert_eq!(origin.bytes_served(), data.len() as u64 + PROBE);
@@ -278,25 +283,26 @@ async fn wan_origin(name: &str, data: &[u8]) -> TestOrigin {
 }
 
 /// Starts one job of `name` from `origin` on every node at once, into `dir/n{i}/name`.
-fn start_everywhere(
+async fn start_everywhere(
     nodes: &[Node],
     dir: &Path,
     origin: &TestOrigin,
     name: &str,
     data: &[u8],
 ) -> Vec<(PathBuf, JobId)> {
-    nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
+    let mut jobs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        jobs.push(
             one_file_job(
                 node,
                 dir.join(format!("n{i}/{name}")),
                 origin.url(name),
                 data,
             )
-        })
-        .collect()
+            .await,
+        );
+    }
+    jobs
 }
 
 /// Waits for every job to transfer, completes it, and checks the file and that every byte
@@ -305,7 +311,7 @@ async fn finish_everywhere(nodes: &[Node], jobs: &[(PathBuf, JobId)], data: &[u8
     let (mut from_peers, mut from_origin) = (0, 0);
     for (node, (local, job)) in nodes.iter().zip(jobs) {
         let info = wait_for(node, *job, &[State::Transferred]).await;
-        node.complete(*job).unwrap();
+        node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(local).unwrap(), data);
         assert_eq!(
             info.bytes_from_peers() + info.bytes_from_origin(),
@@ -325,7 +331,7 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
         // A 4 MiB/s link shared by all eight: the file needs 1.5 s to cross it once.
         let origin = wan_origin("u.bin", &data).await;
         let nodes = mesh(8).await;
-        let jobs = start_everywhere(&nodes, dir.path(), &origin, "u.bin", &data);
+        let jobs = start_everywhere(&nodes, dir.path(), &origin, "u.bin", &data).await;
         let (from_peers, from_origin) = finish_everywhere(&nodes, &jobs, &data).await;
         let served = origin.bytes_served();
         let ratio = served as f64 / data.len() as f64;
@@ -369,7 +375,7 @@ async fn a_line_of_nodes_that_each_see_two_others_pulls_one_copy_from_the_origin
             })
             .await;
         }
-        let jobs = start_everywhere(&nodes, dir.path(), &origin, "l.bin", &data);
+        let jobs = start_everywhere(&nodes, dir.path(), &origin, "l.bin", &data).await;
         // The end of the line learns of every other node through gossip, and shares the
         // origin with those that use it.
         let (_, job0) = &jobs[0];
@@ -419,7 +425,8 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
             dir.path().join("out/a.bin"),
             origin.url("a.bin"),
             &data,
-        );
+        )
+        .await;
         let info = wait_for(&node, job, &[State::TransientError]).await;
         assert_eq!(
             info.error.map(|e| e.context),
@@ -441,7 +448,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         let seed = seed_node(dir.path(), "seed.bin", &data).await;
         node.dial(addr_of(&seed).await).await;
         let info = wait_for(&node, job, &[State::Transferred]).await;
-        node.complete(job).unwrap();
+        node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
         assert_eq!(origin.requests(), 0);
@@ -486,25 +493,27 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
             dir.path().join("out/b.bin"),
             origin.url("b.bin"),
             &data,
-        );
+        )
+        .await;
         // A second later the peer gets the file; the background job has not touched the origin.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(node.info(job).unwrap().state, State::Connecting);
         std::fs::write(dir.path().join("p.bin"), &data).unwrap();
         peer.seed(dir.path().join("p.bin")).await.unwrap();
         let info = wait_for(&node, job, &[State::Transferred]).await;
-        node.complete(job).unwrap();
+        node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
         assert_eq!(info.bytes_from_peers(), data.len() as u64);
         assert_eq!(origin.requests(), 0);
         // A foreground job of another file goes to the origin at once.
         let other = content(200_000, 48);
         origin.put("c.bin", other.clone());
-        let fg = node.create_job("fg", Priority::Foreground).unwrap();
+        let fg = node.create_job("fg", Priority::Foreground).await.unwrap();
         let local = dir.path().join("out/c.bin");
         node.add_file(fg, spec(origin.url("c.bin"), &local, blake3_only(&other)))
+            .await
             .unwrap();
-        node.resume(fg).unwrap();
+        node.resume(fg).await.unwrap();
         let info = wait_for(&node, fg, &[State::Transferred]).await;
         assert_eq!(info.bytes_from_origin(), other.len() as u64);
         node.shutdown().await;
@@ -529,7 +538,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
             node.connected_peers().await.len() == 2
         })
         .await;
-        let job = node.create_job("why", Priority::Normal).unwrap();
+        let job = node.create_job("why", Priority::Normal).await.unwrap();
         std::fs::create_dir_all(dir.path().join("out")).unwrap();
         node.add_file(
             job,
@@ -539,6 +548,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
                 blake3_only(&data),
             ),
         )
+        .await
         .unwrap();
         node.add_file(
             job,
@@ -548,8 +558,9 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
                 Expected::default(),
             ),
         )
+        .await
         .unwrap();
-        node.resume(job).unwrap();
+        node.resume(job).await.unwrap();
         let info = wait_for(&node, job, &[State::Transferred]).await;
         assert!(info.peer_stats.peers_banned >= 1);
         let d = node.diagnose(job).await.unwrap();
@@ -575,7 +586,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
             .build()
             .await
             .unwrap();
-        let job = lone.create_job("why", Priority::Normal).unwrap();
+        let job = lone.create_job("why", Priority::Normal).await.unwrap();
         lone.add_file(
             job,
             spec(
@@ -584,6 +595,7 @@ async fn why_explains_bans_missing_digests_and_the_origin_mode() {
                 blake3_only(&data),
             ),
         )
+        .await
         .unwrap();
         let d = lone.diagnose(job).await.unwrap();
         assert!(
@@ -631,7 +643,8 @@ async fn prometheus_metrics_count_bytes_by_source_next_to_libp2p_metrics() {
             dir.path().join("out/m.bin"),
             origin.url("m.bin"),
             &data,
-        );
+        )
+        .await;
         wait_for(&node, job, &[State::Transferred]).await;
         let text = scrape(addr).await;
         assert!(
@@ -693,21 +706,21 @@ async fn a_seed_serves_at_most_its_upload_peers_at_once() {
         for _ in 0..3 {
             leechers.push(test_node(std::slice::from_ref(&seed)).await);
         }
-        let jobs: Vec<_> = leechers
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
+        let mut jobs = Vec::new();
+        for (i, n) in leechers.iter().enumerate() {
+            jobs.push(
                 one_file_job(
                     n,
                     dir.path().join(format!("l{i}/p.bin")),
                     origin.url("p.bin"),
                     &data,
                 )
-            })
-            .collect();
+                .await,
+            );
+        }
         for (n, (local, job)) in leechers.iter().zip(&jobs) {
             wait_for(n, *job, &[State::Transferred]).await;
-            n.complete(*job).unwrap();
+            n.complete(*job).await.unwrap();
             assert_eq!(std::fs::read(local).unwrap(), data);
         }
         let up = seed.upload_stats();

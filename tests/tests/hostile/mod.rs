@@ -56,7 +56,7 @@ async fn fetch_all(
         let local = dir.join(format!("n{i}.bin"));
         let rec = Arc::new(Recorder::default());
         jobs.push((
-            start_job(node, spec(url.clone(), &local, expected), &rec),
+            start_job(node, spec(url.clone(), &local, expected), &rec).await,
             local,
         ));
     }
@@ -66,7 +66,7 @@ async fn fetch_all(
         let info = tokio::time::timeout(left, wait_for(node, *job, &[State::Transferred]))
             .await
             .unwrap_or_else(|_| panic!("not Transferred within {bound:?}"));
-        node.complete(*job).unwrap();
+        node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(local).unwrap(), data);
         infos.push(info.files[0].clone());
     }
@@ -225,7 +225,8 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
         &leecher,
         spec(origin.url("h.bin"), &local, blake3_only(&data)),
         &rec,
-    );
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let info = leecher.info(job).unwrap();
@@ -238,7 +239,7 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    leecher.cancel(job).unwrap();
+    leecher.cancel(job).await.unwrap();
     leecher.shutdown().await;
     seed.shutdown().await;
 }
@@ -349,7 +350,7 @@ async fn claims_of_another_length_for_a_sha256_are_not_weighed_at_all() {
         blake3: None,
         sha256: Some(sha256_of(&data)),
     };
-    let job = start_job(&node, spec(origin.url("s.bin"), &local, expected), &rec);
+    let job = start_job(&node, spec(origin.url("s.bin"), &local, expected), &rec).await;
     let temp = node.info(job).unwrap().files[0].temp_name.clone();
     // The temporary file never grows past the origin's length.
     let mut largest = 0;
@@ -362,7 +363,7 @@ async fn claims_of_another_length_for_a_sha256_are_not_weighed_at_all() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let info = node.info(job).unwrap();
-    node.complete(job).unwrap();
+    node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&local).unwrap(), data);
     assert!(
         largest <= data.len() as u64,

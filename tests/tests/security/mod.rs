@@ -43,7 +43,10 @@ async fn leech(
     let leecher = test_node(std::slice::from_ref(seed)).await;
     // The origin has nothing under this name: every byte must come from the seed.
     let origin = TestOrigin::start().await;
-    let job = leecher.create_job(name, Priority::Foreground).unwrap();
+    let job = leecher
+        .create_job(name, Priority::Foreground)
+        .await
+        .unwrap();
     leecher
         .add_file(
             job,
@@ -54,8 +57,9 @@ async fn leech(
                 ranges: Vec::new(),
             },
         )
+        .await
         .unwrap();
-    leecher.resume(job).unwrap();
+    leecher.resume(job).await.unwrap();
     let deadline = tokio::time::Instant::now() + wait;
     while tokio::time::Instant::now() < deadline
         && leecher.info(job).unwrap().state != State::Transferred
@@ -64,7 +68,7 @@ async fn leech(
     }
     let info = leecher.info(job).unwrap();
     if info.state == State::Transferred {
-        leecher.complete(job).unwrap();
+        leecher.complete(job).await.unwrap();
         assert_eq!(std::fs::read(dir.join(name)).unwrap(), data);
     }
     let got = info.files[0].bytes_from_peers;

@@ -256,9 +256,9 @@ struct Finisher {
 
 impl Callback for Finisher {
     fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
-        let result = self.node.complete(job.id).map_err(|e| e.to_string());
-        let done = self.done.clone();
+        let (node, done) = (self.node.clone(), self.done.clone());
         Box::pin(async move {
+            let result = node.complete(job.id).await.map_err(|e| e.to_string());
             let _ = done.send(result).await;
             Ok(())
         })
@@ -453,7 +453,7 @@ async fn get(args: GetArgs) -> Result<()> {
         }
     }
     let node = get_builder(&args)?.build().await?;
-    let job = node.create_job("shoal get", Priority::Foreground)?;
+    let job = node.create_job("shoal get", Priority::Foreground).await?;
     for ((url, name), exp) in args.urls.iter().zip(&names).zip(&expected) {
         node.add_file(
             job,
@@ -463,7 +463,8 @@ async fn get(args: GetArgs) -> Result<()> {
                 expected: *exp,
                 ranges: Vec::new(),
             },
-        )?;
+        )
+        .await?;
     }
     let (tx, rx) = mpsc::channel(1);
     node.set_callback(
@@ -472,15 +473,16 @@ async fn get(args: GetArgs) -> Result<()> {
             node: node.clone(),
             done: tx,
         }),
-    )?;
-    node.set_retry_delay(job, Duration::from_secs(5))?;
+    )
+    .await?;
+    node.set_retry_delay(job, Duration::from_secs(5)).await?;
     let start = Instant::now();
-    node.resume(job)?;
+    node.resume(job).await?;
     let outcome = watch(&node, job, rx, args.no_progress_timeout).await?;
     let info = node.info(job)?;
     if let Err(reason) = outcome {
         // Cancel deletes the temporary files; nothing is left behind.
-        let _ = node.cancel(job);
+        let _ = node.cancel(job).await;
         node.shutdown().await;
         bail!("{reason}");
     }

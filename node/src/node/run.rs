@@ -1,0 +1,692 @@
+//! A job's runner: the task that lives a queued job's life. It waits for a transfer slot,
+//! downloads each file, waits out retry delays, and delivers the BITS notifications until the
+//! callback acknowledges them.
+//!
+//! The runner owns nothing of the job: every change goes to the registry as a step
+//! ([`registry::Handle::step`]), which checks the runner's token first, so a runner that was
+//! replaced or stopped (Suspend, Cancel, Complete, shutdown) changes nothing.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{
+    Node,
+    registry::{self, Registry},
+    runner::Doing,
+};
+use crate::{
+    download::{self, Durable, Failure, FileTask, Update},
+    events::{Callback, Event, TransferredFile},
+    job::{ErrorContext, JobError, JobId, JobInfo, State, Transition},
+    swarm,
+};
+use shoal_validator::{ContentId, ValidationState};
+
+/// How a job's transfer (while it held a slot) ended.
+enum Ended {
+    /// Stopped by Suspend, Cancel, shutdown, or preemption.
+    Stopped,
+    /// In TransientError; retry after this delay.
+    Transient(Duration),
+    /// In Error.
+    Failed,
+    /// Every file transferred.
+    Transferred,
+}
+
+/// The job's snapshot, its callback and its wake-up, or `None` once it is gone.
+async fn snapshot(
+    reg: &registry::Handle,
+    job: JobId,
+) -> Option<(JobInfo, Option<Arc<dyn Callback>>, Arc<tokio::sync::Notify>)> {
+    reg.step(move |r| {
+        r.jobs
+            .get(&job)
+            .map(|rec| (rec.info.clone(), rec.callback.clone(), rec.wake.clone()))
+    })
+    .await
+    .flatten()
+}
+
+async fn transition(
+    reg: &registry::Handle,
+    job: JobId,
+    token: &CancellationToken,
+    t: Transition,
+) -> bool {
+    let token = token.clone();
+    reg.step(move |r| r.transition(job, &token, t))
+        .await
+        .unwrap_or(false)
+}
+
+async fn set_doing(
+    reg: &registry::Handle,
+    job: JobId,
+    token: &CancellationToken,
+    doing: Doing,
+) -> bool {
+    let token = token.clone();
+    reg.step(move |r| r.set_doing(job, &token, doing))
+        .await
+        .unwrap_or(false)
+}
+
+async fn fail(reg: &registry::Handle, job: JobId, token: &CancellationToken, error: JobError) {
+    let token = token.clone();
+    reg.step(move |r| r.fail(job, &token, error)).await;
+}
+
+/// Waits `d`, or less if [`Node::retry_now`] wakes the job; false when cancelled.
+async fn sleep_or_cancel(
+    token: &CancellationToken,
+    wake: &tokio::sync::Notify,
+    d: Duration,
+) -> bool {
+    tokio::select! {
+        () = token.cancelled() => false,
+        () = tokio::time::sleep(d) => true,
+        () = wake.notified() => true,
+    }
+}
+
+/// The life of a queued job: wait for a transfer slot, transfer, and deliver the
+/// notifications once the slot is given back.
+pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) {
+    let reg = node.registry();
+    loop {
+        let Some((info, _, wake)) = snapshot(reg, job).await else {
+            return;
+        };
+        let Some(guard) = node.inner.slots.acquire(job, info.priority, token).await else {
+            return;
+        };
+        if !set_doing(reg, job, token, Doing::Transferring).await {
+            return;
+        }
+        let end = transfer(node, job, &guard.preempt).await;
+        let preempted = guard.preempt.is_cancelled() && !token.is_cancelled();
+        drop(guard);
+        if token.is_cancelled() {
+            return;
+        }
+        let Some((info, _, _)) = snapshot(reg, job).await else {
+            return;
+        };
+        match end {
+            // Preempted, possibly while failing or finishing: the transition that would
+            // have ended the run was refused, so the job queues again.
+            _ if preempted
+                && matches!(
+                    info.state,
+                    State::Queued | State::Connecting | State::Transferring
+                ) =>
+            {
+                info!(%job, "yielding the transfer slot");
+                if !transition(reg, job, token, Transition::Requeue).await
+                    || !set_doing(reg, job, token, Doing::WaitingSlot).await
+                {
+                    return;
+                }
+            }
+            Ended::Stopped => return,
+            Ended::Transient(delay) => {
+                let go_on = set_doing(reg, job, token, Doing::RetryWait).await
+                    && sleep_or_cancel(token, &wake, delay).await
+                    && transition(reg, job, token, Transition::Retry).await
+                    && set_doing(reg, job, token, Doing::WaitingSlot).await;
+                if !go_on {
+                    return;
+                }
+            }
+            Ended::Failed => {
+                set_doing(reg, job, token, Doing::Notifying).await;
+                deliver_error(node, job, token).await;
+                return;
+            }
+            Ended::Transferred => {
+                set_doing(reg, job, token, Doing::Notifying).await;
+                let _ = node.inner.events.send(Event::JobTransferred { job });
+                deliver_transferred(node, job, token).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Delivers JobTransferred to the job's callback until it returns Ok or the job leaves
+/// Transferred (BITS: called until S_OK is returned).
+pub(super) async fn deliver_transferred(node: &Node, job: JobId, token: &CancellationToken) {
+    loop {
+        let Some((info, Some(cb), wake)) = snapshot(node.registry(), job).await else {
+            return;
+        };
+        if info.state != State::Transferred || token.is_cancelled() {
+            return;
+        }
+        let delay = info.properties.retry_delay;
+        // Only the node's shutdown cuts a callback short: one that completes or cancels the
+        // job itself (and so stops this runner) awaits that call and still finishes its work.
+        let delivered = tokio::select! {
+            biased;
+            r = cb.job_transferred(info) => r,
+            () = node.inner.shutdown.cancelled() => return,
+        };
+        match delivered {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(%job, "JobTransferred not acknowledged, again in {delay:?}: {e}");
+                if !sleep_or_cancel(token, &wake, delay).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Delivers JobError until the callback returns Ok or the job leaves Error.
+pub(super) async fn deliver_error(node: &Node, job: JobId, token: &CancellationToken) {
+    loop {
+        let Some((info, Some(cb), wake)) = snapshot(node.registry(), job).await else {
+            return;
+        };
+        let Some(error) = info.error.clone() else {
+            return;
+        };
+        if info.state != State::Error || token.is_cancelled() {
+            return;
+        }
+        let delay = info.properties.retry_delay;
+        let delivered = tokio::select! {
+            biased;
+            r = cb.job_error(info, error) => r,
+            () = node.inner.shutdown.cancelled() => return,
+        };
+        if delivered.is_ok() || !sleep_or_cancel(token, &wake, delay).await {
+            return;
+        }
+    }
+}
+
+/// The transfer of every file not yet transferred, while the job holds a slot. `token` is
+/// the slot's preempt token (a child of the runner's).
+async fn transfer(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
+    let reg = node.registry();
+    if !transition(reg, job, token, Transition::Connect).await {
+        return Ended::Stopped;
+    }
+    let mut i = 0;
+    loop {
+        let Some((task, done)) = file_task(reg, job, i).await else {
+            let t = token.clone();
+            match reg.step(move |r| all_transferred(r, job, &t)).await {
+                Some(Ok(next)) => i = next,
+                Some(Err(ended)) => return ended,
+                None => return Ended::Stopped,
+            }
+            continue;
+        };
+        if done {
+            i += 1;
+            continue;
+        }
+        let (task, result) = download_with_progress(node, job, i, task, token).await;
+        // Pieces verified and written by a download that stopped: the next run keeps them.
+        if result.is_err() {
+            let left = task.left.lock().unwrap_or_else(|e| e.into_inner()).take();
+            reg.step(move |r| {
+                if let Some(f) = r.jobs.get_mut(&job).and_then(|rec| rec.files.get_mut(i)) {
+                    f.left = left;
+                }
+            })
+            .await;
+        }
+        match result {
+            Ok(d) => match file_transferred(node, job, token, &task, d).await {
+                Ok(true) => i += 1,
+                Ok(false) => {}
+                Err(ended) => return ended,
+            },
+            Err(Failure::Cancelled) => return Ended::Stopped,
+            Err(Failure::Fatal(e)) => {
+                fail(reg, job, token, e).await;
+                return Ended::Failed;
+            }
+            Err(Failure::Transient(e)) => return transient(reg, job, token, e).await,
+        }
+    }
+}
+
+/// The download of file `i` (`true`: it is transferred already), with where an earlier run
+/// left off; `None` past the last file.
+async fn file_task(reg: &registry::Handle, job: JobId, i: usize) -> Option<(FileTask, bool)> {
+    let (mut task, done, file) = reg
+        .step(move |r| {
+            let state = r.state.clone();
+            let rec = r.jobs.get_mut(&job)?;
+            let f = rec.info.files.get(i)?.clone();
+            let resume = rec.files.get_mut(i).and_then(|f| f.left.take());
+            let task = FileTask {
+                index: i,
+                priority: rec.info.priority,
+                url: f.url.clone(),
+                expected: f.expected,
+                ranges: f.ranges.clone(),
+                temp: f.temp_name.clone(),
+                origin_only: rec.files[i].origin_only,
+                resume,
+                owner: rec.info.owner,
+                durable: state.map(|store| Durable {
+                    store,
+                    job,
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                }),
+                left: Mutex::new(None),
+                cache_any_size: false,
+            };
+            Some((task, f.transferred, f))
+        })
+        .await
+        .flatten()?;
+    // With a state store, pick up the pieces an earlier run left on disk.
+    if !done && let Some(d) = &task.durable {
+        let index = d.index;
+        if let Some(r) = d
+            .store
+            .run(move |s| s.resume_point(job, index, &file))
+            .await
+            .flatten()
+        {
+            task.resume = Some(r);
+        }
+    }
+    Some((task, done))
+}
+
+/// What a download reported since the registry last heard of it, folded: the registry hears
+/// of progress in order, as often as it keeps up, and never loses a byte.
+#[derive(Default)]
+struct Delta {
+    /// The file's length, content id and bytes already there (a new start).
+    started: Option<(u64, Option<ContentId>, u64)>,
+    content_id: Option<ContentId>,
+    origin: u64,
+    lan: u64,
+    group: u64,
+    cache: u64,
+    rejected: u64,
+    banned: u64,
+}
+
+impl Delta {
+    fn add(&mut self, u: Update) {
+        match u {
+            Update::Started {
+                length,
+                content_id,
+                resumed,
+            } => {
+                // Bytes before a new start do not count: it sets the file's progress.
+                *self = Self {
+                    started: Some((length, content_id, resumed)),
+                    rejected: self.rejected,
+                    banned: self.banned,
+                    ..Self::default()
+                };
+            }
+            Update::ContentId(id) => self.content_id = Some(id),
+            Update::Piece { bytes, source } => {
+                *match source {
+                    None => &mut self.origin,
+                    Some(swarm::PeerSource::Lan) => &mut self.lan,
+                    Some(swarm::PeerSource::Dht) => &mut self.group,
+                    Some(swarm::PeerSource::Cache) => &mut self.cache,
+                } += bytes;
+            }
+            Update::Rejected => self.rejected += 1,
+            Update::Banned => self.banned += 1,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.started.is_none()
+            && self.content_id.is_none()
+            && self.origin + self.lan + self.group + self.cache + self.rejected + self.banned == 0
+    }
+}
+
+/// Applies a download's progress to file `index` of `job`; the first piece moves the job
+/// from Connecting to Transferring.
+fn progress(r: &mut Registry, job: JobId, token: &CancellationToken, index: usize, d: Delta) {
+    let Ok(rec) = r.rec(job) else { return };
+    rec.info.modified = SystemTime::now();
+    let peers = d.lan + d.group + d.cache;
+    let bytes = d.origin + peers;
+    rec.info.peer_stats.pieces_rejected += d.rejected;
+    rec.info.peer_stats.peers_banned += d.banned;
+    if bytes > 0 {
+        rec.transient_since = None;
+        rec.touched = tokio::time::Instant::now();
+    }
+    let connecting = rec.info.state == State::Connecting;
+    let Some(f) = rec.info.files.get_mut(index) else {
+        return;
+    };
+    let started = d.started.is_some();
+    if let Some((length, content_id, resumed)) = d.started {
+        f.bytes_total = Some(length);
+        f.content_id = content_id;
+        f.bytes_transferred = resumed;
+        if resumed == 0 {
+            f.bytes_from_peers = 0;
+            f.bytes_from_origin = 0;
+            f.bytes_from_lan_peers = 0;
+            f.bytes_from_group_peers = 0;
+            f.bytes_from_cache = 0;
+        }
+    }
+    if let Some(id) = d.content_id {
+        f.content_id = Some(id);
+    }
+    f.bytes_transferred += bytes;
+    f.bytes_from_origin += d.origin;
+    f.bytes_from_peers += peers;
+    f.bytes_from_lan_peers += d.lan;
+    f.bytes_from_group_peers += d.group;
+    f.bytes_from_cache += d.cache;
+    if started {
+        r.save_later(job);
+    }
+    if bytes > 0 && connecting {
+        r.transition(job, token, Transition::Transfer);
+    }
+}
+
+/// Downloads `task`, forwarding its progress to the registry as it comes; returns the task
+/// (its `left`) with the result once every update reached the registry.
+async fn download_with_progress(
+    node: &Node,
+    job: JobId,
+    index: usize,
+    task: FileTask,
+    token: &CancellationToken,
+) -> (FileTask, Result<download::Downloaded, Failure>) {
+    let pending = Mutex::new(Delta::default());
+    let wake = tokio::sync::Notify::new();
+    let ended = AtomicBool::new(false);
+    let take = || std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+    let report = |u: Update| {
+        let counters = &node.inner.counters;
+        match &u {
+            Update::Piece { bytes, source } => node.count_bytes(*source, *bytes),
+            Update::Rejected => {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            Update::Banned => {
+                counters.banned.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        pending.lock().unwrap_or_else(|e| e.into_inner()).add(u);
+        wake.notify_one();
+    };
+    let download = async {
+        let r = download::download_file(&node.inner.env, &task, token, &report).await;
+        ended.store(true, Ordering::Release);
+        wake.notify_one();
+        r
+    };
+    let forward = async {
+        loop {
+            let d = take();
+            if !d.is_empty() {
+                let t = token.clone();
+                node.registry()
+                    .step(move |r| progress(r, job, &t, index, d))
+                    .await;
+            } else if ended.load(Ordering::Acquire) {
+                return;
+            } else {
+                wake.notified().await;
+            }
+        }
+    };
+    let (result, ()) = tokio::join!(download, forward);
+    (task, result)
+}
+
+/// Every file is done, unless one was added meanwhile (`Ok`: its index): checked and moved
+/// to Transferred in one step, so that an AddFile cannot slip in between.
+fn all_transferred(
+    r: &mut Registry,
+    job: JobId,
+    token: &CancellationToken,
+) -> Result<usize, Ended> {
+    if token.is_cancelled() {
+        return Err(Ended::Stopped);
+    }
+    let Ok(rec) = r.rec(job) else {
+        return Err(Ended::Stopped);
+    };
+    if let Some(next) = rec.info.files.iter().position(|f| !f.transferred) {
+        return Ok(next);
+    }
+    rec.info.transfer_completed = Some(SystemTime::now());
+    if r.transition(job, token, Transition::AllTransferred) {
+        Err(Ended::Transferred)
+    } else {
+        Err(Ended::Stopped)
+    }
+}
+
+/// File `task.index` downloaded and verified: recorded, reported, and given to the
+/// callback's verdict (BITS validation). `Ok(true)`: it is transferred; `Ok(false)`: it is
+/// fetched again, from the origin (the caller rejected peer or cached content).
+async fn file_transferred(
+    node: &Node,
+    job: JobId,
+    token: &CancellationToken,
+    task: &FileTask,
+    d: download::Downloaded,
+) -> Result<bool, Ended> {
+    let reg = node.registry();
+    let i = task.index;
+    let (content_id, sha256, identity) = (d.content_id, d.sha256, d.identity);
+    let Some((info, cb)) = reg
+        .step(move |r| {
+            let rec = r.rec(job).ok()?;
+            let f = rec.info.files.get_mut(i)?;
+            f.content_id = Some(content_id);
+            f.sha256 = Some(sha256);
+            rec.files[i].local.verified = Some(identity);
+            let out = (rec.info.clone(), rec.callback.clone());
+            r.save_later(job);
+            Some(out)
+        })
+        .await
+        .flatten()
+    else {
+        return Err(Ended::Stopped);
+    };
+    if let Some(d2) = &task.durable {
+        // The derived or trusted layer, so a restart can serve the file.
+        let (index, layer) = (d2.index, d.layer.clone());
+        let _ = d2
+            .store
+            .run(move |s| s.record_layer(job, index, &layer))
+            .await;
+    }
+    let file = TransferredFile {
+        index: i,
+        temp_name: task.temp.clone(),
+        from_peers: d.from_peers,
+    };
+    let _ = node.inner.events.send(Event::FileTransferred {
+        job,
+        file: file.clone(),
+    });
+    let verdict = match cb {
+        Some(cb) => tokio::select! {
+            biased;
+            v = cb.file_transferred(info, file) => v,
+            () = token.cancelled() => return Err(Ended::Stopped),
+        },
+        None => ValidationState::Valid,
+    };
+    if token.is_cancelled() {
+        return Err(Ended::Stopped);
+    }
+    let (temp, origin_only) = (task.temp.clone(), task.origin_only);
+    let from_elsewhere = d.from_peers || d.from_cache;
+    let outcome = reg
+        .step(move |r| {
+            let content = r.content.clone();
+            let rec = r.rec(job).ok()?;
+            rec.info.files.get(i)?;
+            rec.info.files[i].validation_state = verdict;
+            let outcome = if verdict == ValidationState::Invalid {
+                content.remove_at(&content_id, &temp);
+                let refetch = from_elsewhere && !origin_only;
+                if refetch {
+                    info!(%job, file = i, "caller rejected peer or cached content; refetching from the origin");
+                    rec.files[i].origin_only = true;
+                }
+                r.clear_later(job, i);
+                Verdict::Rejected { refetch }
+            } else {
+                rec.info.files[i].transferred = true;
+                rec.info.modified = SystemTime::now();
+                Verdict::Accepted
+            };
+            r.save_later(job);
+            Some(outcome)
+        })
+        .await
+        .flatten();
+    match outcome {
+        None => Err(Ended::Stopped),
+        Some(Verdict::Accepted) => Ok(true),
+        Some(Verdict::Rejected { refetch: true }) => Ok(false),
+        Some(Verdict::Rejected { refetch: false }) => {
+            let url = task.url.clone();
+            fail(
+                reg,
+                job,
+                token,
+                JobError {
+                    context: ErrorContext::Validation,
+                    file: Some(i),
+                    description: format!(
+                        "the caller rejected the content of {url} from the origin"
+                    ),
+                },
+            )
+            .await;
+            Err(Ended::Failed)
+        }
+    }
+}
+
+/// The caller's verdict on a transferred file.
+enum Verdict {
+    Accepted,
+    /// Invalid; `refetch`: it came from peers or the cache, and is fetched from the origin.
+    Rejected {
+        refetch: bool,
+    },
+}
+
+/// A transient error: the job waits and retries, or fails once the no-progress timeout
+/// has passed since the first transient error with no progress (BITS
+/// SetNoProgressTimeout).
+async fn transient(
+    reg: &registry::Handle,
+    job: JobId,
+    token: &CancellationToken,
+    e: JobError,
+) -> Ended {
+    let t = token.clone();
+    let e2 = e;
+    let outcome = reg
+        .step(move |r| {
+            let rec = r.rec(job).ok()?;
+            rec.info.error = Some(e2.clone());
+            // The no-progress timer runs from the first transient error with no
+            // progress since (BITS SetNoProgressTimeout).
+            let since = *rec
+                .transient_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            let (delay, timeout) = (
+                rec.info.properties.retry_delay,
+                rec.info.properties.no_progress_timeout,
+            );
+            if since.elapsed() >= timeout {
+                warn!(%job, "no progress for {timeout:?}: {e2}");
+                let error = JobError {
+                    description: format!(
+                        "no progress within the no-progress timeout ({} s): {}",
+                        timeout.as_secs(),
+                        e2.description
+                    ),
+                    ..e2
+                };
+                r.fail(job, &t, error);
+                return Some(Ended::Failed);
+            }
+            warn!(%job, "transient error, retrying in {delay:?}: {e2}");
+            Some(if r.transition(job, &t, Transition::TransientFailure) {
+                Ended::Transient(delay)
+            } else {
+                Ended::Stopped
+            })
+        })
+        .await
+        .flatten();
+    outcome.unwrap_or(Ended::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_folds_without_losing_a_byte_and_a_new_start_resets_the_bytes_before_it() {
+        let mut d = Delta::default();
+        assert!(d.is_empty());
+        d.add(Update::Piece {
+            bytes: 100,
+            source: None,
+        });
+        d.add(Update::Rejected);
+        d.add(Update::Banned);
+        // A new start sets the file's progress: the bytes before it are not added to it.
+        d.add(Update::Started {
+            length: 1000,
+            content_id: None,
+            resumed: 300,
+        });
+        for (bytes, source) in [
+            (10, None),
+            (20, Some(swarm::PeerSource::Lan)),
+            (30, Some(swarm::PeerSource::Dht)),
+            (40, Some(swarm::PeerSource::Cache)),
+            (5, Some(swarm::PeerSource::Lan)),
+        ] {
+            d.add(Update::Piece { bytes, source });
+        }
+        d.add(Update::Rejected);
+        assert_eq!(d.started, Some((1000, None, 300)));
+        assert_eq!((d.origin, d.lan, d.group, d.cache), (10, 25, 30, 40));
+        // Rejections and bans are the job's counters: a new start keeps them.
+        assert_eq!((d.rejected, d.banned), (2, 1));
+        assert!(!d.is_empty());
+    }
+}
