@@ -50,7 +50,9 @@ pub trait Callback: Send + Sync + 'static {
     }
 
     /// Every file of the job verified and was validated. Return `Ok` to acknowledge; an error
-    /// makes the node call again after the job's retry delay.
+    /// makes the node call again after the job's retry delay. Only the node's shutdown cuts
+    /// the call short, so the returned future may await [`crate::Node::complete`] (BITS's usual
+    /// answer to JobTransferred) or [`crate::Node::cancel`].
     fn job_transferred(&self, job: JobInfo) -> BoxFuture<'static, Result<(), CallbackError>> {
         let _ = job;
         Box::pin(async { Ok(()) })
@@ -66,9 +68,10 @@ pub trait Callback: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
-    /// The job's state changed. Called synchronously, with the job locked, so that it comes
-    /// before anything the new state leads to: it must not block, and must not call back into
-    /// the [`crate::Node`] (hand the snapshot to a task or channel instead).
+    /// The job's state changed. Called on the job registry's task, in the order of the
+    /// changes, once the new state is published ([`crate::Node::info`] shows it): it must not
+    /// block, and must not wait for the node's async methods (hand the snapshot to a task or
+    /// channel instead).
     fn job_modification(&self, job: JobInfo) {
         let _ = job;
     }

@@ -102,6 +102,19 @@ fn the_pure_cores_read_no_clock_spawn_nothing_and_do_no_io() {
 }
 
 #[test]
+fn jobs_and_the_state_database_are_reached_by_message_not_by_lock() {
+    // The registry's task owns the jobs; the state database's thread owns the database.
+    let bad = offenders(
+        &["Arc<StateStore>", "Mutex<JobRecord>", "Mutex<HashMap<JobId"],
+        &[],
+    );
+    assert!(bad.is_empty(), "{bad:#?}");
+    // Opened at start only, then handed to its thread.
+    let bad = offenders(&["StateStore::open("], &["store/", "node/mod.rs"]);
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+#[test]
 fn only_store_names_redb() {
     let bad = offenders(&["redb::", "use redb"], &["store/"]);
     assert!(bad.is_empty(), "{bad:#?}");
