@@ -121,12 +121,10 @@ impl Driver<'_> {
                 }
                 core.handle_piece(now(), index, source, bytes);
             }
-            Fetched::Failed(index, source, reason) => {
-                debug!(index, ?source, "piece fetch failed: {reason}");
-                if let Source::Peer(p) = source {
-                    self.requests.remove(&(index, p));
-                    core.handle_failed(now(), index, p, false);
-                }
+            Fetched::Failed(index, p, failure) => {
+                debug!(index, peer = %p, "piece fetch failed: {failure}");
+                self.requests.remove(&(index, p));
+                core.handle_failed(now(), index, p, false);
             }
             Fetched::Busy(index, p) => {
                 self.requests.remove(&(index, p));
@@ -193,10 +191,10 @@ impl Driver<'_> {
                             Fetched::Piece(index, Source::Peer(peer), b)
                         }
                         Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
-                        Ok(other) => {
-                            Fetched::Failed(index, Source::Peer(peer), format!("{other:?}"))
+                        Ok(PieceResponse::NotFound) => {
+                            Fetched::Failed(index, peer, PieceFailure::NotFound)
                         }
-                        Err(e) => Fetched::Failed(index, Source::Peer(peer), e.to_string()),
+                        Err(e) => Fetched::Failed(index, peer, e.into()),
                     })
                 });
                 self.requests.insert((index, peer), h);

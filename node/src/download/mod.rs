@@ -449,10 +449,23 @@ const DHT_EVERY_REFRESHES: u32 = 40;
 
 enum Fetched {
     Piece(PieceIndex, Source, Bytes),
-    Failed(PieceIndex, Source, String),
+    /// A peer did not send the piece.
+    Failed(PieceIndex, PeerId, PieceFailure),
     /// The peer holds the piece but had no upload slot free.
     Busy(PieceIndex, PeerId),
     OriginEnd(Result<(), OriginError>),
+}
+
+/// Why a peer did not send a piece it was asked for (besides Busy, which is no failure).
+#[derive(Debug, thiserror::Error)]
+enum PieceFailure {
+    /// The peer answered that it does not hold the piece.
+    #[error("the peer does not hold the piece")]
+    NotFound,
+    /// The request failed ([`crate::swarm::RequestError`]: libp2p's `OutboundFailure`, or
+    /// the swarm stopped).
+    #[error(transparent)]
+    Request(#[from] crate::swarm::RequestError),
 }
 
 /// The place where this node's first origin run starts: the same for one node and content,

@@ -333,16 +333,17 @@ pub struct DhtStatus {
 }
 
 /// Why a request to a peer failed.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum RequestError {
-    /// The request failed on the network (timeout, closed connection, unsupported protocol,
-    /// malformed response).
-    #[error("request to {peer} failed: {reason}")]
-    Failed {
+    /// The request failed on the network, as libp2p's request-response reports it: a dial
+    /// failure, the request timeout, a closed connection, an unsupported protocol, or an I/O
+    /// error (a response our codec refused, by its size or its encoding, is one).
+    #[error("request to {peer} failed: {error}")]
+    Outbound {
         /// The peer.
         peer: PeerId,
-        /// What libp2p reported.
-        reason: String,
+        /// What libp2p reported, kept as its type.
+        error: request_response::OutboundFailure,
     },
     /// The swarm has shut down.
     #[error("the swarm has shut down")]
@@ -1786,10 +1787,7 @@ fn route<Req, Resp>(
             ..
         } => {
             if let Some(tx) = pending.remove(&request_id) {
-                let _ = tx.send(Err(RequestError::Failed {
-                    peer,
-                    reason: error.to_string(),
-                }));
+                let _ = tx.send(Err(RequestError::Outbound { peer, error }));
             }
             Routed::Handled
         }
