@@ -23,7 +23,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use indexmap::IndexMap;
 use libp2p::PeerId;
 use shoal_protocol::{MAX_MEMBERS, Member};
 
@@ -70,9 +69,8 @@ struct Known {
 /// 42 bytes (longer keys are hashed to a SHA-256 multihash of 34 bytes), as libp2p encodes it.
 const MAX_ID_BYTES: usize = 44;
 
-/// A canonical peer id's bytes, held inline: a relayed entry is looked up by the bytes it
-/// carries, and comparing them must not reach for another allocation (a view of a thousand
-/// members is looked up a thousand times a second).
+/// A canonical peer id's bytes, held inline: an answer's sample copies them into one buffer
+/// without reaching for another allocation per member.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct IdBytes {
     len: u8,
@@ -101,56 +99,110 @@ impl std::fmt::Debug for IdBytes {
     }
 }
 
-// Hashed as the slice it holds, so that a lookup by `&[u8]` finds it (`Borrow`'s contract).
-impl std::hash::Hash for IdBytes {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state);
-    }
+/// A known member's id: its bytes, parsed, and its fingerprint in the view's lookup table.
+#[derive(Debug, Clone)]
+struct Id {
+    bytes: IdBytes,
+    peer: PeerId,
+    fingerprint: u64,
 }
 
-impl std::borrow::Borrow<[u8]> for IdBytes {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
-    }
+/// Where the lookup table finds a member: its fingerprint, its heartbeat (so that the common
+/// case, a relayed entry that is no newer, is decided without reading the entry), and its
+/// position.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    fingerprint: u64,
+    heartbeat: u64,
+    index: u32,
 }
 
-/// The known members, by their peer id bytes (canonical), in the order they were learned
-/// of: an entry a peer relays is found by the bytes it carries, with one hash and without
-/// parsing them again; the members are walked in order and picked by index. The hasher is
-/// keyed at random per view (std's `RandomState`), since peers choose the ids; the order does
-/// not depend on it, so a seeded simulation repeats exactly. The parsed peer ids (80 bytes
-/// each, needed only to list the fetchers) are kept apart, at the same positions, so that a
-/// lookup reads less memory.
+/// The known members, in the order they were learned of (walked in order and picked by
+/// position, so that a seeded simulation repeats exactly), with a table that finds a relayed
+/// entry by its id bytes. The table holds each id's 64-bit SipHash under a 128-bit key drawn
+/// at random per view (std's `RandomState`), and an entry is found by that fingerprint alone:
+/// most relayed entries are decided without reading anything but the table. Peers choose the
+/// ids, but without the key they can neither make lookups collide nor make two ids share a
+/// fingerprint; by chance, two of a view's at most 4,096 ids share one with a probability
+/// below 10^-12, and then the later one's entries update the earlier one's.
 #[derive(Debug, Clone, Default)]
-struct Entries(IndexMap<IdBytes, Known>, Vec<PeerId>);
+struct Entries {
+    known: Vec<Known>,
+    ids: Vec<Id>,
+    table: hashbrown::HashTable<Slot>,
+    keys: std::hash::RandomState,
+}
 
 impl Entries {
     fn len(&self) -> usize {
-        self.0.len()
+        self.known.len()
+    }
+
+    /// The fingerprint of id `bytes` in this view.
+    fn fingerprint(&self, bytes: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.keys, bytes)
     }
 
     /// Adds a member that is not known yet.
-    fn insert(&mut self, key: IdBytes, k: Known, peer: PeerId) {
-        self.0.insert(key, k);
-        self.1.push(peer);
+    fn insert(&mut self, bytes: IdBytes, peer: PeerId, fingerprint: u64, k: Known) {
+        let index = u32::try_from(self.known.len()).unwrap_or(u32::MAX);
+        self.table.insert_unique(
+            fingerprint,
+            Slot {
+                fingerprint,
+                heartbeat: k.heartbeat,
+                index,
+            },
+            |s| s.fingerprint,
+        );
+        self.known.push(k);
+        self.ids.push(Id {
+            bytes,
+            peer,
+            fingerprint,
+        });
+    }
+
+    /// The position of the member whose id bytes are `bytes`.
+    fn position(&self, bytes: &[u8]) -> Option<usize> {
+        let f = self.fingerprint(bytes);
+        let slot = self.table.find(f, |s| s.fingerprint == f)?;
+        let i = slot.index as usize;
+        (self.ids[i].bytes.as_slice() == bytes).then_some(i)
     }
 
     /// Keeps the members for which `keep` holds, in order.
     fn retain(&mut self, mut keep: impl FnMut(&Known) -> bool) {
-        let kept: Vec<bool> = self.0.values().map(&mut keep).collect();
+        let kept: Vec<bool> = self.known.iter().map(&mut keep).collect();
+        if kept.iter().all(|k| *k) {
+            return;
+        }
         let mut at = kept.iter();
-        self.0.retain(|_, _| at.next().copied().unwrap_or(false));
+        self.known.retain(|_| at.next().copied().unwrap_or(false));
         let mut at = kept.iter();
-        self.1.retain(|_| at.next().copied().unwrap_or(false));
+        self.ids.retain(|_| at.next().copied().unwrap_or(false));
+        self.table.clear();
+        for (i, (id, k)) in self.ids.iter().zip(&self.known).enumerate() {
+            self.table.insert_unique(
+                id.fingerprint,
+                Slot {
+                    fingerprint: id.fingerprint,
+                    heartbeat: k.heartbeat,
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                },
+                |s| s.fingerprint,
+            );
+        }
     }
 
     fn clear(&mut self) {
-        self.0.clear();
-        self.1.clear();
+        self.known.clear();
+        self.ids.clear();
+        self.table.clear();
     }
 
-    fn iter(&self) -> indexmap::map::Values<'_, IdBytes, Known> {
-        self.0.values()
+    fn iter(&self) -> std::slice::Iter<'_, Known> {
+        self.known.iter()
     }
 }
 
@@ -301,7 +353,19 @@ impl MemberView {
         }
         let skew_ms = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
         let ceiling = self.heartbeat(now).saturating_add(skew_ms);
-        for (i, m) in members.iter().enumerate() {
+        let fingerprints: Vec<u64> = members
+            .iter()
+            .map(|m| self.known.fingerprint(&m.peer_id))
+            .collect();
+        // Every lookup once ahead, its result unused: the lines it reads (another node's view,
+        // rarely in cache) are fetched for all entries at once rather than one after the
+        // other. What the entries do is decided below, in order, as if this were not here.
+        for &f in &fingerprints {
+            if let Some(slot) = self.known.table.find(f, |s| s.fingerprint == f) {
+                std::hint::black_box(self.known.known.get(slot.index as usize).map(|k| k.done));
+            }
+        }
+        for (i, (m, &f)) in members.iter().zip(&fingerprints).enumerate() {
             let direct = i == 0;
             let id = m.peer_id.as_ref();
             if id == self.me_bytes.as_ref()
@@ -310,7 +374,7 @@ impl MemberView {
             {
                 continue;
             }
-            self.merge_entry(m, direct, now);
+            self.merge_entry(m, f, direct, now);
         }
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
             self.pruned_at = now;
@@ -319,72 +383,76 @@ impl MemberView {
         }
     }
 
-    /// Takes in one entry of a peer's list (`direct`: the peer's own).
-    fn merge_entry(&mut self, m: &Member, direct: bool, now: Instant) {
+    /// Takes in one entry of a peer's list (`direct`: the peer's own), whose id has the
+    /// fingerprint `f` in this view.
+    fn merge_entry(&mut self, m: &Member, f: u64, direct: bool, now: Instant) {
         let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
         let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
-        let len = self.known.len();
-        match self.known.0.get_mut(m.peer_id.as_ref()) {
-            Some(k) => {
-                if m.heartbeat <= k.heartbeat && !(direct && m.heartbeat != k.heartbeat) {
-                    return;
-                }
-                let before = counts(k);
-                if m.origin && (!k.origin || k.gone) {
-                    self.grew_at = now;
-                }
-                k.heartbeat = m.heartbeat;
-                k.seen = now;
-                if m.done > k.done {
-                    k.progressed = now;
-                }
-                k.done = m.done;
-                k.origin = m.origin;
-                k.gone = false;
-                k.proven |= direct;
-                if counts(k) != before {
-                    self.invalidate();
-                }
+        let Entries { known, table, .. } = &mut self.known;
+        if let Some(slot) = table.find_mut(f, |s| s.fingerprint == f) {
+            // Decided on the table alone: most relayed entries are no newer.
+            if m.heartbeat <= slot.heartbeat && !(direct && m.heartbeat != slot.heartbeat) {
+                return;
             }
-            None if len < MAX_KNOWN => {
-                // A new member: its id must parse, and be in its one canonical encoding (the
-                // key it is found by from then on).
-                let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
-                    return;
-                };
-                if peer.to_bytes() != m.peer_id.as_ref() {
-                    return;
-                }
-                let Some(key) = IdBytes::new(&m.peer_id) else {
-                    return;
-                };
-                if m.origin {
-                    self.grew_at = now;
-                }
-                let k = Known {
-                    heartbeat: m.heartbeat,
-                    done: m.done,
-                    origin: m.origin,
-                    seen: now,
-                    progressed: now,
-                    gone: false,
-                    proven: direct,
-                    seed: fetcher_seed(&peer, &self.content),
-                };
-                if counts(&k) == Some(true) {
-                    self.invalidate();
-                }
-                self.known.insert(key, k, peer);
+            let i = slot.index as usize;
+            slot.heartbeat = m.heartbeat;
+            let k = &mut known[i];
+            let before = counts(k);
+            if m.origin && (!k.origin || k.gone) {
+                self.grew_at = now;
             }
-            None => {}
+            k.heartbeat = m.heartbeat;
+            k.seen = now;
+            if m.done > k.done {
+                k.progressed = now;
+            }
+            k.done = m.done;
+            k.origin = m.origin;
+            k.gone = false;
+            k.proven |= direct;
+            if counts(k) != before {
+                self.invalidate();
+            }
+            return;
         }
+        if known.len() >= MAX_KNOWN {
+            return;
+        }
+        // A new member: its id must parse, and be in its one canonical encoding (the bytes it
+        // is found by from then on).
+        let Ok(peer) = PeerId::from_bytes(&m.peer_id) else {
+            return;
+        };
+        if peer.to_bytes() != m.peer_id.as_ref() {
+            return;
+        }
+        let Some(bytes) = IdBytes::new(&m.peer_id) else {
+            return;
+        };
+        if m.origin {
+            self.grew_at = now;
+        }
+        let k = Known {
+            heartbeat: m.heartbeat,
+            done: m.done,
+            origin: m.origin,
+            seen: now,
+            progressed: now,
+            gone: false,
+            proven: direct,
+            seed: fetcher_seed(&peer, &self.content),
+        };
+        if counts(&k) == Some(true) {
+            self.invalidate();
+        }
+        self.known.insert(bytes, peer, f, k);
     }
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
     /// higher heartbeat than the last one known arrives.
     pub(crate) fn forget(&mut self, peer: &PeerId) {
-        if let Some(k) = self.known.0.get_mut(peer.to_bytes().as_slice())
-            && !std::mem::replace(&mut k.gone, true)
+        if let Some(i) = self.known.position(&peer.to_bytes())
+            && !std::mem::replace(&mut self.known.known[i].gone, true)
         {
             self.invalidate();
         }
@@ -416,19 +484,31 @@ impl MemberView {
             return out;
         }
         let start = rng.random_range(0..n);
-        let (head, tail) = self.known.0.as_slice().split_at(start);
-        out.extend(
-            tail.iter()
-                .chain(head)
-                .filter(|(_, k)| alive(k, now))
-                .take(want)
-                .map(|(id, k)| Member {
-                    peer_id: Bytes::copy_from_slice(id.as_slice()),
-                    heartbeat: k.heartbeat,
-                    done: k.done,
-                    origin: k.origin,
-                }),
-        );
+        let (known, ids) = (&self.known.known, &self.known.ids);
+        let picked: Vec<usize> = (start..n)
+            .chain(0..start)
+            .filter(|&i| alive(&known[i], now))
+            .take(want)
+            .collect();
+        // The ids in one buffer: one allocation per answer, each member's id a slice of it.
+        let mut buf =
+            Vec::with_capacity(picked.iter().map(|&i| ids[i].bytes.as_slice().len()).sum());
+        for &i in &picked {
+            buf.extend_from_slice(ids[i].bytes.as_slice());
+        }
+        let buf = Bytes::from(buf);
+        let mut at = 0;
+        out.extend(picked.iter().map(|&i| {
+            let len = ids[i].bytes.as_slice().len();
+            let peer_id = buf.slice(at..at + len);
+            at += len;
+            Member {
+                peer_id,
+                heartbeat: known[i].heartbeat,
+                done: known[i].done,
+                origin: known[i].origin,
+            }
+        }));
         out
     }
 
@@ -444,16 +524,17 @@ impl MemberView {
         proven_only: bool,
         lowest: usize,
     ) -> (Vec<(PeerId, u64)>, Instant) {
-        let (entries, peers) = (self.known.0.as_slice(), &self.known.1);
+        let (entries, ids) = (&self.known.known, &self.known.ids);
         // (seed, position): small to select and sort; ids are compared only on equal seeds.
         let mut found: Vec<(u64, usize)> = entries
-            .values()
+            .iter()
             .enumerate()
             .filter(|(_, k)| is_fetcher(k, pieces, now, proven_only))
             .map(|(i, k)| (k.seed, i))
             .collect();
         let order = |a: &(u64, usize), b: &(u64, usize)| {
-            a.0.cmp(&b.0).then_with(|| peers[a.1].cmp(&peers[b.1]))
+            a.0.cmp(&b.0)
+                .then_with(|| ids[a.1].peer.cmp(&ids[b.1].peer))
         };
         if found.len() > lowest {
             if lowest == 0 {
@@ -475,7 +556,7 @@ impl MemberView {
                 } else {
                     stale.min(k.progressed + MEMBER_STALL)
                 });
-                (peers[i], k.seed)
+                (ids[i].peer, k.seed)
             })
             .collect();
         (out, until)
@@ -686,6 +767,50 @@ mod tests {
         vb.merge(&a, &[member(a, 2, 0, true), member(y, far, 0, true)], t0);
         let f = vb.fetchers(10, t0, false);
         assert!(!f.contains(&x) && !f.contains(&y) && f.contains(&a));
+    }
+
+    #[test]
+    fn after_forgotten_members_are_dropped_every_other_one_is_still_found_by_its_id() {
+        let t0 = Instant::now();
+        let (me, relay) = (PeerId::random(), PeerId::random());
+        let mut v = MemberView::new(me, &CONTENT, t0, WALL);
+        let (old, kept): (Vec<PeerId>, Vec<PeerId>) = (
+            (0..40).map(|_| PeerId::random()).collect(),
+            (0..40).map(|_| PeerId::random()).collect(),
+        );
+        // Learned interleaved, so that dropping the old ones moves every kept one.
+        let mut list = vec![member(relay, 1, 0, false)];
+        for (o, k) in old.iter().zip(&kept) {
+            list.push(member(*o, 1, 0, true));
+            list.push(member(*k, 1, 0, true));
+        }
+        v.merge(&relay, &list, t0);
+        // The kept ones stay heard of; the old ones are dropped at the next prune.
+        let mid = t0 + FORGET_AFTER / 2;
+        let mut fresh = vec![member(relay, 2, 0, false)];
+        fresh.extend(kept.iter().map(|k| member(*k, 2, 0, true)));
+        v.merge(&relay, &fresh, mid);
+        let late = t0 + FORGET_AFTER + PRUNE_EVERY;
+        let mut again = vec![member(relay, 3, 0, false)];
+        again.extend(kept.iter().map(|k| member(*k, 3, 5, true)));
+        v.merge(&relay, &again, late);
+        assert_eq!(v.known.len(), 41, "the old ones are gone");
+        // Every kept member is found and updated where it now is: a higher heartbeat with
+        // pieces counts, an older one changes nothing.
+        let mut newer = vec![member(relay, 4, 0, false)];
+        newer.extend(kept.iter().map(|k| member(*k, 4, 7, true)));
+        newer.extend(kept.iter().map(|k| member(*k, 1, 0, false)));
+        v.merge(&relay, &newer, late);
+        for k in &kept {
+            let i = v.known.position(&k.to_bytes()).expect("found");
+            let entry = &v.known.known[i];
+            assert_eq!((entry.heartbeat, entry.done, entry.origin), (4, 7, true));
+            assert_eq!(v.known.ids[i].peer, *k);
+        }
+        assert!(
+            old.iter()
+                .all(|o| v.known.position(&o.to_bytes()).is_none())
+        );
     }
 
     #[test]

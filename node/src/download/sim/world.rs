@@ -647,39 +647,52 @@ impl World<'_> {
             done,
             origin,
         };
-        let all = Bitfield::full(n);
-        let mut h = Holding {
+        // Each field built once: an answer is made for every have round and announcement.
+        let holding = |have, fetching, chaining, members| Holding {
             content_id: self.id,
-            have: all.clone(),
-            fetching: Bitfield::new(n),
+            have,
+            fetching,
             claimed: Bitfield::new(n),
-            chaining: all,
-            members: Vec::new(),
+            chaining,
+            members,
         };
-        match node.script {
+        let h = match node.script {
             Some(Behaviour::MemberFlood) => {
-                h.have.clone_from(&h.claimed);
-                h.chaining.clone_from(&h.claimed);
-                h.members.push(own(0, false));
+                let mut members = vec![own(0, false)];
                 let heartbeat = WALL_MS + self.now.as_millis() as u64;
                 for _ in 1..MAX_MEMBERS {
                     let peer = made_up_peer(&mut self.rng);
-                    h.members.push(Member {
+                    members.push(Member {
                         peer_id: Bytes::from(peer.to_bytes()),
                         heartbeat,
                         done: self.rng.random_range(1..n.max(2)),
                         origin: true,
                     });
                 }
+                holding(
+                    Bitfield::new(n),
+                    Bitfield::new(n),
+                    Bitfield::new(n),
+                    members,
+                )
             }
-            Some(_) => h.members.push(own(n, false)),
+            Some(_) => holding(
+                Bitfield::full(n),
+                Bitfield::new(n),
+                Bitfield::full(n),
+                vec![own(n, false)],
+            ),
             None => {
                 let view = node.view.as_ref()?;
-                h.have = node.have.clone();
-                h.fetching = node.fetching.clone();
-                h.members = view.sample_with(now, &mut self.rng);
+                let members = view.sample_with(now, &mut self.rng);
+                holding(
+                    node.have.clone(),
+                    node.fetching.clone(),
+                    Bitfield::full(n),
+                    members,
+                )
             }
-        }
+        };
         Some(h)
     }
 
