@@ -140,6 +140,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, Error> {
+    let node_tasks = node.inner.tasks.clone();
     if !addr.ip().is_loopback() {
         return Err(Error::Metrics {
             addr,
@@ -177,7 +178,8 @@ pub(crate) async fn serve(
             }
         }),
     );
-    tokio::spawn(async move {
+    let tasks = node_tasks.clone();
+    tasks.spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;

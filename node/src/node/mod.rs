@@ -399,10 +399,13 @@ impl Builder {
                     counters: Counters::default(),
                     metrics_addr: Mutex::new(None),
                     slots,
+                    tasks: tokio_util::task::TaskTracker::new(),
                 }
             }),
         };
-        tokio::spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
+        node.inner
+            .tasks
+            .spawn(node.inner.slots.clone().tick(node.inner.shutdown.clone()));
         if let (Some(addr), Some(registry)) = (self.metrics, registry) {
             let bound = crate::node::metrics::serve(
                 node.clone(),
@@ -430,7 +433,7 @@ impl Builder {
         node.spawn_cache_sweeper();
         node.spawn_upload_month_keeper();
         if let (Some(role), Some(rx)) = (self.cache_node_role, fill_rx) {
-            tokio::spawn(crate::store::fill::run(
+            node.inner.tasks.spawn(crate::store::fill::run(
                 node.clone(),
                 role,
                 rx,
@@ -546,6 +549,9 @@ struct Inner {
     counters: Counters,
     /// Where the metrics are served.
     metrics_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// The node's own tasks (sweepers, the slot ticker, the cache-node role, the metrics
+    /// server, Complete's renames): [`Node::shutdown`] waits for every one of them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// The atomics behind [`crate::node::stats::NodeStats`].
@@ -763,7 +769,7 @@ impl Node {
     fn spawn_upload_month_keeper(&self) {
         let node = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             let mut kept = node.inner.env.bandwidth.month();
             loop {
                 tokio::select! {
@@ -852,7 +858,7 @@ impl Node {
         };
         let node = self.clone();
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -1187,7 +1193,9 @@ impl Node {
     /// be called again), [`Error::UnknownJob`].
     pub async fn complete(&self, job: JobId) -> Result<(), Error> {
         let node = self.clone();
-        tokio::spawn(async move { complete::run(&node, job).await })
+        let tasks = node.inner.tasks.clone();
+        tasks
+            .spawn(async move { complete::run(&node, job).await })
             .await
             .map_err(|e| Error::Task(e.to_string()))?
     }
@@ -1235,8 +1243,8 @@ impl Node {
     }
 
     /// Stops the node: cancels running jobs' transfers and the swarm, waits until every job
-    /// runner has stopped writing, and closes the state database (the jobs stay in it, in the
-    /// state they were in, for the next start).
+    /// runner has stopped writing and every task of the node has ended, and closes the state
+    /// database (the jobs stay in it, in the state they were in, for the next start).
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.keep_upload_month().await;
@@ -1258,6 +1266,9 @@ impl Node {
         for t in tasks {
             let _ = t.await;
         }
+        // The node's own tasks end on its token; a Complete under way finishes its renames.
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
         if let Some(state) = &self.inner.state {
             state.close().await;
         }
@@ -1280,7 +1291,7 @@ impl Node {
         let node = self.clone();
         let period = (timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600));
         let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
+        self.inner.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -1427,4 +1438,32 @@ fn restore_records(
         out.push((record, changed));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_waits_for_every_task_of_the_node() {
+        let node = Node::builder()
+            .listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+            .mdns(false)
+            .build()
+            .await
+            .unwrap();
+        // The slot ticker, the inactivity sweeper and the upload-month keeper run.
+        assert!(node.inner.tasks.len() >= 3, "{}", node.inner.tasks.len());
+        // One more that, like a Complete under way, takes a while to end after the stop.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (token, e) = (node.inner.shutdown.clone(), ended.clone());
+        node.inner.tasks.spawn(async move {
+            token.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            e.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        node.shutdown().await;
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(node.inner.tasks.is_closed() && node.inner.tasks.is_empty());
+    }
 }
