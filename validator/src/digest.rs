@@ -43,6 +43,119 @@ impl Sha256Stream {
     }
 }
 
+/// The SHA-256 (FIPS 180-4) of a file whose pieces verify in any order, taken in file order.
+///
+/// Pieces that come in order are hashed from memory at once; pieces that come early are held
+/// while they fit in `hold_bytes` in all, and the others are read back from the file when
+/// their turn comes. A piece read back is checked again against the chaining value it
+/// verified with (BLAKE3, [`crate::check_piece`]): the file may have been written since, and
+/// what is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`).
+/// Does no I/O itself: the caller's `read_at(offset, buf)` fills `buf` from the file.
+#[derive(Debug)]
+pub struct OrderedSha256<B> {
+    sha: Sha256Stream,
+    piece_size: u64,
+    length: u64,
+    next: shoal_protocol::PieceIndex,
+    /// Pieces ahead of `next`: with their bytes while they fit, else `None` (read back);
+    /// with their chaining values.
+    later: std::collections::BTreeMap<
+        shoal_protocol::PieceIndex,
+        (Option<B>, Option<crate::ChainingValue>),
+    >,
+    /// Bytes held in `later`.
+    held: usize,
+    hold_bytes: usize,
+    buf: Vec<u8>,
+}
+
+impl<B: AsRef<[u8]>> OrderedSha256<B> {
+    /// For a file of `length` bytes in pieces of `piece_size` bytes, holding at most
+    /// `hold_bytes` of early pieces in memory.
+    #[must_use]
+    pub fn new(piece_size: u64, length: u64, hold_bytes: usize) -> Self {
+        Self {
+            sha: Sha256Stream::new(),
+            piece_size: piece_size.max(1),
+            length,
+            next: 0,
+            later: std::collections::BTreeMap::new(),
+            held: 0,
+            hold_bytes,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Piece `index` verified: `bytes` when at hand (`None`: it is in the file already), with
+    /// the chaining value `cv` it verified with. Hashes every piece whose turn has come.
+    ///
+    /// # Errors
+    /// What `read_at` returns; `InvalidData` when a piece read back no longer matches its
+    /// chaining value (the file changed after the piece verified).
+    pub fn add(
+        &mut self,
+        index: shoal_protocol::PieceIndex,
+        bytes: Option<B>,
+        cv: Option<crate::ChainingValue>,
+        read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if index != self.next {
+            let keep = bytes.filter(|b| self.held + b.as_ref().len() <= self.hold_bytes);
+            if let Some(b) = &keep {
+                self.held += b.as_ref().len();
+            }
+            self.later.insert(index, (keep, cv));
+            return Ok(());
+        }
+        self.take(bytes, cv, read_at)?;
+        while let Some((b, cv)) = self.later.remove(&self.next) {
+            if let Some(b) = &b {
+                self.held -= b.as_ref().len();
+            }
+            self.take(b, cv, read_at)?;
+        }
+        Ok(())
+    }
+
+    /// Hashes piece `self.next`, from `bytes` or read back and checked.
+    fn take(
+        &mut self,
+        bytes: Option<B>,
+        cv: Option<crate::ChainingValue>,
+        read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let index = self.next;
+        match bytes {
+            Some(b) => self.sha.update(b.as_ref()),
+            None => {
+                let start = u64::from(index) * self.piece_size;
+                let len = self.length.saturating_sub(start).min(self.piece_size);
+                self.buf
+                    .resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+                read_at(start, &mut self.buf)?;
+                if let Some(cv) = cv {
+                    crate::check_piece(index, start, &self.buf, &cv).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("the temporary file changed after its piece verified: {e}"),
+                        )
+                    })?;
+                }
+                self.sha.update(&self.buf);
+            }
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The file's SHA-256, once every piece was hashed; `None` if some never came.
+    #[must_use]
+    pub fn finish(self) -> Option<Sha256Digest> {
+        let count = self.length.div_ceil(self.piece_size);
+        (u64::from(self.next) == count).then(|| self.sha.finish())
+    }
+}
+
 /// The digests a job expects for a file. Either, both or none may be given.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Expected {
@@ -142,6 +255,53 @@ pub fn hash_reader(mut reader: impl Read, length: u64) -> Result<FileDigests, Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_in_any_order_hash_as_the_file_and_a_changed_piece_read_back_is_refused() {
+        let piece = 16 * 1024u64;
+        let file: Vec<u8> = (0..5 * piece + 100).map(|i| (i % 251) as u8).collect();
+        let d = hash_reader(&file[..], file.len() as u64).unwrap();
+        let cvs = d.layer.chaining_values().to_vec();
+        let slice = |i: u32| {
+            file[(u64::from(i) * piece) as usize..]
+                [..((file.len() as u64 - u64::from(i) * piece).min(piece)) as usize]
+                .to_vec()
+        };
+        let run = |disk: &[u8], hold: usize| {
+            let mut sha = OrderedSha256::new(piece, file.len() as u64, hold);
+            let mut read_at = |at: u64, buf: &mut [u8]| {
+                buf.copy_from_slice(&disk[at as usize..at as usize + buf.len()]);
+                Ok(())
+            };
+            // 4 and 2 early with bytes (held while they fit), 3 early without (read back),
+            // then 0, 1 and the last.
+            for (i, with) in [
+                (4, true),
+                (2, true),
+                (3, false),
+                (0, true),
+                (1, true),
+                (5, true),
+            ] {
+                let cv = Some(cvs[i as usize]);
+                sha.add(i, with.then(|| slice(i)), cv, &mut read_at)?;
+            }
+            Ok::<_, std::io::Error>(sha.finish())
+        };
+        for hold in [0, piece as usize, 1 << 20] {
+            assert_eq!(run(&file, hold).unwrap(), Some(d.sha256), "hold {hold}");
+        }
+        // Piece 3 changed on disk after it verified: refused, never hashed.
+        let mut changed = file.clone();
+        changed[(3 * piece + 7) as usize] ^= 1;
+        let e = run(&changed, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        // A piece that never came: no digest.
+        let mut sha = OrderedSha256::new(piece, file.len() as u64, 0);
+        let mut none = |_: u64, _: &mut [u8]| Ok(());
+        sha.add(0, Some(slice(0)), None, &mut none).unwrap();
+        assert_eq!(sha.finish(), None);
+    }
 
     #[test]
     fn hash_reader_matches_the_standard_functions() {

@@ -8,7 +8,8 @@
 //!   arrival ([`PieceLayer::verify_piece`]).
 //! - [`LayerBuilder`]: computes the layer of bytes that arrive without one (from the origin), so
 //!   the file's content id can be derived and checked at the end.
-//! - [`Sha256Stream`] and [`Expected`]: the whole-file digests a job may expect.
+//! - [`Sha256Stream`] and [`Expected`]: the whole-file digests a job may expect;
+//!   [`OrderedSha256`]: the SHA-256 of pieces verified out of order, taken in file order.
 //! - [`hash_reader`]: content id, SHA-256 and piece layer of a whole file in one pass.
 //!
 //! The tree arithmetic follows section 2.1 of the BLAKE3 paper, through `blake3::hazmat`.
@@ -16,7 +17,9 @@
 mod digest;
 mod layer;
 
-pub use digest::{Expected, FileDigests, Sha256Stream, ValidationState, hash_reader};
+pub use digest::{
+    Expected, FileDigests, OrderedSha256, Sha256Stream, ValidationState, hash_reader,
+};
 pub use layer::{
     ChainingValue, LayerBuilder, PieceLayer, chaining_values_from_bytes, check_piece,
     piece_chaining_value,

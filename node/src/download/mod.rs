@@ -33,7 +33,7 @@ pub mod sim;
 mod writer;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     fs::{File, OpenOptions},
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
@@ -46,7 +46,7 @@ use libp2p::PeerId;
 use shoal_protocol::{
     Bitfield, HaveKey, HaveRequest, Holding, LayerResponse, PieceIndex, PieceResponse,
 };
-use shoal_validator::{ContentId, Expected, LayerBuilder, PieceLayer, Sha256Digest, Sha256Stream};
+use shoal_validator::{ContentId, Expected, LayerBuilder, PieceLayer, Sha256Digest};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

@@ -259,69 +259,24 @@ pub(super) fn spawn_writer(
     Writer { tx, thread }
 }
 
-/// Hashes the file in order. Pieces come with their bytes, or without (`None`: already in the
-/// file, kept from an earlier run). Pieces that arrive in order are hashed from memory, and so
-/// are pieces that arrive early while they fit in [`SHA_HOLD_BYTES`]; the rest are read back
-/// from the file when their turn comes, and must still have the chaining value they verified
-/// with (the owner of the file may write it meanwhile: what is hashed is what verified, or the
-/// file fails as a local error that bans nobody). `None` unless every piece arrived.
+/// Hashes the file in order ([`shoal_validator::OrderedSha256`]). Pieces come with their
+/// bytes, or without (`None`: already in the file, kept from an earlier run); early pieces
+/// are held while they fit in [`SHA_HOLD_BYTES`], the rest read back from `file` when their
+/// turn comes and checked again against the chaining value they verified with (the owner of
+/// the file may write it meanwhile: what is hashed is what verified, or the file fails as a
+/// local error that bans nobody). `None` unless every piece arrived.
 pub(super) fn sha_in_order(
     file: &File,
     rx: std::sync::mpsc::Receiver<ShaPiece>,
     piece_size: u64,
     length: u64,
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
-    let piece_count = u32::try_from(length.div_ceil(piece_size)).unwrap_or(u32::MAX);
-    let mut sha = Sha256Stream::new();
-    let mut next: PieceIndex = 0;
-    // Pieces ahead of `next`: with their bytes while they fit in `SHA_HOLD_BYTES`, else
-    // `None`, to be read back from the file; with their chaining values.
-    let mut later: BTreeMap<PieceIndex, (Option<Bytes>, Option<shoal_validator::ChainingValue>)> =
-        BTreeMap::new();
-    let mut held = 0usize;
-    let mut buf = Vec::new();
-    let mut hash_from_file =
-        |sha: &mut Sha256Stream, index: PieceIndex, cv: Option<shoal_validator::ChainingValue>| {
-            let start = u64::from(index) * piece_size;
-            let len = (length - start).min(piece_size);
-            buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
-            file.read_exact_at(&mut buf, start)?;
-            if let Some(cv) = cv {
-                shoal_validator::check_piece(index, start, &buf, &cv).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("the temporary file changed after its piece verified: {e}"),
-                    )
-                })?;
-            }
-            sha.update(&buf);
-            Ok::<(), std::io::Error>(())
-        };
+    let mut sha = shoal_validator::OrderedSha256::new(piece_size, length, SHA_HOLD_BYTES);
+    let mut read_at = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
     for (index, bytes, cv) in rx {
-        if index != next {
-            let keep = bytes
-                .filter(|b| held + b.len() <= SHA_HOLD_BYTES)
-                .inspect(|b| held += b.len());
-            later.insert(index, (keep, cv));
-            continue;
-        }
-        match bytes {
-            Some(b) => sha.update(&b),
-            None => hash_from_file(&mut sha, index, cv)?,
-        }
-        next += 1;
-        while let Some((piece, cv)) = later.remove(&next) {
-            match piece {
-                Some(b) => {
-                    held -= b.len();
-                    sha.update(&b);
-                }
-                None => hash_from_file(&mut sha, next, cv)?,
-            }
-            next += 1;
-        }
+        sha.add(index, bytes, cv, &mut read_at)?;
     }
-    Ok((next == piece_count).then(|| sha.finish()))
+    Ok(sha.finish())
 }
 
 /// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
