@@ -180,6 +180,52 @@ async fn seed_node(dir: &Path, name: &str, bytes: &[u8]) -> Node {
     node
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_on_hearing_the_job_transferred_still_finds_the_callback_called_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1_000_000, 5);
+    origin.put("t.bin", data.clone());
+    let node = test_node(&[]).await;
+    let mut events = node.subscribe();
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("t.bin");
+    let job = start_job(
+        &node,
+        spec(origin.url("t.bin"), &dest, blake3_only(&data)),
+        &rec,
+    )
+    .await;
+    // Complete at the very moment the job is heard to be Transferred, before its runner
+    // could go on: the JobTransferred it was due still reaches the callback, once.
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        loop {
+            if let Ok(shoal_node::Event::JobModification {
+                job: j,
+                state: State::Transferred,
+            }) = events.recv().await
+                && j == job
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the job became Transferred");
+    node.complete(job).await.unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
+    while rec.transferred_calls.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "JobTransferred never came"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn origin_only_job_transfers_verifies_and_completes() {
     let dir = tempfile::tempdir().unwrap();

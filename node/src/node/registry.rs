@@ -927,8 +927,10 @@ impl Registry {
             .runner
             .start(token, Doing::Notifying, previous, async move {
                 match state {
-                    State::Transferred => super::run::deliver_transferred(&node, job, &t).await,
-                    State::Error => super::run::deliver_error(&node, job, &t).await,
+                    State::Transferred => {
+                        super::run::deliver_transferred(&node, job, &t, None).await;
+                    }
+                    State::Error => super::run::deliver_error(&node, job, &t, None).await,
                     _ => {}
                 }
                 let t2 = t.clone();

@@ -36,24 +36,28 @@ enum Ended {
     Stopped,
     /// In TransientError; retry after this delay.
     Transient(Duration),
-    /// In Error.
-    Failed,
-    /// Every file transferred.
-    Transferred,
+    /// In Error, with the job as it entered it (for the first JobError).
+    Failed(Option<Box<Notice>>),
+    /// Every file transferred, with the job as it became Transferred (for the first
+    /// JobTransferred).
+    Transferred(Option<Box<Notice>>),
+}
+
+/// A job's snapshot, its callback and its wake-up.
+type Notice = (JobInfo, Option<Arc<dyn Callback>>, Arc<tokio::sync::Notify>);
+
+/// The job's [`Notice`] as the registry holds it now.
+fn notice(r: &Registry, job: JobId) -> Option<Box<Notice>> {
+    r.jobs
+        .get(&job)
+        .map(|rec| Box::new((rec.info.clone(), rec.callback.clone(), rec.wake.clone())))
 }
 
 /// The job's snapshot, its callback and its wake-up, or `None` once it is gone.
-async fn snapshot(
-    reg: &registry::Handle,
-    job: JobId,
-) -> Option<(JobInfo, Option<Arc<dyn Callback>>, Arc<tokio::sync::Notify>)> {
-    reg.step(move |r| {
-        r.jobs
-            .get(&job)
-            .map(|rec| (rec.info.clone(), rec.callback.clone(), rec.wake.clone()))
-    })
-    .await
-    .flatten()
+async fn snapshot(reg: &registry::Handle, job: JobId) -> Option<Notice> {
+    reg.step(move |r| notice(r, job).map(|n| *n))
+        .await
+        .flatten()
 }
 
 async fn transition(
@@ -80,9 +84,17 @@ async fn set_doing(
         .unwrap_or(false)
 }
 
-async fn fail(reg: &registry::Handle, job: JobId, token: &CancellationToken, error: JobError) {
+/// Moves the job to Error (unless the runner was stopped); the job as it entered it.
+async fn fail(
+    reg: &registry::Handle,
+    job: JobId,
+    token: &CancellationToken,
+    error: JobError,
+) -> Option<Box<Notice>> {
     let token = token.clone();
-    reg.step(move |r| r.fail(job, &token, error)).await;
+    reg.step(move |r| r.fail(job, &token, error).then(|| notice(r, job)).flatten())
+        .await
+        .flatten()
 }
 
 /// Waits `d`, or less if [`Node::retry_now`] wakes the job; false when cancelled.
@@ -115,8 +127,25 @@ pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) 
         let end = transfer(node, job, &guard.preempt).await;
         let preempted = guard.preempt.is_cancelled() && !token.is_cancelled();
         drop(guard);
-        if token.is_cancelled() {
-            return;
+        match end {
+            // The job entered Error or Transferred: its first notification goes out even if
+            // a Complete, Cancel or Suspend came right after.
+            Ended::Failed(Some(first)) => {
+                set_doing(reg, job, token, Doing::Notifying).await;
+                deliver_error(node, job, token, Some(first)).await;
+                return;
+            }
+            Ended::Transferred(Some(first)) => {
+                set_doing(reg, job, token, Doing::Notifying).await;
+                let _ = node.inner.events.send(Event::JobTransferred { job });
+                deliver_transferred(node, job, token, Some(first)).await;
+                return;
+            }
+            _ if token.is_cancelled() => return,
+            Ended::Transient(_)
+            | Ended::Stopped
+            | Ended::Failed(None)
+            | Ended::Transferred(None) => {}
         }
         let Some((info, _, _)) = snapshot(reg, job).await else {
             return;
@@ -137,7 +166,6 @@ pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) 
                     return;
                 }
             }
-            Ended::Stopped => return,
             Ended::Transient(delay) => {
                 let go_on = set_doing(reg, job, token, Doing::RetryWait).await
                     && sleep_or_cancel(token, &wake, delay).await
@@ -147,31 +175,32 @@ pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) 
                     return;
                 }
             }
-            Ended::Failed => {
-                set_doing(reg, job, token, Doing::Notifying).await;
-                deliver_error(node, job, token).await;
-                return;
-            }
-            Ended::Transferred => {
-                set_doing(reg, job, token, Doing::Notifying).await;
-                let _ = node.inner.events.send(Event::JobTransferred { job });
-                deliver_transferred(node, job, token).await;
-                return;
-            }
+            // Stopped, or the move to Error or Transferred was refused (the job is gone).
+            Ended::Stopped | Ended::Failed(_) | Ended::Transferred(_) => return,
         }
     }
 }
 
 /// Delivers JobTransferred to the job's callback until it returns Ok or the job leaves
-/// Transferred (BITS: called until S_OK is returned).
-pub(super) async fn deliver_transferred(node: &Node, job: JobId, token: &CancellationToken) {
+/// Transferred (BITS: called until S_OK is returned). `first`: the job as it became
+/// Transferred, delivered once whatever happened since (a Complete right after the job
+/// became Transferred still finds the notification given), as when the move and the first
+/// call were one step under the job's lock.
+pub(super) async fn deliver_transferred(
+    node: &Node,
+    job: JobId,
+    token: &CancellationToken,
+    mut first: Option<Box<Notice>>,
+) {
     loop {
-        let Some((info, Some(cb), wake)) = snapshot(node.registry(), job).await else {
-            return;
+        let (info, cb, wake) = match first.take() {
+            Some(n) => *n,
+            None => match snapshot(node.registry(), job).await {
+                Some(n) if n.0.state == State::Transferred && !token.is_cancelled() => n,
+                _ => return,
+            },
         };
-        if info.state != State::Transferred || token.is_cancelled() {
-            return;
-        }
+        let Some(cb) = cb else { return };
         let delay = info.properties.retry_delay;
         // Only the node's shutdown cuts a callback short: one that completes or cancels the
         // job itself (and so stops this runner) awaits that call and still finishes its work.
@@ -192,18 +221,25 @@ pub(super) async fn deliver_transferred(node: &Node, job: JobId, token: &Cancell
     }
 }
 
-/// Delivers JobError until the callback returns Ok or the job leaves Error.
-pub(super) async fn deliver_error(node: &Node, job: JobId, token: &CancellationToken) {
+/// Delivers JobError until the callback returns Ok or the job leaves Error; `first` as in
+/// [`deliver_transferred`].
+pub(super) async fn deliver_error(
+    node: &Node,
+    job: JobId,
+    token: &CancellationToken,
+    mut first: Option<Box<Notice>>,
+) {
     loop {
-        let Some((info, Some(cb), wake)) = snapshot(node.registry(), job).await else {
+        let (info, cb, wake) = match first.take() {
+            Some(n) => *n,
+            None => match snapshot(node.registry(), job).await {
+                Some(n) if n.0.state == State::Error && !token.is_cancelled() => n,
+                _ => return,
+            },
+        };
+        let (Some(cb), Some(error)) = (cb, info.error.clone()) else {
             return;
         };
-        let Some(error) = info.error.clone() else {
-            return;
-        };
-        if info.state != State::Error || token.is_cancelled() {
-            return;
-        }
         let delay = info.properties.retry_delay;
         let delivered = tokio::select! {
             biased;
@@ -256,10 +292,7 @@ async fn transfer(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
                 Err(ended) => return ended,
             },
             Err(Failure::Cancelled) => return Ended::Stopped,
-            Err(Failure::Fatal(e)) => {
-                fail(reg, job, token, e).await;
-                return Ended::Failed;
-            }
+            Err(Failure::Fatal(e)) => return Ended::Failed(fail(reg, job, token, e).await),
             Err(Failure::Transient(e)) => return transient(reg, job, token, e).await,
         }
     }
@@ -481,7 +514,7 @@ fn all_transferred(
     }
     rec.info.transfer_completed = Some(SystemTime::now());
     if r.transition(job, token, Transition::AllTransferred) {
-        Err(Ended::Transferred)
+        Err(Ended::Transferred(notice(r, job)))
     } else {
         Err(Ended::Stopped)
     }
@@ -577,7 +610,7 @@ async fn file_transferred(
         Some(Verdict::Rejected { refetch: true }) => Ok(false),
         Some(Verdict::Rejected { refetch: false }) => {
             let url = task.url.clone();
-            fail(
+            let first = fail(
                 reg,
                 job,
                 token,
@@ -590,7 +623,7 @@ async fn file_transferred(
                 },
             )
             .await;
-            Err(Ended::Failed)
+            Err(Ended::Failed(first))
         }
     }
 }
@@ -638,8 +671,8 @@ async fn transient(
                     ),
                     ..e2
                 };
-                r.fail(job, &t, error);
-                return Some(Ended::Failed);
+                let first = r.fail(job, &t, error).then(|| notice(r, job)).flatten();
+                return Some(Ended::Failed(first));
             }
             warn!(%job, "transient error, retrying in {delay:?}: {e2}");
             Some(if r.transition(job, &t, Transition::TransientFailure) {
