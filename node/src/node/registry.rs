@@ -898,14 +898,7 @@ impl Registry {
             .runner
             .start(token, Doing::WaitingSlot, previous, async move {
                 super::run::run_job(&node, job, &t).await;
-                let t2 = t.clone();
-                node.registry()
-                    .step(move |r| {
-                        if let Some(rec) = r.jobs.get_mut(&job) {
-                            rec.runner.ended(&t2);
-                        }
-                    })
-                    .await;
+                super::run::ended(&node, job, t).await;
             });
         rec.task = Some(task);
     }
@@ -933,14 +926,7 @@ impl Registry {
                     State::Error => super::run::deliver_error(&node, job, &t, None).await,
                     _ => {}
                 }
-                let t2 = t.clone();
-                node.registry()
-                    .step(move |r| {
-                        if let Some(rec) = r.jobs.get_mut(&job) {
-                            rec.runner.ended(&t2);
-                        }
-                    })
-                    .await;
+                super::run::ended(&node, job, t).await;
             });
         rec.task = Some(task);
     }

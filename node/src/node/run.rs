@@ -84,6 +84,18 @@ async fn set_doing(
         .unwrap_or(false)
 }
 
+/// The runner holding `token` ended on its own: the job has none (one that was replaced or
+/// stopped leaves the job as it is).
+pub(super) async fn ended(node: &Node, job: JobId, token: CancellationToken) {
+    node.registry()
+        .step(move |r| {
+            if let Some(rec) = r.jobs.get_mut(&job) {
+                rec.runner.ended(&token);
+            }
+        })
+        .await;
+}
+
 /// Moves the job to Error (unless the runner was stopped); the job as it entered it.
 async fn fail(
     reg: &registry::Handle,

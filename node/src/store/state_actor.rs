@@ -46,6 +46,17 @@ impl std::fmt::Debug for Request {
     }
 }
 
+/// The request that runs `work` and answers what it returns on the receiver.
+fn request<R: Send + 'static>(
+    work: impl FnOnce(&StateStore) -> R + Send + 'static,
+) -> (Request, oneshot::Receiver<R>) {
+    let (tx, rx) = oneshot::channel();
+    let req = Request::Run(Box::new(move |s| {
+        let _ = tx.send(work(s));
+    }));
+    (req, rx)
+}
+
 impl StateHandle {
     /// Starts the thread that owns `store`.
     ///
@@ -77,10 +88,7 @@ impl StateHandle {
         &self,
         work: impl FnOnce(&StateStore) -> R + Send + 'static,
     ) -> Option<R> {
-        let (tx, rx) = oneshot::channel();
-        let req = Request::Run(Box::new(move |s| {
-            let _ = tx.send(work(s));
-        }));
+        let (req, rx) = request(work);
         self.tx.send(req).await.ok()?;
         rx.await.ok()
     }
@@ -91,10 +99,7 @@ impl StateHandle {
         &self,
         work: impl FnOnce(&StateStore) -> R + Send + 'static,
     ) -> oneshot::Receiver<R> {
-        let (tx, rx) = oneshot::channel();
-        let req = Request::Run(Box::new(move |s| {
-            let _ = tx.send(work(s));
-        }));
+        let (req, rx) = request(work);
         let _ = self.tx.send(req).await;
         rx
     }
@@ -105,10 +110,7 @@ impl StateHandle {
         &self,
         work: impl FnOnce(&StateStore) -> R + Send + 'static,
     ) -> Option<R> {
-        let (tx, rx) = oneshot::channel();
-        let req = Request::Run(Box::new(move |s| {
-            let _ = tx.send(work(s));
-        }));
+        let (req, rx) = request(work);
         self.tx.blocking_send(req).ok()?;
         rx.blocking_recv().ok()
     }
