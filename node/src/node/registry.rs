@@ -571,12 +571,14 @@ impl Registry {
         }
     }
 
-    /// Publishes the snapshots of the jobs changed since the last time.
+    /// Publishes the snapshots of the jobs changed since the last time, each once.
     fn publish(&mut self) {
-        let changed = std::mem::take(&mut self.changed);
+        let mut changed = std::mem::take(&mut self.changed);
         if changed.is_empty() {
             return;
         }
+        changed.sort_unstable();
+        changed.dedup();
         let jobs = &self.jobs;
         self.views.send_modify(|views| {
             for job in changed {
