@@ -287,6 +287,31 @@ pub struct FileInfo {
     pub validation_state: ValidationState,
 }
 
+impl FileInfo {
+    /// A file as BITS `AddFile` adds it: `spec`, downloaded into `temp_name`, nothing
+    /// transferred yet.
+    pub(crate) fn added(spec: FileSpec, temp_name: PathBuf) -> Self {
+        Self {
+            url: spec.url,
+            local_name: spec.local_name,
+            temp_name,
+            expected: spec.expected,
+            ranges: spec.ranges,
+            content_id: None,
+            sha256: None,
+            bytes_total: None,
+            bytes_transferred: 0,
+            bytes_from_peers: 0,
+            bytes_from_origin: 0,
+            bytes_from_lan_peers: 0,
+            bytes_from_group_peers: 0,
+            bytes_from_cache: 0,
+            transferred: false,
+            validation_state: ValidationState::Unknown,
+        }
+    }
+}
+
 /// Delivery Optimization's PercentPeerCaching of `from_peers` bytes from peers and cache
 /// nodes and `from_origin` bytes from the origin: `100 × peers / (peers + origin)`, 0 when
 /// both are 0.
@@ -389,6 +414,31 @@ pub struct JobInfo {
 }
 
 impl JobInfo {
+    /// A new job as BITS `CreateJob` makes it: Suspended, with no files, created at `now`.
+    pub(crate) fn created(
+        id: JobId,
+        display_name: &str,
+        priority: Priority,
+        owner: Option<u32>,
+        properties: JobProperties,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            id,
+            display_name: display_name.to_owned(),
+            priority,
+            state: State::Suspended,
+            owner,
+            properties,
+            files: Vec::new(),
+            error: None,
+            peer_stats: PeerStats::default(),
+            created: now,
+            modified: now,
+            transfer_completed: None,
+        }
+    }
+
     /// Total bytes of the files whose length is known.
     #[must_use]
     pub fn bytes_total(&self) -> u64 {

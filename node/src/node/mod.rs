@@ -19,7 +19,7 @@ use std::{
 
 use libp2p::{Multiaddr, PeerId, identity};
 use shoal_protocol::{Bitfield, HaveKey};
-use shoal_validator::{ContentId, PieceLayer, ValidationState};
+use shoal_validator::{ContentId, PieceLayer};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -34,7 +34,7 @@ use crate::{
     job::slots::Slots,
     job::{
         ByteRange, ErrorContext, FileInfo, FileSpec, JobError, JobId, JobInfo, JobProperties,
-        PeerStats, Priority, State,
+        Priority, State,
     },
     source::origin,
     store::fsuser::LocalIds,
@@ -980,20 +980,7 @@ impl Node {
             ..JobProperties::default()
         });
         let mut record = JobRecord::new(
-            JobInfo {
-                id,
-                display_name: display_name.to_owned(),
-                priority,
-                state: State::Suspended,
-                owner,
-                properties,
-                files: Vec::new(),
-                error: None,
-                peer_stats: PeerStats::default(),
-                created: now,
-                modified: now,
-                transfer_completed: None,
-            },
+            JobInfo::created(id, display_name, priority, owner, properties, now),
             Vec::new(),
         );
         if let Some(f) = &self.inner.callbacks {
@@ -1107,24 +1094,8 @@ impl Node {
                 },
             }
         })?;
-        let file = FileInfo {
-            temp_name: temp_name_for(&spec.local_name, job),
-            url: spec.url,
-            local_name: spec.local_name,
-            expected: spec.expected,
-            ranges: spec.ranges,
-            content_id: None,
-            sha256: None,
-            bytes_total: None,
-            bytes_transferred: 0,
-            bytes_from_peers: 0,
-            bytes_from_origin: 0,
-            bytes_from_lan_peers: 0,
-            bytes_from_group_peers: 0,
-            bytes_from_cache: 0,
-            transferred: false,
-            validation_state: ValidationState::Unknown,
-        };
+        let temp_name = temp_name_for(&spec.local_name, job);
+        let file = FileInfo::added(spec, temp_name);
         let record = FileRecord {
             origin_only: false,
             completed: false,

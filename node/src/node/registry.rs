@@ -921,13 +921,7 @@ impl Registry {
         let task = rec
             .runner
             .start(token, Doing::Notifying, previous, async move {
-                match state {
-                    State::Transferred => {
-                        super::run::deliver_transferred(&node, job, &t, None).await;
-                    }
-                    State::Error => super::run::deliver_error(&node, job, &t, None).await,
-                    _ => {}
-                }
+                super::run::deliver(&node, job, &t, state, None).await;
                 super::run::ended(&node, job, t).await;
             });
         rec.task = Some(task);
@@ -1001,7 +995,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobProperties, PeerStats, Priority};
+    use crate::job::{JobProperties, Priority};
 
     fn registry() -> (Handle, watch::Receiver<Views>, broadcast::Sender<Event>) {
         let (events, _) = broadcast::channel(64);
@@ -1017,46 +1011,27 @@ mod tests {
     }
 
     fn job(state: State) -> JobRecord {
-        let now = SystemTime::now();
-        JobRecord::new(
-            JobInfo {
-                id: JobId::new(),
-                display_name: "test".into(),
-                priority: Priority::Normal,
-                state,
-                owner: None,
-                properties: JobProperties::default(),
-                files: Vec::new(),
-                error: None,
-                peer_stats: PeerStats::default(),
-                created: now,
-                modified: now,
-                transfer_completed: None,
-            },
-            Vec::new(),
-        )
+        let mut info = JobInfo::created(
+            JobId::new(),
+            "test",
+            Priority::Normal,
+            None,
+            JobProperties::default(),
+            SystemTime::now(),
+        );
+        info.state = state;
+        JobRecord::new(info, Vec::new())
     }
 
     fn file(name: &str) -> (FileInfo, FileRecord) {
+        let spec = crate::job::FileSpec {
+            url: format!("http://127.0.0.1:9/{name}").parse().unwrap(),
+            local_name: PathBuf::from(format!("/tmp/{name}")),
+            expected: shoal_validator::Expected::default(),
+            ranges: Vec::new(),
+        };
         (
-            FileInfo {
-                url: format!("http://127.0.0.1:9/{name}").parse().unwrap(),
-                local_name: PathBuf::from(format!("/tmp/{name}")),
-                temp_name: PathBuf::from(format!("/tmp/.{name}.part")),
-                expected: shoal_validator::Expected::default(),
-                ranges: Vec::new(),
-                content_id: None,
-                sha256: None,
-                bytes_total: None,
-                bytes_transferred: 0,
-                bytes_from_peers: 0,
-                bytes_from_origin: 0,
-                bytes_from_lan_peers: 0,
-                bytes_from_group_peers: 0,
-                bytes_from_cache: 0,
-                transferred: false,
-                validation_state: shoal_validator::ValidationState::Unknown,
-            },
+            FileInfo::added(spec, PathBuf::from(format!("/tmp/.{name}.part"))),
             FileRecord {
                 origin_only: false,
                 completed: false,

@@ -144,13 +144,13 @@ pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) 
             // a Complete, Cancel or Suspend came right after.
             Ended::Failed(Some(first)) => {
                 set_doing(reg, job, token, Doing::Notifying).await;
-                deliver_error(node, job, token, Some(first)).await;
+                deliver(node, job, token, State::Error, Some(first)).await;
                 return;
             }
             Ended::Transferred(Some(first)) => {
                 set_doing(reg, job, token, Doing::Notifying).await;
                 let _ = node.inner.events.send(Event::JobTransferred { job });
-                deliver_transferred(node, job, token, Some(first)).await;
+                deliver(node, job, token, State::Transferred, Some(first)).await;
                 return;
             }
             _ if token.is_cancelled() => return,
@@ -193,73 +193,47 @@ pub(super) async fn run_job(node: &Node, job: JobId, token: &CancellationToken) 
     }
 }
 
-/// Delivers JobTransferred to the job's callback until it returns Ok or the job leaves
-/// Transferred (BITS: called until S_OK is returned). `first`: the job as it became
-/// Transferred, delivered once whatever happened since (a Complete right after the job
-/// became Transferred still finds the notification given), as when the move and the first
-/// call were one step under the job's lock.
-pub(super) async fn deliver_transferred(
+/// Delivers the notification of `state` to the job's callback (Transferred: JobTransferred,
+/// Error: JobError) until it returns Ok or the job leaves `state` (BITS: called until S_OK is
+/// returned). `first`: the job as it entered `state`, delivered once whatever happened since
+/// (a Complete right after the job became Transferred still finds the notification given), as
+/// when the move and the first call were one step under the job's lock.
+pub(super) async fn deliver(
     node: &Node,
     job: JobId,
     token: &CancellationToken,
+    state: State,
     mut first: Option<Box<Notice>>,
 ) {
     loop {
         let (info, cb, wake) = match first.take() {
             Some(n) => *n,
             None => match snapshot(node.registry(), job).await {
-                Some(n) if n.0.state == State::Transferred && !token.is_cancelled() => n,
+                Some(n) if n.0.state == state && !token.is_cancelled() => n,
                 _ => return,
             },
         };
-        let Some(cb) = cb else { return };
         let delay = info.properties.retry_delay;
+        let call = match (cb, state, info.error.clone()) {
+            (Some(cb), State::Transferred, _) => cb.job_transferred(info),
+            (Some(cb), State::Error, Some(error)) => cb.job_error(info, error),
+            _ => return,
+        };
         // Only the node's shutdown cuts a callback short: one that completes or cancels the
         // job itself (and so stops this runner) awaits that call and still finishes its work.
         let delivered = tokio::select! {
             biased;
-            r = cb.job_transferred(info) => r,
+            r = call => r,
             () = node.inner.shutdown.cancelled() => return,
         };
         match delivered {
             Ok(()) => return,
             Err(e) => {
-                warn!(%job, "JobTransferred not acknowledged, again in {delay:?}: {e}");
+                warn!(%job, "the {state} notification was not acknowledged, again in {delay:?}: {e}");
                 if !sleep_or_cancel(token, &wake, delay).await {
                     return;
                 }
             }
-        }
-    }
-}
-
-/// Delivers JobError until the callback returns Ok or the job leaves Error; `first` as in
-/// [`deliver_transferred`].
-pub(super) async fn deliver_error(
-    node: &Node,
-    job: JobId,
-    token: &CancellationToken,
-    mut first: Option<Box<Notice>>,
-) {
-    loop {
-        let (info, cb, wake) = match first.take() {
-            Some(n) => *n,
-            None => match snapshot(node.registry(), job).await {
-                Some(n) if n.0.state == State::Error && !token.is_cancelled() => n,
-                _ => return,
-            },
-        };
-        let (Some(cb), Some(error)) = (cb, info.error.clone()) else {
-            return;
-        };
-        let delay = info.properties.retry_delay;
-        let delivered = tokio::select! {
-            biased;
-            r = cb.job_error(info, error) => r,
-            () = node.inner.shutdown.cancelled() => return,
-        };
-        if delivered.is_ok() || !sleep_or_cancel(token, &wake, delay).await {
-            return;
         }
     }
 }
