@@ -81,11 +81,13 @@ impl Bitfield {
 
     /// Whether piece `index` is set; false for an index out of range.
     #[must_use]
+    #[inline]
     pub fn get(&self, index: PieceIndex) -> bool {
         index < self.len && self.bytes[(index / 8) as usize] & (0x80 >> (index % 8)) != 0
     }
 
     /// Sets piece `index`; an index out of range is ignored.
+    #[inline]
     pub fn set(&mut self, index: PieceIndex) {
         if index < self.len {
             self.bytes[(index / 8) as usize] |= 0x80 >> (index % 8);
@@ -93,6 +95,7 @@ impl Bitfield {
     }
 
     /// Clears piece `index`; an index out of range is ignored.
+    #[inline]
     pub fn clear(&mut self, index: PieceIndex) {
         if index < self.len {
             self.bytes[(index / 8) as usize] &= !(0x80 >> (index % 8));
@@ -111,22 +114,28 @@ impl Bitfield {
         self.count_ones() == self.len
     }
 
-    /// The indices of the pieces set, ascending. Bytes with no bit set are skipped whole.
-    pub fn ones(&self) -> impl Iterator<Item = PieceIndex> + '_ {
-        self.bytes
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b != 0)
-            .flat_map(|(at, &b)| {
-                let mut rest = b;
-                std::iter::from_fn(move || {
-                    (rest != 0).then(|| {
-                        let bit = rest.leading_zeros();
-                        rest &= !(0x80 >> bit);
-                        at as u32 * 8 + bit
-                    })
-                })
-            })
+    /// The indices of the pieces set, ascending. The bytes are read eight at a time, and
+    /// words with no bit set are skipped whole.
+    #[inline]
+    pub fn ones(&self) -> Ones<'_> {
+        Ones {
+            chunks: self.bytes.chunks(8),
+            end: 0,
+            word: 0,
+        }
+    }
+
+    /// The bits as 64-bit words: word `w` holds pieces `64·w ..`, the first in its most
+    /// significant bit (the wire form read eight bytes at a time, big-endian; the last word
+    /// padded with zeros).
+    #[inline]
+    pub fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bytes.chunks(8).map(word)
+    }
+
+    /// Clears every piece.
+    pub fn clear_all(&mut self) {
+        self.bytes.fill(0);
     }
 
     /// Sets every piece that `other` has set (a union); pieces of `other` past this
@@ -144,15 +153,59 @@ impl Bitfield {
     }
 }
 
+/// Up to eight bytes of the wire form as one word, the first byte most significant and
+/// missing bytes zero.
+#[inline]
+fn word(bytes: &[u8]) -> u64 {
+    if let Ok(w) = <[u8; 8]>::try_from(bytes) {
+        return u64::from_be_bytes(w);
+    }
+    // Only the last word is short.
+    bytes
+        .iter()
+        .enumerate()
+        .fold(0, |w, (i, &b)| w | u64::from(b) << (56 - 8 * i))
+}
+
+/// The iterator of [`Bitfield::ones`]: the indices of the pieces set, ascending.
+#[derive(Debug, Clone)]
+pub struct Ones<'a> {
+    /// The bytes not loaded yet, eight at a time.
+    chunks: std::slice::Chunks<'a, u8>,
+    /// The index of the piece just past `word` (of the first piece of the next word).
+    end: u64,
+    /// Up to eight bytes, its first piece in the most significant bit; bits are cleared as
+    /// they are yielded.
+    word: u64,
+}
+
+impl Iterator for Ones<'_> {
+    type Item = PieceIndex;
+
+    #[inline]
+    fn next(&mut self) -> Option<PieceIndex> {
+        while self.word == 0 {
+            self.word = word(self.chunks.next()?);
+            self.end += 64;
+        }
+        let bit = self.word.leading_zeros();
+        self.word &= !(1u64 << (63 - bit));
+        // Below the bitfield's length, which is a `u32`.
+        Some((self.end - 64 + u64::from(bit)) as PieceIndex)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ones_full_and_union_agree_with_get_and_set() {
-        for len in [0u32, 1, 7, 8, 9, 63, 64, 65, 1000] {
+        for len in [0u32, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 1000] {
             let full = Bitfield::full(len);
             assert_eq!(full.count_ones(), len, "{len}");
+            let every: Vec<u32> = (0..len).collect();
+            assert_eq!(full.ones().collect::<Vec<_>>(), every, "{len}");
             assert!(
                 Bitfield::from_bytes(full.as_bytes(), len).is_some(),
                 "{len}"
@@ -177,6 +230,9 @@ mod tests {
             assert_eq!(c, Bitfield::full(len), "{len}");
             c.union_with(&Bitfield::new(len / 2));
             assert_eq!(c, Bitfield::full(len), "{len}");
+            c.clear_all();
+            assert_eq!(c, Bitfield::new(len), "{len}");
+            assert_eq!(c.ones().next(), None, "{len}");
         }
     }
 

@@ -22,7 +22,7 @@ mod proto {
     include!(concat!(env!("OUT_DIR"), "/shoal.peer.v1.rs"));
 }
 
-pub use bitfield::Bitfield;
+pub use bitfield::{Bitfield, Ones};
 pub use id::{
     ContentId, MAX_CONTENT_LEN_BYTES, MAX_PIECE_SIZE_BYTES, MIN_PIECE_SIZE_BYTES, PieceIndex,
     Sha256Digest, TARGET_PIECE_COUNT, parse_blake3_hex, piece_size_for,

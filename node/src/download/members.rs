@@ -253,18 +253,37 @@ pub(crate) struct Fetchers {
     pub(crate) generation: u64,
 }
 
-/// Whether member `k` is heard from: not gone, and its heartbeat rose within
-/// [`MEMBER_TIMEOUT`].
-fn alive(k: &Known, now: Instant) -> bool {
-    !k.gone && now.saturating_duration_since(k.seen) < MEMBER_TIMEOUT
+/// The instants a member's times are compared with at one `now`: a member is heard from
+/// when it was seen after `stale`, and progressing when it progressed after `stalled` (`None`:
+/// `now` is too early for any time to be that old). Computed once per walk, so that each
+/// entry costs two comparisons of instants rather than two subtractions.
+#[derive(Debug, Clone, Copy)]
+struct Cutoffs {
+    stale: Option<Instant>,
+    stalled: Option<Instant>,
 }
 
-/// Whether member `k` takes a share at `now` ([`MemberView::fetchers`]).
-fn is_fetcher(k: &Known, pieces: u32, now: Instant, proven_only: bool) -> bool {
+impl Cutoffs {
+    fn at(now: Instant) -> Self {
+        Self {
+            stale: now.checked_sub(MEMBER_TIMEOUT),
+            stalled: now.checked_sub(MEMBER_STALL),
+        }
+    }
+}
+
+/// Whether member `k` is heard from: not gone, and its heartbeat rose within
+/// [`MEMBER_TIMEOUT`] of the `now` that `c` was computed at.
+fn alive(k: &Known, c: Cutoffs) -> bool {
+    !k.gone && c.stale.is_none_or(|t| k.seen > t)
+}
+
+/// Whether member `k` takes a share at the `now` of `c` ([`MemberView::fetchers`]).
+fn is_fetcher(k: &Known, pieces: u32, c: Cutoffs, proven_only: bool) -> bool {
     k.origin
         && (!proven_only || (k.proven && k.done > 0))
-        && alive(k, now)
-        && (k.done >= pieces || now.saturating_duration_since(k.progressed) < MEMBER_STALL)
+        && alive(k, c)
+        && (k.done >= pieces || c.stalled.is_none_or(|t| k.progressed > t))
 }
 
 /// The source of [`Fetchers::generation`].
@@ -353,28 +372,34 @@ impl MemberView {
         }
         let skew_ms = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
         let ceiling = self.heartbeat(now).saturating_add(skew_ms);
-        let fingerprints: Vec<u64> = members
-            .iter()
-            .map(|m| self.known.fingerprint(&m.peer_id))
-            .collect();
-        // Every lookup once ahead, its result unused: the lines it reads (another node's view,
-        // rarely in cache) are fetched for all entries at once rather than one after the
-        // other. What the entries do is decided below, in order, as if this were not here.
-        for &f in &fingerprints {
-            if let Some(slot) = self.known.table.find(f, |s| s.fingerprint == f) {
-                std::hint::black_box(self.known.known.get(slot.index as usize).map(|k| k.done));
+        // A list is at most `MAX_MEMBERS` long on the wire; longer ones are taken in parts.
+        let mut fingerprints = [0u64; MAX_MEMBERS];
+        for (part, chunk) in members.chunks(MAX_MEMBERS).enumerate() {
+            let fingerprints = &mut fingerprints[..chunk.len()];
+            for (f, m) in fingerprints.iter_mut().zip(chunk) {
+                *f = self.known.fingerprint(&m.peer_id);
             }
-        }
-        for (i, (m, &f)) in members.iter().zip(&fingerprints).enumerate() {
-            let direct = i == 0;
-            let id = m.peer_id.as_ref();
-            if id == self.me_bytes.as_ref()
-                || (i > 0 && id == from_bytes.as_slice())
-                || (!direct && m.heartbeat > ceiling)
-            {
-                continue;
+            // Every lookup once ahead, its result unused: the lines it reads (another node's
+            // view, rarely in cache) are fetched for all entries at once rather than one after
+            // the other. What the entries do is decided below, in order, as if this were not
+            // here.
+            for &f in fingerprints.iter() {
+                if let Some(slot) = self.known.table.find(f, |s| s.fingerprint == f) {
+                    std::hint::black_box(self.known.known.get(slot.index as usize).map(|k| k.done));
+                }
             }
-            self.merge_entry(m, f, direct, now);
+            for (k, (m, &f)) in chunk.iter().zip(fingerprints.iter()).enumerate() {
+                let i = part * MAX_MEMBERS + k;
+                let direct = i == 0;
+                let id = m.peer_id.as_ref();
+                if id == self.me_bytes.as_ref()
+                    || (i > 0 && id == from_bytes.as_slice())
+                    || (!direct && m.heartbeat > ceiling)
+                {
+                    continue;
+                }
+                self.merge_entry(m, f, direct, now);
+            }
         }
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
             self.pruned_at = now;
@@ -387,7 +412,8 @@ impl MemberView {
     /// fingerprint `f` in this view.
     fn merge_entry(&mut self, m: &Member, f: u64, direct: bool, now: Instant) {
         let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
-        let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, now, po));
+        let c = Cutoffs::at(now);
+        let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, c, po));
         let Entries { known, table, .. } = &mut self.known;
         if let Some(slot) = table.find_mut(f, |s| s.fingerprint == f) {
             // Decided on the table alone: most relayed entries are no newer.
@@ -485,14 +511,16 @@ impl MemberView {
         }
         let start = rng.random_range(0..n);
         let (known, ids) = (&self.known.known, &self.known.ids);
-        let picked: Vec<usize> = (start..n)
-            .chain(0..start)
-            .filter(|&i| alive(&known[i], now))
-            .take(want)
-            .collect();
+        let c = Cutoffs::at(now);
+        let mut picked = Vec::with_capacity(want.min(n));
+        picked.extend(
+            (start..n)
+                .chain(0..start)
+                .filter(|&i| alive(&known[i], c))
+                .take(want),
+        );
         // The ids in one buffer: one allocation per answer, each member's id a slice of it.
-        let mut buf =
-            Vec::with_capacity(picked.iter().map(|&i| ids[i].bytes.as_slice().len()).sum());
+        let mut buf = Vec::with_capacity(picked.len() * MAX_ID_BYTES);
         for &i in &picked {
             buf.extend_from_slice(ids[i].bytes.as_slice());
         }
@@ -525,11 +553,12 @@ impl MemberView {
         lowest: usize,
     ) -> (Vec<(PeerId, u64)>, Instant) {
         let (entries, ids) = (&self.known.known, &self.known.ids);
+        let cutoffs = Cutoffs::at(now);
         // (seed, position): small to select and sort; ids are compared only on equal seeds.
         let mut found: Vec<(u64, usize)> = entries
             .iter()
             .enumerate()
-            .filter(|(_, k)| is_fetcher(k, pieces, now, proven_only))
+            .filter(|(_, k)| is_fetcher(k, pieces, cutoffs, proven_only))
             .map(|(i, k)| (k.seed, i))
             .collect();
         let order = |a: &(u64, usize), b: &(u64, usize)| {
@@ -655,7 +684,8 @@ impl MemberView {
     /// How many other members are known alive.
     #[must_use]
     pub(crate) fn len_alive(&self, now: Instant) -> usize {
-        self.known.iter().filter(|k| alive(k, now)).count()
+        let c = Cutoffs::at(now);
+        self.known.iter().filter(|k| alive(k, c)).count()
     }
 }
 

@@ -270,14 +270,15 @@ fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&m
 /// count one more, those set only in `old` one less (the same as removing `old` and adding
 /// `new`, at the cost of the bytes that differ).
 fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option<&mut Bitfield>) {
-    for (byte, (a, b)) in old.as_bytes().iter().zip(new.as_bytes()).enumerate() {
+    for (word, (a, b)) in old.words().zip(new.words()).enumerate() {
         let mut diff = a ^ b;
         while diff != 0 {
             let bit = diff.leading_zeros() as usize;
-            diff &= !(0x80 >> bit);
-            let i = byte * 8 + bit;
+            let mask = 1u64 << (63 - bit);
+            diff &= !mask;
+            let i = word * 64 + bit;
             if let Some(c) = counts.get_mut(i) {
-                *c = if b & (0x80 >> bit) != 0 {
+                *c = if b & mask != 0 {
                     c.saturating_add(1)
                 } else {
                     c.saturating_sub(1)
@@ -669,8 +670,7 @@ impl Scheduler {
         }
         // Only pieces whose counts changed since the last time can need it: for the others
         // the times already agree with the counts.
-        let dirty = std::mem::replace(&mut self.since_dirty, Bitfield::new(self.missing.len()));
-        for i in dirty.ones().map(|i| i as usize) {
+        for i in self.since_dirty.ones().map(|i| i as usize) {
             let since = &mut self.coming_since[i];
             if self.fetching_count[i] == 0 {
                 *since = None;
@@ -681,6 +681,7 @@ impl Scheduler {
                 self.claimed_since[i] = Some(now);
             }
         }
+        self.since_dirty.clear_all();
     }
 
     /// Adds (`sign` 1) or removes (-1) what `peer` holds, fetches and claims to the per-piece
@@ -1328,6 +1329,29 @@ mod tests {
 
     fn sched(n: u32, cfg: Config) -> Scheduler {
         Scheduler::new(n, PIECE, cfg)
+    }
+
+    #[test]
+    fn moving_counts_between_bitfields_is_removing_one_and_adding_the_other() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        for len in [1u32, 63, 64, 65, 200, 1000] {
+            let random = |rng: &mut StdRng| {
+                let on: Vec<u32> = (0..len).filter(|_| rng.random_bool(0.3)).collect();
+                bits(&on, len)
+            };
+            let (old, new) = (random(&mut rng), random(&mut rng));
+            let start: Vec<u16> = (0..len).map(|_| rng.random_range(1..5)).collect();
+            let mut want = start.clone();
+            count_bits(&mut want, &old, -1, None);
+            count_bits(&mut want, &new, 1, None);
+            let mut got = start;
+            let mut dirty = Bitfield::new(len);
+            recount(&mut got, &old, &new, Some(&mut dirty));
+            assert_eq!(got, want, "{len}");
+            let changed: Vec<u32> = (0..len).filter(|&i| old.get(i) != new.get(i)).collect();
+            assert_eq!(dirty.ones().collect::<Vec<_>>(), changed, "{len}");
+        }
     }
 
     #[test]
