@@ -133,6 +133,27 @@ impl Bitfield {
         self.bytes.chunks(8).map(word)
     }
 
+    /// The indices of the bits set in `words`, ascending: word `w` holds indices `64·w ..`,
+    /// the first in its most significant bit, as [`Self::words`] gives them. For the pieces of
+    /// bitfields combined a word at a time, such as
+    /// `Bitfield::ones_of_words(a.words().zip(b.words()).map(|(a, b)| a & b))`.
+    #[inline]
+    pub fn ones_of_words(words: impl Iterator<Item = u64>) -> impl Iterator<Item = PieceIndex> {
+        words
+            .enumerate()
+            .filter(|(_, w)| *w != 0)
+            .flat_map(|(at, mut w)| {
+                std::iter::from_fn(move || {
+                    (w != 0).then(|| {
+                        let bit = w.leading_zeros();
+                        w &= !(1u64 << (63 - bit));
+                        // Below the bitfield's length, which is a `u32`.
+                        (at as u64 * 64 + u64::from(bit)) as PieceIndex
+                    })
+                })
+            })
+    }
+
     /// Clears every piece.
     pub fn clear_all(&mut self) {
         self.bytes.fill(0);
@@ -221,6 +242,13 @@ mod tests {
             }
             let want: Vec<u32> = (0..len).filter(|&i| a.get(i)).collect();
             assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");
+            let want: Vec<u32> = (0..len).filter(|&i| a.get(i) && !b.get(i)).collect();
+            let and_not = a.words().zip(b.words()).map(|(a, b)| a & !b);
+            assert_eq!(
+                Bitfield::ones_of_words(and_not).collect::<Vec<_>>(),
+                want,
+                "{len}"
+            );
             let want: Vec<u32> = (0..len).filter(|&i| a.get(i) || b.get(i)).collect();
             a.union_with(&b);
             assert_eq!(a.ones().collect::<Vec<_>>(), want, "{len}");

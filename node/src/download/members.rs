@@ -381,10 +381,13 @@ impl MemberView {
             }
             // Every lookup once ahead, its result unused: the lines it reads (another node's
             // view, rarely in cache) are fetched for all entries at once rather than one after
-            // the other. What the entries do is decided below, in order, as if this were not
-            // here.
-            for &f in fingerprints.iter() {
-                if let Some(slot) = self.known.table.find(f, |s| s.fingerprint == f) {
+            // the other, and the entry itself only where it will likely be updated (most
+            // relayed entries are decided on the table alone). What the entries do is decided
+            // below, in order, as if this were not here.
+            for (m, &f) in chunk.iter().zip(fingerprints.iter()) {
+                if let Some(slot) = self.known.table.find(f, |s| s.fingerprint == f)
+                    && m.heartbeat > slot.heartbeat
+                {
                     std::hint::black_box(self.known.known.get(slot.index as usize).map(|k| k.done));
                 }
             }

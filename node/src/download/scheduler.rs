@@ -154,10 +154,19 @@ const RATE_WINDOW: Duration = Duration::from_secs(10);
 enum Piece {
     Missing,
     /// Requested; the source is the first one asked (others may be asked too: endgame).
-    InFlight(Source),
+    InFlight(Src),
     /// The bytes arrived and wait for verification.
-    Verifying(Source),
-    Done(Source),
+    Verifying(Src),
+    Done(Src),
+}
+
+/// A [`Source`] as a piece stores it: the origin, or a peer by its place in
+/// [`Scheduler::sources`]. Eight bytes rather than a `PeerId`'s eighty, for each of a file's
+/// pieces (the walks over pieces read them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Origin,
+    Peer(u32),
 }
 
 #[derive(Debug)]
@@ -253,23 +262,39 @@ fn backoff(first: Duration, failures: u32) -> Duration {
         .min(Duration::from_secs(30))
 }
 
-/// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts, and marks the pieces
-/// counted in `dirty` (when given).
-fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut dirty: Option<&mut Bitfield>) {
+/// Adds (`+1`) or removes (`-1`) the bits of `b` to per-piece counts, and tells `changed`
+/// each piece counted with its new count.
+fn count_bits(counts: &mut [u16], b: &Bitfield, delta: i32, mut changed: impl FnMut(u32, u16)) {
     for i in b.ones() {
         if let Some(c) = counts.get_mut(i as usize) {
             *c = u16::try_from((i32::from(*c) + delta).max(0)).unwrap_or(u16::MAX);
-            if let Some(d) = dirty.as_deref_mut() {
-                d.set(i);
-            }
+            changed(i, *c);
+        }
+    }
+}
+
+/// A `changed` for [`count_bits`] and [`recount`] that marks the pieces in `dirty`.
+fn mark(dirty: &mut Bitfield) -> impl FnMut(u32, u16) + '_ {
+    |i, _| dirty.set(i)
+}
+
+/// A `changed` for [`count_bits`] and [`recount`] that keeps `held` set where a count is
+/// above zero.
+fn held_where_counted(held: &mut Bitfield) -> impl FnMut(u32, u16) + '_ {
+    |i, c| {
+        if c > 0 {
+            held.set(i);
+        } else {
+            held.clear(i);
         }
     }
 }
 
 /// Moves the per-piece `counts` from bitfield `old` to `new`: the pieces set only in `new`
 /// count one more, those set only in `old` one less (the same as removing `old` and adding
-/// `new`, at the cost of the bytes that differ).
-fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option<&mut Bitfield>) {
+/// `new`, at the cost of the words that differ), and tells `changed` each piece counted with
+/// its new count.
+fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut changed: impl FnMut(u32, u16)) {
     for (word, (a, b)) in old.words().zip(new.words()).enumerate() {
         let mut diff = a ^ b;
         while diff != 0 {
@@ -283,9 +308,7 @@ fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut dirty: Option
                 } else {
                     c.saturating_sub(1)
                 };
-                if let Some(d) = dirty.as_deref_mut() {
-                    d.set(i as u32);
-                }
+                changed(i as u32, *c);
             }
         }
     }
@@ -317,6 +340,9 @@ pub(crate) struct Scheduler {
     config: Config,
     piece_size: u64,
     pieces: Vec<Piece>,
+    /// The peers that [`Src::Peer`] points into, in the order they were first a source (each
+    /// once; none is dropped while the scheduler lives).
+    sources: Vec<PeerId>,
     /// Bit `i` is set while piece `i` is [`Piece::Missing`] ([`Self::set_piece`] keeps it):
     /// the walks over missing pieces skip 8 held ones at a time.
     missing: Bitfield,
@@ -324,8 +350,13 @@ pub(crate) struct Scheduler {
     flying: Bitfield,
     /// Per piece: failed peer attempts so far.
     peer_failures: Vec<u8>,
+    /// Bit `i` is set once piece `i` failed from peers [`Config::peer_attempts`] times (it
+    /// then goes to the origin).
+    exhausted: Bitfield,
     /// Per piece: how many known peers hold it, fetch it, claim it.
     have_count: Vec<u16>,
+    /// Bit `i` is set while some known peer holds piece `i` (`have_count` above zero).
+    held: Bitfield,
     fetching_count: Vec<u16>,
     claimed_count: Vec<u16>,
     /// Per piece: since when some peer has been fetching it.
@@ -378,6 +409,8 @@ struct Shares {
     block: u32,
     /// Per block: whether this node owns it.
     mine: Vec<bool>,
+    /// The pieces of the blocks this node owns.
+    pieces: Bitfield,
     /// Per block: its owner.
     owners: Vec<Option<PeerId>>,
 }
@@ -388,13 +421,19 @@ impl Scheduler {
     pub(crate) fn new(piece_count: u32, piece_size: u64, config: Config) -> Self {
         let n = piece_count as usize;
         Self {
-            config,
             piece_size: piece_size.max(1),
             pieces: vec![Piece::Missing; n],
+            sources: Vec::new(),
             missing: Bitfield::full(n as u32),
             flying: Bitfield::new(n as u32),
             peer_failures: vec![0; n],
+            exhausted: if config.peer_attempts == 0 {
+                Bitfield::full(n as u32)
+            } else {
+                Bitfield::new(n as u32)
+            },
             have_count: vec![0; n],
+            held: Bitfield::new(n as u32),
             fetching_count: vec![0; n],
             claimed_count: vec![0; n],
             coming_since: vec![None; n],
@@ -418,6 +457,7 @@ impl Scheduler {
             shares: None,
             excluded: BTreeSet::new(),
             progress: None,
+            config,
             rng: StdRng::seed_from_u64(0x5eed),
         }
     }
@@ -501,13 +541,22 @@ impl Scheduler {
         let seeds: Vec<u64> = fetchers.iter().map(|(_, s)| *s).collect();
         let owners = crate::download::members::assign(&seeds, blocks);
         let me = self.fetchers.iter().position(|p| Some(*p) == self.me);
-        let mine = owners
+        let mine: Vec<bool> = owners
             .iter()
             .map(|&o| me.is_some_and(|m| usize::from(o) == m))
             .collect();
+        let n = self.pieces.len() as u32;
+        let mut pieces = Bitfield::new(n);
+        for (b, _) in mine.iter().enumerate().filter(|(_, m)| **m) {
+            let start = b as u32 * block;
+            for i in start..(start + block).min(n) {
+                pieces.set(i);
+            }
+        }
         self.shares = Some(Shares {
             block,
             mine,
+            pieces,
             owners: owners
                 .iter()
                 .map(|&o| self.fetchers.get(usize::from(o)).copied())
@@ -590,8 +639,45 @@ impl Scheduler {
             if !matches!(p, Piece::Done(_)) {
                 self.done += 1;
             }
-            self.set_piece(index as usize, Piece::Done(source));
+            let s = self.src(source);
+            self.set_piece(index as usize, Piece::Done(s));
         }
+    }
+
+    /// `source` as a piece stores it (a peer not seen before is added to [`Self::sources`]).
+    fn src(&mut self, source: Source) -> Src {
+        match source {
+            Source::Origin => Src::Origin,
+            Source::Peer(p) => match self.src_of(p) {
+                Some(s) => s,
+                None => {
+                    self.sources.push(p);
+                    Src::Peer(u32::try_from(self.sources.len() - 1).unwrap_or(u32::MAX))
+                }
+            },
+        }
+    }
+
+    /// Peer `peer` as a piece stores it, when some piece ever had it as its source.
+    fn src_of(&self, peer: PeerId) -> Option<Src> {
+        let at = self.sources.iter().position(|p| *p == peer)?;
+        Some(Src::Peer(u32::try_from(at).ok()?))
+    }
+
+    /// The source that `s` stands for.
+    fn source(&self, s: Src) -> Option<Source> {
+        match s {
+            Src::Origin => Some(Source::Origin),
+            Src::Peer(at) => self.sources.get(at as usize).map(|p| Source::Peer(*p)),
+        }
+    }
+
+    /// Whether piece `index` is in flight with `peer` as the first source asked.
+    fn in_flight_from(&self, index: PieceIndex, peer: PeerId) -> bool {
+        matches!(
+            (self.pieces.get(index as usize), self.src_of(peer)),
+            (Some(Piece::InFlight(a)), Some(b)) if *a == b
+        )
     }
 
     /// Sets the state of piece `index` (in range), and its bits in [`Self::missing`] and
@@ -652,10 +738,11 @@ impl Scheduler {
             // A stalled peer's bits are not in the counts: only what changed is counted.
             Some(p) => {
                 if !p.stalled {
-                    recount(&mut self.have_count, &p.have, &have, None);
-                    let dirty = Some(&mut self.since_dirty);
+                    let held = held_where_counted(&mut self.held);
+                    recount(&mut self.have_count, &p.have, &have, held);
+                    let dirty = mark(&mut self.since_dirty);
                     recount(&mut self.fetching_count, &p.fetching, &fetching, dirty);
-                    let dirty = Some(&mut self.since_dirty);
+                    let dirty = mark(&mut self.since_dirty);
                     recount(&mut self.claimed_count, &p.claimed, &claimed, dirty);
                 }
                 p.have = have;
@@ -690,10 +777,11 @@ impl Scheduler {
         if peer.stalled {
             return;
         }
-        count_bits(&mut self.have_count, &peer.have, sign, None);
-        let dirty = Some(&mut self.since_dirty);
+        let held = held_where_counted(&mut self.held);
+        count_bits(&mut self.have_count, &peer.have, sign, held);
+        let dirty = mark(&mut self.since_dirty);
         count_bits(&mut self.fetching_count, &peer.fetching, sign, dirty);
-        let dirty = Some(&mut self.since_dirty);
+        let dirty = mark(&mut self.since_dirty);
         count_bits(&mut self.claimed_count, &peer.claimed, sign, dirty);
     }
 
@@ -883,7 +971,8 @@ impl Scheduler {
         self.peer_in_flight += 1;
         self.requests.insert((index, peer));
         if self.pieces[index as usize] == Piece::Missing {
-            self.set_piece(index as usize, Piece::InFlight(Source::Peer(peer)));
+            let s = self.src(Source::Peer(peer));
+            self.set_piece(index as usize, Piece::InFlight(s));
         }
         Action::Peer { peer, index }
     }
@@ -907,13 +996,11 @@ impl Scheduler {
         let room = self.peers.values().any(|p| self.eligible(p, now));
         let max_in_flight = self.max_in_flight();
         if room && self.peer_in_flight < max_in_flight {
-            let mut wanted: Vec<u32> = self
-                .missing_pieces()
-                .filter(|&i| {
-                    self.have_count[i] > 0 && self.peer_failures[i] < self.config.peer_attempts
-                })
-                .map(|i| i as u32)
-                .collect();
+            // Missing, held by some peer, and not failed from peers too often.
+            let words = (self.missing.words().zip(self.held.words()))
+                .zip(self.exhausted.words())
+                .map(|((m, h), x)| m & h & !x);
+            let mut wanted: Vec<u32> = Bitfield::ones_of_words(words).collect();
             wanted.shuffle(&mut self.rng);
             if self.done >= self.config.random_first {
                 // Rarest first; among equals, the window of `ORDER_WINDOW` pieces nearest the
@@ -997,7 +1084,7 @@ impl Scheduler {
                 end += 1;
             }
             for i in start..end {
-                self.set_piece(i as usize, Piece::InFlight(Source::Origin));
+                self.set_piece(i as usize, Piece::InFlight(Src::Origin));
             }
             self.origin_busy = true;
             self.origin_next = Some(end);
@@ -1022,8 +1109,13 @@ impl Scheduler {
         for (i, _) in &self.requests {
             *live.entry(*i).or_default() += 1;
         }
-        for i in 0..self.pieces.len() as u32 {
+        // (A request changes no piece in flight: the walk may take them first.)
+        let flying: Vec<u32> = self.flying.ones().collect();
+        for i in flying {
             let Piece::InFlight(first) = self.pieces[i as usize] else {
+                continue;
+            };
+            let Some(first) = self.source(first) else {
                 continue;
             };
             let copies = live.get(&i).copied().unwrap_or(0) + usize::from(first == Source::Origin);
@@ -1072,29 +1164,18 @@ impl Scheduler {
             return Some((next, unlimited));
         }
         // Pieces that failed from peers are this node's own business.
-        if let Some(i) = self
-            .missing_pieces()
-            .map(|i| i as u32)
-            .find(|&i| self.peer_failures[i as usize] >= self.config.peer_attempts && needs(i))
-        {
+        let words = self.missing.words().zip(self.exhausted.words());
+        if let Some(i) = Bitfield::ones_of_words(words.map(|(m, x)| m & x)).find(|&i| needs(i)) {
             return Some((i, unlimited));
         }
         // Shares among the swarm's members: the first piece of this node's blocks that needs
         // the origin, in file order (every fetcher goes front to back, so the swarm's file
         // fills roughly in order).
         if shared && let Some(shares) = &self.shares {
-            // Only this node's blocks can hold such a piece (a piece that failed from peers
-            // was taken above): walk those, not every piece.
-            let block = shares.block.max(1);
-            return shares
-                .mine
-                .iter()
-                .enumerate()
-                .filter(|(_, mine)| **mine)
-                .flat_map(|(b, _)| {
-                    let start = b as u32 * block;
-                    start..(start + block).min(n)
-                })
+            // Only the missing pieces of this node's blocks can be such a piece (a piece that
+            // failed from peers was taken above): walk those, not every piece.
+            let words = self.missing.words().zip(shares.pieces.words());
+            return Bitfield::ones_of_words(words.map(|(m, p)| m & p))
                 .find(|&i| needs(i))
                 .map(|i| (i, unlimited));
         }
@@ -1143,10 +1224,7 @@ impl Scheduler {
     /// A request for `index` to `peer` ended without the piece: make the piece missing again
     /// unless another request for it is live.
     fn orphaned(&mut self, index: PieceIndex, peer: PeerId) {
-        let Some(p) = self.pieces.get(index as usize).copied() else {
-            return;
-        };
-        if p != Piece::InFlight(Source::Peer(peer)) {
+        if !self.in_flight_from(index, peer) {
             return;
         }
         let other = self
@@ -1155,7 +1233,7 @@ impl Scheduler {
             .find(|(i, _)| *i == index)
             .map(|(_, q)| *q);
         let state = match other {
-            Some(q) => Piece::InFlight(Source::Peer(q)),
+            Some(q) => Piece::InFlight(self.src(Source::Peer(q))),
             None => Piece::Missing,
         };
         self.set_piece(index as usize, state);
@@ -1185,7 +1263,8 @@ impl Scheduler {
         if !matches!(self.pieces.get(index as usize), Some(Piece::InFlight(_))) {
             return Received::Late;
         }
-        self.set_piece(index as usize, Piece::Verifying(source));
+        let s = self.src(source);
+        self.set_piece(index as usize, Piece::Verifying(s));
         let cancel: Vec<PeerId> = self
             .requests
             .iter()
@@ -1274,10 +1353,13 @@ impl Scheduler {
             p.backoff_until = Some(now + backoff(self.config.peer_backoff, p.failures));
         }
         if count_piece
+            && self.in_flight_from(index, peer)
             && let Some(f) = self.peer_failures.get_mut(index as usize)
-            && self.pieces[index as usize] == Piece::InFlight(Source::Peer(peer))
         {
             *f = f.saturating_add(1);
+            if *f >= self.config.peer_attempts {
+                self.exhausted.set(index);
+            }
         }
         self.orphaned(index, peer);
     }
@@ -1286,7 +1368,9 @@ impl Scheduler {
     /// returns to the pool.
     pub(crate) fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
         self.ban(peer);
-        if self.pieces.get(index as usize) == Some(&Piece::Verifying(Source::Peer(peer))) {
+        if let Some(s) = self.src_of(peer)
+            && self.pieces.get(index as usize) == Some(&Piece::Verifying(s))
+        {
             self.set_piece(index as usize, Piece::Missing);
         }
     }
@@ -1295,15 +1379,17 @@ impl Scheduler {
     /// in flight go to a live peer request for them, or back to the pool.
     pub(crate) fn on_origin_run_end(&mut self) {
         self.origin_busy = false;
-        for i in 0..self.pieces.len() {
-            if self.pieces[i] == Piece::InFlight(Source::Origin) {
+        // (Only pieces in flight can be the origin's; setting one changes no other.)
+        let flying: Vec<u32> = self.flying.ones().collect();
+        for i in flying.into_iter().map(|i| i as usize) {
+            if self.pieces[i] == Piece::InFlight(Src::Origin) {
                 let other = self
                     .requests
                     .iter()
                     .find(|(j, _)| *j as usize == i)
                     .map(|(_, q)| *q);
                 let state = match other {
-                    Some(q) => Piece::InFlight(Source::Peer(q)),
+                    Some(q) => Piece::InFlight(self.src(Source::Peer(q))),
                     None => Piece::Missing,
                 };
                 self.set_piece(i, state);
@@ -1343,19 +1429,37 @@ mod tests {
             let (old, new) = (random(&mut rng), random(&mut rng));
             let start: Vec<u16> = (0..len).map(|_| rng.random_range(1..5)).collect();
             let mut want = start.clone();
-            count_bits(&mut want, &old, -1, None);
-            count_bits(&mut want, &new, 1, None);
-            let mut got = start;
+            count_bits(&mut want, &old, -1, |_, _| {});
+            count_bits(&mut want, &new, 1, |_, _| {});
+            let mut got = start.clone();
             let mut dirty = Bitfield::new(len);
-            recount(&mut got, &old, &new, Some(&mut dirty));
+            recount(&mut got, &old, &new, mark(&mut dirty));
             assert_eq!(got, want, "{len}");
             let changed: Vec<u32> = (0..len).filter(|&i| old.get(i) != new.get(i)).collect();
             assert_eq!(dirty.ones().collect::<Vec<_>>(), changed, "{len}");
+            // The pieces held by some peer follow the counts that changed.
+            let mut counts = start;
+            let mut held = Bitfield::full(len);
+            count_bits(&mut counts, &old, -1, held_where_counted(&mut held));
+            recount(
+                &mut counts,
+                &Bitfield::new(len),
+                &new,
+                held_where_counted(&mut held),
+            );
+            for i in 0..len {
+                let expect = if old.get(i) || new.get(i) {
+                    counts[i as usize] > 0
+                } else {
+                    true
+                };
+                assert_eq!(held.get(i), expect, "{len}: piece {i}");
+            }
         }
     }
 
     #[test]
-    fn the_missing_and_in_flight_bits_always_follow_the_pieces() {
+    fn the_bitfields_kept_beside_the_pieces_and_counts_always_follow_them() {
         use rand::{Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(3);
         let n = 200u32;
@@ -1371,7 +1475,7 @@ mod tests {
         let mut origin = false;
         for step in 0..4000 {
             now += Duration::from_millis(rng.random_range(0..300));
-            match rng.random_range(0..8) {
+            match rng.random_range(0..9) {
                 0..=2 => {
                     for a in s.next_actions(now) {
                         match a {
@@ -1403,8 +1507,27 @@ mod tests {
                     s.on_origin_run_end();
                 }
                 6 => s.set_done(rng.random_range(0..n), Source::Origin),
+                8 => {
+                    // A peer's holding changes (or it leaves and comes back).
+                    let p = peers[rng.random_range(0..peers.len())];
+                    if rng.random_bool(0.2) {
+                        s.remove_peer(&p);
+                    }
+                    let held: Vec<u32> = (0..n).filter(|_| rng.random_bool(0.6)).collect();
+                    holds(&mut s, p, &held, now);
+                }
                 _ => {}
             }
+            let held: Vec<u32> = (0..n).filter(|&i| s.have_count[i as usize] > 0).collect();
+            assert_eq!(s.held.ones().collect::<Vec<_>>(), held, "step {step}");
+            let exhausted: Vec<u32> = (0..n)
+                .filter(|&i| s.peer_failures[i as usize] >= s.config.peer_attempts)
+                .collect();
+            assert_eq!(
+                s.exhausted.ones().collect::<Vec<_>>(),
+                exhausted,
+                "step {step}"
+            );
             let missing: Vec<usize> = (0..n as usize)
                 .filter(|&i| s.pieces[i] == Piece::Missing)
                 .collect();
@@ -1506,6 +1629,7 @@ mod tests {
             s.on_failed(1, a, now);
             s.peers.get_mut(&a).unwrap().backoff_until = None;
             s.peer_failures[1] = 0;
+            s.exhausted.clear(1);
         }
     }
 
@@ -1797,7 +1921,7 @@ mod tests {
         // pieces it held up went to the fast peer.
         for i in stuck_at_slow {
             assert!(
-                s.pieces[i as usize] == Piece::Done(Source::Peer(fast))
+                s.pieces[i as usize] == Piece::Done(s.src_of(fast).unwrap())
                     || live(&s, fast).contains(&i),
                 "piece {i}"
             );
