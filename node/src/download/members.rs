@@ -46,23 +46,38 @@ pub(crate) const MAX_SKEW: Duration = Duration::from_secs(600);
 /// The most members one view keeps; further ones are ignored.
 const MAX_KNOWN: usize = 4096;
 
-/// What is known of one other member.
+/// What is known of one other member: 32 bytes, two to a cache line (a merge reads and
+/// writes one per entry it takes, in views too large for the cache). Times are [`Tick`]s.
 #[derive(Debug, Clone)]
+#[repr(align(32))]
 struct Known {
     heartbeat: u64,
+    /// When its heartbeat last rose here.
+    seen: Tick,
+    /// When its count of pieces last rose here.
+    progressed: Tick,
     done: u32,
     origin: bool,
-    /// When its heartbeat last rose here.
-    seen: Instant,
-    /// When its count of pieces last rose here.
-    progressed: Instant,
     /// A direct peer that stopped answering: gone until a higher heartbeat comes.
     gone: bool,
     /// This node heard from the member itself (its own entry, first in its own answer or
     /// announcement, over a connection that authenticates it): not made up by a relayer.
     proven: bool,
-    /// Its seed for the shares of this content ([`fetcher_seed`]).
-    seed: u64,
+}
+
+/// An instant as a view keeps it: nanoseconds since the view's `base` (the `now` it was made
+/// at; every later `now` is at or after it, the clock being monotonic). Exact, and half the
+/// size of an `Instant`.
+type Tick = u64;
+
+/// Instant `t` as a [`Tick`] of a view made at `base` (0 for instants before it).
+fn tick(base: Instant, t: Instant) -> Tick {
+    u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The instant that [`Tick`] `t` of a view made at `base` stands for.
+fn instant(base: Instant, t: Tick) -> Instant {
+    base + Duration::from_nanos(t)
 }
 
 /// The longest canonical peer id, in bytes: an identity multihash of a public key of at most
@@ -129,6 +144,8 @@ struct Slot {
 struct Entries {
     known: Vec<Known>,
     ids: Vec<Id>,
+    /// Each member's seed for the shares of this content ([`fetcher_seed`]).
+    seeds: Vec<u64>,
     table: hashbrown::HashTable<Slot>,
     keys: std::hash::RandomState,
 }
@@ -140,11 +157,15 @@ impl Entries {
 
     /// The fingerprint of id `bytes` in this view.
     fn fingerprint(&self, bytes: &[u8]) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.keys, bytes)
+        // The bytes alone, without `Hash`'s length prefix: SipHash's last block holds the
+        // length already.
+        let mut h = std::hash::BuildHasher::build_hasher(&self.keys);
+        std::hash::Hasher::write(&mut h, bytes);
+        std::hash::Hasher::finish(&h)
     }
 
     /// Adds a member that is not known yet.
-    fn insert(&mut self, bytes: IdBytes, peer: PeerId, fingerprint: u64, k: Known) {
+    fn insert(&mut self, bytes: IdBytes, peer: PeerId, fingerprint: u64, seed: u64, k: Known) {
         let index = u32::try_from(self.known.len()).unwrap_or(u32::MAX);
         self.table.insert_unique(
             fingerprint,
@@ -156,6 +177,7 @@ impl Entries {
             |s| s.fingerprint,
         );
         self.known.push(k);
+        self.seeds.push(seed);
         self.ids.push(Id {
             bytes,
             peer,
@@ -181,6 +203,8 @@ impl Entries {
         self.known.retain(|_| at.next().copied().unwrap_or(false));
         let mut at = kept.iter();
         self.ids.retain(|_| at.next().copied().unwrap_or(false));
+        let mut at = kept.iter();
+        self.seeds.retain(|_| at.next().copied().unwrap_or(false));
         self.table.clear();
         for (i, (id, k)) in self.ids.iter().zip(&self.known).enumerate() {
             self.table.insert_unique(
@@ -198,6 +222,7 @@ impl Entries {
     fn clear(&mut self) {
         self.known.clear();
         self.ids.clear();
+        self.seeds.clear();
         self.table.clear();
     }
 
@@ -259,15 +284,18 @@ pub(crate) struct Fetchers {
 /// entry costs two comparisons of instants rather than two subtractions.
 #[derive(Debug, Clone, Copy)]
 struct Cutoffs {
-    stale: Option<Instant>,
-    stalled: Option<Instant>,
+    stale: Option<Tick>,
+    stalled: Option<Tick>,
 }
 
 impl Cutoffs {
-    fn at(now: Instant) -> Self {
+    /// The cutoffs at `now` of a view made at `base`.
+    fn at(base: Instant, now: Instant) -> Self {
+        let now = tick(base, now);
+        let before = |d: Duration| now.checked_sub(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Self {
-            stale: now.checked_sub(MEMBER_TIMEOUT),
-            stalled: now.checked_sub(MEMBER_STALL),
+            stale: before(MEMBER_TIMEOUT),
+            stalled: before(MEMBER_STALL),
         }
     }
 }
@@ -372,6 +400,12 @@ impl MemberView {
         }
         let skew_ms = u64::try_from(MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
         let ceiling = self.heartbeat(now).saturating_add(skew_ms);
+        // This node's id and the sender's, found among the entries by fingerprint as the
+        // table finds every member.
+        let (me, sender) = (
+            self.known.fingerprint(&self.me_bytes),
+            self.known.fingerprint(&from_bytes),
+        );
         // A list is at most `MAX_MEMBERS` long on the wire; longer ones are taken in parts.
         let mut fingerprints = [0u64; MAX_MEMBERS];
         for (part, chunk) in members.chunks(MAX_MEMBERS).enumerate() {
@@ -394,11 +428,7 @@ impl MemberView {
             for (k, (m, &f)) in chunk.iter().zip(fingerprints.iter()).enumerate() {
                 let i = part * MAX_MEMBERS + k;
                 let direct = i == 0;
-                let id = m.peer_id.as_ref();
-                if id == self.me_bytes.as_ref()
-                    || (i > 0 && id == from_bytes.as_slice())
-                    || (!direct && m.heartbeat > ceiling)
-                {
+                if f == me || (i > 0 && f == sender) || (!direct && m.heartbeat > ceiling) {
                     continue;
                 }
                 self.merge_entry(m, f, direct, now);
@@ -406,8 +436,9 @@ impl MemberView {
         }
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
             self.pruned_at = now;
+            let (now, forget) = (tick(self.base, now), FORGET_AFTER.as_nanos());
             self.known
-                .retain(|k| now.saturating_duration_since(k.seen) < FORGET_AFTER);
+                .retain(|k| u128::from(now.saturating_sub(k.seen)) < forget);
         }
     }
 
@@ -415,7 +446,8 @@ impl MemberView {
     /// fingerprint `f` in this view.
     fn merge_entry(&mut self, m: &Member, f: u64, direct: bool, now: Instant) {
         let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
-        let c = Cutoffs::at(now);
+        let c = Cutoffs::at(self.base, now);
+        let t = tick(self.base, now);
         let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, c, po));
         let Entries { known, table, .. } = &mut self.known;
         if let Some(slot) = table.find_mut(f, |s| s.fingerprint == f) {
@@ -431,9 +463,9 @@ impl MemberView {
                 self.grew_at = now;
             }
             k.heartbeat = m.heartbeat;
-            k.seen = now;
+            k.seen = t;
             if m.done > k.done {
-                k.progressed = now;
+                k.progressed = t;
             }
             k.done = m.done;
             k.origin = m.origin;
@@ -465,16 +497,16 @@ impl MemberView {
             heartbeat: m.heartbeat,
             done: m.done,
             origin: m.origin,
-            seen: now,
-            progressed: now,
+            seen: t,
+            progressed: t,
             gone: false,
             proven: direct,
-            seed: fetcher_seed(&peer, &self.content),
         };
         if counts(&k) == Some(true) {
             self.invalidate();
         }
-        self.known.insert(bytes, peer, f, k);
+        let seed = fetcher_seed(&peer, &self.content);
+        self.known.insert(bytes, peer, f, seed, k);
     }
 
     /// Marks `peer` as gone (a direct peer that stopped answering), until an entry with a
@@ -514,7 +546,7 @@ impl MemberView {
         }
         let start = rng.random_range(0..n);
         let (known, ids) = (&self.known.known, &self.known.ids);
-        let c = Cutoffs::at(now);
+        let c = Cutoffs::at(self.base, now);
         let mut picked = Vec::with_capacity(want.min(n));
         picked.extend(
             (start..n)
@@ -555,14 +587,14 @@ impl MemberView {
         proven_only: bool,
         lowest: usize,
     ) -> (Vec<(PeerId, u64)>, Instant) {
-        let (entries, ids) = (&self.known.known, &self.known.ids);
-        let cutoffs = Cutoffs::at(now);
+        let (entries, ids, seeds) = (&self.known.known, &self.known.ids, &self.known.seeds);
+        let cutoffs = Cutoffs::at(self.base, now);
         // (seed, position): small to select and sort; ids are compared only on equal seeds.
         let mut found: Vec<(u64, usize)> = entries
             .iter()
             .enumerate()
             .filter(|(_, k)| is_fetcher(k, pieces, cutoffs, proven_only))
-            .map(|(i, k)| (k.seed, i))
+            .map(|(i, _)| (seeds[i], i))
             .collect();
         let order = |a: &(u64, usize), b: &(u64, usize)| {
             a.0.cmp(&b.0)
@@ -582,13 +614,13 @@ impl MemberView {
             .into_iter()
             .map(|(_, i)| {
                 let k = &entries[i];
-                let stale = k.seen + MEMBER_TIMEOUT;
+                let stale = instant(self.base, k.seen) + MEMBER_TIMEOUT;
                 until = until.min(if k.done >= pieces {
                     stale
                 } else {
-                    stale.min(k.progressed + MEMBER_STALL)
+                    stale.min(instant(self.base, k.progressed) + MEMBER_STALL)
                 });
-                (ids[i].peer, k.seed)
+                (ids[i].peer, seeds[i])
             })
             .collect();
         (out, until)
@@ -687,7 +719,7 @@ impl MemberView {
     /// How many other members are known alive.
     #[must_use]
     pub(crate) fn len_alive(&self, now: Instant) -> usize {
-        let c = Cutoffs::at(now);
+        let c = Cutoffs::at(self.base, now);
         self.known.iter().filter(|k| alive(k, c)).count()
     }
 }

@@ -316,6 +316,7 @@ fn recount(counts: &mut [u16], old: &Bitfield, new: &Bitfield, mut changed: impl
 
 /// A peer that may take a request, with what ranks it: the most room left in its pipeline,
 /// then the fewest failures, then the fastest, then the highest id.
+#[derive(Debug)]
 struct Candidate {
     id: PeerId,
     room: usize,
@@ -340,6 +341,10 @@ pub(crate) struct Scheduler {
     config: Config,
     piece_size: u64,
     pieces: Vec<Piece>,
+    /// The buffers of [`Self::next_actions`]'s walk, kept between calls (their contents are
+    /// not: each call fills them anew).
+    wanted: Vec<u32>,
+    cands: Vec<Candidate>,
     /// The peers that [`Src::Peer`] points into, in the order they were first a source (each
     /// once; none is dropped while the scheduler lives).
     sources: Vec<PeerId>,
@@ -424,6 +429,8 @@ impl Scheduler {
             piece_size: piece_size.max(1),
             pieces: vec![Piece::Missing; n],
             sources: Vec::new(),
+            wanted: Vec::new(),
+            cands: Vec::new(),
             missing: Bitfield::full(n as u32),
             flying: Bitfield::new(n as u32),
             peer_failures: vec![0; n],
@@ -1000,7 +1007,10 @@ impl Scheduler {
             let words = (self.missing.words().zip(self.held.words()))
                 .zip(self.exhausted.words())
                 .map(|((m, h), x)| m & h & !x);
-            let mut wanted: Vec<u32> = Bitfield::ones_of_words(words).collect();
+            // (Both lists reuse the buffers of the last call: this runs after every event.)
+            let mut wanted = std::mem::take(&mut self.wanted);
+            wanted.clear();
+            wanted.extend(Bitfield::ones_of_words(words));
             wanted.shuffle(&mut self.rng);
             if self.done >= self.config.random_first {
                 // Rarest first; among equals, the window of `ORDER_WINDOW` pieces nearest the
@@ -1013,12 +1023,14 @@ impl Scheduler {
             }
             // The eligible peers, ranked as `best_peer` ranks them, taken once: a request
             // changes only its own peer's entry.
-            let mut cands: Vec<Candidate> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| self.eligible(p, now))
-                .map(|(id, p)| self.candidate(*id, p, now))
-                .collect();
+            let mut cands = std::mem::take(&mut self.cands);
+            cands.clear();
+            cands.extend(
+                self.peers
+                    .iter()
+                    .filter(|(_, p)| self.eligible(p, now))
+                    .map(|(id, p)| self.candidate(*id, p, now)),
+            );
             // Each candidate's bitfield is lent to it for the walk (requests do not read
             // them) and given back after.
             for c in &mut cands {
@@ -1026,7 +1038,7 @@ impl Scheduler {
                     c.have = std::mem::replace(&mut p.have, Bitfield::new(0));
                 }
             }
-            for index in wanted {
+            for &index in &wanted {
                 if self.peer_in_flight >= max_in_flight || cands.is_empty() {
                     break;
                 }
@@ -1053,9 +1065,10 @@ impl Scheduler {
                     }
                 }
             }
-            for c in cands {
+            while let Some(c) = cands.pop() {
                 self.give_back(c);
             }
+            (self.wanted, self.cands) = (wanted, cands);
         }
         // Endgame: a second request for every piece in flight once none is left missing.
         if self.missing_pieces().next().is_none() {
