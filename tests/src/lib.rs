@@ -44,8 +44,6 @@ pub struct OriginState {
     pub fail_next: AtomicU32,
     /// Ignore `Range` and always send the whole body with 200.
     pub no_range: AtomicBool,
-    /// Cut the next body after this many bytes (0: never).
-    pub cut_next_after: AtomicU64,
     /// Send bodies at this many bytes per second (0: as fast as possible).
     pub throttle_bytes_per_sec: AtomicU64,
     /// All bodies together at most this many bytes per second, like one WAN link shared by
@@ -55,6 +53,22 @@ pub struct OriginState {
     wan_free_at: Mutex<Option<tokio::time::Instant>>,
     /// Where `/redirect/NAME` points: `BASE/NAME` when set (another origin), else `/NAME`.
     pub redirect_base: Mutex<Option<String>>,
+    /// Faults armed for given requests ([`TestOrigin::cut_request`],
+    /// [`TestOrigin::replace_after_request`]), and what each request asked for.
+    faults: Mutex<Faults>,
+}
+
+/// Faults tied to request numbers (the n-th request the origin answers, counting from 1 over
+/// all its routes), so that a test arms them before the download starts and they happen
+/// whatever the timing.
+#[derive(Default)]
+struct Faults {
+    /// Cut the body of request `.0` after `.1` bytes.
+    cut: Option<(u32, u64)>,
+    /// Once request `.0` is answered, serve `.2` at `/.1`.
+    replace: Option<(u32, String, Bytes)>,
+    /// Each `/NAME` request: its number and the byte range it asked for (`None`: no `Range`).
+    log: Vec<(u32, Option<(u64, u64)>)>,
 }
 
 /// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
@@ -93,12 +107,12 @@ impl TestOrigin {
     /// Serves `bytes` at `/name`, replacing what was there (with a new ETag).
     pub fn put(&self, name: &str, bytes: impl Into<Bytes>) {
         let bytes = bytes.into();
-        let etag = format!("\"{}\"", &blake3::hash(&bytes).to_hex()[..16]);
+        let tag = etag(&bytes);
         self.state
             .files
             .lock()
             .expect("origin lock")
-            .insert(name.to_owned(), (bytes, etag));
+            .insert(name.to_owned(), (bytes, tag));
     }
 
     /// The URL of `/name`.
@@ -116,6 +130,28 @@ impl TestOrigin {
     /// Bytes of bodies sent so far.
     pub fn bytes_served(&self) -> u64 {
         self.state.bytes_served.load(Ordering::SeqCst)
+    }
+
+    /// Cuts the body of the `n`-th request from now (1: the next one) after `after` bytes: the
+    /// connection fails there.
+    pub fn cut_request(&self, n: u32, after: u64) {
+        let at = self.requests() + n;
+        self.state.faults.lock().expect("origin lock").cut = Some((at, after));
+    }
+
+    /// Serves `bytes` at `/name` (with a new ETag) from the request after the `n`-th from now
+    /// on: the content changes between two requests of a download.
+    pub fn replace_after_request(&self, n: u32, name: &str, bytes: impl Into<Bytes>) {
+        let at = self.requests() + n;
+        self.state.faults.lock().expect("origin lock").replace =
+            Some((at, name.to_owned(), bytes.into()));
+    }
+
+    /// The `/NAME` requests so far, in order: each one's number (counting every request the
+    /// origin answered, from 1) and the byte range it asked for, first and last byte
+    /// inclusive (`None`: no `Range` header, or one that does not parse).
+    pub fn requests_with_range(&self) -> Vec<(u32, Option<(u64, u64)>)> {
+        self.state.faults.lock().expect("origin lock").log.clone()
     }
 }
 
@@ -135,6 +171,11 @@ async fn redirect(State(state): State<Arc<OriginState>>, Path(name): Path<String
         .expect("valid response")
 }
 
+/// The strong ETag the origin gives `bytes`.
+fn etag(bytes: &[u8]) -> String {
+    format!("\"{}\"", &blake3::hash(bytes).to_hex()[..16])
+}
+
 fn parse_range(h: &HeaderMap, len: u64) -> Option<(u64, u64)> {
     let v = h.get(header::RANGE)?.to_str().ok()?;
     let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
@@ -152,7 +193,35 @@ async fn serve(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let number = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let armed_cut = {
+        let mut faults = state.faults.lock().expect("origin lock");
+        let asked = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes="))
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().unwrap_or(u64::MAX))));
+        faults.log.push((number, asked));
+        if let Some((at, _, _)) = &faults.replace
+            && number > *at
+            && let Some((_, file, bytes)) = faults.replace.take()
+        {
+            let tag = etag(&bytes);
+            state
+                .files
+                .lock()
+                .expect("origin lock")
+                .insert(file, (bytes, tag));
+        }
+        match faults.cut {
+            Some((at, after)) if at == number => {
+                faults.cut = None;
+                after
+            }
+            _ => 0,
+        }
+    };
     if state
         .fail_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -180,7 +249,7 @@ async fn serve(
         ),
         None => (StatusCode::OK, bytes, None),
     };
-    let cut = state.cut_next_after.swap(0, Ordering::SeqCst);
+    let cut = armed_cut;
     let mut builder = Response::builder()
         .status(status)
         .header(header::ETAG, etag)

@@ -611,9 +611,8 @@ async fn origin_misbehaviour_is_survived() {
     let (info, dest) = run("retry.bin").await;
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    // A body cut midway is resumed with a Range request.
-    origin.state.cut_next_after.store(0, Ordering::SeqCst);
-    let requests_before = origin.state.requests.load(Ordering::SeqCst);
+    // A body cut midway is resumed with a Range request. The probe is the first request;
+    // the body of the second is cut, armed before the job starts.
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("cut.bin");
     let job = node.create_job("cut", Priority::Normal).await.unwrap();
@@ -621,20 +620,27 @@ async fn origin_misbehaviour_is_survived() {
     node.add_file(job, spec(origin.url("f.bin"), &dest, expected))
         .await
         .unwrap();
-    origin.state.cut_next_after.store(0, Ordering::SeqCst);
+    let cut_at = origin.requests() + 2;
+    origin.cut_request(2, 700_000);
     node.resume(job).await.unwrap();
-    // The probe is the first request; cut the body of the second.
-    for _ in 0..100 {
-        if origin.state.requests.load(Ordering::SeqCst) > requests_before {
-            origin.state.cut_next_after.store(700_000, Ordering::SeqCst);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     let info = wait_for(&node, job, &[State::Transferred, State::Error]).await;
     assert_eq!(info.state, State::Transferred, "{:?}", info.error);
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let log = origin.requests_with_range();
+    let cut_start = log
+        .iter()
+        .find(|(n, _)| *n == cut_at)
+        .and_then(|(_, r)| *r)
+        .map(|(start, _)| start)
+        .unwrap_or_else(|| panic!("request {cut_at} was cut and asked for a range: {log:?}"));
+    // After the cut, a request resumed inside what the cut one had received, not from its
+    // start again.
+    assert!(
+        log.iter().any(|(n, r)| *n > cut_at
+            && r.is_some_and(|(start, _)| start > cut_start && start <= cut_start + 700_000)),
+        "no request resumed the cut body at {cut_start}: {log:?}"
+    );
     node.shutdown().await;
 }
 
@@ -645,33 +651,20 @@ async fn content_changed_midway_is_an_error_not_a_corrupt_file() {
     let data = content(1 << 20, 9);
     origin.put("f.bin", data.clone());
     let node = test_node(&[]).await;
-    let state = origin.state.clone();
-    // Swap the content right after the probe: every range request then fails If-Range.
+    // The content changes right after the probe (armed before the job starts): every range
+    // request then fails If-Range.
     let job = node.create_job("changing", Priority::Normal).await.unwrap();
     let dest = dir.path().join("out.bin");
     node.add_file(job, spec(origin.url("f.bin"), &dest, Expected::default()))
         .await
         .unwrap();
-    let before = state.requests.load(Ordering::SeqCst);
+    origin.replace_after_request(1, "f.bin", content(1 << 20, 10));
     node.resume(job).await.unwrap();
-    for _ in 0..1000 {
-        if state.requests.load(Ordering::SeqCst) > before {
-            origin.put("f.bin", content(1 << 20, 10));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     let info = wait_for(&node, job, &[State::Error, State::Transferred]).await;
-    if info.state == State::Error {
-        let e = info.error.unwrap();
-        assert!(e.description.contains("changed"), "{e}");
-        assert!(!dest.exists());
-    } else {
-        // The swap came after the whole body was sent: the file is one consistent version.
-        node.complete(job).await.unwrap();
-        let got = std::fs::read(&dest).unwrap();
-        assert!(got == data || got == content(1 << 20, 10));
-    }
+    assert_eq!(info.state, State::Error, "{info:?}");
+    let e = info.error.unwrap();
+    assert!(e.description.contains("changed"), "{e}");
+    assert!(!dest.exists());
     node.shutdown().await;
 }
 
