@@ -350,13 +350,11 @@ async fn rogue_peers_are_banned_and_the_bytes_are_right_anyway() {
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let expected = blake3_only(&data);
-    // Make sure all three peers are connected before the job asks around.
-    for _ in 0..100 {
-        if node.connected_peers().await.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // All three peers are connected before the job asks around.
+    eventually("all three peers connected", async || {
+        node.connected_peers().await.len() == 3
+    })
+    .await;
     let job = start_job(&node, spec(origin.url("f.bin"), &dest, expected), &rec).await;
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).await.unwrap();
@@ -1654,11 +1652,18 @@ async fn foreground_goes_first_a_priority_shares_round_robin_and_pieces_are_kept
     // Two Normal jobs share the slot: both make progress before either is done.
     let a = start(2, Priority::Normal).await;
     let b = start(3, Priority::Normal).await;
+    let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
     let first_done = loop {
         let (ia, ib) = (node.info(a).unwrap(), node.info(b).unwrap());
         if ia.state == State::Transferred || ib.state == State::Transferred {
             break (ia, ib);
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither Normal job was transferred: {:?} and {:?}",
+            ia.state,
+            ib.state
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert!(
