@@ -278,10 +278,10 @@ pub(crate) struct Fetchers {
     pub(crate) generation: u64,
 }
 
-/// The instants a member's times are compared with at one `now`: a member is heard from
-/// when it was seen after `stale`, and progressing when it progressed after `stalled` (`None`:
-/// `now` is too early for any time to be that old). Computed once per walk, so that each
-/// entry costs two comparisons of instants rather than two subtractions.
+/// The ticks a member's times are compared with at one `now`: a member is heard from when it
+/// was seen after `stale`, and progressing when it progressed after `stalled` (`None`: `now`
+/// is too early for any time to be that old). Computed once per walk, so that each entry
+/// costs two comparisons of integers rather than two subtractions of instants.
 #[derive(Debug, Clone, Copy)]
 struct Cutoffs {
     stale: Option<Tick>,
