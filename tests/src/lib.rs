@@ -196,13 +196,8 @@ async fn serve(
     let number = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let armed_cut = {
         let mut faults = state.faults.lock().expect("origin lock");
-        let asked = headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("bytes="))
-            .and_then(|v| v.split_once('-'))
-            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().unwrap_or(u64::MAX))));
-        faults.log.push((number, asked));
+        // As asked, whatever the file's length (an open end reads as `u64::MAX - 1`).
+        faults.log.push((number, parse_range(&headers, u64::MAX)));
         if let Some((at, _, _)) = &faults.replace
             && number > *at
             && let Some((_, file, bytes)) = faults.replace.take()

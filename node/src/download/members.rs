@@ -406,6 +406,8 @@ impl MemberView {
             self.known.fingerprint(&self.me_bytes),
             self.known.fingerprint(&from_bytes),
         );
+        // `now` as the entries compare it, computed once for all of them.
+        let at = (now, tick(self.base, now), Cutoffs::at(self.base, now));
         // A list is at most `MAX_MEMBERS` long on the wire; longer ones are taken in parts.
         let mut fingerprints = [0u64; MAX_MEMBERS];
         for (part, chunk) in members.chunks(MAX_MEMBERS).enumerate() {
@@ -431,7 +433,7 @@ impl MemberView {
                 if f == me || (i > 0 && f == sender) || (!direct && m.heartbeat > ceiling) {
                     continue;
                 }
-                self.merge_entry(m, f, direct, now);
+                self.merge_entry(m, f, direct, at);
             }
         }
         if now.saturating_duration_since(self.pruned_at) >= PRUNE_EVERY {
@@ -443,11 +445,15 @@ impl MemberView {
     }
 
     /// Takes in one entry of a peer's list (`direct`: the peer's own), whose id has the
-    /// fingerprint `f` in this view.
-    fn merge_entry(&mut self, m: &Member, f: u64, direct: bool, now: Instant) {
+    /// fingerprint `f` in this view, at `now` (with its tick and cutoffs in this view).
+    fn merge_entry(
+        &mut self,
+        m: &Member,
+        f: u64,
+        direct: bool,
+        (now, t, c): (Instant, Tick, Cutoffs),
+    ) {
         let cached = self.cache.as_ref().map(|c| (c.pieces, c.proven_only));
-        let c = Cutoffs::at(self.base, now);
-        let t = tick(self.base, now);
         let counts = |k: &Known| cached.map(|(p, po)| is_fetcher(k, p, c, po));
         let Entries { known, table, .. } = &mut self.known;
         if let Some(slot) = table.find_mut(f, |s| s.fingerprint == f) {
