@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use shoal_node::sim::{Behaviour, CpuCosts, Ended, Rates, Scenario, run};
 
+/// mimalloc instead of the system allocator: a simulation makes and drops many small buffers
+/// (answers' member lists, bitfields, scheduler lists). glibc's malloc and free took about a
+/// tenth of the 1,000-node run, which takes about a fifth less wall time with mimalloc
+/// (decision 0015). The node's own binaries keep the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Simulates a swarm of Shoal download cores in virtual time")]
 struct Args {
