@@ -690,8 +690,9 @@ async fn a_failing_job_transferred_handler_is_called_until_it_succeeds() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Give a fourth call the chance to happen if the node were wrong.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Once the node has nothing left to do, the handler was called three times: a fourth
+    // call would keep the job's runner at work until it was made.
+    node.wait_idle().await;
     assert_eq!(rec.transferred_calls.load(Ordering::SeqCst), 3);
     node.shutdown().await;
 }
@@ -735,8 +736,8 @@ async fn suspend_and_resume_finish_the_job() {
     node.resume(job).await.unwrap();
     node.suspend(job).await.unwrap();
     assert_eq!(node.info(job).unwrap().state, State::Suspended);
-    // Suspended stays suspended: nothing moves it on its own.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Suspended stays suspended: nothing moves it on its own, once the stopped runner ended.
+    node.wait_idle().await;
     assert_eq!(node.info(job).unwrap().state, State::Suspended);
     node.resume(job).await.unwrap();
     wait_for(&node, job, &[State::Transferred]).await;
@@ -1015,17 +1016,13 @@ async fn a_suspended_job_stays_suspended_after_a_restart() {
     first.shutdown().await;
     drop(first);
 
+    // The stopped node makes no request any more: any later one is the second node's.
+    let requests = origin.requests();
     let second = stateful_node(&state).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    second.wait_idle().await;
     let info = second.info(job).unwrap();
     assert_eq!(info.state, State::Suspended);
-    let served = origin.bytes_served();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        origin.bytes_served(),
-        served,
-        "a suspended job fetched bytes"
-    );
+    assert_eq!(origin.requests(), requests, "a suspended job fetched bytes");
     second.resume(job).await.unwrap();
     wait_for(&second, job, &[State::Transferred]).await;
     second.complete(job).await.unwrap();
@@ -1414,8 +1411,9 @@ async fn api_notify_command_line_runs_and_is_retried_until_it_succeeds() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // It succeeded on its second run: not run again.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // It succeeded on its second run: not run again (a third run would keep the job's
+    // runner at work until it was made).
+    d.node.wait_idle().await;
     let lines = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         lines.lines().collect::<Vec<_>>(),
@@ -2136,7 +2134,7 @@ async fn a_complete_cut_short_after_its_rename_is_not_an_error_after_a_restart()
     // What a Complete stopped between its rename and its record leaves behind.
     std::fs::rename(&info.files[0].temp_name, &dest).unwrap();
     let second = stateful_node(&state).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    second.wait_idle().await;
     assert_eq!(second.info(job).unwrap().state, State::Transferred);
     second.complete(job).await.unwrap();
     assert_eq!(second.info(job).unwrap().state, State::Acknowledged);

@@ -367,6 +367,7 @@ impl Builder {
             self.max_active_jobs.unwrap_or(4),
             self.time_slice.unwrap_or(Duration::from_secs(60)),
         );
+        let live = runner::LiveTasks::new();
         let node = Node {
             inner: Arc::new_cyclic(|weak| {
                 let (registry, views) = registry::spawn(registry::Parts {
@@ -375,6 +376,7 @@ impl Builder {
                     slots: slots.clone(),
                     content: store.clone(),
                     node: weak.clone(),
+                    live: live.clone(),
                 });
                 Inner {
                     env: Env {
@@ -400,6 +402,7 @@ impl Builder {
                     metrics_addr: Mutex::new(None),
                     slots,
                     tasks: tokio_util::task::TaskTracker::new(),
+                    live,
                 }
             }),
         };
@@ -552,6 +555,8 @@ struct Inner {
     /// The node's own tasks (sweepers, the slot ticker, the cache-node role, the metrics
     /// server, Complete's renames): [`Node::shutdown`] waits for every one of them.
     tasks: tokio_util::task::TaskTracker,
+    /// The count of job runners' tasks alive ([`Node::wait_idle`]).
+    live: runner::LiveTasks,
 }
 
 /// The atomics behind [`crate::node::stats::NodeStats`].
@@ -1242,6 +1247,41 @@ impl Node {
         self.inner.tasks.wait().await;
         if let Some(state) = &self.inner.state {
             state.close().await;
+        }
+    }
+
+    /// Waits until the node has nothing to do for its jobs: no job waits for a transfer slot,
+    /// transfers, waits out a retry delay, delivers a notification (`JobTransferred`,
+    /// `JobError`, until its callback acknowledges it) or completes, and the task of every
+    /// runner stopped by a Suspend or Cancel has ended (its writes are done). A job in
+    /// TransientError is tried again first (after `retry_delay`), and a callback that keeps
+    /// failing keeps the node busy; serving peers and the node's own tasks do not count.
+    ///
+    /// After it returns, what a job shows stays as it is until a caller changes it (or a
+    /// timer of the job properties does, such as the inactivity timeout). For tests and for
+    /// embedders that leave only once their downloads are settled; jobs started meanwhile
+    /// are waited for too. Returns at once on a node that was shut down.
+    pub async fn wait_idle(&self) {
+        let mut live = self.inner.live.subscribe();
+        loop {
+            // A runner's last step (its job has none now) comes before its task ends: once
+            // no task is alive, the registry is asked whether a new one started meanwhile.
+            if live.wait_for(|n| *n == 0).await.is_err() {
+                return;
+            }
+            match self.registry().step(|r| r.is_idle()).await {
+                // The registry stopped: nothing can start any more.
+                None => return,
+                // Unless a runner started and ended meanwhile, its task still ending.
+                Some(true) if *live.borrow_and_update() == 0 => return,
+                Some(true) => {}
+                // A Complete under way, or commands waiting for it: no task to wait on.
+                Some(false) if *live.borrow_and_update() == 0 => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // A runner started meanwhile.
+                Some(false) => {}
+            }
         }
     }
 

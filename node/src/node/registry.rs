@@ -34,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::runner::{Doing, Runner};
+use super::runner::{Doing, LiveTasks, Runner};
 use crate::{
     Error,
     events::{Callback, Event},
@@ -309,6 +309,8 @@ pub(super) struct Parts {
     /// The node, to start runners with (weak: the registry's task must not keep the node
     /// alive; it ends when the node is dropped).
     pub(super) node: Weak<super::Inner>,
+    /// The count of runner tasks alive.
+    pub(super) live: LiveTasks,
 }
 
 /// The registry's state, owned by its task.
@@ -322,6 +324,7 @@ pub(super) struct Registry {
     pub(super) slots: Slots,
     pub(super) content: Arc<ContentStore>,
     node: Weak<super::Inner>,
+    live: LiveTasks,
     /// Commands for completing jobs, in arrival order.
     parked: HashMap<JobId, VecDeque<Command>>,
     /// Commands whose job finished completing: run before the next from the channel.
@@ -356,6 +359,7 @@ pub(super) fn spawn(parts: Parts) -> (Handle, watch::Receiver<Views>) {
         slots: parts.slots,
         content: parts.content,
         node: parts.node,
+        live: parts.live,
         parked: HashMap::new(),
         replay: VecDeque::new(),
         changed: Vec::new(),
@@ -492,6 +496,17 @@ impl Registry {
             }
             Command::Step(step) => step(self),
         }
+    }
+
+    /// Whether no job has a runner at work (one that was stopped only has its task to end,
+    /// which [`crate::Node::wait_idle`] counts apart) or a Complete under way, and no command
+    /// waits for one.
+    pub(super) fn is_idle(&self) -> bool {
+        self.jobs
+            .values()
+            .all(|r| r.runner.token().is_none_or(CancellationToken::is_cancelled) && !r.completing)
+            && self.parked.is_empty()
+            && self.replay.is_empty()
     }
 
     /// The record of `job`, marked changed (published after the command).
@@ -890,6 +905,7 @@ impl Registry {
             return;
         };
         let token = node.inner.shutdown.child_token();
+        let live = self.live.clone();
         let Ok(rec) = self.rec(job) else { return };
         if rec.info.state != State::Queued || !rec.runner.is_replaceable() {
             return;
@@ -898,7 +914,7 @@ impl Registry {
         let previous = rec.task.take();
         let task = rec
             .runner
-            .start(token, Doing::WaitingSlot, previous, async move {
+            .start(token, Doing::WaitingSlot, (previous, &live), async move {
                 super::run::run_job(&node, job, &t).await;
                 super::run::ended(&node, job, t).await;
             });
@@ -911,6 +927,7 @@ impl Registry {
             return;
         };
         let token = node.inner.shutdown.child_token();
+        let live = self.live.clone();
         let Ok(rec) = self.rec(job) else { return };
         if rec.runner.is_live() || rec.callback.is_none() {
             return;
@@ -920,7 +937,7 @@ impl Registry {
         let previous = rec.task.take();
         let task = rec
             .runner
-            .start(token, Doing::Notifying, previous, async move {
+            .start(token, Doing::Notifying, (previous, &live), async move {
                 super::run::deliver(&node, job, &t, state, None).await;
                 super::run::ended(&node, job, t).await;
             });
@@ -1006,6 +1023,7 @@ mod tests {
             content: Arc::new(ContentStore::new()),
             // No node: no runner starts, so the registry alone decides every state.
             node: Weak::new(),
+            live: LiveTasks::new(),
         });
         (handle, views, events)
     }

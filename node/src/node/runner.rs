@@ -7,8 +7,38 @@
 //! AddFile, a reload) replaces one that only waits or notifies; it starts its work after the
 //! task it replaces ended ([`Runner::start`]), so two runners never write one job's files.
 
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+
+/// The number of runner tasks alive, for [`crate::Node::wait_idle`]: a task counts from
+/// [`Runner::start`] until its future is dropped (it returned, or was aborted).
+#[derive(Clone, Debug)]
+pub(super) struct LiveTasks(watch::Sender<usize>);
+
+/// One live runner task, counted in [`LiveTasks`] until dropped.
+struct Live(watch::Sender<usize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl LiveTasks {
+    pub(super) fn new() -> Self {
+        Self(watch::channel(0).0)
+    }
+
+    fn enter(&self) -> Live {
+        self.0.send_modify(|n| *n += 1);
+        Live(self.0.clone())
+    }
+
+    /// The count, to wait on.
+    pub(super) fn subscribe(&self) -> watch::Receiver<usize> {
+        self.0.subscribe()
+    }
+}
 
 /// A job's runner, by what it is doing.
 #[derive(Debug, Default)]
@@ -95,12 +125,12 @@ impl Runner {
 
     /// Makes `token` the job's runner, doing `doing`, and spawns `work` once `previous`
     /// (the task of the runner it replaces) has ended. Returns the new task, which the
-    /// next runner waits for in turn.
+    /// next runner waits for in turn; it counts in `live` until it ends.
     pub(super) fn start<F>(
         &mut self,
         token: CancellationToken,
         doing: Doing,
-        previous: Option<JoinHandle<()>>,
+        (previous, live): (Option<JoinHandle<()>>, &LiveTasks),
         work: F,
     ) -> JoinHandle<()>
     where
@@ -108,7 +138,9 @@ impl Runner {
     {
         self.stop();
         *self = Self::doing(token.clone(), doing);
+        let live = live.enter();
         tokio::spawn(async move {
+            let _live = live;
             if let Some(p) = previous {
                 // Its panic, if any, was the old runner's; this one starts regardless.
                 let _ = p.await;
@@ -158,13 +190,15 @@ mod tests {
     #[tokio::test]
     async fn a_new_runner_starts_its_work_only_after_the_one_it_replaces_ended() {
         let order = Arc::new(AtomicUsize::new(0));
+        let live = LiveTasks::new();
+        let count = live.subscribe();
         let mut r = Runner::Idle;
         let (first, release) = (
             CancellationToken::new(),
             Arc::new(tokio::sync::Notify::new()),
         );
         let (o, rel) = (order.clone(), release.clone());
-        let old = r.start(first.clone(), Doing::Notifying, None, async move {
+        let old = r.start(first.clone(), Doing::Notifying, (None, &live), async move {
             rel.notified().await;
             o.fetch_add(1, Ordering::SeqCst);
         });
@@ -174,7 +208,7 @@ mod tests {
         let new = r.start(
             CancellationToken::new(),
             Doing::WaitingSlot,
-            Some(old),
+            (Some(old), &live),
             async move {
                 // The old runner ended before this line ran.
                 assert_eq!(o.fetch_add(10, Ordering::SeqCst), 1);
@@ -184,8 +218,10 @@ mod tests {
         assert!(matches!(r, Runner::WaitingSlot(_)));
         tokio::task::yield_now().await;
         assert_eq!(order.load(Ordering::SeqCst), 0, "the new one waits");
+        assert_eq!(*count.borrow(), 2, "both tasks are live");
         release.notify_one();
         new.await.unwrap();
         assert_eq!(order.load(Ordering::SeqCst), 11);
+        assert_eq!(*count.borrow(), 0, "no task is live once both ended");
     }
 }
