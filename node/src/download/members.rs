@@ -114,10 +114,9 @@ impl std::fmt::Debug for IdBytes {
     }
 }
 
-/// A known member's id: its bytes, parsed, and its fingerprint in the view's lookup table.
+/// A known member's id, parsed, and its fingerprint in the view's lookup table.
 #[derive(Debug, Clone)]
 struct Id {
-    bytes: IdBytes,
     peer: PeerId,
     fingerprint: u64,
 }
@@ -144,6 +143,9 @@ struct Slot {
 struct Entries {
     known: Vec<Known>,
     ids: Vec<Id>,
+    /// Each member's id bytes, apart from its parsed id: an answer's sample copies those of
+    /// dozens of members in a row.
+    bytes: Vec<IdBytes>,
     /// Each member's seed for the shares of this content ([`fetcher_seed`]).
     seeds: Vec<u64>,
     table: hashbrown::HashTable<Slot>,
@@ -178,11 +180,8 @@ impl Entries {
         );
         self.known.push(k);
         self.seeds.push(seed);
-        self.ids.push(Id {
-            bytes,
-            peer,
-            fingerprint,
-        });
+        self.bytes.push(bytes);
+        self.ids.push(Id { peer, fingerprint });
     }
 
     /// The position of the member whose id bytes are `bytes`.
@@ -190,7 +189,7 @@ impl Entries {
         let f = self.fingerprint(bytes);
         let slot = self.table.find(f, |s| s.fingerprint == f)?;
         let i = slot.index as usize;
-        (self.ids[i].bytes.as_slice() == bytes).then_some(i)
+        (self.bytes[i].as_slice() == bytes).then_some(i)
     }
 
     /// Keeps the members for which `keep` holds, in order.
@@ -203,6 +202,8 @@ impl Entries {
         self.known.retain(|_| at.next().copied().unwrap_or(false));
         let mut at = kept.iter();
         self.ids.retain(|_| at.next().copied().unwrap_or(false));
+        let mut at = kept.iter();
+        self.bytes.retain(|_| at.next().copied().unwrap_or(false));
         let mut at = kept.iter();
         self.seeds.retain(|_| at.next().copied().unwrap_or(false));
         self.table.clear();
@@ -222,6 +223,7 @@ impl Entries {
     fn clear(&mut self) {
         self.known.clear();
         self.ids.clear();
+        self.bytes.clear();
         self.seeds.clear();
         self.table.clear();
     }
@@ -551,7 +553,7 @@ impl MemberView {
             return out;
         }
         let start = rng.random_range(0..n);
-        let (known, ids) = (&self.known.known, &self.known.ids);
+        let (known, ids) = (&self.known.known, &self.known.bytes);
         let c = Cutoffs::at(self.base, now);
         let mut picked = Vec::with_capacity(want.min(n));
         picked.extend(
@@ -563,12 +565,12 @@ impl MemberView {
         // The ids in one buffer: one allocation per answer, each member's id a slice of it.
         let mut buf = Vec::with_capacity(picked.len() * MAX_ID_BYTES);
         for &i in &picked {
-            buf.extend_from_slice(ids[i].bytes.as_slice());
+            buf.extend_from_slice(ids[i].as_slice());
         }
         let buf = Bytes::from(buf);
         let mut at = 0;
         out.extend(picked.iter().map(|&i| {
-            let len = ids[i].bytes.as_slice().len();
+            let len = ids[i].as_slice().len();
             let peer_id = buf.slice(at..at + len);
             at += len;
             Member {

@@ -28,6 +28,7 @@
 // are then reachable from nowhere else.
 #![cfg_attr(not(feature = "sim"), allow(unreachable_pub, dead_code))]
 
+mod views;
 mod world;
 
 use std::time::Duration;

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use shoal_protocol::{Bitfield, ContentId, Holding, MAX_MEMBERS, Member, PieceIndex};
 use shoal_validator::{LayerBuilder, PieceLayer};
 
+use super::views::Views;
 use super::{Behaviour, Ended, Report, Scenario};
 use crate::download::core::{Action, Core, End, Setup, StoreOp, Verdict};
 use crate::download::members::MemberView;
@@ -103,7 +104,6 @@ struct Node {
     id: PeerId,
     script: Option<Behaviour>,
     core: Option<Core>,
-    view: Option<MemberView>,
     have: Bitfield,
     fetching: Bitfield,
     neighbours: Vec<usize>,
@@ -139,6 +139,8 @@ struct World<'a> {
     seq: u64,
     rng: StdRng,
     nodes: Vec<Node>,
+    /// The nodes' member views, by node.
+    views: Views,
     index: BTreeMap<PeerId, usize>,
     layer: PieceLayer,
     id: ContentId,
@@ -247,6 +249,7 @@ impl<'a> World<'a> {
         let neighbours = topology(sc, &mut rng);
         let total = sc.nodes + sc.adversaries.len();
         let mut nodes = Vec::with_capacity(total);
+        let views = Views::new(total);
         let mut index = BTreeMap::new();
         for (i, neighbours) in neighbours.into_iter().enumerate() {
             let mut key = [0u8; 32];
@@ -260,16 +263,18 @@ impl<'a> World<'a> {
             let script = sc.adversaries.get(i.wrapping_sub(sc.nodes)).copied();
             let seed = i < sc.seeds;
             // A seed serves the file with no download running: its view states only itself.
-            let view = seed.then(|| {
-                let mut v = MemberView::new(peer, id.hash(), base, WALL_MS);
-                v.idle(n);
-                v
-            });
+            views.set(
+                i,
+                seed.then(|| {
+                    let mut v = MemberView::new(peer, id.hash(), base, WALL_MS);
+                    v.idle(n);
+                    v
+                }),
+            );
             nodes.push(Node {
                 id: peer,
                 script,
                 core: None,
-                view,
                 have: if seed {
                     Bitfield::full(n)
                 } else {
@@ -303,6 +308,7 @@ impl<'a> World<'a> {
             seq: 0,
             rng,
             nodes,
+            views,
             index,
             layer,
             id,
@@ -470,14 +476,16 @@ impl<'a> World<'a> {
             now,
         );
         core.start(now, Vec::new());
-        let node = &mut self.nodes[i];
-        node.view = Some(MemberView::new(
-            me,
-            self.id.hash(),
-            now,
-            WALL_MS + self.now.as_millis() as u64,
-        ));
-        node.core = Some(core);
+        self.views.set(
+            i,
+            Some(MemberView::new(
+                me,
+                self.id.hash(),
+                now,
+                WALL_MS + self.now.as_millis() as u64,
+            )),
+        );
+        self.nodes[i].core = Some(core);
     }
 }
 
@@ -518,7 +526,7 @@ impl World<'_> {
         node.ended = match end {
             End::Done => {
                 // The file is complete once the SHA-256 of its last piece is hashed too.
-                if let Some(v) = &mut node.view {
+                if let Some(v) = self.views.get(i).as_mut() {
                     v.idle(n);
                 }
                 node.fetching = Bitfield::new(n);
@@ -579,16 +587,14 @@ impl World<'_> {
                 ..
             } => {
                 let pieces = self.id.piece_count();
-                let node = &mut self.nodes[i];
-                let view = node.view.as_mut().map(|v| {
+                let view = self.views.get(i).as_mut().map(|v| {
                     v.set_self(done, origin_now, now);
                     (
                         v.fetchers_cached(pieces, now, proven_only, lowest),
                         v.grew_at(),
                     )
                 });
-
-                if let Some(c) = &mut node.core {
+                if let Some(c) = &mut self.nodes[i].core {
                     c.handle_members(now, view);
                 }
             }
@@ -618,13 +624,9 @@ impl World<'_> {
         match op {
             StoreOp::SetFetching(_, f) => node.fetching = f,
             StoreOp::MarkVerified(_, index) => node.have.set(index),
-            StoreOp::MergeMembers(_, peer, members) => {
-                if let Some(v) = &mut node.view {
-                    v.merge(&peer, &members, now);
-                }
-            }
+            StoreOp::MergeMembers(_, peer, members) => self.views.merge(i, peer, members, now),
             StoreOp::ForgetMember(_, peer) => {
-                if let Some(v) = &mut node.view {
+                if let Some(v) = self.views.get(i).as_mut() {
                     v.forget(&peer);
                 }
             }
@@ -683,8 +685,7 @@ impl World<'_> {
                 vec![own(n, false)],
             ),
             None => {
-                let view = node.view.as_ref()?;
-                let members = view.sample_with(now, &mut self.rng);
+                let members = self.views.get(i).as_ref()?.sample_with(now, &mut self.rng);
                 holding(
                     node.have.clone(),
                     node.fetching.clone(),
