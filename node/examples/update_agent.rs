@@ -42,8 +42,8 @@ impl Callback for Agent {
             let message = match &result {
                 Ok(()) => format!(
                     "completed: {} bytes from peers, {} from the origin",
-                    job.bytes_from_peers(),
-                    job.bytes_from_origin()
+                    job.bytes_from().peers(),
+                    job.bytes_from().origin
                 ),
                 Err(e) => format!("complete failed: {e}"),
             };

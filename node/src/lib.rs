@@ -54,7 +54,7 @@ mod timestamp;
 
 pub use error::Error;
 pub use events::{Callback, CallbackError, Event, TransferredFile};
-pub use job::{ByteRange, FileSpec, JobId, JobInfo, Priority, State};
+pub use job::{ByteRange, BytesBySource, FileSpec, JobId, JobInfo, Priority, State};
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::stats::NodeStats;
 pub use node::{Builder, CallbackFactory, Node};

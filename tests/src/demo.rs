@@ -363,8 +363,8 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
 fn report_of(info: &JobInfo, elapsed: Duration, verified: bool) -> NodeReport {
     NodeReport {
         role: "node",
-        bytes_from_peers: info.bytes_from_peers(),
-        bytes_from_origin: info.bytes_from_origin(),
+        bytes_from_peers: info.bytes_from().peers(),
+        bytes_from_origin: info.bytes_from().origin,
         pieces_rejected: info.peer_stats.pieces_rejected,
         peers_banned: info.peer_stats.peers_banned,
         elapsed,

@@ -245,8 +245,8 @@ async fn origin_only_job_transfers_verifies_and_completes() {
     // The file does not exist under its name before Complete; the temporary file does.
     assert!(!dest.exists());
     assert!(info.files[0].temp_name.exists());
-    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
-    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(info.files[0].bytes_from.origin, data.len() as u64);
+    assert_eq!(info.files[0].bytes_from.peers(), 0);
     assert_eq!(info.files[0].content_id.unwrap().hash(), &blake3_of(&data));
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
@@ -309,14 +309,14 @@ async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     let mut from_peers = 0;
     for (node, job, dest, rec) in &jobs {
         let info = wait_for(node, *job, &[State::Transferred]).await;
-        from_peers += info.bytes_from_peers();
+        from_peers += info.bytes_from().peers();
         // Listed peers and the leechers that connected to each other on 127.0.0.1 are LAN
         // peers; the node-wide figures add up to the job's.
-        assert_eq!(info.bytes_from_lan_peers(), info.bytes_from_peers());
+        assert_eq!(info.bytes_from().lan_peers, info.bytes_from().peers());
         let stats = node.stats();
-        assert_eq!(stats.bytes_from_peers(), info.bytes_from_peers());
-        assert_eq!(stats.bytes_from_origin, info.bytes_from_origin());
-        let pct = 100.0 * info.bytes_from_peers() as f64 / data.len() as f64;
+        assert_eq!(stats.bytes_from.peers(), info.bytes_from().peers());
+        assert_eq!(stats.bytes_from.origin, info.bytes_from().origin);
+        let pct = 100.0 * info.bytes_from().peers() as f64 / data.len() as f64;
         assert!((info.percent_peer_caching() - pct).abs() < 1e-9);
         node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(dest).unwrap(), data);
@@ -387,7 +387,7 @@ async fn a_wrong_piece_layer_bans_the_peer_and_the_origin_fills_in() {
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(info.peer_stats.peers_banned, 1);
-    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(info.files[0].bytes_from.peers(), 0);
     assert_eq!(origin.bytes_served(), data.len() as u64 + 1);
     node.shutdown().await;
 }
@@ -412,8 +412,8 @@ async fn a_lying_sha256_claim_is_refetched_from_the_origin_and_banned() {
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert_eq!(info.files[0].bytes_from_peers, 0);
-    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
+    assert_eq!(info.files[0].bytes_from.peers(), 0);
+    assert_eq!(info.files[0].bytes_from.origin, data.len() as u64);
     assert_eq!(info.peer_stats.peers_banned, 1);
     node.shutdown().await;
 }
@@ -441,7 +441,7 @@ async fn invalid_verdicts_refetch_peer_content_and_fail_on_origin_content() {
             "JobTransferred"
         ]
     );
-    assert_eq!(info.files[0].bytes_from_origin, data.len() as u64);
+    assert_eq!(info.files[0].bytes_from.origin, data.len() as u64);
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     // Invalid on origin content: the job goes to Error.
@@ -775,7 +775,7 @@ async fn a_leecher_fetches_from_a_seed_over_quic() {
     let info = wait_for(&node, job, &[State::Transferred]).await;
     node.complete(job).await.unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
+    assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
     // With the content id known and a seed holding every piece, the origin is never contacted.
     assert_eq!(origin.bytes_served(), 0);
     node.shutdown().await;
@@ -814,7 +814,7 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
     let piece = shoal_node::ContentId::new([0; 32], data.len() as u64)
         .unwrap()
         .piece_size();
-    let extra = served.bytes - info.files[0].bytes_from_peers;
+    let extra = served.bytes - info.files[0].bytes_from.peers();
     assert!(
         extra.is_multiple_of(piece) && extra <= 48 * piece,
         "{served:?} {extra}"
@@ -848,7 +848,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     .await;
     // Once A holds some verified pieces, B starts; B knows only A.
     let deadline = tokio::time::Instant::now() + SCENARIO_TIMEOUT;
-    while a.info(job_a).unwrap().bytes_from_peers() == 0 {
+    while a.info(job_a).unwrap().bytes_from().peers() == 0 {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -856,7 +856,7 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     let rec_b = Arc::new(Recorder::default());
     let dest_b = dir.path().join("b.bin");
     let job_b = start_job(&b, spec(origin.url("f.bin"), &dest_b, expected), &rec_b).await;
-    while b.info(job_b).unwrap().bytes_from_peers() == 0 {
+    while b.info(job_b).unwrap().bytes_from().peers() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "B got nothing from A"

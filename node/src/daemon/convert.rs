@@ -84,11 +84,11 @@ pub(super) fn file_to_pb(f: &FileInfo) -> pb::File {
         sha256: f.sha256.map(|d| d.to_string()).unwrap_or_default(),
         bytes_total: f.bytes_total,
         bytes_transferred: f.bytes_transferred,
-        bytes_from_peers: f.bytes_from_peers,
-        bytes_from_origin: f.bytes_from_origin,
-        bytes_from_lan_peers: f.bytes_from_lan_peers,
-        bytes_from_group_peers: f.bytes_from_group_peers,
-        bytes_from_cache: f.bytes_from_cache,
+        bytes_from_peers: f.bytes_from.peers(),
+        bytes_from_origin: f.bytes_from.origin,
+        bytes_from_lan_peers: f.bytes_from.lan_peers,
+        bytes_from_group_peers: f.bytes_from.group_peers,
+        bytes_from_cache: f.bytes_from.cache,
         transferred: f.transferred,
         validation_state: validation_to_pb(f.validation_state) as i32,
         ranges: f
@@ -104,6 +104,7 @@ pub(super) fn file_to_pb(f: &FileInfo) -> pb::File {
 
 /// The wire form of a job snapshot.
 pub(super) fn job_to_pb(info: &JobInfo) -> pb::Job {
+    let from = info.bytes_from();
     pb::Job {
         id: info.id.to_string(),
         display_name: info.display_name.clone(),
@@ -117,12 +118,12 @@ pub(super) fn job_to_pb(info: &JobInfo) -> pb::Job {
         transfer_completed_ms: info.transfer_completed.map_or(0, to_ms),
         bytes_total: info.bytes_total(),
         bytes_transferred: info.bytes_transferred(),
-        bytes_from_peers: info.bytes_from_peers(),
-        bytes_from_origin: info.bytes_from_origin(),
-        bytes_from_lan_peers: info.bytes_from_lan_peers(),
-        bytes_from_group_peers: info.bytes_from_group_peers(),
-        bytes_from_cache: info.bytes_from_cache(),
-        percent_peer_caching: info.percent_peer_caching(),
+        bytes_from_peers: from.peers(),
+        bytes_from_origin: from.origin,
+        bytes_from_lan_peers: from.lan_peers,
+        bytes_from_group_peers: from.group_peers,
+        bytes_from_cache: from.cache,
+        percent_peer_caching: from.percent_peer_caching(),
         pieces_rejected: info.peer_stats.pieces_rejected,
         peers_banned: info.peer_stats.peers_banned,
         retry_delay_seconds: info.properties.retry_delay.as_secs(),
@@ -134,14 +135,15 @@ pub(super) fn job_to_pb(info: &JobInfo) -> pb::Job {
 
 /// The progress event of a job.
 pub(super) fn progress_of(info: &JobInfo) -> pb::Event {
+    let from = info.bytes_from();
     pb::Event {
         job: info.id.to_string(),
         kind: Some(pb::event::Kind::Progress(pb::Progress {
             state: state_to_pb(info.state) as i32,
             bytes_total: info.bytes_total(),
             bytes_transferred: info.bytes_transferred(),
-            bytes_from_peers: info.bytes_from_peers(),
-            bytes_from_origin: info.bytes_from_origin(),
+            bytes_from_peers: from.peers(),
+            bytes_from_origin: from.origin,
             files: info
                 .files
                 .iter()

@@ -530,12 +530,13 @@ impl Control for Service {
         let uploads = self.node.upload_stats();
         let st = self.node.stats();
         let dht = self.node.dht_status().await;
+        let jobs_from: crate::job::BytesBySource = jobs.iter().map(JobInfo::bytes_from).sum();
         Ok(Response::new(pb::NodeStatus {
             node: Some(pb::NodeStats {
-                bytes_from_origin: st.bytes_from_origin,
-                bytes_from_lan_peers: st.bytes_from_lan_peers,
-                bytes_from_group_peers: st.bytes_from_group_peers,
-                bytes_from_cache: st.bytes_from_cache,
+                bytes_from_origin: st.bytes_from.origin,
+                bytes_from_lan_peers: st.bytes_from.lan_peers,
+                bytes_from_group_peers: st.bytes_from.group_peers,
+                bytes_from_cache: st.bytes_from.cache,
                 bytes_uploaded: st.bytes_uploaded,
                 pieces_rejected: st.pieces_rejected,
                 peers_banned: st.peers_banned,
@@ -556,8 +557,8 @@ impl Control for Service {
             connected_peers: u32::try_from(self.node.connected_peers().await.len())
                 .unwrap_or(u32::MAX),
             jobs_by_state: by_state,
-            bytes_from_peers: jobs.iter().map(JobInfo::bytes_from_peers).sum(),
-            bytes_from_origin: jobs.iter().map(JobInfo::bytes_from_origin).sum(),
+            bytes_from_peers: jobs_from.peers(),
+            bytes_from_origin: jobs_from.origin,
             upload_pieces: uploads.pieces,
             upload_bytes: uploads.bytes,
             upload_busy: uploads.busy,

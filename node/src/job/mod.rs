@@ -270,17 +270,9 @@ pub struct FileInfo {
     pub bytes_total: Option<u64>,
     /// Verified bytes written so far.
     pub bytes_transferred: u64,
-    /// Verified bytes that came from peers.
-    pub bytes_from_peers: u64,
-    /// Verified bytes that came from the origin.
-    pub bytes_from_origin: u64,
-    /// Of `bytes_from_peers`: from LAN peers (listed, mDNS, or on a private network).
-    pub bytes_from_lan_peers: u64,
-    /// Of `bytes_from_peers`: from peers found through the DHT (the group's or the public
-    /// one).
-    pub bytes_from_group_peers: u64,
-    /// Of `bytes_from_peers`: from configured cache nodes.
-    pub bytes_from_cache: u64,
+    /// Of the verified bytes of this transfer, how many came from each kind of source
+    /// (bytes found in the temporary file at a resume count in `bytes_transferred` only).
+    pub bytes_from: BytesBySource,
     /// True once every byte verified and the caller validated the file.
     pub transferred: bool,
     /// The caller's verdict.
@@ -301,27 +293,71 @@ impl FileInfo {
             sha256: None,
             bytes_total: None,
             bytes_transferred: 0,
-            bytes_from_peers: 0,
-            bytes_from_origin: 0,
-            bytes_from_lan_peers: 0,
-            bytes_from_group_peers: 0,
-            bytes_from_cache: 0,
+            bytes_from: BytesBySource::default(),
             transferred: false,
             validation_state: ValidationState::Unknown,
         }
     }
 }
 
-/// Delivery Optimization's PercentPeerCaching of `from_peers` bytes from peers and cache
-/// nodes and `from_origin` bytes from the origin: `100 × peers / (peers + origin)`, 0 when
-/// both are 0.
-#[must_use]
-pub fn percent_peer_caching(from_peers: u64, from_origin: u64) -> f64 {
-    let all = from_peers + from_origin;
-    if all == 0 {
-        0.0
-    } else {
-        100.0 * from_peers as f64 / all as f64
+/// Verified bytes by the kind of source they came from: a file's, a job's (the sum of its
+/// files') or the node's since it started. The kinds are Delivery Optimization's
+/// (`Get-DeliveryOptimizationStatus` and `Get-DeliveryOptimizationPerfSnap`): BytesFromHttp,
+/// BytesFromLanPeers, BytesFromGroupPeers and BytesFromCacheServer. Bytes are counted once
+/// they verified; a piece that failed verification counts nowhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BytesBySource {
+    /// From the origin, over HTTP (DO's BytesFromHttp).
+    pub origin: u64,
+    /// From LAN peers: listed, found by mDNS, or connected from a private address (DO's
+    /// BytesFromLanPeers).
+    pub lan_peers: u64,
+    /// From peers found through the DHT, the group's or the public one (DO's
+    /// BytesFromGroupPeers).
+    pub group_peers: u64,
+    /// From configured cache nodes (DO's BytesFromCacheServer).
+    pub cache: u64,
+}
+
+impl BytesBySource {
+    /// Bytes from peers of every kind and cache nodes: everything but the origin.
+    #[must_use]
+    pub fn peers(&self) -> u64 {
+        self.lan_peers + self.group_peers + self.cache
+    }
+
+    /// Bytes from every source.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.origin + self.peers()
+    }
+
+    /// Delivery Optimization's PercentPeerCaching: `100 × peers / (peers + origin)`, the
+    /// share of the bytes that did not come from the origin, in percent (0 with no bytes).
+    #[must_use]
+    pub fn percent_peer_caching(&self) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            all => 100.0 * self.peers() as f64 / all as f64,
+        }
+    }
+}
+
+impl std::ops::AddAssign for BytesBySource {
+    fn add_assign(&mut self, o: Self) {
+        self.origin += o.origin;
+        self.lan_peers += o.lan_peers;
+        self.group_peers += o.group_peers;
+        self.cache += o.cache;
+    }
+}
+
+impl std::iter::Sum for BytesBySource {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |mut a, b| {
+            a += b;
+            a
+        })
     }
 }
 
@@ -451,41 +487,17 @@ impl JobInfo {
         self.files.iter().map(|f| f.bytes_transferred).sum()
     }
 
-    /// Verified bytes from LAN peers, over all files.
+    /// Verified bytes by source, over all files.
     #[must_use]
-    pub fn bytes_from_lan_peers(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes_from_lan_peers).sum()
+    pub fn bytes_from(&self) -> BytesBySource {
+        self.files.iter().map(|f| f.bytes_from).sum()
     }
 
-    /// Verified bytes from DHT (group) peers, over all files.
-    #[must_use]
-    pub fn bytes_from_group_peers(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes_from_group_peers).sum()
-    }
-
-    /// Verified bytes from cache nodes, over all files.
-    #[must_use]
-    pub fn bytes_from_cache(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes_from_cache).sum()
-    }
-
-    /// Delivery Optimization's PercentPeerCaching: the share of the bytes downloaded that
-    /// came from peers and cache nodes rather than the origin, in percent (0 with no bytes).
+    /// Delivery Optimization's PercentPeerCaching over all files
+    /// ([`BytesBySource::percent_peer_caching`]).
     #[must_use]
     pub fn percent_peer_caching(&self) -> f64 {
-        percent_peer_caching(self.bytes_from_peers(), self.bytes_from_origin())
-    }
-
-    /// Verified bytes from peers, over all files.
-    #[must_use]
-    pub fn bytes_from_peers(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes_from_peers).sum()
-    }
-
-    /// Verified bytes from the origin, over all files.
-    #[must_use]
-    pub fn bytes_from_origin(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes_from_origin).sum()
+        self.bytes_from().percent_peer_caching()
     }
 
     /// Files transferred and validated.
@@ -498,6 +510,40 @@ impl JobInfo {
 #[cfg(test)]
 mod tests {
     use super::{State as S, Transition as T, *};
+
+    #[test]
+    fn bytes_by_source_add_up_and_give_do_s_percent_peer_caching() {
+        assert_eq!(BytesBySource::default().percent_peer_caching(), 0.0);
+        let a = BytesBySource {
+            origin: 25,
+            lan_peers: 50,
+            group_peers: 0,
+            cache: 0,
+        };
+        let b = BytesBySource {
+            origin: 0,
+            lan_peers: 0,
+            group_peers: 15,
+            cache: 10,
+        };
+        let sum: BytesBySource = [a, b].into_iter().sum();
+        assert_eq!(
+            sum,
+            BytesBySource {
+                origin: 25,
+                lan_peers: 50,
+                group_peers: 15,
+                cache: 10,
+            }
+        );
+        assert_eq!((sum.peers(), sum.total()), (75, 100));
+        assert_eq!(sum.percent_peer_caching(), 75.0);
+        let origin_only = BytesBySource {
+            origin: 7,
+            ..BytesBySource::default()
+        };
+        assert_eq!(origin_only.percent_peer_caching(), 0.0);
+    }
 
     const ALL: [S; 9] = [
         S::Queued,

@@ -58,10 +58,8 @@ pub struct FileDiagnosis {
     pub answers: Vec<PeerAnswer>,
     /// Peers that answered nothing (they hold nothing of it).
     pub asked: usize,
-    /// Verified bytes so far from peers and from the origin.
-    pub bytes_from_peers: u64,
-    /// Verified bytes so far from the origin.
-    pub bytes_from_origin: u64,
+    /// Verified bytes so far, by source.
+    pub bytes_from: crate::job::BytesBySource,
     /// Whether this node's cache holds the file's content (a job of it is filled from there).
     pub in_cache: bool,
     /// This node's view of the swarm members of the file's content (`crate::download::members`), while
@@ -203,8 +201,7 @@ impl Node {
             dht_providers: Vec::new(),
             answers: Vec::new(),
             asked: 0,
-            bytes_from_peers: f.bytes_from_peers,
-            bytes_from_origin: f.bytes_from_origin,
+            bytes_from: f.bytes_from,
             in_cache: false,
             members: None,
         };
@@ -341,11 +338,10 @@ fn file_reasons(d: &FileDiagnosis) -> Vec<String> {
             }
         ));
     }
-    let total = d.bytes_from_peers + d.bytes_from_origin;
-    if total > 0 {
+    if d.bytes_from.total() > 0 {
         out.push(format!(
             "file {i}: {:.1} % of its bytes so far came from peers",
-            100.0 * d.bytes_from_peers as f64 / total as f64
+            d.bytes_from.percent_peer_caching()
         ));
     }
     out

@@ -63,10 +63,10 @@ impl Collector for NodeCollector {
             MetricType::Counter,
         )?;
         for (source, v) in [
-            ("origin", st.bytes_from_origin),
-            ("lan", st.bytes_from_lan_peers),
-            ("group", st.bytes_from_group_peers),
-            ("cache", st.bytes_from_cache),
+            ("origin", st.bytes_from.origin),
+            ("lan", st.bytes_from.lan_peers),
+            ("group", st.bytes_from.group_peers),
+            ("cache", st.bytes_from.cache),
         ] {
             ConstCounter::new(v).encode(fam.encode_family(&labels("source", source))?)?;
         }

@@ -559,13 +559,11 @@ struct Inner {
     live: runner::LiveTasks,
 }
 
-/// The atomics behind [`crate::node::stats::NodeStats`].
+/// The counters behind [`crate::node::stats::NodeStats`].
 #[derive(Debug, Default)]
 struct Counters {
-    origin: AtomicU64,
-    lan: AtomicU64,
-    group: AtomicU64,
-    cache: AtomicU64,
+    /// Taken for each verified piece, briefly.
+    bytes: Mutex<crate::job::BytesBySource>,
     rejected: AtomicU64,
     banned: AtomicU64,
 }
@@ -720,10 +718,10 @@ impl Node {
     pub fn stats(&self) -> crate::node::stats::NodeStats {
         let c = &self.inner.counters;
         crate::node::stats::NodeStats {
-            bytes_from_origin: c.origin.load(Relaxed),
-            bytes_from_lan_peers: c.lan.load(Relaxed),
-            bytes_from_group_peers: c.group.load(Relaxed),
-            bytes_from_cache: c.cache.load(Relaxed),
+            bytes_from: *c
+                .bytes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
             bytes_uploaded: self.inner.env.swarm.upload_stats().bytes,
             pieces_rejected: c.rejected.load(Relaxed),
             peers_banned: c.banned.load(Relaxed),
@@ -1186,13 +1184,12 @@ impl Node {
 
     /// Adds verified bytes from `source` (`None`: the origin) to the node-wide counters.
     pub(crate) fn count_bytes(&self, source: Option<swarm::PeerSource>, bytes: u64) {
-        let c = &self.inner.counters;
-        match source {
-            None => c.origin.fetch_add(bytes, Relaxed),
-            Some(swarm::PeerSource::Lan) => c.lan.fetch_add(bytes, Relaxed),
-            Some(swarm::PeerSource::Dht) => c.group.fetch_add(bytes, Relaxed),
-            Some(swarm::PeerSource::Cache) => c.cache.fetch_add(bytes, Relaxed),
-        };
+        self.inner
+            .counters
+            .bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .add(source, bytes);
     }
 
     /// The shared parts downloads use.

@@ -25,8 +25,7 @@ use super::{
 use crate::{
     download::{self, Durable, Failure, FileTask, Update},
     events::{Callback, Event, TransferredFile},
-    job::{ErrorContext, JobError, JobId, JobInfo, State, Transition},
-    swarm,
+    job::{BytesBySource, ErrorContext, JobError, JobId, JobInfo, State, Transition},
 };
 use shoal_validator::{ContentId, ValidationState};
 
@@ -337,10 +336,7 @@ struct Delta {
     /// The file's length, content id and bytes already there (a new start).
     started: Option<(u64, Option<ContentId>, u64)>,
     content_id: Option<ContentId>,
-    origin: u64,
-    lan: u64,
-    group: u64,
-    cache: u64,
+    bytes: BytesBySource,
     rejected: u64,
     banned: u64,
 }
@@ -362,14 +358,7 @@ impl Delta {
                 };
             }
             Update::ContentId(id) => self.content_id = Some(id),
-            Update::Piece { bytes, source } => {
-                *match source {
-                    None => &mut self.origin,
-                    Some(swarm::PeerSource::Lan) => &mut self.lan,
-                    Some(swarm::PeerSource::Dht) => &mut self.group,
-                    Some(swarm::PeerSource::Cache) => &mut self.cache,
-                } += bytes;
-            }
+            Update::Piece { bytes, source } => self.bytes.add(source, bytes),
             Update::Rejected => self.rejected += 1,
             Update::Banned => self.banned += 1,
         }
@@ -378,7 +367,7 @@ impl Delta {
     fn is_empty(&self) -> bool {
         self.started.is_none()
             && self.content_id.is_none()
-            && self.origin + self.lan + self.group + self.cache + self.rejected + self.banned == 0
+            && self.bytes.total() + self.rejected + self.banned == 0
     }
 }
 
@@ -387,8 +376,7 @@ impl Delta {
 fn progress(r: &mut Registry, job: JobId, token: &CancellationToken, index: usize, d: Delta) {
     let Ok(rec) = r.rec(job) else { return };
     rec.info.modified = SystemTime::now();
-    let peers = d.lan + d.group + d.cache;
-    let bytes = d.origin + peers;
+    let bytes = d.bytes.total();
     rec.info.peer_stats.pieces_rejected += d.rejected;
     rec.info.peer_stats.peers_banned += d.banned;
     if bytes > 0 {
@@ -405,22 +393,14 @@ fn progress(r: &mut Registry, job: JobId, token: &CancellationToken, index: usiz
         f.content_id = content_id;
         f.bytes_transferred = resumed;
         if resumed == 0 {
-            f.bytes_from_peers = 0;
-            f.bytes_from_origin = 0;
-            f.bytes_from_lan_peers = 0;
-            f.bytes_from_group_peers = 0;
-            f.bytes_from_cache = 0;
+            f.bytes_from = BytesBySource::default();
         }
     }
     if let Some(id) = d.content_id {
         f.content_id = Some(id);
     }
     f.bytes_transferred += bytes;
-    f.bytes_from_origin += d.origin;
-    f.bytes_from_peers += peers;
-    f.bytes_from_lan_peers += d.lan;
-    f.bytes_from_group_peers += d.group;
-    f.bytes_from_cache += d.cache;
+    f.bytes_from += d.bytes;
     if started {
         r.save_later(job);
     }
@@ -694,16 +674,24 @@ mod tests {
         });
         for (bytes, source) in [
             (10, None),
-            (20, Some(swarm::PeerSource::Lan)),
-            (30, Some(swarm::PeerSource::Dht)),
-            (40, Some(swarm::PeerSource::Cache)),
-            (5, Some(swarm::PeerSource::Lan)),
+            (20, Some(crate::swarm::PeerSource::Lan)),
+            (30, Some(crate::swarm::PeerSource::Dht)),
+            (40, Some(crate::swarm::PeerSource::Cache)),
+            (5, Some(crate::swarm::PeerSource::Lan)),
         ] {
             d.add(Update::Piece { bytes, source });
         }
         d.add(Update::Rejected);
         assert_eq!(d.started, Some((1000, None, 300)));
-        assert_eq!((d.origin, d.lan, d.group, d.cache), (10, 25, 30, 40));
+        assert_eq!(
+            d.bytes,
+            BytesBySource {
+                origin: 10,
+                lan_peers: 25,
+                group_peers: 30,
+                cache: 40
+            }
+        );
         // Rejections and bans are the job's counters: a new start keeps them.
         assert_eq!((d.rejected, d.banned), (2, 1));
         assert!(!d.is_empty());

@@ -38,8 +38,8 @@ use thiserror::Error;
 use crate::timestamp::{from_ms, to_ms};
 use crate::{
     job::{
-        ByteRange, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties, PeerStats,
-        Priority, State,
+        ByteRange, BytesBySource, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties,
+        PeerStats, Priority, State,
     },
     store::fsuser::LocalIds,
 };
@@ -599,17 +599,31 @@ impl FileDisk {
             content_id: f.content_id.map(|c| c.to_string()),
             computed_sha256: f.sha256.map(|d| d.to_string()),
             bytes_total: f.bytes_total,
-            bytes_from_peers: f.bytes_from_peers,
-            bytes_from_origin: f.bytes_from_origin,
-            bytes_from_lan_peers: f.bytes_from_lan_peers,
-            bytes_from_group_peers: f.bytes_from_group_peers,
-            bytes_from_cache: f.bytes_from_cache,
+            bytes_from_peers: f.bytes_from.peers(),
+            bytes_from_origin: f.bytes_from.origin,
+            bytes_from_lan_peers: f.bytes_from.lan_peers,
+            bytes_from_group_peers: f.bytes_from.group_peers,
+            bytes_from_cache: f.bytes_from.cache,
             transferred: f.transferred,
             validation: format!("{:?}", f.validation_state),
             origin_only,
             completed,
             local,
         }
+    }
+
+    /// The bytes by source. Records of versions that counted peers' bytes only as a whole
+    /// (`bytes_from_peers`, without the kinds) count what no kind holds as LAN peers', the
+    /// kind a peer is unless found otherwise.
+    fn bytes_from(&self) -> BytesBySource {
+        let mut b = BytesBySource {
+            origin: self.bytes_from_origin,
+            lan_peers: self.bytes_from_lan_peers,
+            group_peers: self.bytes_from_group_peers,
+            cache: self.bytes_from_cache,
+        };
+        b.lan_peers += self.bytes_from_peers.saturating_sub(b.peers());
+        b
     }
 
     /// The file back (with no bytes transferred yet: the loader counts them from the bitmap).
@@ -644,11 +658,7 @@ impl FileDisk {
             sha256: hex32("computed sha256", &self.computed_sha256)?.map(Sha256Digest),
             bytes_total: self.bytes_total,
             bytes_transferred: 0,
-            bytes_from_peers: self.bytes_from_peers,
-            bytes_from_origin: self.bytes_from_origin,
-            bytes_from_lan_peers: self.bytes_from_lan_peers,
-            bytes_from_group_peers: self.bytes_from_group_peers,
-            bytes_from_cache: self.bytes_from_cache,
+            bytes_from: self.bytes_from(),
             transferred: self.transferred,
             validation_state: match self.validation.as_str() {
                 "Unknown" => ValidationState::Unknown,
@@ -790,11 +800,12 @@ mod tests {
                     sha256: Some(Sha256Digest([7; 32])),
                     bytes_total: Some(100),
                     bytes_transferred: 0,
-                    bytes_from_peers: 60,
-                    bytes_from_origin: 40,
-                    bytes_from_lan_peers: 50,
-                    bytes_from_group_peers: 10,
-                    bytes_from_cache: 0,
+                    bytes_from: BytesBySource {
+                        origin: 40,
+                        lan_peers: 50,
+                        group_peers: 10,
+                        cache: 0,
+                    },
                     transferred: i == 0,
                     validation_state: ValidationState::Valid,
                 })
@@ -812,6 +823,36 @@ mod tests {
             modified: now,
             transfer_completed: None,
         }
+    }
+
+    #[test]
+    fn a_record_that_counted_peers_bytes_only_as_a_whole_counts_them_as_lan_peers() {
+        let f = FileDisk::of(&info(1).files[0], false, false, LocalIds::default());
+        let mut json = serde_json::to_value(&f).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        assert_eq!(fields["bytes_from_peers"], 60);
+        for kind in [
+            "bytes_from_lan_peers",
+            "bytes_from_group_peers",
+            "bytes_from_cache",
+        ] {
+            fields.remove(kind).unwrap();
+        }
+        let old: FileDisk = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            old.to_info("file").unwrap().bytes_from,
+            BytesBySource {
+                origin: 40,
+                lan_peers: 60,
+                group_peers: 0,
+                cache: 0,
+            }
+        );
+        // A record with the kinds reads back as it was written.
+        assert_eq!(
+            f.to_info("file").unwrap().bytes_from,
+            info(1).files[0].bytes_from
+        );
     }
 
     fn local_ids(i: usize) -> LocalIds {

@@ -303,6 +303,19 @@ pub enum PeerSource {
     Cache,
 }
 
+impl crate::job::BytesBySource {
+    /// Counts `bytes` from `source` (`None`: the origin). Here rather than beside the type,
+    /// which the job types keep free of the rest of the crate.
+    pub(crate) fn add(&mut self, source: Option<PeerSource>, bytes: u64) {
+        *match source {
+            None => &mut self.origin,
+            Some(PeerSource::Lan) => &mut self.lan_peers,
+            Some(PeerSource::Dht) => &mut self.group_peers,
+            Some(PeerSource::Cache) => &mut self.cache,
+        } += bytes;
+    }
+}
+
 impl PeerSource {
     /// The name used in stats: `lan`, `group` (DHT peers) or `cache`.
     #[must_use]

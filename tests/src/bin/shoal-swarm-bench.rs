@@ -112,13 +112,13 @@ fn curls(url: &str, dir: &Path, n: usize, size: u64) -> Result<f64, String> {
 struct Outcome {
     last: f64,
     median: f64,
-    from_peers: u64,
-    from_origin: u64,
+    /// The nodes' bytes by source, summed.
+    bytes_from: shoal_node::BytesBySource,
 }
 
 impl Outcome {
     fn percent_peer_caching(&self) -> f64 {
-        shoal_node::job::percent_peer_caching(self.from_peers, self.from_origin)
+        self.bytes_from.percent_peer_caching()
     }
 }
 
@@ -190,11 +190,10 @@ async fn run_jobs(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (mut from_peers, mut from_origin) = (0, 0);
+    let mut bytes_from = shoal_node::BytesBySource::default();
     for (node, (job, _)) in nodes.iter().zip(&jobs) {
         let info = node.info(*job).map_err(|e| e.to_string())?;
-        from_peers += info.bytes_from_peers();
-        from_origin += info.bytes_from_origin();
+        bytes_from += info.bytes_from();
         node.complete(*job).await.map_err(|e| e.to_string())?;
     }
     let first = &jobs[0].1;
@@ -217,8 +216,7 @@ async fn run_jobs(
     Ok(Outcome {
         last: times[times.len() - 1],
         median: times[times.len() / 2],
-        from_peers,
-        from_origin,
+        bytes_from,
     })
 }
 

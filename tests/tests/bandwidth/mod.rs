@@ -39,13 +39,13 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
         let seed = capped_seed(&state, &file, cap).await;
         let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l1"), &data).await;
-        let from_seed = info.files[0].bytes_from_peers;
+        let from_seed = info.files[0].bytes_from.peers();
         assert!(
             from_seed >= cap && from_seed <= cap + 48 * 16 * 1024,
             "{from_seed} bytes from the capped seed"
         );
         assert_eq!(
-            info.files[0].bytes_from_origin,
+            info.files[0].bytes_from.origin,
             data.len() as u64 - from_seed
         );
         let status = seed.bandwidth();
@@ -66,7 +66,7 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
         assert_eq!(seed.bandwidth().uploaded_this_month, uploaded);
         let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l2"), &data).await;
-        assert_eq!(info.files[0].bytes_from_peers, 0);
+        assert_eq!(info.files[0].bytes_from.peers(), 0);
         leecher.shutdown().await;
 
         // Raised while it runs: it serves again.
@@ -76,7 +76,7 @@ async fn the_monthly_upload_cap_stops_serving_survives_a_restart_and_can_be_rais
         });
         let leecher = test_node(std::slice::from_ref(&seed)).await;
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("l3"), &data).await;
-        assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
+        assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
         leecher.shutdown().await;
         seed.shutdown().await;
     })
@@ -118,7 +118,7 @@ async fn download_and_upload_buckets_hold_transfers_to_their_rates() {
         let leecher = test_node(std::slice::from_ref(&node)).await;
         let start = std::time::Instant::now();
         let info = fetch(&leecher, origin.url("f.bin"), &dir.path().join("b"), &data).await;
-        assert_eq!(info.files[0].bytes_from_peers, data.len() as u64);
+        assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
         assert!(
             start.elapsed() >= Duration::from_millis(1800),
             "{:?}",

@@ -60,8 +60,8 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         // 2. A later job of the same content is filled from the cache: no byte from anywhere.
         let info = fetch(&node, origin.url("a.bin"), &dir.path().join("a2"), &a).await;
         assert_eq!(sent(), after_first, "the origin was not asked again");
-        assert_eq!(info.files[0].bytes_from_origin, 0);
-        assert_eq!(info.files[0].bytes_from_peers, 0);
+        assert_eq!(info.files[0].bytes_from.origin, 0);
+        assert_eq!(info.files[0].bytes_from.peers(), 0);
         assert_eq!(info.files[0].bytes_transferred, a.len() as u64);
         let why = node.diagnose(info.id).await.unwrap();
         assert!(why.files[0].in_cache);
@@ -80,7 +80,7 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         assert_eq!(cached(&node), vec![blake3_of(&a)]);
         let leecher = test_node(std::slice::from_ref(&node)).await;
         let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la"), &a).await;
-        assert_eq!(info.files[0].bytes_from_peers, a.len() as u64);
+        assert_eq!(info.files[0].bytes_from.peers(), a.len() as u64);
         assert_eq!(sent(), after_first, "every byte came from the cache");
         leecher.shutdown().await;
 
@@ -96,7 +96,7 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
         let leecher = test_node(std::slice::from_ref(&node)).await;
         let before = sent();
         let info = fetch(&leecher, origin.url("a.bin"), &dir.path().join("la2"), &a).await;
-        assert_eq!(info.files[0].bytes_from_peers, 0, "A is no longer served");
+        assert_eq!(info.files[0].bytes_from.peers(), 0, "A is no longer served");
         assert!(sent() - before >= a.len() as u64);
         leecher.shutdown().await;
 
@@ -182,11 +182,11 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
             client.complete(*job).await.unwrap();
             assert_eq!(std::fs::read(local).unwrap(), data);
             assert_eq!(
-                info.files[0].bytes_from_cache,
+                info.files[0].bytes_from.cache,
                 data.len() as u64,
                 "all from the cache node"
             );
-            assert_eq!(info.files[0].bytes_from_origin, 0);
+            assert_eq!(info.files[0].bytes_from.origin, 0);
         }
         let ratio = origin.bytes_served() as f64 / data.len() as f64;
         eprintln!("origin sent {ratio:.4} copies");
@@ -195,7 +195,7 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
             "the origin sent {ratio:.4} copies of the file"
         );
         assert_eq!(cached(&cache_node), vec![blake3_of(&data)]);
-        assert_eq!(cache_node.stats().bytes_from_origin, data.len() as u64);
+        assert_eq!(cache_node.stats().bytes_from.origin, data.len() as u64);
         let why = clients[0].0.diagnose(clients[0].2).await.unwrap();
         assert_eq!(why.cache_nodes, (1, 1));
         assert!(
@@ -222,9 +222,9 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
         let info = wait_for(client, job, &[State::Transferred]).await;
         client.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), v);
-        assert_eq!(info.files[0].bytes_from_origin, v.len() as u64);
+        assert_eq!(info.files[0].bytes_from.origin, v.len() as u64);
         assert_eq!(
-            cache_node.stats().bytes_from_origin,
+            cache_node.stats().bytes_from.origin,
             data.len() as u64,
             "no fill"
         );
@@ -292,11 +292,11 @@ async fn a_cache_node_is_not_an_open_proxy() {
             let info = wait_for(&client, job, &[State::Transferred]).await;
             client.complete(job).await.unwrap();
             assert_eq!(std::fs::read(&local).unwrap(), data);
-            assert_eq!(info.files[0].bytes_from_cache, 0);
+            assert_eq!(info.files[0].bytes_from.cache, 0);
             std::fs::remove_file(&local).unwrap();
             client.shutdown().await;
             assert_eq!(
-                cache_node.stats().bytes_from_origin,
+                cache_node.stats().bytes_from.origin,
                 0,
                 "the cache node fetched"
             );

@@ -71,8 +71,8 @@ async fn dht_only_discovery_finds_the_seed_through_a_bootstrap_node() {
         assert_eq!(std::fs::read(&local).unwrap(), data);
         // Every byte came from the seed, found through the DHT.
         assert_eq!(origin.bytes_served(), 0);
-        assert_eq!(info.bytes_from_peers(), data.len() as u64);
-        assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().group_peers, data.len() as u64);
         assert_eq!(leech.peer_source(&seed.peer_id()), PeerSource::Dht);
         let dht = leech.dht_status().await;
         assert!(
@@ -129,7 +129,7 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
             .await;
             let info = wait_for(&node, job, &[State::Transferred]).await;
             // Refused: everything from the origin, and never connected.
-            assert_eq!(info.bytes_from_peers(), 0, "foreigner {i}");
+            assert_eq!(info.bytes_from().peers(), 0, "foreigner {i}");
             assert_eq!(origin.bytes_served() - served, data.len() as u64 + PROBE);
             assert!(node.connected_peers().await.is_empty(), "foreigner {i}");
             assert!(!seed.connected_peers().await.contains(&node.peer_id()));
@@ -155,7 +155,7 @@ async fn a_group_keeps_foreign_nodes_out_and_shares_within() {
         let info = wait_for(&member, job, &[State::Transferred]).await;
         member.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
-        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().peers(), data.len() as u64);
         assert_eq!(origin.bytes_served(), served);
         assert!(seed.connected_peers().await.contains(&member.peer_id()));
         member.shutdown().await;
@@ -205,7 +205,7 @@ async fn a_grouped_node_finds_its_group_in_the_group_dht() {
         let info = wait_for(&leech, job, &[State::Transferred]).await;
         leech.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
-        assert_eq!(info.bytes_from_group_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().group_peers, data.len() as u64);
         assert_eq!(origin.bytes_served(), 0);
         assert_eq!(leech.dht_status().await.protocol, "/shoal/kad/lab/1.0.0");
         for n in [&boot, &seed, &leech] {
@@ -241,7 +241,7 @@ async fn origin_only_mode_contacts_no_peer() {
         let info = wait_for(&node, job, &[State::Transferred]).await;
         node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
-        assert_eq!(info.bytes_from_origin(), data.len() as u64);
+        assert_eq!(info.bytes_from().origin, data.len() as u64);
         assert_eq!(origin.bytes_served(), data.len() as u64 + PROBE);
         // The seed, listed as a peer, never heard from it.
         assert!(seed.connected_peers().await.is_empty());
@@ -314,11 +314,11 @@ async fn finish_everywhere(nodes: &[Node], jobs: &[(PathBuf, JobId)], data: &[u8
         node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(local).unwrap(), data);
         assert_eq!(
-            info.bytes_from_peers() + info.bytes_from_origin(),
+            info.bytes_from().peers() + info.bytes_from().origin,
             data.len() as u64
         );
-        from_peers += info.bytes_from_peers();
-        from_origin += info.bytes_from_origin();
+        from_peers += info.bytes_from().peers();
+        from_origin += info.bytes_from().origin;
     }
     (from_peers, from_origin)
 }
@@ -440,7 +440,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
             "the even pieces arrive and the job stops again",
             async || {
                 let i = node.info(job).unwrap();
-                i.state == State::TransientError && i.bytes_from_peers() > 0
+                i.state == State::TransientError && i.bytes_from().peers() > 0
             },
         )
         .await;
@@ -450,7 +450,7 @@ async fn never_origin_leaves_the_job_in_transient_error_until_a_peer_has_it() {
         let info = wait_for(&node, job, &[State::Transferred]).await;
         node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
-        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().peers(), data.len() as u64);
         assert_eq!(origin.requests(), 0);
         for n in [&node, &seed] {
             n.shutdown().await;
@@ -503,7 +503,7 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
         let info = wait_for(&node, job, &[State::Transferred]).await;
         node.complete(job).await.unwrap();
         assert_eq!(std::fs::read(&local).unwrap(), data);
-        assert_eq!(info.bytes_from_peers(), data.len() as u64);
+        assert_eq!(info.bytes_from().peers(), data.len() as u64);
         assert_eq!(origin.requests(), 0);
         // A foreground job of another file goes to the origin at once.
         let other = content(200_000, 48);
@@ -515,7 +515,7 @@ async fn a_background_job_waits_for_peers_before_the_origin_and_a_foreground_one
             .unwrap();
         node.resume(fg).await.unwrap();
         let info = wait_for(&node, fg, &[State::Transferred]).await;
-        assert_eq!(info.bytes_from_origin(), other.len() as u64);
+        assert_eq!(info.bytes_from().origin, other.len() as u64);
         node.shutdown().await;
         peer.shutdown().await;
     })

@@ -98,7 +98,7 @@ async fn a_peer_that_claims_everything_and_answers_busy_forever_delays_a_downloa
         "AlwaysBusy: done in {took:?}, {} bytes from the origin",
         origin.bytes_served()
     );
-    assert_eq!(files[0].bytes_from_origin, data.len() as u64);
+    assert_eq!(files[0].bytes_from.origin, data.len() as u64);
     assert!(bad.stats.answers.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert!(origin.bytes_served() <= data.len() as u64 + 1);
     leecher.shutdown().await;
@@ -172,7 +172,7 @@ async fn a_peer_that_floods_made_up_members_costs_at_most_one_lapse() {
     assert!(
         files
             .iter()
-            .all(|f| f.bytes_from_origin < data.len() as u64)
+            .all(|f| f.bytes_from.origin < data.len() as u64)
     );
     assert!(copies <= 1.5, "{copies}");
     assert!(
@@ -230,7 +230,7 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let info = leecher.info(job).unwrap();
-        if info.files[0].bytes_from_peers > 0 {
+        if info.files[0].bytes_from.peers() > 0 {
             break;
         }
         assert!(
@@ -287,7 +287,7 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
             )
             .await;
             node.shutdown().await;
-            (infos[0].bytes_from_peers, took)
+            (infos[0].bytes_from.peers(), took)
         }
     };
     std::fs::create_dir_all(dir.path().join("leech0")).unwrap();
@@ -369,7 +369,7 @@ async fn claims_of_another_length_for_a_sha256_are_not_weighed_at_all() {
         largest <= data.len() as u64,
         "the temporary file grew to {largest} bytes"
     );
-    assert_eq!(info.files[0].bytes_from_peers, 0);
+    assert_eq!(info.files[0].bytes_from.peers(), 0);
     assert_eq!(
         info.peer_stats.peers_banned, 0,
         "the claims were not even tried"

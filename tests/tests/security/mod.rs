@@ -71,7 +71,7 @@ async fn leech(
         leecher.complete(job).await.unwrap();
         assert_eq!(std::fs::read(dir.join(name)).unwrap(), data);
     }
-    let got = info.files[0].bytes_from_peers;
+    let got = info.files[0].bytes_from.peers();
     let rejected = info.peer_stats.pieces_rejected;
     leecher.shutdown().await;
     (got, rejected)

@@ -398,7 +398,7 @@ async fn watch(
             _ = tick.tick() => {
                 let info = node.info(job)?;
                 let share = if info.bytes_transferred() > 0 {
-                    100 * info.bytes_from_peers() / info.bytes_transferred()
+                    100 * info.bytes_from().peers() / info.bytes_transferred()
                 } else { 0 };
                 if let Some(bar) = &bar {
                     if info.bytes_total() > 0 && !bar_has_length {
@@ -491,8 +491,8 @@ async fn get(args: GetArgs) -> Result<()> {
         info.files.len(),
         info.bytes_transferred(),
         start.elapsed().as_secs_f64(),
-        info.bytes_from_peers(),
-        info.bytes_from_origin(),
+        info.bytes_from().peers(),
+        info.bytes_from().origin,
         info.peer_stats.pieces_rejected,
         info.peer_stats.peers_banned
     );
