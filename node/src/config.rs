@@ -43,7 +43,9 @@ pub struct NodeSection {
     pub listen: Option<Vec<String>>,
     /// Static peers (multiaddrs, with or without `/p2p/PEER_ID`).
     pub peers: Option<Vec<String>>,
-    /// mDNS discovery of LAN peers (multicast to 224.0.0.251).
+    /// mDNS discovery of LAN peers (multicast to 224.0.0.251). On when absent: a fleet
+    /// installed with defaults finds its LAN peers (Delivery Optimization's LAN mode does
+    /// too). In the `origin` mode the node dials nobody whatever this says.
     pub mdns: Option<bool>,
     /// Piece requests served at once; more are answered Busy.
     pub max_concurrent_uploads: Option<usize>,
@@ -311,9 +313,7 @@ impl Config {
         for p in addrs(path, "node.peers", n.peers.as_deref().unwrap_or_default())? {
             b = b.peer(p);
         }
-        if let Some(m) = n.mdns {
-            b = b.mdns(m);
-        }
+        b = b.mdns(n.mdns.unwrap_or(true));
         if let Some(u) = n.max_concurrent_uploads {
             b = b.max_concurrent_uploads(u);
         }
@@ -818,6 +818,23 @@ mod tests {
             }
         }
         assert!(seen >= 1, "no example configs in {}", dir.display());
+    }
+
+    #[test]
+    fn mdns_is_on_unless_the_file_turns_it_off() {
+        let on = |text: &str| {
+            Config::parse(text, "x.toml")
+                .unwrap()
+                .apply(crate::Node::builder(), "x.toml")
+                .unwrap()
+                .mdns_on()
+        };
+        assert!(on(""));
+        assert!(on("[node]\nmode = \"lan\"\n"));
+        assert!(on("[node]\nmdns = true\n"));
+        assert!(!on("[node]\nmdns = false\n"));
+        // The library's own default stays off: an embedding agent chooses.
+        assert!(!crate::Node::builder().mdns_on());
     }
 
     #[test]

@@ -117,6 +117,12 @@ impl Builder {
         self
     }
 
+    /// Whether mDNS discovery is on, for the configuration's tests.
+    #[cfg(test)]
+    pub(crate) fn mdns_on(&self) -> bool {
+        self.swarm.mdns
+    }
+
     /// Which peers the node uses (default [`PeerMode::Lan`]): origin only, LAN (listed and
     /// mDNS peers), group or internet (and the DHT).
     #[must_use]

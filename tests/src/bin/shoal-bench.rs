@@ -230,6 +230,7 @@ fn run() -> Result<(), String> {
                 &payload.to_string_lossy(),
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -49,6 +49,9 @@ enum Command {
         /// Node settings (see configs/shoal.toml); flags override them.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Do not discover LAN peers with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Print a file's content id (BLAKE3, as b3sum), SHA-256, length and pieces.
     Hash {
@@ -156,14 +159,15 @@ struct GetArgs {
     socket: Option<PathBuf>,
 }
 
-/// A builder with the settings of `config`, if given.
+/// A builder with the settings of `config`, or the configuration file's defaults (mDNS on,
+/// as in a file that does not turn it off).
 fn builder(config: Option<&Path>) -> Result<shoal_node::Builder> {
     let b = Node::builder();
     match config {
         Some(path) => {
             Ok(shoal_node::config::Config::load(path)?.apply(b, &path.display().to_string())?)
         }
-        None => Ok(b),
+        None => Ok(b.mdns(true)),
     }
 }
 
@@ -193,7 +197,8 @@ async fn run(cli: Cli) -> Result<()> {
             files,
             listen,
             config,
-        } => seed(files, listen, config).await,
+            no_mdns,
+        } => seed(files, listen, config, no_mdns).await,
         Command::Hash { file } => hash(&file),
         Command::Daemon { config } => jobcli::daemon(config.as_deref()).await,
         Command::Job { command, socket } => {
@@ -229,8 +234,16 @@ fn hash(file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn seed(files: Vec<PathBuf>, listen: Vec<Multiaddr>, config: Option<PathBuf>) -> Result<()> {
+async fn seed(
+    files: Vec<PathBuf>,
+    listen: Vec<Multiaddr>,
+    config: Option<PathBuf>,
+    no_mdns: bool,
+) -> Result<()> {
     let mut b = builder(config.as_deref())?;
+    if no_mdns {
+        b = b.mdns(false);
+    }
     if !listen.is_empty() {
         b = b.listen(listen);
     }
@@ -339,8 +352,8 @@ fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
 /// The node `shoal get` runs without a daemon: the configuration file's, with the flags.
 fn get_builder(args: &GetArgs) -> Result<shoal_node::Builder> {
     let mut b = builder(args.config.as_deref())?;
-    if args.no_mdns || args.config.is_none() {
-        b = b.mdns(!args.no_mdns);
+    if args.no_mdns {
+        b = b.mdns(false);
     }
     if !args.listen.is_empty() {
         b = b.listen(args.listen.clone());
