@@ -37,10 +37,13 @@ struct Shared {
     pending: Vec<AtomicU32>,
 }
 
+/// Merges queued at most: when the worker lags this far behind, the world waits for it.
+const QUEUE: usize = 4096;
+
 /// The views of `n` nodes (none has one until [`Views::set`]) and the merge worker.
 pub(super) struct Views {
     shared: Arc<Shared>,
-    tx: Option<mpsc::Sender<Merge>>,
+    tx: Option<mpsc::SyncSender<Merge>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -51,7 +54,7 @@ impl Views {
             views: (0..n).map(|_| Mutex::new(None)).collect(),
             pending: (0..n).map(|_| AtomicU32::new(0)).collect(),
         });
-        let (tx, rx) = mpsc::channel::<Merge>();
+        let (tx, rx) = mpsc::sync_channel::<Merge>(QUEUE);
         let s = shared.clone();
         let worker = std::thread::Builder::new()
             .name("sim-merges".into())
