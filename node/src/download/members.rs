@@ -198,14 +198,10 @@ impl Entries {
         if kept.iter().all(|k| *k) {
             return;
         }
-        let mut at = kept.iter();
-        self.known.retain(|_| at.next().copied().unwrap_or(false));
-        let mut at = kept.iter();
-        self.ids.retain(|_| at.next().copied().unwrap_or(false));
-        let mut at = kept.iter();
-        self.bytes.retain(|_| at.next().copied().unwrap_or(false));
-        let mut at = kept.iter();
-        self.seeds.retain(|_| at.next().copied().unwrap_or(false));
+        retain_at(&mut self.known, &kept);
+        retain_at(&mut self.ids, &kept);
+        retain_at(&mut self.bytes, &kept);
+        retain_at(&mut self.seeds, &kept);
         self.table.clear();
         for (i, (id, k)) in self.ids.iter().zip(&self.known).enumerate() {
             self.table.insert_unique(
@@ -231,6 +227,13 @@ impl Entries {
     fn iter(&self) -> std::slice::Iter<'_, Known> {
         self.known.iter()
     }
+}
+
+/// Keeps the items of `v` whose place in `kept` is true (the columns of [`Entries`] move
+/// together).
+fn retain_at<T>(v: &mut Vec<T>, kept: &[bool]) {
+    let mut at = kept.iter();
+    v.retain(|_| at.next().copied().unwrap_or(false));
 }
 
 /// This node's view of the members fetching one content.

@@ -270,8 +270,9 @@ pub struct FileInfo {
     pub bytes_total: Option<u64>,
     /// Verified bytes written so far.
     pub bytes_transferred: u64,
-    /// Of the verified bytes of this transfer, how many came from each kind of source
-    /// (bytes found in the temporary file at a resume count in `bytes_transferred` only).
+    /// Of the verified bytes, how many came from each kind of source. A resume keeps the
+    /// counts stored for the bytes already in the temporary file; a transfer that starts
+    /// over (nothing kept) starts them at zero.
     pub bytes_from: BytesBySource,
     /// True once every byte verified and the caller validated the file.
     pub transferred: bool,

@@ -43,12 +43,16 @@ const QUEUE: usize = 4096;
 /// The views of `n` nodes (none has one until [`Views::set`]) and the merge worker.
 pub(super) struct Views {
     shared: Arc<Shared>,
+    /// Taken on drop, to close the queue.
     tx: Option<mpsc::SyncSender<Merge>>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Views {
     /// `n` nodes without a view, and the worker thread.
+    ///
+    /// # Panics
+    /// When the thread cannot be started.
     pub(super) fn new(n: usize) -> Self {
         let shared = Arc::new(Shared {
             views: (0..n).map(|_| Mutex::new(None)).collect(),
@@ -66,12 +70,11 @@ impl Views {
                     s.pending[m.node].fetch_sub(1, Ordering::Release);
                 }
             })
-            .ok();
+            .expect("the simulation's merge thread starts");
         Self {
             shared,
-            // Without a thread (none could be started), merges are applied at once.
-            tx: worker.is_some().then_some(tx),
-            worker,
+            tx: Some(tx),
+            worker: Some(worker),
         }
     }
 
@@ -100,14 +103,12 @@ impl Views {
         *self.get(i) = v;
     }
 
-    /// Queues the merge of `members` from `from` into node `i`'s view, at `now`.
+    /// Queues the merge of `members` from `from` into node `i`'s view, at `now`; waits while
+    /// the queue is full.
+    ///
+    /// # Panics
+    /// When the worker ended (a merge panicked).
     pub(super) fn merge(&self, i: usize, from: PeerId, members: Vec<Member>, now: Instant) {
-        let Some(tx) = &self.tx else {
-            if let Some(v) = self.get(i).as_mut() {
-                v.merge(&from, &members, now);
-            }
-            return;
-        };
         self.shared.pending[i].fetch_add(1, Ordering::Relaxed);
         let merge = Merge {
             node: i,
@@ -115,13 +116,8 @@ impl Views {
             members,
             now,
         };
-        if let Err(mpsc::SendError(m)) = tx.send(merge) {
-            // The worker is gone (it panicked): merge here, as without one.
-            self.shared.pending[i].fetch_sub(1, Ordering::Relaxed);
-            if let Some(v) = lock(&self.shared.views[i]).as_mut() {
-                v.merge(&m.from, &m.members, m.now);
-            }
-        }
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(merge).is_ok());
+        assert!(sent, "the merge worker ended: a merge panicked");
     }
 }
 
@@ -179,7 +175,6 @@ mod tests {
             .map(|p| MemberView::new(*p, &[7; 32], t0, wall))
             .collect();
         let views = Views::new(nodes.len());
-        assert!(views.tx.is_some(), "the worker thread runs");
         for (i, v) in direct.iter().enumerate() {
             views.set(i, Some(v.clone()));
         }

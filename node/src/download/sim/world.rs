@@ -161,7 +161,8 @@ struct World<'a> {
 /// Building the piece layer hashes the file's length of zeros once (about 0.5 s for 1 GiB).
 ///
 /// # Panics
-/// When [`Scenario::file_bytes`] is more than Shoal's largest file (1 TiB).
+/// When [`Scenario::file_bytes`] is more than Shoal's largest file (1 TiB), or when the
+/// thread that merges member lists cannot be started.
 #[must_use]
 pub fn run(scenario: &Scenario) -> Report {
     let mut w = World::new(scenario);
