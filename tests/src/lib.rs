@@ -1,7 +1,8 @@
 //! The multi-node test harness: [`TestOrigin`], an in-process HTTP origin that counts what it
 //! serves and misbehaves on request, and [`test_node`], a node bound to 127.0.0.1 with mDNS off.
 //!
-//! Everything listens on 127.0.0.1 only; nothing is sent to any other address.
+//! Everything listens on 127.0.0.1 only; nothing is sent to any other address, except inside
+//! the network namespaces of [`netns`], which a test creates and removes itself.
 
 use std::{
     collections::HashMap,
@@ -30,6 +31,7 @@ use shoal_node::{
 
 pub mod bad_peer;
 pub mod demo;
+pub mod netns;
 pub use bad_peer::{BadPeer, Misbehaviour};
 
 /// What the test origin serves and how it misbehaves.

@@ -27,6 +27,7 @@ mod bandwidth;
 mod cache;
 mod cluster;
 mod hostile;
+mod lan;
 mod security;
 mod tidy;
 

@@ -7,6 +7,7 @@
 //! beyond that a piece request is answered Busy.
 
 pub(crate) mod dialscope;
+pub(crate) mod discovered;
 pub(crate) mod group;
 pub(crate) mod tls;
 
@@ -25,7 +26,7 @@ use libp2p::{
     request_response::{
         self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
     },
-    swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle},
+    swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
     tcp, yamux,
 };
 use shoal_protocol::{
@@ -702,6 +703,19 @@ impl Handle {
     }
 }
 
+/// The dial options for an address this node dials (with or without `/p2p/ID`): always from
+/// a new local port, never from the listen port. libp2p's default binds an outgoing TCP
+/// socket to the listen port; two nodes on one fixed port (a fleet on DO's 7680) that dial
+/// each other at the same moment then make one TCP connection by simultaneous open, where both
+/// ends act as TLS clients and the handshake fails. From new ports they make two connections,
+/// and both work. Shoal does no NAT hole punching, which is what the listen port is reused for.
+fn dial_addr(addr: Multiaddr) -> DialOpts {
+    DialOpts::unknown_peer_id()
+        .address(addr)
+        .allocate_new_port()
+        .build()
+}
+
 fn request_config(timeout: Duration) -> request_response::Config {
     request_response::Config::default()
         .with_request_timeout(timeout)
@@ -1091,7 +1105,7 @@ pub(crate) async fn spawn(
         }
     }
     for addr in &config.peers {
-        if let Err(e) = swarm.dial(addr.clone()) {
+        if let Err(e) = swarm.dial(dial_addr(addr.clone())) {
             warn!(%addr, "cannot dial peer: {e}");
         }
     }
@@ -1104,7 +1118,7 @@ pub(crate) async fn spawn(
         }
     }
     for (_, addr) in &bootstrap {
-        let _ = swarm.dial(addr.clone());
+        let _ = swarm.dial(dial_addr(addr.clone()));
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (announcements, _) = tokio::sync::broadcast::channel(ANNOUNCE_QUEUE);
@@ -1150,6 +1164,7 @@ pub(crate) async fn spawn(
             ..ConnectionGate::default()
         },
         dial_scopes,
+        discovered: discovered::Discovered::default(),
         static_peers: config.peers,
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
@@ -1212,6 +1227,8 @@ struct EventLoop {
     gate: ConnectionGate,
     /// Where the node dials addresses peers state.
     dial_scopes: DialScopes,
+    /// The peers mDNS reports, and the retries of failed dials to them.
+    discovered: discovered::Discovered,
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
@@ -1249,15 +1266,46 @@ impl EventLoop {
         self.sync_provided();
         loop {
             let changed = store.changed();
+            let retry = self.discovered.next_due();
+            let retry_at = retry.map_or_else(tokio::time::Instant::now, Into::into);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(cmd) = self.commands.recv() => self.on_command(cmd),
                 _ = redial.tick() => self.redial(),
+                () = tokio::time::sleep_until(retry_at), if retry.is_some() => {
+                    self.retry_discovered();
+                }
                 () = changed, if dht => self.sync_provided(),
             }
         }
         debug!("swarm event loop stopped");
+    }
+
+    /// Dials a peer mDNS reported, at all its addresses, unless it is connected or being
+    /// dialed.
+    fn dial_discovered(&mut self, peer: PeerId) {
+        let Some(addrs) = self.discovered.addrs(&peer) else {
+            return;
+        };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs.to_vec())
+            .allocate_new_port()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, "not dialing a discovered peer: {e}");
+        }
+    }
+
+    /// Dials again the discovered peers whose retry is due.
+    fn retry_discovered(&mut self) {
+        for (peer, _) in self.discovered.take_due(std::time::Instant::now()) {
+            debug!(%peer, "dialing a discovered peer again");
+            self.dial_discovered(peer);
+        }
     }
 
     fn redial(&mut self) {
@@ -1265,7 +1313,7 @@ impl EventLoop {
             let known = peer_of(&addr);
             let connected = known.is_some_and(|id| self.swarm.is_connected(&id));
             if !connected && (known.is_some() || self.swarm.connected_peers().next().is_none()) {
-                let _ = self.swarm.dial(addr);
+                let _ = self.swarm.dial(dial_addr(addr));
             }
         }
         if std::mem::take(&mut self.republish) {
@@ -1274,7 +1322,7 @@ impl EventLoop {
         // Without any connection the DHT is cut off: go back to the bootstrap peers.
         if self.swarm.connected_peers().next().is_none() {
             for addr in self.bootstrap.clone() {
-                let _ = self.swarm.dial(addr);
+                let _ = self.swarm.dial(dial_addr(addr));
             }
         }
     }
@@ -1363,7 +1411,9 @@ impl EventLoop {
                 learn(&self.sources, *peer, PeerSource::Dht, RANK_DHT);
                 // Dial while the query still knows the addresses.
                 if !self.swarm.is_connected(peer) {
-                    let _ = self.swarm.dial(*peer);
+                    let _ = self
+                        .swarm
+                        .dial(DialOpts::peer_id(*peer).allocate_new_port().build());
                 }
                 if let Some(l) = self.lookups.get_mut(&id)
                     && l.found.insert(*peer)
@@ -1387,6 +1437,15 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, cmd: Command) {
+        if let Command::Request(peer, _) = &cmd
+            && !self.swarm.is_connected(peer)
+        {
+            // Dialed here from a new port (see `dial_addr`); the request goes out on this
+            // connection, and request-response's own dial gives way to it.
+            let _ = self
+                .swarm
+                .dial(DialOpts::peer_id(*peer).allocate_new_port().build());
+        }
         let b = self.swarm.behaviour_mut();
         match cmd {
             Command::Request(peer, OutRequest::Have(req, tx)) => {
@@ -1402,7 +1461,7 @@ impl EventLoop {
                 self.pending_piece.insert(id, tx);
             }
             Command::Dial(addr) => {
-                if let Err(e) = self.swarm.dial(addr.clone()) {
+                if let Err(e) = self.swarm.dial(dial_addr(addr.clone())) {
                     warn!(%addr, "cannot dial: {e}");
                 }
             }
@@ -1529,6 +1588,7 @@ impl EventLoop {
                 }
                 debug!(%peer_id, "connected");
                 self.dial_scopes.connected(remote);
+                self.discovered.connected(&peer_id);
                 // A guess for a peer found no other way: LAN if it is on this host or a
                 // private network.
                 let guess = if is_local(endpoint.get_remote_address()) {
@@ -1539,13 +1599,42 @@ impl EventLoop {
                 learn(&self.sources, peer_id, guess, RANK_GUESS);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                let mut new = Vec::new();
                 for (peer, addr) in list {
                     if !self.dial_scopes.allows(&addr) {
                         continue;
                     }
                     learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
-                    if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(addr);
+                    if self.discovered.found(peer, addr) && !new.contains(&peer) {
+                        new.push(peer);
+                    }
+                }
+                for peer in new {
+                    self.dial_discovered(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                for (peer, addr) in list {
+                    self.discovered.expired(&peer, &addr);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                use libp2p::swarm::DialError;
+                let lost = !matches!(
+                    error,
+                    DialError::DialPeerConditionFalse(_) | DialError::Aborted
+                );
+                if lost && !self.swarm.is_connected(&peer) {
+                    let jitter = rand::random::<f64>();
+                    if let Some(delay) =
+                        self.discovered
+                            .failed(&peer, std::time::Instant::now(), jitter)
+                    {
+                        debug!(%peer, ?delay, "dial to a discovered peer failed: {error}");
                     }
                 }
             }
