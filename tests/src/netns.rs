@@ -7,7 +7,7 @@
 //! namespace has a route out: a host reaches its LAN (10.77.0.0/24) and nothing else. Needs root
 //! and iproute2 (`ip`, `tc`).
 //!
-//! A host is entered either by a process (`ip netns exec NAME ...`, [`Lan::exec`]) or by a
+//! A host is entered either by a process (`ip netns exec NAME ...`, [`exec`]) or by a
 //! thread ([`Lan::enter`]): a network namespace belongs to a thread, and the sockets a thread
 //! creates live in its namespace, as do those of the threads it starts. A node built on a
 //! current-thread runtime on such a thread is a node on that host.
