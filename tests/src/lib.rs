@@ -30,6 +30,7 @@ use shoal_node::{
 };
 
 pub mod bad_peer;
+pub mod bench;
 pub mod demo;
 pub mod netns;
 pub use bad_peer::{BadPeer, Misbehaviour};

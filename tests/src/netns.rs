@@ -65,6 +65,7 @@ pub struct Lan {
     hosts: Vec<String>,
     bridge: String,
     origin: Option<String>,
+    wan_mbit: Option<u32>,
 }
 
 /// The LAN's hosts get `10.77.0.1` upwards; the origin host `10.78.0.1`, reached through
@@ -87,6 +88,7 @@ impl Lan {
             bridge: format!("{prefix}-br"),
             hosts: Vec::new(),
             origin: None,
+            wan_mbit: None,
             prefix,
         };
         let br = lan.bridge.clone();
@@ -122,6 +124,7 @@ impl Lan {
         let ns = format!("{}-origin", self.prefix);
         ip(&["netns", "add", &ns])?;
         self.origin = Some(ns.clone());
+        self.wan_mbit = Some(mbit);
         let br = self.bridge.clone();
         ip(&[
             "-n", &br, "link", "add", "wan", "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -223,6 +226,12 @@ impl Lan {
     #[must_use]
     pub fn origin_ns(&self) -> Option<&str> {
         self.origin.as_deref()
+    }
+
+    /// The rate of the origin's link, Mbit/s, when [`Lan::with_wan`] added one.
+    #[must_use]
+    pub fn wan_mbit(&self) -> Option<u32> {
+        self.wan_mbit
     }
 
     /// The origin host's address: `10.78.0.1`.

@@ -15,12 +15,14 @@
 //! ```
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Command, Stdio},
     time::Duration,
 };
+
+use shoal_tests::bench::{Guard, digest_line, median, nginx_conf, tempdir_in, write_payload};
 
 struct Args {
     size: u64,
@@ -55,40 +57,11 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Kills the child by its pid when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
-}
-
-fn write_payload(path: &Path, size: u64) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for chunk in buf.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    out.flush()
 }
 
 /// Runs `cmd` under GNU time; returns (seconds, peak RSS in KiB, stdout). Dirty pages of the
@@ -119,33 +92,11 @@ fn timed(cmd: &[&str]) -> Result<(f64, u64, String), String> {
     Ok((secs, rss, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn digest_line(shoal: &Path, file: &Path, key: &str) -> Result<String, String> {
-    let out = Command::new(shoal)
-        .arg("hash")
-        .arg(file)
-        .output()
-        .map_err(|e| format!("shoal hash: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
-        .ok_or_else(|| format!("no {key} in shoal hash output"))
-}
-
 fn run() -> Result<(), String> {
     let args = parse_args()?;
     let work = match &args.dir {
-        Some(d) => tempfile_in(d)?,
-        None => tempfile_in(&std::env::temp_dir())?,
+        Some(d) => tempdir_in(d)?,
+        None => tempdir_in(&std::env::temp_dir())?,
     };
     let root = work.join("www");
     std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
@@ -154,20 +105,7 @@ fn run() -> Result<(), String> {
     let sha256 = digest_line(&args.shoal, &payload, "sha256")?;
     let blake3 = digest_line(&args.shoal, &payload, "blake3")?;
     let port = free_port();
-    let conf = work.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; master_process off; worker_processes 1; pid {w}/nginx.pid; error_log {w}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ access_log off; sendfile on; client_body_temp_path {w}; proxy_temp_path {w};\n\
-             fastcgi_temp_path {w}; uwsgi_temp_path {w}; scgi_temp_path {w};\n\
-             server {{ listen 127.0.0.1:{port}; root {r}; }} }}\n",
-            w = work.display(),
-            r = root.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    let conf = nginx_conf(&work, &root, &format!("127.0.0.1:{port}"))?;
     let _nginx = Guard(
         Command::new("nginx")
             .arg("-c")
@@ -294,12 +232,6 @@ fn run() -> Result<(), String> {
     );
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
-}
-
-fn tempfile_in(dir: &Path) -> Result<PathBuf, String> {
-    let d = dir.join(format!("shoal-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-    Ok(d)
 }
 
 fn main() {
