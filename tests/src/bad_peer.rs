@@ -55,6 +55,10 @@ pub enum Misbehaviour {
     /// Answers a lookup of this SHA-256 with the content id of the content it holds (another
     /// content), which it serves truthfully.
     LyingSha256(Sha256Digest),
+    /// A member of the swarm of a content known only by its SHA-256 (its swarm id, decision
+    /// 0016) that claims every piece as fetched from the origin and serves each with one byte
+    /// flipped.
+    SwarmLiar,
 }
 
 #[derive(NetworkBehaviour)]
@@ -101,6 +105,8 @@ impl Drop for BadPeer {
 /// A content a bad peer knows.
 struct Content {
     id: ContentId,
+    /// The swarm id of its SHA-256 ([`shoal_validator::sha256_swarm_id`]).
+    swarm: ContentId,
     layer: PieceLayer,
     sha256: Sha256Digest,
     bytes: Bytes,
@@ -111,6 +117,8 @@ impl Content {
         let d = shoal_validator::hash_reader(data, data.len() as u64).expect("hash the content");
         Self {
             id: d.content_id(),
+            swarm: shoal_validator::sha256_swarm_id(&d.sha256, data.len() as u64)
+                .expect("a content of at most 1 TiB"),
             layer: d.layer,
             sha256: d.sha256,
             bytes: Bytes::copy_from_slice(data),
@@ -219,7 +227,11 @@ async fn run(
 ) {
     let me = *swarm.local_peer_id();
     let content = &contents[0];
-    let find = |id: &ContentId| contents.iter().find(|c| c.id == *id);
+    let find = |id: &ContentId| {
+        contents
+            .iter()
+            .find(|c| c.id == *id || (matches!(mode, Misbehaviour::SwarmLiar) && c.swarm == *id))
+    };
     let n = content.id.piece_count();
     let mut next_index = 0u32;
     let mut connected: HashSet<PeerId> = HashSet::new();
@@ -352,7 +364,7 @@ async fn run(
                         (Misbehaviour::FalseHave, Some(_)) if request.index % 2 == 1 => {
                             PieceResponse::NotFound
                         }
-                        (Misbehaviour::FlipBytes, Some(b)) => {
+                        (Misbehaviour::FlipBytes | Misbehaviour::SwarmLiar, Some(b)) => {
                             let mut v = b.to_vec();
                             if let Some(x) = v.first_mut() {
                                 *x ^= 0x01;
@@ -408,6 +420,9 @@ fn answer_have(
 ) -> Option<Holding> {
     let content = match (mode, request.key) {
         (Misbehaviour::LyingSha256(lie), HaveKey::Sha256(d)) if d == lie => &contents[0],
+        (Misbehaviour::SwarmLiar, HaveKey::Blake3(h)) => {
+            contents.iter().find(|c| *c.swarm.hash() == h)?
+        }
         (_, HaveKey::Blake3(h)) => contents.iter().find(|c| *c.id.hash() == h)?,
         (_, HaveKey::Sha256(d)) => contents.iter().find(|c| c.sha256 == d)?,
     };
@@ -421,6 +436,14 @@ fn answer_have(
         origin: true,
     };
     Some(match mode {
+        Misbehaviour::SwarmLiar => Holding {
+            content_id: content.swarm,
+            have: none.clone(),
+            fetching: none,
+            claimed: all.clone(),
+            chaining: all,
+            members: vec![own(0)],
+        },
         Misbehaviour::ClaimAllTellNothing => Holding {
             content_id: content.id,
             have: none.clone(),

@@ -11,11 +11,13 @@
 //! - [`Sha256Stream`] and [`Expected`]: the whole-file digests a job may expect;
 //!   [`OrderedSha256`]: the SHA-256 of pieces verified out of order, taken in file order.
 //! - [`hash_reader`]: content id, SHA-256 and piece layer of a whole file in one pass.
+//! - [`sha256_swarm_id`]: the id of a swarm that knows its content only by its SHA-256.
 //!
 //! The tree arithmetic follows section 2.1 of the BLAKE3 paper, through `blake3::hazmat`.
 
 mod digest;
 mod layer;
+mod swarm_id;
 
 pub use digest::{
     Expected, FileDigests, OrderedSha256, Sha256Stream, ValidationState, hash_reader,
@@ -25,6 +27,7 @@ pub use layer::{
     piece_chaining_value,
 };
 pub use shoal_protocol::{ContentId, Sha256Digest};
+pub use swarm_id::{SHA256_SWARM_CONTEXT, sha256_swarm_id};
 
 use shoal_protocol::PieceIndex;
 use thiserror::Error;

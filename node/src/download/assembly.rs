@@ -18,6 +18,10 @@ pub(super) struct Assembly {
     pub(super) failed: bool,
     /// An assembly (or a fetch of a peer's verified layer) is running.
     pub(super) running: bool,
+    /// Set when `id` is the swarm id of content known only by this SHA-256
+    /// (`shoal_validator::sha256_swarm_id`): there is no root to check a layer against, so no
+    /// layer is assembled; the whole file's SHA-256 checks every piece at the end.
+    pub(super) swarm_of: Option<shoal_validator::Sha256Digest>,
     /// Own pieces or claims changed since coverage was last checked.
     pub(super) changed: bool,
 }

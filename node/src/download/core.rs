@@ -115,6 +115,9 @@ pub(super) enum Action {
         source: Source,
         bytes: Bytes,
     },
+    /// Drop these pieces, written from peers before a layer could check them: the writer
+    /// forgets them (the layer assembled from claims failed, so they are fetched again).
+    Forget(Vec<PieceIndex>),
     /// The layer was assembled and verified: the writer checks against it from now on, and
     /// the store serves the `verified` pieces.
     SetLayer {
@@ -220,6 +223,11 @@ pub(super) struct Core {
     misses: BTreeMap<PeerId, u32>,
     /// Pieces handed to the writer and not reported yet.
     in_verifier: usize,
+    /// Pieces taken from peers while no verified layer was known (a swarm sharing what its
+    /// members fetch from the origin, decision 0016): who sent each, and its chaining value.
+    /// They count as held, are never served or claimed, and are checked when the layer
+    /// verifies (or, for content known by its SHA-256 alone, by the whole file's SHA-256).
+    unverified: BTreeMap<PieceIndex, (PeerId, Option<ChainingValue>)>,
     /// Requests in flight to peers.
     requests: BTreeSet<(PieceIndex, PeerId)>,
     /// A have round is out.
@@ -304,6 +312,7 @@ impl Core {
             rounds_answered: 0,
             misses: BTreeMap::new(),
             in_verifier: 0,
+            unverified: BTreeMap::new(),
             requests: BTreeSet::new(),
             refreshing: false,
             refreshes: 0,
@@ -330,9 +339,23 @@ impl Core {
         self.assembly.as_ref().map(|a| a.id)
     }
 
+    /// The SHA-256 whose swarm id the content is, when it is known by that alone.
+    pub(super) fn swarm_of(&self) -> Option<shoal_validator::Sha256Digest> {
+        self.assembly.as_ref().and_then(|a| a.swarm_of)
+    }
+
     /// Whether some bytes came from peers.
     pub(super) fn got_peer_bytes(&self) -> bool {
         self.from_peers
+    }
+
+    /// The peers whose pieces are held unverified (decision 0016): those to blame when the
+    /// whole file fails its SHA-256.
+    pub(super) fn unverified_from(&self) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self.unverified.values().map(|(p, _)| *p).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
     }
 
     /// The next thing to do.
@@ -387,15 +410,16 @@ impl Core {
             }
             _ => Bitfield::new(n),
         };
-        // Pieces from peers can be checked only against a verified layer. Once this node has
-        // one, a peer's claims are pieces it is about to serve: awaited like pieces it
-        // fetches, with the same patience.
+        // Once this node has a verified layer, a peer's claims are pieces it is about to
+        // serve: awaited like pieces it fetches, with the same patience. Before, the pieces a
+        // peer fetched from the origin itself (its claims) or verified are taken from it
+        // unverified, to be checked when the layer verifies (decision 0016).
         let (have, fetching, claimed) = if layer_known {
             let mut f = h.fetching;
             f.union_with(&claimed);
             (h.have, f, Bitfield::new(n))
         } else {
-            (Bitfield::new(n), h.fetching, claimed)
+            (claimed, h.fetching, Bitfield::new(n))
         };
         self.sched.set_peer(peer, have, fetching, claimed, now);
     }
@@ -491,6 +515,7 @@ impl Core {
         if self.layer.is_none()
             && let Some(a) = &mut self.assembly
             && !a.running
+            && a.swarm_of.is_none()
         {
             // Values a peer could tell that an earlier gathering missed are asked again.
             if a.peers_know_more() {
@@ -600,6 +625,33 @@ impl Core {
             {
                 self.finish(End::DiffersFromLayer(v.index));
             }
+            Ok(()) if self.layer.is_none() && matches!(v.source, Source::Peer(_)) => {
+                // Taken from a peer before a layer can check it: held, not served, not
+                // claimed; its value is passed on like a relayed one.
+                let Source::Peer(p) = v.source else {
+                    return;
+                };
+                self.sched.on_done(v.index, v.source);
+                self.unverified.insert(v.index, (p, v.cv));
+                if let (Some(a), Some(cv)) = (&mut self.assembly, v.cv)
+                    && a.swarm_of.is_none()
+                    && !a.failed
+                    && !a.knows(v.index as usize)
+                {
+                    a.relayed[v.index as usize] = Some(cv);
+                    a.changed = true;
+                    self.actions.push_back(Action::Store(StoreOp::SetRelayed(
+                        a.id,
+                        vec![(v.index, cv)],
+                    )));
+                }
+                self.from_peers = true;
+                self.actions.push_back(Action::PieceDone {
+                    bytes: v.bytes,
+                    peer: Some(p),
+                });
+                self.step(now);
+            }
             Ok(()) => {
                 self.sched.on_done(v.index, v.source);
                 if let Some(id) = self.content_id {
@@ -657,6 +709,13 @@ impl Core {
                         verified.set(i as u32);
                     }
                 }
+                // Pieces taken from peers unverified are checked now: the writer reports
+                // those that fail (against their peers); the others are served.
+                for (i, (_, cv)) in std::mem::take(&mut self.unverified) {
+                    if cv.is_some_and(|cv| l.agrees(i, &cv)) {
+                        verified.set(i);
+                    }
+                }
                 self.content_id = Some(l.content_id());
                 self.layer = Some(l.clone());
                 self.actions
@@ -691,6 +750,14 @@ impl Core {
                     self.actions
                         .push_back(Action::Store(StoreOp::SetRelayed(a.id, Vec::new())));
                     self.sched.drop_claims();
+                    // Pieces taken from peers unverified are dropped and fetched again: any
+                    // of the claimers may have lied, and none can be shown to have.
+                    let dropped: Vec<PieceIndex> =
+                        std::mem::take(&mut self.unverified).into_keys().collect();
+                    if !dropped.is_empty() {
+                        self.sched.forget_held(&dropped);
+                        self.actions.push_back(Action::Forget(dropped));
+                    }
                 } else {
                     // Only peers' verified layers were tried; claims may still do.
                     a.changed = true;
@@ -754,7 +821,12 @@ impl Core {
         if self.ended || self.awaiting_members {
             return;
         }
-        if self.sched.is_complete() && self.in_verifier == 0 {
+        // With pieces held unverified, a BLAKE3 content is done only once the layer verified
+        // them; content known by its SHA-256 alone is checked whole at the end.
+        let checked = self.layer.is_some()
+            || self.unverified.is_empty()
+            || self.assembly.as_ref().is_some_and(|a| a.swarm_of.is_some());
+        if self.sched.is_complete() && self.in_verifier == 0 && checked {
             self.finish(End::Done);
             return;
         }
@@ -868,6 +940,7 @@ impl Core {
             && let Some(a) = &mut self.assembly
             && !a.running
             && !a.failed
+            && a.swarm_of.is_none()
             // Checked only after own pieces or peers' values changed: it walks every piece
             // against every peer.
             && std::mem::take(&mut a.changed)
@@ -948,6 +1021,7 @@ mod tests {
             claims: HashMap::new(),
             failed: false,
             running: true,
+            swarm_of: None,
             changed: false,
         };
         Core::new(

@@ -249,6 +249,11 @@ impl Driver<'_> {
                     return Err(self.writer_failed());
                 }
             }
+            Action::Forget(pieces) => {
+                if self.writer.send(ToWriter::Forget(pieces)).await.is_err() {
+                    return Err(self.writer_failed());
+                }
+            }
             Action::SetLayer { layer, verified } => {
                 let id = layer.content_id();
                 info!(url = %origin::redact(&self.task.url), %id, "piece layer assembled and verified");
@@ -370,6 +375,10 @@ pub(super) struct Transferred {
     pub(super) layer: Option<PieceLayer>,
     pub(super) from_peers: bool,
     pub(super) assembly_id: Option<ContentId>,
+    /// The SHA-256 whose swarm id `assembly_id` is, for content known by it alone.
+    pub(super) swarm_of: Option<Sha256Digest>,
+    /// Peers whose pieces are held unverified, checked only by the whole file's SHA-256.
+    pub(super) unverified_from: Vec<PeerId>,
     pub(super) piece_count: u32,
     pub(super) served_file: Arc<File>,
 }
@@ -396,7 +405,12 @@ pub(super) fn register(
         );
     }
     if let Some(a) = assembly {
-        if !env.store.begin_assembly(a.id, task.temp.clone()) {
+        if !env.store.begin_assembly(
+            a.id,
+            task.temp.clone(),
+            Backing::Held(file.clone()),
+            a.swarm_of,
+        ) {
             // Another download of this content on this node assembles it: do without.
             *assembly = None;
         } else if let Checker::Builder(b) = checker {
@@ -639,6 +653,8 @@ pub(super) async fn transfer(
     let layer = core.layer().cloned();
     let from_peers = core.got_peer_bytes();
     let assembly_id = core.assembly_id();
+    let swarm_of = core.swarm_of();
+    let unverified_from = core.unverified_from();
     let left = ResumeDisk {
         length,
         content_id: layer.as_ref().map(|l| l.content_id().to_string()),
@@ -661,6 +677,8 @@ pub(super) async fn transfer(
         layer,
         from_peers,
         assembly_id,
+        swarm_of,
+        unverified_from,
         piece_count,
         served_file,
     })

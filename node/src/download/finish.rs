@@ -16,6 +16,8 @@ pub(super) async fn finish(
         layer,
         from_peers,
         assembly_id,
+        swarm_of,
+        unverified_from,
         piece_count,
         served_file,
     } = t;
@@ -77,6 +79,25 @@ pub(super) async fn finish(
     }
     if let Err(e) = expected.check_sha256(sha256) {
         forget().await;
+        if let Some(d) = swarm_of
+            && !unverified_from.is_empty()
+        {
+            // Pieces taken unverified from these peers made the file fail: every byte is
+            // dropped (the next attempt starts afresh), they are banned for this content, and
+            // the file comes from the origin alone (decision 0016).
+            warn!(url = %origin::redact(&task.url), peers = unverified_from.len(), "the file fails its SHA-256 with pieces from peers; banning them and fetching from the origin");
+            for peer in unverified_from {
+                let swarm_key = assembly_id.map(|a| BanKey::Blake3(*a.hash()));
+                let banned = env.bans.ban(BanKey::Sha256(d), peer);
+                if let Some(k) = swarm_key {
+                    env.bans.ban(k, peer);
+                }
+                if banned {
+                    progress(Update::Banned);
+                }
+            }
+            return Err(AttemptFailure::ClaimFailed);
+        }
         if claimed && from_peers {
             if let Some((_, answers, ban)) = &choice {
                 for (peer, _) in answers {
@@ -108,6 +129,10 @@ pub(super) async fn finish(
         },
     );
     env.store.set_sha256(&id, sha256);
+    if let (Some(_), Some(swarm)) = (swarm_of, assembly_id) {
+        // The swarm is served from the verified content from now on.
+        env.store.alias_swarm(swarm, &task.temp, id);
+    }
     Ok(Downloaded {
         content_id: id,
         layer,

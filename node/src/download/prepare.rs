@@ -358,19 +358,25 @@ pub(super) async fn open_file<'r>(
     })?;
     let piece_count = geometry.piece_count();
     // Without a verified layer but with the expected BLAKE3, the layer is assembled from the
-    // pieces this node and its peers fetch from the origin.
-    let assembly = match (&layer, expected.blake3) {
-        (None, Some(h)) if use_peers && piece_count > 1 && !never_origin => {
-            ContentId::new(h, length).ok().map(|id| Assembly {
-                id,
-                own: vec![None; piece_count as usize],
-                relayed: vec![None; piece_count as usize],
-                claims: HashMap::new(),
-                failed: false,
-                running: false,
-                changed: true,
-            })
-        }
+    // pieces this node and its peers fetch from the origin. With only the SHA-256, the nodes
+    // share those pieces under the SHA-256's swarm id, and each checks the whole file's
+    // SHA-256 at the end (decision 0016).
+    let swarm = |id: ContentId, swarm_of: Option<Sha256Digest>| Assembly {
+        id,
+        own: vec![None; piece_count as usize],
+        relayed: vec![None; piece_count as usize],
+        claims: HashMap::new(),
+        failed: false,
+        running: false,
+        swarm_of,
+        changed: true,
+    };
+    let sharing = use_peers && piece_count > 1 && !never_origin;
+    let assembly = match (&layer, expected.blake3, expected.sha256) {
+        (None, Some(h), _) if sharing => ContentId::new(h, length).ok().map(|id| swarm(id, None)),
+        (None, None, Some(d)) if sharing => shoal_validator::sha256_swarm_id(&d, length)
+            .ok()
+            .map(|id| swarm(id, Some(d))),
         _ => None,
     };
     if let Some(a) = &assembly {

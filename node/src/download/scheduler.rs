@@ -1314,9 +1314,16 @@ impl Scheduler {
     /// Fetching piece `index` from `peer` failed without proof of bad faith (timeout,
     /// NotFound, Busy, a dropped connection): the peer is backed off and loses score, and
     /// the piece returns to the pool unless another request for it is live. A failure of a
-    /// request that was cancelled is ignored.
+    /// request that was cancelled is ignored. A peer that delivers nothing for
+    /// [`Config::coming_patience`] while its requests fail is stalled (see [`Self::on_busy`]).
     pub(crate) fn on_failed(&mut self, index: PieceIndex, peer: PeerId, now: Instant) {
         self.failed(index, peer, now, true);
+        // A peer that fails every request for the patience (it says it holds pieces it never
+        // serves) is stalled like one that only answers Busy.
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.refused_since.get_or_insert(now);
+        }
+        self.stall_refusers(now);
     }
 
     /// `peer` answered Busy for piece `index` (no upload slot free): the peer is backed off as
@@ -1378,13 +1385,33 @@ impl Scheduler {
     }
 
     /// Piece `index` from `peer` failed verification: the peer is banned and the piece
-    /// returns to the pool.
+    /// returns to the pool. A piece held before it could be verified (taken from a peer
+    /// before the piece layer was known, and rejected when it came) returns to the pool too.
     pub(crate) fn on_corrupt(&mut self, index: PieceIndex, peer: PeerId) {
         self.ban(peer);
-        if let Some(s) = self.src_of(peer)
-            && self.pieces.get(index as usize) == Some(&Piece::Verifying(s))
-        {
-            self.set_piece(index as usize, Piece::Missing);
+        if let Some(s) = self.src_of(peer) {
+            match self.pieces.get(index as usize) {
+                Some(Piece::Verifying(v)) if *v == s => {
+                    self.set_piece(index as usize, Piece::Missing);
+                }
+                Some(Piece::Done(d)) if *d == s => {
+                    self.done -= 1;
+                    self.set_piece(index as usize, Piece::Missing);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Pieces held before they could be verified that must be fetched again, with nobody to
+    /// blame (the layer assembled from claims failed, so any of the claimers may have lied):
+    /// they return to the pool.
+    pub(crate) fn forget_held(&mut self, pieces: &[PieceIndex]) {
+        for &index in pieces {
+            if matches!(self.pieces.get(index as usize), Some(Piece::Done(_))) {
+                self.done -= 1;
+                self.set_piece(index as usize, Piece::Missing);
+            }
         }
     }
 
@@ -1708,10 +1735,11 @@ mod tests {
             );
             s.on_failed(0, a, now);
             if attempt < 3 {
-                // Backed off: nothing until the delay passes.
+                // Backed off: nothing until the delay passes (within the patience, after
+                // which a peer that never delivers is stalled).
                 let idle = s.next_actions(now);
                 assert!(idle.is_empty(), "{idle:?}");
-                now += Duration::from_secs(60);
+                now += Duration::from_secs(5);
             }
         }
         // The third failure sends the piece to the origin at once.

@@ -10,6 +10,9 @@ pub(super) enum ToWriter {
     /// From now on check pieces against this verified layer (assembled while downloading);
     /// the pieces recorded so far are checked against it too.
     Layer(PieceLayer),
+    /// Drop these pieces, written from peers before a layer could check them (the layer
+    /// assembled from claims failed): they count as not written, and are fetched again.
+    Forget(Vec<PieceIndex>),
 }
 
 pub(super) struct Writer {
@@ -140,10 +143,7 @@ pub(super) fn spawn_writer(
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let mut writer = PieceWriter::new(file.clone(), piece_size);
-        let (sha_tx, sha_rx) = std::sync::mpsc::sync_channel::<ShaPiece>(VERIFY_QUEUE);
-        let sha_file = file.clone();
-        let sha_thread =
-            std::thread::spawn(move || sha_in_order(&sha_file, sha_rx, piece_size, length));
+        let (mut sha_tx, mut sha_thread) = spawn_sha(&file, piece_size, length);
         let mut on_disk = resumed;
         // Pieces kept from an earlier run are hashed from the file (checked again first).
         for index in on_disk.ones() {
@@ -151,6 +151,11 @@ pub(super) fn spawn_writer(
         }
         let mut checker = checker;
         let mut results = Vec::new();
+        // Pieces written from peers with no layer to check them yet (a swarm sharing its
+        // origin pieces before any node has the layer), and who sent them: they are not
+        // recorded in checkpoints (a resumed run would take them for checked ones), and the
+        // layer, when it comes, names the peer of each that fails.
+        let mut unverified: HashMap<PieceIndex, PeerId> = HashMap::new();
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < CHECKPOINT_BATCH {
@@ -160,28 +165,25 @@ pub(super) fn spawn_writer(
                 }
             }
             let mut wrote = false;
+            let mut dropped = false;
             for msg in batch {
                 let (index, source, bytes) = match msg {
                     ToWriter::Piece(i, s, b) => (i, s, b),
+                    ToWriter::Forget(pieces) => {
+                        dropped |= forget(&mut checker, &pieces, &mut on_disk, &mut unverified);
+                        continue;
+                    }
                     ToWriter::Layer(layer) => {
-                        // Pieces recorded so far must be the layer's: a piece whose chaining
-                        // value differs is dropped and reported as failing.
-                        if let Checker::Builder(b) = &checker {
-                            for index in on_disk.ones().collect::<Vec<_>>() {
-                                let cv = b.chaining_value(index);
-                                if cv.is_some_and(|cv| !layer.agrees(index, &cv)) {
-                                    on_disk.clear(index);
-                                    results.push(Verdict {
-                                        index,
-                                        source: Source::Origin,
-                                        bytes: 0,
-                                        result: Err("differs from the assembled piece layer".into()),
-                                        cv: None,
-                                        after_layer: true,
-                                    });
-                                }
-                            }
-                        }
+                        dropped |= check_against(
+                            &checker,
+                            &layer,
+                            &mut on_disk,
+                            &unverified,
+                            &mut results,
+                        );
+                        // Checked now: the pieces that passed are recorded like any other.
+                        unverified.clear();
+                        wrote = true;
                         if let Some(c) = &mut checkpointing {
                             c.meta.content_id = Some(layer.content_id().to_string());
                             c.layer = Some(layer.chaining_values().to_vec());
@@ -202,6 +204,9 @@ pub(super) fn spawn_writer(
                     writer.write(u64::from(index) * piece_size, &bytes)?;
                     on_disk.set(index);
                     wrote = true;
+                    if let (Checker::Builder(_), Source::Peer(p)) = (&checker, source) {
+                        unverified.insert(index, p);
+                    }
                     if let (Some(c), Source::Peer(_)) = (&mut checkpointing, source) {
                         c.meta.from_peers = true;
                     }
@@ -217,16 +222,31 @@ pub(super) fn spawn_writer(
                     after_layer: false,
                 });
             }
+            if dropped {
+                // The SHA-256 thread may have hashed a dropped piece: start it again on the
+                // pieces still written, read back from the file.
+                let (tx, thread) = spawn_sha(&file, piece_size, length);
+                drop(std::mem::replace(&mut sha_tx, tx));
+                let _ = std::mem::replace(&mut sha_thread, thread).join();
+                for index in on_disk.ones() {
+                    let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+                }
+                wrote = true;
+            }
             // Data first, then the record that says it is there.
             if let Some(c) = &mut checkpointing
                 && wrote
             {
                 file.sync_data()?;
                 c.meta.validator = c.remote.get().and_then(|r| r.validator.clone());
+                let mut pieces = on_disk.clone();
+                for index in unverified.keys() {
+                    pieces.clear(*index);
+                }
                 let (job, index, pieces, meta, layer) = (
                     c.durable.job,
                     c.durable.index,
-                    on_disk.clone(),
+                    pieces,
                     c.meta.clone(),
                     c.layer.take(),
                 );
@@ -257,6 +277,76 @@ pub(super) fn spawn_writer(
         })
     });
     Writer { tx, thread }
+}
+
+/// The SHA-256 thread's queue and handle.
+type ShaThread = (
+    std::sync::mpsc::SyncSender<ShaPiece>,
+    std::thread::JoinHandle<Result<Option<Sha256Digest>, std::io::Error>>,
+);
+
+/// Starts a thread hashing `file` in order ([`sha_in_order`]).
+fn spawn_sha(file: &Arc<File>, piece_size: u64, length: u64) -> ShaThread {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ShaPiece>(VERIFY_QUEUE);
+    let file = file.clone();
+    let thread = std::thread::spawn(move || sha_in_order(&file, rx, piece_size, length));
+    (tx, thread)
+}
+
+/// Checks the pieces recorded so far without a layer against the `layer` that came: a piece
+/// whose chaining value differs is dropped from `on_disk` and reported as failing (after the
+/// layer), against the peer that sent it (`unverified`) or the origin. True when any was.
+fn check_against(
+    checker: &Checker,
+    layer: &PieceLayer,
+    on_disk: &mut Bitfield,
+    unverified: &HashMap<PieceIndex, PeerId>,
+    results: &mut Vec<Verdict>,
+) -> bool {
+    let Checker::Builder(b) = checker else {
+        return false;
+    };
+    let mut dropped = false;
+    for index in on_disk.ones().collect::<Vec<_>>() {
+        let cv = b.chaining_value(index);
+        if cv.is_some_and(|cv| !layer.agrees(index, &cv)) {
+            on_disk.clear(index);
+            dropped = true;
+            results.push(Verdict {
+                index,
+                source: unverified
+                    .get(&index)
+                    .map_or(Source::Origin, |p| Source::Peer(*p)),
+                bytes: 0,
+                result: Err("differs from the assembled piece layer".into()),
+                cv: None,
+                after_layer: true,
+            });
+        }
+    }
+    dropped
+}
+
+/// Drops `pieces` written unverified from peers (the builder forgets them, they are no
+/// longer on disk); true when any was.
+fn forget(
+    checker: &mut Checker,
+    pieces: &[PieceIndex],
+    on_disk: &mut Bitfield,
+    unverified: &mut HashMap<PieceIndex, PeerId>,
+) -> bool {
+    let Checker::Builder(b) = checker else {
+        return false;
+    };
+    let mut dropped = false;
+    for &index in pieces {
+        if unverified.remove(&index).is_some() {
+            b.remove_piece(index);
+            on_disk.clear(index);
+            dropped = true;
+        }
+    }
+    dropped
 }
 
 /// Hashes the file in order ([`shoal_validator::OrderedSha256`]). Pieces come with their

@@ -109,7 +109,8 @@ struct Entry {
     /// The file's path: what the entry is known by (a job's temporary file, its local name
     /// after Complete, a cache file).
     path: PathBuf,
-    /// Where the bytes are read from to serve them (`None` while assembling).
+    /// Where the bytes are read from to serve them: verified pieces, and while assembling the
+    /// pieces this node fetched from the origin itself (its claims).
     backing: Option<Backing>,
     /// Set when a piece was read to serve a peer; taken by the cache's sweep (its LRU).
     served: Arc<AtomicBool>,
@@ -170,6 +171,10 @@ struct Inner {
     by_id: HashMap<ContentId, Entry>,
     by_hash: HashMap<[u8; 32], ContentId>,
     by_sha256: HashMap<Sha256Digest, ContentId>,
+    /// Swarm ids of content known by its SHA-256 (`sha256_swarm_id`) whose download on this
+    /// node verified, and the content id it verified as: the swarm is still served, from the
+    /// verified content's entry, while that entry lasts.
+    aliases: HashMap<ContentId, ContentId>,
     /// Per content this node fetched: the swarm members it knows, and how many downloads on
     /// this node use the view. A view stays while the content is held, so that the node goes
     /// on stating itself as a member while it serves.
@@ -236,13 +241,27 @@ impl ContentStore {
     }
 
     /// Registers content `id` whose layer is being assembled at `path` (no verified layer
-    /// known): have queries then report its fetching and claimed pieces, and it is announced
-    /// in the DHT, but no piece is served. True when the entry is this path's; false when
-    /// another download of the same content holds it (with or without a layer).
-    pub(crate) fn begin_assembly(&self, id: ContentId, path: PathBuf) -> bool {
+    /// known), read from `backing`: have queries then report its fetching and claimed pieces,
+    /// and it is announced in the DHT; of its pieces, only those this node fetched from the
+    /// origin itself (its claims) are served, each while its bytes still have the claimed
+    /// chaining value. With `sha256` (`id` is then the swarm id of that SHA-256), SHA-256
+    /// lookups find the entry until a verified content answers them. True when the entry is
+    /// this path's; false when another download of the same content holds it (with or without
+    /// a layer).
+    pub(crate) fn begin_assembly(
+        &self,
+        id: ContentId,
+        path: PathBuf,
+        backing: Backing,
+        sha256: Option<Sha256Digest>,
+    ) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = inner.by_id.get(&id) {
             return old.path == path && old.layer.is_none();
+        }
+        inner.aliases.remove(&id);
+        if let Some(d) = sha256 {
+            inner.by_sha256.entry(d).or_insert(id);
         }
         let n = id.piece_count();
         self.put(
@@ -255,11 +274,27 @@ impl ContentStore {
                 claims: vec![None; n as usize],
                 relayed: vec![None; n as usize],
                 path,
-                backing: None,
+                backing: Some(backing),
                 served: Arc::default(),
             },
         );
         true
+    }
+
+    /// The download at `path` of the content known by its SHA-256 under the swarm id `swarm`
+    /// verified as `verified` (registered with [`Self::insert`] first): the swarm's entry
+    /// gives way to an alias, through which the swarm's have queries and piece requests are
+    /// answered from the verified entry (every verified piece offered, checked against the
+    /// verified layer when read) for as long as that entry lasts.
+    pub(crate) fn alias_swarm(&self, swarm: ContentId, path: &Path, verified: ContentId) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if inner.by_id.get(&swarm).is_some_and(|e| e.path == path) {
+            inner.by_id.remove(&swarm);
+        }
+        if !inner.by_id.contains_key(&swarm) && inner.by_id.contains_key(&verified) {
+            inner.aliases.insert(swarm, verified);
+            inner.by_hash.insert(*swarm.hash(), swarm);
+        }
     }
 
     /// Records the chaining value this node computed for piece `index` of `id` from origin
@@ -357,6 +392,19 @@ impl ContentStore {
             inner.by_id.remove(id);
             inner.by_hash.remove(id.hash());
             inner.by_sha256.retain(|_, v| v != id);
+            // Swarms served from this entry are not any more.
+            let gone: Vec<ContentId> = inner
+                .aliases
+                .iter()
+                .filter(|(_, v)| *v == id)
+                .map(|(k, _)| *k)
+                .collect();
+            for swarm in gone {
+                inner.aliases.remove(&swarm);
+                if !inner.by_id.contains_key(&swarm) {
+                    inner.by_hash.remove(swarm.hash());
+                }
+            }
             if inner.members.get(id).is_some_and(|(_, users)| *users == 0) {
                 inner.members.remove(id);
             }
@@ -393,7 +441,8 @@ impl ContentStore {
     /// pieces it holds, and forgets the others (only a download keeps them fresh).
     pub(crate) fn leave_members(&self, id: &ContentId) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let held = inner.by_id.get(id).map(|e| {
+        let target = inner.aliases.get(id).copied().unwrap_or(*id);
+        let held = inner.by_id.get(&target).map(|e| {
             if e.layer.is_some() {
                 e.verified.count_ones()
             } else {
@@ -466,7 +515,23 @@ impl ContentStore {
             HaveKey::Blake3(h) => *inner.by_hash.get(h)?,
             HaveKey::Sha256(d) => *inner.by_sha256.get(d)?,
         };
-        let mut h = inner.by_id.get(&id).map(|e| e.holding(id))?;
+        let mut h = match (inner.by_id.get(&id), inner.aliases.get(&id)) {
+            (Some(e), _) => e.holding(id),
+            // A swarm served from verified content: its verified pieces, under the swarm id.
+            (None, Some(verified)) => {
+                let e = inner.by_id.get(verified)?;
+                let n = id.piece_count();
+                Holding {
+                    content_id: id,
+                    have: e.verified.clone(),
+                    fetching: Bitfield::new(n),
+                    claimed: Bitfield::new(n),
+                    chaining: Bitfield::new(n),
+                    members: Vec::new(),
+                }
+            }
+            (None, None) => return None,
+        };
         if let Some((v, _)) = inner.members.get(&id) {
             h.members = v.sample(Instant::now());
         }
@@ -495,11 +560,42 @@ impl ContentStore {
     }
 
     /// Reads verified piece `index` of `id` from disk (blocking) and checks it again against
-    /// its chaining value. `None` when the piece is not held, the file is no longer the one
-    /// that verified (a symlink, a FIFO or another file at its path), the read fails, or the
-    /// bytes changed since they verified (the piece is then no longer offered).
+    /// its chaining value; while `id` assembles its layer, a piece this node fetched from the
+    /// origin itself, checked against the chaining value it claims. `None` when the piece is
+    /// not held, the file is no longer the one that verified (a symlink, a FIFO or another
+    /// file at its path), the read fails, or the bytes changed since they verified (the piece
+    /// is then no longer offered).
     #[must_use]
     pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
+        let claim = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            match (inner.by_id.get(id), inner.aliases.get(id)) {
+                (Some(e), _) if e.layer.is_none() => {
+                    let cv = (*e.claims.get(index as usize)?)?;
+                    e.served.store(true, Ordering::Relaxed);
+                    Ok((e.path.clone(), e.backing.clone()?, cv))
+                }
+                (Some(_), _) => Err(None),
+                (None, Some(verified)) => Err(Some(*verified)),
+                (None, None) => return None,
+            }
+        };
+        let claim = match claim {
+            Ok(c) => Some(c),
+            Err(None) => None,
+            // A swarm served from verified content.
+            Err(Some(verified)) => return self.read_piece(&verified, index),
+        };
+        if let Some((path, backing, cv)) = claim {
+            let range = id.piece_range(index)?;
+            let len = usize::try_from(range.end - range.start).ok()?;
+            let buf = backing.read(&path, range.start, len)?;
+            if shoal_validator::piece_chaining_value(range.start, &buf) != cv {
+                tracing::warn!(%id, index, path = %path.display(), "a claimed piece changed on disk; not offered");
+                return None;
+            }
+            return Some(Bytes::from(buf));
+        }
         let (path, backing, range, layer) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
             let e = inner.by_id.get(id)?;
@@ -545,7 +641,8 @@ mod tests {
         // Four pieces of 16 KiB.
         let id = ContentId::new([9; 32], 4 * 16 * 1024).unwrap();
         let path = PathBuf::from("/nonexistent/a.part");
-        assert!(store.begin_assembly(id, path.clone()));
+        let held = Backing::Held(Arc::new(tempfile::tempfile().unwrap()));
+        assert!(store.begin_assembly(id, path.clone(), held, None));
         store.add_claim(&id, &path, 0, [1; 32]);
         store.set_relayed(&id, &path, &[(2, [3; 32]), (0, [7; 32])]);
         let h = store.have(&HaveKey::Blake3(*id.hash())).unwrap();
@@ -602,6 +699,52 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let d = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64).unwrap();
         (path, bytes, d.layer)
+    }
+
+    #[test]
+    fn a_swarm_serves_only_its_own_origin_pieces_as_claimed_then_the_verified_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes, layer) = three_pieces(dir.path());
+        let real = layer.content_id();
+        let sha = shoal_validator::hash_reader(&bytes[..], bytes.len() as u64)
+            .unwrap()
+            .sha256;
+        let swarm = shoal_validator::sha256_swarm_id(&sha, bytes.len() as u64).unwrap();
+        let store = ContentStore::new();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        assert!(store.begin_assembly(swarm, path.clone(), Backing::Held(file.clone()), Some(sha)));
+        // A SHA-256 lookup finds the swarm while nothing verified answers it.
+        assert_eq!(store.have(&HaveKey::Sha256(sha)).unwrap().content_id, swarm);
+        // Piece 1 was fetched from the origin here: claimed, and served while its bytes are
+        // the claimed ones. Piece 0 (say, taken from a peer) is neither claimed nor served.
+        let cv1 = layer.chaining_values()[1];
+        store.add_claim(&swarm, &path, 1, cv1);
+        assert_eq!(
+            store.read_piece(&swarm, 1).unwrap(),
+            &bytes[16 * 1024..32 * 1024]
+        );
+        assert!(store.read_piece(&swarm, 0).is_none());
+        // A claim the bytes do not match is not served.
+        store.add_claim(&swarm, &path, 2, [0; 32]);
+        assert!(store.read_piece(&swarm, 2).is_none());
+        // Verified: the swarm is served from the verified content, every piece, under the
+        // swarm id, and SHA-256 lookups find the verified content.
+        store.insert(
+            layer.clone(),
+            Bitfield::full(3),
+            path.clone(),
+            Backing::Held(file),
+        );
+        store.set_sha256(&real, sha);
+        store.alias_swarm(swarm, &path, real);
+        assert_eq!(store.have(&HaveKey::Sha256(sha)).unwrap().content_id, real);
+        let h = store.have(&HaveKey::Blake3(*swarm.hash())).unwrap();
+        assert_eq!((h.content_id, h.have.count_ones()), (swarm, 3));
+        assert_eq!(store.read_piece(&swarm, 0).unwrap(), &bytes[..16 * 1024]);
+        // The verified content goes: so does the swarm.
+        store.remove_at(&real, &path);
+        assert!(store.have(&HaveKey::Blake3(*swarm.hash())).is_none());
+        assert!(store.read_piece(&swarm, 0).is_none());
     }
 
     #[test]

@@ -1282,6 +1282,50 @@ impl EventLoop {
         debug!("swarm event loop stopped");
     }
 
+    /// Peers mDNS found are learned as LAN peers and dialed; those it lost are not retried.
+    fn on_mdns(&mut self, event: mdns::Event) {
+        match event {
+            mdns::Event::Discovered(list) => {
+                let mut new = Vec::new();
+                for (peer, addr) in list {
+                    if !self.dial_scopes.allows(&addr) {
+                        continue;
+                    }
+                    learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
+                    if self.discovered.found(peer, addr) && !new.contains(&peer) {
+                        new.push(peer);
+                    }
+                }
+                for peer in new {
+                    self.dial_discovered(peer);
+                }
+            }
+            mdns::Event::Expired(list) => {
+                for (peer, addr) in list {
+                    self.discovered.expired(&peer, &addr);
+                }
+            }
+        }
+    }
+
+    /// A dial to `peer` failed: a discovered peer is dialed again after a backoff.
+    fn on_dial_failure(&mut self, peer: PeerId, error: &libp2p::swarm::DialError) {
+        use libp2p::swarm::DialError;
+        let lost = !matches!(
+            error,
+            DialError::DialPeerConditionFalse(_) | DialError::Aborted
+        );
+        if lost && !self.swarm.is_connected(&peer) {
+            let jitter = rand::random::<f64>();
+            if let Some(delay) = self
+                .discovered
+                .failed(&peer, std::time::Instant::now(), jitter)
+            {
+                debug!(%peer, ?delay, "dial to a discovered peer failed: {error}");
+            }
+        }
+    }
+
     /// Dials a peer mDNS reported, at all its addresses, unless it is connected or being
     /// dialed.
     fn dial_discovered(&mut self, peer: PeerId) {
@@ -1598,46 +1642,12 @@ impl EventLoop {
                 };
                 learn(&self.sources, peer_id, guess, RANK_GUESS);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                let mut new = Vec::new();
-                for (peer, addr) in list {
-                    if !self.dial_scopes.allows(&addr) {
-                        continue;
-                    }
-                    learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
-                    if self.discovered.found(peer, addr) && !new.contains(&peer) {
-                        new.push(peer);
-                    }
-                }
-                for peer in new {
-                    self.dial_discovered(peer);
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
-                for (peer, addr) in list {
-                    self.discovered.expired(&peer, &addr);
-                }
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => self.on_mdns(e),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
                 ..
-            } => {
-                use libp2p::swarm::DialError;
-                let lost = !matches!(
-                    error,
-                    DialError::DialPeerConditionFalse(_) | DialError::Aborted
-                );
-                if lost && !self.swarm.is_connected(&peer) {
-                    let jitter = rand::random::<f64>();
-                    if let Some(delay) =
-                        self.discovered
-                            .failed(&peer, std::time::Instant::now(), jitter)
-                    {
-                        debug!(%peer, ?delay, "dial to a discovered peer failed: {error}");
-                    }
-                }
-            }
+            } => self.on_dial_failure(peer, &error),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,

@@ -282,7 +282,8 @@ async fn wan_origin(name: &str, data: &[u8]) -> TestOrigin {
     origin
 }
 
-/// Starts one job of `name` from `origin` on every node at once, into `dir/n{i}/name`.
+/// Starts one job of `name` from `origin` on every node at once, into `dir/n{i}/name`,
+/// expecting the BLAKE3 hash of `data`.
 async fn start_everywhere(
     nodes: &[Node],
     dir: &Path,
@@ -290,19 +291,34 @@ async fn start_everywhere(
     name: &str,
     data: &[u8],
 ) -> Vec<(PathBuf, JobId)> {
+    start_everywhere_expecting(nodes, dir, origin, name, blake3_only(data)).await
+}
+
+/// [`start_everywhere`] with `expected` digests.
+async fn start_everywhere_expecting(
+    nodes: &[Node],
+    dir: &Path,
+    origin: &TestOrigin,
+    name: &str,
+    expected: Expected,
+) -> Vec<(PathBuf, JobId)> {
     let mut jobs = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        jobs.push(
-            one_file_job(
-                node,
-                dir.join(format!("n{i}/{name}")),
-                origin.url(name),
-                data,
-            )
-            .await,
-        );
+        let local = dir.join(format!("n{i}/{name}"));
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let job = start_job(node, spec(origin.url(name), &local, expected), &rec).await;
+        jobs.push((local, job));
     }
     jobs
+}
+
+/// Expects `bytes` by SHA-256 alone, as apt and dnf give them.
+fn sha256_only(bytes: &[u8]) -> Expected {
+    Expected {
+        blake3: None,
+        sha256: Some(sha256_of(bytes)),
+    }
 }
 
 /// Waits for every job to transfer, completes it, and checks the file and that every byte
@@ -342,6 +358,40 @@ async fn eight_nodes_starting_together_pull_about_one_copy_from_the_origin() {
         );
         // What the origin sent beyond what the nodes kept: pieces fetched twice, and probes.
         assert!(served >= from_origin && from_peers >= 6 * data.len() as u64);
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario timed out");
+}
+
+#[tokio::test]
+async fn eight_nodes_that_know_only_the_sha256_pull_about_one_copy_from_the_origin() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(6 << 20, 48);
+        let origin = wan_origin("s.bin", &data).await;
+        let nodes = mesh(8).await;
+        // Nobody holds the file, and the catalog gives only its SHA-256 (decision 0016): the
+        // members share what each fetches from the origin, unverified, and every node checks
+        // the whole file's SHA-256 before it is Transferred.
+        let jobs =
+            start_everywhere_expecting(&nodes, dir.path(), &origin, "s.bin", sha256_only(&data))
+                .await;
+        let (from_peers, _) = finish_everywhere(&nodes, &jobs, &data).await;
+        let ratio = origin.bytes_served() as f64 / data.len() as f64;
+        eprintln!("origin sent {ratio:.3} copies; {from_peers} bytes came from peers");
+        // Each node fetching the whole file itself sends eight copies.
+        assert!(
+            ratio <= 1.25,
+            "the origin sent {ratio:.3} copies of the file"
+        );
+        assert!(from_peers >= 6 * data.len() as u64);
+        for (node, (_, job)) in nodes.iter().zip(&jobs) {
+            let info = node.info(*job).unwrap();
+            assert_eq!(info.peer_stats.peers_banned, 0, "nobody lied");
+        }
         for n in &nodes {
             n.shutdown().await;
         }

@@ -105,6 +105,71 @@ async fn a_peer_that_claims_everything_and_answers_busy_forever_delays_a_downloa
 }
 
 #[tokio::test]
+async fn a_lying_member_of_a_sha256_swarm_cannot_corrupt_a_file_and_costs_one_origin_copy_per_victim()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(4 * MIB, 86);
+    origin.put("l.bin", data.clone());
+    // A member of the swarm that claims every piece as fetched from the origin and serves
+    // each with a byte flipped; three honest nodes that know the file only by its SHA-256.
+    let bad = BadPeer::start(Misbehaviour::SwarmLiar, &data).await;
+    let a = honest(&[], &[&bad]).await;
+    let b = honest(std::slice::from_ref(&a), &[&bad]).await;
+    let c = honest(&[a.clone(), b.clone()], &[&bad]).await;
+    for n in [&a, &b, &c] {
+        connected(n, 3).await;
+    }
+    let expected = Expected {
+        blake3: None,
+        sha256: Some(sha256_of(&data)),
+    };
+    // Bound: a first attempt that takes pieces from the liar (its shares lapse after the
+    // patience at worst), then the file from the origin alone: 2 × patience + 20 s.
+    let bound = 2 * PATIENCE + Duration::from_secs(20);
+    let nodes = [a.clone(), b.clone(), c.clone()];
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let local = dir.path().join(format!("n{i}.bin"));
+        let rec = Arc::new(Recorder::default());
+        let url = origin.url("l.bin");
+        jobs.push((
+            start_job(node, spec(url, &local, expected), &rec).await,
+            local,
+        ));
+    }
+    let mut banned = 0;
+    for (node, (job, local)) in nodes.iter().zip(&jobs) {
+        let left = bound.saturating_sub(start.elapsed());
+        let info = tokio::time::timeout(left, wait_for(node, *job, &[State::Transferred]))
+            .await
+            .unwrap_or_else(|_| panic!("not Transferred within {bound:?}"));
+        node.complete(*job).await.unwrap();
+        assert_eq!(
+            std::fs::read(local).unwrap(),
+            data,
+            "a byte that did not verify"
+        );
+        banned += info.peer_stats.peers_banned;
+    }
+    let took = start.elapsed();
+    let copies = origin.bytes_served() as f64 / data.len() as f64;
+    eprintln!("SwarmLiar: done in {took:?}, {copies:.3} origin copies, {banned} bans");
+    // Every file is the origin's. A node that took a piece
+    // from the liar failed its SHA-256 and fetched the file again from the origin alone:
+    // at most one copy for the swarm's first attempt and one per node.
+    assert!(copies <= 4.0 + 1e-3, "{copies} origin copies");
+    let served = bad.stats.answers.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(served > 0, "the liar was asked for pieces");
+    // Each victim banned the liar (and the other peers it took unverified pieces from).
+    assert!(banned >= 1, "nobody banned the liar");
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test]
 async fn a_peer_that_claims_every_piece_and_tells_nothing_does_not_stall_a_cold_start() {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;

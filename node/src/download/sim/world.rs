@@ -614,7 +614,7 @@ impl World<'_> {
             }
             Action::Rejected => self.rejected += 1,
             // The layer is known from the start: nothing is gathered or assembled.
-            Action::Gather { .. } | Action::SetLayer { .. } => {}
+            Action::Gather { .. } | Action::SetLayer { .. } | Action::Forget(_) => {}
         }
     }
 
