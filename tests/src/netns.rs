@@ -61,6 +61,8 @@ fn run(program: &str, args: &[&str]) -> io::Result<Output> {
 /// at `10.77.0.N/24` (N from 1), joined by a bridge in a namespace of its own, and
 /// optionally an origin host behind a shaped link ([`Lan::with_wan`]).
 pub struct Lan {
+    /// The LAN's /24: its first three octets.
+    subnet: [u8; 3],
     prefix: String,
     hosts: Vec<String>,
     bridge: String,
@@ -82,9 +84,20 @@ impl Lan {
     /// A namespace, link or address could not be created (not root, no iproute2); what was
     /// created is deleted again.
     pub fn new(tag: &str, hosts: usize) -> io::Result<Lan> {
+        Self::on_subnet(tag, hosts, [10, 77, 0])
+    }
+
+    /// [`Lan::new`] on the /24 `subnet` (its first three octets) rather than `10.77.0.0/24`,
+    /// with IPv6 off on the hosts (no link-local addresses): a LAN of public addresses, say.
+    /// Its hosts reach only each other, whatever the addresses.
+    ///
+    /// # Errors
+    /// As [`Lan::new`].
+    pub fn on_subnet(tag: &str, hosts: usize, subnet: [u8; 3]) -> io::Result<Lan> {
         assert!(hosts <= 250, "at most 250 hosts");
         let prefix = format!("shoal{}-{tag}", std::process::id());
         let mut lan = Lan {
+            subnet,
             bridge: format!("{prefix}-br"),
             hosts: Vec::new(),
             origin: None,
@@ -100,6 +113,30 @@ impl Lan {
             let ns = format!("{}-h{i}", lan.prefix);
             ip(&["netns", "add", &ns])?;
             lan.hosts.push(ns.clone());
+            if subnet != [10, 77, 0] {
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv6.conf.all.disable_ipv6=1",
+                    ],
+                )?;
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv6.conf.default.disable_ipv6=1",
+                    ],
+                )?;
+            }
             let port = format!("p{i}");
             ip(&[
                 "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
@@ -216,10 +253,11 @@ impl Lan {
         &self.hosts[i]
     }
 
-    /// The address of host `i` on the LAN: `10.77.0.(i + 1)`.
+    /// The address of host `i` on the LAN: `10.77.0.(i + 1)` (or on its subnet).
     #[must_use]
     pub fn host_ip(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, 0, u8::try_from(i + 1).expect("at most 250 hosts"))
+        let [a, b, c] = self.subnet;
+        Ipv4Addr::new(a, b, c, u8::try_from(i + 1).expect("at most 250 hosts"))
     }
 
     /// The origin host's namespace, when [`Lan::with_wan`] added one.
@@ -295,6 +333,141 @@ pub fn enter(ns: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Counts the UDP datagrams to one port that cross a LAN's bridge, from the moment it is
+/// started until [`UdpCount::stop`]: a packet socket (`AF_PACKET`) on the bridge, in the
+/// bridge's namespace, on a thread of its own.
+pub struct UdpCount {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<io::Result<u64>>,
+}
+
+impl UdpCount {
+    /// Starts counting UDP datagrams to `port` on the bridge of `lan`.
+    ///
+    /// # Errors
+    /// The namespace cannot be entered or the packet socket opened.
+    pub fn start(lan: &Lan, port: u16) -> io::Result<UdpCount> {
+        let ns = lan.bridge.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let counted = (|| {
+                enter(&ns)?;
+                let fd = packet_socket("br0")?;
+                let _ = ready_tx.send(Ok(()));
+                Ok::<_, io::Error>(count_udp(&fd, port, &flag))
+            })();
+            if let Err(e) = &counted {
+                let _ = ready_tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+            }
+            counted
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the capture thread ended"))??;
+        Ok(UdpCount { stop, thread })
+    }
+
+    /// Stops counting; returns the datagrams counted.
+    ///
+    /// # Errors
+    /// The capture failed.
+    pub fn stop(self) -> io::Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("the capture thread panicked"))?
+    }
+}
+
+/// A packet socket receiving every frame on interface `dev`, with a 100 ms read timeout.
+fn packet_socket(dev: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the descriptor is owned from here on.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor this function owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let name = std::ffi::CString::new(dev).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed sockaddr_ll is valid; the fields set are the ones bind needs.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
+    // SAFETY: `sll` lives across the call and its size is passed.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: `timeout` lives across the call and its size is passed.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Reads frames from `fd` until `stop`, counting UDP datagrams (IPv4 or IPv6) to `port`.
+fn count_udp(fd: &std::os::fd::OwnedFd, port: u16, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut buf = vec![0u8; 65_536];
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: `buf` is valid for its length.
+        let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(len) = usize::try_from(got) else {
+            continue;
+        };
+        if udp_dst_port(&buf[..len]) == Some(port) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The UDP destination port of an Ethernet frame carrying UDP over IPv4 or IPv6.
+fn udp_dst_port(frame: &[u8]) -> Option<u16> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let udp = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(frame.get(14)? & 0x0f) * 4;
+            (*frame.get(14 + 9)? == 17).then_some(14 + ihl)?
+        }
+        0x86dd => (*frame.get(14 + 6)? == 17).then_some(14 + 40)?,
+        _ => return None,
+    };
+    Some(u16::from_be_bytes([
+        *frame.get(udp + 2)?,
+        *frame.get(udp + 3)?,
+    ]))
 }
 
 impl Drop for Lan {

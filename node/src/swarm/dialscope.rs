@@ -84,6 +84,14 @@ fn scope_v6(ip: Ipv6Addr) -> Scope {
     }
 }
 
+/// The scope of an IP address.
+pub(crate) fn scope_of_ip(ip: std::net::IpAddr) -> Scope {
+    match ip {
+        std::net::IpAddr::V4(v4) => scope_v4(v4),
+        std::net::IpAddr::V6(v6) => scope_v6(v6),
+    }
+}
+
 /// The scope of the first IP address in `addr` ([`Scope::Never`] when it has none).
 pub(crate) fn scope_of(addr: &Multiaddr) -> Scope {
     match addr.iter().next() {

@@ -9,6 +9,7 @@
 pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
+pub(crate) mod lan;
 pub(crate) mod tls;
 
 use std::{
@@ -22,7 +23,7 @@ use std::{
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, kad, mdns, noise, ping,
+    Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, kad, noise, ping,
     request_response::{
         self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
     },
@@ -196,19 +197,18 @@ mod behaviour {
 
     use super::{
         AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle,
-        identify, kad, mdns, ping,
+        identify, kad, ping,
     };
     use crate::swarm::dialscope::ScopedDial;
 
-    /// Shoal's network behaviour: identify, ping, optional mDNS, the optional Kademlia DHT,
-    /// and the three peer protocols. The addresses identify, mDNS and Kademlia offer for an
-    /// outgoing connection were stated by peers: they are dialed only in the open scopes
-    /// (`dialscope`).
+    /// Shoal's network behaviour: identify, ping, the optional Kademlia DHT, and the peer
+    /// protocols. The addresses identify and Kademlia offer for an outgoing connection were
+    /// stated by peers: they are dialed only in the open scopes (`dialscope`). (mDNS runs
+    /// beside the swarm, `lan`.)
     #[derive(NetworkBehaviour)]
     pub(crate) struct Behaviour {
         pub(super) identify: ScopedDial<identify::Behaviour>,
         pub(super) ping: ping::Behaviour,
-        pub(super) mdns: Toggle<ScopedDial<mdns::tokio::Behaviour>>,
         pub(super) kad: Toggle<ScopedDial<kad::Behaviour<kad::store::MemoryStore>>>,
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
@@ -703,6 +703,14 @@ impl Handle {
     }
 }
 
+/// The next peer mDNS found or lost; pending for ever when mDNS is off.
+async fn lan_next(lan: &mut Option<lan::Lan>) -> Option<lan::Found> {
+    match lan {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The dial options for an address this node dials (with or without `/p2p/ID`): always from
 /// a new local port, never from the listen port. libp2p's default binds an outgoing TCP
 /// socket to the listen port; two nodes on one fixed port (a fleet on DO's 7680) that dial
@@ -979,20 +987,11 @@ fn build_swarm(
     config: &Config,
     dial_scopes: &DialScopes,
 ) -> Result<libp2p::Swarm<Behaviour>, Error> {
-    let mdns_on = config.mdns;
     let dht_on = config.mode.uses_dht();
     let piece_timeout = config.piece_timeout;
     let make_behaviour =
         |key: &identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
             let peer_id = key.public().to_peer_id();
-            let mdns = if mdns_on {
-                Some(ScopedDial::new(
-                    mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?,
-                    dial_scopes.clone(),
-                ))
-            } else {
-                None
-            };
             Ok(Behaviour {
                 identify: ScopedDial::new(
                     identify::Behaviour::new(identify::Config::new(
@@ -1002,7 +1001,6 @@ fn build_swarm(
                     dial_scopes.clone(),
                 ),
                 ping: ping::Behaviour::default(),
-                mdns: Toggle::from(mdns),
                 kad: Toggle::from(
                     dht_on.then(|| {
                         ScopedDial::new(kad_behaviour(peer_id, config), dial_scopes.clone())
@@ -1085,6 +1083,11 @@ pub(crate) async fn spawn(
             .chain(&config.cache_nodes),
         config.mode == PeerMode::Lan || config.mdns,
     );
+    let lan = if config.mdns {
+        Some(lan::Lan::start(keypair.public().to_peer_id())?)
+    } else {
+        None
+    };
     let mut swarm = build_swarm(keypair, &config, &dial_scopes)?;
     for addr in &config.listen {
         swarm
@@ -1165,6 +1168,8 @@ pub(crate) async fn spawn(
         },
         dial_scopes,
         discovered: discovered::Discovered::default(),
+        lan,
+        lan_ports: (None, None),
         static_peers: config.peers,
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
@@ -1229,6 +1234,9 @@ struct EventLoop {
     dial_scopes: DialScopes,
     /// The peers mDNS reports, and the retries of failed dials to them.
     discovered: discovered::Discovered,
+    /// LAN discovery, when mDNS is on, and the TCP and QUIC ports it states.
+    lan: Option<lan::Lan>,
+    lan_ports: (Option<u16>, Option<u16>),
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
@@ -1276,6 +1284,7 @@ impl EventLoop {
                 () = tokio::time::sleep_until(retry_at), if retry.is_some() => {
                     self.retry_discovered();
                 }
+                Some(found) = lan_next(&mut self.lan) => self.on_lan(found),
                 () = changed, if dht => self.sync_provided(),
             }
         }
@@ -1283,28 +1292,52 @@ impl EventLoop {
     }
 
     /// Peers mDNS found are learned as LAN peers and dialed; those it lost are not retried.
-    fn on_mdns(&mut self, event: mdns::Event) {
-        match event {
-            mdns::Event::Discovered(list) => {
-                let mut new = Vec::new();
-                for (peer, addr) in list {
-                    if !self.dial_scopes.allows(&addr) {
-                        continue;
-                    }
-                    learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
-                    if self.discovered.found(peer, addr) && !new.contains(&peer) {
-                        new.push(peer);
+    fn on_lan(&mut self, found: lan::Found) {
+        match found {
+            lan::Found::Peer(peer, addrs) => {
+                let mut new = false;
+                for addr in addrs {
+                    if self.dial_scopes.allows(&addr) {
+                        learn(&self.sources, peer, PeerSource::Lan, RANK_LISTED);
+                        new |= self.discovered.found(peer, addr);
                     }
                 }
-                for peer in new {
+                if new {
                     self.dial_discovered(peer);
                 }
             }
-            mdns::Event::Expired(list) => {
-                for (peer, addr) in list {
+            lan::Found::Gone(peer, addrs) => {
+                for addr in addrs {
                     self.discovered.expired(&peer, &addr);
                 }
             }
+        }
+    }
+
+    /// A listen address was bound: mDNS states the node at its port once it listens on a
+    /// private or link-local address (or every interface).
+    fn announce_on_lan(&mut self, address: &Multiaddr) {
+        use crate::swarm::dialscope::{Scope, scope_of};
+        let Some(lan) = &mut self.lan else { return };
+        if !matches!(scope_of(address), Scope::Private | Scope::LinkLocal) {
+            return;
+        }
+        let mut tcp = None;
+        let mut udp = None;
+        for p in address.iter() {
+            match p {
+                libp2p::multiaddr::Protocol::Tcp(port) => tcp = Some(port),
+                libp2p::multiaddr::Protocol::Udp(port) => udp = Some(port),
+                _ => {}
+            }
+        }
+        if tcp.is_some() {
+            self.lan_ports.0 = tcp;
+        } else if udp.is_some() {
+            self.lan_ports.1 = udp;
+        }
+        if let (Some(tcp), quic) = self.lan_ports {
+            lan.announce(tcp, quic);
         }
     }
 
@@ -1484,11 +1517,21 @@ impl EventLoop {
         if let Command::Request(peer, _) = &cmd
             && !self.swarm.is_connected(peer)
         {
-            // Dialed here from a new port (see `dial_addr`); the request goes out on this
-            // connection, and request-response's own dial gives way to it.
-            let _ = self
-                .swarm
-                .dial(DialOpts::peer_id(*peer).allocate_new_port().build());
+            // Dialed here from a new port (see `dial_addr`), at the addresses mDNS gave and
+            // those the behaviours know; the request goes out on this connection, and
+            // request-response's own dial gives way to it.
+            let addrs = self
+                .discovered
+                .addrs(peer)
+                .map(<[Multiaddr]>::to_vec)
+                .unwrap_or_default();
+            let _ = self.swarm.dial(
+                DialOpts::peer_id(*peer)
+                    .addresses(addrs)
+                    .extend_addresses_through_behaviour()
+                    .allocate_new_port()
+                    .build(),
+            );
         }
         let b = self.swarm.behaviour_mut();
         match cmd {
@@ -1607,6 +1650,7 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
+                self.announce_on_lan(&address);
                 self.listen_addrs.insert(address);
                 if let Some(tx) = self.bound.take() {
                     let _ = tx.send(());
@@ -1642,7 +1686,6 @@ impl EventLoop {
                 };
                 learn(&self.sources, peer_id, guess, RANK_GUESS);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Mdns(e)) => self.on_mdns(e),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,

@@ -130,6 +130,23 @@ async fn a_cached_file_outlives_its_job_serves_peers_after_a_restart_and_fills_l
 
 #[tokio::test]
 async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
+    fetches_once_for_staggered_clients(blake3_only).await;
+}
+
+#[tokio::test]
+async fn a_cache_node_fetches_once_for_clients_that_know_only_the_sha256() {
+    // The running fill serves the pieces it fetched to clients that cannot check them before
+    // the whole file is in (decision 0016); each checks the SHA-256 at the end.
+    fetches_once_for_staggered_clients(|data| Expected {
+        blake3: None,
+        sha256: Some(sha256_of(data)),
+    })
+    .await;
+}
+
+/// Four clients that know only a cache node start one job each, 0.6 s apart, expecting the
+/// digests `expected` gives: the origin sends one copy, every byte comes from the cache node.
+async fn fetches_once_for_staggered_clients(expected: fn(&[u8]) -> Expected) {
     tokio::time::timeout(SCENARIO_TIMEOUT, async {
         let dir = tempfile::tempdir().unwrap();
         let origin = TestOrigin::start().await;
@@ -170,7 +187,7 @@ async fn a_cache_node_fetches_once_for_clients_that_start_at_different_times() {
             let rec = Arc::new(Recorder::default());
             let job = start_job(
                 &client,
-                spec(origin.url("u.bin"), &local, blake3_only(&data)),
+                spec(origin.url("u.bin"), &local, expected(&data)),
                 &rec,
             )
             .await;
