@@ -79,6 +79,37 @@ pub fn tempdir_in(dir: &Path) -> Result<PathBuf, String> {
     Ok(p)
 }
 
+/// Parses a comma-separated list for `flag`; an error names the item that does not parse.
+///
+/// # Errors
+/// An item is not a `T`.
+pub fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("{flag}: {x:?} is not valid"))
+        })
+        .collect()
+}
+
+/// Starts nginx with the configuration `conf` and prefix `work`, through `cmd` (`nginx`, or
+/// `ip netns exec NS nginx`); killed when the guard drops. Waits 300 ms for it to listen.
+///
+/// # Errors
+/// nginx cannot be started.
+pub fn start_nginx(mut cmd: Command, conf: &Path, work: &Path) -> Result<Guard, String> {
+    let child = cmd
+        .arg("-c")
+        .arg(conf)
+        .arg("-p")
+        .arg(work)
+        .spawn()
+        .map_err(|e| format!("cannot start nginx: {e}"))?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    Ok(Guard(child))
+}
+
 /// Writes an nginx configuration to `work/nginx.conf` that serves `root` on `listen`
 /// (`IP:PORT`) with sendfile, in the foreground, one worker, no access log, every temporary
 /// path under `work`; returns its path. Start it with `nginx -c CONF -p WORK`.

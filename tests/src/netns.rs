@@ -114,28 +114,10 @@ impl Lan {
             ip(&["netns", "add", &ns])?;
             lan.hosts.push(ns.clone());
             if subnet != [10, 77, 0] {
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &ns,
-                        "sysctl",
-                        "-qw",
-                        "net.ipv6.conf.all.disable_ipv6=1",
-                    ],
-                )?;
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &ns,
-                        "sysctl",
-                        "-qw",
-                        "net.ipv6.conf.default.disable_ipv6=1",
-                    ],
-                )?;
+                for key in ["all", "default"] {
+                    let setting = format!("net.ipv6.conf.{key}.disable_ipv6=1");
+                    run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &setting])?;
+                }
             }
             let port = format!("p{i}");
             ip(&[

@@ -403,6 +403,13 @@ impl ContentStore {
                 inner.aliases.remove(&swarm);
                 if !inner.by_id.contains_key(&swarm) {
                     inner.by_hash.remove(swarm.hash());
+                    if inner
+                        .members
+                        .get(&swarm)
+                        .is_some_and(|(_, users)| *users == 0)
+                    {
+                        inner.members.remove(&swarm);
+                    }
                 }
             }
             if inner.members.get(id).is_some_and(|(_, users)| *users == 0) {
@@ -736,15 +743,21 @@ mod tests {
             Backing::Held(file),
         );
         store.set_sha256(&real, sha);
+        store.join_members(swarm, libp2p::PeerId::random(), Instant::now());
         store.alias_swarm(swarm, &path, real);
+        // The download that joined the swarm's view ends; the node stays a member while it
+        // serves the verified content.
+        store.leave_members(&swarm);
+        assert!(store.with_members(&swarm, |_| ()).is_some());
         assert_eq!(store.have(&HaveKey::Sha256(sha)).unwrap().content_id, real);
         let h = store.have(&HaveKey::Blake3(*swarm.hash())).unwrap();
         assert_eq!((h.content_id, h.have.count_ones()), (swarm, 3));
         assert_eq!(store.read_piece(&swarm, 0).unwrap(), &bytes[..16 * 1024]);
-        // The verified content goes: so does the swarm.
+        // The verified content goes: so does the swarm, and its member view.
         store.remove_at(&real, &path);
         assert!(store.have(&HaveKey::Blake3(*swarm.hash())).is_none());
         assert!(store.read_piece(&swarm, 0).is_none());
+        assert!(store.with_members(&swarm, |_| ()).is_none());
     }
 
     #[test]

@@ -19,10 +19,11 @@ use std::{
     net::TcpListener,
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
 };
 
-use shoal_tests::bench::{Guard, digest_line, median, nginx_conf, tempdir_in, write_payload};
+use shoal_tests::bench::{
+    Guard, digest_line, median, nginx_conf, start_nginx, tempdir_in, write_payload,
+};
 
 struct Args {
     size: u64,
@@ -106,16 +107,7 @@ fn run() -> Result<(), String> {
     let blake3 = digest_line(&args.shoal, &payload, "blake3")?;
     let port = free_port();
     let conf = nginx_conf(&work, &root, &format!("127.0.0.1:{port}"))?;
-    let _nginx = Guard(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&work)
-            .spawn()
-            .map_err(|e| format!("cannot start nginx: {e}"))?,
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let _nginx = start_nginx(Command::new("nginx"), &conf, &work)?;
     let url = format!("http://127.0.0.1:{port}/payload.bin");
     let out = work.join("out.bin");
     let out_s = out.to_string_lossy().into_owned();

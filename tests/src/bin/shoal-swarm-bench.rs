@@ -28,7 +28,7 @@ use std::{
 };
 
 use shoal_node::{Expected, FileSpec, JobId, Node, Priority, State};
-use shoal_tests::{TestOrigin, content, test_builder};
+use shoal_tests::{TestOrigin, bench::list, content, test_builder};
 
 struct Args {
     nodes: Vec<usize>,
@@ -38,16 +38,6 @@ struct Args {
     simulate: Option<Vec<usize>>,
     degree: usize,
     runs: usize,
-}
-
-fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
-    v.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .map_err(|_| format!("{flag}: {x:?} is not a number"))
-        })
-        .collect()
 }
 
 fn parse_args() -> Result<Args, String> {

@@ -35,7 +35,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shoal_tests::bench::{Guard, digest_line, median, nginx_conf, tempdir_in, write_payload};
+use shoal_tests::bench::{
+    Guard, digest_line, list, median, nginx_conf, start_nginx, tempdir_in, write_payload,
+};
 use shoal_tests::netns::{self, Lan};
 
 struct Args {
@@ -47,16 +49,6 @@ struct Args {
     runs: usize,
     dir: PathBuf,
     shoal: PathBuf,
-}
-
-fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
-    v.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .map_err(|_| format!("{flag}: {x:?} is not valid"))
-        })
-        .collect()
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -322,16 +314,7 @@ fn run() -> Result<(), String> {
             let origin_ns = lan.origin_ns().ok_or("no origin host")?.to_owned();
             let listen = format!("{}:8080", lan.origin_ip());
             let conf = nginx_conf(&work, &root, &listen)?;
-            let _nginx = Guard(
-                netns::exec(&origin_ns, "nginx")
-                    .arg("-c")
-                    .arg(&conf)
-                    .arg("-p")
-                    .arg(&work)
-                    .spawn()
-                    .map_err(|e| format!("cannot start nginx: {e}"))?,
-            );
-            std::thread::sleep(Duration::from_millis(300));
+            let _nginx = start_nginx(netns::exec(&origin_ns, "nginx"), &conf, &work)?;
             let url = format!("http://{listen}/payload.bin");
             let torrent = work.join("payload.torrent");
             if args.contenders.iter().any(|c| c == "libtorrent") {

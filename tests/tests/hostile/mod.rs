@@ -40,8 +40,9 @@ async fn connected(node: &Node, n: usize) {
     }
 }
 
-/// Runs one job for `data` at `url` on each node, all at once; returns each node's file info
-/// and the time the last one took.
+/// Runs one job for `data` at `url` on each node, all at once; checks each file's bytes once
+/// it is Transferred and completed; returns each node's job info and the time the last one
+/// took.
 async fn fetch_all(
     nodes: &[Node],
     url: url::Url,
@@ -49,7 +50,7 @@ async fn fetch_all(
     dir: &Path,
     expected: Expected,
     bound: Duration,
-) -> (Vec<shoal_node::job::FileInfo>, Duration) {
+) -> (Vec<JobInfo>, Duration) {
     let start = Instant::now();
     let mut jobs = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -68,7 +69,7 @@ async fn fetch_all(
             .unwrap_or_else(|_| panic!("not Transferred within {bound:?}"));
         node.complete(*job).await.unwrap();
         assert_eq!(std::fs::read(local).unwrap(), data);
-        infos.push(info.files[0].clone());
+        infos.push(info);
     }
     (infos, start.elapsed())
 }
@@ -98,7 +99,7 @@ async fn a_peer_that_claims_everything_and_answers_busy_forever_delays_a_downloa
         "AlwaysBusy: done in {took:?}, {} bytes from the origin",
         origin.bytes_served()
     );
-    assert_eq!(files[0].bytes_from.origin, data.len() as u64);
+    assert_eq!(files[0].files[0].bytes_from.origin, data.len() as u64);
     assert!(bad.stats.answers.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert!(origin.bytes_served() <= data.len() as u64 + 1);
     leecher.shutdown().await;
@@ -127,36 +128,19 @@ async fn a_lying_member_of_a_sha256_swarm_cannot_corrupt_a_file_and_costs_one_or
     // Bound: a first attempt that takes pieces from the liar (its shares lapse after the
     // patience at worst), then the file from the origin alone: 2 × patience + 20 s.
     let bound = 2 * PATIENCE + Duration::from_secs(20);
-    let nodes = [a.clone(), b.clone(), c.clone()];
-    let start = Instant::now();
-    let mut jobs = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let local = dir.path().join(format!("n{i}.bin"));
-        let rec = Arc::new(Recorder::default());
-        let url = origin.url("l.bin");
-        jobs.push((
-            start_job(node, spec(url, &local, expected), &rec).await,
-            local,
-        ));
-    }
-    let mut banned = 0;
-    for (node, (job, local)) in nodes.iter().zip(&jobs) {
-        let left = bound.saturating_sub(start.elapsed());
-        let info = tokio::time::timeout(left, wait_for(node, *job, &[State::Transferred]))
-            .await
-            .unwrap_or_else(|_| panic!("not Transferred within {bound:?}"));
-        node.complete(*job).await.unwrap();
-        assert_eq!(
-            std::fs::read(local).unwrap(),
-            data,
-            "a byte that did not verify"
-        );
-        banned += info.peer_stats.peers_banned;
-    }
-    let took = start.elapsed();
+    let (jobs, took) = fetch_all(
+        &[a.clone(), b.clone(), c.clone()],
+        origin.url("l.bin"),
+        &data,
+        dir.path(),
+        expected,
+        bound,
+    )
+    .await;
+    let banned: u64 = jobs.iter().map(|j| j.peer_stats.peers_banned).sum();
     let copies = origin.bytes_served() as f64 / data.len() as f64;
     eprintln!("SwarmLiar: done in {took:?}, {copies:.3} origin copies, {banned} bans");
-    // Every file is the origin's. A node that took a piece
+    // Every file is the origin's (`fetch_all` compares the bytes). A node that took a piece
     // from the liar failed its SHA-256 and fetched the file again from the origin alone:
     // at most one copy for the swarm's first attempt and one per node.
     assert!(copies <= 4.0 + 1e-3, "{copies} origin copies");
@@ -164,7 +148,7 @@ async fn a_lying_member_of_a_sha256_swarm_cannot_corrupt_a_file_and_costs_one_or
     assert!(served > 0, "the liar was asked for pieces");
     // Each victim banned the liar (and the other peers it took unverified pieces from).
     assert!(banned >= 1, "nobody banned the liar");
-    for n in &nodes {
+    for n in [a, b, c] {
         n.shutdown().await;
     }
 }
@@ -237,7 +221,7 @@ async fn a_peer_that_floods_made_up_members_costs_at_most_one_lapse() {
     assert!(
         files
             .iter()
-            .all(|f| f.bytes_from.origin < data.len() as u64)
+            .all(|j| j.files[0].bytes_from.origin < data.len() as u64)
     );
     assert!(copies <= 1.5, "{copies}");
     assert!(
@@ -352,7 +336,7 @@ async fn a_flood_of_layer_requests_is_paid_from_the_upload_bucket() {
             )
             .await;
             node.shutdown().await;
-            (infos[0].bytes_from.peers(), took)
+            (infos[0].files[0].bytes_from.peers(), took)
         }
     };
     std::fs::create_dir_all(dir.path().join("leech0")).unwrap();

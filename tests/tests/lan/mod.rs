@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shoal_node::{Node, PeerId, config::PeerMode};
+use shoal_node::{Node, config::PeerMode};
 use shoal_tests::netns::{self, Lan, UdpCount};
 
 /// Tries in a row, each with three fresh nodes started at the same moment: on TCP alone (the
@@ -21,87 +21,97 @@ const TRY_BOUND: Duration = Duration::from_secs(30);
 /// The fleet's port, on every host.
 const PORT: u16 = 7680;
 
-/// What one host saw in one try: how long until it was connected to both others, or the peers
-/// it had at the bound.
-type Seen = Result<Duration, Vec<PeerId>>;
-
-/// Runs host `i`'s node for one try, listening on TCP (and QUIC when `quic`): built when
-/// every host is ready, then connected peers polled until it has `others` or the bound passes;
-/// it stays up until every host is done.
-fn host(
-    lan: &Lan,
-    i: usize,
-    quic: bool,
-    others: usize,
-    start: &Arc<tokio::sync::Barrier>,
-    done: &Arc<tokio::sync::Barrier>,
-) -> Seen {
-    lan.enter(i).expect("enter the host's network namespace");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+/// A node of the fleet: on [`PORT`] on every interface (TCP, and QUIC when `quic`), in LAN
+/// mode with mDNS on, as a fleet installed with defaults on one fixed port runs.
+async fn fleet_node(quic: bool, state: &std::path::Path) -> Node {
+    let mut listen = vec![format!("/ip4/0.0.0.0/tcp/{PORT}")];
+    if quic {
+        listen.push(format!("/ip4/0.0.0.0/udp/{PORT}/quic-v1"));
+    }
+    Node::builder()
+        .listen(
+            listen
+                .iter()
+                .map(|a| a.parse().expect("multiaddr"))
+                .collect(),
+        )
+        .mode(PeerMode::Lan)
+        .mdns(true)
+        .state_dir(state)
         .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let state = tempfile::tempdir().expect("state dir");
-        // Bounded, so that a host that failed to start cannot hold the others for ever.
-        let _ = tokio::time::timeout(TRY_BOUND, start.wait()).await;
-        let t0 = Instant::now();
-        let mut listen = vec![format!("/ip4/0.0.0.0/tcp/{PORT}")];
-        if quic {
-            listen.push(format!("/ip4/0.0.0.0/udp/{PORT}/quic-v1"));
-        }
-        let node = Node::builder()
-            .listen(
-                listen
-                    .iter()
-                    .map(|a| a.parse().expect("multiaddr"))
-                    .collect(),
-            )
-            .mode(PeerMode::Lan)
-            .mdns(true)
-            .state_dir(state.path())
-            .build()
-            .await
-            .expect("node starts on the host");
-        let seen = loop {
-            let peers = node.connected_peers().await;
-            if peers.len() >= others {
-                break Ok(t0.elapsed());
-            }
-            if t0.elapsed() > TRY_BOUND {
-                break Err(peers);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let _ = tokio::time::timeout(TRY_BOUND, done.wait()).await;
-        node.shutdown().await;
-        seen
-    })
+        .await
+        .expect("node starts on the host")
+}
+
+/// Starts a [`fleet_node`] on every host of `lan` at the same moment, each on a thread of its
+/// own in its host's namespace, on a current-thread runtime (so its sockets are on that host),
+/// and runs `watch` on each with the node and its start; every node stays up until all
+/// `watch`es returned. Returns what each returned, by host.
+fn on_every_host<T, F, W>(lan: &Arc<Lan>, quic: bool, watch: W) -> Vec<T>
+where
+    W: Fn(Node, Instant) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let n = lan.len();
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let done = Arc::new(tokio::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (lan, start, done) = (lan.clone(), start.clone(), done.clone());
+            let watch = watch.clone();
+            std::thread::spawn(move || {
+                lan.enter(i).expect("enter the host's network namespace");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let state = tempfile::tempdir().expect("state dir");
+                    // Bounded, so that a host that failed to start cannot hold the others.
+                    let _ = tokio::time::timeout(TRY_BOUND, start.wait()).await;
+                    let t0 = Instant::now();
+                    let node = fleet_node(quic, state.path()).await;
+                    let seen = watch(node.clone(), t0).await;
+                    let _ = tokio::time::timeout(TRY_BOUND, done.wait()).await;
+                    node.shutdown().await;
+                    seen
+                })
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("host thread"))
+        .collect()
 }
 
 /// Runs `tries` tries on `lan`, each with fresh nodes on every host; returns how long each
 /// node took to be connected to all others. Panics naming the try and the host that was not.
 fn tries(lan: &Arc<Lan>, quic: bool, tries: usize) -> Vec<Duration> {
-    let hosts = lan.len();
+    let others = lan.len() - 1;
     let mut times = Vec::new();
     for attempt in 1..=tries {
-        let start = Arc::new(tokio::sync::Barrier::new(hosts));
-        let done = Arc::new(tokio::sync::Barrier::new(hosts));
-        let threads: Vec<_> = (0..hosts)
-            .map(|i| {
-                let (lan, start, done) = (lan.clone(), start.clone(), done.clone());
-                std::thread::spawn(move || host(&lan, i, quic, hosts - 1, &start, &done))
-            })
-            .collect();
-        for (i, t) in threads.into_iter().enumerate() {
-            match t.join().expect("host thread") {
+        let seen = on_every_host(lan, quic, move |node, t0| async move {
+            loop {
+                let peers = node.connected_peers().await;
+                if peers.len() >= others {
+                    break Ok(t0.elapsed());
+                }
+                if t0.elapsed() > TRY_BOUND {
+                    break Err(peers);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        for (i, seen) in seen.into_iter().enumerate() {
+            match seen {
                 Ok(took) => times.push(took),
                 Err(peers) => panic!(
-                    "try {attempt} (QUIC {quic}): host {i} ({}) was connected to {} of {} peers \
-                     after {TRY_BOUND:?}: {peers:?}",
+                    "try {attempt} (QUIC {quic}): host {i} ({}) was connected to {} of \
+                     {others} peers after {TRY_BOUND:?}: {peers:?}",
                     lan.host_ip(i),
                     peers.len(),
-                    hosts - 1
                 ),
             }
         }
@@ -110,13 +120,19 @@ fn tries(lan: &Arc<Lan>, quic: bool, tries: usize) -> Vec<Duration> {
     times
 }
 
+/// True, with a loud message, where network namespaces cannot be made (not root, no
+/// iproute2); CI runs as root with iproute2, so there the tests run.
+fn skipped(test: &str) -> bool {
+    let skip = !netns::available();
+    if skip {
+        eprintln!("SKIPPED {test}: creating network namespaces needs root and iproute2");
+    }
+    skip
+}
+
 #[test]
 fn nodes_on_one_fixed_port_find_each_other_by_mdns_every_time() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED nodes_on_one_fixed_port_find_each_other_by_mdns_every_time: \
-             creating network namespaces needs root and iproute2"
-        );
+    if skipped("nodes_on_one_fixed_port_find_each_other_by_mdns_every_time") {
         return;
     }
     let lan = Arc::new(Lan::new("mdns", 3).expect("create the LAN's namespaces"));
@@ -136,11 +152,7 @@ fn nodes_on_one_fixed_port_find_each_other_by_mdns_every_time() {
 
 #[test]
 fn nodes_on_public_addresses_do_not_use_mdns_there() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED nodes_on_public_addresses_do_not_use_mdns_there: \
-             creating network namespaces needs root and iproute2"
-        );
+    if skipped("nodes_on_public_addresses_do_not_use_mdns_there") {
         return;
     }
     // Two hosts whose only addresses are public ones (IPv6 off), on a bridge of their own
@@ -149,41 +161,11 @@ fn nodes_on_public_addresses_do_not_use_mdns_there() {
     // discovery takes on a private LAN (about 1 s, the test above).
     let lan = Arc::new(Lan::on_subnet("public", 2, [100, 128, 0]).expect("create the LAN"));
     let mdns = UdpCount::start(&lan, 5353).expect("count mDNS on the bridge");
-    let start = Arc::new(tokio::sync::Barrier::new(2));
-    let done = Arc::new(tokio::sync::Barrier::new(2));
-    let threads: Vec<_> = (0..2)
-        .map(|i| {
-            let (lan, start, done) = (lan.clone(), start.clone(), done.clone());
-            std::thread::spawn(move || {
-                lan.enter(i).expect("enter the host");
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async {
-                    let state = tempfile::tempdir().expect("state dir");
-                    let _ = tokio::time::timeout(TRY_BOUND, start.wait()).await;
-                    let node = Node::builder()
-                        .listen(vec![
-                            format!("/ip4/0.0.0.0/tcp/{PORT}").parse().expect("addr"),
-                        ])
-                        .mode(PeerMode::Lan)
-                        .mdns(true)
-                        .state_dir(state.path())
-                        .build()
-                        .await
-                        .expect("node starts");
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    let peers = node.connected_peers().await;
-                    let _ = tokio::time::timeout(TRY_BOUND, done.wait()).await;
-                    node.shutdown().await;
-                    peers
-                })
-            })
-        })
-        .collect();
-    for (i, t) in threads.into_iter().enumerate() {
-        let peers = t.join().expect("host thread");
+    let found = on_every_host(&lan, false, |node, _| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        node.connected_peers().await
+    });
+    for (i, peers) in found.into_iter().enumerate() {
         assert!(peers.is_empty(), "host {i} found {peers:?} on a public LAN");
     }
     let sent = mdns.stop().expect("capture");
