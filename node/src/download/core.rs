@@ -228,6 +228,9 @@ pub(super) struct Core {
     /// They count as held, are never served or claimed, and are checked when the layer
     /// verifies (or, for content known by its SHA-256 alone, by the whole file's SHA-256).
     unverified: BTreeMap<PieceIndex, (PeerId, Option<ChainingValue>)>,
+    /// Unverified pieces the layer rejected when it came (their peers banned then): the
+    /// writer's own report of them, after the layer, changes nothing more.
+    rejected_at_layer: BTreeSet<PieceIndex>,
     /// Requests in flight to peers.
     requests: BTreeSet<(PieceIndex, PeerId)>,
     /// A have round is out.
@@ -313,6 +316,7 @@ impl Core {
             misses: BTreeMap::new(),
             in_verifier: 0,
             unverified: BTreeMap::new(),
+            rejected_at_layer: BTreeSet::new(),
             requests: BTreeSet::new(),
             refreshing: false,
             refreshes: 0,
@@ -614,6 +618,10 @@ impl Core {
     /// recorded to derive the layer; `after_layer`: a piece written earlier that the layer
     /// assembled since rejects (not one of the pieces handed over).
     pub(super) fn handle_verified(&mut self, now: Instant, v: Verdict) {
+        if v.after_layer && v.result.is_err() && self.rejected_at_layer.remove(&v.index) {
+            // Rejected already, when the layer came.
+            return;
+        }
         if !v.after_layer {
             self.in_verifier = self.in_verifier.saturating_sub(1);
         }
@@ -709,11 +717,27 @@ impl Core {
                         verified.set(i as u32);
                     }
                 }
-                // Pieces taken from peers unverified are checked now: the writer reports
-                // those that fail (against their peers); the others are served.
-                for (i, (_, cv)) in std::mem::take(&mut self.unverified) {
-                    if cv.is_some_and(|cv| l.agrees(i, &cv)) {
+                // Pieces taken from peers unverified are checked now: those that agree are
+                // served; each that does not is proof against its peer, banned, and the piece
+                // is fetched again (the transfer cannot end on it).
+                let id = l.content_id();
+                for (i, (peer, cv)) in std::mem::take(&mut self.unverified) {
+                    let Some(cv) = cv else {
+                        // No value recorded to check: fetched again, nobody blamed.
+                        self.sched.forget_held(&[i]);
+                        continue;
+                    };
+                    if l.agrees(i, &cv) {
                         verified.set(i);
+                    } else {
+                        tracing::warn!(%peer, index = i, "a piece taken before the layer was known is not the layer's; peer banned");
+                        self.sched.on_corrupt(i, peer);
+                        self.rejected_at_layer.insert(i);
+                        self.actions.push_back(Action::Rejected);
+                        self.actions.push_back(Action::Ban {
+                            content_id: id,
+                            peer,
+                        });
                     }
                 }
                 self.content_id = Some(l.content_id());
@@ -1420,6 +1444,127 @@ mod tests {
         assert_eq!(core.layer(), Some(&layer));
         // A have round goes out at once: peers' pieces count now.
         assert!(actions.iter().any(|a| matches!(a, Action::AskPeers { .. })));
+    }
+
+    #[test]
+    fn pieces_a_peer_fetched_from_the_origin_are_taken_unverified_and_checked_by_the_layer() {
+        let t0 = Instant::now();
+        let (layer, bytes) = layer_of(4);
+        let id = layer.content_id();
+        let n = id.piece_count() as usize;
+        let cvs = layer.chaining_values().to_vec();
+        // This node fetched pieces 0 and 1 from the origin; no layer is known yet.
+        let mut own = vec![None; n];
+        own[0] = Some(cvs[0]);
+        own[1] = Some(cvs[1]);
+        let mut kept = Bitfield::new(n as u32);
+        kept.set(0);
+        kept.set(1);
+        let assembly = Assembly {
+            id,
+            own,
+            relayed: vec![None; n],
+            claims: HashMap::new(),
+            failed: false,
+            running: false,
+            swarm_of: None,
+            changed: false,
+        };
+        // No origin: what is missing comes from peers or not at all.
+        let mut core = Core::new(
+            Setup {
+                layer: None,
+                assembly: Some(assembly),
+                kept,
+                never_origin: true,
+                ..setup(&layer, t0)
+            },
+            t0,
+        );
+        core.start(t0, Vec::new());
+        drain(&mut core, t0);
+        // Two peers each claim a piece they fetched from the origin: each is asked for it
+        // before any layer could check it.
+        let (honest, liar) = (PeerId::random(), PeerId::random());
+        let claims = |i: u32| Holding {
+            claimed: {
+                let mut b = Bitfield::new(n as u32);
+                b.set(i);
+                b
+            },
+            ..holding(id, &[])
+        };
+        core.handle_holding(t0, honest, claims(2));
+        core.handle_holding(t0, liar, claims(3));
+        let mut asked = pieces_asked(&drain(&mut core, t0));
+        asked.sort_by_key(|(_, i)| *i);
+        assert_eq!(asked, vec![(honest, 2), (liar, 3)]);
+        let piece = |i: u32| {
+            Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize])
+        };
+        core.handle_piece(t0, 2, Source::Peer(honest), piece(2));
+        core.handle_piece(t0, 3, Source::Peer(liar), Bytes::from_static(b"made up"));
+        drain(&mut core, t0);
+        // The writer takes both (no layer to check them against), with their values.
+        core.handle_verified(
+            t0,
+            Verdict {
+                cv: Some(cvs[2]),
+                ..ok(2, Source::Peer(honest))
+            },
+        );
+        core.handle_verified(
+            t0,
+            Verdict {
+                cv: Some([9; 32]),
+                ..ok(3, Source::Peer(liar))
+            },
+        );
+        let actions = drain(&mut core, t0);
+        // Held, not served, not claimed: no MarkVerified, no AddClaim.
+        assert!(!actions.iter().any(|a| matches!(
+            a,
+            Action::Store(StoreOp::MarkVerified(..) | StoreOp::AddClaim(..))
+        )));
+        assert_eq!(core.unverified_from().len(), 2);
+        // Every piece is held, but a BLAKE3 content is done only once the layer verified.
+        assert!(core.poll_end().is_none());
+        core.handle_assembled(t0, Assembled::Layer(layer.clone()));
+        let actions = drain(&mut core, t0);
+        let verified = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::SetLayer { verified, .. } => Some(verified.clone()),
+                _ => None,
+            })
+            .expect("the layer is handed over");
+        // Own pieces and the honest peer's piece are served; the liar's is not.
+        assert_eq!(verified.ones().collect::<Vec<_>>(), vec![0, 1, 2]);
+        // The liar's piece is not the layer's: proof, the liar is banned, and the piece is
+        // missing again (the transfer cannot end).
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Ban { peer, .. } if *peer == liar))
+        );
+        assert!(core.poll_end().is_none(), "the liar's piece is missing");
+        // The writer's own report of that piece, later, changes nothing more.
+        core.handle_verified(
+            t0,
+            Verdict {
+                result: Err("differs from the assembled piece layer".into()),
+                after_layer: true,
+                bytes: 0,
+                ..ok(3, Source::Peer(liar))
+            },
+        );
+        let actions = drain(&mut core, t0);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Rejected)));
+        assert!(core.poll_end().is_none());
+        assert!(core.unverified_from().is_empty());
+        // The piece is missing again: a peer that holds it verified is asked for it.
+        core.handle_holding(t0, honest, holding(id, &[2, 3]));
+        assert_eq!(pieces_asked(&drain(&mut core, t0)), vec![(honest, 3)]);
     }
 
     #[test]

@@ -205,7 +205,10 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
             cmd.current_dir(&out)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(
+                    std::fs::File::create(cell.work.join(format!("node{i}.stderr")))
+                        .map_err(|e| e.to_string())?,
+                )
                 .spawn()
                 .map_err(|e| format!("cannot start {contender}: {e}"))?,
         );
@@ -236,7 +239,15 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
                     cpu = children.iter().map(|c| cpu_seconds(c.0.id())).sum();
                 }
             }
-            Ok((i, None)) => return Err(format!("{contender} node {i} ended without finishing")),
+            Ok((i, None)) => {
+                let log = std::fs::read_to_string(cell.work.join(format!("node{i}.stderr")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                return Err(format!(
+                    "{contender} node {i} ended without finishing; the end of its stderr:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
             Err(_) => {
                 return Err(format!(
                     "{contender}: {} of {n} nodes done after {bound:?}",
@@ -271,6 +282,23 @@ fn mbit_of(cell: &Cell) -> u32 {
     cell.lan.wan_mbit().unwrap_or(1)
 }
 
+/// Bytes free for an unprivileged writer on the file system of `dir` (`statvfs`).
+fn free_bytes(dir: &Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a zeroed statvfs is valid; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(format!(
+            "{}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(st.f_bavail * st.f_frsize)
+}
+
 /// Seconds `dd` takes to write `size` bytes of zeros to `dir` with `conv=fsync`.
 fn dd_seconds(dir: &Path, size: u64) -> Result<f64, String> {
     let f = dir.join("dd.bin");
@@ -293,6 +321,19 @@ fn run() -> Result<(), String> {
     let args = parse_args()?;
     if !netns::available() {
         return Err("needs root and iproute2 (ip, tc) to create network namespaces".into());
+    }
+    // Every node of the largest cell writes the file; a full disk would fail the nodes (as
+    // it should) and the benchmark with them.
+    let need = args.sizes.iter().max().copied().unwrap_or(0)
+        * (args.nodes.iter().max().copied().unwrap_or(1) as u64 + 2);
+    let free = free_bytes(&args.dir)?;
+    if free < need {
+        return Err(format!(
+            "{} has {} MiB free; the largest cell needs {} MiB",
+            args.dir.display(),
+            free >> 20,
+            need >> 20
+        ));
     }
     let work = tempdir_in(&args.dir)?;
     let root = work.join("www");
