@@ -12,7 +12,9 @@
 //!   torrent with the origin as its web seed and every node told of every other; DHT, LSD and
 //!   PEX off;
 //! - `shoal get` × N, every node listing every other (`--peer`), mDNS off, with the SHA-256
-//!   and the BLAKE3 hash (`blake3`) or the SHA-256 alone (`sha256`).
+//!   and the BLAKE3 hash (`blake3`) or the SHA-256 alone (`sha256`);
+//! - with `--contenders seed`, the same `shoal get` × N with a `shoal seed` of the file in the
+//!   host listed too (`--nodes 1`: one seed to one leecher, the baseline of CPU per byte).
 //!
 //! Reported per contender: origin copies (the origin's `eth0` TX bytes over those of one
 //! `curl` of the file, headers included),
@@ -92,10 +94,10 @@ fn parse_args() -> Result<Args, String> {
     if let Some(c) = args
         .contenders
         .iter()
-        .find(|c| !["curl", "libtorrent", "shoal"].contains(&c.as_str()))
+        .find(|c| !["curl", "libtorrent", "shoal", "seed"].contains(&c.as_str()))
     {
         return Err(format!(
-            "--contenders: {c:?} is not curl, libtorrent or shoal"
+            "--contenders: {c:?} is not curl, libtorrent, shoal or seed"
         ));
     }
     Ok(args)
@@ -114,6 +116,8 @@ struct Cell<'a> {
     sha256: String,
     blake3: String,
     torrent: PathBuf,
+    /// The file itself, for `shoal seed`.
+    payload: PathBuf,
     shoal: &'a Path,
     work: &'a Path,
 }
@@ -157,6 +161,34 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
         .join(",");
     let (tx, rx) = mpsc::channel();
     let mut children = Vec::new();
+    // `seed`: one `shoal seed` of the file in the host, which every node lists; its CPU counts.
+    let seed_port = 22000;
+    if contender == "seed" {
+        let mut seed = Guard(
+            netns::exec(ns, cell.shoal)
+                .arg("seed")
+                .arg(&cell.payload)
+                .args(["--no-mdns", "--listen"])
+                .arg(format!("/ip4/127.0.0.1/tcp/{seed_port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start shoal seed: {e}"))?,
+        );
+        let stdout = seed.0.stdout.take().ok_or("no seed stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        // Ready once it prints the file's content id.
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains(&cell.blake3) => break,
+                Some(Ok(_)) => {}
+                _ => return Err("shoal seed ended before serving".into()),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        children.push(seed);
+    }
     let start = Instant::now();
     for i in 0..n {
         let out = cell.work.join(format!("node{i}"));
@@ -197,6 +229,10 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
                     if j != i {
                         cmd.arg("--peer").arg(format!("/ip4/127.0.0.1/tcp/{p}"));
                     }
+                }
+                if contender == "seed" {
+                    cmd.arg("--peer")
+                        .arg(format!("/ip4/127.0.0.1/tcp/{seed_port}"));
                 }
                 marker = " file(s), ";
             }
@@ -383,6 +419,7 @@ fn run() -> Result<(), String> {
                 sha256: sha256.clone(),
                 blake3: blake3.clone(),
                 torrent,
+                payload: payload.clone(),
                 shoal: &args.shoal,
                 work: &work,
             };
@@ -400,7 +437,7 @@ fn run() -> Result<(), String> {
             );
             for &n in &args.nodes {
                 for contender in &args.contenders {
-                    let digests: Vec<&str> = if contender == "shoal" {
+                    let digests: Vec<&str> = if contender == "shoal" || contender == "seed" {
                         args.digests.iter().map(String::as_str).collect()
                     } else {
                         vec![""]
