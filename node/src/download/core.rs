@@ -639,6 +639,14 @@ impl Core {
                 let Source::Peer(p) = v.source else {
                     return;
                 };
+                if self.assembly.as_ref().is_none_or(|a| a.failed) {
+                    // Requested before the assembly failed: nothing will check it now, so it
+                    // is dropped and fetched again.
+                    self.sched.forget_held(&[v.index]);
+                    self.actions.push_back(Action::Forget(vec![v.index]));
+                    self.step(now);
+                    return;
+                }
                 self.sched.on_done(v.index, v.source);
                 self.unverified.insert(v.index, (p, v.cv));
                 if let (Some(a), Some(cv)) = (&mut self.assembly, v.cv)
@@ -1587,6 +1595,23 @@ mod tests {
         assert!(actions.iter().any(
             |a| matches!(a, Action::Store(StoreOp::SetRelayed(c, v)) if *c == id && v.is_empty())
         ));
+        // A piece taken unverified that lands after the failure has nothing to check it: it
+        // is dropped (and fetched again), not held.
+        let late = PeerId::random();
+        core.handle_verified(
+            t0,
+            Verdict {
+                cv: Some([2; 32]),
+                ..ok(1, Source::Peer(late))
+            },
+        );
+        let actions = drain(&mut core, t0);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Forget(v) if *v == vec![1]))
+        );
+        assert!(core.unverified_from().is_empty());
         // A peer that answers Busy is not asked for the same piece again at once.
         let (layer, _) = layer_of(2);
         let id = layer.content_id();

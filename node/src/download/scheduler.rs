@@ -1408,9 +1408,13 @@ impl Scheduler {
     /// they return to the pool.
     pub(crate) fn forget_held(&mut self, pieces: &[PieceIndex]) {
         for &index in pieces {
-            if matches!(self.pieces.get(index as usize), Some(Piece::Done(_))) {
-                self.done -= 1;
-                self.set_piece(index as usize, Piece::Missing);
+            match self.pieces.get(index as usize) {
+                Some(Piece::Done(_)) => {
+                    self.done -= 1;
+                    self.set_piece(index as usize, Piece::Missing);
+                }
+                Some(Piece::Verifying(_)) => self.set_piece(index as usize, Piece::Missing),
+                _ => {}
             }
         }
     }
