@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bufpool;
 pub mod config;
 pub mod daemon;
 pub(crate) mod download;

@@ -288,6 +288,61 @@ async fn origin_only_job_transfers_verifies_and_completes() {
     node.shutdown().await;
 }
 
+/// A node that stops after its download (`shoal get`) does not compute a SHA-256 nobody
+/// expects; a node that stays (the default) does, and answers SHA-256 lookups with it.
+#[tokio::test]
+async fn an_unexpected_sha256_is_computed_only_by_nodes_that_serve_it_afterwards() {
+    tokio::time::timeout(SCENARIO_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = TestOrigin::start().await;
+        let data = content(3_000_000, 21);
+        origin.put("a.bin", data.clone());
+        let stays = test_node(&[]).await;
+        let info = fetch(&stays, origin.url("a.bin"), &dir.path().join("a1"), &data).await;
+        assert_eq!(info.files[0].sha256, Some(sha256_of(&data)));
+        let one_shot = shoal_tests::test_builder(&[])
+            .await
+            .sha256_only_when_expected(true)
+            .build()
+            .await
+            .unwrap();
+        let info = fetch(
+            &one_shot,
+            origin.url("a.bin"),
+            &dir.path().join("a2"),
+            &data,
+        )
+        .await;
+        assert_eq!(info.files[0].sha256, None, "not expected, not computed");
+        // Expected: computed and checked all the same.
+        let rec = Arc::new(Recorder::default());
+        let expected = Expected {
+            blake3: None,
+            sha256: Some(sha256_of(&data)),
+        };
+        let dest = dir.path().join("a3");
+        let job = start_job(&one_shot, spec(origin.url("a.bin"), &dest, expected), &rec).await;
+        let info = wait_for(&one_shot, job, &[State::Transferred]).await;
+        assert_eq!(info.files[0].sha256, Some(sha256_of(&data)));
+        // A client that knows only the SHA-256 finds the file at the node that stayed.
+        let served = origin.bytes_served();
+        let asker = test_node(std::slice::from_ref(&stays)).await;
+        let rec = Arc::new(Recorder::default());
+        let dest = dir.path().join("a4");
+        let job = start_job(&asker, spec(origin.url("a.bin"), &dest, expected), &rec).await;
+        let info = wait_for(&asker, job, &[State::Transferred]).await;
+        assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
+        asker.complete(job).await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+        assert!(origin.bytes_served() - served < data.len() as u64 / 2);
+        for n in [stays, one_shot, asker] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("scenario within its bound");
+}
+
 #[tokio::test]
 async fn one_seed_three_leechers_take_most_pieces_from_peers() {
     let dir = tempfile::tempdir().unwrap();

@@ -46,8 +46,10 @@ impl Sha256Stream {
 /// The SHA-256 (FIPS 180-4) of a file whose pieces verify in any order, taken in file order.
 ///
 /// Pieces that come in order are hashed from memory at once; pieces that come early are held
-/// while they fit in `hold_bytes` in all, and the others are read back from the file when
-/// their turn comes. A piece read back is checked again against the chaining value it
+/// while they fit in `hold_bytes` in all and start at most `hold_bytes` after the next piece
+/// to hash, and the others are read back from the file when their turn comes. The distance
+/// rule keeps the memory for the pieces due soonest: a piece far ahead (a random first piece,
+/// BEP 3) would otherwise take the room of the window of pieces right after the next one. A piece read back is checked again against the chaining value it
 /// verified with (BLAKE3, [`crate::check_piece`]): the file may have been written since, and
 /// what is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`).
 /// Does no I/O itself: the caller's `read_at(offset, buf)` fills `buf` from the file.
@@ -100,7 +102,9 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
         read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
         if index != self.next {
-            let keep = bytes.filter(|b| self.held + b.as_ref().len() <= self.hold_bytes);
+            let ahead = u64::from(index.saturating_sub(self.next)) * self.piece_size;
+            let near = ahead <= self.hold_bytes as u64;
+            let keep = bytes.filter(|b| near && self.held + b.as_ref().len() <= self.hold_bytes);
             if let Some(b) = &keep {
                 self.held += b.as_ref().len();
             }
@@ -301,6 +305,34 @@ mod tests {
         let mut none = |_: u64, _: &mut [u8]| Ok(());
         sha.add(0, Some(slice(0)), None, &mut none).unwrap();
         assert_eq!(sha.finish(), None);
+    }
+
+    #[test]
+    fn pieces_far_ahead_are_read_back_and_leave_the_room_to_the_pieces_due_next() {
+        let piece = 16 * 1024u64;
+        let file: Vec<u8> = (0..5 * piece + 100).map(|i| (i % 251) as u8).collect();
+        let d = hash_reader(&file[..], file.len() as u64).unwrap();
+        let slice = |i: u32| {
+            file[(u64::from(i) * piece) as usize..]
+                [..((file.len() as u64 - u64::from(i) * piece).min(piece)) as usize]
+                .to_vec()
+        };
+        // Room for one piece. The last piece (5) comes first, far ahead; then the others
+        // out of order, each one ahead of the next to hash.
+        let mut sha = OrderedSha256::new(piece, file.len() as u64, piece as usize);
+        let mut reads = Vec::new();
+        let mut read_at = |at: u64, buf: &mut [u8]| {
+            reads.push(at / piece);
+            buf.copy_from_slice(&file[at as usize..at as usize + buf.len()]);
+            Ok(())
+        };
+        for i in [5, 1, 0, 3, 2, 4] {
+            sha.add(i, Some(slice(i)), None, &mut read_at).unwrap();
+        }
+        assert_eq!(sha.finish(), Some(d.sha256));
+        // Held first-come, piece 5 would have taken the room for good and 1 and 3 would have
+        // been read back instead.
+        assert_eq!(reads, [5]);
     }
 
     #[test]

@@ -604,6 +604,7 @@ pub(super) async fn transfer(
         kept.clone(),
         checkpointing,
         verified_tx,
+        env.sha256_always || task.expected.sha256.is_some(),
     );
     // 5. Transfer: the core decides, the driver carries out.
     let (mut core, _membership) = start_core(

@@ -48,13 +48,16 @@ pub(super) async fn finish(
         (None, None) => unreachable!("a writer without a layer has a builder"),
     };
     let id = layer.content_id();
-    let sha256 = end.sha256.ok_or_else(|| {
-        Failure::Fatal(JobError {
+    // Computed whenever one is expected (and, on nodes that answer SHA-256 lookups, always).
+    let sha256 = end.sha256;
+    if sha256.is_none() && expected.sha256.is_some() {
+        return Err(Failure::Fatal(JobError {
             context: ErrorContext::LocalFile,
             file: Some(task.index),
             description: "SHA-256 could not be computed".into(),
         })
-    })?;
+        .into());
+    }
     // A whole-file mismatch: these bytes must not be resumed from.
     let forget = || async {
         env.store.remove_at(&id, &task.temp);
@@ -77,7 +80,7 @@ pub(super) async fn finish(
         })
         .into());
     }
-    if let Err(e) = expected.check_sha256(sha256) {
+    if let Some(Err(e)) = sha256.map(|d| expected.check_sha256(d)) {
         forget().await;
         if let Some(d) = swarm_of
             && !unverified_from.is_empty()
@@ -128,7 +131,9 @@ pub(super) async fn finish(
             identity,
         },
     );
-    env.store.set_sha256(&id, sha256);
+    if let Some(d) = sha256 {
+        env.store.set_sha256(&id, d);
+    }
     if let (Some(_), Some(swarm)) = (swarm_of, assembly_id) {
         // The swarm is served from the verified content from now on.
         env.store.alias_swarm(swarm, &task.temp, id);

@@ -155,6 +155,10 @@ pub(crate) struct Env {
     pub(crate) cache: Option<Arc<crate::store::cache::Cache>>,
     /// The download buckets.
     pub(crate) bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
+    /// Compute every file's SHA-256, expected or not, so that the node can answer SHA-256
+    /// lookups for it afterwards; off, only files that expect one are hashed with SHA-256
+    /// ([`crate::Builder::sha256_only_when_expected`]).
+    pub(crate) sha256_always: bool,
 }
 
 /// One file to download.
@@ -197,7 +201,9 @@ pub(crate) struct Downloaded {
     pub(crate) content_id: ContentId,
     /// The layer the pieces verified against, or derived from them.
     pub(crate) layer: PieceLayer,
-    pub(crate) sha256: Sha256Digest,
+    /// The file's SHA-256; `None` when nobody expected one and the node computes it only
+    /// when expected ([`Env::sha256_always`]).
+    pub(crate) sha256: Option<Sha256Digest>,
     /// True when any byte came from a peer.
     pub(crate) from_peers: bool,
     /// True when the file was copied from the local cache.
@@ -405,7 +411,7 @@ async fn from_cache(
     Some(Downloaded {
         content_id: id,
         layer: digests.layer,
-        sha256: digests.sha256,
+        sha256: Some(digests.sha256),
         from_peers: false,
         from_cache: true,
         identity,
@@ -427,7 +433,7 @@ async fn admit(env: &Env, task: &FileTask, d: &Downloaded) {
                 path: temp.clone(),
                 source: e,
             })?;
-        cache.admit(&layer, Some(sha256), &f, any_size)
+        cache.admit(&layer, sha256, &f, any_size)
     })
     .await;
     match r {

@@ -137,7 +137,7 @@ pub(super) async fn download_ranges(
     Ok(Downloaded {
         content_id: id,
         layer: digests.layer,
-        sha256: digests.sha256,
+        sha256: Some(digests.sha256),
         from_peers: false,
         from_cache: false,
         identity,

@@ -22,6 +22,8 @@ pub(super) struct Writer {
 
 pub(super) struct WriterEnd {
     pub(super) builder: Option<LayerBuilder>,
+    /// The file's SHA-256; `None` when it was not computed (not asked for) or some piece
+    /// never came.
     pub(super) sha256: Option<Sha256Digest>,
     /// The pieces verified and written.
     pub(super) on_disk: Bitfield,
@@ -127,9 +129,38 @@ pub(super) struct Checkpointing {
     pub(super) remote: Arc<OnceCell<Remote>>,
 }
 
+impl Checkpointing {
+    /// Records the pieces on disk, less those not verified yet, in the state database (on
+    /// its thread; the calling writer thread waits). The data must be synced first.
+    fn record(
+        &mut self,
+        on_disk: &Bitfield,
+        unverified: &HashMap<PieceIndex, PeerId>,
+    ) -> std::io::Result<()> {
+        self.meta.validator = self.remote.get().and_then(|r| r.validator.clone());
+        let mut pieces = on_disk.clone();
+        for index in unverified.keys() {
+            pieces.clear(*index);
+        }
+        let (job, index, meta, layer) = (
+            self.durable.job,
+            self.durable.index,
+            self.meta.clone(),
+            self.layer.take(),
+        );
+        self.durable
+            .store
+            .run_blocking(move |s| s.checkpoint(job, index, &pieces, &meta, layer.as_deref()))
+            .unwrap_or(Ok(()))
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// Pieces the writer takes from its queue before it flushes and records them.
 pub(super) const CHECKPOINT_BATCH: usize = 64;
 
+/// Starts the writer thread. With `sha256` it also runs the SHA-256 thread, which hashes
+/// every piece written, in file order; without, the file's SHA-256 is not computed.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_writer(
     file: Arc<File>,
@@ -139,15 +170,18 @@ pub(super) fn spawn_writer(
     resumed: Bitfield,
     mut checkpointing: Option<Checkpointing>,
     out: mpsc::Sender<Verdict>,
+    sha256: bool,
 ) -> Writer {
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
         let mut writer = PieceWriter::new(file.clone(), piece_size);
-        let (mut sha_tx, mut sha_thread) = spawn_sha(&file, piece_size, length);
+        let mut sha = sha256.then(|| spawn_sha(&file, piece_size, length));
         let mut on_disk = resumed;
         // Pieces kept from an earlier run are hashed from the file (checked again first).
-        for index in on_disk.ones() {
-            let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+        if let Some((sha_tx, _)) = &sha {
+            for index in on_disk.ones() {
+                let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+            }
         }
         let mut checker = checker;
         let mut results = Vec::new();
@@ -210,8 +244,13 @@ pub(super) fn spawn_writer(
                     if let (Some(c), Source::Peer(_)) = (&mut checkpointing, source) {
                         c.meta.from_peers = true;
                     }
-                    let _ =
-                        sha_tx.send((index, Some(bytes.clone()), checker.chaining_value(index)));
+                    if let Some((sha_tx, _)) = &sha {
+                        let _ = sha_tx.send((
+                            index,
+                            Some(bytes.clone()),
+                            checker.chaining_value(index),
+                        ));
+                    }
                 }
                 results.push(Verdict {
                     index,
@@ -225,11 +264,14 @@ pub(super) fn spawn_writer(
             if dropped {
                 // The SHA-256 thread may have hashed a dropped piece: start it again on the
                 // pieces still written, read back from the file.
-                let (tx, thread) = spawn_sha(&file, piece_size, length);
-                drop(std::mem::replace(&mut sha_tx, tx));
-                let _ = std::mem::replace(&mut sha_thread, thread).join();
-                for index in on_disk.ones() {
-                    let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+                if let Some((old_tx, old_thread)) = sha.take() {
+                    drop(old_tx);
+                    let _ = old_thread.join();
+                    let (sha_tx, thread) = spawn_sha(&file, piece_size, length);
+                    for index in on_disk.ones() {
+                        let _ = sha_tx.send((index, None, checker.chaining_value(index)));
+                    }
+                    sha = Some((sha_tx, thread));
                 }
                 wrote = true;
             }
@@ -238,35 +280,21 @@ pub(super) fn spawn_writer(
                 && wrote
             {
                 file.sync_data()?;
-                c.meta.validator = c.remote.get().and_then(|r| r.validator.clone());
-                let mut pieces = on_disk.clone();
-                for index in unverified.keys() {
-                    pieces.clear(*index);
-                }
-                let (job, index, pieces, meta, layer) = (
-                    c.durable.job,
-                    c.durable.index,
-                    pieces,
-                    c.meta.clone(),
-                    c.layer.take(),
-                );
-                // On the state database's thread; this writer thread waits for it.
-                c.durable
-                    .store
-                    .run_blocking(move |s| {
-                        s.checkpoint(job, index, &pieces, &meta, layer.as_deref())
-                    })
-                    .unwrap_or(Ok(()))
-                    .map_err(std::io::Error::other)?;
+                c.record(&on_disk, &unverified)?;
             }
             for v in results.drain(..) {
                 let _ = out.blocking_send(v);
             }
         }
-        drop(sha_tx);
-        let sha256 = sha_thread
-            .join()
-            .map_err(|_| std::io::Error::other("SHA-256 thread panicked"))??;
+        let sha256 = match sha {
+            Some((sha_tx, sha_thread)) => {
+                drop(sha_tx);
+                sha_thread
+                    .join()
+                    .map_err(|_| std::io::Error::other("SHA-256 thread panicked"))??
+            }
+            None => None,
+        };
         Ok(WriterEnd {
             builder: match checker {
                 Checker::Builder(b) => Some(b),

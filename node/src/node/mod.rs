@@ -79,6 +79,7 @@ pub struct Builder {
     inactivity_timeout: Option<Duration>,
     max_active_jobs: Option<usize>,
     time_slice: Option<Duration>,
+    sha256_only_when_expected: bool,
 }
 
 /// Makes the callback of each job, from its snapshot: at creation and when a job is reloaded
@@ -305,6 +306,20 @@ impl Builder {
         self
     }
 
+    /// With `on`, a file's SHA-256 is computed only when its job expects one (default off:
+    /// every file's is). The SHA-256 of a file fetched by its BLAKE3 lets the node answer
+    /// SHA-256 lookups for it afterwards (clients that know only a SHA-256, as apt and dnf
+    /// catalogs give); it costs about as much CPU as the rest of a download from one peer
+    /// (`docs/benchmarks.md`). A node that stops after its download serves nobody
+    /// afterwards: `shoal get` turns this on unless it seeds after (`--seed-for`). A node
+    /// with a cache ([`Builder::cache`]) computes every file's SHA-256 whatever this says.
+    /// The file's [`crate::job::FileInfo::sha256`] is `None` when it was not computed.
+    #[must_use]
+    pub fn sha256_only_when_expected(mut self, on: bool) -> Self {
+        self.sha256_only_when_expected = on;
+        self
+    }
+
     /// Starts the node: binds the listen addresses and spawns the swarm.
     ///
     /// # Errors
@@ -374,6 +389,8 @@ impl Builder {
             self.time_slice.unwrap_or(Duration::from_secs(60)),
         );
         let live = runner::LiveTasks::new();
+        // A cache outlives the jobs and answers SHA-256 lookups.
+        let sha256_always = !self.sha256_only_when_expected || cache.is_some();
         let node = Node {
             inner: Arc::new_cyclic(|weak| {
                 let (registry, views) = registry::spawn(registry::Parts {
@@ -395,6 +412,7 @@ impl Builder {
                         policy: Arc::new(self.policy),
                         cache,
                         bandwidth,
+                        sha256_always,
                     },
                     registry,
                     views,

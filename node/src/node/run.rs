@@ -504,7 +504,7 @@ async fn file_transferred(
             let rec = r.rec(job).ok()?;
             let f = rec.info.files.get_mut(i)?;
             f.content_id = Some(content_id);
-            f.sha256 = Some(sha256);
+            f.sha256 = sha256;
             rec.files[i].local.verified = Some(identity);
             let out = (rec.info.clone(), rec.callback.clone());
             r.save_later(job);

@@ -76,7 +76,7 @@ impl Backing {
 
     /// Reads `len` bytes at `offset`; `None` when the file is not the one that verified or
     /// the read falls short.
-    fn read(&self, path: &Path, offset: u64, len: usize) -> Option<Vec<u8>> {
+    fn read(&self, path: &Path, offset: u64, len: usize) -> Option<Bytes> {
         let named;
         let file = match self {
             Self::Held(f) => f.as_ref(),
@@ -85,9 +85,9 @@ impl Backing {
                 &named
             }
         };
-        let mut buf = vec![0u8; len];
+        let mut buf = crate::bufpool::take(len);
         file.read_exact_at(&mut buf, offset).ok()?;
-        Some(buf)
+        Some(crate::bufpool::into_bytes(buf))
     }
 }
 
@@ -601,7 +601,7 @@ impl ContentStore {
                 tracing::warn!(%id, index, path = %path.display(), "a claimed piece changed on disk; not offered");
                 return None;
             }
-            return Some(Bytes::from(buf));
+            return Some(buf);
         }
         let (path, backing, range, layer) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -634,7 +634,7 @@ impl ContentStore {
             }
             return None;
         }
-        Some(Bytes::from(buf))
+        Some(buf)
     }
 }
 

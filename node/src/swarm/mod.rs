@@ -125,10 +125,11 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T, len: usize) -> io::R
             1 + n == h
         })
         .unwrap_or(0);
-    let mut buf = vec![0u8; len + BULK_ALIGN];
+    // A reused buffer: a fresh one costs zeroing and page faults on every piece.
+    let mut buf = crate::bufpool::take(len + BULK_ALIGN);
     let start = (buf.as_ptr().wrapping_add(head).align_offset(BULK_ALIGN)) % BULK_ALIGN;
     io.read_exact(&mut buf[start..start + len]).await?;
-    Ok(Bytes::from(buf).slice(start..start + len))
+    Ok(crate::bufpool::into_bytes(buf).slice(start..start + len))
 }
 
 async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(

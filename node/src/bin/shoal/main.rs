@@ -131,7 +131,8 @@ struct GetArgs {
     /// Address to listen on (repeatable).
     #[arg(long)]
     listen: Vec<Multiaddr>,
-    /// Keep serving the downloaded files for this many seconds after completing.
+    /// Keep serving the downloaded files for this many seconds after completing. Only then
+    /// is the SHA-256 of a file given no --sha256 computed (to answer SHA-256 lookups).
     #[arg(long, default_value_t = 0)]
     seed_for: u64,
     /// Do not discover LAN peers with mDNS.
@@ -351,7 +352,9 @@ fn local_names(args: &GetArgs) -> Result<Vec<PathBuf>> {
 
 /// The node `shoal get` runs without a daemon: the configuration file's, with the flags.
 fn get_builder(args: &GetArgs) -> Result<shoal_node::Builder> {
-    let mut b = builder(args.config.as_deref())?;
+    // Nobody can ask this node for the file by its SHA-256 once it stops: do not compute
+    // one that is not expected, unless it seeds on.
+    let mut b = builder(args.config.as_deref())?.sha256_only_when_expected(args.seed_for == 0);
     if args.no_mdns {
         b = b.mdns(false);
     }

@@ -1,0 +1,144 @@
+//! Reused buffers for piece bodies, received or read to be served.
+//!
+//! A 1 MiB piece that lands in a freshly allocated buffer costs the allocator's zeroing and,
+//! when the allocator got the memory back from the kernel in between, a page fault and the
+//! kernel's clearing of every page: on the 2-core machines Shoal is measured on this was about
+//! 6 % of a leecher's CPU and 3 % of a seed's (`docs/benchmarks.md`). Buffers here are zeroed
+//! once, when first made, and come back to a bounded free list when the last [`Bytes`] that
+//! slices them is dropped (the writer and SHA-256 threads hold pieces for a while; the free
+//! list is refilled whenever they let go).
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// At most this many free buffers are kept.
+const MAX_FREE: usize = 16;
+/// At most this many bytes of free buffers are kept.
+const MAX_FREE_BYTES: usize = 24 << 20;
+/// Buffers shorter than this, in bytes, are not pooled (small bodies are cheap to allocate).
+pub(crate) const MIN_POOLED: usize = 64 * 1024;
+
+/// Free buffers, each with every byte below its length initialised.
+pub(crate) struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// The process's pool.
+static POOL: Pool = Pool::new();
+
+/// A buffer of exactly `len` initialised bytes from the process's pool ([`Pool::take`]).
+pub(crate) fn take(len: usize) -> Vec<u8> {
+    POOL.take(len)
+}
+
+/// `buf` as [`Bytes`] that gives it back to the process's pool ([`Pool::share`]).
+pub(crate) fn into_bytes(buf: Vec<u8>) -> Bytes {
+    POOL.share(buf)
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A buffer of exactly `len` initialised bytes (stale contents when reused, zeros when
+    /// new): a free one whose length is between `len` and `len` plus a quarter, else a new one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        if len >= MIN_POOLED {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free
+                .iter()
+                .position(|b| b.len() >= len && b.len() - len <= len / 4)
+            {
+                let mut buf = free.swap_remove(i);
+                buf.truncate(len);
+                return buf;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// `buf` as [`Bytes`]; a buffer of at least [`MIN_POOLED`] bytes goes back to the free
+    /// list when the last `Bytes` slicing it drops.
+    fn share(&'static self, buf: Vec<u8>) -> Bytes {
+        if buf.len() >= MIN_POOLED {
+            Bytes::from_owner(Pooled(buf, self))
+        } else {
+            Bytes::from(buf)
+        }
+    }
+
+    /// Keeps `buf` if the free list has room.
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = free.iter().map(Vec::len).sum();
+        if free.len() < MAX_FREE && held + buf.len() <= MAX_FREE_BYTES {
+            free.push(buf);
+        }
+    }
+}
+
+/// A buffer that goes back to its pool when dropped.
+struct Pooled(Vec<u8>, &'static Pool);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.1.give_back(std::mem::take(&mut self.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> &'static Pool {
+        Box::leak(Box::new(Pool::new()))
+    }
+
+    #[test]
+    fn a_buffer_comes_back_when_its_last_slice_drops_and_is_reused_at_the_length_asked() {
+        let pool = pool();
+        let mut a = pool.take(MIN_POOLED * 2);
+        a.fill(7);
+        let ptr = a.as_ptr();
+        let bytes = pool.share(a);
+        let slice = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(
+            pool.free.lock().unwrap().len(),
+            0,
+            "still held by the slice"
+        );
+        assert_eq!(&slice[..], &[7u8; 10]);
+        drop(slice);
+        assert_eq!(pool.free.lock().unwrap().len(), 1);
+        let b = pool.take(MIN_POOLED * 2 - 100);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, MIN_POOLED * 2 - 100));
+        assert!(b.iter().all(|&x| x == 7), "reused, not zeroed again");
+    }
+
+    #[test]
+    fn a_much_smaller_request_or_a_full_free_list_does_not_keep_big_buffers() {
+        let pool = pool();
+        drop(pool.share(vec![0; MIN_POOLED * 2]));
+        let c = pool.take(MIN_POOLED);
+        assert_eq!(c.len(), MIN_POOLED);
+        assert_eq!(pool.free.lock().unwrap().len(), 1, "the big one stays free");
+        let many: Vec<Bytes> = (0..MAX_FREE + 4)
+            .map(|_| pool.share(vec![0; MIN_POOLED]))
+            .collect();
+        drop(many);
+        let free = pool.free.lock().unwrap();
+        assert!(free.len() <= MAX_FREE);
+        assert!(free.iter().map(Vec::len).sum::<usize>() <= MAX_FREE_BYTES);
+    }
+}
