@@ -14,7 +14,7 @@
 
 use std::{ops::Range, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use reqwest::{StatusCode, header};
 use thiserror::Error;
@@ -397,7 +397,8 @@ impl Client {
         check_same(url, remote, &resp, *pos, end)?;
         let mut skip = if remote.ranges { 0 } else { *pos };
         let mut body = resp.bytes_stream();
-        let mut buf = BytesMut::with_capacity(piece_size.min(end - *pos) as usize);
+        // Each piece in a reused buffer, aligned for a direct write.
+        let mut buf = crate::bufpool::Filling::new(piece_size.min(end - *pos) as usize);
         while let Some(chunk) = body.next().await {
             let mut chunk = match chunk {
                 Ok(c) => c,
@@ -409,17 +410,17 @@ impl Client {
                 skip -= n;
             }
             while !chunk.is_empty() {
-                let piece_len = piece_size.min(end - *pos) as usize;
-                let take = (piece_len - buf.len()).min(chunk.len());
-                buf.extend_from_slice(&chunk.split_to(take));
-                if buf.len() == piece_len {
-                    let piece = buf.split().freeze();
+                let took = buf.extend(&chunk);
+                let _ = chunk.split_to(took);
+                if buf.remaining() == 0 {
+                    let next_len = piece_size.min(end - *pos - buf.len() as u64) as usize;
+                    let piece = std::mem::replace(&mut buf, crate::bufpool::Filling::new(next_len))
+                        .freeze();
                     *pos += piece.len() as u64;
                     let more = sink(piece).await;
                     if !more || *pos >= end {
                         return Ok(Attempt::Done(()));
                     }
-                    buf.reserve(piece_size.min(end - *pos) as usize);
                 }
             }
         }

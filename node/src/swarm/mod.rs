@@ -106,7 +106,7 @@ async fn read_message_within<M: Message, T: AsyncRead + Unpin + Send>(
 /// [`BULK_ALIGN`] boundary.
 const ALIGN_FROM_BYTES: usize = 64 * 1024;
 /// The alignment of bulk payloads in received bodies, in bytes: what O_DIRECT writes need.
-pub(crate) const BULK_ALIGN: usize = 4096;
+pub(crate) const BULK_ALIGN: usize = crate::bufpool::ALIGN;
 
 /// Reads a body of `len` bytes. A large body is one bulk field (a piece) behind a short head
 /// of tag and varint length; it is placed so that the bulk starts 4096-aligned, and the
