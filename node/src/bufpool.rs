@@ -6,7 +6,9 @@
 //! 6 % of a leecher's CPU and 3 % of a seed's (`docs/benchmarks.md`). Buffers here are zeroed
 //! once, when first made, and come back to a bounded free list when the last [`Bytes`] that
 //! slices them is dropped (the writer and SHA-256 threads hold pieces for a while; the free
-//! list is refilled whenever they let go).
+//! list is refilled whenever they let go). A reused buffer keeps the bytes of whatever it held
+//! before (a piece of another job, another user's): every `Bytes` handed out slices only the
+//! range that was just written in full, so those bytes are never seen.
 
 use std::sync::Mutex;
 
