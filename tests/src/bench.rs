@@ -133,3 +133,33 @@ pub fn nginx_conf(work: &Path, root: &Path, listen: &str) -> Result<PathBuf, Str
     .map_err(|e| e.to_string())?;
     Ok(conf)
 }
+
+/// The libtorrent helper script (`tests/bench/libtorrent_node.py`), beside this crate's sources.
+pub fn lt_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/libtorrent_node.py")
+}
+
+/// Writes a v1 torrent of `payload` to `torrent` with pieces of `piece` bytes and `url` as its
+/// web seed (`"-"` for none), through [`lt_script`] (Debian's python3-libtorrent).
+///
+/// # Errors
+/// The script cannot run or fails; the error carries its stderr.
+pub fn make_torrent(torrent: &Path, payload: &Path, url: &str, piece: u64) -> Result<(), String> {
+    let out = Command::new("/usr/bin/python3")
+        .arg(lt_script())
+        .arg("make")
+        .arg(torrent)
+        .arg(payload)
+        .arg(url)
+        .arg(piece.to_string())
+        .output()
+        .map_err(|e| format!("libtorrent_node.py make: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "libtorrent_node.py make: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

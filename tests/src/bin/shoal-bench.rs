@@ -26,7 +26,8 @@ use std::{
 };
 
 use shoal_tests::bench::{
-    Guard, digest_line, median, nginx_conf, start_nginx, tempdir_in, write_payload,
+    Guard, digest_line, lt_script, make_torrent, median, nginx_conf, start_nginx, tempdir_in,
+    write_payload,
 };
 
 struct Args {
@@ -195,22 +196,12 @@ fn start_libtorrent_seed(st: &Setup) -> Result<Option<(Guard, PathBuf, u16)>, St
         return Ok(None);
     }
     let torrent = st.work.join("payload.torrent");
-    let piece = shoal_protocol::piece_size_for(st.args.size);
-    let made = Command::new("/usr/bin/python3")
-        .arg(lt_script())
-        .arg("make")
-        .arg(&torrent)
-        .arg(&st.payload)
-        .arg("-")
-        .arg(piece.to_string())
-        .output()
-        .map_err(|e| format!("libtorrent_node.py make: {e}"))?;
-    if !made.status.success() {
-        return Err(format!(
-            "libtorrent_node.py make: {}",
-            String::from_utf8_lossy(&made.stderr)
-        ));
-    }
+    make_torrent(
+        &torrent,
+        &st.payload,
+        "-",
+        shoal_protocol::piece_size_for(st.args.size),
+    )?;
     let port = free_port();
     let dir = st.payload.parent().ok_or("payload has no directory")?;
     let mut seed = Guard(
@@ -299,11 +290,6 @@ fn seed_to_leecher(st: &Setup) -> Result<(Medians, Option<Medians>), String> {
     let shoal = (median(&mut p2p_t), median(&mut p2p_rss));
     let lt = lt.map(|_| (median(&mut lt_t), median(&mut lt_rss)));
     Ok((shoal, lt))
-}
-
-/// The libtorrent helper script, beside this crate's sources.
-fn lt_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/libtorrent_node.py")
 }
 
 fn run() -> Result<(), String> {

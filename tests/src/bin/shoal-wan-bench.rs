@@ -38,7 +38,8 @@ use std::{
 };
 
 use shoal_tests::bench::{
-    Guard, digest_line, list, median, nginx_conf, start_nginx, tempdir_in, write_payload,
+    Guard, digest_line, list, lt_script, make_torrent, median, nginx_conf, start_nginx, tempdir_in,
+    write_payload,
 };
 use shoal_tests::netns::{self, Lan};
 
@@ -101,11 +102,6 @@ fn parse_args() -> Result<Args, String> {
         ));
     }
     Ok(args)
-}
-
-/// The libtorrent helper script, beside this crate's sources.
-fn lt_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/libtorrent_node.py")
 }
 
 /// What one cell needs to start its contenders.
@@ -395,22 +391,12 @@ fn run() -> Result<(), String> {
             let url = format!("http://{listen}/payload.bin");
             let torrent = work.join("payload.torrent");
             if args.contenders.iter().any(|c| c == "libtorrent") {
-                let piece = shoal_protocol::piece_size_for(size);
-                let out = Command::new("/usr/bin/python3")
-                    .arg(lt_script())
-                    .args(["make"])
-                    .arg(&torrent)
-                    .arg(&payload)
-                    .arg(&url)
-                    .arg(piece.to_string())
-                    .output()
-                    .map_err(|e| format!("libtorrent_node.py make: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "libtorrent_node.py make: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ));
-                }
+                make_torrent(
+                    &torrent,
+                    &payload,
+                    &url,
+                    shoal_protocol::piece_size_for(size),
+                )?;
             }
             let cell = Cell {
                 lan: &lan,
