@@ -34,8 +34,16 @@ pub(crate) struct Filling {
 }
 
 impl Filling {
-    /// An empty piece of `want` bytes.
+    /// An empty piece of `want` bytes (nothing is allocated for none).
     pub(crate) fn new(want: usize) -> Self {
+        if want == 0 {
+            return Self {
+                buf: Vec::new(),
+                start: 0,
+                filled: 0,
+                want,
+            };
+        }
         let buf = take(want + ALIGN);
         let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         Self {
@@ -190,6 +198,10 @@ mod tests {
         assert_eq!(b.len(), MIN_POOLED + 10);
         assert_eq!(b.as_ptr().align_offset(ALIGN), 0);
         assert_eq!((b[0], b[99], b[100], b[MIN_POOLED + 9]), (1, 1, 2, 2));
+        // The empty piece after a response's last one.
+        let mut none = Filling::new(0);
+        assert_eq!((none.extend(&[1]), none.remaining()), (0, 0));
+        assert!(none.freeze().is_empty());
     }
 
     #[test]

@@ -260,17 +260,19 @@ pub fn hash_reader(mut reader: impl Read, length: u64) -> Result<FileDigests, Er
 mod tests {
     use super::*;
 
+    /// Piece `i` of `file` in pieces of `piece` bytes.
+    fn piece_of(file: &[u8], piece: u64, i: u32) -> Vec<u8> {
+        let start = u64::from(i) * piece;
+        file[start as usize..][..((file.len() as u64 - start).min(piece)) as usize].to_vec()
+    }
+
     #[test]
     fn pieces_in_any_order_hash_as_the_file_and_a_changed_piece_read_back_is_refused() {
         let piece = 16 * 1024u64;
         let file: Vec<u8> = (0..5 * piece + 100).map(|i| (i % 251) as u8).collect();
         let d = hash_reader(&file[..], file.len() as u64).unwrap();
         let cvs = d.layer.chaining_values().to_vec();
-        let slice = |i: u32| {
-            file[(u64::from(i) * piece) as usize..]
-                [..((file.len() as u64 - u64::from(i) * piece).min(piece)) as usize]
-                .to_vec()
-        };
+        let slice = |i: u32| piece_of(&file, piece, i);
         let run = |disk: &[u8], hold: usize| {
             let mut sha = OrderedSha256::new(piece, file.len() as u64, hold);
             let mut read_at = |at: u64, buf: &mut [u8]| {
@@ -312,11 +314,7 @@ mod tests {
         let piece = 16 * 1024u64;
         let file: Vec<u8> = (0..5 * piece + 100).map(|i| (i % 251) as u8).collect();
         let d = hash_reader(&file[..], file.len() as u64).unwrap();
-        let slice = |i: u32| {
-            file[(u64::from(i) * piece) as usize..]
-                [..((file.len() as u64 - u64::from(i) * piece).min(piece)) as usize]
-                .to_vec()
-        };
+        let slice = |i: u32| piece_of(&file, piece, i);
         // Room for one piece. The last piece (5) comes first, far ahead; then the others
         // out of order, each one ahead of the next to hash.
         let mut sha = OrderedSha256::new(piece, file.len() as u64, piece as usize);
