@@ -14,8 +14,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-/// At most this many free buffers are kept.
-const MAX_FREE: usize = 16;
+/// At most this many free buffers are kept. The byte bound below is the one that matters for
+/// 1 MiB pieces; this one lets a swarm node with 256 KiB pieces (a 256 MiB file), whose
+/// buffers come and go in bursts of many, keep enough of them.
+const MAX_FREE: usize = 64;
 /// At most this many bytes of free buffers are kept.
 const MAX_FREE_BYTES: usize = 24 << 20;
 /// Buffers shorter than this, in bytes, are not pooled (small bodies are cheap to allocate).

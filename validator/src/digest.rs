@@ -52,7 +52,8 @@ impl Sha256Stream {
 /// BEP 3) would otherwise take the room of the window of pieces right after the next one. A piece read back is checked again against the chaining value it
 /// verified with (BLAKE3, [`crate::check_piece`]): the file may have been written since, and
 /// what is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`).
-/// Does no I/O itself: the caller's `read_at(offset, buf)` fills `buf` from the file.
+/// Does no I/O itself: the caller's `read_at(offset, len)` returns the `len` bytes of the file
+/// at `offset` (in whatever buffer suits its I/O: an aligned one for `O_DIRECT`, say).
 #[derive(Debug)]
 pub struct OrderedSha256<B> {
     sha: Sha256Stream,
@@ -68,7 +69,8 @@ pub struct OrderedSha256<B> {
     /// Bytes held in `later`.
     held: usize,
     hold_bytes: usize,
-    buf: Vec<u8>,
+    /// Pieces read back so far.
+    read_back: u32,
 }
 
 impl<B: AsRef<[u8]>> OrderedSha256<B> {
@@ -84,7 +86,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
             later: std::collections::BTreeMap::new(),
             held: 0,
             hold_bytes,
-            buf: Vec::new(),
+            read_back: 0,
         }
     }
 
@@ -99,7 +101,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
         index: shoal_protocol::PieceIndex,
         bytes: Option<B>,
         cv: Option<crate::ChainingValue>,
-        read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<B>,
     ) -> std::io::Result<()> {
         if index != self.next {
             let ahead = u64::from(index.saturating_sub(self.next)) * self.piece_size;
@@ -126,7 +128,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
         &mut self,
         bytes: Option<B>,
         cv: Option<crate::ChainingValue>,
-        read_at: &mut impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<B>,
     ) -> std::io::Result<()> {
         let index = self.next;
         match bytes {
@@ -134,22 +136,35 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
             None => {
                 let start = u64::from(index) * self.piece_size;
                 let len = self.length.saturating_sub(start).min(self.piece_size);
-                self.buf
-                    .resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
-                read_at(start, &mut self.buf)?;
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                let read = read_at(start, len)?;
+                let piece = read.as_ref();
+                if piece.len() != len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("piece {index} read back as {} of {len} bytes", piece.len()),
+                    ));
+                }
+                self.read_back += 1;
                 if let Some(cv) = cv {
-                    crate::check_piece(index, start, &self.buf, &cv).map_err(|e| {
+                    crate::check_piece(index, start, piece, &cv).map_err(|e| {
                         std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
                             format!("the temporary file changed after its piece verified: {e}"),
                         )
                     })?;
                 }
-                self.sha.update(&self.buf);
+                self.sha.update(piece);
             }
         }
         self.next += 1;
         Ok(())
+    }
+
+    /// How many pieces were read back rather than hashed from memory so far.
+    #[must_use]
+    pub fn read_back(&self) -> u32 {
+        self.read_back
     }
 
     /// The file's SHA-256, once every piece was hashed; `None` if some never came.
@@ -275,10 +290,7 @@ mod tests {
         let slice = |i: u32| piece_of(&file, piece, i);
         let run = |disk: &[u8], hold: usize| {
             let mut sha = OrderedSha256::new(piece, file.len() as u64, hold);
-            let mut read_at = |at: u64, buf: &mut [u8]| {
-                buf.copy_from_slice(&disk[at as usize..at as usize + buf.len()]);
-                Ok(())
-            };
+            let mut read_at = |at: u64, len: usize| Ok(disk[at as usize..][..len].to_vec());
             // 4 and 2 early with bytes (held while they fit), 3 early without (read back),
             // then 0, 1 and the last.
             for (i, with) in [
@@ -304,9 +316,15 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
         // A piece that never came: no digest.
         let mut sha = OrderedSha256::new(piece, file.len() as u64, 0);
-        let mut none = |_: u64, _: &mut [u8]| Ok(());
+        let mut none = |_: u64, _: usize| Ok(Vec::new());
         sha.add(0, Some(slice(0)), None, &mut none).unwrap();
         assert_eq!(sha.finish(), None);
+        // A read-back that comes short is an error, never hashed as the piece.
+        let mut sha = OrderedSha256::new(piece, file.len() as u64, 0);
+        let mut short = |at: u64, len: usize| Ok(file[at as usize..][..len - 1].to_vec());
+        sha.add(1, Some(slice(1)), None, &mut short).unwrap();
+        let e = sha.add(0, Some(slice(0)), None, &mut short).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
@@ -319,14 +337,14 @@ mod tests {
         // out of order, each one ahead of the next to hash.
         let mut sha = OrderedSha256::new(piece, file.len() as u64, piece as usize);
         let mut reads = Vec::new();
-        let mut read_at = |at: u64, buf: &mut [u8]| {
+        let mut read_at = |at: u64, len: usize| {
             reads.push(at / piece);
-            buf.copy_from_slice(&file[at as usize..at as usize + buf.len()]);
-            Ok(())
+            Ok(file[at as usize..][..len].to_vec())
         };
         for i in [5, 1, 0, 3, 2, 4] {
             sha.add(i, Some(slice(i)), None, &mut read_at).unwrap();
         }
+        assert_eq!(sha.read_back(), 1);
         assert_eq!(sha.finish(), Some(d.sha256));
         // Held first-come, piece 5 would have taken the room for good and 1 and 3 would have
         // been read back instead.

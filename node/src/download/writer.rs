@@ -390,11 +390,89 @@ pub(super) fn sha_in_order(
     length: u64,
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
     let mut sha = shoal_validator::OrderedSha256::new(piece_size, length, SHA_HOLD_BYTES);
-    let mut read_at = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at);
+    let mut back = ReadBack::new(file);
+    let mut read_at = |at: u64, len: usize| back.read(at, len);
+    let mut pieces = 0u32;
     for (index, bytes, cv) in rx {
+        pieces += 1;
         sha.add(index, bytes, cv, &mut read_at)?;
     }
+    debug!(
+        pieces,
+        read_back = sha.read_back(),
+        "SHA-256 taken in file order"
+    );
     Ok(sha.finish())
+}
+
+/// Reads pieces back for the SHA-256 thread. Where the file system allows it, through a
+/// descriptor of the same inode opened with `O_DIRECT`, into a pooled aligned buffer: pieces
+/// are mostly written with `O_DIRECT` too ([`PieceWriter`]), so they are not in the page
+/// cache, and a buffered read would copy them through it and read ahead into pieces not yet
+/// written (zeroed pages the next direct write must evict). In a swarm, where pieces arrive
+/// from several members' origin fronts at once, most pieces are read back
+/// (`docs/benchmarks.md`). The kernel writes back any buffered piece before a direct read of
+/// its range, so both paths read what was written.
+struct ReadBack<'a> {
+    buffered: &'a File,
+    direct: Option<File>,
+}
+
+impl<'a> ReadBack<'a> {
+    fn new(buffered: &'a File) -> Self {
+        use std::os::unix::{fs::OpenOptionsExt, io::AsRawFd};
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
+            .ok();
+        Self { buffered, direct }
+    }
+
+    /// The `len` bytes at `at`; fewer only at the end of the file.
+    fn read(&mut self, at: u64, len: usize) -> std::io::Result<Bytes> {
+        if let Some(direct) = &self.direct
+            && at.is_multiple_of(DIRECT_ALIGN as u64)
+        {
+            let padded = len.next_multiple_of(DIRECT_ALIGN);
+            let mut buf = crate::bufpool::take(padded + DIRECT_ALIGN);
+            let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+            let mut got = 0;
+            // Direct reads come short only at the end of the file; a short read anywhere
+            // else (or a refused one) falls back to the page cache.
+            let direct_ok = loop {
+                match direct.read_at(&mut buf[start + got..start + padded], at + got as u64) {
+                    Ok(0) => break true,
+                    Ok(n) => {
+                        got += n;
+                        if got >= len || !got.is_multiple_of(DIRECT_ALIGN) {
+                            break true;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break false,
+                    Err(e) => return Err(e),
+                }
+            };
+            if !direct_ok {
+                self.direct = None;
+            } else if got >= len {
+                return Ok(crate::bufpool::into_bytes(buf).slice(start..start + len));
+            }
+        }
+        let mut buf = crate::bufpool::take(len);
+        let mut got = 0;
+        while got < len {
+            match self.buffered.read_at(&mut buf[got..], at + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        Ok(crate::bufpool::into_bytes(buf))
+    }
 }
 
 /// Creates the temporary file afresh, as the job's owner: an old file (or a symlink put in
@@ -506,5 +584,39 @@ mod tests {
             .unwrap();
         let e = run(&file).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[test]
+    fn pieces_read_back_are_what_was_written_directly_or_through_the_page_cache() {
+        let piece = 16 * 1024u64;
+        // Two whole pieces and a short last one, as a download writes them: piece 0 through
+        // `O_DIRECT` where the file system allows it, pieces 1 and 2 through the page cache
+        // (still dirty when read back).
+        let bytes: Vec<u8> = (0..2 * piece + 100).map(|i| (i % 253) as u8).collect();
+        // In the crate's directory: on the disk's file system (`/tmp` may be a tmpfs).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let file = Arc::new(create_temp(&dir.path().join("t"), None, bytes.len() as u64).unwrap());
+        let mut writer = PieceWriter::new(file.clone(), piece);
+        let mut aligned = crate::bufpool::take(piece as usize + DIRECT_ALIGN);
+        let start = aligned.as_ptr().align_offset(DIRECT_ALIGN);
+        aligned[start..start + piece as usize].copy_from_slice(&bytes[..piece as usize]);
+        writer
+            .write(0, &aligned[start..start + piece as usize])
+            .unwrap();
+        file.write_all_at(&bytes[piece as usize..], piece).unwrap();
+        let mut back = ReadBack::new(&file);
+        let direct = back.direct.is_some();
+        for i in [2u64, 0, 1] {
+            let at = i * piece;
+            let len = (bytes.len() as u64 - at).min(piece) as usize;
+            let got = back.read(at, len).unwrap();
+            assert_eq!(
+                &got[..],
+                &bytes[at as usize..at as usize + len],
+                "piece {i} (O_DIRECT: {direct})"
+            );
+        }
+        // Past the end: short, never padded.
+        assert_eq!(back.read(2 * piece, piece as usize).unwrap().len(), 100);
     }
 }

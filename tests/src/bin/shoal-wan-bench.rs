@@ -371,9 +371,9 @@ fn run() -> Result<(), String> {
     let root = work.join("www");
     std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
     println!(
-        "| size | Mbit/s | N | contender | origin copies | last node (s) | last / one copy | median node (s) | CPU s (all nodes) |"
+        "| size | Mbit/s | N | contender | origin copies | last node (s) | last / one copy | median node (s) | CPU s (all nodes) | CPU s per GiB delivered |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &size in &args.sizes {
         let payload = root.join("payload.bin");
         write_payload(&payload, size).map_err(|e| e.to_string())?;
@@ -434,7 +434,7 @@ fn run() -> Result<(), String> {
                         for run in 0..args.runs {
                             let o = run_contender(&cell, contender, digest, n)?;
                             eprintln!(
-                                "  N={n} {contender} {digest} run {run}: {:.3} copies, done {:?}, CPU {:.1} s",
+                                "  N={n} {contender} {digest} run {run}: {:.3} copies, done {:?}, CPU {:.2} s",
                                 o.origin_bytes as f64 / unit,
                                 o.done
                                     .iter()
@@ -459,13 +459,16 @@ fn run() -> Result<(), String> {
                             format!("{contender} ({digest})")
                         };
                         let l = median(&mut last);
+                        let cpu = median(&mut cpu);
+                        // Bytes delivered: one copy to each of the N nodes.
+                        let gib = (n as u64 * size) as f64 / f64::from(1u32 << 30);
                         println!(
-                            "| {} MiB | {mbit} | {n} | {name} | {:.3} | {l:.1} ({lo:.1}-{hi:.1}) | {:.2}x | {:.1} | {:.1} |",
+                            "| {} MiB | {mbit} | {n} | {name} | {:.3} | {l:.1} ({lo:.1}-{hi:.1}) | {:.2}x | {:.1} | {cpu:.2} | {:.2} |",
                             size >> 20,
                             median(&mut copies),
                             l / one_copy,
                             median(&mut mid),
-                            median(&mut cpu)
+                            cpu / gib
                         );
                     }
                 }
