@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod apt;
 mod bufpool;
 pub mod config;
 pub mod daemon;
