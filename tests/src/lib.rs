@@ -174,6 +174,10 @@ async fn redirect(State(state): State<Arc<OriginState>>, Path(name): Path<String
         .expect("valid response")
 }
 
+/// The `Last-Modified` of every file of a [`TestOrigin`]; a request with this exact
+/// `If-Modified-Since` gets `304 Not Modified`.
+pub const LAST_MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
+
 /// The strong ETag the origin gives `bytes`.
 fn etag(bytes: &[u8]) -> String {
     format!("\"{}\"", &blake3::hash(bytes).to_hex()[..16])
@@ -230,6 +234,17 @@ async fn serve(
     let Some((bytes, etag)) = state.files.lock().expect("origin lock").get(&name).cloned() else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    // Every file was last modified at the same moment; a client that has it gets a 304.
+    if headers
+        .get(header::IF_MODIFIED_SINCE)
+        .is_some_and(|v| v.as_bytes() == LAST_MODIFIED.as_bytes())
+    {
+        return Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(header::LAST_MODIFIED, LAST_MODIFIED)
+            .body(Body::empty())
+            .unwrap_or_default();
+    }
     let len = bytes.len() as u64;
     let if_range_ok = headers
         .get(header::IF_RANGE)
@@ -251,6 +266,7 @@ async fn serve(
     let mut builder = Response::builder()
         .status(status)
         .header(header::ETAG, etag)
+        .header(header::LAST_MODIFIED, LAST_MODIFIED)
         .header(header::CONTENT_LENGTH, body.len());
     if !state.no_range.load(Ordering::SeqCst) {
         builder = builder.header(header::ACCEPT_RANGES, "bytes");
@@ -418,17 +434,34 @@ impl shoal_node::daemon::Credentials for HeaderUid {
 impl TestDaemon {
     /// Starts a daemon with `config` (its socket is replaced by one in `dir`), its state in
     /// `dir/state`, the settings of [`test_node`].
-    pub async fn start(
+    pub async fn start(dir: &std::path::Path, config: shoal_node::daemon::DaemonConfig) -> Self {
+        Self::start_with(dir, config, true).await
+    }
+
+    /// Like [`TestDaemon::start`], but callers are who the socket's peer credentials say
+    /// (this test process's user), as with a real daemon: for clients that cannot add the
+    /// test header, such as the apt method.
+    pub async fn start_with_peer_credentials(
+        dir: &std::path::Path,
+        config: shoal_node::daemon::DaemonConfig,
+    ) -> Self {
+        Self::start_with(dir, config, false).await
+    }
+
+    async fn start_with(
         dir: &std::path::Path,
         mut config: shoal_node::daemon::DaemonConfig,
+        header_uid: bool,
     ) -> Self {
         config.socket = dir.join("shoal.sock");
         let socket = config.socket.clone();
         let builder = test_builder(&[]).await.state_dir(dir.join("state"));
-        let daemon = shoal_node::daemon::Daemon::start(builder, config)
+        let mut daemon = shoal_node::daemon::Daemon::start(builder, config)
             .await
-            .expect("daemon starts")
-            .with_credentials(Arc::new(HeaderUid));
+            .expect("daemon starts");
+        if header_uid {
+            daemon = daemon.with_credentials(Arc::new(HeaderUid));
+        }
         let node = daemon.node().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {

@@ -23,6 +23,7 @@ use shoal_tests::{
 };
 use shoal_validator::Sha256Digest;
 
+mod apt;
 mod bandwidth;
 mod cache;
 mod cluster;

@@ -13,6 +13,8 @@
 //! folding) adds a line to that field's value; a field apt sends that this module does not
 //! know is kept and ignored.
 
+pub mod method;
+
 use std::path::PathBuf;
 
 use shoal_validator::Sha256Digest;
