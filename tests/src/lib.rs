@@ -543,6 +543,27 @@ pub struct TestUser {
     pub home: std::path::PathBuf,
 }
 
+/// The path of the binary `name` of the `shoal-node` package: beside the directory of this
+/// test binary (`target/PROFILE/`), where `cargo test --workspace` builds it (the package has
+/// integration tests of its own, so cargo builds its binaries first). Panics, saying what to
+/// run, when it is not there.
+pub fn node_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/PROFILE/deps/TEST-HASH
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary is in target/PROFILE/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, or build it first with \
+         `cargo build -p shoal-node --bin {name}`",
+        bin.display()
+    );
+    bin
+}
+
 /// The test user, created (with `groupadd`/`useradd`) the first time it is asked for. Panics
 /// when the tests do not run as root or the user cannot be created: a test that needs a
 /// second user must not pass without one (CI runs as root).

@@ -373,3 +373,76 @@ async fn garbage_from_apt_gets_a_general_failure_and_ends_the_method() {
     assert!(m.get("Message").unwrap().contains("this is not a message"));
     assert!(apt.close().await.is_err());
 }
+
+#[tokio::test]
+async fn started_as_root_the_method_runs_as_the_sandbox_user_before_it_writes_anything() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::process::Stdio;
+    let user = shoal_tests::test_user();
+    let dir = super::shared_dir();
+    let origin = TestOrigin::start().await;
+    let data = content(20_000, 9);
+    origin.put("InRelease", data.clone());
+    // apt's partial directory belongs to its sandbox user; a root-only one next to it.
+    let part = partial(dir.path());
+    std::os::unix::fs::chown(&part, Some(user.uid), Some(user.gid)).unwrap();
+    let private = dir.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = tokio::process::Command::new(shoal_tests::node_bin("shoal-apt"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut config = settings(dir.path(), &dir.path().join("none.sock"));
+    config[0].1 = "shoal-test".into();
+    let mut m = Message::new(601, "Configuration");
+    for (k, v) in config {
+        m = m.with("Config-Item", format!("{k}={v}"));
+    }
+    let ok = acquire(&origin, "InRelease", &part.join("InRelease"), &[]);
+    let denied = acquire(&origin, "InRelease", &private.join("InRelease"), &[]);
+    let mut stdin = child.stdin.take().unwrap();
+    let text = [m.encode(), ok.encode()].concat();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    // One at a time: the second names the same URI.
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut reader = MessageReader::new();
+    let mut next = async || loop {
+        let line = tokio::time::timeout(SCENARIO_TIMEOUT, out.next_line())
+            .await
+            .expect("the method answers in time")
+            .unwrap()
+            .expect("the method runs");
+        if let Some(m) = reader.push_line(&line).unwrap()
+            && (m.code == 201 || m.code == 400)
+        {
+            return m;
+        }
+    };
+    let first = next().await;
+    assert_eq!(first.code, 201, "{first:?}");
+    let meta = std::fs::metadata(part.join("InRelease")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (user.uid, user.gid),
+        "written as the sandbox user"
+    );
+    assert_eq!(std::fs::read(part.join("InRelease")).unwrap(), data);
+    stdin.write_all(denied.encode().as_bytes()).await.unwrap();
+    let second = next().await;
+    assert_eq!(second.code, 400, "{second:?}");
+    assert!(
+        second.get("Message").unwrap().contains("Permission denied"),
+        "{second:?}"
+    );
+    assert!(!private.join("InRelease").exists());
+    drop(stdin);
+    let status = tokio::time::timeout(SCENARIO_TIMEOUT, child.wait())
+        .await
+        .expect("the method ends when apt closes its input")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
