@@ -374,8 +374,8 @@ async fn from_origin(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Messag
             .map_err(|e| Failed::new(e.to_string(), "", false))?;
     }
     let mut req = client.get(url.clone());
-    let have_copy = acq.filename.exists();
-    if let Some(lm) = acq.last_modified.as_deref().filter(|_| have_copy) {
+    // apt's `Last-Modified` is the date of the copy it keeps (elsewhere than `Filename`).
+    if let Some(lm) = acq.last_modified.as_deref() {
         req = req.header(reqwest::header::IF_MODIFIED_SINCE, lm);
     }
     let mut resp = req.send().await.map_err(|e| {
@@ -392,7 +392,7 @@ async fn from_origin(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Messag
         .get(reqwest::header::LAST_MODIFIED)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    if status == reqwest::StatusCode::NOT_MODIFIED && have_copy {
+    if status == reqwest::StatusCode::NOT_MODIFIED && acq.last_modified.is_some() {
         return Ok(Message::new(201, "URI Done")
             .with("URI", &acq.uri)
             .with("Filename", acq.filename.display())
@@ -462,6 +462,14 @@ async fn from_origin(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Messag
         sha512.update(&chunk);
         std::io::Write::write_all(&mut file, &chunk)
             .map_err(|e| Failed::new(format!("{}: {e}", acq.filename.display()), "", false))?;
+    }
+    // The file's date is the origin's `Last-Modified`, as apt's `http` method leaves it: apt
+    // sends it back as the next request's `Last-Modified`, for `If-Modified-Since`.
+    if let Some(t) = last_modified
+        .as_deref()
+        .and_then(|lm| httpdate::parse_http_date(lm).ok())
+    {
+        let _ = file.set_modified(t);
     }
     file.sync_all()
         .map_err(|e| Failed::new(format!("{}: {e}", acq.filename.display()), "", false))?;

@@ -3,6 +3,8 @@
 //! read back as apt reads them. The origin is a [`TestOrigin`] on 127.0.0.1; the daemon a
 //! [`TestDaemon`] on a socket in the test's directory.
 
+mod real;
+
 use std::path::{Path, PathBuf};
 
 use sha2::Digest as _;
