@@ -24,6 +24,8 @@ const REPO_PORT: u16 = 8080;
 const FLEET_PORT: u16 = 7680;
 /// The packages, and the size of each one's payload in bytes.
 const PACKAGES: [&str; 3] = ["shoal-test-a", "shoal-test-b", "shoal-test-c"];
+/// One more package in the repository, whose bytes a test changes on the origin.
+const CORRUPTED: &str = "shoal-test-d";
 const PAYLOAD_BYTES: usize = 3 << 20;
 
 /// True, with a loud message, where this test cannot run: not root, no network namespaces,
@@ -64,7 +66,7 @@ fn make_repo(dir: &Path) -> (PathBuf, PathBuf) {
     let repo = dir.join("repo");
     let pool = repo.join("pool/main");
     std::fs::create_dir_all(&pool).unwrap();
-    for (i, name) in PACKAGES.iter().enumerate() {
+    for (i, name) in PACKAGES.iter().chain(&[CORRUPTED]).enumerate() {
         let pkg = dir.join("build").join(name);
         std::fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
         std::fs::create_dir_all(pkg.join("usr/share").join(name)).unwrap();
@@ -301,6 +303,18 @@ fn ok(out: &Output, what: &str) -> String {
     text
 }
 
+/// The bytes of the `.deb`s named in `listed`.
+fn deb_bytes(repo: &Path, listed: &[(String, String)]) -> u64 {
+    listed
+        .iter()
+        .map(|(n, _)| {
+            std::fs::metadata(repo.join("pool/main").join(n))
+                .unwrap()
+                .len()
+        })
+        .sum()
+}
+
 /// The SHA-256 of each `.deb` as the signed `Packages` lists it, by file name.
 fn listed_sha256(repo: &Path) -> Vec<(String, String)> {
     let text =
@@ -316,6 +330,7 @@ fn listed_sha256(repo: &Path) -> Vec<(String, String)> {
             };
             let file = field("Filename:")?;
             let name = file.rsplit('/').next()?.to_owned();
+            (!name.starts_with(CORRUPTED)).then_some(())?;
             Some((name, field("SHA256:")?))
         })
         .collect();
@@ -401,4 +416,169 @@ fn real_apt_fetches_through_shoal_and_a_second_machine_takes_the_debs_from_the_f
         "no warning about the missing daemon:\n{text}"
     );
     assert_eq!(a.debs(), got);
+}
+
+/// The origin, the LAN and a signed repository, for one test.
+struct Setup {
+    dir: tempfile::TempDir,
+    repo: PathBuf,
+    key: PathBuf,
+    lan: Lan,
+    origin_ip: String,
+    _nginx: Guard,
+}
+
+impl Setup {
+    fn new(tag: &str, mbit: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (repo, key) = make_repo(dir.path());
+        let lan = Lan::new(tag, 2).unwrap().with_wan(mbit).unwrap();
+        let origin_ip = lan.origin_ip().to_string();
+        let www = dir.path().join("nginx");
+        std::fs::create_dir_all(&www).unwrap();
+        let conf = nginx_conf(&www, &repo, &format!("{origin_ip}:{REPO_PORT}")).unwrap();
+        let nginx =
+            start_nginx(netns::exec(lan.origin_ns().unwrap(), "nginx"), &conf, &www).unwrap();
+        Self {
+            dir,
+            repo,
+            key,
+            lan,
+            origin_ip,
+            _nginx: nginx,
+        }
+    }
+
+    fn machine(&self, i: usize) -> Machine {
+        Machine::new(&self.lan, i, self.dir.path(), &self.key, &self.origin_ip)
+    }
+}
+
+#[test]
+fn two_machines_starting_together_pull_the_debs_about_once_and_a_corrupt_deb_fails_cleanly() {
+    let test =
+        "two_machines_starting_together_pull_the_debs_about_once_and_a_corrupt_deb_fails_cleanly";
+    if skipped(test) {
+        return;
+    }
+    let s = Setup::new("apt2", 50);
+    let machines = [s.machine(0), s.machine(1)];
+    let want = listed_sha256(&s.repo);
+    let deb_bytes = deb_bytes(&s.repo, &want);
+    let mut install = vec!["install", "-d", "-y", "--no-install-recommends"];
+    install.extend(PACKAGES);
+    // Plain apt first, the baseline: the same repository over apt's own http method.
+    for m in &machines {
+        std::fs::write(
+            m.root.join("etc/sources.list"),
+            format!("deb http://{}:{REPO_PORT}/ stable main\n", s.origin_ip),
+        )
+        .unwrap();
+        ok(&m.apt_get(&["update"]), "plain apt-get update");
+    }
+    let together = |install: &[&str]| {
+        let before = s.lan.origin_tx_bytes().unwrap();
+        let start = Instant::now();
+        let times: Vec<f64> = std::thread::scope(|scope| {
+            let runs: Vec<_> = machines
+                .iter()
+                .map(|m| {
+                    scope.spawn(move || {
+                        ok(&m.apt_get(install), "apt-get install -d");
+                        start.elapsed().as_secs_f64()
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let copies = (s.lan.origin_tx_bytes().unwrap() - before) as f64 / deb_bytes as f64;
+        (copies, times)
+    };
+    let (plain_copies, plain_times) = together(&install);
+    for m in &machines {
+        std::fs::remove_dir_all(m.root.join("cache/archives")).unwrap();
+        std::fs::create_dir_all(m.root.join("cache/archives/partial")).unwrap();
+        std::fs::write(
+            m.root.join("etc/sources.list"),
+            format!(
+                "deb shoal+http://{}:{REPO_PORT}/ stable main\n",
+                s.origin_ip
+            ),
+        )
+        .unwrap();
+        m.wait_for_a_peer();
+        ok(&m.apt_get(&["update"]), "apt-get update through Shoal");
+    }
+    // 3. Both at once, caches cold: the .debs cross the link about once.
+    let (copies, times) = together(&install);
+    eprintln!(
+        "{test}: plain apt x 2: {plain_copies:.2} copies, done after {plain_times:.1?} s; \
+         through Shoal: {copies:.2} copies, done after {times:.1?} s ({deb_bytes} bytes of .debs, 50 Mbit/s)"
+    );
+    for m in &machines {
+        let got = m.debs();
+        assert_eq!(got.len(), PACKAGES.len());
+        for ((name, bytes), (_, sha)) in got.iter().zip(&want) {
+            assert_eq!(super::super::sha256_of(bytes).to_string(), *sha, "{name}");
+        }
+    }
+    assert!(
+        (1.5..2.5).contains(&plain_copies),
+        "plain apt pulls a copy per machine: {plain_copies:.2}"
+    );
+    assert!(
+        copies <= 1.1,
+        "{copies:.2} copies of the .debs crossed the link"
+    );
+
+    // 4. A package whose bytes changed on the origin (its index unchanged): a hash sum
+    // mismatch, and no file of it anywhere in apt's archive.
+    let deb = std::fs::read_dir(s.repo.join("pool/main"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with(CORRUPTED))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&deb).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0xff;
+    std::fs::write(&deb, bytes).unwrap();
+    let out = machines[0].apt_get(&[
+        "-o",
+        "Debug::pkgAcquire::Worker=1",
+        "install",
+        "-d",
+        "-y",
+        CORRUPTED,
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "apt accepted a corrupt package:\n{text}"
+    );
+    assert!(text.contains("FailReason:%20HashSumMismatch"), "{text}");
+    let left: Vec<String> = walk(&machines[0].root.join("cache/archives"))
+        .into_iter()
+        .filter(|p| p.contains(CORRUPTED))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Every file under `dir`, recursively, as paths.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
 }
