@@ -201,6 +201,9 @@ pub struct DaemonSection {
     pub socket: Option<String>,
     /// The socket's permission bits, in octal ("0660").
     pub socket_mode: Option<String>,
+    /// The group the socket belongs to (its members may call); default `shoal` when that
+    /// group exists, else the daemon's own group.
+    pub socket_group: Option<String>,
     /// A loopback `IP:PORT` to serve the API on as well, with the bearer token.
     pub tcp: Option<String>,
     /// The file holding the bearer token for `tcp`.
@@ -746,6 +749,15 @@ impl Config {
                     )
                 })?;
         }
+        c.socket_group = match &d.socket_group {
+            Some(name) => Some(group_id(name).ok_or_else(|| {
+                bad(
+                    "socket_group",
+                    format!("there is no group {name:?} on this machine"),
+                )
+            })?),
+            None => group_id(DEFAULT_SOCKET_GROUP),
+        };
         if let Some(t) = &d.tcp {
             let addr: SocketAddr = t
                 .parse()
@@ -797,6 +809,30 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+/// The group the daemon's socket belongs to when the configuration names none, if it exists
+/// (the Debian package creates it, with apt's `_apt` in it).
+pub const DEFAULT_SOCKET_GROUP: &str = "shoal";
+
+/// The id of the group `name`, if the machine has one.
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a zeroed `group` is a valid out-parameter; every pointer passed is valid for the
+    // call, and `buf` outlives the only use of the result (its id, a plain integer).
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &raw mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then_some(grp.gr_gid)
 }
 
 #[cfg(test)]
@@ -860,6 +896,10 @@ mod tests {
             ("[daemon]\ntcp = \"127.0.0.1:7788\"\n", "daemon.token_file"),
             ("[daemon]\nsocket_mode = \"0999\"\n", "daemon.socket_mode"),
             (
+                "[daemon]\nsocket_group = \"no-such-group-here\"\n",
+                "daemon.socket_group",
+            ),
+            (
                 "[daemon]\nvalidation_default = \"maybe\"\n",
                 "daemon.validation_default",
             ),
@@ -868,6 +908,9 @@ mod tests {
             let e = c.daemon("x.toml").unwrap_err();
             assert!(e.to_string().contains(key), "{text}: {e}");
         }
+        // A group that exists (every machine has `root`, id 0).
+        let c = Config::parse("[daemon]\nsocket_group = \"root\"\n", "x.toml").unwrap();
+        assert_eq!(c.daemon("x.toml").unwrap().socket_group, Some(0));
         let e = Config::parse("[daemon]\nsocket_path = \"/x\"\n", "x.toml").unwrap_err();
         assert!(e.to_string().contains("socket_path"), "{e}");
     }

@@ -81,6 +81,9 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// The socket's permission bits (default 0o660: the owner and the group may call).
     pub socket_mode: u32,
+    /// The group id the socket is given (`None`: the daemon's own group). The configuration
+    /// file's `socket_group` (default `shoal` when that group exists).
+    pub socket_group: Option<u32>,
     /// A loopback TCP address to serve the API on as well, with a bearer token.
     pub tcp: Option<SocketAddr>,
     /// The file holding the bearer token (required with `tcp`); surrounding whitespace is
@@ -106,6 +109,7 @@ impl Default for DaemonConfig {
         Self {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o660,
+            socket_group: None,
             tcp: None,
             token_file: None,
             tcp_uid: 0,
@@ -281,7 +285,11 @@ impl Daemon {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), DaemonError> {
-        let listener = bind_socket(&self.config.socket, self.config.socket_mode)?;
+        let listener = bind_socket(
+            &self.config.socket,
+            self.config.socket_mode,
+            self.config.socket_group,
+        )?;
         info!(socket = %self.config.socket.display(), "control API listening");
         let stop = tokio_util::sync::CancellationToken::new();
         let tcp = match self.config.tcp {
@@ -325,7 +333,7 @@ impl Daemon {
     }
 }
 
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, DaemonError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let err = |source| DaemonError::Socket {
         path: path.to_owned(),
@@ -351,6 +359,9 @@ fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
         std::fs::remove_file(path).map_err(err)?;
     }
     let listener = UnixListener::bind(path).map_err(err)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     Ok(listener)
 }

@@ -474,3 +474,35 @@ async fn add_file_checks_the_directory_as_the_caller() {
     c.add_file(add_in(&group_dir)).await.unwrap();
     d.stop().await;
 }
+
+#[tokio::test]
+async fn the_socket_belongs_to_the_configured_group_so_its_members_can_call() {
+    let user = test_user();
+    let dir = tempfile::tempdir().unwrap();
+    let config = shoal_node::daemon::DaemonConfig {
+        socket_group: Some(user.extra_gid),
+        ..Default::default()
+    };
+    let d = TestDaemon::start(dir.path(), config).await;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.gid(), user.extra_gid);
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    // A member of the group (and not the owner) may connect.
+    // (perl-base, which every Debian has, connects to a Unix socket.)
+    let connect = |user: &str| {
+        std::process::Command::new("runuser")
+            .args(["-u", user, "--", "perl", "-MIO::Socket::UNIX", "-e"])
+            .arg("IO::Socket::UNIX->new(Peer => $ARGV[0]) or exit 1")
+            .arg(&d.socket)
+            .status()
+            .unwrap()
+    };
+    let status = connect("shoal-test");
+    assert!(
+        status.success(),
+        "a member of the socket's group cannot connect"
+    );
+    // Someone outside the group cannot.
+    assert!(!connect("nobody").success());
+    d.stop().await;
+}
