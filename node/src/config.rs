@@ -750,13 +750,13 @@ impl Config {
                 })?;
         }
         c.socket_group = match &d.socket_group {
-            Some(name) => Some(group_id(name).ok_or_else(|| {
+            Some(name) => Some(crate::store::fsuser::group_id(name).ok_or_else(|| {
                 bad(
                     "socket_group",
                     format!("there is no group {name:?} on this machine"),
                 )
             })?),
-            None => group_id(DEFAULT_SOCKET_GROUP),
+            None => crate::store::fsuser::group_id(DEFAULT_SOCKET_GROUP),
         };
         if let Some(t) = &d.tcp {
             let addr: SocketAddr = t
@@ -814,26 +814,6 @@ impl Config {
 /// The group the daemon's socket belongs to when the configuration names none, if it exists
 /// (the Debian package creates it, with apt's `_apt` in it).
 pub const DEFAULT_SOCKET_GROUP: &str = "shoal";
-
-/// The id of the group `name`, if the machine has one.
-fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a zeroed `group` is a valid out-parameter; every pointer passed is valid for the
-    // call, and `buf` outlives the only use of the result (its id, a plain integer).
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            &raw mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &raw mut found,
-        )
-    };
-    (rc == 0 && !found.is_null()).then_some(grp.gr_gid)
-}
 
 #[cfg(test)]
 mod tests {

@@ -319,26 +319,13 @@ fn drop_privileges(user: &str) -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 || user == "root" {
         return Ok(());
     }
-    let name = std::ffi::CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `pwd`'s fields.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &raw mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &raw mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
+    let Some((uid, entry)) = crate::store::fsuser::passwd_by_name(user) else {
         return Err(format!(
             "APT::Sandbox::User {user:?} does not exist: cannot drop privileges"
         ));
-    }
-    let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
+    };
+    let name = std::ffi::CString::new(user).map_err(|_| format!("bad user name {user:?}"))?;
+    let gid = entry.gid;
     // SAFETY: plain system calls on valid arguments; glibc applies set*id to every thread.
     let ok = unsafe {
         libc::initgroups(name.as_ptr(), gid) == 0

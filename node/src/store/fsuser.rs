@@ -504,37 +504,70 @@ pub(crate) struct Passwd {
 
 /// The password database entry of `uid`.
 pub(crate) fn passwd(uid: u32) -> Option<Passwd> {
+    lookup_passwd(|pwd, buf, out| {
+        // SAFETY: the pointers are valid for the call and `buf` is as long as given.
+        unsafe { libc::getpwuid_r(uid, pwd, buf.as_mut_ptr().cast(), buf.len(), out) }
+    })
+    .map(|(_, p)| p)
+}
+
+/// The uid and password database entry of the user named `name`.
+pub(crate) fn passwd_by_name(name: &str) -> Option<(u32, Passwd)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    lookup_passwd(|pwd, buf, out| {
+        // SAFETY: the pointers are valid for the call and `buf` is as long as given.
+        unsafe { libc::getpwnam_r(name.as_ptr(), pwd, buf.as_mut_ptr().cast(), buf.len(), out) }
+    })
+}
+
+/// Runs one `getpw*_r` call (`call(pwd, buf, out)`) and copies the entry out of its buffer.
+fn lookup_passwd(
+    call: impl FnOnce(*mut libc::passwd, &mut [u8], *mut *mut libc::passwd) -> libc::c_int,
+) -> Option<(u32, Passwd)> {
     use std::ffi::CStr;
     let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: `pwd` and `buf` outlive the call, and `buf.len()` is the buffer's size;
-    // getpwuid_r writes only within them, and the strings it points `pwd` at live in `buf`,
-    // which is still alive where they are copied out.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            uid,
-            &raw mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &raw mut out,
-        );
-        if rc != 0 || out.is_null() {
-            return None;
+    // SAFETY: a zeroed `passwd` is a valid out-parameter.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    if call(&raw mut pwd, &mut buf, &raw mut out) != 0 || out.is_null() {
+        return None;
+    }
+    let text = |p: *const libc::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a non-null string of the entry points into `buf`, still alive here.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         }
-        let text = |p: *const libc::c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        Some(Passwd {
+    };
+    Some((
+        pwd.pw_uid,
+        Passwd {
             name: text(pwd.pw_name),
             gid: pwd.pw_gid,
             home: text(pwd.pw_dir).into(),
             shell: text(pwd.pw_shell),
-        })
+        },
+    ))
+}
+
+/// The id of the group named `name`, from the group database.
+pub(crate) fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: a zeroed `group` is a valid out-parameter; the pointers are valid for the call,
+    // `buf` is as long as given, and only the id (no pointer into `buf`) is read after.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            name.as_ptr(),
+            &raw mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        );
+        (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
     }
 }
 
