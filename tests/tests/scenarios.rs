@@ -2198,3 +2198,44 @@ async fn a_complete_cut_short_after_its_rename_is_not_an_error_after_a_restart()
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     second.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_binarys_logs_are_plain_text_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(100_000, 98);
+    origin.put("l.bin", data.clone());
+    let out = tokio::time::timeout(
+        SCENARIO_TIMEOUT,
+        tokio::process::Command::new(shoal_tests::node_bin("shoal"))
+            .args([
+                "get",
+                "--no-daemon",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "-o",
+            ])
+            .arg(dir.path().join("l.bin"))
+            .args(["--sha256", &sha256_of(&data).to_string()])
+            .arg(origin.url("l.bin").as_str())
+            .env("SHOAL_LOG", "shoal_node=debug")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("shoal get ends in time")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DEBUG"), "no log lines: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("l.bin")).unwrap(), data);
+}

@@ -180,6 +180,8 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a journal or a log file gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(Cli::parse()).await {
         // The daemon's answers carry a message that names what was wrong; print just that.
