@@ -41,6 +41,8 @@ use crate::{
 
 /// The most files fetched at once: apt's default `Acquire::Max-Pipeline-Depth`.
 const MAX_AT_ONCE: usize = 10;
+/// Messages waiting for apt to read them.
+const OUT_QUEUE: usize = 64;
 /// How often a job in the daemon is looked at, and progress told to apt.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -141,7 +143,7 @@ enum Fetcher {
 
 /// Shared by the method's tasks.
 struct Shared {
-    out: mpsc::UnboundedSender<Message>,
+    out: mpsc::Sender<Message>,
     settings: Settings,
     fetcher: OnceCell<Fetcher>,
     privileges: OnceCell<Result<(), String>>,
@@ -159,7 +161,8 @@ where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (out, mut rx) = mpsc::unbounded_channel::<Message>();
+    // Bounded: when apt stops reading, answers wait and progress reports are dropped.
+    let (out, mut rx) = mpsc::channel::<Message>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
         let mut output = output;
         while let Some(m) = rx.recv().await {
@@ -170,7 +173,7 @@ where
             }
         }
     });
-    let _ = out.send(capabilities(env!("CARGO_PKG_VERSION")));
+    let _ = out.send(capabilities(env!("CARGO_PKG_VERSION"))).await;
     let mut lines = input.lines();
     let mut reader = MessageReader::new();
     let mut settings = Settings::default();
@@ -186,7 +189,9 @@ where
                 result = Err(super::AptError::BadStatusLine {
                     line: format!("unreadable input: {e}"),
                 });
-                let _ = out.send(general_failure(&format!("cannot read from apt: {e}")));
+                let _ = out
+                    .send(general_failure(&format!("cannot read from apt: {e}")))
+                    .await;
                 break;
             }
         };
@@ -194,7 +199,7 @@ where
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(e) => {
-                let _ = out.send(general_failure(&e.to_string()));
+                let _ = out.send(general_failure(&e.to_string())).await;
                 result = Err(e);
                 break;
             }
@@ -218,10 +223,10 @@ where
                     Err(e) => {
                         match msg.get("URI") {
                             Some(uri) => {
-                                let _ = out.send(failure(uri, &e.to_string(), "", false));
+                                let _ = out.send(failure(uri, &e.to_string(), "", false)).await;
                             }
                             None => {
-                                let _ = out.send(general_failure(&e.to_string()));
+                                let _ = out.send(general_failure(&e.to_string())).await;
                             }
                         }
                         continue;
@@ -233,7 +238,7 @@ where
                         return;
                     };
                     let answer = acquire(&shared, &acq).await;
-                    let _ = shared.out.send(answer);
+                    let _ = shared.out.send(answer).await;
                 });
             }
             // Credentials and media changes (602, 603) concern other methods.
@@ -409,16 +414,19 @@ async fn from_origin(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Messag
             false,
         ));
     }
-    let _ = shared.out.send({
-        let mut m = Message::new(200, "URI Start").with("URI", &acq.uri);
-        if let Some(len) = resp.content_length() {
-            m = m.with("Size", len);
-        }
-        if let Some(lm) = &last_modified {
-            m = m.with("Last-Modified", lm);
-        }
-        m
-    });
+    let _ = shared
+        .out
+        .send({
+            let mut m = Message::new(200, "URI Start").with("URI", &acq.uri);
+            if let Some(len) = resp.content_length() {
+                m = m.with("Size", len);
+            }
+            if let Some(lm) = &last_modified {
+                m = m.with("Last-Modified", lm);
+            }
+            m
+        })
+        .await;
     let mut file = open_for_apt(&acq.filename)
         .map_err(|e| Failed::new(format!("{}: {e}", acq.filename.display()), "", false))?;
     let (mut sha256, mut sha512, mut size) = (Sha256::new(), Sha512::new(), 0u64);
@@ -561,13 +569,16 @@ async fn through_shoal(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Mess
         .fetcher
         .get_or_init(|| async { fetcher(shared).await })
         .await;
-    let _ = shared.out.send({
-        let mut m = Message::new(200, "URI Start").with("URI", &acq.uri);
-        if let Some(len) = acq.size {
-            m = m.with("Size", len);
-        }
-        m
-    });
+    let _ = shared
+        .out
+        .send({
+            let mut m = Message::new(200, "URI Start").with("URI", &acq.uri);
+            if let Some(len) = acq.size {
+                m = m.with("Size", len);
+            }
+            m
+        })
+        .await;
     match fetcher {
         Fetcher::Daemon(c) => via_daemon(shared, c.clone(), acq, url).await?,
         Fetcher::Embedded(node) => via_node(shared, node, acq, url).await?,
@@ -606,10 +617,13 @@ async fn fetcher(shared: &Shared) -> Fetcher {
     if !shared.settings.fallback {
         return Fetcher::None(format!("{why} (Acquire::shoal::Fallback is \"fail\")"));
     }
-    let _ = shared.out.send(Message::new(104, "Warning").with(
-        "Message",
-        format!("{why}; fetching through a Shoal node in the method's process"),
-    ));
+    let _ = shared
+        .out
+        .send(Message::new(104, "Warning").with(
+            "Message",
+            format!("{why}; fetching through a Shoal node in the method's process"),
+        ))
+        .await;
     match embedded_node(&shared.settings.config).await {
         Ok(node) => Fetcher::Embedded(node),
         Err(e) => Fetcher::None(format!("{why}, and no node could start in the method: {e}")),
@@ -708,7 +722,7 @@ async fn via_daemon(
                 _ => {
                     if j.bytes_transferred > told {
                         told = j.bytes_transferred;
-                        let _ = shared.out.send(status(acq, &j));
+                        let _ = shared.out.try_send(status(acq, &j));
                     }
                     tokio::time::sleep(POLL).await;
                 }
