@@ -214,7 +214,7 @@ where
                             settings: settings.clone(),
                             fetcher: OnceCell::new(),
                             privileges: OnceCell::new(),
-                            http: http_client(&settings),
+                            http: http_client(&settings, None).unwrap_or_default(),
                         })
                     })
                     .clone();
@@ -261,15 +261,30 @@ fn general_failure(message: &str) -> Message {
     Message::new(401, "General Failure").with("Message", message)
 }
 
-fn http_client(settings: &Settings) -> reqwest::Client {
+/// An HTTP client with apt's timeouts, for the origin; `proxy` as [`Settings::proxy_for`]
+/// gives it (`None`: reqwest's default, the environment's `http_proxy`/`https_proxy`).
+///
+/// # Errors
+/// The proxy URL does not parse, or the client cannot be built.
+fn http_client(
+    settings: &Settings,
+    proxy: Option<Option<String>>,
+) -> Result<reqwest::Client, Failed> {
     // reqwest is built without a default TLS provider; ring is the one the node uses.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .connect_timeout(settings.timeout)
         .read_timeout(settings.timeout)
-        .user_agent(concat!("shoal-apt/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_default()
+        .user_agent(concat!("shoal-apt/", env!("CARGO_PKG_VERSION")));
+    b = match proxy {
+        None => b,
+        Some(None) => b.no_proxy(),
+        Some(Some(p)) => b.proxy(
+            reqwest::Proxy::all(&p)
+                .map_err(|e| Failed::new(format!("bad proxy {p}: {e}"), "", false))?,
+        ),
+    };
+    b.build().map_err(|e| Failed::new(e.to_string(), "", false))
 }
 
 /// One file: the answer apt gets for it (`201` or `400`).
@@ -348,23 +363,10 @@ fn drop_privileges(user: &str) -> Result<(), String> {
 
 /// A file without an expected SHA-256, from the origin as apt's `http` method fetches it.
 async fn from_origin(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Message, Failed> {
-    let mut client = shared.http.clone();
-    if let Some(proxy) = shared.settings.proxy_for(url, acq.proxy.as_deref()) {
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(shared.settings.timeout)
-            .read_timeout(shared.settings.timeout)
-            .user_agent(concat!("shoal-apt/", env!("CARGO_PKG_VERSION")));
-        b = match proxy {
-            Some(p) => b.proxy(
-                reqwest::Proxy::all(&p)
-                    .map_err(|e| Failed::new(format!("bad proxy {p}: {e}"), "", false))?,
-            ),
-            None => b.no_proxy(),
-        };
-        client = b
-            .build()
-            .map_err(|e| Failed::new(e.to_string(), "", false))?;
-    }
+    let client = match shared.settings.proxy_for(url, acq.proxy.as_deref()) {
+        None => shared.http.clone(),
+        proxy => http_client(&shared.settings, proxy)?,
+    };
     let mut req = client.get(url.clone());
     // apt's `Last-Modified` is the date of the copy it keeps (elsewhere than `Filename`).
     if let Some(lm) = acq.last_modified.as_deref() {
@@ -585,7 +587,11 @@ async fn through_shoal(shared: &Shared, acq: &Acquire, url: &Url) -> Result<Mess
         Fetcher::None(why) => return Err(Failed::new(why.clone(), "", true)),
     }
     // apt trusts what is reported: hash what is now at `Filename`.
-    let (sha256, sha512, size) = hash_file(&acq.filename)
+    // A whole `.deb` read: off the runtime's workers, which the method's own node shares.
+    let path = acq.filename.clone();
+    let (sha256, sha512, size) = tokio::task::spawn_blocking(move || hash_file(&path))
+        .await
+        .map_err(|e| Failed::new(e.to_string(), "", false))?
         .map_err(|e| Failed::new(format!("{}: {e}", acq.filename.display()), "", false))?;
     check_expected(acq, &sha256, &sha512, size)?;
     Ok(done(
