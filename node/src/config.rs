@@ -7,6 +7,7 @@
 pub use crate::download::scheduler::Config as SchedulerConfig;
 pub use crate::source::bandwidth::BandwidthLimits;
 pub use crate::source::origin::Config as OriginConfig;
+pub use crate::source::origin::ProxySetting as OriginProxy;
 pub use crate::source::policy::SourcePolicy;
 pub use crate::store::cache::CacheConfig;
 pub use crate::store::fill::CacheNodeRole;
@@ -159,6 +160,14 @@ pub struct OriginSection {
     pub connect_timeout_seconds: Option<f64>,
     /// Longest wait for the next bytes of a response, in seconds.
     pub read_timeout_seconds: Option<f64>,
+    /// The proxy of jobs that use the node's setting (BITS's "preconfig" proxy usage): an
+    /// `http://` or `https://` URL (with `USER:PASSWORD@` if the proxy wants it), or
+    /// `"direct"`. Absent: the `http_proxy`, `https_proxy` and `no_proxy` environment
+    /// variables of the node's process.
+    pub proxy: Option<String>,
+    /// Hosts (a name also matches its subdomains), addresses and CIDR ranges reached without
+    /// `proxy`.
+    pub proxy_bypass: Option<Vec<String>>,
 }
 
 /// `[scheduler]`: piece requests to peers.
@@ -259,6 +268,14 @@ pub struct Config {
     /// `[bandwidth]`.
     #[serde(default)]
     pub bandwidth: BandwidthSection,
+}
+
+/// A proxy setting as it may be shown in an error: without what precedes an `@`.
+fn redact_user(text: &str) -> String {
+    match text.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => text.to_owned(),
+    }
 }
 
 fn seconds(path: &str, key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -476,6 +493,24 @@ impl Config {
         if let Some(s) = o.read_timeout_seconds {
             origin.read_timeout = seconds(path, "origin.read_timeout_seconds", s)?;
         }
+        let bypass = o.proxy_bypass.clone().unwrap_or_default();
+        origin.proxy = match o.proxy.as_deref() {
+            None => OriginProxy::Environment,
+            Some("direct") => OriginProxy::Direct,
+            Some(text) => {
+                let url = url::Url::parse(text)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                    .ok_or_else(|| ConfigError {
+                        path: path.to_owned(),
+                        reason: format!(
+                            "origin.proxy = {:?} is not an http:// or https:// proxy URL, nor \"direct\"",
+                            redact_user(text)
+                        ),
+                    })?;
+                OriginProxy::Proxy { url, bypass }
+            }
+        };
         Ok(origin)
     }
 

@@ -13,6 +13,14 @@ pub enum Error {
     /// No job has this id.
     #[error("no job {0}")]
     UnknownJob(JobId),
+    /// No file with this index in the job.
+    #[error("job {job} has no file {index}")]
+    UnknownFile {
+        /// The job.
+        job: JobId,
+        /// The index asked for (0-based).
+        index: usize,
+    },
     /// The operation is not allowed in the job's state (BITS `BG_E_INVALID_STATE`).
     #[error(transparent)]
     InvalidState(#[from] InvalidState),
@@ -42,6 +50,15 @@ pub enum Error {
     /// Two files of one job with the same local name.
     #[error("local name {0} is already used by another file of the job")]
     DuplicateLocalName(PathBuf),
+    /// A job's HTTP option that cannot be used (a reserved or malformed header, a proxy URL
+    /// that is not http or https, an unreadable certificate file).
+    #[error("bad {option}: {reason}")]
+    BadHttpOption {
+        /// The option, as `header "X-Name"`, `proxy`, `client certificate`.
+        option: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// A file system operation failed.
     #[error("{path}: {source}")]
     Io {

@@ -33,6 +33,8 @@ pub mod bad_peer;
 pub mod bench;
 pub mod demo;
 pub mod netns;
+pub mod proxy;
+pub mod tls;
 pub use bad_peer::{BadPeer, Misbehaviour};
 
 /// What the test origin serves and how it misbehaves.
@@ -59,6 +61,10 @@ pub struct OriginState {
     /// Faults armed for given requests ([`TestOrigin::cut_request`],
     /// [`TestOrigin::replace_after_request`]), and what each request asked for.
     faults: Mutex<Faults>,
+    /// The headers of every `/NAME` request, in order.
+    pub request_headers: Mutex<Vec<HeaderMap>>,
+    /// When set, `/NAME` answers 401 unless `Authorization` is exactly this.
+    pub require_authorization: Mutex<Option<String>>,
 }
 
 /// Faults tied to request numbers (the n-th request the origin answers, counting from 1 over
@@ -74,10 +80,13 @@ struct Faults {
     log: Vec<(u32, Option<(u64, u64)>)>,
 }
 
-/// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support.
+/// An in-process HTTP origin on 127.0.0.1 with Range, ETag and If-Range support (HTTPS with
+/// [`TestOrigin::start_tls`]).
 pub struct TestOrigin {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Its state: files, counters and misbehaviour switches.
     pub state: Arc<OriginState>,
     task: tokio::task::JoinHandle<()>,
@@ -93,18 +102,45 @@ impl TestOrigin {
     /// Starts an origin on a random loopback port.
     pub async fn start() -> Self {
         let state = Arc::new(OriginState::default());
-        let app = Router::new()
-            .route("/{name}", get(serve))
-            .route("/redirect/{name}", get(redirect))
-            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
+        let app = Self::app(&state);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, state, task }
+        Self {
+            addr,
+            scheme: "http",
+            state,
+            task,
+        }
+    }
+
+    /// Starts an HTTPS origin on a random loopback port with the server certificate of
+    /// `pki`; with `client_auth`, it requires a client certificate issued by `pki`'s CA.
+    pub async fn start_tls(pki: &tls::TestPki, client_auth: bool) -> Self {
+        let state = Arc::new(OriginState::default());
+        let listener = tls::TlsListener::bind(pki, client_auth).await;
+        let addr = axum::serve::Listener::local_addr(&listener).expect("local addr");
+        let app = Self::app(&state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            scheme: "https",
+            state,
+            task,
+        }
+    }
+
+    fn app(state: &Arc<OriginState>) -> Router {
+        Router::new()
+            .route("/{name}", get(serve))
+            .route("/redirect/{name}", get(redirect))
+            .with_state(state.clone())
     }
 
     /// Serves `bytes` at `/name`, replacing what was there (with a new ETag).
@@ -120,7 +156,7 @@ impl TestOrigin {
 
     /// The URL of `/name`.
     pub fn url(&self, name: &str) -> url::Url {
-        format!("http://{}/{name}", self.addr)
+        format!("{}://{}/{name}", self.scheme, self.addr)
             .parse()
             .expect("valid URL")
     }
@@ -201,6 +237,23 @@ async fn serve(
     headers: HeaderMap,
 ) -> Response {
     let number = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    state
+        .request_headers
+        .lock()
+        .expect("origin lock")
+        .push(headers.clone());
+    let required = state
+        .require_authorization
+        .lock()
+        .expect("origin lock")
+        .clone();
+    if let Some(want) = required
+        && headers
+            .get(header::AUTHORIZATION)
+            .is_none_or(|v| v.as_bytes() != want.as_bytes())
+    {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
     let armed_cut = {
         let mut faults = state.faults.lock().expect("origin lock");
         // As asked, whatever the file's length (an open end reads as `u64::MAX - 1`).
@@ -392,6 +445,8 @@ pub async fn test_builder(peers: &[Node]) -> shoal_node::Builder {
             backoff: Duration::from_millis(20),
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_secs(5),
+            // Whatever proxy the environment names, tests reach their loopback origins directly.
+            proxy: shoal_node::config::OriginProxy::Direct,
         })
         .scheduler(SchedulerConfig {
             peer_backoff: Duration::from_millis(50),

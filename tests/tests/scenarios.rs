@@ -28,6 +28,7 @@ mod bandwidth;
 mod cache;
 mod cluster;
 mod hostile;
+mod http;
 mod lan;
 mod security;
 mod tidy;
@@ -1572,6 +1573,7 @@ async fn timeouts_fire_no_progress_then_inactivity() {
             backoff: Duration::from_millis(10),
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
+            proxy: shoal_node::config::OriginProxy::Direct,
         })
         .build()
         .await

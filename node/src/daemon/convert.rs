@@ -59,6 +59,7 @@ pub(super) fn error_to_pb(e: &JobError) -> pb::JobError {
             ErrorContext::Transport => pb::ErrorContext::Transport,
             ErrorContext::Validation => pb::ErrorContext::Validation,
             ErrorContext::Notification => pb::ErrorContext::Notification,
+            ErrorContext::ServerCertificate => pb::ErrorContext::ServerCertificate,
         } as i32,
         file: e.file.map(|f| u32::try_from(f).unwrap_or(u32::MAX)),
         description: e.description.clone(),
@@ -130,6 +131,53 @@ pub(super) fn job_to_pb(info: &JobInfo) -> pb::Job {
         no_progress_timeout_seconds: info.properties.no_progress_timeout.as_secs(),
         notify_flags: info.properties.notify_flags,
         notify_cmdline: info.properties.notify_cmdline.clone().unwrap_or_default(),
+        max_download_time_seconds: info.properties.max_download_time.as_secs(),
+        active_time_ms: u64::try_from(info.active_time.as_millis()).unwrap_or(u64::MAX),
+        http: Some(http_to_pb(&info.properties.http)),
+    }
+}
+
+/// What a job snapshot shows of its HTTP options: header names, the credentials' scheme and
+/// user, paths, proxies without user information; never a secret.
+pub(super) fn http_to_pb(o: &crate::job::HttpOptions) -> pb::HttpOptionsInfo {
+    use crate::job::{Credentials, ProxyUsage};
+    let o = o.redacted();
+    let (scheme, user) = match &o.credentials {
+        None => ("", String::new()),
+        Some(c @ Credentials::Basic { user, .. }) => (c.scheme(), user.clone()),
+        Some(c @ Credentials::Bearer { .. }) => (c.scheme(), String::new()),
+    };
+    pb::HttpOptionsInfo {
+        header_names: o.headers.iter().map(|(n, _)| n.clone()).collect(),
+        credentials_scheme: scheme.to_owned(),
+        credentials_user: user,
+        client_certificate: o
+            .client_certificate
+            .as_ref()
+            .map(|c| pb::ClientCertificate {
+                certificate: c.certificate.display().to_string(),
+                key: c.key.display().to_string(),
+            }),
+        ca_certificates: o
+            .ca_certificates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        proxy: Some(match &o.proxy {
+            ProxyUsage::Preconfig => pb::ProxySettings {
+                usage: pb::ProxyUsage::Preconfig as i32,
+                ..pb::ProxySettings::default()
+            },
+            ProxyUsage::NoProxy => pb::ProxySettings {
+                usage: pb::ProxyUsage::NoProxy as i32,
+                ..pb::ProxySettings::default()
+            },
+            ProxyUsage::Override { proxies, bypass } => pb::ProxySettings {
+                usage: pb::ProxyUsage::Override as i32,
+                proxies: proxies.iter().map(ToString::to_string).collect(),
+                bypass: bypass.clone(),
+            },
+        }),
     }
 }
 

@@ -54,9 +54,11 @@ fn status_of(e: &Error) -> Status {
     match e {
         Error::UnknownJob(_) => Status::not_found(msg),
         Error::InvalidState(_) | Error::Empty(_) => Status::failed_precondition(msg),
-        Error::BadUrl { .. } | Error::BadLocalName { .. } | Error::BadRange(_) => {
-            Status::invalid_argument(msg)
-        }
+        Error::BadUrl { .. }
+        | Error::BadLocalName { .. }
+        | Error::BadRange(_)
+        | Error::BadHttpOption { .. }
+        | Error::UnknownFile { .. } => Status::invalid_argument(msg),
         Error::DuplicateLocalName(_) => Status::already_exists(msg),
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
             Status::permission_denied(msg)
@@ -135,6 +137,129 @@ const MAX_NAME_BYTES: usize = 4 * 1024;
 const MAX_RANGES: usize = 10_000;
 /// The most arguments of a notify command line.
 const MAX_ARGV: usize = 64;
+/// The most request headers, proxies, bypass entries or CA files of one job.
+const MAX_HTTP_ITEMS: usize = 64;
+
+/// The job's HTTP options with the request's changes, or `None` when the request changes
+/// none of them.
+fn http_options_of(
+    r: &pb::SetPropertiesRequest,
+    info: &crate::job::JobInfo,
+) -> Result<Option<crate::job::HttpOptions>, Status> {
+    use crate::job::{ClientCertificate, Credentials, ProxyUsage};
+    let count = |field: &str, n: usize| {
+        if n > MAX_HTTP_ITEMS {
+            Err(Status::invalid_argument(format!(
+                "{field}: {n} entries, more than the limit of {MAX_HTTP_ITEMS}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let mut o = info.properties.http.clone();
+    let mut changed = false;
+    if let Some(h) = &r.headers {
+        count("headers", h.headers.len())?;
+        for x in &h.headers {
+            bounded("header name", &x.name, MAX_NAME_BYTES)?;
+            bounded("header value", &x.value, MAX_NAME_BYTES)?;
+        }
+        o.headers = h
+            .headers
+            .iter()
+            .map(|x| (x.name.clone(), x.value.clone()))
+            .collect();
+        changed = true;
+    }
+    if let Some(c) = &r.credentials {
+        o.credentials = match &c.scheme {
+            None => None,
+            Some(pb::credentials::Scheme::Basic(b)) => {
+                bounded("credentials user", &b.user, MAX_NAME_BYTES)?;
+                bounded("credentials password", &b.password, MAX_NAME_BYTES)?;
+                Some(Credentials::Basic {
+                    user: b.user.clone(),
+                    password: b.password.clone(),
+                })
+            }
+            Some(pb::credentials::Scheme::BearerToken(t)) => {
+                bounded("bearer token", t, MAX_URL_BYTES)?;
+                Some(Credentials::Bearer { token: t.clone() })
+            }
+        };
+        changed = true;
+    }
+    if let Some(c) = &r.client_certificate {
+        bounded("client certificate", &c.certificate, MAX_NAME_BYTES)?;
+        bounded("client key", &c.key, MAX_NAME_BYTES)?;
+        o.client_certificate = if c.certificate.is_empty() && c.key.is_empty() {
+            None
+        } else {
+            Some(ClientCertificate {
+                certificate: absolute("client certificate", &c.certificate)?,
+                key: absolute("client key", &c.key)?,
+            })
+        };
+        changed = true;
+    }
+    if let Some(p) = &r.ca_certificates {
+        count("ca_certificates", p.paths.len())?;
+        o.ca_certificates = p
+            .paths
+            .iter()
+            .map(|p| {
+                bounded("CA certificate", p, MAX_NAME_BYTES)?;
+                absolute("CA certificate", p)
+            })
+            .collect::<Result<_, _>>()?;
+        changed = true;
+    }
+    if let Some(p) = &r.proxy {
+        count("proxies", p.proxies.len())?;
+        count("bypass", p.bypass.len())?;
+        o.proxy = match pb::ProxyUsage::try_from(p.usage) {
+            Ok(pb::ProxyUsage::Unspecified | pb::ProxyUsage::Preconfig) => ProxyUsage::Preconfig,
+            Ok(pb::ProxyUsage::NoProxy) => ProxyUsage::NoProxy,
+            Ok(pb::ProxyUsage::Override) => ProxyUsage::Override {
+                proxies: p
+                    .proxies
+                    .iter()
+                    .map(|u| {
+                        bounded("proxy", u, MAX_URL_BYTES)?;
+                        u.parse().map_err(|e| {
+                            Status::invalid_argument(format!("proxy {u:?} is not a URL: {e}"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                bypass: p
+                    .bypass
+                    .iter()
+                    .map(|b| bounded("bypass", b, MAX_NAME_BYTES).map(|()| b.clone()))
+                    .collect::<Result<_, _>>()?,
+            },
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "proxy usage {} is not one of preconfig, no_proxy, override",
+                    p.usage
+                )));
+            }
+        };
+        changed = true;
+    }
+    Ok(changed.then_some(o))
+}
+
+/// `path` as a path, which must be absolute (the daemon does not know the caller's working
+/// directory).
+fn absolute(field: &str, path: &str) -> Result<std::path::PathBuf, Status> {
+    if Path::new(path).is_absolute() {
+        Ok(path.into())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{field} {path:?} must be an absolute path"
+        )))
+    }
+}
 
 /// `INVALID_ARGUMENT` naming `field` when `value` is longer than `max` bytes.
 fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
@@ -394,6 +519,7 @@ impl Control for Service {
                 bounded("notify_cmdline argument", a, MAX_NAME_BYTES)?;
             }
         }
+        let http = http_options_of(&r, &self.node.info(id).map_err(|e| status_of(&e))?)?;
         let cmdline = match r.notify_cmdline {
             None => None,
             Some(c) if c.argv.is_empty() => Some(None),
@@ -407,9 +533,22 @@ impl Control for Service {
                 Some(Some(c.argv))
             }
         };
+        if let Some(http) = http {
+            answer(self.node.set_http_options(id, http).await)?;
+        }
+        let max_download_time = r.max_download_time_seconds.map(|s| {
+            if s == 0 {
+                crate::job::DEFAULT_MAX_DOWNLOAD_TIME
+            } else {
+                Duration::from_secs(s)
+            }
+        });
         answer(
             self.node
                 .modify(id, move |info| {
+                    if let Some(t) = max_download_time {
+                        info.properties.max_download_time = t;
+                    }
                     if let Some(n) = r.display_name {
                         info.display_name = n;
                     }
@@ -431,6 +570,47 @@ impl Control for Service {
                     Ok(())
                 })
                 .await,
+        )?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn set_remote_name(
+        &self,
+        req: Request<pb::SetRemoteNameRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = self.visible(caller, &r.job)?.id;
+        bounded("url", &r.url, MAX_URL_BYTES)?;
+        let url = r
+            .url
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("bad URL: {e}")))?;
+        answer(
+            self.node
+                .set_remote_name(id, r.file as usize, url)
+                .await
+                .map(drop),
+        )?;
+        let info = self.node.info(id).map_err(|e| status_of(&e))?;
+        Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn replace_remote_prefix(
+        &self,
+        req: Request<pb::ReplaceRemotePrefixRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req)?;
+        let r = req.into_inner();
+        let id = self.visible(caller, &r.job)?.id;
+        bounded("old_prefix", &r.old_prefix, MAX_URL_BYTES)?;
+        bounded("new_prefix", &r.new_prefix, MAX_URL_BYTES)?;
+        answer(
+            self.node
+                .replace_remote_prefix(id, &r.old_prefix, &r.new_prefix)
+                .await
+                .map(drop),
         )?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))

@@ -185,6 +185,9 @@ pub(crate) struct FileTask {
     pub(crate) left: Mutex<Option<ResumePoint>>,
     /// Cache the file whatever its size (a cache node's fill).
     pub(crate) cache_any_size: bool,
+    /// The job's requests carry headers, credentials or a client certificate
+    /// ([`crate::job::HttpOptions::is_private`]): a cache node is never asked to fetch its URL.
+    pub(crate) private_url: bool,
 }
 
 /// The state store and the file's key in it.
@@ -245,6 +248,8 @@ fn origin_failure(index: usize, e: &OriginError) -> Failure {
     let error = JobError {
         context: if e.is_transient() {
             ErrorContext::Transport
+        } else if matches!(e, OriginError::Certificate { .. }) {
+            ErrorContext::ServerCertificate
         } else {
             ErrorContext::RemoteFile
         },

@@ -86,6 +86,10 @@ impl Discovery {
         let cache_nodes = env.swarm.cache_nodes();
         let fill_from = if cache_nodes.is_empty() {
             None
+        } else if task.private_url {
+            // A cache node could not fetch it with the URL alone, and is not told the URL of a
+            // job whose requests carry credentials.
+            None
         } else {
             let connected = env.swarm.connected_peers().await;
             let target = self.cache_wait.target(&connected, cache_nodes);

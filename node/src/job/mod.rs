@@ -5,7 +5,10 @@
 //! Complete) and `BG_JOB_STATE`; see `docs/jobs.md` for the full table and the choices made
 //! where BITS is silent.
 
+pub mod http;
 pub(crate) mod slots;
+
+pub use http::{ClientCertificate, Credentials, HttpOptions, ProxyUsage};
 
 use std::{
     fmt,
@@ -203,6 +206,9 @@ pub enum ErrorContext {
     Validation,
     /// The caller's notification handler.
     Notification,
+    /// The server's TLS certificate did not verify (BITS
+    /// `BG_ERROR_CONTEXT_SERVER_CERTIFICATE_CALLBACK`, context 8).
+    ServerCertificate,
 }
 
 /// A job's error: where it happened, which file, and a description.
@@ -380,7 +386,7 @@ pub mod notify {
 }
 
 /// A job's settable properties (BITS `SetMinimumRetryDelay`, `SetNoProgressTimeout`,
-/// `SetNotifyFlags`, `SetNotifyCmdLine`).
+/// `SetNotifyFlags`, `SetNotifyCmdLine`, `SetMaximumDownloadTime`, and the HTTP options).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobProperties {
     /// How long to wait after a TransientError, and between notification attempts that were
@@ -395,7 +401,17 @@ pub struct JobProperties {
     /// The program and arguments run when no client takes a JobTransferred or JobError
     /// notification (BITS `SetNotifyCmdLine`); the job id is appended as the last argument.
     pub notify_cmdline: Option<Vec<String>>,
+    /// The longest time the job may spend in Connecting or Transferring before it moves to
+    /// Error (BITS `SetMaximumDownloadTime`, `BG_E_MAXDOWNLOAD_TIMEOUT`; default 90 days).
+    /// Time in Queued, TransientError and Suspended does not count; Resume starts the count
+    /// again.
+    pub max_download_time: Duration,
+    /// What the job's origin requests carry: headers, credentials, certificates, proxies.
+    pub http: HttpOptions,
 }
+
+/// BITS's default maximum download time: 7,776,000 s (90 days).
+pub const DEFAULT_MAX_DOWNLOAD_TIME: Duration = Duration::from_secs(7_776_000);
 
 /// The minimum retry delay BITS allows, in seconds.
 pub const MIN_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -407,6 +423,8 @@ impl Default for JobProperties {
             no_progress_timeout: Duration::from_secs(14 * 24 * 3600),
             notify_flags: notify::DEFAULT,
             notify_cmdline: None,
+            max_download_time: DEFAULT_MAX_DOWNLOAD_TIME,
+            http: HttpOptions::default(),
         }
     }
 }
@@ -448,6 +466,10 @@ pub struct JobInfo {
     pub modified: SystemTime,
     /// When the job reached Transferred.
     pub transfer_completed: Option<SystemTime>,
+    /// Time spent in Connecting and Transferring since the last Resume, counted against
+    /// [`JobProperties::max_download_time`] (to the end of the last transfer run; a run in
+    /// progress is added when it ends).
+    pub active_time: Duration,
 }
 
 impl JobInfo {
@@ -473,6 +495,7 @@ impl JobInfo {
             created: now,
             modified: now,
             transfer_completed: None,
+            active_time: Duration::ZERO,
         }
     }
 

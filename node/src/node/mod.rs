@@ -1079,6 +1079,151 @@ impl Node {
             .await
     }
 
+    /// Sets a job's HTTP options (BITS `IBackgroundCopyJobHttpOptions::SetCustomHeaders`,
+    /// `SetClientCertificateByName`, `IBackgroundCopyJob2::SetCredentials`,
+    /// `IBackgroundCopyJob::SetProxySettings`), replacing the ones it had. The certificate and
+    /// CA files are read now, as the job's owner, to check them; they are read again when a
+    /// transfer starts. A transfer in progress starts again with the new options (verified
+    /// pieces are kept).
+    ///
+    /// # Errors
+    /// [`Error::BadHttpOption`] naming the option (a reserved or malformed header, a proxy URL
+    /// that is not http or https, a file the owner cannot read, a file that is not PEM),
+    /// [`Error::InvalidState`] on a final job, [`Error::UnknownJob`], [`Error::State`].
+    pub async fn set_http_options(
+        &self,
+        job: JobId,
+        options: crate::job::HttpOptions,
+    ) -> Result<(), Error> {
+        options.check()?;
+        let owner = self.view(job)?.info.owner;
+        let config = self.inner.env.origin.config().clone();
+        let checked = options.clone();
+        tokio::task::spawn_blocking(move || {
+            let files = crate::store::fsuser::as_owner(owner, || {
+                crate::source::origin::TlsFiles::read(&checked).map_err(|(path, e)| {
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                })
+            })
+            .map_err(|e| Error::BadHttpOption {
+                option: "certificate file".into(),
+                reason: e.to_string(),
+            })?;
+            crate::source::origin::Client::for_job(&config, &checked, &files)
+                .map(drop)
+                .map_err(|reason| Error::BadHttpOption {
+                    option: "HTTP options".into(),
+                    reason,
+                })
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+        self.modify(job, move |info| {
+            info.properties.http = options;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets the longest time the job may spend in Connecting and Transferring before it
+    /// moves to Error (BITS `IBackgroundCopyJob4::SetMaximumDownloadTime`, in seconds; 0 is
+    /// BITS's default of 90 days, as in BITS).
+    ///
+    /// # Errors
+    /// [`Error::InvalidState`] on a final job, [`Error::UnknownJob`], [`Error::State`].
+    pub async fn set_maximum_download_time(&self, job: JobId, time: Duration) -> Result<(), Error> {
+        let time = if time.is_zero() {
+            crate::job::DEFAULT_MAX_DOWNLOAD_TIME
+        } else {
+            time
+        };
+        self.modify(job, move |info| {
+            info.properties.max_download_time = time;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes the origin URL of file `index` of a job (BITS
+    /// `IBackgroundCopyFile2::SetRemoteName`). A file with an expected digest keeps its
+    /// verified pieces, since the digest pins its content whatever URL serves it, and so does
+    /// a file already transferred; any other file loses them (a JobModification tells it). A transfer in progress goes on
+    /// from the new URL. Answers whether the file's pieces were discarded.
+    ///
+    /// # Errors
+    /// [`Error::BadUrl`] for a scheme other than http/https, [`Error::UnknownFile`] for an
+    /// index past the job's files, [`Error::InvalidState`] on a final job,
+    /// [`Error::UnknownJob`], [`Error::State`].
+    pub async fn set_remote_name(
+        &self,
+        job: JobId,
+        index: usize,
+        url: url::Url,
+    ) -> Result<bool, Error> {
+        check_url(&url)?;
+        let discarded = self
+            .registry()
+            .call(|reply| Command::SetRemoteNames {
+                job,
+                rename: Box::new(move |info| {
+                    if index >= info.files.len() {
+                        return Err(Error::UnknownFile { job, index });
+                    }
+                    Ok(vec![(index, url)])
+                }),
+                reply,
+            })
+            .await?;
+        Ok(discarded > 0)
+    }
+
+    /// Replaces `old_prefix` by `new_prefix` at the start of every URL of a job that starts
+    /// with it (BITS `IBackgroundCopyJob3::ReplaceRemotePrefix`: a case-sensitive comparison
+    /// of the URL's text), with [`Node::set_remote_name`]'s rules for each file. The URLs
+    /// are compared in their normalized form (`http://Host` reads as `http://host/`), and
+    /// `http://a.example` also matches `http://a.example.org/`: end the prefix with `/` to
+    /// mean one host. Answers how many files lost their pieces.
+    ///
+    /// # Errors
+    /// [`Error::BadUrl`] when a prefix is empty or a new URL does not parse or is not
+    /// http/https (no file is changed then), [`Error::InvalidState`] on a final job,
+    /// [`Error::UnknownJob`], [`Error::State`].
+    pub async fn replace_remote_prefix(
+        &self,
+        job: JobId,
+        old_prefix: &str,
+        new_prefix: &str,
+    ) -> Result<usize, Error> {
+        if old_prefix.is_empty() || new_prefix.is_empty() {
+            return Err(Error::BadUrl {
+                url: format!("{old_prefix:?} -> {new_prefix:?}"),
+                reason: "neither prefix may be empty".into(),
+            });
+        }
+        let (old, new) = (old_prefix.to_owned(), new_prefix.to_owned());
+        self.registry()
+            .call(|reply| Command::SetRemoteNames {
+                job,
+                rename: Box::new(move |info| {
+                    let mut out = Vec::new();
+                    for (i, f) in info.files.iter().enumerate() {
+                        if let Some(rest) = f.url.as_str().strip_prefix(old.as_str()) {
+                            let text = format!("{new}{rest}");
+                            let url = url::Url::parse(&text).map_err(|e| Error::BadUrl {
+                                url: text.clone(),
+                                reason: e.to_string(),
+                            })?;
+                            check_url(&url)?;
+                            out.push((i, url));
+                        }
+                    }
+                    Ok(out)
+                }),
+                reply,
+            })
+            .await
+    }
+
     /// Adds a file to a job (BITS `AddFile`). Adding to a Transferred job queues it again.
     ///
     /// # Errors
@@ -1086,12 +1231,7 @@ impl Node {
     /// [`Error::DuplicateLocalName`], [`Error::InvalidState`] on a final job,
     /// [`Error::UnknownJob`].
     pub async fn add_file(&self, job: JobId, spec: FileSpec) -> Result<(), Error> {
-        if !matches!(spec.url.scheme(), "http" | "https") {
-            return Err(Error::BadUrl {
-                url: spec.url.to_string(),
-                reason: "only http and https URLs are supported".into(),
-            });
-        }
+        check_url(&spec.url)?;
         check_ranges(&spec.ranges)?;
         let owner = self.view(job)?.info.owner;
         let local = spec.local_name.clone();
@@ -1470,6 +1610,18 @@ fn restore_records(
         out.push((record, changed));
     }
     out
+}
+
+/// A URL a file may have: `http` or `https`.
+fn check_url(url: &url::Url) -> Result<(), Error> {
+    if matches!(url.scheme(), "http" | "https") {
+        Ok(())
+    } else {
+        Err(Error::BadUrl {
+            url: origin::redact(url),
+            reason: "only http and https URLs are supported".into(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -40,8 +40,8 @@ use crate::{
     events::{Callback, Event},
     job::slots::Slots,
     job::{
-        ErrorContext, FileInfo, InvalidState, JobError, JobId, JobInfo, State, Transition,
-        next_state,
+        BytesBySource, ErrorContext, FileInfo, InvalidState, JobError, JobId, JobInfo, State,
+        Transition, next_state,
     },
     store::fsuser::{FileIdentity, LocalIds},
     store::state::{FileDisk, JobDisk, ResumePoint},
@@ -127,6 +127,10 @@ pub(super) type Views = HashMap<JobId, JobView>;
 /// A change a caller makes to a job's snapshot ([`Command::Modify`]).
 pub(super) type Change = Box<dyn FnOnce(&mut JobInfo) -> Result<(), Error> + Send>;
 
+/// The new URLs of some files of a job, `(index, url)`, picked from its snapshot
+/// ([`Command::SetRemoteNames`]).
+pub(super) type Rename = Box<dyn FnOnce(&JobInfo) -> Result<Vec<(usize, url::Url)>, Error> + Send>;
+
 /// Where a command's answer goes.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
@@ -183,6 +187,13 @@ pub(super) enum Command {
         job: JobId,
         change: Change,
         reply: Reply<()>,
+    },
+    /// BITS `SetRemoteName` and `ReplaceRemotePrefix`: the new URLs `rename` picks from the
+    /// job; answers how many files lost their pieces.
+    SetRemoteNames {
+        job: JobId,
+        rename: Rename,
+        reply: Reply<usize>,
     },
     /// BITS `Resume`.
     Resume { job: JobId, reply: Reply<()> },
@@ -244,6 +255,7 @@ impl Command {
         match self {
             Self::AddFile { job, .. }
             | Self::Modify { job, .. }
+            | Self::SetRemoteNames { job, .. }
             | Self::Resume { job, .. }
             | Self::Suspend { job, .. }
             | Self::Cancel { job, .. }
@@ -452,6 +464,9 @@ impl Registry {
             Command::Modify { job, change, reply } => {
                 deliver(reply, self.modify(job, change).await)
             }
+            Command::SetRemoteNames { job, rename, reply } => {
+                deliver(reply, self.set_remote_names(job, rename).await)
+            }
             Command::Resume { job, reply } => deliver(reply, self.resume(job).await),
             Command::Suspend { job, reply } => deliver(reply, self.suspend(job).await),
             Command::Cancel { job, reply } => deliver(reply, self.cancel(job).await),
@@ -624,16 +639,39 @@ impl Registry {
         rec.info.modified = SystemTime::now();
         rec.touched = tokio::time::Instant::now();
         if changed {
-            let callback = rec
-                .callback
-                .as_ref()
-                .map(|cb| (cb.clone(), rec.info.clone()));
-            self.outbox
-                .push(Out::Event(Event::JobModification { job, state: to }));
-            if let Some((cb, info)) = callback {
-                self.outbox.push(Out::Modified(cb, Box::new(info)));
-            }
+            self.announce_modification(job);
         }
+    }
+
+    /// Tells the job's callback and the node's subscribers of a JobModification: the state
+    /// changed, or something the caller relies on did without one (pieces discarded).
+    pub(super) fn announce_modification(&mut self, job: JobId) {
+        let Ok(rec) = self.rec(job) else { return };
+        let state = rec.info.state;
+        let callback = rec
+            .callback
+            .as_ref()
+            .map(|cb| (cb.clone(), rec.info.clone()));
+        self.outbox
+            .push(Out::Event(Event::JobModification { job, state }));
+        if let Some((cb, info)) = callback {
+            self.outbox.push(Out::Modified(cb, Box::new(info)));
+        }
+    }
+
+    /// Stops a transfer in progress and queues the job again, so that a change to its URLs
+    /// or HTTP options takes effect now; verified pieces are kept as after a preemption. A job
+    /// that is not transferring is left as it is: its next run sees the change.
+    fn restart_transfer(&mut self, job: JobId) {
+        let Ok(rec) = self.rec(job) else { return };
+        if !matches!(rec.runner, Runner::WaitingSlot(_) | Runner::Transferring(_)) {
+            return;
+        }
+        rec.runner.stop();
+        if let Ok(to) = next_state(rec.info.state, Transition::Requeue) {
+            self.set_state(job, to);
+        }
+        self.start_runner(job);
     }
 
     async fn create(&mut self, record: JobRecord) -> Result<(), Error> {
@@ -693,6 +731,8 @@ impl Registry {
         }
         let mut info = rec.info.clone();
         change(&mut info)?;
+        info.properties.http.check()?;
+        let restart = rec.info.properties.http != info.properties.http;
         rec.info.display_name = info.display_name;
         if rec.info.priority != info.priority {
             slots.set_priority(job, info.priority);
@@ -701,7 +741,71 @@ impl Registry {
         rec.info.properties = info.properties;
         rec.info.modified = SystemTime::now();
         rec.touched = tokio::time::Instant::now();
-        self.persist(job).await
+        self.persist(job).await?;
+        if restart {
+            self.restart_transfer(job);
+        }
+        Ok(())
+    }
+
+    /// New URLs for files of `job` (BITS `SetRemoteName`, `ReplaceRemotePrefix`). A file
+    /// with an expected digest keeps its verified pieces (the digest pins its content,
+    /// whatever URL serves it), and so does a file already transferred (BITS does not restart
+    /// transferred files); any other file loses them, and a JobModification says so. A
+    /// transfer in progress starts again with the new URLs.
+    async fn set_remote_names(&mut self, job: JobId, rename: Rename) -> Result<usize, Error> {
+        let content = self.content.clone();
+        let rec = self.rec(job)?;
+        if rec.info.state.is_final() {
+            return Err(InvalidState {
+                from: rec.info.state,
+                transition: Transition::AddFile,
+            }
+            .into());
+        }
+        let changes = rename(&rec.info)?;
+        let (info_before, files_before) = (rec.info.clone(), rec.files.clone());
+        let mut discarded = Vec::new();
+        for (i, url) in changes {
+            let (Some(f), Some(r)) = (rec.info.files.get_mut(i), rec.files.get_mut(i)) else {
+                continue;
+            };
+            if f.url == url {
+                continue;
+            }
+            f.url = url;
+            if f.transferred || f.expected.blake3.is_some() || f.expected.sha256.is_some() {
+                continue;
+            }
+            if let Some(id) = &f.content_id {
+                content.remove_at(id, &f.temp_name);
+            }
+            f.content_id = None;
+            f.sha256 = None;
+            f.bytes_total = None;
+            f.bytes_transferred = 0;
+            f.bytes_from = BytesBySource::default();
+            r.left = None;
+            r.origin_only = false;
+            discarded.push(i);
+        }
+        rec.info.modified = SystemTime::now();
+        rec.touched = tokio::time::Instant::now();
+        if let Err(e) = self.persist(job).await {
+            if let Ok(rec) = self.rec(job) {
+                rec.info = info_before;
+                rec.files = files_before;
+            }
+            return Err(e);
+        }
+        for &i in &discarded {
+            self.clear_later(job, i);
+        }
+        if !discarded.is_empty() {
+            self.announce_modification(job);
+        }
+        self.restart_transfer(job);
+        Ok(discarded.len())
     }
 
     async fn resume(&mut self, job: JobId) -> Result<(), Error> {
@@ -713,6 +817,8 @@ impl Registry {
         if to == State::Queued {
             rec.info.error = None;
         }
+        // BITS: "Calling the IBackgroundCopyJob::Resume method resets the elapsed time."
+        rec.info.active_time = Duration::ZERO;
         self.set_state(job, to);
         self.persist(job).await?;
         self.start_runner(job);

@@ -237,13 +237,65 @@ pub(super) async fn deliver(
     }
 }
 
-/// The transfer of every file not yet transferred, while the job holds a slot. `token` is
-/// the slot's preempt token (a child of the runner's).
+/// The transfer of every file not yet transferred, while the job holds a slot, within what is
+/// left of the job's maximum download time (BITS `SetMaximumDownloadTime`: time in Connecting
+/// and Transferring counts, and the job goes to Error once it is spent). `token` is the slot's
+/// preempt token (a child of the runner's).
 async fn transfer(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
+    let reg = node.registry();
+    let Some((info, _, _)) = snapshot(reg, job).await else {
+        return Ended::Stopped;
+    };
+    let max = info.properties.max_download_time;
+    let left = max.saturating_sub(info.active_time);
+    let limit = token.child_token();
+    let started = tokio::time::Instant::now();
+    let end = {
+        let files = transfer_files(node, job, &limit);
+        tokio::pin!(files);
+        let timer = tokio::time::sleep(left);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                end = &mut files => break end,
+                () = &mut timer, if !limit.is_cancelled() => limit.cancel(),
+            }
+        }
+    };
+    let spent = started.elapsed();
+    reg.step(move |r| {
+        if let Some(rec) = r.jobs.get_mut(&job) {
+            rec.info.active_time += spent;
+            r.save_later(job);
+        }
+    })
+    .await;
+    if matches!(end, Ended::Stopped) && limit.is_cancelled() && !token.is_cancelled() {
+        let error = JobError {
+            context: ErrorContext::None,
+            file: None,
+            description: format!(
+                "the job spent its maximum download time of {} s in Connecting and \
+                 Transferring (BITS BG_E_MAXDOWNLOAD_TIMEOUT); Resume starts the count again",
+                max.as_secs()
+            ),
+        };
+        warn!(%job, "maximum download time of {} s spent", max.as_secs());
+        return Ended::Failed(fail(reg, job, token, error).await);
+    }
+    end
+}
+
+/// [`transfer`] without the time limit: `token` is cancelled when the limit is reached.
+async fn transfer_files(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
     let reg = node.registry();
     if !transition(reg, job, token, Transition::Connect).await {
         return Ended::Stopped;
     }
+    let env = match job_env(node, job).await {
+        Ok(env) => env,
+        Err(e) => return Ended::Failed(fail(reg, job, token, e).await),
+    };
     let mut i = 0;
     loop {
         let Some((task, done)) = file_task(reg, job, i).await else {
@@ -259,12 +311,20 @@ async fn transfer(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
             i += 1;
             continue;
         }
-        let (task, result) = download_with_progress(node, job, i, task, token).await;
+        let (task, result) = download_with_progress(node, &env, job, i, task, token).await;
         // Pieces verified and written by a download that stopped: the next run keeps them.
         if result.is_err() {
             let left = task.left.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let url = task.url.clone();
             reg.step(move |r| {
-                if let Some(f) = r.jobs.get_mut(&job).and_then(|rec| rec.files.get_mut(i)) {
+                // Not if the file got a new URL meanwhile and no digest pins its content: then
+                // SetRemoteName discarded its pieces.
+                if let Some(rec) = r.jobs.get_mut(&job)
+                    && rec.info.files.get(i).is_some_and(|f| {
+                        f.url == url || f.expected.blake3.is_some() || f.expected.sha256.is_some()
+                    })
+                    && let Some(f) = rec.files.get_mut(i)
+                {
                     f.left = left;
                 }
             })
@@ -281,6 +341,42 @@ async fn transfer(node: &Node, job: JobId, token: &CancellationToken) -> Ended {
             Err(Failure::Transient(e)) => return transient(reg, job, token, e).await,
         }
     }
+}
+
+/// What a transfer of `job` downloads with: the node's shared parts, with the job's own
+/// origin client when it has HTTP options (its certificate files read as its owner).
+///
+/// # Errors
+/// A job error (context LocalFile, naming the file or option) when a file cannot be read or
+/// an option cannot be used.
+async fn job_env(node: &Node, job: JobId) -> Result<download::Env, JobError> {
+    let env = node.inner.env.clone();
+    let Ok(view) = node.view(job) else {
+        return Ok(env);
+    };
+    let (http, owner) = (view.info.properties.http, view.info.owner);
+    if http == crate::job::HttpOptions::default() {
+        return Ok(env);
+    }
+    let local = |description: String| JobError {
+        context: ErrorContext::LocalFile,
+        file: None,
+        description,
+    };
+    let options = http.clone();
+    let files = tokio::task::spawn_blocking(move || {
+        crate::store::fsuser::as_owner(owner, || {
+            crate::source::origin::TlsFiles::read(&options).map_err(|(path, e)| {
+                std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+            })
+        })
+    })
+    .await
+    .map_err(|e| local(format!("reading the job's certificate files: {e}")))?
+    .map_err(|e| local(format!("cannot read a certificate file of the job: {e}")))?;
+    let origin = crate::source::origin::Client::for_job(env.origin.config(), &http, &files)
+        .map_err(local)?;
+    Ok(download::Env { origin, ..env })
 }
 
 /// The download of file `i` (`true`: it is transferred already), with where an earlier run
@@ -309,6 +405,7 @@ async fn file_task(reg: &registry::Handle, job: JobId, i: usize) -> Option<(File
                 }),
                 left: Mutex::new(None),
                 cache_any_size: false,
+                private_url: rec.info.properties.http.is_private(),
             };
             Some((task, f.transferred, f))
         })
@@ -413,6 +510,7 @@ fn progress(r: &mut Registry, job: JobId, token: &CancellationToken, index: usiz
 /// (its `left`) with the result once every update reached the registry.
 async fn download_with_progress(
     node: &Node,
+    env: &download::Env,
     job: JobId,
     index: usize,
     task: FileTask,
@@ -438,7 +536,7 @@ async fn download_with_progress(
         wake.notify_one();
     };
     let download = async {
-        let r = download::download_file(&node.inner.env, &task, token, &report).await;
+        let r = download::download_file(env, &task, token, &report).await;
         ended.store(true, Ordering::Release);
         wake.notify_one();
         r

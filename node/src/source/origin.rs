@@ -11,8 +11,21 @@
 //!   every later request. Content that changes mid-job (a 200 where a 206 was asked for, another
 //!   ETag, another length) is [`OriginError::Changed`], never a corrupt file.
 //! - 404, 410, 403 and 401 are fatal errors naming the URL.
+//! - A server certificate that does not verify, or a TLS handshake the server refused (a client
+//!   certificate it did not accept), is fatal at once: retrying cannot fix it.
+//! - A job's HTTP options ([`crate::job::HttpOptions`]) give its own client
+//!   ([`Client::for_job`]): headers and credentials on every request, a client certificate,
+//!   extra CA certificates, and its proxies, tried in order.
 
-use std::{ops::Range, time::Duration};
+use std::{
+    ops::Range,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -31,6 +44,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of a response.
     pub read_timeout: Duration,
+    /// The node's proxy (`[origin] proxy`), which jobs with
+    /// [`crate::job::ProxyUsage::Preconfig`] use.
+    pub proxy: ProxySetting,
 }
 
 impl Default for Config {
@@ -40,7 +56,75 @@ impl Default for Config {
             backoff: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            proxy: ProxySetting::default(),
         }
+    }
+}
+
+/// The node's proxy setting (`[origin] proxy` and `proxy_bypass`), BITS's "preconfig" proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// The standard environment variables of the node's process: `http_proxy` for `http://`
+    /// URLs, `https_proxy` for `https://` URLs (either case), and `no_proxy` for the hosts
+    /// reached directly.
+    #[default]
+    Environment,
+    /// Direct connections, whatever the environment says.
+    Direct,
+    /// This proxy (`http://` or `https://`, optionally with `USER:PASSWORD@`) for every
+    /// origin, except the hosts in `bypass` (as `no_proxy` takes them).
+    Proxy {
+        /// The proxy.
+        url: Url,
+        /// Hosts, addresses or CIDR ranges reached directly.
+        bypass: Vec<String>,
+    },
+}
+
+/// The files a job's TLS options name, read (as the job's owner) before its client is built.
+#[derive(Default)]
+pub(crate) struct TlsFiles {
+    /// The client certificate chain and its key, PEM, concatenated.
+    pub(crate) identity: Option<(PathBuf, Vec<u8>)>,
+    /// Each extra CA file and its PEM content.
+    pub(crate) cas: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl TlsFiles {
+    /// Reads the files `http` names, in the calling thread's file-system identity (call it
+    /// under [`crate::store::fsuser::as_owner`]).
+    ///
+    /// # Errors
+    /// The path and the I/O error of the first file that cannot be read.
+    pub(crate) fn read(http: &crate::job::HttpOptions) -> Result<Self, (PathBuf, std::io::Error)> {
+        let read = |p: &PathBuf| {
+            // At most 1 MiB: a certificate file is a few KiB, and a FIFO or a huge file a user
+            // names must not stall or swell the daemon.
+            use std::io::Read;
+            let f = std::fs::File::open(p).map_err(|e| (p.clone(), e))?;
+            if !f.metadata().map_err(|e| (p.clone(), e))?.is_file() {
+                return Err((
+                    p.clone(),
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+                ));
+            }
+            let mut buf = Vec::new();
+            f.take(1 << 20)
+                .read_to_end(&mut buf)
+                .map_err(|e| (p.clone(), e))?;
+            Ok(buf)
+        };
+        let mut files = Self::default();
+        if let Some(c) = &http.client_certificate {
+            let mut pem = read(&c.key)?;
+            pem.push(b'\n');
+            pem.extend(read(&c.certificate)?);
+            files.identity = Some((c.certificate.clone(), pem));
+        }
+        for p in &http.ca_certificates {
+            files.cas.push((p.clone(), read(p)?));
+        }
+        Ok(files)
     }
 }
 
@@ -78,6 +162,23 @@ pub(crate) enum OriginError {
         /// The URL.
         url: Url,
         /// What differed.
+        detail: String,
+    },
+    /// The server's TLS certificate did not verify.
+    #[error("the TLS certificate of {} did not verify: {detail}", redact(.url))]
+    Certificate {
+        /// The URL.
+        url: Url,
+        /// What the TLS stack said.
+        detail: String,
+    },
+    /// The server refused the TLS handshake (a client certificate it did not accept, or
+    /// none where it requires one).
+    #[error("{} refused the TLS handshake: {detail}", redact(.url))]
+    TlsRefused {
+        /// The URL.
+        url: Url,
+        /// What the TLS stack said.
         detail: String,
     },
     /// The response is unusable (no length, a wrong Content-Range).
@@ -144,8 +245,20 @@ pub(crate) struct Remote {
 /// The origin HTTP client; cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
-    http: reqwest::Client,
+    /// One client per proxy to try, in order (one for the usual single choice).
+    clients: Arc<[reqwest::Client]>,
+    /// The client in use; the next one after a request failed at the network level.
+    current: Arc<AtomicUsize>,
+    /// The job's credentials, set on each request.
+    credentials: Option<crate::job::Credentials>,
     config: Config,
+}
+
+/// How one of a client's connections reaches the origin.
+enum Route {
+    Environment,
+    Direct,
+    Proxy(Url, Vec<String>),
 }
 
 enum Attempt<T> {
@@ -193,15 +306,144 @@ impl Client {
     }
 
     fn build(config: Config, redirect: reqwest::redirect::Policy) -> Result<Self, reqwest::Error> {
+        let route = Self::node_route(&config);
+        let http = Self::builder(&config, route)?.redirect(redirect).build()?;
+        Ok(Self {
+            clients: Arc::from([http]),
+            current: Arc::default(),
+            credentials: None,
+            config,
+        })
+    }
+
+    fn node_route(config: &Config) -> Route {
+        match &config.proxy {
+            ProxySetting::Environment => Route::Environment,
+            ProxySetting::Direct => Route::Direct,
+            ProxySetting::Proxy { url, bypass } => Route::Proxy(url.clone(), bypass.clone()),
+        }
+    }
+
+    /// A builder with the node's timeouts and user agent, going by `route`.
+    fn builder(config: &Config, route: Route) -> Result<reqwest::ClientBuilder, reqwest::Error> {
         install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let b = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
-            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
-            .no_proxy()
-            .redirect(redirect)
-            .build()?;
-        Ok(Self { http, config })
+            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
+        Ok(match route {
+            // reqwest reads http_proxy, https_proxy and no_proxy itself unless told otherwise.
+            Route::Environment => b,
+            Route::Direct => b.no_proxy(),
+            Route::Proxy(url, bypass) => b.proxy(
+                reqwest::Proxy::all(url)?
+                    .no_proxy(reqwest::NoProxy::from_string(&bypass.join(","))),
+            ),
+        })
+    }
+
+    /// The client of a job with HTTP options `http`: `files` are the TLS files they name,
+    /// already read as the job's owner. A job without options uses the node's client.
+    ///
+    /// # Errors
+    /// A description naming the option that cannot be used (a header that does not parse, a
+    /// certificate or key file that is not PEM, a proxy URL reqwest refuses).
+    pub(crate) fn for_job(
+        config: &Config,
+        http: &crate::job::HttpOptions,
+        files: &TlsFiles,
+    ) -> Result<Self, String> {
+        use crate::job::ProxyUsage;
+        let mut headers = header::HeaderMap::new();
+        for (name, value) in &http.headers {
+            let n = header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("header {name:?}: {e}"))?;
+            let mut v = header::HeaderValue::from_str(value)
+                .map_err(|e| format!("header {name:?}: {e}"))?;
+            v.set_sensitive(true);
+            headers.append(n, v);
+        }
+        let identity = files
+            .identity
+            .as_ref()
+            .map(|(path, pem)| {
+                reqwest::Identity::from_pem(pem).map_err(|e| {
+                    format!(
+                        "client certificate {}: not a PEM certificate and key: {}",
+                        path.display(),
+                        describe(&e)
+                    )
+                })
+            })
+            .transpose()?;
+        let mut cas = Vec::new();
+        for (path, pem) in &files.cas {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("CA certificates {}: {}", path.display(), describe(&e)))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "CA certificates {}: no PEM certificate in it",
+                    path.display()
+                ));
+            }
+            cas.extend(certs);
+        }
+        let routes = match &http.proxy {
+            ProxyUsage::Preconfig => vec![Self::node_route(config)],
+            ProxyUsage::NoProxy => vec![Route::Direct],
+            ProxyUsage::Override { proxies, bypass } => proxies
+                .iter()
+                .map(|p| Route::Proxy(p.clone(), bypass.clone()))
+                .collect(),
+        };
+        let mut clients = Vec::with_capacity(routes.len());
+        for route in routes {
+            let mut b = Self::builder(config, route)
+                .map_err(|e| format!("proxy: {}", describe(&e)))?
+                .default_headers(headers.clone());
+            if let Some(id) = &identity {
+                b = b.identity(id.clone());
+            }
+            if !cas.is_empty() {
+                b = b.tls_certs_merge(cas.iter().cloned());
+            }
+            clients.push(b.build().map_err(|e| describe(&e))?);
+        }
+        Ok(Self {
+            clients: Arc::from(clients),
+            current: Arc::default(),
+            credentials: http.credentials.clone(),
+            config: config.clone(),
+        })
+    }
+
+    /// A GET of `url` through the client in use, with the job's credentials.
+    fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        let req = self.clients[i].get(url.clone());
+        match &self.credentials {
+            None => req,
+            Some(crate::job::Credentials::Basic { user, password }) => {
+                req.basic_auth(user, Some(password))
+            }
+            Some(crate::job::Credentials::Bearer { token }) => req.bearer_auth(token),
+        }
+    }
+
+    /// The error of a request that failed before a response: fatal when TLS verification
+    /// failed or the server refused the handshake, else worth a retry.
+    fn send_failure<T>(url: &Url, e: &reqwest::Error) -> Result<Attempt<T>, OriginError> {
+        match tls_failure(e) {
+            Some(TlsFailure::Certificate(detail)) => Err(OriginError::Certificate {
+                url: url.clone(),
+                detail,
+            }),
+            Some(TlsFailure::Refused(detail)) => Err(OriginError::TlsRefused {
+                url: url.clone(),
+                detail,
+            }),
+            None => Ok(Attempt::Retry(describe(e))),
+        }
     }
 
     /// The settings the client was built with.
@@ -220,6 +462,10 @@ impl Client {
             });
         }
         tracing::debug!(url = %redact(url), attempt, "origin retry after: {detail}");
+        if self.clients.len() > 1 {
+            // The next proxy of the job's list.
+            self.current.fetch_add(1, Ordering::Relaxed);
+        }
         let delay = self
             .config
             .backoff
@@ -267,14 +513,13 @@ impl Client {
 
     async fn probe_once(&self, url: &Url) -> Result<Attempt<Remote>, OriginError> {
         let resp = match self
-            .http
-            .get(url.clone())
+            .get(url)
             .header(header::RANGE, "bytes=0-0")
             .send()
             .await
         {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(describe(&e))),
+            Err(e) => return Self::send_failure(url, &e),
         };
         if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE {
             // An empty resource has no byte 0: `Content-Range: bytes */0`.
@@ -380,7 +625,7 @@ impl Client {
         if *pos >= end {
             return Ok(Attempt::Done(()));
         }
-        let mut req = self.http.get(url.clone());
+        let mut req = self.get(url);
         if remote.ranges {
             req = req.header(header::RANGE, format!("bytes={}-{}", *pos, end - 1));
             if let Some(v) = &remote.validator {
@@ -389,7 +634,7 @@ impl Client {
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(describe(&e))),
+            Err(e) => return Self::send_failure(url, &e),
         };
         if let Attempt::Retry(d) = Self::classify(url, resp.status())? {
             return Ok(Attempt::Retry(d));
@@ -429,6 +674,39 @@ impl Client {
             *pos + buf.len() as u64
         )))
     }
+}
+
+enum TlsFailure {
+    Certificate(String),
+    Refused(String),
+}
+
+/// The TLS failure behind `e`, if any: rustls's error, found in the chain of causes. An
+/// `io::Error` hides the error it wraps from `source()` (and hyper wraps one `io::Error` in
+/// another), so each is opened instead of asked for its source.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        match c.downcast_ref::<rustls::Error>() {
+            Some(
+                t @ (rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType),
+            ) => return Some(TlsFailure::Certificate(t.to_string())),
+            Some(t @ rustls::Error::AlertReceived(_)) => {
+                return Some(TlsFailure::Refused(t.to_string()));
+            }
+            _ => {}
+        }
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
 }
 
 /// An error with its chain of causes ("error sending request: connection refused").

@@ -268,6 +268,7 @@ async fn fill(
         owner: None,
         left: Mutex::new(None),
         cache_any_size: true,
+        private_url: false,
     };
     let progress = |u: Update| {
         if let Update::Piece { bytes, source } = u {

@@ -38,8 +38,9 @@ use thiserror::Error;
 use crate::timestamp::{from_ms, to_ms};
 use crate::{
     job::{
-        ByteRange, BytesBySource, ErrorContext, FileInfo, JobError, JobId, JobInfo, JobProperties,
-        PeerStats, Priority, State,
+        ByteRange, BytesBySource, ClientCertificate, Credentials, DEFAULT_MAX_DOWNLOAD_TIME,
+        ErrorContext, FileInfo, HttpOptions, JobError, JobId, JobInfo, JobProperties, PeerStats,
+        Priority, ProxyUsage, State,
     },
     store::fsuser::LocalIds,
 };
@@ -114,6 +115,115 @@ pub(crate) struct JobDisk {
     pub(crate) notify_flags: u32,
     pub(crate) notify_cmdline: Option<Vec<String>>,
     pub(crate) file_count: u32,
+    /// Absent in records of older versions: BITS's default.
+    #[serde(default)]
+    pub(crate) max_download_time_s: Option<u64>,
+    /// The HTTP options, secrets included: the database is readable by root only (its
+    /// directory is 0700), and nothing else stores them.
+    #[serde(default)]
+    pub(crate) http: Option<HttpDisk>,
+    /// Milliseconds spent in Connecting and Transferring since the last Resume.
+    #[serde(default)]
+    pub(crate) active_ms: u64,
+}
+
+/// A job's HTTP options as stored.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub(crate) struct HttpDisk {
+    #[serde(default)]
+    pub(crate) headers: Vec<(String, String)>,
+    /// `("Basic", user, password)` or `("Bearer", "", token)`.
+    #[serde(default)]
+    pub(crate) credentials: Option<(String, String, String)>,
+    #[serde(default)]
+    pub(crate) client_certificate: Option<(PathBuf, PathBuf)>,
+    #[serde(default)]
+    pub(crate) ca_certificates: Vec<PathBuf>,
+    /// "preconfig", "no_proxy" or "override".
+    #[serde(default)]
+    pub(crate) proxy_usage: String,
+    #[serde(default)]
+    pub(crate) proxies: Vec<String>,
+    #[serde(default)]
+    pub(crate) bypass: Vec<String>,
+}
+
+impl HttpDisk {
+    fn of(o: &HttpOptions) -> Option<Self> {
+        if *o == HttpOptions::default() {
+            return None;
+        }
+        let (proxy_usage, proxies, bypass) = match &o.proxy {
+            ProxyUsage::Preconfig => ("preconfig", Vec::new(), Vec::new()),
+            ProxyUsage::NoProxy => ("no_proxy", Vec::new(), Vec::new()),
+            ProxyUsage::Override { proxies, bypass } => (
+                "override",
+                proxies.iter().map(ToString::to_string).collect(),
+                bypass.clone(),
+            ),
+        };
+        Some(Self {
+            headers: o.headers.clone(),
+            credentials: o.credentials.as_ref().map(|c| match c {
+                Credentials::Basic { user, password } => {
+                    ("Basic".to_owned(), user.clone(), password.clone())
+                }
+                Credentials::Bearer { token } => {
+                    ("Bearer".to_owned(), String::new(), token.clone())
+                }
+            }),
+            client_certificate: o
+                .client_certificate
+                .as_ref()
+                .map(|c| (c.certificate.clone(), c.key.clone())),
+            ca_certificates: o.ca_certificates.clone(),
+            proxy_usage: proxy_usage.to_owned(),
+            proxies,
+            bypass,
+        })
+    }
+
+    fn to_options(&self) -> Option<HttpOptions> {
+        let proxy = match self.proxy_usage.as_str() {
+            "" | "preconfig" => ProxyUsage::Preconfig,
+            "no_proxy" => ProxyUsage::NoProxy,
+            "override" => ProxyUsage::Override {
+                proxies: self
+                    .proxies
+                    .iter()
+                    .map(|p| p.parse().ok())
+                    .collect::<Option<_>>()?,
+                bypass: self.bypass.clone(),
+            },
+            _ => return None,
+        };
+        let credentials = match &self.credentials {
+            None => None,
+            Some((scheme, user, secret)) => Some(match scheme.as_str() {
+                "Basic" => Credentials::Basic {
+                    user: user.clone(),
+                    password: secret.clone(),
+                },
+                "Bearer" => Credentials::Bearer {
+                    token: secret.clone(),
+                },
+                _ => return None,
+            }),
+        };
+        Some(HttpOptions {
+            headers: self.headers.clone(),
+            credentials,
+            client_certificate: self
+                .client_certificate
+                .as_ref()
+                .map(|(c, k)| ClientCertificate {
+                    certificate: c.clone(),
+                    key: k.clone(),
+                }),
+            ca_certificates: self.ca_certificates.clone(),
+            proxy,
+        })
+    }
 }
 
 /// A job error as stored.
@@ -543,6 +653,9 @@ impl JobDisk {
             notify_flags: info.properties.notify_flags,
             notify_cmdline: info.properties.notify_cmdline.clone(),
             file_count: u32::try_from(info.files.len()).unwrap_or(u32::MAX),
+            max_download_time_s: Some(info.properties.max_download_time.as_secs()),
+            http: HttpDisk::of(&info.properties.http),
+            active_ms: u64::try_from(info.active_time.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -576,11 +689,21 @@ impl JobDisk {
             created: from_ms(self.created_ms),
             modified: from_ms(self.modified_ms),
             transfer_completed: self.transfer_completed_ms.map(from_ms),
+            active_time: Duration::from_millis(self.active_ms),
             properties: JobProperties {
                 retry_delay: Duration::from_secs(self.retry_delay_s),
                 no_progress_timeout: Duration::from_secs(self.no_progress_timeout_s),
                 notify_flags: self.notify_flags,
                 notify_cmdline: self.notify_cmdline.clone(),
+                max_download_time: self
+                    .max_download_time_s
+                    .map_or(DEFAULT_MAX_DOWNLOAD_TIME, Duration::from_secs),
+                http: match &self.http {
+                    None => HttpOptions::default(),
+                    Some(h) => h
+                        .to_options()
+                        .ok_or_else(|| bad("HTTP options", &h.proxy_usage))?,
+                },
             },
         })
     }
@@ -703,6 +826,7 @@ fn parse_context(s: &str) -> Option<ErrorContext> {
         "Transport" => ErrorContext::Transport,
         "Validation" => ErrorContext::Validation,
         "Notification" => ErrorContext::Notification,
+        "ServerCertificate" => ErrorContext::ServerCertificate,
         _ => return None,
     })
 }
@@ -781,6 +905,20 @@ mod tests {
             owner: Some(1000),
             properties: JobProperties {
                 notify_cmdline: Some(vec!["/bin/true".into(), "x y".into()]),
+                max_download_time: Duration::from_secs(77),
+                http: HttpOptions {
+                    headers: vec![("X-A".into(), "1".into())],
+                    credentials: Some(Credentials::Bearer { token: "t".into() }),
+                    client_certificate: Some(ClientCertificate {
+                        certificate: "/c.pem".into(),
+                        key: "/k.pem".into(),
+                    }),
+                    ca_certificates: vec!["/ca.pem".into()],
+                    proxy: ProxyUsage::Override {
+                        proxies: vec!["http://u:p@proxy:3128".parse().unwrap()],
+                        bypass: vec!["lan".into()],
+                    },
+                },
                 ..JobProperties::default()
             },
             files: (0..files)
@@ -822,6 +960,7 @@ mod tests {
             created: now,
             modified: now,
             transfer_completed: None,
+            active_time: Duration::from_millis(1500),
         }
     }
 

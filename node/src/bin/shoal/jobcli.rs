@@ -349,6 +349,27 @@ pub(crate) enum JobCommand {
         /// The notify program and its arguments (the job id is appended); "" clears it.
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         notify_cmd: Option<Vec<String>>,
+        /// Seconds the job may spend in Connecting and Transferring before it goes to Error
+        /// (BITS SetMaximumDownloadTime; 0: the default of 90 days).
+        #[arg(long)]
+        max_download_time: Option<u64>,
+        #[command(flatten)]
+        http: HttpArgs,
+    },
+    /// Give one file a new URL (BITS SetRemoteName). A file with an expected digest, or
+    /// already transferred, keeps its pieces; another file starts over.
+    SetUrl {
+        job: String,
+        /// The file's index in the job, from 0 (as `job info` lists them).
+        file: u32,
+        url: String,
+    },
+    /// Replace the start of every URL of a job that starts with OLD by NEW (BITS
+    /// ReplaceRemotePrefix), e.g. `http://old-mirror/` `http://new-mirror/`.
+    ReplacePrefix {
+        job: String,
+        old: String,
+        new: String,
     },
     /// Answer a FileTransferred notification: the file's verdict.
     Validate {
@@ -358,6 +379,156 @@ pub(crate) enum JobCommand {
         #[arg(value_enum)]
         verdict: Verdict,
     },
+}
+
+/// A job's HTTP options on the command line (`shoal job set`). Each option given replaces
+/// the job's; `--clear-*` removes it.
+#[derive(clap::Args, Default)]
+pub(crate) struct HttpArgs {
+    /// A request header for every origin request of the job, `NAME: VALUE`; repeat for more.
+    /// Replaces the job's headers.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Remove the job's request headers.
+    #[arg(long)]
+    clear_headers: bool,
+    /// Credentials for the origin: `basic:USER` or `bearer`. The password or token is read
+    /// from the first line of standard input (never from the command line, where other users
+    /// could read it); `none` removes them.
+    #[arg(long, value_name = "basic:USER|bearer|none")]
+    credentials: Option<String>,
+    /// A TLS client certificate (PEM), with --client-key.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Remove the client certificate.
+    #[arg(long, conflicts_with = "client_cert")]
+    clear_client_cert: bool,
+    /// A PEM file of CA certificates to trust besides the system's; repeat for more.
+    #[arg(long = "ca-cert")]
+    ca_certs: Vec<PathBuf>,
+    /// Trust only the system's CA certificates again.
+    #[arg(long, conflicts_with = "ca_certs")]
+    clear_ca_certs: bool,
+    /// Which proxy to use (BITS BG_JOB_PROXY_USAGE): the daemon's setting, none, or the
+    /// --proxy list.
+    #[arg(long, value_enum)]
+    proxy_usage: Option<ProxyUsageArg>,
+    /// With --proxy-usage override: a proxy URL, `http://HOST:PORT`; repeat for fallbacks,
+    /// tried in order.
+    #[arg(long = "proxy")]
+    proxies: Vec<String>,
+    /// With --proxy-usage override: a host, address or CIDR range reached directly; repeat
+    /// for more.
+    #[arg(long = "proxy-bypass")]
+    proxy_bypass: Vec<String>,
+}
+
+/// `--proxy-usage`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ProxyUsageArg {
+    /// The daemon's `[origin] proxy`, else its http_proxy/https_proxy/no_proxy environment.
+    Preconfig,
+    /// Direct connections.
+    NoProxy,
+    /// The --proxy list.
+    Override,
+}
+
+impl HttpArgs {
+    /// The request's HTTP fields; the secret of `--credentials` is read from `stdin`.
+    fn apply(
+        self,
+        req: &mut pb::SetPropertiesRequest,
+        stdin: &mut dyn std::io::BufRead,
+    ) -> Result<()> {
+        if !self.headers.is_empty() || self.clear_headers {
+            let headers = self
+                .headers
+                .iter()
+                .map(|h| {
+                    let (name, value) = h
+                        .split_once(':')
+                        .with_context(|| format!("--header {h:?} is not NAME: VALUE"))?;
+                    Ok(pb::Header {
+                        name: name.trim().to_owned(),
+                        value: value.trim().to_owned(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            req.headers = Some(pb::HeaderList { headers });
+        }
+        if let Some(c) = &self.credentials {
+            let mut secret = || -> Result<String> {
+                let mut line = String::new();
+                stdin
+                    .read_line(&mut line)
+                    .context("reading the secret from standard input")?;
+                let line = line.trim_end_matches(['\r', '\n']).to_owned();
+                anyhow::ensure!(
+                    !line.is_empty(),
+                    "--credentials {c}: standard input gave no secret"
+                );
+                Ok(line)
+            };
+            let scheme = match c.as_str() {
+                "none" => None,
+                "bearer" => Some(pb::credentials::Scheme::BearerToken(secret()?)),
+                _ => match c.strip_prefix("basic:") {
+                    Some(user) => Some(pb::credentials::Scheme::Basic(pb::BasicCredentials {
+                        user: user.to_owned(),
+                        password: secret()?,
+                    })),
+                    None => anyhow::bail!("--credentials {c:?}: give basic:USER, bearer or none"),
+                },
+            };
+            req.credentials = Some(pb::Credentials { scheme });
+        }
+        let abs = |p: &PathBuf| -> Result<String> {
+            Ok(std::path::absolute(p)
+                .with_context(|| format!("cannot make {} absolute", p.display()))?
+                .display()
+                .to_string())
+        };
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            req.client_certificate = Some(pb::ClientCertificate {
+                certificate: abs(cert)?,
+                key: abs(key)?,
+            });
+        } else if self.clear_client_cert {
+            req.client_certificate = Some(pb::ClientCertificate::default());
+        }
+        if !self.ca_certs.is_empty() || self.clear_ca_certs {
+            req.ca_certificates = Some(pb::PathList {
+                paths: self.ca_certs.iter().map(abs).collect::<Result<_>>()?,
+            });
+        }
+        match self.proxy_usage {
+            None if !self.proxies.is_empty() || !self.proxy_bypass.is_empty() => {
+                anyhow::bail!("--proxy and --proxy-bypass need --proxy-usage override")
+            }
+            None => {}
+            Some(u) => {
+                let usage = match u {
+                    ProxyUsageArg::Preconfig => pb::ProxyUsage::Preconfig,
+                    ProxyUsageArg::NoProxy => pb::ProxyUsage::NoProxy,
+                    ProxyUsageArg::Override => pb::ProxyUsage::Override,
+                };
+                anyhow::ensure!(
+                    matches!(u, ProxyUsageArg::Override) || self.proxies.is_empty(),
+                    "--proxy needs --proxy-usage override"
+                );
+                req.proxy = Some(pb::ProxySettings {
+                    usage: usage as i32,
+                    proxies: self.proxies,
+                    bypass: self.proxy_bypass,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Parses `OFFSET:LENGTH,...` (`eof` as a length: to the end), as bitsadmin's RangeList.
@@ -415,11 +586,20 @@ fn context_name(c: i32) -> &'static str {
         pb::ErrorContext::Transport => "Transport",
         pb::ErrorContext::Validation => "Validation",
         pb::ErrorContext::Notification => "Notification",
+        pb::ErrorContext::ServerCertificate => "ServerCertificate",
     }
 }
 
 /// A job as JSON (the `--json` output).
 fn job_json(j: &pb::Job) -> serde_json::Value {
+    let mut v = job_json_base(j);
+    v["max_download_time_seconds"] = json!(j.max_download_time_seconds);
+    v["active_time_ms"] = json!(j.active_time_ms);
+    v["http"] = j.http.as_ref().map(http_json).unwrap_or_default();
+    v
+}
+
+fn job_json_base(j: &pb::Job) -> serde_json::Value {
     json!({
         "id": j.id,
         "display_name": j.display_name,
@@ -469,6 +649,43 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     })
 }
 
+/// The HTTP options of a job as JSON: names and paths, never a secret (the daemon sends none).
+fn http_json(h: &pb::HttpOptionsInfo) -> serde_json::Value {
+    json!({
+        "header_names": h.header_names,
+        "credentials": (!h.credentials_scheme.is_empty()).then(|| json!({
+            "scheme": h.credentials_scheme,
+            "user": (!h.credentials_user.is_empty()).then_some(&h.credentials_user),
+        })),
+        "client_certificate": h.client_certificate.as_ref().map(|c| json!({
+            "certificate": c.certificate,
+            "key": c.key,
+        })),
+        "ca_certificates": h.ca_certificates,
+        "proxy": h.proxy.as_ref().map(|p| json!({
+            "usage": proxy_usage_name(p.usage),
+            "proxies": p.proxies,
+            "bypass": p.bypass,
+        })),
+    })
+}
+
+fn proxy_usage_name(u: i32) -> &'static str {
+    match pb::ProxyUsage::try_from(u).unwrap_or(pb::ProxyUsage::Preconfig) {
+        pb::ProxyUsage::Unspecified | pb::ProxyUsage::Preconfig => "preconfig",
+        pb::ProxyUsage::NoProxy => "no_proxy",
+        pb::ProxyUsage::Override => "override",
+    }
+}
+
+/// A time in milliseconds since the epoch as an HTTP date (UTC), or "-" for 0 (not yet).
+fn time_text(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
 fn print_info(j: &pb::Job) {
     println!("job        {}", j.id);
     println!("name       {}", j.display_name);
@@ -504,6 +721,48 @@ fn print_info(j: &pb::Job) {
             format!(", notify command {:?}", j.notify_cmdline)
         }
     );
+    println!(
+        "times      created {}, modified {}, transferred {}; {} s in Connecting/Transferring of at most {} s",
+        time_text(j.created_ms),
+        time_text(j.modified_ms),
+        time_text(j.transfer_completed_ms),
+        j.active_time_ms / 1000,
+        j.max_download_time_seconds
+    );
+    if let Some(h) = &j.http {
+        let mut parts = Vec::new();
+        if !h.header_names.is_empty() {
+            parts.push(format!("headers {}", h.header_names.join(", ")));
+        }
+        if !h.credentials_scheme.is_empty() {
+            parts.push(if h.credentials_user.is_empty() {
+                format!("{} credentials", h.credentials_scheme)
+            } else {
+                format!(
+                    "{} credentials for {}",
+                    h.credentials_scheme, h.credentials_user
+                )
+            });
+        }
+        if let Some(c) = &h.client_certificate {
+            parts.push(format!("client certificate {}", c.certificate));
+        }
+        if !h.ca_certificates.is_empty() {
+            parts.push(format!("CA files {}", h.ca_certificates.join(", ")));
+        }
+        if let Some(p) = &h.proxy {
+            parts.push(match proxy_usage_name(p.usage) {
+                "override" if p.bypass.is_empty() => format!("proxy {}", p.proxies.join(", ")),
+                "override" => format!(
+                    "proxy {} (not for {})",
+                    p.proxies.join(", "),
+                    p.bypass.join(", ")
+                ),
+                other => format!("proxy {other}"),
+            });
+        }
+        println!("http       {}", parts.join("; "));
+    }
     for (i, f) in j.files.iter().enumerate() {
         let total = f.bytes_total.map_or("?".into(), |t| t.to_string());
         println!(
@@ -617,8 +876,10 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
             no_progress_timeout,
             notify_flags,
             notify_cmd,
+            max_download_time,
+            http,
         } => {
-            c.set_properties(pb::SetPropertiesRequest {
+            let mut req = pb::SetPropertiesRequest {
                 job,
                 display_name: name,
                 priority: priority.map(|p| pb::Priority::from(p) as i32),
@@ -628,6 +889,21 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
                 notify_cmdline: notify_cmd.map(|argv| pb::CommandLine {
                     argv: argv.into_iter().filter(|a| !a.is_empty()).collect(),
                 }),
+                max_download_time_seconds: max_download_time,
+                ..pb::SetPropertiesRequest::default()
+            };
+            http.apply(&mut req, &mut std::io::stdin().lock())?;
+            c.set_properties(req).await?;
+        }
+        JobCommand::SetUrl { job, file, url } => {
+            c.set_remote_name(pb::SetRemoteNameRequest { job, file, url })
+                .await?;
+        }
+        JobCommand::ReplacePrefix { job, old, new } => {
+            c.replace_remote_prefix(pb::ReplaceRemotePrefixRequest {
+                job,
+                old_prefix: old,
+                new_prefix: new,
             })
             .await?;
         }
