@@ -8,7 +8,10 @@
 //!   requests one at a time as its queue drains, and takes each file as soon as it is done,
 //!   where a job's files appear only when the whole job completes (BITS `Complete`). When no
 //!   daemon answers, the files go through a node in this process, after one `104 Warning`;
-//!   `Acquire::shoal::Fallback "fail"` makes that a failure instead.
+//!   `Acquire::shoal::Fallback "fail"` makes that a failure instead. The job uses apt's proxy
+//!   for the URL (`Acquire::http::Proxy` and its per-host forms, `DIRECT`, else the method's
+//!   `http_proxy`/`https_proxy`), as the job's proxy override (BITS `SetProxySettings`);
+//!   without one, the daemon's own setting.
 //! - A file without one (`InRelease`, `Release`) comes from the origin, as apt's own `http`
 //!   method would fetch it: `If-Modified-Since` from apt's `Last-Modified`, `IMS-Hit` on
 //!   `304`, `Maximum-Size` enforced.
@@ -131,6 +134,58 @@ impl Settings {
             })?;
         Some((!value.is_empty() && !value.eq_ignore_ascii_case("DIRECT")).then_some(value))
     }
+}
+
+/// The proxy usage of the job that fetches a hashed file, as apt would reach `url`: apt's
+/// proxy ([`Settings::proxy_for`]: `DIRECT` is no proxy), else the method's own
+/// `https_proxy`/`http_proxy` (with `no_proxy` as the bypass list), else `None`: the node's
+/// setting (BITS's preconfig).
+///
+/// # Errors
+/// A failure naming the proxy when it is not an http:// or https:// URL.
+fn job_proxy(
+    settings: &Settings,
+    url: &Url,
+    from_request: Option<&str>,
+) -> Result<Option<crate::job::ProxyUsage>, Failed> {
+    use crate::job::ProxyUsage;
+    let env = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    };
+    let (proxy, bypass) = match settings.proxy_for(url, from_request) {
+        Some(None) => return Ok(Some(ProxyUsage::NoProxy)),
+        Some(Some(p)) => (p, Vec::new()),
+        None => {
+            let names: &[&str] = if url.scheme() == "https" {
+                &["https_proxy", "HTTPS_PROXY"]
+            } else {
+                &["http_proxy"]
+            };
+            let Some(p) = env(names) else {
+                return Ok(None);
+            };
+            let bypass = env(&["no_proxy", "NO_PROXY"])
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|b| !b.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (p, bypass)
+        }
+    };
+    let proxy = Url::parse(&proxy)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| Failed::new(format!("bad proxy {proxy:?} for {url}"), "", false))?;
+    Ok(Some(ProxyUsage::Override {
+        proxies: vec![proxy],
+        bypass,
+    }))
 }
 
 /// Where hashed files go: the daemon, a node in this process, or nowhere (no daemon and no
@@ -695,10 +750,23 @@ async fn via_daemon(
         })
         .await
         .map_err(rpc)?;
+        let proxy = job_proxy(&shared.settings, url, acq.proxy.as_deref())?.map(|p| match p {
+            crate::job::ProxyUsage::Preconfig => pb::ProxySettings::default(),
+            crate::job::ProxyUsage::NoProxy => pb::ProxySettings {
+                usage: pb::ProxyUsage::NoProxy as i32,
+                ..pb::ProxySettings::default()
+            },
+            crate::job::ProxyUsage::Override { proxies, bypass } => pb::ProxySettings {
+                usage: pb::ProxyUsage::Override as i32,
+                proxies: proxies.iter().map(ToString::to_string).collect(),
+                bypass,
+            },
+        });
         c.set_properties(pb::SetPropertiesRequest {
             job: job.clone(),
             retry_delay_seconds: Some(5),
             no_progress_timeout_seconds: Some(shared.settings.timeout.as_secs().max(1)),
+            proxy,
             ..Default::default()
         })
         .await
@@ -828,6 +896,17 @@ async fn via_node(shared: &Shared, node: &Node, acq: &Acquire, url: &Url) -> Res
         node.set_retry_delay(job, Duration::from_secs(5))
             .await
             .map_err(err)?;
+        if let Some(proxy) = job_proxy(&shared.settings, url, acq.proxy.as_deref())? {
+            node.set_http_options(
+                job,
+                crate::job::HttpOptions {
+                    proxy,
+                    ..crate::job::HttpOptions::default()
+                },
+            )
+            .await
+            .map_err(err)?;
+        }
         node.resume(job).await.map_err(err)?;
         let mut stalled = tokio::time::Instant::now();
         let mut told = 0u64;

@@ -448,3 +448,74 @@ async fn started_as_root_the_method_runs_as_the_sandbox_user_before_it_writes_an
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn apts_proxy_carries_the_daemons_requests_for_debs_and_direct_means_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = TestDaemon::start_with_peer_credentials(dir.path(), Default::default()).await;
+    let tiny = shoal_tests::proxy::TinyProxy::start().await;
+    let origin = TestOrigin::start().await;
+    let deb = content(1 << 20, 8);
+    let direct = content(1 << 20, 9);
+    origin.put("p.deb", deb.clone());
+    origin.put("d.deb", direct.clone());
+    let mut config = settings(dir.path(), &daemon.socket);
+    config.push(("Acquire::http::Proxy", tiny.url.to_string()));
+    // The per-host form wins over the general one: DIRECT for this one host.
+    let host = origin.url("d.deb").host_str().unwrap().to_owned();
+    let mut apt = Apt::start(&config).await;
+    let file = partial(dir.path()).join("p.deb");
+    let m = acquire(
+        &origin,
+        "p.deb",
+        &file,
+        &[("Expected-SHA256", sha256_of(&deb).to_string())],
+    );
+    let uri = m.get("URI").unwrap().to_owned();
+    apt.send(&m).await;
+    let (a, _) = apt.answers(&[&uri]).await;
+    assert_eq!(a[0].code, 201, "{:?}", a[0]);
+    assert_eq!(std::fs::read(&file).unwrap(), deb);
+    let relayed = |from: usize| {
+        let seen = origin.state.request_headers.lock().unwrap();
+        let all = &seen[from..];
+        (
+            all.iter()
+                .filter(|h| shoal_tests::proxy::relayed(h))
+                .count(),
+            all.len(),
+        )
+    };
+    let (via, all) = relayed(0);
+    assert!(
+        all > 0 && via == all,
+        "{via} of {all} requests through the proxy"
+    );
+    apt.close().await.unwrap();
+
+    // `Acquire::http::Proxy::HOST "DIRECT"`: the daemon's job goes straight to the origin.
+    config.push((
+        Box::leak(format!("Acquire::http::Proxy::{host}").into_boxed_str()),
+        "DIRECT".into(),
+    ));
+    let mark = origin.state.request_headers.lock().unwrap().len();
+    let mut apt = Apt::start(&config).await;
+    let file = partial(dir.path()).join("d.deb");
+    let m = acquire(
+        &origin,
+        "d.deb",
+        &file,
+        &[("Expected-SHA256", sha256_of(&direct).to_string())],
+    );
+    let uri = m.get("URI").unwrap().to_owned();
+    apt.send(&m).await;
+    let (a, _) = apt.answers(&[&uri]).await;
+    assert_eq!(a[0].code, 201, "{:?}", a[0]);
+    assert_eq!(std::fs::read(&file).unwrap(), direct);
+    let (via, all) = relayed(mark);
+    assert!(
+        all > 0 && via == 0,
+        "{via} of {all} requests through the proxy"
+    );
+    apt.close().await.unwrap();
+}
