@@ -53,6 +53,18 @@ sed 's|^# dir = "/var/cache/shoal"|dir = "/var/cache/shoal"|' configs/shoal.toml
 chmod 0644 "$stage/etc/shoal/shoal.toml"
 grep -q '^dir = "/var/cache/shoal"' "$stage/etc/shoal/shoal.toml" \
   || { echo "build.sh: configs/shoal.toml has no cache dir line to set" >&2; exit 1; }
+# Man pages (clap_mangen) and shell completions (clap_complete), made by the binary itself
+# from its command-line definition, so that they always match it.
+"$bin/shoal" man --out "$work/man"
+install -d "$stage/usr/share/man/man1"
+for page in "$work"/man/*.1; do
+  gzip -9n < "$page" > "$stage/usr/share/man/man1/$(basename "$page").gz"
+done
+install -d "$stage/usr/share/bash-completion/completions" \
+  "$stage/usr/share/zsh/vendor-completions" "$stage/usr/share/fish/vendor_completions.d"
+"$bin/shoal" completions bash > "$stage/usr/share/bash-completion/completions/shoal"
+"$bin/shoal" completions zsh > "$stage/usr/share/zsh/vendor-completions/_shoal"
+"$bin/shoal" completions fish > "$stage/usr/share/fish/vendor_completions.d/shoal.fish"
 install -D -m 0644 README.md "$stage/usr/share/doc/shoal/README.md"
 install -D -m 0644 docs/apt.md "$stage/usr/share/doc/shoal/apt.md"
 cat > "$stage/usr/share/doc/shoal/copyright" <<COPY

@@ -18,6 +18,11 @@ fi
 [ "$(stat -c %G /var/cache/shoal)" = shoal ] || fail "/var/cache/shoal is not group shoal"
 grep -q '^dir = "/var/cache/shoal"' /etc/shoal/shoal.toml || fail "the cache is not in /var/cache/shoal"
 grep -qx /etc/shoal/shoal.toml /var/lib/dpkg/info/shoal.conffiles || fail "shoal.toml is no conffile"
+# The man pages and completions came with it, and match the binary.
+[ -s /usr/share/man/man1/shoal.1.gz ] || fail "no man page shoal.1"
+[ -s /usr/share/man/man1/shoal-job-set.1.gz ] || fail "no man page shoal-job-set.1"
+zcat /usr/share/man/man1/shoal-job-set.1.gz | grep -q 'proxy' || fail "shoal-job-set.1 lacks the proxy options"
+grep -q '_shoal' /usr/share/bash-completion/completions/shoal || fail "no bash completion"
 # apt's methods, under both names, answer as apt expects.
 for m in shoal+http shoal+https; do
   /usr/lib/apt/methods/$m < /dev/null | head -1 | grep -qx '100 Capabilities' \

@@ -540,16 +540,7 @@ impl TestDaemon {
 
     /// A client calling as user `uid`.
     pub async fn client(&self, uid: u32) -> Client {
-        let channel =
-            tonic::transport::Endpoint::try_from(format!("unix://{}", self.socket.display()))
-                .expect("socket URI")
-                .connect()
-                .await
-                .expect("connect to the daemon");
-        shoal_node::daemon::control::control_client::ControlClient::with_interceptor(
-            channel,
-            AsUid(uid),
-        )
+        client_at(&self.socket, uid).await
     }
 
     /// Stops the daemon and its node.
@@ -563,6 +554,20 @@ impl TestDaemon {
             .expect("the daemon stops within 20 s")
             .expect("the daemon task ends cleanly");
     }
+}
+
+/// A client of the daemon on `socket`, sending `x-test-uid: uid` (which a daemon that reads
+/// the socket's peer credentials ignores).
+pub async fn client_at(socket: &std::path::Path, uid: u32) -> Client {
+    let channel = tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))
+        .expect("socket URI")
+        .connect()
+        .await
+        .expect("connect to the daemon");
+    shoal_node::daemon::control::control_client::ControlClient::with_interceptor(
+        channel,
+        AsUid(uid),
+    )
 }
 
 /// A control API client with the `x-test-uid` header.

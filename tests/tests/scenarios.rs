@@ -27,6 +27,7 @@ mod apt;
 mod bandwidth;
 mod cache;
 mod cluster;
+mod dayone;
 mod hostile;
 mod http;
 mod lan;

@@ -220,12 +220,24 @@ impl Daemon {
     ///
     /// # Errors
     /// What [`crate::Builder::build`] returns; [`crate::Error::Impersonation`] when it runs as
-    /// root without the capabilities to act as its users.
+    /// root without the capabilities to act as its users; [`crate::Error::Io`] when another
+    /// daemon answers on the socket.
     pub async fn start(
         builder: crate::Builder,
         config: DaemonConfig,
     ) -> Result<Self, crate::Error> {
         crate::store::fsuser::check_impersonation().map_err(crate::Error::Impersonation)?;
+        // A second daemon on a busy socket stops here, before it builds a node or says it
+        // serves anything.
+        if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+            return Err(crate::Error::Io {
+                path: config.socket.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another Shoal daemon is serving on this socket",
+                ),
+            });
+        }
         let hub = Hub::new(config.notify.clone());
         let h = hub.clone();
         let node = builder

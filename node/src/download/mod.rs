@@ -504,7 +504,7 @@ async fn attempt(
 ) -> Result<Downloaded, AttemptFailure> {
     let use_peers = !origin_only && !task.expected.is_none() && env.swarm.mode().uses_peers();
     let found = discover_layer(env, task, use_peers, resume, cancel, progress).await?;
-    let opened = open_file(env, task, use_peers, resume, found).await?;
+    let opened = open_file(env, task, use_peers, resume, found, cancel).await?;
     let done = transfer(env, task, use_peers, opened, cancel, progress).await?;
     finish(env, task, done, progress).await
 }

@@ -327,6 +327,7 @@ pub(super) async fn open_file<'r>(
     use_peers: bool,
     resume: Option<&'r ResumePoint>,
     mut found: Discovered,
+    cancel: &CancellationToken,
 ) -> Result<Opened<'r>, AttemptFailure> {
     let expected = task.expected;
     let never_origin = env.policy.never_origin;
@@ -346,11 +347,13 @@ pub(super) async fn open_file<'r>(
             .into());
         }
         None => {
-            remote
-                .get_or_try_init(|| env.origin.probe(&task.url))
-                .await
-                .map_err(|e| origin_failure(task.index, &e))?
-                .length
+            // A silent origin holds the probe for its timeouts and retries: a Cancel, Suspend
+            // or shutdown does not wait for them.
+            let probe = remote.get_or_try_init(|| env.origin.probe(&task.url));
+            tokio::select! {
+                r = probe => r.map_err(|e| origin_failure(task.index, &e))?.length,
+                () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
+            }
         }
     };
     let geometry = ContentId::new([0; 32], length).map_err(|e| {

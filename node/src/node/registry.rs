@@ -81,6 +81,9 @@ pub(super) struct JobRecord {
     pub(super) touched: tokio::time::Instant,
     /// A Complete is renaming its files: commands for the job wait ([`Registry::parked`]).
     pub(super) completing: bool,
+    /// When progress last had the record stored: byte counts by source are stored at most
+    /// once a second while a transfer runs, so that a crash loses at most a second of them.
+    pub(super) progress_saved: tokio::time::Instant,
 }
 
 /// What the node keeps of one file of a job besides its [`FileInfo`].
@@ -110,6 +113,7 @@ impl JobRecord {
             transient_since: None,
             touched: tokio::time::Instant::now(),
             completing: false,
+            progress_saved: tokio::time::Instant::now(),
         }
     }
 }

@@ -204,6 +204,7 @@ pub(super) async fn deliver(
     state: State,
     mut first: Option<Box<Notice>>,
 ) {
+    let mut failures = 0u32;
     loop {
         let (info, cb, wake) = match first.take() {
             Some(n) => *n,
@@ -228,7 +229,14 @@ pub(super) async fn deliver(
         match delivered {
             Ok(()) => return,
             Err(e) => {
-                warn!(%job, "the {state} notification was not acknowledged, again in {delay:?}: {e}");
+                // Once a warning, then quietly: a job that waits for its Complete (nobody
+                // watching, no notify command) would otherwise warn every retry delay.
+                if failures == 0 {
+                    warn!(%job, "the {state} notification was not acknowledged; it is delivered again every {delay:?} until it is (further attempts are logged at debug level): {e}");
+                } else {
+                    tracing::debug!(%job, attempt = failures + 1, "the {state} notification was not acknowledged, again in {delay:?}: {e}");
+                }
+                failures += 1;
                 if !sleep_or_cancel(token, &wake, delay).await {
                     return;
                 }
@@ -498,7 +506,10 @@ fn progress(r: &mut Registry, job: JobId, token: &CancellationToken, index: usiz
     }
     f.bytes_transferred += bytes;
     f.bytes_from += d.bytes;
-    if started {
+    let now = tokio::time::Instant::now();
+    let due = bytes > 0 && now.duration_since(rec.progress_saved) >= Duration::from_secs(1);
+    if started || due {
+        rec.progress_saved = now;
         r.save_later(job);
     }
     if bytes > 0 && connecting {

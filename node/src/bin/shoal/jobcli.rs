@@ -26,12 +26,72 @@ pub(crate) fn socket_path(flag: Option<&Path>) -> PathBuf {
 }
 
 /// A client of the daemon at `socket`.
+///
+/// # Errors
+/// One line naming the socket and the cause: no daemon there, or no permission (with the
+/// group to join).
 pub(crate) async fn connect(socket: &Path) -> Result<ControlClient<Channel>> {
+    // Asked once, plainly, so that the error names its cause once (tonic's would repeat the
+    // OS error through its layers).
+    if let Err(e) = std::os::unix::net::UnixStream::connect(socket) {
+        bail!("{}", socket_error(socket, &e));
+    }
     let channel = tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))?
         .connect()
         .await
-        .with_context(|| format!("no Shoal daemon answers on {}", socket.display()))?;
+        .map_err(|_| anyhow::anyhow!("no Shoal daemon answers on {}", socket.display()))?;
     Ok(ControlClient::new(channel))
+}
+
+/// What a failed connection to the daemon's socket means for the user, in one line.
+pub(crate) fn socket_error(socket: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let at = socket.display();
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            let group = std::fs::metadata(socket)
+                .ok()
+                .and_then(|m| group_name(m.gid()))
+                .unwrap_or_else(|| "shoal".into());
+            format!(
+                "permission denied on {at}: add yourself to group {group} \
+                 (sudo usermod -aG {group} $USER, then log in again)"
+            )
+        }
+        std::io::ErrorKind::NotFound => format!(
+            "no Shoal daemon at {at} (start one with `sudo shoal daemon`, or give --socket)"
+        ),
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("no Shoal daemon answers on {at} (the socket is left from a stopped daemon)")
+        }
+        _ => format!("cannot reach the Shoal daemon at {at}: {e}"),
+    }
+}
+
+/// The name of user `uid` in `/etc/passwd`, else the number.
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|users| {
+            users.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let id = f.nth(1)?.parse::<u32>().ok()?;
+                (id == uid).then(|| name.to_owned())
+            })
+        })
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// The name of group `gid` in `/etc/group`.
+fn group_name(gid: u32) -> Option<String> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id = f.nth(1)?.parse::<u32>().ok()?;
+        (id == gid).then(|| name.to_owned())
+    })
 }
 
 /// `shoal daemon --config FILE`.
@@ -691,7 +751,7 @@ fn print_info(j: &pb::Job) {
     println!("name       {}", j.display_name);
     println!("state      {}", state_name(j.state));
     println!("priority   {}", priority_name(j.priority));
-    println!("owner      {}", j.owner);
+    println!("owner      {} ({})", user_name(j.owner), j.owner);
     println!(
         "progress   {}/{} bytes ({} from peers, {} from the origin)",
         j.bytes_transferred, j.bytes_total, j.bytes_from_peers, j.bytes_from_origin
@@ -843,13 +903,14 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
                 );
             } else {
                 println!(
-                    "{:<36}  {:<14}  {:<10}  {:>5}  {:>21}  NAME",
-                    "JOB", "STATE", "PRIORITY", "FILES", "BYTES"
+                    "{:<36}  {:<12}  {:<14}  {:<10}  {:>5}  {:>21}  NAME",
+                    "JOB", "OWNER", "STATE", "PRIORITY", "FILES", "BYTES"
                 );
                 for j in &jobs {
                     println!(
-                        "{:<36}  {:<14}  {:<10}  {:>5}  {:>21}  {}",
+                        "{:<36}  {:<12}  {:<14}  {:<10}  {:>5}  {:>21}  {}",
                         j.id,
+                        user_name(j.owner),
                         state_name(j.state),
                         priority_name(j.priority),
                         j.files.len(),
@@ -1007,6 +1068,19 @@ async fn monitor(c: &mut ControlClient<Channel>, job: String) -> Result<()> {
                 }
             }
             Some(Kind::JobModification(m)) => state = m.state,
+            Some(Kind::FileTransferred(f)) if f.awaits_verdict => {
+                let say = format!(
+                    "file {} verified; the daemon waits for its verdict: \
+                     `shoal job validate {job} {} valid` (or `invalid`); without one it counts \
+                     as the daemon's validation default after its validation timeout",
+                    f.file, f.file
+                );
+                if tty {
+                    let _ = multi.println(say);
+                } else {
+                    eprintln!("{say}");
+                }
+            }
             Some(Kind::JobTransferred(_)) => state = pb::JobState::Transferred as i32,
             Some(Kind::JobError(_)) => state = pb::JobState::Error as i32,
             _ => {}
@@ -1261,37 +1335,62 @@ pub(crate) async fn get_via_daemon(
         })
         .await?;
         c.resume(pb::JobRef { job: job.clone() }).await?;
-        loop {
+        let mut shown = crate::progress::Progress::new(Duration::from_secs(no_progress_timeout));
+        let signal = crate::progress::interrupted();
+        tokio::pin!(signal);
+        let result = loop {
             let j = c
                 .get_job(pb::JobRef { job: job.clone() })
                 .await?
                 .into_inner();
-            match pb::JobState::try_from(j.state) {
+            let state = pb::JobState::try_from(j.state);
+            match state {
                 Ok(pb::JobState::Transferred) => {
+                    shown.finish();
                     let j = c
                         .complete(pb::JobRef { job: job.clone() })
                         .await?
                         .into_inner();
-                    return Ok::<_, anyhow::Error>(j);
+                    break Ok::<_, anyhow::Error>(j);
                 }
                 Ok(pb::JobState::Error) => {
-                    bail!(
+                    break Err(anyhow::anyhow!(
                         "{}",
                         j.error
                             .map(|e| e.description)
                             .unwrap_or_else(|| "job error".into())
-                    );
+                    ));
                 }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => {}
             }
-        }
+            let snapshot = crate::progress::Snapshot {
+                state: state_name(j.state).to_owned(),
+                done: j.bytes_transferred,
+                total: j.bytes_total,
+                from_peers: j.bytes_from_peers,
+                transient: (state == Ok(pb::JobState::TransientError))
+                    .then(|| j.error.as_ref().map(|e| e.description.clone()))
+                    .flatten(),
+            };
+            if let Err(reason) = shown.update(&snapshot) {
+                break Err(anyhow::anyhow!("{reason}"));
+            }
+            tokio::select! {
+                why = &mut signal => break Err(anyhow::anyhow!("{why}")),
+                () = tokio::time::sleep(shown.period()) => {}
+            }
+        };
+        shown.finish();
+        result
     }
     .await;
     let j = match outcome {
         Ok(j) => j,
         Err(e) => {
+            // The user's intent, or a job that cannot finish: the daemon's job goes too, with
+            // its partial files, rather than running on in the background.
             let _ = c.cancel(pb::JobRef { job: job.clone() }).await;
-            return Err(e);
+            return Err(e.context(format!("job {job} cancelled in the daemon")));
         }
     };
     println!(

@@ -14,7 +14,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures::future::BoxFuture;
-use indicatif::{ProgressBar, ProgressStyle};
 use libp2p::Multiaddr;
 use shoal_node::{
     Callback, CallbackError, Expected, FileSpec, JobInfo, Node, Priority, Sha256Digest, State,
@@ -22,6 +21,7 @@ use shoal_node::{
 use tokio::sync::mpsc;
 
 mod jobcli;
+mod progress;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +52,20 @@ enum Command {
         /// Do not discover LAN peers with mDNS.
         #[arg(long)]
         no_mdns: bool,
+    },
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell) on
+    /// stdout, e.g. `shoal completions bash > /etc/bash_completion.d/shoal`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (shoal.1 and one per subcommand, clap_mangen) into DIR; the
+    /// Debian package runs it at build time.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
     /// Print a file's content id (BLAKE3, as b3sum), SHA-256, length and pieces.
     Hash {
@@ -204,6 +218,19 @@ async fn run(cli: Cli) -> Result<()> {
         } => seed(files, listen, config, no_mdns).await,
         Command::Hash { file } => hash(&file),
         Command::Daemon { config } => jobcli::daemon(config.as_deref()).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out)
+                .with_context(|| format!("cannot write the man pages into {}", out.display()))?;
+            Ok(())
+        }
         Command::Job { command, socket } => {
             jobcli::job(command, &jobcli::socket_path(socket.as_deref())).await
         }
@@ -381,74 +408,41 @@ fn get_builder(args: &GetArgs) -> Result<shoal_node::Builder> {
     Ok(b)
 }
 
-/// Shows the job's progress (a bar on a terminal, a line a second otherwise) until the
-/// callback reports its end, or until it made no progress for `no_progress_timeout` seconds
-/// in TransientError.
+/// Shows the job's progress ([`progress::Progress`]) until the callback reports its end, the
+/// job made no progress for `no_progress_timeout` seconds, or Ctrl-C or SIGTERM came: each of
+/// the last two is an `Err` with the reason.
 async fn watch(
     node: &Node,
     job: shoal_node::JobId,
     mut rx: mpsc::Receiver<std::result::Result<(), String>>,
     no_progress_timeout: u64,
 ) -> Result<std::result::Result<(), String>> {
-    let tty = std::io::stderr().is_terminal();
-    let bar_style = ProgressStyle::with_template(
-        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    let bar = if tty {
-        // A spinner until the length is known, then the bar.
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let mut bar_has_length = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(if tty { 100 } else { 1000 }));
-    let no_progress = Duration::from_secs(no_progress_timeout);
-    let mut stalled_since: Option<Instant> = None;
+    let mut shown = progress::Progress::new(Duration::from_secs(no_progress_timeout));
+    let mut tick = tokio::time::interval(shown.period());
+    let signal = progress::interrupted();
+    tokio::pin!(signal);
     let outcome = loop {
         tokio::select! {
             r = rx.recv() => break r.unwrap_or_else(|| Err("the node stopped".into())),
+            why = &mut signal => break Err(why.to_owned()),
             _ = tick.tick() => {
                 let info = node.info(job)?;
-                let share = if info.bytes_transferred() > 0 {
-                    100 * info.bytes_from().peers() / info.bytes_transferred()
-                } else { 0 };
-                if let Some(bar) = &bar {
-                    if info.bytes_total() > 0 && !bar_has_length {
-                        bar.set_style(bar_style.clone());
-                        bar_has_length = true;
-                    }
-                    if bar_has_length {
-                        bar.set_length(info.bytes_total());
-                        bar.set_position(info.bytes_transferred());
-                    } else {
-                        bar.tick();
-                    }
-                    bar.set_message(format!("{} · {share}% from peers", info.state));
-                } else {
-                    eprintln!("{} {}/{} bytes, {share}% from peers",
-                        info.state, info.bytes_transferred(), info.bytes_total());
-                }
-                if info.state == State::TransientError {
-                    let since = *stalled_since.get_or_insert_with(Instant::now);
-                    let reason = info.error.as_ref().map(|e| e.description.clone()).unwrap_or_default();
-                    if since.elapsed() >= no_progress {
-                        break Err(format!("no progress for {} s: {reason}", no_progress.as_secs()));
-                    }
-                } else if info.bytes_transferred() > 0 || info.state == State::Transferring {
-                    stalled_since = None;
+                let snapshot = progress::Snapshot {
+                    state: info.state.to_string(),
+                    done: info.bytes_transferred(),
+                    total: info.bytes_total(),
+                    from_peers: info.bytes_from().peers(),
+                    transient: (info.state == State::TransientError)
+                        .then(|| info.error.as_ref().map(|e| e.description.clone()))
+                        .flatten(),
+                };
+                if let Err(reason) = shown.update(&snapshot) {
+                    break Err(reason);
                 }
             }
         }
     };
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    shown.finish();
     Ok(outcome)
 }
 
@@ -458,6 +452,14 @@ async fn get(args: GetArgs) -> Result<()> {
     if !args.no_daemon {
         let socket = jobcli::socket_path(args.socket.as_deref());
         if socket.exists()
+            && let Err(e) = std::os::unix::net::UnixStream::connect(&socket)
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            eprintln!(
+                "shoal get: {}; running a node in this process instead",
+                jobcli::socket_error(&socket, &e)
+            );
+        } else if socket.exists()
             && let Ok(client) = jobcli::connect(&socket).await
         {
             return jobcli::get_via_daemon(
@@ -499,10 +501,11 @@ async fn get(args: GetArgs) -> Result<()> {
     let outcome = watch(&node, job, rx, args.no_progress_timeout).await?;
     let info = node.info(job)?;
     if let Err(reason) = outcome {
-        // Cancel deletes the temporary files; nothing is left behind.
+        // Cancel deletes the temporary files: an interrupted or failed `get` leaves nothing
+        // behind, and the next one starts afresh.
         let _ = node.cancel(job).await;
         node.shutdown().await;
-        bail!("{reason}");
+        bail!("{reason}; the job was cancelled and its partial files removed");
     }
     println!(
         "{} file(s), {} bytes in {:.1} s: {} from peers, {} from the origin; {} pieces rejected, {} peers banned",
