@@ -13,6 +13,9 @@ pub enum Error {
     /// No job has this id.
     #[error("no job {0}")]
     UnknownJob(JobId),
+    /// An upload job takes exactly one file (BITS `BG_E_TOO_MANY_FILES`).
+    #[error("upload job {0} already has its one file")]
+    UploadFiles(JobId),
     /// No file with this index in the job.
     #[error("job {job} has no file {index}")]
     UnknownFile {

@@ -31,6 +31,7 @@ use shoal_node::{
 
 pub mod bad_peer;
 pub mod bench;
+pub mod bits_server;
 pub mod demo;
 pub mod netns;
 pub mod proxy;

@@ -33,6 +33,7 @@ mod http;
 mod lan;
 mod security;
 mod tidy;
+mod upload;
 
 /// Upper bound of any single scenario.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1290,13 +1291,13 @@ async fn api_bad_input_gets_a_clear_status_and_the_daemon_runs_on() {
         ),
         (
             c.create_job(pb::CreateJobRequest {
-                r#type: pb::JobType::Upload as i32,
+                r#type: 7,
                 ..create("up")
             })
             .await
             .unwrap_err(),
             tonic::Code::InvalidArgument,
-            "download jobs only",
+            "not one of download, upload, upload-reply",
         ),
     ];
     for (status, code, needle) in cases {

@@ -132,6 +132,16 @@ pub(super) fn job_to_pb(info: &JobInfo) -> pb::Job {
         notify_flags: info.properties.notify_flags,
         notify_cmdline: info.properties.notify_cmdline.clone().unwrap_or_default(),
         max_download_time_seconds: info.properties.max_download_time.as_secs(),
+        r#type: match info.job_type {
+            crate::job::JobType::Download => pb::JobType::Download,
+            crate::job::JobType::Upload => pb::JobType::Upload,
+            crate::job::JobType::UploadReply => pb::JobType::UploadReply,
+        } as i32,
+        reply_file_name: info
+            .reply_file_name
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         active_time_ms: u64::try_from(info.active_time.as_millis()).unwrap_or(u64::MAX),
         http: Some(http_to_pb(&info.properties.http)),
     }

@@ -59,6 +59,7 @@ fn status_of(e: &Error) -> Status {
         | Error::BadRange(_)
         | Error::BadHttpOption { .. }
         | Error::UnknownFile { .. } => Status::invalid_argument(msg),
+        Error::UploadFiles(_) => Status::failed_precondition(msg),
         Error::DuplicateLocalName(_) => Status::already_exists(msg),
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
             Status::permission_denied(msg)
@@ -284,15 +285,17 @@ impl Control for Service {
         let r = req.into_inner();
         bounded("display_name", &r.display_name, MAX_DISPLAY_NAME_BYTES)?;
         let priority = priority_of(r.priority)?;
-        match pb::JobType::try_from(r.r#type) {
-            Ok(pb::JobType::Download | pb::JobType::Unspecified) => {}
-            _ => {
+        let upload = match pb::JobType::try_from(r.r#type) {
+            Ok(pb::JobType::Download | pb::JobType::Unspecified) => None,
+            Ok(pb::JobType::Upload) => Some(false),
+            Ok(pb::JobType::UploadReply) => Some(true),
+            Err(_) => {
                 return Err(Status::invalid_argument(format!(
-                    "job type {}: Shoal runs download jobs only",
+                    "job type {} is not one of download, upload, upload-reply",
                     r.r#type
                 )));
             }
-        }
+        };
         let live: Vec<JobInfo> = self
             .node
             .jobs()
@@ -312,11 +315,18 @@ impl Control for Service {
                 caller.uid
             )));
         }
-        let id = answer(
-            self.node
-                .create_job_with(&r.display_name, priority, Some(caller.uid), None)
-                .await,
-        )?;
+        let id = answer(match upload {
+            None => {
+                self.node
+                    .create_job_with(&r.display_name, priority, Some(caller.uid), None)
+                    .await
+            }
+            Some(reply) => {
+                self.node
+                    .create_upload_job(&r.display_name, priority, Some(caller.uid), reply)
+                    .await
+            }
+        })?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
     }
@@ -614,6 +624,22 @@ impl Control for Service {
         )?;
         let info = self.node.info(id).map_err(|e| status_of(&e))?;
         Ok(Response::new(job_to_pb(&info)))
+    }
+
+    async fn get_reply_data(
+        &self,
+        req: Request<pb::JobRef>,
+    ) -> Result<Response<pb::ReplyData>, Status> {
+        let caller = self.caller(&req)?;
+        let info = self.visible(caller, &req.into_inner().job)?;
+        let data = answer(self.node.reply_data(info.id).await)?;
+        Ok(Response::new(pb::ReplyData {
+            data,
+            reply_file_name: info
+                .reply_file_name
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn set_validation_state(

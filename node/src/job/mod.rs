@@ -66,6 +66,28 @@ pub enum Priority {
     Low,
 }
 
+/// A job's type (BITS `BG_JOB_TYPE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum JobType {
+    /// Files from their origins (and peers) to local names (`BG_JOB_TYPE_DOWNLOAD`).
+    #[default]
+    Download,
+    /// One local file to a BITS upload server (`BG_JOB_TYPE_UPLOAD`), over the BITS Upload
+    /// Protocol.
+    Upload,
+    /// An upload whose server answers with a reply, downloaded to the client
+    /// (`BG_JOB_TYPE_UPLOAD_REPLY`).
+    UploadReply,
+}
+
+impl JobType {
+    /// True for Upload and UploadReply.
+    #[must_use]
+    pub fn is_upload(self) -> bool {
+        !matches!(self, Self::Download)
+    }
+}
+
 /// A job's state (BITS `BG_JOB_STATE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum State {
@@ -470,6 +492,14 @@ pub struct JobInfo {
     /// [`JobProperties::max_download_time`] (to the end of the last transfer run; a run in
     /// progress is added when it ends).
     pub active_time: Duration,
+    /// Download, Upload or UploadReply.
+    pub job_type: JobType,
+    /// An upload-reply job's reply file (BITS `GetReplyFileName`): `LOCAL.reply` beside the
+    /// uploaded file; it appears there on Complete.
+    pub reply_file_name: Option<PathBuf>,
+    /// The upload session the server opened (`BITS-Session-Id`) and not yet closed; with the
+    /// file's `bytes_transferred` (what the server acknowledged), where an upload resumes.
+    pub upload_session: Option<String>,
 }
 
 impl JobInfo {
@@ -496,6 +526,9 @@ impl JobInfo {
             modified: now,
             transfer_completed: None,
             active_time: Duration::ZERO,
+            job_type: JobType::Download,
+            reply_file_name: None,
+            upload_session: None,
         }
     }
 

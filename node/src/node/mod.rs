@@ -7,6 +7,7 @@ mod registry;
 mod run;
 mod runner;
 pub(crate) mod stats;
+mod upload;
 
 use self::registry::{Command, FileRecord, JobRecord};
 
@@ -1233,7 +1234,11 @@ impl Node {
     pub async fn add_file(&self, job: JobId, spec: FileSpec) -> Result<(), Error> {
         check_url(&spec.url)?;
         check_ranges(&spec.ranges)?;
-        let owner = self.view(job)?.info.owner;
+        let view = self.view(job)?.info;
+        if view.job_type.is_upload() {
+            return self.add_upload_file(job, &view, spec).await;
+        }
+        let owner = view.owner;
         let local = spec.local_name.clone();
         // As the owner sees it: the daemon tells a user nothing of paths the user may not see.
         let dir = tokio::task::spawn_blocking(move || {
@@ -1281,6 +1286,174 @@ impl Node {
             .await
     }
 
+    /// Creates an upload job (BITS `CreateJob` with `BG_JOB_TYPE_UPLOAD`, or
+    /// `BG_JOB_TYPE_UPLOAD_REPLY` with `reply`), owned by `owner`, with the default
+    /// properties; it starts Suspended and takes one file: the local file to send, and the
+    /// server's upload URL.
+    ///
+    /// # Errors
+    /// [`Error::State`] when the job cannot be stored (with a state directory).
+    pub async fn create_upload_job(
+        &self,
+        display_name: &str,
+        priority: Priority,
+        owner: Option<u32>,
+        reply: bool,
+    ) -> Result<JobId, Error> {
+        let id = JobId::new();
+        let mut info = JobInfo::created(
+            id,
+            display_name,
+            priority,
+            owner,
+            JobProperties {
+                retry_delay: self.inner.retry_delay,
+                ..JobProperties::default()
+            },
+            SystemTime::now(),
+        );
+        info.job_type = if reply {
+            crate::job::JobType::UploadReply
+        } else {
+            crate::job::JobType::Upload
+        };
+        let mut record = JobRecord::new(info, Vec::new());
+        if let Some(f) = &self.inner.callbacks {
+            record.callback = f(&record.info);
+        }
+        let record = Box::new(record);
+        self.registry()
+            .call(|reply| Command::Create { record, reply })
+            .await?;
+        Ok(id)
+    }
+
+    /// The file of an upload job: one, a regular file its owner can read, no digests or
+    /// ranges; an upload-reply job's reply goes to `LOCAL.reply`, whose directory the owner
+    /// must be able to write.
+    async fn add_upload_file(
+        &self,
+        job: JobId,
+        view: &JobInfo,
+        spec: FileSpec,
+    ) -> Result<(), Error> {
+        if !view.files.is_empty() {
+            return Err(Error::UploadFiles(job));
+        }
+        if !spec.ranges.is_empty() || spec.expected != crate::Expected::default() {
+            return Err(Error::BadLocalName {
+                path: spec.local_name.clone(),
+                reason: "an upload takes no byte ranges or expected digests".into(),
+            });
+        }
+        let (owner, reply) = (
+            view.owner,
+            view.job_type == crate::job::JobType::UploadReply,
+        );
+        let local = spec.local_name.clone();
+        let dir = tokio::task::spawn_blocking(move || {
+            crate::store::fsuser::as_owner(owner, || {
+                if local.components().any(|c| c == Component::ParentDir) {
+                    return Err(std::io::Error::other("a local name may not contain '..'"));
+                }
+                use std::os::unix::fs::OpenOptionsExt;
+                // Opened as the owner, without following a FIFO's open into a wait.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&local)?;
+                if !f.metadata()?.is_file() {
+                    return Err(std::io::Error::other("it is not a regular file"));
+                }
+                if reply {
+                    crate::store::fsuser::may_create_in(&local)?;
+                }
+                crate::store::fsuser::dir_identity(&local)
+            })
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+        .map_err(|e| Error::BadLocalName {
+            path: spec.local_name.clone(),
+            reason: format!("the file to upload cannot be used: {e}"),
+        })?;
+        let temp_name = temp_name_for(&spec.local_name, job);
+        let reply_name = reply.then(|| {
+            let mut name = spec.local_name.clone().into_os_string();
+            name.push(".reply");
+            PathBuf::from(name)
+        });
+        let file = FileInfo::added(spec, temp_name);
+        let record = FileRecord {
+            origin_only: true,
+            completed: false,
+            left: None,
+            local: LocalIds {
+                dir: Some(dir),
+                verified: None,
+            },
+        };
+        self.registry()
+            .call(|r| Command::AddFile {
+                job,
+                file: Box::new((file, record)),
+                reply: r,
+            })
+            .await?;
+        if let Some(name) = reply_name {
+            self.modify_reply_name(job, name).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets an upload-reply job's reply file name.
+    async fn modify_reply_name(&self, job: JobId, name: PathBuf) -> Result<(), Error> {
+        self.registry()
+            .call(|reply| Command::SetReplyName { job, name, reply })
+            .await
+    }
+
+    /// The first 1 MiB of an upload-reply job's reply (BITS `IBackgroundCopyJob2::
+    /// GetReplyData`): empty until the reply arrived; read from the reply's temporary file,
+    /// or from its name once the job is Acknowledged. The reply is verified by nothing but the
+    /// connection's TLS.
+    ///
+    /// # Errors
+    /// [`Error::UnknownJob`], [`Error::Io`] when the reply file cannot be read.
+    pub async fn reply_data(&self, job: JobId) -> Result<Vec<u8>, Error> {
+        let info = self.view(job)?.info;
+        let (Some(name), Some(f)) = (info.reply_file_name.clone(), info.files.first()) else {
+            return Ok(Vec::new());
+        };
+        if !f.transferred {
+            return Ok(Vec::new());
+        }
+        let path = if info.state == State::Acknowledged {
+            name
+        } else {
+            f.temp_name.clone()
+        };
+        let owner = info.owner;
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::store::fsuser::as_owner(owner, || {
+                use std::io::Read;
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&p)?;
+                let mut buf = Vec::new();
+                file.take(crate::source::upload::REPLY_DATA as u64)
+                    .read_to_end(&mut buf)?;
+                Ok(buf)
+            })
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+        .map_err(|source| Error::Io { path, source })
+    }
+
     /// Starts or restarts a job (BITS `Resume`).
     ///
     /// # Errors
@@ -1307,10 +1480,31 @@ impl Node {
     /// # Errors
     /// [`Error::InvalidState`] on a final job, [`Error::UnknownJob`].
     pub async fn cancel(&self, job: JobId) -> Result<(), Error> {
+        // An upload's open session is cancelled on the server too (BITS Cancel-Session).
+        let session = match self.view(job) {
+            Ok(v) if v.info.job_type.is_upload() => match (
+                v.info.upload_session.clone(),
+                v.info.files.first().map(|f| f.url.clone()),
+            ) {
+                (Some(id), Some(url)) => run::job_env(self, job)
+                    .await
+                    .ok()
+                    .map(|env| (env.origin, url, id)),
+                _ => None,
+            },
+            _ => None,
+        };
         let (owner, temps) = self
             .registry()
             .call(|reply| Command::Cancel { job, reply })
             .await?;
+        if let Some((client, url, id)) = session {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                crate::source::upload::cancel_session(&client, &url, &id),
+            )
+            .await;
+        }
         let _ = tokio::task::spawn_blocking(move || {
             for t in temps {
                 let _ = crate::store::fsuser::as_owner(owner, || std::fs::remove_file(&t));
@@ -1529,10 +1723,25 @@ fn restore_records(
                 continue;
             }
         };
+        // An upload goes on from what the server acknowledged, in the session it opened.
+        if info.job_type.is_upload()
+            && let Some(f) = info.files.first_mut()
+        {
+            f.bytes_transferred = if f.transferred {
+                f.bytes_total.unwrap_or(s.job.upload_acked)
+            } else {
+                s.job.upload_acked
+            };
+        }
         // Files that verified keep serving; a vanished temporary file is an error.
         let mut vanished = None;
         let owner = info.owner;
-        for (i, f) in info.files.iter().enumerate() {
+        let downloads = if info.job_type.is_upload() {
+            &[][..]
+        } else {
+            &info.files[..]
+        };
+        for (i, f) in downloads.iter().enumerate() {
             let done = f.transferred && !flags[i].1;
             let ids = s.files[i].file.local;
             // Only the owner's view of the path, and no open: nothing a user put there

@@ -169,6 +169,10 @@ pub(super) enum CompleteEnd {
 /// The files a Complete renames, from [`Command::BeginComplete`].
 pub(super) struct CompletePlan {
     pub(super) owner: Option<u32>,
+    /// Download, or an upload whose Complete only gives an upload-reply job's reply its name.
+    pub(super) job_type: crate::job::JobType,
+    /// Where an upload-reply job's reply goes.
+    pub(super) reply_file_name: Option<PathBuf>,
     /// `(index, file, identities)` of each file not renamed yet.
     pub(super) files: Vec<(usize, FileInfo, LocalIds)>,
 }
@@ -198,6 +202,12 @@ pub(super) enum Command {
         job: JobId,
         rename: Rename,
         reply: Reply<usize>,
+    },
+    /// An upload-reply job's reply file name.
+    SetReplyName {
+        job: JobId,
+        name: PathBuf,
+        reply: Reply<()>,
     },
     /// BITS `Resume`.
     Resume { job: JobId, reply: Reply<()> },
@@ -470,6 +480,16 @@ impl Registry {
             }
             Command::SetRemoteNames { job, rename, reply } => {
                 deliver(reply, self.set_remote_names(job, rename).await)
+            }
+            Command::SetReplyName { job, name, reply } => {
+                let r = match self.rec(job) {
+                    Ok(rec) => {
+                        rec.info.reply_file_name = Some(name);
+                        self.persist(job).await
+                    }
+                    Err(e) => Err(e),
+                };
+                deliver(reply, r)
             }
             Command::Resume { job, reply } => deliver(reply, self.resume(job).await),
             Command::Suspend { job, reply } => deliver(reply, self.suspend(job).await),
@@ -867,6 +887,14 @@ impl Registry {
     fn begin_complete(&mut self, job: JobId) -> Result<CompletePlan, Error> {
         let rec = self.rec(job)?;
         next_state(rec.info.state, Transition::Complete)?;
+        // BITS: "For uploads, the state of the job must be BG_JOB_STATE_TRANSFERRED."
+        if rec.info.job_type.is_upload() && rec.info.state != State::Transferred {
+            return Err(InvalidState {
+                from: rec.info.state,
+                transition: Transition::Complete,
+            }
+            .into());
+        }
         rec.runner.stop();
         rec.completing = true;
         let files = rec
@@ -881,6 +909,8 @@ impl Registry {
         Ok(CompletePlan {
             owner: rec.info.owner,
             files,
+            job_type: rec.info.job_type,
+            reply_file_name: rec.info.reply_file_name.clone(),
         })
     }
 

@@ -30,7 +30,7 @@ use crate::{
 use shoal_validator::{ContentId, ValidationState};
 
 /// How a job's transfer (while it held a slot) ended.
-enum Ended {
+pub(super) enum Ended {
     /// Stopped by Suspend, Cancel, shutdown, or preemption.
     Stopped,
     /// In TransientError; retry after this delay.
@@ -96,7 +96,7 @@ pub(super) async fn ended(node: &Node, job: JobId, token: CancellationToken) {
 }
 
 /// Moves the job to Error (unless the runner was stopped); the job as it entered it.
-async fn fail(
+pub(super) async fn fail(
     reg: &registry::Handle,
     job: JobId,
     token: &CancellationToken,
@@ -304,6 +304,9 @@ async fn transfer_files(node: &Node, job: JobId, token: &CancellationToken) -> E
         Ok(env) => env,
         Err(e) => return Ended::Failed(fail(reg, job, token, e).await),
     };
+    if node.view(job).is_ok_and(|v| v.info.job_type.is_upload()) {
+        return super::upload::run(node, &env, job, token).await;
+    }
     let mut i = 0;
     loop {
         let Some((task, done)) = file_task(reg, job, i).await else {
@@ -357,7 +360,7 @@ async fn transfer_files(node: &Node, job: JobId, token: &CancellationToken) -> E
 /// # Errors
 /// A job error (context LocalFile, naming the file or option) when a file cannot be read or
 /// an option cannot be used.
-async fn job_env(node: &Node, job: JobId) -> Result<download::Env, JobError> {
+pub(super) async fn job_env(node: &Node, job: JobId) -> Result<download::Env, JobError> {
     let env = node.inner.env.clone();
     let Ok(view) = node.view(job) else {
         return Ok(env);
@@ -573,7 +576,7 @@ async fn download_with_progress(
 
 /// Every file is done, unless one was added meanwhile (`Ok`: its index): checked and moved
 /// to Transferred in one step, so that an AddFile cannot slip in between.
-fn all_transferred(
+pub(super) fn all_transferred(
     r: &mut Registry,
     job: JobId,
     token: &CancellationToken,
@@ -715,7 +718,7 @@ enum Verdict {
 /// A transient error: the job waits and retries, or fails once the no-progress timeout
 /// has passed since the first transient error with no progress (BITS
 /// SetNoProgressTimeout).
-async fn transient(
+pub(super) async fn transient(
     reg: &registry::Handle,
     job: JobId,
     token: &CancellationToken,

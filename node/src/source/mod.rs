@@ -4,3 +4,4 @@
 pub(crate) mod bandwidth;
 pub(crate) mod origin;
 pub(crate) mod policy;
+pub(crate) mod upload;

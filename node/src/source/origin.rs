@@ -261,7 +261,7 @@ enum Route {
     Proxy(Url, Vec<String>),
 }
 
-enum Attempt<T> {
+pub(crate) enum Attempt<T> {
     Done(T),
     Retry(String),
 }
@@ -418,9 +418,15 @@ impl Client {
     }
 
     /// A GET of `url` through the client in use, with the job's credentials.
-    fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+    pub(crate) fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, url)
+    }
+
+    /// A request of `method` to `url` through the client in use, with the job's credentials
+    /// (the BITS upload protocol's `BITS_POST`, too).
+    pub(crate) fn request(&self, method: reqwest::Method, url: &Url) -> reqwest::RequestBuilder {
         let i = self.current.load(Ordering::Relaxed) % self.clients.len();
-        let req = self.clients[i].get(url.clone());
+        let req = self.clients[i].request(method, url.clone());
         match &self.credentials {
             None => req,
             Some(crate::job::Credentials::Basic { user, password }) => {
@@ -432,7 +438,10 @@ impl Client {
 
     /// The error of a request that failed before a response: fatal when TLS verification
     /// failed or the server refused the handshake, else worth a retry.
-    fn send_failure<T>(url: &Url, e: &reqwest::Error) -> Result<Attempt<T>, OriginError> {
+    pub(crate) fn send_failure<T>(
+        url: &Url,
+        e: &reqwest::Error,
+    ) -> Result<Attempt<T>, OriginError> {
         match tls_failure(e) {
             Some(TlsFailure::Certificate(detail)) => Err(OriginError::Certificate {
                 url: url.clone(),
@@ -454,7 +463,12 @@ impl Client {
 
     /// Waits before retry `attempt` (0-based) after `detail`, or gives up with
     /// [`OriginError::Unreachable`] once the retries are spent.
-    async fn backoff(&self, url: &Url, attempt: u32, detail: String) -> Result<(), OriginError> {
+    pub(crate) async fn backoff(
+        &self,
+        url: &Url,
+        attempt: u32,
+        detail: String,
+    ) -> Result<(), OriginError> {
         if attempt >= self.config.retries {
             return Err(OriginError::Unreachable {
                 url: url.clone(),
@@ -709,8 +723,8 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
     None
 }
 
-/// An error with its chain of causes ("error sending request: connection refused").
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its chain of causes (`pub(crate)` for the upload client) ("error sending request: connection refused").
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

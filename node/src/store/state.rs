@@ -39,8 +39,8 @@ use crate::timestamp::{from_ms, to_ms};
 use crate::{
     job::{
         ByteRange, BytesBySource, ClientCertificate, Credentials, DEFAULT_MAX_DOWNLOAD_TIME,
-        ErrorContext, FileInfo, HttpOptions, JobError, JobId, JobInfo, JobProperties, PeerStats,
-        Priority, ProxyUsage, State,
+        ErrorContext, FileInfo, HttpOptions, JobError, JobId, JobInfo, JobProperties, JobType,
+        PeerStats, Priority, ProxyUsage, State,
     },
     store::fsuser::LocalIds,
 };
@@ -125,6 +125,16 @@ pub(crate) struct JobDisk {
     /// Milliseconds spent in Connecting and Transferring since the last Resume.
     #[serde(default)]
     pub(crate) active_ms: u64,
+    /// "Download" (absent in older records), "Upload" or "UploadReply".
+    #[serde(default)]
+    pub(crate) job_type: Option<String>,
+    #[serde(default)]
+    pub(crate) reply_file_name: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) upload_session: Option<String>,
+    /// Bytes the upload server acknowledged.
+    #[serde(default)]
+    pub(crate) upload_acked: u64,
 }
 
 /// A job's HTTP options as stored.
@@ -656,6 +666,14 @@ impl JobDisk {
             max_download_time_s: Some(info.properties.max_download_time.as_secs()),
             http: HttpDisk::of(&info.properties.http),
             active_ms: u64::try_from(info.active_time.as_millis()).unwrap_or(u64::MAX),
+            job_type: Some(format!("{:?}", info.job_type)),
+            reply_file_name: info.reply_file_name.clone(),
+            upload_session: info.upload_session.clone(),
+            upload_acked: if info.job_type.is_upload() {
+                info.files.first().map_or(0, |f| f.bytes_transferred)
+            } else {
+                0
+            },
         }
     }
 
@@ -690,6 +708,14 @@ impl JobDisk {
             modified: from_ms(self.modified_ms),
             transfer_completed: self.transfer_completed_ms.map(from_ms),
             active_time: Duration::from_millis(self.active_ms),
+            job_type: match self.job_type.as_deref() {
+                None | Some("Download") => JobType::Download,
+                Some("Upload") => JobType::Upload,
+                Some("UploadReply") => JobType::UploadReply,
+                Some(other) => return Err(bad("job type", other)),
+            },
+            reply_file_name: self.reply_file_name.clone(),
+            upload_session: self.upload_session.clone(),
             properties: JobProperties {
                 retry_delay: Duration::from_secs(self.retry_delay_s),
                 no_progress_timeout: Duration::from_secs(self.no_progress_timeout_s),
@@ -961,6 +987,9 @@ mod tests {
             modified: now,
             transfer_completed: None,
             active_time: Duration::from_millis(1500),
+            job_type: JobType::Download,
+            reply_file_name: None,
+            upload_session: None,
         }
     }
 

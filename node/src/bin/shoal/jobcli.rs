@@ -352,7 +352,13 @@ pub(crate) enum JobCommand {
         name: String,
         #[arg(long, value_enum, default_value = "normal")]
         priority: PriorityArg,
+        /// download (files from URLs), upload (one local file to a BITS upload server,
+        /// `job add JOB URL LOCAL`) or upload-reply (an upload whose reply is fetched back).
+        #[arg(long = "type", value_enum, default_value = "download")]
+        job_type: JobTypeArg,
     },
+    /// Print an upload-reply job's reply (its first 1 MiB) on stdout (BITS GetReplyData).
+    Reply { job: String },
     /// Add a file: URL and local name (made absolute against the current directory).
     Add {
         job: String,
@@ -484,6 +490,17 @@ pub(crate) struct HttpArgs {
     /// for more.
     #[arg(long = "proxy-bypass")]
     proxy_bypass: Vec<String>,
+}
+
+/// `--type` of `job create` (BITS BG_JOB_TYPE).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum JobTypeArg {
+    /// Files from their origins and peers.
+    Download,
+    /// One local file to a BITS upload server.
+    Upload,
+    /// An upload whose server's reply is fetched back.
+    UploadReply,
 }
 
 /// `--proxy-usage`.
@@ -656,6 +673,12 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
     v["max_download_time_seconds"] = json!(j.max_download_time_seconds);
     v["active_time_ms"] = json!(j.active_time_ms);
     v["http"] = j.http.as_ref().map(http_json).unwrap_or_default();
+    v["type"] = json!(match pb::JobType::try_from(j.r#type) {
+        Ok(pb::JobType::Upload) => "upload",
+        Ok(pb::JobType::UploadReply) => "upload-reply",
+        _ => "download",
+    });
+    v["reply_file_name"] = json!((!j.reply_file_name.is_empty()).then_some(&j.reply_file_name));
     v
 }
 
@@ -752,6 +775,16 @@ fn print_info(j: &pb::Job) {
     println!("state      {}", state_name(j.state));
     println!("priority   {}", priority_name(j.priority));
     println!("owner      {} ({})", user_name(j.owner), j.owner);
+    let kind = match pb::JobType::try_from(j.r#type) {
+        Ok(pb::JobType::Upload) => "upload",
+        Ok(pb::JobType::UploadReply) => "upload-reply",
+        _ => "download",
+    };
+    if j.reply_file_name.is_empty() {
+        println!("type       {kind}");
+    } else {
+        println!("type       {kind}, reply to {}", j.reply_file_name);
+    }
     println!(
         "progress   {}/{} bytes ({} from peers, {} from the origin)",
         j.bytes_transferred, j.bytes_total, j.bytes_from_peers, j.bytes_from_origin
@@ -843,12 +876,20 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
     let mut c = connect(socket).await?;
     let jr = |job: String| pb::JobRef { job };
     match cmd {
-        JobCommand::Create { name, priority } => {
+        JobCommand::Create {
+            name,
+            priority,
+            job_type,
+        } => {
             let j = c
                 .create_job(pb::CreateJobRequest {
                     display_name: name,
                     priority: pb::Priority::from(priority) as i32,
-                    r#type: pb::JobType::Download as i32,
+                    r#type: match job_type {
+                        JobTypeArg::Download => pb::JobType::Download,
+                        JobTypeArg::Upload => pb::JobType::Upload,
+                        JobTypeArg::UploadReply => pb::JobType::UploadReply,
+                    } as i32,
                 })
                 .await?
                 .into_inner();
@@ -955,6 +996,11 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
             };
             http.apply(&mut req, &mut std::io::stdin().lock())?;
             c.set_properties(req).await?;
+        }
+        JobCommand::Reply { job } => {
+            use std::io::Write;
+            let r = c.get_reply_data(jr(job)).await?.into_inner();
+            std::io::stdout().write_all(&r.data)?;
         }
         JobCommand::SetUrl { job, file, url } => {
             c.set_remote_name(pb::SetRemoteNameRequest { job, file, url })
