@@ -1001,16 +1001,25 @@ impl Node {
         owner: Option<u32>,
         properties: Option<JobProperties>,
     ) -> Result<JobId, Error> {
-        let id = JobId::new();
-        let now = SystemTime::now();
         let properties = properties.unwrap_or_else(|| JobProperties {
             retry_delay: self.inner.retry_delay,
             ..JobProperties::default()
         });
-        let mut record = JobRecord::new(
-            JobInfo::created(id, display_name, priority, owner, properties, now),
-            Vec::new(),
+        let info = JobInfo::created(
+            JobId::new(),
+            display_name,
+            priority,
+            owner,
+            properties,
+            SystemTime::now(),
         );
+        self.create(info).await
+    }
+
+    /// Stores and registers the new job `info`, with the node's callback for it.
+    async fn create(&self, info: JobInfo) -> Result<JobId, Error> {
+        let id = info.id;
+        let mut record = JobRecord::new(info, Vec::new());
         if let Some(f) = &self.inner.callbacks {
             record.callback = f(&record.info);
         }
@@ -1148,8 +1157,9 @@ impl Node {
     /// Changes the origin URL of file `index` of a job (BITS
     /// `IBackgroundCopyFile2::SetRemoteName`). A file with an expected digest keeps its
     /// verified pieces, since the digest pins its content whatever URL serves it, and so does
-    /// a file already transferred; any other file loses them (a JobModification tells it). A transfer in progress goes on
-    /// from the new URL. Answers whether the file's pieces were discarded.
+    /// a file already transferred; any other file loses them (a JobModification tells it). A
+    /// transfer in progress goes on from the new URL. Answers whether the file's pieces were
+    /// discarded.
     ///
     /// # Errors
     /// [`Error::BadUrl`] for a scheme other than http/https, [`Error::UnknownFile`] for an
@@ -1300,9 +1310,8 @@ impl Node {
         owner: Option<u32>,
         reply: bool,
     ) -> Result<JobId, Error> {
-        let id = JobId::new();
         let mut info = JobInfo::created(
-            id,
+            JobId::new(),
             display_name,
             priority,
             owner,
@@ -1317,15 +1326,7 @@ impl Node {
         } else {
             crate::job::JobType::Upload
         };
-        let mut record = JobRecord::new(info, Vec::new());
-        if let Some(f) = &self.inner.callbacks {
-            record.callback = f(&record.info);
-        }
-        let record = Box::new(record);
-        self.registry()
-            .call(|reply| Command::Create { record, reply })
-            .await?;
-        Ok(id)
+        self.create(info).await
     }
 
     /// The file of an upload job: one, a regular file its owner can read, no digests or
