@@ -299,3 +299,48 @@ async fn byte_counts_by_source_survive_a_kill_9_of_the_daemon() {
     // two seconds, which a record stored only at the start would have lost.
     assert!(origin_bytes >= 4 << 20, "{after}");
 }
+
+#[tokio::test]
+async fn a_directory_given_as_a_local_name_is_named_as_such_for_a_user_of_the_daemon() {
+    use std::os::unix::process::CommandExt;
+    let user = shoal_tests::test_user();
+    let dir = shared_dir();
+    let daemon = TestDaemon::start_with_peer_credentials(
+        dir.path(),
+        shoal_node::daemon::DaemonConfig {
+            socket_mode: 0o666,
+            ..shoal_node::daemon::DaemonConfig::default()
+        },
+    )
+    .await;
+    let socket = daemon.socket.clone();
+    let home = user.home.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            std::process::Command::new(shoal_tests::node_bin("shoal"))
+                .arg("job")
+                .arg("--socket")
+                .arg(&socket)
+                .args(args)
+                .uid(user.uid)
+                .gid(user.gid)
+                .output()
+                .unwrap()
+        };
+        let created = run(&["create", "d"]);
+        assert!(created.status.success(), "{created:?}");
+        let job = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+        // The user's own home directory, and a directory the user may not write.
+        [home.display().to_string(), "/home".to_owned()]
+            .map(|local| run(&["add", &job, "http://127.0.0.1:9/a.bin", &local]))
+    })
+    .await
+    .unwrap();
+    for o in out {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains("it is an existing directory"), "{err}");
+        assert!(!err.contains("may not create files"), "{err}");
+    }
+    daemon.stop().await;
+}
