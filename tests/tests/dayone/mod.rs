@@ -344,3 +344,46 @@ async fn a_directory_given_as_a_local_name_is_named_as_such_for_a_user_of_the_da
     }
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn job_list_names_each_jobs_owner_and_a_second_daemon_on_the_socket_stops_at_once() {
+    let dir = shared_dir();
+    let daemon = TestDaemon::start_with_peer_credentials(
+        dir.path(),
+        shoal_node::daemon::DaemonConfig::default(),
+    )
+    .await;
+    let mut c = daemon.client(0).await;
+    c.create_job(create("mine")).await.unwrap();
+    let out = tokio::process::Command::new(shoal_tests::node_bin("shoal"))
+        .args(["job", "list", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap_or_default();
+    assert!(header.contains("OWNER"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("mine") && l.contains("root")),
+        "{text}"
+    );
+    // A second daemon on the same socket: refused before it builds a node or serves.
+    let second = shoal_node::daemon::Daemon::start(
+        shoal_tests::test_builder(&[])
+            .await
+            .state_dir(dir.path().join("state2")),
+        shoal_node::daemon::DaemonConfig {
+            socket: daemon.socket.clone(),
+            ..shoal_node::daemon::DaemonConfig::default()
+        },
+    )
+    .await;
+    let err = second
+        .err()
+        .expect("a second daemon is refused")
+        .to_string();
+    assert!(err.contains("another Shoal daemon"), "{err}");
+    daemon.stop().await;
+}

@@ -632,3 +632,57 @@ async fn the_cli_sets_credentials_from_stdin_and_a_new_url_and_job_info_shows_no
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_user_cannot_make_the_daemon_present_a_key_only_root_can_read() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let user = shoal_tests::test_user();
+    let dir = shared_dir();
+    let pki = TestPki::new();
+    // Root's client key, readable by root alone.
+    let secret = tempfile::tempdir().unwrap();
+    let (_, cert, key) = pki.write(secret.path());
+    std::fs::set_permissions(secret.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let daemon = TestDaemon::start_with_peer_credentials(
+        dir.path(),
+        shoal_node::daemon::DaemonConfig {
+            socket_mode: 0o666,
+            ..shoal_node::daemon::DaemonConfig::default()
+        },
+    )
+    .await;
+    let socket = daemon.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            std::process::Command::new(shoal_tests::node_bin("shoal"))
+                .arg("job")
+                .arg("--socket")
+                .arg(&socket)
+                .args(args)
+                .uid(user.uid)
+                .gid(user.gid)
+                .output()
+                .unwrap()
+        };
+        let created = run(&["create", "k"]);
+        assert!(created.status.success(), "{created:?}");
+        let job = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+        run(&[
+            "set",
+            &job,
+            "--client-cert",
+            &cert.display().to_string(),
+            "--client-key",
+            &key.display().to_string(),
+        ])
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the daemon took root's key for a user"
+    );
+    assert!(err.contains("ermission denied"), "{err}");
+    daemon.stop().await;
+}
