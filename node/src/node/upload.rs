@@ -24,6 +24,34 @@ use crate::{
     },
 };
 
+/// One upload run: what every step needs.
+struct Upload<'a> {
+    reg: &'a super::registry::Handle,
+    env: &'a Env,
+    job: JobId,
+    token: &'a CancellationToken,
+    url: url::Url,
+    file: Arc<std::fs::File>,
+    len: u64,
+    name: String,
+}
+
+/// Opens `path` for reading as `owner` (not a FIFO's wait, not a non-file).
+fn open_local(owner: Option<u32>, path: &std::path::Path) -> std::io::Result<(std::fs::File, u64)> {
+    crate::store::fsuser::as_owner(owner, || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok((f, meta.len()))
+    })
+}
+
 /// Uploads the job's file; how it ended.
 pub(super) async fn run(node: &Node, env: &Env, job: JobId, token: &CancellationToken) -> Ended {
     let reg = node.registry();
@@ -34,45 +62,21 @@ pub(super) async fn run(node: &Node, env: &Env, job: JobId, token: &Cancellation
     let Some(file) = info.files.first().cloned() else {
         return Ended::Stopped;
     };
-    let (owner, url) = (info.owner, file.url.clone());
-    let error = |context, description: String| JobError {
-        context,
-        file: Some(0),
-        description,
-    };
+    let owner = info.owner;
     // The file as its owner may read it, now.
     let path = file.local_name.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        crate::store::fsuser::as_owner(owner, || {
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path)?;
-            let meta = f.metadata()?;
-            if !meta.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            Ok((f, meta.len()))
-        })
-    })
-    .await;
-    let (f, len) = match opened {
+    let (f, len) = match tokio::task::spawn_blocking(move || open_local(owner, &path)).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            let e = error(
-                ErrorContext::LocalFile,
-                format!("{}: {e}", file.local_name.display()),
-            );
+            let e = JobError {
+                context: ErrorContext::LocalFile,
+                file: Some(0),
+                description: format!("{}: {e}", file.local_name.display()),
+            };
             return Ended::Failed(fail(reg, job, token, e).await);
         }
         Err(_) => return Ended::Stopped,
     };
-    let f = Arc::new(f);
-    let name = file
-        .local_name
-        .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     // The file's length is known; what the server acknowledged of it is the progress.
     reg.step(move |r| {
         if let Some(f) = r
@@ -84,63 +88,127 @@ pub(super) async fn run(node: &Node, env: &Env, job: JobId, token: &Cancellation
         }
     })
     .await;
-    let mut session = info.upload_session.clone();
-    let mut acked = if session.is_some() {
-        file.bytes_transferred.min(len)
-    } else {
-        0
+    let up = Upload {
+        reg,
+        env,
+        job,
+        token,
+        url: file.url.clone(),
+        file: Arc::new(f),
+        len,
+        name: file
+            .local_name
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
     };
-    let mut fresh_sessions = 0;
-    let outcome: Result<Option<url::Url>, UploadError> = loop {
-        let id = match &session {
-            Some(id) => id.clone(),
-            None => {
-                fresh_sessions += 1;
-                match upload::create_session(&env.origin, &url, token).await {
-                    Ok(id) => {
-                        acked = 0;
-                        let stored = id.clone();
-                        reg.step(move |r| {
-                            if let Some(rec) = r.jobs.get_mut(&job) {
-                                rec.info.upload_session = Some(stored);
-                                if let Some(f) = rec.info.files.get_mut(0) {
-                                    f.bytes_transferred = 0;
-                                }
-                                r.save_later(job);
-                            }
-                        })
-                        .await;
-                        session = Some(id.clone());
-                        id
-                    }
-                    Err(e) => break Err(e),
+    let acked = file.bytes_transferred.min(len);
+    let (id, reply_url) = match up.send_all(info.upload_session.clone(), acked).await {
+        Ok(x) => x,
+        Err(e) => return ended(reg, job, token, &up.url, e).await,
+    };
+    if info.job_type == JobType::UploadReply
+        && let Err(e) = up.fetch_reply(reply_url, owner, &file.temp_name).await
+    {
+        return e;
+    }
+    if let Err(e) = upload::close_session(&env.origin, &up.url, &id, token).await {
+        return ended(reg, job, token, &up.url, e).await;
+    }
+    info!(%job, url = %redact(&up.url), bytes = len, "uploaded and committed");
+    let t = token.clone();
+    let done = reg
+        .step(move |r| {
+            if let Some(rec) = r.jobs.get_mut(&job) {
+                rec.info.upload_session = None;
+                if let Some(f) = rec.info.files.get_mut(0) {
+                    f.bytes_transferred = len;
+                    f.transferred = true;
+                    f.validation_state = shoal_validator::ValidationState::Valid;
                 }
             }
-        };
-        // Progress goes to the registry as the server acknowledges it.
+            all_transferred(r, job, &t)
+        })
+        .await;
+    match done {
+        Some(Err(ended)) => ended,
+        _ => Ended::Stopped,
+    }
+}
+
+impl Upload<'_> {
+    /// Sends the whole file in `session` (a new one when `None`, or when the server lost it,
+    /// once) from `acked` on; answers the session and the reply URL the last Ack named.
+    async fn send_all(
+        &self,
+        mut session: Option<String>,
+        mut acked: u64,
+    ) -> Result<(String, Option<url::Url>), UploadError> {
+        let (reg, job) = (self.reg, self.job);
+        let mut fresh_sessions = 0;
+        loop {
+            let id = match &session {
+                Some(id) => id.clone(),
+                None => {
+                    fresh_sessions += 1;
+                    let id =
+                        upload::create_session(&self.env.origin, &self.url, self.token).await?;
+                    acked = 0;
+                    let stored = id.clone();
+                    reg.step(move |r| {
+                        if let Some(rec) = r.jobs.get_mut(&job) {
+                            rec.info.upload_session = Some(stored);
+                            if let Some(f) = rec.info.files.get_mut(0) {
+                                f.bytes_transferred = 0;
+                            }
+                            r.save_later(job);
+                        }
+                    })
+                    .await;
+                    id
+                }
+            };
+            match self.send_once(&id, &mut acked).await {
+                Ok(reply) => return Ok((id, reply)),
+                Err(UploadError::SessionLost) if fresh_sessions < 2 => {
+                    info!(%job, url = %redact(&self.url), "the upload server lost the session; starting a new one");
+                    session = None;
+                    reg.step(move |r| {
+                        if let Some(rec) = r.jobs.get_mut(&job) {
+                            rec.info.upload_session = None;
+                            r.save_later(job);
+                        }
+                    })
+                    .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The fragments from `*acked` on in session `id`, with each acknowledgement forwarded
+    /// to the registry as the file's progress.
+    async fn send_once(&self, id: &str, acked: &mut u64) -> Result<Option<url::Url>, UploadError> {
+        let (reg, job) = (self.reg, self.job);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-        let acked_now = &mut acked;
-        let (origin, f2, name2, id2) = (&env.origin, f.clone(), &name, &id);
-        let url2 = &url;
         let send = async move {
             // Dropped when the fragments end, which ends the forwarding below.
             let mut report = move |n: u64| {
                 let _ = tx.send(n);
             };
             upload::send_fragments(
-                origin,
-                url2,
-                id2,
-                f2,
-                len,
-                name2,
-                acked_now,
+                &self.env.origin,
+                &self.url,
+                id,
+                self.file.clone(),
+                self.len,
+                &self.name,
+                acked,
                 &mut report,
-                token,
+                self.token,
             )
             .await
         };
-        let t = token.clone();
+        let t = self.token.clone();
         let forward = async {
             let mut first = true;
             while let Some(n) = rx.recv().await {
@@ -164,44 +232,33 @@ pub(super) async fn run(node: &Node, env: &Env, job: JobId, token: &Cancellation
             }
         };
         let (sent, ()) = tokio::join!(send, forward);
-        match sent {
-            Err(UploadError::SessionLost) if fresh_sessions < 2 => {
-                info!(%job, url = %redact(&url), "the upload server lost the session; starting a new one");
-                session = None;
-                reg.step(move |r| {
-                    if let Some(rec) = r.jobs.get_mut(&job) {
-                        rec.info.upload_session = None;
-                        r.save_later(job);
-                    }
-                })
-                .await;
-            }
-            other => break other,
-        }
-    };
-    let reply_url = match outcome {
-        Ok(reply) => reply,
-        Err(e) => return ended(reg, job, token, &url, e).await,
-    };
-    let Some(id) = session else {
-        return Ended::Stopped;
-    };
-    if info.job_type == JobType::UploadReply {
+        sent
+    }
+
+    /// An upload-reply job's reply, from the URL the server named into `temp` (created as
+    /// `owner`, mode 0600); `Err` with how the job ended when it cannot be had.
+    async fn fetch_reply(
+        &self,
+        reply_url: Option<url::Url>,
+        owner: Option<u32>,
+        temp: &std::path::Path,
+    ) -> Result<(), Ended> {
+        let (reg, job, token) = (self.reg, self.job, self.token);
         let Some(reply) = reply_url else {
-            let e = error(
-                ErrorContext::RemoteFile,
-                format!(
+            let e = JobError {
+                context: ErrorContext::RemoteFile,
+                file: Some(0),
+                description: format!(
                     "{} sent no BITS-Reply-URL for an upload-reply job",
-                    redact(&url)
+                    redact(&self.url)
                 ),
-            );
-            return Ended::Failed(fail(reg, job, token, e).await);
+            };
+            return Err(Ended::Failed(fail(reg, job, token, e).await));
         };
-        let temp = file.temp_name.clone();
         let fetched = upload::fetch_reply(
-            &env.origin,
+            &self.env.origin,
             &reply,
-            &temp,
+            temp,
             move |p| {
                 crate::store::fsuser::as_owner(owner, || {
                     use std::os::unix::fs::OpenOptionsExt;
@@ -217,31 +274,10 @@ pub(super) async fn run(node: &Node, env: &Env, job: JobId, token: &Cancellation
             token,
         )
         .await;
-        if let Err(e) = fetched {
-            return ended(reg, job, token, &reply, e).await;
+        match fetched {
+            Ok(_) => Ok(()),
+            Err(e) => Err(ended(reg, job, token, &reply, e).await),
         }
-    }
-    if let Err(e) = upload::close_session(&env.origin, &url, &id, token).await {
-        return ended(reg, job, token, &url, e).await;
-    }
-    info!(%job, url = %redact(&url), bytes = len, "uploaded and committed");
-    let t = token.clone();
-    let done = reg
-        .step(move |r| {
-            if let Some(rec) = r.jobs.get_mut(&job) {
-                rec.info.upload_session = None;
-                if let Some(f) = rec.info.files.get_mut(0) {
-                    f.bytes_transferred = len;
-                    f.transferred = true;
-                    f.validation_state = shoal_validator::ValidationState::Valid;
-                }
-            }
-            all_transferred(r, job, &t)
-        })
-        .await;
-    match done {
-        Some(Err(ended)) => ended,
-        _ => Ended::Stopped,
     }
 }
 

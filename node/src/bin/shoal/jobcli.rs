@@ -871,6 +871,29 @@ fn print_info(j: &pb::Job) {
     }
 }
 
+/// `shoal job create`: prints the new job's id.
+async fn create(
+    c: &mut ControlClient<Channel>,
+    name: String,
+    priority: PriorityArg,
+    job_type: JobTypeArg,
+) -> Result<()> {
+    let j = c
+        .create_job(pb::CreateJobRequest {
+            display_name: name,
+            priority: pb::Priority::from(priority) as i32,
+            r#type: match job_type {
+                JobTypeArg::Download => pb::JobType::Download,
+                JobTypeArg::Upload => pb::JobType::Upload,
+                JobTypeArg::UploadReply => pb::JobType::UploadReply,
+            } as i32,
+        })
+        .await?
+        .into_inner();
+    println!("{}", j.id);
+    Ok(())
+}
+
 /// Runs a `shoal job` command against the daemon at `socket`.
 pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
     let mut c = connect(socket).await?;
@@ -880,21 +903,7 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
             name,
             priority,
             job_type,
-        } => {
-            let j = c
-                .create_job(pb::CreateJobRequest {
-                    display_name: name,
-                    priority: pb::Priority::from(priority) as i32,
-                    r#type: match job_type {
-                        JobTypeArg::Download => pb::JobType::Download,
-                        JobTypeArg::Upload => pb::JobType::Upload,
-                        JobTypeArg::UploadReply => pb::JobType::UploadReply,
-                    } as i32,
-                })
-                .await?
-                .into_inner();
-            println!("{}", j.id);
-        }
+        } => create(&mut c, name, priority, job_type).await?,
         JobCommand::Add {
             job,
             url,
