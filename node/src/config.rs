@@ -872,6 +872,32 @@ mod tests {
     }
 
     #[test]
+    fn the_origin_proxy_is_the_environment_direct_or_a_url_and_a_bad_one_is_named() {
+        let proxy = |text: &str| {
+            Config::parse(text, "x.toml")
+                .and_then(|c| c.origin_config("x.toml"))
+                .map(|o| o.proxy)
+        };
+        assert_eq!(proxy("").unwrap(), OriginProxy::Environment);
+        assert_eq!(
+            proxy("[origin]\nproxy = \"direct\"\n").unwrap(),
+            OriginProxy::Direct
+        );
+        assert_eq!(
+            proxy("[origin]\nproxy = \"http://p.lan:3128\"\nproxy_bypass = [\"mirror.lan\"]\n")
+                .unwrap(),
+            OriginProxy::Proxy {
+                url: "http://p.lan:3128".parse().unwrap(),
+                bypass: vec!["mirror.lan".into()],
+            }
+        );
+        let e = proxy("[origin]\nproxy = \"socks5://u:secret@p.lan\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("origin.proxy") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
     fn mdns_is_on_unless_the_file_turns_it_off() {
         let on = |text: &str| {
             Config::parse(text, "x.toml")
