@@ -254,7 +254,14 @@ pub async fn run(config: Config, progress: impl Fn(&str)) -> Result<Report, Erro
     let mut known = seed.listen_addrs().await;
     known.extend(rogues.iter().map(|r| r.addr.clone()));
     for _ in 0..config.nodes - rogue_count {
-        let mut b = Node::builder().listen(loopback()).mdns(false);
+        // Straight to the loopback origin, whatever proxy the environment names: the demo
+        // sends nothing anywhere but 127.0.0.1.
+        let mut b = Node::builder().listen(loopback()).mdns(false).origin(
+            shoal_node::config::OriginConfig {
+                proxy: shoal_node::config::OriginProxy::Direct,
+                ..shoal_node::config::OriginConfig::default()
+            },
+        );
         for a in &known {
             b = b.peer(a.clone());
         }
