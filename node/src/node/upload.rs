@@ -189,12 +189,14 @@ impl Upload<'_> {
     /// to the registry as the file's progress.
     async fn send_once(&self, id: &str, acked: &mut u64) -> Result<Option<url::Url>, UploadError> {
         let (reg, job) = (self.reg, self.job);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        // The latest acknowledged offset only: a slow registry sees fewer, never more.
+        let (tx, mut rx) = tokio::sync::watch::channel(*acked);
         let send = async move {
             // Dropped when the fragments end, which ends the forwarding below.
             let mut report = move |n: u64| {
                 let _ = tx.send(n);
             };
+            // (`tx` moves into `report`, which the fragments' end drops: `changed` then ends.)
             upload::send_fragments(
                 &self.env.origin,
                 &self.url,
@@ -211,7 +213,8 @@ impl Upload<'_> {
         let t = self.token.clone();
         let forward = async {
             let mut first = true;
-            while let Some(n) = rx.recv().await {
+            while rx.changed().await.is_ok() {
+                let n = *rx.borrow_and_update();
                 let t = t.clone();
                 reg.step(move |r| {
                     if let Some(rec) = r.jobs.get_mut(&job) {
