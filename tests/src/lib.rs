@@ -625,6 +625,25 @@ pub fn node_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
+/// Runs `shoal job --socket SOCKET ARGS...` as `user` (its uid and primary group), blocking,
+/// and answers what it printed and its exit status.
+pub fn shoal_job_as(
+    user: &TestUser,
+    socket: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(node_bin("shoal"))
+        .arg("job")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .uid(user.uid)
+        .gid(user.gid)
+        .output()
+        .expect("run shoal job")
+}
+
 /// The test user, created (with `groupadd`/`useradd`) the first time it is asked for. Panics
 /// when the tests do not run as root or the user cannot be created: a test that needs a
 /// second user must not pass without one (CI runs as root).

@@ -184,7 +184,6 @@ async fn a_get_through_the_daemon_shows_progress_lines_when_not_on_a_terminal() 
 
 #[tokio::test]
 async fn a_user_without_access_to_the_socket_gets_one_line_naming_the_group() {
-    use std::os::unix::process::CommandExt;
     let user = shoal_tests::test_user();
     let dir = shared_dir();
     let daemon = TestDaemon::start_with_peer_credentials(
@@ -193,17 +192,10 @@ async fn a_user_without_access_to_the_socket_gets_one_line_naming_the_group() {
     )
     .await;
     let socket = daemon.socket.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(shoal_tests::node_bin("shoal"))
-            .args(["job", "list", "--socket"])
-            .arg(&socket)
-            .uid(user.uid)
-            .gid(user.gid)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || shoal_tests::shoal_job_as(&user, &socket, &["list"]))
+            .await
+            .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -302,7 +294,6 @@ async fn byte_counts_by_source_survive_a_kill_9_of_the_daemon() {
 
 #[tokio::test]
 async fn a_directory_given_as_a_local_name_is_named_as_such_for_a_user_of_the_daemon() {
-    use std::os::unix::process::CommandExt;
     let user = shoal_tests::test_user();
     let dir = shared_dir();
     let daemon = TestDaemon::start_with_peer_credentials(
@@ -316,17 +307,7 @@ async fn a_directory_given_as_a_local_name_is_named_as_such_for_a_user_of_the_da
     let socket = daemon.socket.clone();
     let home = user.home.clone();
     let out = tokio::task::spawn_blocking(move || {
-        let run = |args: &[&str]| {
-            std::process::Command::new(shoal_tests::node_bin("shoal"))
-                .arg("job")
-                .arg("--socket")
-                .arg(&socket)
-                .args(args)
-                .uid(user.uid)
-                .gid(user.gid)
-                .output()
-                .unwrap()
-        };
+        let run = |args: &[&str]| shoal_tests::shoal_job_as(&user, &socket, args);
         let created = run(&["create", "d"]);
         assert!(created.status.success(), "{created:?}");
         let job = String::from_utf8(created.stdout).unwrap().trim().to_owned();

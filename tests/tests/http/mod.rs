@@ -635,7 +635,7 @@ async fn the_cli_sets_credentials_from_stdin_and_a_new_url_and_job_info_shows_no
 
 #[tokio::test]
 async fn a_user_cannot_make_the_daemon_present_a_key_only_root_can_read() {
-    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    use std::os::unix::fs::PermissionsExt;
     let user = shoal_tests::test_user();
     let dir = shared_dir();
     let pki = TestPki::new();
@@ -653,17 +653,7 @@ async fn a_user_cannot_make_the_daemon_present_a_key_only_root_can_read() {
     .await;
     let socket = daemon.socket.clone();
     let out = tokio::task::spawn_blocking(move || {
-        let run = |args: &[&str]| {
-            std::process::Command::new(shoal_tests::node_bin("shoal"))
-                .arg("job")
-                .arg("--socket")
-                .arg(&socket)
-                .args(args)
-                .uid(user.uid)
-                .gid(user.gid)
-                .output()
-                .unwrap()
-        };
+        let run = |args: &[&str]| shoal_tests::shoal_job_as(&user, &socket, args);
         let created = run(&["create", "k"]);
         assert!(created.status.success(), "{created:?}");
         let job = String::from_utf8(created.stdout).unwrap().trim().to_owned();
