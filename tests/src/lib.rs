@@ -33,6 +33,7 @@ pub mod bad_peer;
 pub mod bench;
 pub mod bits_server;
 pub mod demo;
+pub mod fuzz;
 pub mod netns;
 pub mod proxy;
 pub mod tls;

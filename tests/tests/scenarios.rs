@@ -28,6 +28,7 @@ mod bandwidth;
 mod cache;
 mod cluster;
 mod dayone;
+mod fuzz;
 mod hostile;
 mod http;
 mod lan;
