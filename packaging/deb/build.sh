@@ -3,8 +3,8 @@
 #
 #   packaging/deb/build.sh [--debug] [--out DIR]
 #
-# --debug packages the debug build (what CI installs to test the package, without a release
-# build); the default is the release build. The .deb goes to DIR (default target/debian).
+# --debug packages the debug build the tests use (what CI installs to test the package,
+# without a release build); the default is the release build. The .deb goes to DIR (default target/debian).
 # Contents: /usr/bin/shoal; the apt method /usr/lib/shoal/shoal-apt with its links
 # /usr/lib/apt/methods/shoal+http and shoal+https; the systemd unit; /etc/shoal/shoal.toml (a
 # conffile); and the maintainer scripts beside this file, which create the `shoal` group (with
@@ -27,7 +27,11 @@ cd "$root"
 if [ "$profile" = release ]; then
   cargo build --release --locked -p shoal-node --bins
 else
-  cargo build --locked -p shoal-node --bins
+  # The binaries the test suite builds and runs (`cargo test --workspace` builds the bins its
+  # tests call, with the workspace's features unified): after the tests this builds nothing,
+  # where `cargo build -p shoal-node --bins` rebuilt a third of the tree with fewer features
+  # (3 min 21 s of a cold CI run).
+  cargo test --workspace --locked --no-run
 fi
 bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
