@@ -186,14 +186,15 @@ fn builder(config: Option<&Path>) -> Result<shoal_node::Builder> {
     }
 }
 
-/// glibc's malloc settings for a process that moves pieces: frees up to 16 MiB at the top of a
-/// heap are kept for the next allocation instead of being given back to the kernel at once
+/// glibc's malloc settings for a process that moves pieces: up to 4 MiB freed at the top of a
+/// heap is kept for the next allocation instead of being given back to the kernel at once
 /// (`M_TRIM_THRESHOLD`), and blocks up to 2 MiB come from the heap rather than from a fresh
 /// `mmap` each (`M_MMAP_THRESHOLD`). The stack below Shoal (yamux's frame bodies, rustls's
 /// buffers) allocates and frees a few hundred KiB per received frame; with glibc's defaults
 /// each such block came back from the kernel as fresh zeroed pages: about 29,000 page faults
-/// per GiB received in a leecher, 5,000 with these settings, for 1-3 MiB more resident memory
-/// (`docs/benchmarks.md`). Setting either value turns off glibc's own adjustment of both.
+/// per GiB received in a leecher, 5,700 with these settings, for about 4 MiB more resident
+/// memory (16 MiB kept gave no fewer faults and 3 MiB more in an origin-only download;
+/// `docs/benchmarks.md`). Setting either value turns off glibc's own adjustment of both.
 /// `GLIBC_TUNABLES` still overrides them (glibc reads it before `main`; these calls come after,
 /// so they are skipped when it names either).
 fn tune_malloc() {
@@ -205,7 +206,7 @@ fn tune_malloc() {
         {
             // SAFETY: mallopt only sets malloc's parameters; no other thread exists yet.
             unsafe {
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
             }
         }
