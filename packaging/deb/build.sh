@@ -4,7 +4,8 @@
 #   packaging/deb/build.sh [--debug] [--out DIR]
 #
 # --debug packages the debug build the tests use (what CI installs to test the package,
-# without a release build); the default is the release build. The .deb goes to DIR (default target/debian).
+# without a release build); the default is the release build. The .deb goes to DIR (default
+# target/debian).
 # Contents: /usr/bin/shoal; the apt method /usr/lib/shoal/shoal-apt with its links
 # /usr/lib/apt/methods/shoal+http and shoal+https; the systemd unit; /etc/shoal/shoal.toml (a
 # conffile); and the maintainer scripts beside this file, which create the `shoal` group (with

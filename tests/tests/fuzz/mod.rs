@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// Inputs of the corpus a failure names.
+/// The committed corpus of `target`: each input with its path, which a failure names.
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fuzz/corpus")
