@@ -16,7 +16,7 @@ use std::{fmt, str::FromStr};
 use libp2p::{
     PeerId, StreamProtocol, Transport,
     core::{muxing::StreamMuxerBox, transport::Boxed, upgrade::Version},
-    identity, pnet, tcp, yamux,
+    identity, pnet, tcp,
 };
 
 /// The DHT protocol name of nodes without a group.
@@ -107,7 +107,7 @@ impl Group {
     }
 
     /// The group's TCP transport: TCP, then the pnet handshake, then TLS 1.3 (AES-GCM first,
-    /// see `tls`), then yamux.
+    /// see `tls`), then yamux (256 KiB data frames, see `mux`).
     pub(crate) fn transport(
         &self,
         key: &identity::Keypair,
@@ -118,7 +118,7 @@ impl Group {
             .and_then(move |socket, _| pnet::PnetConfig::new(psk).handshake(socket))
             .upgrade(Version::V1Lazy)
             .authenticate(crate::swarm::tls::Config::new(key)?)
-            .multiplex(yamux::Config::default())
+            .multiplex(crate::swarm::mux::Config::default())
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed())
     }

@@ -10,6 +10,7 @@ pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
 pub(crate) mod lan;
+pub(crate) mod mux;
 pub(crate) mod tls;
 
 use std::{
@@ -28,7 +29,7 @@ use libp2p::{
         self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
     },
     swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
-    tcp, yamux,
+    tcp,
 };
 use shoal_protocol::{
     ANNOUNCE_PROTOCOL, Ack, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding,
@@ -1050,7 +1051,8 @@ fn build_swarm(
                 tcp_config,
                 // TLS with AES-GCM first (see `tls`); noise for peers that only speak noise.
                 (crate::swarm::tls::Config::new, noise::Config::new),
-                yamux::Config::default,
+                // yamux with 256 KiB data frames (see `mux`).
+                crate::swarm::mux::Config::default,
             )
             .map_err(|e| swarm_err(&e))?
             .with_quic()

@@ -7,7 +7,8 @@
 //! carrying the libp2p public-key extension) and its parsing and signature checks come from
 //! `libp2p_tls::certificate`; only the provider's suite order differs. Peers running plain
 //! `libp2p-tls` interoperate: the suites are the same three TLS 1.3 suites, in another order.
-//! See `docs/decisions/0006-tls-with-aes-gcm.md`.
+//! The AES-GCM code is ring's or aws-lc's, whichever is faster on this CPU. See
+//! `docs/decisions/0006-tls-with-aes-gcm.md` and `0019-record-layer-and-frame-size.md`.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -61,16 +62,50 @@ pub(crate) enum TlsError {
 }
 
 /// The TLS 1.3 suites, fastest first for this CPU: AES-GCM where the CPU has AES and carry-less
-/// multiply instructions, ChaCha20-Poly1305 first elsewhere.
+/// multiply instructions, ChaCha20-Poly1305 first elsewhere. The AES-GCM code comes from the
+/// library that is faster on this CPU (see [`aes_gcm_from_ring`]); the handshake (key exchange,
+/// signatures) stays with aws-lc-rs either way.
 fn cipher_suites() -> Vec<SupportedCipherSuite> {
-    use aws_lc_rs::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256 as AES128, TLS13_AES_256_GCM_SHA384 as AES256,
-        TLS13_CHACHA20_POLY1305_SHA256 as CHACHA,
+    let chacha = aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256;
+    let (aes128, aes256) = if aes_gcm_from_ring() {
+        use rustls::crypto::ring::cipher_suite as ring;
+        (
+            ring::TLS13_AES_128_GCM_SHA256,
+            ring::TLS13_AES_256_GCM_SHA384,
+        )
+    } else {
+        (
+            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        )
     };
     if aes_in_hardware() {
-        vec![AES128, AES256, CHACHA]
+        vec![aes128, aes256, chacha]
     } else {
-        vec![CHACHA, AES128, AES256]
+        vec![chacha, aes128, aes256]
+    }
+}
+
+/// Whether the record layer's AES-GCM should be ring's rather than aws-lc's: on x86-64 CPUs with
+/// VAES and VPCLMULQDQ but without AVX-512 (AMD Zen 3, Intel Alder Lake and later client
+/// cores). There ring 0.17 runs a 256-bit VAES/AVX2 AES-GCM, while aws-lc (as built by
+/// aws-lc-sys 0.3x) has VAES code only for AVX-512 and falls back to its 128-bit AES-NI code:
+/// 7.5 GB/s against 4.0 GB/s sealing 16 KiB records on a 2 vCPU AMD EPYC (docs/benchmarks.md,
+/// 2026-12-03). With AVX-512, aws-lc's VAES/AVX-512 code is used; without VAES both libraries run
+/// the same AES-NI code.
+fn aes_gcm_from_ring() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("vaes")
+            && std::arch::is_x86_feature_detected!("vpclmulqdq")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && !(std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
