@@ -4,9 +4,11 @@
 //! final file after Complete, the cache's copy, or a seeded file), its verified piece layer, and
 //! a bitfield of the pieces whose bytes verified and are written. Only verified pieces are ever
 //! served: an entry serves pieces only once its layer is verified, a piece's bit is set only
-//! after its bytes verified and reached the disk, and every piece read to be served is checked
-//! again against its chaining value before it leaves (one BLAKE3 per piece), so bytes changed
-//! on disk since are never sent. The bytes are read through a descriptor the node opened itself
+//! after its bytes verified and reached the disk, and a piece read to be served from a file
+//! that anyone but this process's user (and root) could have changed is checked again against
+//! its chaining value before it leaves (one BLAKE3 per piece), so no other user can make the
+//! node send bytes that do not verify (decision 0020: a file only this node's user can write
+//! is not hashed again; its receivers check every piece anyway). The bytes are read through a descriptor the node opened itself
 //! (`Backing::Held`, a running download's temporary file) or from a file reopened for each
 //! read as its owner, never through a symlink, never blocking, and only while it is the very
 //! file that verified (`Backing::Named`); a daemon running as root so never reads a path a
@@ -74,9 +76,10 @@ impl Backing {
         })
     }
 
-    /// Reads `len` bytes at `offset`; `None` when the file is not the one that verified or
-    /// the read falls short.
-    fn read(&self, path: &Path, offset: u64, len: usize) -> Option<Bytes> {
+    /// Reads `len` bytes at `offset`, with whether only this process's user can write the
+    /// file ([`only_ours`]); `None` when the file is not the one that verified or the read
+    /// falls short.
+    fn read(&self, path: &Path, offset: u64, len: usize) -> Option<(Bytes, bool)> {
         let named;
         let file = match self {
             Self::Held(f) => f.as_ref(),
@@ -87,8 +90,21 @@ impl Backing {
         };
         let mut buf = crate::bufpool::take(len);
         file.read_exact_at(&mut buf, offset).ok()?;
-        Some(crate::bufpool::into_bytes(buf))
+        Some((crate::bufpool::into_bytes(buf), only_ours(file)))
     }
+}
+
+/// Whether nobody but this process's effective user (and root) can change the bytes of `file`:
+/// that user owns it and neither its group nor others have write permission (a POSIX ACL that
+/// lets others write shows in the group bits, which are then the ACL's mask). `false` when
+/// `fstat` fails. See `docs/decisions/0020-serve-time-check-for-shared-files.md`.
+fn only_ours(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = file.metadata() else {
+        return false;
+    };
+    // SAFETY: `geteuid` has no preconditions.
+    m.uid() == unsafe { libc::geteuid() } && m.mode() & 0o022 == 0
 }
 
 /// One content this node holds or assembles.
@@ -566,12 +582,14 @@ impl ContentStore {
         }
     }
 
-    /// Reads verified piece `index` of `id` from disk (blocking) and checks it again against
-    /// its chaining value; while `id` assembles its layer, a piece this node fetched from the
-    /// origin itself, checked against the chaining value it claims. `None` when the piece is
-    /// not held, the file is no longer the one that verified (a symlink, a FIFO or another
-    /// file at its path), the read fails, or the bytes changed since they verified (the piece
-    /// is then no longer offered).
+    /// Reads verified piece `index` of `id` from disk (blocking) and, unless only this
+    /// process's user can write the file ([`only_ours`]), checks it again against its chaining
+    /// value; while `id` assembles its layer, a piece this node fetched from the origin itself,
+    /// always checked against the chaining value it claims (its receivers cannot check it
+    /// before the whole file). `None` when the piece is not held, the file is no longer the one
+    /// that verified (a symlink, a FIFO or another file at its path), the read fails, or a
+    /// checked piece's bytes changed since they verified (the piece is then no longer
+    /// offered).
     #[must_use]
     pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
         let claim = {
@@ -596,7 +614,7 @@ impl ContentStore {
         if let Some((path, backing, cv)) = claim {
             let range = id.piece_range(index)?;
             let len = usize::try_from(range.end - range.start).ok()?;
-            let buf = backing.read(&path, range.start, len)?;
+            let (buf, _) = backing.read(&path, range.start, len)?;
             if shoal_validator::piece_chaining_value(range.start, &buf) != cv {
                 tracing::warn!(%id, index, path = %path.display(), "a claimed piece changed on disk; not offered");
                 return None;
@@ -618,8 +636,8 @@ impl ContentStore {
             )
         };
         let len = usize::try_from(range.end - range.start).ok()?;
-        let buf = backing.read(&path, range.start, len)?;
-        if layer.verify_piece(index, &buf).is_err() {
+        let (buf, only_ours) = backing.read(&path, range.start, len)?;
+        if !only_ours && layer.verify_piece(index, &buf).is_err() {
             tracing::warn!(
                 %id,
                 index,
@@ -793,16 +811,28 @@ mod tests {
         // The file itself back: served again.
         std::fs::rename(&moved, &path).unwrap();
         assert_eq!(store.read_piece(&id, 1), Some(piece(1)));
-        // Its bytes changed in place: checked against the chaining value, never sent, and no
-        // longer offered.
-        {
-            use std::os::unix::fs::FileExt as _;
-            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-            f.write_all_at(b"changed", 16384 * 2 + 5).unwrap();
-        }
+        // Its bytes changed in place while others may write it (mode 0664): checked against
+        // the chaining value, never sent, and no longer offered.
+        use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"changed", 16384 * 2 + 5).unwrap();
         assert_eq!(store.read_piece(&id, 2), None);
         let have = store.have(&HaveKey::Blake3(*id.hash())).unwrap().have;
         assert_eq!(have.ones().collect::<Vec<_>>(), vec![0, 1]);
+        // Only this process's user can write it (mode 0644, owned by it): read without the
+        // second BLAKE3 (decision 0020), so a change its user made goes out as it is, and the
+        // receiver's check refuses it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        f.write_all_at(b"changed", 5).unwrap();
+        let sent = store.read_piece(&id, 0).unwrap();
+        assert_eq!(&sent[5..12], b"changed");
+        assert!(layer.verify_piece(0, &sent).is_err());
+        // Group-writable again: checked, and no longer offered.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert_eq!(store.read_piece(&id, 0), None);
+        let have = store.have(&HaveKey::Blake3(*id.hash())).unwrap().have;
+        assert_eq!(have.ones().collect::<Vec<_>>(), vec![1]);
 
         // Through a held descriptor: whatever the path names now, only the verified bytes.
         let (path, _, layer) = three_pieces(&dir.path().join("held").tap_mkdir());
