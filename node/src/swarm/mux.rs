@@ -51,6 +51,16 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The connection over `io` on the side `mode` (the dialer is the client); never fails.
+    fn muxer<C>(self, io: C, mode: yamux::Mode) -> future::Ready<Result<Muxer<C>, io::Error>>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        future::ready(Ok(Muxer::new(yamux::Connection::new(io, self.0, mode))))
+    }
+}
+
 impl UpgradeInfo for Config {
     type Info = &'static str;
     type InfoIter = iter::Once<Self::Info>;
@@ -69,11 +79,7 @@ where
     type Future = future::Ready<Result<Muxer<C>, io::Error>>;
 
     fn upgrade_inbound(self, io: C, _: Self::Info) -> Self::Future {
-        future::ready(Ok(Muxer::new(yamux::Connection::new(
-            io,
-            self.0,
-            yamux::Mode::Server,
-        ))))
+        self.muxer(io, yamux::Mode::Server)
     }
 }
 
@@ -86,11 +92,7 @@ where
     type Future = future::Ready<Result<Muxer<C>, io::Error>>;
 
     fn upgrade_outbound(self, io: C, _: Self::Info) -> Self::Future {
-        future::ready(Ok(Muxer::new(yamux::Connection::new(
-            io,
-            self.0,
-            yamux::Mode::Client,
-        ))))
+        self.muxer(io, yamux::Mode::Client)
     }
 }
 
