@@ -89,7 +89,7 @@ fn cipher_suites() -> Vec<SupportedCipherSuite> {
 /// Whether the record layer's AES-GCM should be ring's rather than aws-lc's: on x86-64 CPUs with
 /// VAES and VPCLMULQDQ but without AVX-512 (AMD Zen 3, Intel Alder Lake and later client
 /// cores). There ring 0.17 runs a 256-bit VAES/AVX2 AES-GCM, while aws-lc (as built by
-/// aws-lc-sys 0.3x) has VAES code only for AVX-512 and falls back to its 128-bit AES-NI code:
+/// aws-lc-sys 0.47) has VAES code only for AVX-512 and falls back to its 128-bit AES-NI code:
 /// 7.5 GB/s against 4.0 GB/s sealing 16 KiB records on a 2 vCPU AMD EPYC (docs/benchmarks.md,
 /// 2026-12-03). With AVX-512, aws-lc's VAES/AVX-512 code is used; without VAES both libraries run
 /// the same AES-NI code.
