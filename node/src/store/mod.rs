@@ -3,19 +3,20 @@
 //! An entry maps a content id to a file on disk (a job's temporary file while it downloads, the
 //! final file after Complete, the cache's copy, or a seeded file), its verified piece layer, and
 //! a bitfield of the pieces whose bytes verified and are written. Only verified pieces are ever
-//! served: an entry serves pieces only once its layer is verified, a piece's bit is set only
-//! after its bytes verified and reached the disk, and a piece read to be served from a file
-//! that anyone but this process's user (and root) could have changed is checked again against
-//! its chaining value before it leaves (one BLAKE3 per piece), so no other user can make the
-//! node send bytes that do not verify (decision 0020: a file only this node's user can write
-//! is not hashed again; its receivers check every piece anyway). The bytes are read through
-//! a descriptor the node opened itself (`Backing::Held`, a running download's temporary file)
-//! or from a file reopened for each read as its owner, never through a symlink, never
-//! blocking, and only while it is the very file that verified (`Backing::Named`); a daemon
-//! running as root so never reads a path a user controls with root's rights. An entry without a layer (being assembled, see
-//! `docs/scheduling.md`) reports which pieces it fetches and which chaining values it computed
-//! from origin bytes, and serves nothing. A SHA-256 maps to a content id only after this node computed that
-//! SHA-256 over the whole file itself.
+//! served: an entry serves pieces only once its layer is verified, a piece's bit is set only after
+//! its bytes verified and reached the disk, and a piece read to be served from a file that anyone
+//! but this process's user (and root) could have changed is checked again against its chaining
+//! value before it leaves (one BLAKE3 per piece), so no other user can make the node send bytes
+//! that do not verify (decision 0020: a file only this node's user can write is not hashed again;
+//! its receivers check every piece anyway). The bytes are read through a descriptor the node opened
+//! itself (`Backing::Held`, a running download's temporary file) or from a file reopened for each
+//! read as its owner, never through a symlink, never blocking, and only while it is the very file
+//! that verified (`Backing::Named`); a daemon running as root so never reads a path a user controls
+//! with root's rights. An entry without a layer (being assembled, see `docs/scheduling.md`) reports
+//! which pieces it fetches and which chaining values it computed from origin bytes, and serves only
+//! those pieces (its claims), each checked against the chaining value it computed (decision 0016).
+//! A SHA-256 maps to a content id only after this node computed that SHA-256 over the whole file
+//! itself.
 //!
 //! Entries live in memory. At start the cache (the `cache` module) registers its files again, and
 //! restored jobs their temporary files as they resume.
