@@ -49,11 +49,13 @@ impl Sha256Stream {
 /// while they fit in `hold_bytes` in all and start at most `hold_bytes` after the next piece
 /// to hash, and the others are read back from the file when their turn comes. The distance
 /// rule keeps the memory for the pieces due soonest: a piece far ahead (a random first piece,
-/// BEP 3) would otherwise take the room of the window of pieces right after the next one. A piece read back is checked again against the chaining value it
-/// verified with (BLAKE3, [`crate::check_piece`]): the file may have been written since, and
-/// what is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`).
-/// Does no I/O itself: the caller's `read_at(offset, len)` returns the `len` bytes of the file
-/// at `offset` (in whatever buffer suits its I/O: an aligned one for `O_DIRECT`, say).
+/// BEP 3) would otherwise take the room of the window of pieces right after the next one. A
+/// piece read back from a file someone else may have written since it verified is checked
+/// again against the chaining value it verified with (BLAKE3, [`crate::check_piece`]): what
+/// is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`). Does
+/// no I/O itself: the caller's `read_at(offset, len)` returns the `len` bytes of the file at
+/// `offset` (in whatever buffer suits its I/O: an aligned one for `O_DIRECT`, say) and whether
+/// someone other than the caller could have changed them (`true` makes the check).
 #[derive(Debug)]
 pub struct OrderedSha256<B> {
     sha: Sha256Stream,
@@ -94,14 +96,15 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
     /// the chaining value `cv` it verified with. Hashes every piece whose turn has come.
     ///
     /// # Errors
-    /// What `read_at` returns; `InvalidData` when a piece read back no longer matches its
-    /// chaining value (the file changed after the piece verified).
+    /// What `read_at` returns; `InvalidData` when a piece read back from a file others could
+    /// change no longer matches its chaining value (the file changed after the piece
+    /// verified).
     pub fn add(
         &mut self,
         index: shoal_protocol::PieceIndex,
         bytes: Option<B>,
         cv: Option<crate::ChainingValue>,
-        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<B>,
+        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<(B, bool)>,
     ) -> std::io::Result<()> {
         if index != self.next {
             let ahead = u64::from(index.saturating_sub(self.next)) * self.piece_size;
@@ -128,7 +131,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
         &mut self,
         bytes: Option<B>,
         cv: Option<crate::ChainingValue>,
-        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<B>,
+        read_at: &mut impl FnMut(u64, usize) -> std::io::Result<(B, bool)>,
     ) -> std::io::Result<()> {
         let index = self.next;
         match bytes {
@@ -137,7 +140,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
                 let start = u64::from(index) * self.piece_size;
                 let len = self.length.saturating_sub(start).min(self.piece_size);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
-                let read = read_at(start, len)?;
+                let (read, shared) = read_at(start, len)?;
                 let piece = read.as_ref();
                 if piece.len() != len {
                     return Err(std::io::Error::new(
@@ -146,7 +149,7 @@ impl<B: AsRef<[u8]>> OrderedSha256<B> {
                     ));
                 }
                 self.read_back += 1;
-                if let Some(cv) = cv {
+                if let Some(cv) = cv.filter(|_| shared) {
                     crate::check_piece(index, start, piece, &cv).map_err(|e| {
                         std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
@@ -288,9 +291,10 @@ mod tests {
         let d = hash_reader(&file[..], file.len() as u64).unwrap();
         let cvs = d.layer.chaining_values().to_vec();
         let slice = |i: u32| piece_of(&file, piece, i);
-        let run = |disk: &[u8], hold: usize| {
+        let run = |disk: &[u8], hold: usize, shared: bool| {
             let mut sha = OrderedSha256::new(piece, file.len() as u64, hold);
-            let mut read_at = |at: u64, len: usize| Ok(disk[at as usize..][..len].to_vec());
+            let mut read_at =
+                |at: u64, len: usize| Ok((disk[at as usize..][..len].to_vec(), shared));
             // 4 and 2 early with bytes (held while they fit), 3 early without (read back),
             // then 0, 1 and the last.
             for (i, with) in [
@@ -307,21 +311,33 @@ mod tests {
             Ok::<_, std::io::Error>(sha.finish())
         };
         for hold in [0, piece as usize, 1 << 20] {
-            assert_eq!(run(&file, hold).unwrap(), Some(d.sha256), "hold {hold}");
+            assert_eq!(
+                run(&file, hold, true).unwrap(),
+                Some(d.sha256),
+                "hold {hold}"
+            );
         }
-        // Piece 3 changed on disk after it verified: refused, never hashed.
+        // Piece 3 changed on disk after it verified, in a file others can write: refused,
+        // never hashed.
         let mut changed = file.clone();
         changed[(3 * piece + 7) as usize] ^= 1;
-        let e = run(&changed, 1 << 20).unwrap_err();
+        let e = run(&changed, 1 << 20, true).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        // In a file only the caller writes it is not checked again: hashed as read, so the
+        // file's SHA-256 is that of the changed bytes, which the expected digest refuses.
+        let changed_sha = hash_reader(&changed[..], changed.len() as u64)
+            .unwrap()
+            .sha256;
+        assert_ne!(changed_sha, d.sha256);
+        assert_eq!(run(&changed, 1 << 20, false).unwrap(), Some(changed_sha));
         // A piece that never came: no digest.
         let mut sha = OrderedSha256::new(piece, file.len() as u64, 0);
-        let mut none = |_: u64, _: usize| Ok(Vec::new());
+        let mut none = |_: u64, _: usize| Ok((Vec::new(), true));
         sha.add(0, Some(slice(0)), None, &mut none).unwrap();
         assert_eq!(sha.finish(), None);
         // A read-back that comes short is an error, never hashed as the piece.
         let mut sha = OrderedSha256::new(piece, file.len() as u64, 0);
-        let mut short = |at: u64, len: usize| Ok(file[at as usize..][..len - 1].to_vec());
+        let mut short = |at: u64, len: usize| Ok((file[at as usize..][..len - 1].to_vec(), true));
         sha.add(1, Some(slice(1)), None, &mut short).unwrap();
         let e = sha.add(0, Some(slice(0)), None, &mut short).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
@@ -339,7 +355,7 @@ mod tests {
         let mut reads = Vec::new();
         let mut read_at = |at: u64, len: usize| {
             reads.push(at / piece);
-            Ok(file[at as usize..][..len].to_vec())
+            Ok((file[at as usize..][..len].to_vec(), true))
         };
         for i in [5, 1, 0, 3, 2, 4] {
             sha.add(i, Some(slice(i)), None, &mut read_at).unwrap();

@@ -380,9 +380,11 @@ fn forget(
 /// Hashes the file in order ([`shoal_validator::OrderedSha256`]). Pieces come with their
 /// bytes, or without (`None`: already in the file, kept from an earlier run); early pieces
 /// are held while they fit in [`SHA_HOLD_BYTES`], the rest read back from `file` when their
-/// turn comes and checked again against the chaining value they verified with (the owner of
-/// the file may write it meanwhile: what is hashed is what verified, or the file fails as a
-/// local error that bans nobody). `None` unless every piece arrived.
+/// turn comes. A piece read back from a file someone other than this process's user could
+/// write (the job's owner, when the daemon runs a user's job) is checked again against the
+/// chaining value it verified with: what is hashed is what verified, or the file fails as a
+/// local error that bans nobody. A file only this process's user can write is hashed as read
+/// (decision 0020); a change there makes the SHA-256 fail. `None` unless every piece arrived.
 pub(super) fn sha_in_order(
     file: &File,
     rx: std::sync::mpsc::Receiver<ShaPiece>,
@@ -391,7 +393,13 @@ pub(super) fn sha_in_order(
 ) -> Result<Option<Sha256Digest>, std::io::Error> {
     let mut sha = shoal_validator::OrderedSha256::new(piece_size, length, SHA_HOLD_BYTES);
     let mut back = ReadBack::new(file);
-    let mut read_at = |at: u64, len: usize| back.read(at, len);
+    // A piece read back is checked again against the chaining value it verified with only
+    // when someone other than this process's user could have written the file since
+    // (decision 0020): the job's owner, when the daemon runs the job for a user.
+    let mut read_at = |at: u64, len: usize| {
+        let bytes = back.read(at, len)?;
+        Ok((bytes, !crate::store::fsuser::only_ours(file)))
+    };
     let mut pieces = 0u32;
     for (index, bytes, cv) in rx {
         pieces += 1;
@@ -575,7 +583,13 @@ mod tests {
         };
         let file = File::open(&path).unwrap();
         assert_eq!(run(&file).unwrap(), Some(d.sha256));
-        // The owner writes into piece 2 after it verified: no SHA-256 is claimed for it.
+        // Someone writes into piece 2 after it verified, in a file others may write (a job's
+        // owner, for the daemon): the piece is checked again, no SHA-256 is claimed for it.
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod(0o664);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -584,6 +598,14 @@ mod tests {
             .unwrap();
         let e = run(&file).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        // In a file only this process's user can write, the piece is hashed as read (decision
+        // 0020): the SHA-256 is that of the changed file, which the expected digest refuses.
+        chmod(0o644);
+        let changed = shoal_validator::hash_reader(std::fs::File::open(&path).unwrap(), 3 * piece)
+            .unwrap()
+            .sha256;
+        assert_ne!(changed, d.sha256);
+        assert_eq!(run(&file).unwrap(), Some(changed));
     }
 
     #[test]

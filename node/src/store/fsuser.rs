@@ -101,6 +101,19 @@ pub(crate) fn open_regular(path: &Path, expect: Option<FileIdentity>) -> io::Res
     Ok(file)
 }
 
+/// Whether nobody but this process's effective user (and root) can change the bytes of `file`:
+/// that user owns it and neither its group nor others have write permission (a POSIX ACL that
+/// lets others write shows in the group bits, which are then the ACL's mask). `false` when
+/// `fstat` fails. Read again at each use: a `chmod` must bring back the checks it spares. See
+/// `docs/decisions/0020-serve-time-check-for-shared-files.md`.
+pub(crate) fn only_ours(file: &File) -> bool {
+    let Ok(m) = file.metadata() else {
+        return false;
+    };
+    // SAFETY: `geteuid` has no preconditions.
+    m.uid() == unsafe { libc::geteuid() } && m.mode() & 0o022 == 0
+}
+
 /// What the node knows of a file's place on disk, kept with the job in the state database.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct LocalIds {

@@ -14,7 +14,8 @@
 //! that verified (`Backing::Named`); a daemon running as root so never reads a path a user controls
 //! with root's rights. An entry without a layer (being assembled, see `docs/scheduling.md`) reports
 //! which pieces it fetches and which chaining values it computed from origin bytes, and serves only
-//! those pieces (its claims), each checked against the chaining value it computed (decision 0016).
+//! those pieces (its claims, decision 0016), under the same rule checked against the chaining
+//! value it computed.
 //! A SHA-256 maps to a content id only after this node computed that SHA-256 over the whole file
 //! itself.
 //!
@@ -45,7 +46,7 @@ use shoal_validator::{ChainingValue, ContentId, PieceLayer, Sha256Digest};
 
 use crate::{
     download::members::MemberView,
-    store::fsuser::{FileIdentity, as_owner, open_regular},
+    store::fsuser::{FileIdentity, as_owner, only_ours, open_regular},
 };
 
 /// Where an entry's bytes are read from to serve a peer.
@@ -93,19 +94,6 @@ impl Backing {
         file.read_exact_at(&mut buf, offset).ok()?;
         Some((crate::bufpool::into_bytes(buf), only_ours(file)))
     }
-}
-
-/// Whether nobody but this process's effective user (and root) can change the bytes of `file`:
-/// that user owns it and neither its group nor others have write permission (a POSIX ACL that
-/// lets others write shows in the group bits, which are then the ACL's mask). `false` when
-/// `fstat` fails. See `docs/decisions/0020-serve-time-check-for-shared-files.md`.
-fn only_ours(file: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(m) = file.metadata() else {
-        return false;
-    };
-    // SAFETY: `geteuid` has no preconditions.
-    m.uid() == unsafe { libc::geteuid() } && m.mode() & 0o022 == 0
 }
 
 /// One content this node holds or assembles.
@@ -583,14 +571,13 @@ impl ContentStore {
         }
     }
 
-    /// Reads verified piece `index` of `id` from disk (blocking) and, unless only this
+    /// Reads verified piece `index` of `id` from disk (blocking), or while `id` assembles its
+    /// layer a piece this node fetched from the origin itself (a claim), and, unless only this
     /// process's user can write the file ([`only_ours`]), checks it again against its chaining
-    /// value; while `id` assembles its layer, a piece this node fetched from the origin itself,
-    /// always checked against the chaining value it claims (its receivers cannot check it
-    /// before the whole file). `None` when the piece is not held, the file is no longer the one
-    /// that verified (a symlink, a FIFO or another file at its path), the read fails, or a
-    /// checked piece's bytes changed since they verified (the piece is then no longer
-    /// offered).
+    /// value (the layer's, or the one claimed). `None` when the piece is not held, the file is
+    /// no longer the one that verified (a symlink, a FIFO or another file at its path), the
+    /// read fails, or a checked piece's bytes changed since they verified (a verified piece is
+    /// then no longer offered).
     #[must_use]
     pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
         let claim = {
@@ -615,8 +602,8 @@ impl ContentStore {
         if let Some((path, backing, cv)) = claim {
             let range = id.piece_range(index)?;
             let len = usize::try_from(range.end - range.start).ok()?;
-            let (buf, _) = backing.read(&path, range.start, len)?;
-            if shoal_validator::piece_chaining_value(range.start, &buf) != cv {
+            let (buf, only_ours) = backing.read(&path, range.start, len)?;
+            if !only_ours && shoal_validator::piece_chaining_value(range.start, &buf) != cv {
                 tracing::warn!(%id, index, path = %path.display(), "a claimed piece changed on disk; not offered");
                 return None;
             }
@@ -750,9 +737,22 @@ mod tests {
             &bytes[16 * 1024..32 * 1024]
         );
         assert!(store.read_piece(&swarm, 0).is_none());
-        // A claim the bytes do not match is not served.
+        // A claim the bytes do not match (they changed since they were claimed) is not
+        // served from a file others can write (decision 0020)...
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod(0o664);
         store.add_claim(&swarm, &path, 2, [0; 32]);
         assert!(store.read_piece(&swarm, 2).is_none());
+        // ...and from one only this process's user writes, it is read as it is, unchecked
+        // (its receivers' checks cover it: decision 0016's bound on a lying member).
+        chmod(0o644);
+        assert_eq!(
+            store.read_piece(&swarm, 2).unwrap(),
+            &bytes[32 * 1024..48 * 1024]
+        );
         // Verified: the swarm is served from the verified content, every piece, under the
         // swarm id, and SHA-256 lookups find the verified content.
         store.insert(
