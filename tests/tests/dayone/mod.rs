@@ -77,6 +77,30 @@ async fn ctrl_c_on_an_embedded_get_cancels_the_job_and_leaves_no_partial_file() 
 }
 
 #[tokio::test]
+async fn a_get_whose_reader_went_away_still_completes_and_exits_cleanly() {
+    // A script that takes the line it wants and closes the pipe (`shoal get ... | head -1`):
+    // the lines after find no reader. Before, the first of them panicked the process
+    // ("failed printing to stdout") after the job completed, with status 101.
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let data = content(1 << 20, 163);
+    origin.put("small.bin", data.clone());
+    let sha = sha256_of(&data).to_string();
+    let mut child = get(
+        dir.path(),
+        "small.bin",
+        &origin.url("small.bin"),
+        &["--no-daemon", "--sha256", &sha],
+    );
+    drop(child.stdout.take());
+    let out = output(child).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("small.bin")).unwrap(), data);
+}
+
+#[tokio::test]
 async fn the_no_progress_timeout_counts_from_the_last_byte_even_while_connecting() {
     let dir = tempfile::tempdir().unwrap();
     // An origin that accepts connections and never answers: the job stays in Connecting (its

@@ -176,7 +176,7 @@ pub(crate) enum CacheCommand {
 }
 
 fn print_cache_entry(e: &pb::CacheEntry) {
-    println!(
+    outln!(
         "{} {:>14} {} {}{}",
         e.content_id,
         e.bytes,
@@ -210,7 +210,7 @@ pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
                         })
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "bytes": u.bytes,
@@ -221,9 +221,12 @@ pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
                 );
                 return Ok(());
             }
-            println!(
+            outln!(
                 "cache: {} files, {} of {} bytes ({} pinned)",
-                u.entries, u.bytes, u.limit, u.pinned_bytes
+                u.entries,
+                u.bytes,
+                u.limit,
+                u.pinned_bytes
             );
             for e in &r.entries {
                 print_cache_entry(e);
@@ -241,7 +244,7 @@ pub(crate) async fn cache(command: CacheCommand, socket: &Path) -> Result<()> {
                 .evict_cache(pb::EvictCacheRequest { key })
                 .await?
                 .into_inner();
-            print!("evicted ");
+            out!("evicted ");
             print_cache_entry(&e);
         }
     }
@@ -301,7 +304,7 @@ pub(crate) async fn bandwidth(a: BandwidthArgs, socket: &Path) -> Result<()> {
         }
     };
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "download_foreground_bytes_per_sec": b.download_foreground_bytes_per_sec,
@@ -338,7 +341,7 @@ pub(crate) async fn bandwidth(a: BandwidthArgs, socket: &Path) -> Result<()> {
             ),
         ),
     ] {
-        println!("{k:<32}: {v}");
+        outln!("{k:<32}: {v}");
     }
     Ok(())
 }
@@ -770,40 +773,44 @@ fn time_text(ms: u64) -> String {
 }
 
 fn print_info(j: &pb::Job) {
-    println!("job        {}", j.id);
-    println!("name       {}", j.display_name);
-    println!("state      {}", state_name(j.state));
-    println!("priority   {}", priority_name(j.priority));
-    println!("owner      {} ({})", user_name(j.owner), j.owner);
+    outln!("job        {}", j.id);
+    outln!("name       {}", j.display_name);
+    outln!("state      {}", state_name(j.state));
+    outln!("priority   {}", priority_name(j.priority));
+    outln!("owner      {} ({})", user_name(j.owner), j.owner);
     let kind = match pb::JobType::try_from(j.r#type) {
         Ok(pb::JobType::Upload) => "upload",
         Ok(pb::JobType::UploadReply) => "upload-reply",
         _ => "download",
     };
     if j.reply_file_name.is_empty() {
-        println!("type       {kind}");
+        outln!("type       {kind}");
     } else {
-        println!("type       {kind}, reply to {}", j.reply_file_name);
+        outln!("type       {kind}, reply to {}", j.reply_file_name);
     }
-    println!(
+    outln!(
         "progress   {}/{} bytes ({} from peers, {} from the origin)",
-        j.bytes_transferred, j.bytes_total, j.bytes_from_peers, j.bytes_from_origin
+        j.bytes_transferred,
+        j.bytes_total,
+        j.bytes_from_peers,
+        j.bytes_from_origin
     );
-    println!(
+    outln!(
         "sources    LAN peers {}, group peers {}, cache nodes {}; peer caching {:.1} %",
         j.bytes_from_lan_peers,
         j.bytes_from_group_peers,
         j.bytes_from_cache,
         j.percent_peer_caching
     );
-    println!(
+    outln!(
         "peers      {} pieces rejected, {} peers banned",
-        j.pieces_rejected, j.peers_banned
+        j.pieces_rejected,
+        j.peers_banned
     );
     if let Some(e) = &j.error {
-        println!("error      {}: {}", context_name(e.context), e.description);
+        outln!("error      {}: {}", context_name(e.context), e.description);
     }
-    println!(
+    outln!(
         "retry      {} s, no-progress timeout {} s, notify flags {:#x}{}",
         j.retry_delay_seconds,
         j.no_progress_timeout_seconds,
@@ -814,7 +821,7 @@ fn print_info(j: &pb::Job) {
             format!(", notify command {:?}", j.notify_cmdline)
         }
     );
-    println!(
+    outln!(
         "times      created {}, modified {}, transferred {}; {} s in Connecting/Transferring of at most {} s",
         time_text(j.created_ms),
         time_text(j.modified_ms),
@@ -854,11 +861,11 @@ fn print_info(j: &pb::Job) {
                 other => format!("proxy {other}"),
             });
         }
-        println!("http       {}", parts.join("; "));
+        outln!("http       {}", parts.join("; "));
     }
     for (i, f) in j.files.iter().enumerate() {
         let total = f.bytes_total.map_or("?".into(), |t| t.to_string());
-        println!(
+        outln!(
             "file {i}     {} -> {} {}/{} bytes (peers {}, origin {}){}",
             f.url,
             f.local_name,
@@ -890,7 +897,7 @@ async fn create(
         })
         .await?
         .into_inner();
-    println!("{}", j.id);
+    outln!("{}", j.id);
     Ok(())
 }
 
@@ -947,17 +954,22 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
                 .into_inner()
                 .jobs;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?
                 );
             } else {
-                println!(
+                outln!(
                     "{:<36}  {:<12}  {:<14}  {:<10}  {:>5}  {:>21}  NAME",
-                    "JOB", "OWNER", "STATE", "PRIORITY", "FILES", "BYTES"
+                    "JOB",
+                    "OWNER",
+                    "STATE",
+                    "PRIORITY",
+                    "FILES",
+                    "BYTES"
                 );
                 for j in &jobs {
-                    println!(
+                    outln!(
                         "{:<36}  {:<12}  {:<14}  {:<10}  {:>5}  {:>21}  {}",
                         j.id,
                         user_name(j.owner),
@@ -973,7 +985,7 @@ pub(crate) async fn job(cmd: JobCommand, socket: &Path) -> Result<()> {
         JobCommand::Info { job, json } => {
             let j = c.get_job(jr(job)).await?.into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&job_json(&j))?);
+                outln!("{}", serde_json::to_string_pretty(&job_json(&j))?);
             } else {
                 print_info(&j);
             }
@@ -1079,7 +1091,7 @@ async fn monitor(c: &mut ControlClient<Channel>, job: String) -> Result<()> {
             for b in &bars {
                 b.finish();
             }
-            println!("{job}: {}", state_name(state));
+            outln!("{job}: {}", state_name(state));
             return Ok(());
         }
         if state == pb::JobState::Error as i32 || state == pb::JobState::Cancelled as i32 {
@@ -1152,7 +1164,7 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
     let n = s.node.unwrap_or_default();
     let from_peers = n.bytes_from_lan_peers + n.bytes_from_group_peers + n.bytes_from_cache;
     if as_json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "peer_id": s.peer_id,
@@ -1242,10 +1254,10 @@ pub(crate) async fn status(socket: &Path, as_json: bool) -> Result<()> {
         ),
     ];
     for (k, v) in rows {
-        println!("{k:<32}: {v}");
+        outln!("{k:<32}: {v}");
     }
     for a in &s.listen_addrs {
-        println!("{:<32}: {a}", "ListenAddress");
+        outln!("{:<32}: {a}", "ListenAddress");
     }
     Ok(())
 }
@@ -1286,7 +1298,7 @@ pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
         })
         .collect();
     if as_json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "job": d.job.as_ref().map(job_json),
@@ -1305,10 +1317,10 @@ pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
         return Ok(());
     }
     for r in &d.reasons {
-        println!("- {r}");
+        outln!("- {r}");
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "mode {}{}, {} peers connected, DHT {}",
         d.peer_mode,
         if d.group.is_empty() {
@@ -1324,7 +1336,7 @@ pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
         }
     );
     for f in &d.files {
-        println!(
+        outln!(
             "file {}  {}: asked {} peers, {} found in the DHT",
             f.index,
             f.url,
@@ -1332,7 +1344,7 @@ pub(crate) async fn why(socket: &Path, job: &str, as_json: bool) -> Result<()> {
             f.dht_providers.len()
         );
         for a in &f.answers {
-            println!(
+            outln!(
                 "  {} ({}{}): {}/{} verified, {} fetching, {} claimed",
                 a.peer,
                 a.source,
@@ -1448,7 +1460,7 @@ pub(crate) async fn get_via_daemon(
             return Err(e.context(format!("job {job} cancelled in the daemon")));
         }
     };
-    println!(
+    outln!(
         "{} file(s), {} bytes in {:.1} s: {} from peers, {} from the origin; {} pieces rejected, {} peers banned",
         j.files.len(),
         j.bytes_transferred,
@@ -1459,7 +1471,7 @@ pub(crate) async fn get_via_daemon(
         j.peers_banned
     );
     for f in &j.files {
-        println!("{}", f.local_name);
+        outln!("{}", f.local_name);
     }
     Ok(())
 }

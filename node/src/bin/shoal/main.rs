@@ -20,8 +20,37 @@ use shoal_node::{
 };
 use tokio::sync::mpsc;
 
+/// `println!` that does not panic when stdout is gone: a reader that stopped reading (`shoal
+/// get ... | head -1`, a script that took the line it wanted) leaves the work done and the
+/// process ending as it would have; other write errors are reported on stderr.
+macro_rules! outln {
+    () => {
+        $crate::out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` with [`outln!`]'s handling of a closed stdout.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::out(format_args!($($arg)*))
+    };
+}
+
 mod jobcli;
 mod progress;
+
+/// Writes to stdout; a broken pipe is ignored, other errors go to stderr (see [`outln!`]).
+fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args)
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("shoal: cannot write to stdout: {e}");
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -296,12 +325,12 @@ fn hash(file: &Path) -> Result<()> {
     let d = shoal_validator::hash_reader(std::io::BufReader::new(f), len)
         .with_context(|| format!("cannot hash {}", file.display()))?;
     let id = d.content_id();
-    println!("blake3      {}", id.hash_hex());
-    println!("sha256      {}", d.sha256);
-    println!("length      {len}");
-    println!("piece size  {}", id.piece_size());
-    println!("pieces      {}", id.piece_count());
-    println!("content id  {id}");
+    outln!("blake3      {}", id.hash_hex());
+    outln!("sha256      {}", d.sha256);
+    outln!("length      {len}");
+    outln!("piece size  {}", id.piece_size());
+    outln!("pieces      {}", id.piece_count());
+    outln!("content id  {id}");
     Ok(())
 }
 
@@ -319,13 +348,13 @@ async fn seed(
         b = b.listen(listen);
     }
     let node = b.build().await?;
-    println!("peer id {}", node.peer_id());
+    outln!("peer id {}", node.peer_id());
     for a in node.listen_addrs().await {
-        println!("listening {a}");
+        outln!("listening {a}");
     }
     for f in &files {
         let id = node.seed(f).await?;
-        println!("{}  {}", id, f.display());
+        outln!("{}  {}", id, f.display());
     }
     tokio::signal::ctrl_c().await?;
     node.shutdown().await;
@@ -548,7 +577,7 @@ async fn get(args: GetArgs) -> Result<()> {
         node.shutdown().await;
         bail!("{reason}; the job was cancelled and its partial files removed");
     }
-    println!(
+    outln!(
         "{} file(s), {} bytes in {:.1} s: {} from peers, {} from the origin; {} pieces rejected, {} peers banned",
         info.files.len(),
         info.bytes_transferred(),
@@ -559,11 +588,11 @@ async fn get(args: GetArgs) -> Result<()> {
         info.peer_stats.peers_banned
     );
     for f in &info.files {
-        println!("{}", f.local_name.display());
+        outln!("{}", f.local_name.display());
     }
     if args.seed_for > 0 {
         for a in node.listen_addrs().await {
-            println!("seeding on {a}");
+            outln!("seeding on {a}");
         }
         tokio::time::sleep(Duration::from_secs(args.seed_for)).await;
     }
