@@ -419,16 +419,26 @@ pub struct LayerRequest {
     /// Accept a partial layer (the peer's claimed chaining values) when the peer holds no
     /// verified one.
     pub partial: bool,
+    /// With `partial`: only the chaining values of these pieces (one bit per piece of the
+    /// content), the ones the requester lacks; `None`: every value the peer can tell. A
+    /// gathering round so carries each value about once rather than the whole partial layer
+    /// (up to 36 bytes per piece) every round.
+    pub want: Option<Bitfield>,
 }
 
 impl Message for LayerRequest {
     const NAME: &'static str = "LayerRequest";
-    const MAX_LEN_BYTES: usize = ENVELOPE_BYTES;
+    const MAX_LEN_BYTES: usize = MAX_PIECES.div_ceil(8) as usize + ENVELOPE_BYTES;
 
     fn encode(&self) -> Vec<u8> {
         proto::LayerRequest {
             content_id: Some(cid_to_proto(&self.content_id)),
             partial: self.partial,
+            want: self
+                .want
+                .as_ref()
+                .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+                .unwrap_or_default(),
         }
         .encode_to_vec()
     }
@@ -436,9 +446,19 @@ impl Message for LayerRequest {
     fn decode(body: Bytes) -> Result<Self, DecodeError> {
         check_len::<Self>(&body)?;
         let msg = proto::LayerRequest::decode(body).map_err(malformed(Self::NAME))?;
+        let content_id = cid_from_proto(msg.content_id, Self::NAME)?;
+        let want = if msg.want.is_empty() {
+            None
+        } else {
+            Some(
+                Bitfield::from_bytes(&msg.want, content_id.piece_count())
+                    .ok_or_else(|| invalid(Self::NAME, "want"))?,
+            )
+        };
         Ok(Self {
-            content_id: cid_from_proto(msg.content_id, Self::NAME)?,
+            content_id,
             partial: msg.partial,
+            want,
         })
     }
 }
@@ -707,6 +727,14 @@ mod tests {
         round_trip(&LayerRequest {
             content_id: id(1),
             partial: true,
+            want: None,
+        });
+        let mut want = Bitfield::new(id(40_000).piece_count());
+        want.set(1);
+        round_trip(&LayerRequest {
+            content_id: id(40_000),
+            partial: true,
+            want: Some(want),
         });
         round_trip(&LayerResponse::NotFound);
         round_trip(&Ack);
@@ -756,6 +784,11 @@ mod tests {
             key: HaveKey::Blake3([1; 32]),
             origin_url: Some("x".repeat(MAX_ORIGIN_URL_BYTES)),
         });
+        round_trip(&LayerRequest {
+            content_id: big,
+            partial: true,
+            want: Some(Bitfield::full(big.piece_count())),
+        });
         round_trip(&LayerResponse::Full(vec![
             [3; 32];
             big.piece_count() as usize
@@ -796,6 +829,19 @@ mod tests {
         assert_eq!(
             HaveResponse::decode(body),
             Err(invalid("HaveResponse", "content_id.blake3"))
+        );
+        // A `want` bitfield of the wrong length.
+        let body = Bytes::from(
+            proto::LayerRequest {
+                content_id: Some(cid_to_proto(&id(40_000))),
+                partial: true,
+                want: Bytes::from_static(&[0xff; 2]),
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            LayerRequest::decode(body),
+            Err(invalid("LayerRequest", "want"))
         );
         // A fetching bitfield of the wrong length.
         let body = Bytes::from(

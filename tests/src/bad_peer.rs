@@ -262,6 +262,7 @@ async fn run(
                                 LayerRequest {
                                     content_id: content.id,
                                     partial: false,
+                                    want: None,
                                 },
                             );
                         }
@@ -336,6 +337,7 @@ async fn run(
                             LayerRequest {
                                 content_id: content.id,
                                 partial: false,
+                                want: None,
                             },
                         );
                     }

@@ -74,7 +74,7 @@ pub(super) async fn assemble(
     full_from: Vec<PeerId>,
 ) -> Assembled {
     for peer in full_from {
-        if let Ok(LayerResponse::Full(cvs)) = env.swarm.layer(peer, id, false).await {
+        if let Ok(LayerResponse::Full(cvs)) = env.swarm.layer(peer, id, None).await {
             match PieceLayer::verify(id, cvs) {
                 Ok(l) => return Assembled::Layer(l),
                 Err(e) => {
@@ -93,10 +93,18 @@ pub(super) async fn assemble(
     let mut cvs = known;
     let mut learned = Vec::new();
     for (peer, bits) in claims {
-        if bits.ones().all(|i| cvs[i as usize].is_some()) {
+        // Only the values this peer can tell and this node still lacks.
+        let mut want = Bitfield::new(id.piece_count());
+        for i in bits
+            .ones()
+            .filter(|&i| cvs.get(i as usize).is_some_and(Option::is_none))
+        {
+            want.set(i);
+        }
+        if want.count_ones() == 0 {
             continue;
         }
-        match env.swarm.layer(peer, id, true).await {
+        match env.swarm.layer(peer, id, Some(want)).await {
             Ok(LayerResponse::Partial(entries)) => {
                 // Only the values the peer said it can tell: one made-up answer does not
                 // fill the whole layer.

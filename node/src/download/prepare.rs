@@ -176,7 +176,7 @@ pub(super) async fn layer_of_peers(
             break;
         }
         let asks = batch.iter().map(|peer| async move {
-            let got = tokio::time::timeout(LAYER_WAIT, env.swarm.layer(*peer, id, false)).await;
+            let got = tokio::time::timeout(LAYER_WAIT, env.swarm.layer(*peer, id, None)).await;
             (*peer, got)
         });
         for (peer, got) in futures::future::join_all(asks).await {

@@ -551,9 +551,15 @@ impl ContentStore {
     }
 
     /// The answer to a layer request: the verified layer; or, with `partial` and while
-    /// assembling, the chaining values this node computed from origin bytes.
+    /// assembling, the chaining values this node computed from origin bytes and those it
+    /// relays, of the pieces in `want` only when given (the ones the requester lacks).
     #[must_use]
-    pub(crate) fn layer_response(&self, id: &ContentId, partial: bool) -> LayerResponse {
+    pub(crate) fn layer_response(
+        &self,
+        id: &ContentId,
+        partial: bool,
+        want: Option<&Bitfield>,
+    ) -> LayerResponse {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         match inner.by_id.get(id) {
             Some(Entry { layer: Some(l), .. }) => LayerResponse::Full(l.chaining_values().to_vec()),
@@ -563,6 +569,7 @@ impl ContentStore {
                         .iter()
                         .zip(&e.relayed)
                         .enumerate()
+                        .filter(|(i, _)| want.is_none_or(|w| w.get(*i as u32)))
                         .filter_map(|(i, (c, r))| c.or(*r).map(|c| (i as u32, c)))
                         .collect(),
                 )
@@ -664,8 +671,16 @@ mod tests {
         assert_eq!(h.chaining.ones().collect::<Vec<_>>(), vec![0, 2]);
         // Own claims win over relayed values of the same piece.
         assert_eq!(
-            store.layer_response(&id, true),
+            store.layer_response(&id, true, None),
             LayerResponse::Partial(vec![(0, [1; 32]), (2, [3; 32])])
+        );
+        // Asked for some pieces only (those the requester lacks): only those it can tell.
+        let mut want = Bitfield::new(4);
+        want.set(2);
+        want.set(3);
+        assert_eq!(
+            store.layer_response(&id, true, Some(&want)),
+            LayerResponse::Partial(vec![(2, [3; 32])])
         );
         // A failed assembly forgets the relayed values.
         store.set_relayed(&id, &path, &[]);

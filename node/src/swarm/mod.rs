@@ -631,8 +631,9 @@ impl Handle {
         self.request(peer, |tx| OutRequest::Have(request, tx)).await
     }
 
-    /// Asks `peer` for the piece layer of `id`; with `partial`, for the chaining values it
-    /// computed from origin bytes when it has no verified layer.
+    /// Asks `peer` for the piece layer of `id`; with `partial`, also for the chaining values
+    /// it can tell when it has no verified layer (its claims and what it relays), of the
+    /// pieces set in that bitfield only.
     ///
     /// # Errors
     /// [`RequestError`] when the request fails.
@@ -640,13 +641,14 @@ impl Handle {
         &self,
         peer: PeerId,
         id: ContentId,
-        partial: bool,
+        partial: Option<shoal_protocol::Bitfield>,
     ) -> Result<LayerResponse, RequestError> {
         self.request(peer, |tx| {
             OutRequest::Layer(
                 LayerRequest {
                     content_id: id,
-                    partial,
+                    partial: partial.is_some(),
+                    want: partial,
                 },
                 tx,
             )
@@ -1797,7 +1799,7 @@ impl EventLoop {
         );
         tokio::spawn(async move {
             let layer = tokio::task::spawn_blocking(move || {
-                store.layer_response(&request.content_id, request.partial)
+                store.layer_response(&request.content_id, request.partial, request.want.as_ref())
             })
             .await
             .unwrap_or(LayerResponse::NotFound);
