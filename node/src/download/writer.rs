@@ -15,6 +15,16 @@ pub(super) enum ToWriter {
     Forget(Vec<PieceIndex>),
 }
 
+impl ToWriter {
+    /// The piece bytes this message holds (0 for the others).
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Piece(_, _, b) => b.len(),
+            Self::Layer(_) | Self::Forget(_) => 0,
+        }
+    }
+}
+
 pub(super) struct Writer {
     pub(super) tx: mpsc::Sender<ToWriter>,
     pub(super) thread: std::thread::JoinHandle<Result<WriterEnd, std::io::Error>>,
@@ -158,6 +168,13 @@ impl Checkpointing {
 
 /// Pieces the writer takes from its queue before it flushes and records them.
 pub(super) const CHECKPOINT_BATCH: usize = 64;
+/// Bytes of pieces the writer takes from its queue before it flushes and records them: the
+/// queue holds [`VERIFY_QUEUE`] pieces, but its senders refill it while the writer drains it,
+/// so a batch bounded by count alone held up to 64 pieces (64 MiB of 1 MiB pieces) when the
+/// writer fell behind the network: an origin-only download of 1 GiB peaked at 55-78 MiB
+/// resident, 43-47 MiB with this bound (`docs/benchmarks.md`, session 24). Four 1 MiB pieces
+/// still share one flush.
+pub(super) const CHECKPOINT_BATCH_BYTES: usize = 4 << 20;
 
 /// Starts the writer thread. With `sha256` it also runs the SHA-256 thread, which hashes
 /// every piece written, in file order; without, the file's SHA-256 is not computed.
@@ -191,13 +208,7 @@ pub(super) fn spawn_writer(
         // layer, when it comes, names the peer of each that fails.
         let mut unverified: HashMap<PieceIndex, PeerId> = HashMap::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < CHECKPOINT_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
+            let batch = take_batch(first, &mut rx);
             let mut wrote = false;
             let mut dropped = false;
             for msg in batch {
@@ -305,6 +316,24 @@ pub(super) fn spawn_writer(
         })
     });
     Writer { tx, thread }
+}
+
+/// `first` and what else waits in `rx`, up to [`CHECKPOINT_BATCH`] messages and
+/// [`CHECKPOINT_BATCH_BYTES`] of piece bytes (the piece that crosses it is the last one
+/// taken): the messages the writer handles before one flush and checkpoint.
+fn take_batch(first: ToWriter, rx: &mut mpsc::Receiver<ToWriter>) -> Vec<ToWriter> {
+    let mut bytes = first.bytes();
+    let mut batch = vec![first];
+    while batch.len() < CHECKPOINT_BATCH && bytes < CHECKPOINT_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(next) => {
+                bytes += next.bytes();
+                batch.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// The SHA-256 thread's queue and handle.
@@ -559,6 +588,35 @@ pub(super) fn recheck(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_batch_holds_at_most_four_mib_of_pieces_however_fast_they_come() {
+        let piece =
+            |i: u32, len: usize| ToWriter::Piece(i, Source::Origin, Bytes::from(vec![0; len]));
+        let (tx, mut rx) = mpsc::channel(256);
+        // 1 MiB pieces waiting (the senders refill the queue as the writer drains it):
+        // four go into one batch, not 64 (64 MiB).
+        for i in 1..20 {
+            tx.try_send(piece(i, 1 << 20)).unwrap();
+        }
+        let batch = take_batch(piece(0, 1 << 20), &mut rx);
+        assert_eq!(batch.len(), 4);
+        assert_eq!(batch.iter().map(ToWriter::bytes).sum::<usize>(), 4 << 20);
+        // Small pieces still share one flush, up to 64 of them.
+        let (tx, mut rx) = mpsc::channel(256);
+        for i in 1..100 {
+            tx.try_send(piece(i, 16 * 1024)).unwrap();
+        }
+        tx.try_send(ToWriter::Forget(vec![1])).unwrap();
+        assert_eq!(
+            take_batch(piece(0, 16 * 1024), &mut rx).len(),
+            CHECKPOINT_BATCH
+        );
+        // What waits is all there is: no waiting for more.
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.try_send(piece(1, 1 << 20)).unwrap();
+        assert_eq!(take_batch(piece(0, 1 << 20), &mut rx).len(), 2);
+    }
 
     #[test]
     fn pieces_read_back_for_the_sha256_must_still_be_the_verified_ones() {
