@@ -77,7 +77,8 @@ pub use download::sim;
 
 /// Shoal's peer protocols on the wire, for tools that speak them (the hostile-input kit in
 /// `tests/`): the libp2p request-response codec over `shoal-protocol`'s messages, with each
-/// message type's size limit.
+/// message type's size limit, and the framing and exchange of the piece streams.
 pub mod wire {
-    pub use crate::swarm::Codec;
+    pub use crate::swarm::pieces::exchange;
+    pub use crate::swarm::{Codec, read_message, write_message};
 }

@@ -42,5 +42,8 @@ pub const LAYER_PROTOCOL: &str = "/shoal/layer/1.0.0";
 /// ([`HaveResponse`] as the request, [`Ack`] as the response) to the peers fetching the same
 /// content when it starts fetching pieces from the origin.
 pub const ANNOUNCE_PROTOCOL: &str = "/shoal/announce/1.0.0";
-/// The protocol name of the piece fetch.
-pub const PIECE_PROTOCOL: &str = "/shoal/piece/1.0.0";
+/// The protocol name of the piece fetch: a long-lived stream that carries one
+/// [`PieceRequest`] and then its [`PieceResponse`], each framed like every message (varint
+/// length, then the body), then the next request, and so on (`docs/protocol.md`). Version 1
+/// was request-response, one stream per piece.
+pub const PIECE_PROTOCOL: &str = "/shoal/piece/2.0.0";

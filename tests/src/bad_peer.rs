@@ -1,8 +1,9 @@
-//! [`BadPeer`]: a hostile peer built on Shoal's public wire codecs (`shoal_node::wire::Codec`
-//! over `shoal_protocol`'s messages), for the tests of what one remote peer can and cannot do
-//! to a node (`docs/security.md`). It is a libp2p swarm of its own (TCP, noise, yamux) that
-//! speaks the have, layer, piece and announce protocols and misbehaves as its
-//! [`Misbehaviour`] says. It listens on 127.0.0.1 only.
+//! [`BadPeer`]: a hostile peer built on Shoal's public wire codecs (`shoal_node::wire`: the
+//! request-response codec and the piece streams' framing over `shoal_protocol`'s messages),
+//! for the tests of what one remote peer can and cannot do to a node (`docs/security.md`). It
+//! is a libp2p swarm of its own (TCP, noise, yamux) that speaks the have, layer, piece and
+//! announce protocols and misbehaves as its [`Misbehaviour`] says. It listens on 127.0.0.1
+//! only.
 
 use std::{
     collections::HashSet,
@@ -21,7 +22,7 @@ use libp2p::{
     swarm::{NetworkBehaviour, SwarmEvent},
     tcp, yamux,
 };
-use shoal_node::wire::Codec;
+use shoal_node::wire::{Codec, read_message, write_message};
 use shoal_protocol::{
     Ack, Bitfield, HaveKey, HaveRequest, HaveResponse, Holding, LayerRequest, LayerResponse,
     Member, PieceRequest, PieceResponse,
@@ -66,7 +67,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     have: request_response::Behaviour<Codec<HaveRequest, HaveResponse>>,
     layer: request_response::Behaviour<Codec<LayerRequest, LayerResponse>>,
-    piece: request_response::Behaviour<Codec<PieceRequest, PieceResponse>>,
+    stream: libp2p_stream::Behaviour,
     announce: request_response::Behaviour<Codec<HaveResponse, Ack>>,
 }
 
@@ -173,7 +174,7 @@ impl BadPeer {
                 )),
                 have: rr(shoal_protocol::HAVE_PROTOCOL),
                 layer: rr(shoal_protocol::LAYER_PROTOCOL),
-                piece: rr(shoal_protocol::PIECE_PROTOCOL),
+                stream: libp2p_stream::Behaviour::new(),
                 announce: rr(shoal_protocol::ANNOUNCE_PROTOCOL),
             })
             .expect("behaviour")
@@ -190,7 +191,16 @@ impl BadPeer {
         let peer_id = *swarm.local_peer_id();
         let stats = Arc::new(BadPeerStats::default());
         let s = stats.clone();
-        let task = tokio::spawn(run(swarm, mode, contents, s));
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control
+            .accept(StreamProtocol::new(shoal_protocol::PIECE_PROTOCOL))
+            .expect("piece streams accepted once");
+        let contents = Arc::new(contents);
+        let pieces = tokio::spawn(serve_pieces(incoming, mode, contents.clone(), s.clone()));
+        let task = tokio::spawn(async move {
+            run(swarm, control, mode, contents, s).await;
+            pieces.abort();
+        });
         Self {
             peer_id,
             addr: addr.with(libp2p::multiaddr::Protocol::P2p(peer_id)),
@@ -219,40 +229,130 @@ where
     )
 }
 
+/// The content of `contents` with content id `id` (or swarm id, for a swarm liar).
+fn find<'a>(contents: &'a [Content], mode: Misbehaviour, id: &ContentId) -> Option<&'a Content> {
+    contents
+        .iter()
+        .find(|c| c.id == *id || (matches!(mode, Misbehaviour::SwarmLiar) && c.swarm == *id))
+}
+
+/// The bad peer's answer to a piece request.
+fn answer_piece(mode: Misbehaviour, contents: &[Content], request: &PieceRequest) -> PieceResponse {
+    let piece = find(contents, mode, &request.content_id).and_then(|c| c.piece(request.index));
+    match (mode, piece) {
+        (Misbehaviour::AlwaysBusy, _) => PieceResponse::Busy,
+        (
+            Misbehaviour::ClaimAllTellNothing
+            | Misbehaviour::MemberFlood
+            | Misbehaviour::HoldSlots(_)
+            | Misbehaviour::LayerFlood(_),
+            _,
+        )
+        | (_, None) => PieceResponse::NotFound,
+        (Misbehaviour::FalseHave, Some(_)) if request.index % 2 == 1 => PieceResponse::NotFound,
+        (Misbehaviour::FlipBytes | Misbehaviour::SwarmLiar, Some(b)) => {
+            let mut v = b.to_vec();
+            if let Some(x) = v.first_mut() {
+                *x ^= 0x01;
+            }
+            PieceResponse::Data(Bytes::from(v))
+        }
+        (_, Some(b)) => PieceResponse::Data(b),
+    }
+}
+
+/// Answers the piece streams peers open, each in a task of its own.
+async fn serve_pieces(
+    mut incoming: libp2p_stream::IncomingStreams,
+    mode: Misbehaviour,
+    contents: Arc<Vec<Content>>,
+    stats: Arc<BadPeerStats>,
+) {
+    while let Some((_, mut stream)) = incoming.next().await {
+        let (contents, stats) = (contents.clone(), stats.clone());
+        tokio::spawn(async move {
+            while let Ok(request) = read_message::<PieceRequest, _>(&mut stream).await {
+                stats.answers.fetch_add(1, Ordering::SeqCst);
+                let answer = answer_piece(mode, &contents, &request);
+                if write_message(&mut stream, &answer).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Keeps one piece request in flight on a stream of its own to `peer`, asking again as each
+/// is answered, from piece `first` on (every `stride`-th piece), until the stream fails.
+async fn hold_slot(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    content: ContentId,
+    first: u32,
+    stride: u32,
+    stats: Arc<BadPeerStats>,
+) {
+    let Ok(mut stream) = control
+        .open_stream(peer, StreamProtocol::new(shoal_protocol::PIECE_PROTOCOL))
+        .await
+    else {
+        return;
+    };
+    let n = content.piece_count().max(1);
+    let mut index = first;
+    loop {
+        let request = PieceRequest {
+            content_id: content,
+            index: index % n,
+        };
+        index = index.wrapping_add(stride);
+        let Ok(response) = shoal_node::wire::exchange(&mut stream, &request).await else {
+            return;
+        };
+        stats.responses.fetch_add(1, Ordering::SeqCst);
+        match response {
+            PieceResponse::Data(b) => {
+                stats
+                    .received_bytes
+                    .fetch_add(b.len() as u64, Ordering::SeqCst);
+            }
+            _ => {
+                stats.refused.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 async fn run(
     mut swarm: libp2p::Swarm<Behaviour>,
+    control: libp2p_stream::Control,
     mode: Misbehaviour,
-    contents: Vec<Content>,
+    contents: Arc<Vec<Content>>,
     stats: Arc<BadPeerStats>,
 ) {
     let me = *swarm.local_peer_id();
     let content = &contents[0];
-    let find = |id: &ContentId| {
-        contents
-            .iter()
-            .find(|c| c.id == *id || (matches!(mode, Misbehaviour::SwarmLiar) && c.swarm == *id))
-    };
-    let n = content.id.piece_count();
-    let mut next_index = 0u32;
+    let find = |id: &ContentId| find(&contents, mode, id);
+    let mut holders: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut connected: HashSet<PeerId> = HashSet::new();
     loop {
         let Some(event) = swarm.next().await else {
-            return;
+            break;
         };
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, .. } if connected.insert(peer_id) => {
                 match mode {
                     Misbehaviour::HoldSlots(k) => {
-                        for _ in 0..k {
-                            let index = next_index % n;
-                            next_index += 1;
-                            swarm.behaviour_mut().piece.send_request(
-                                &peer_id,
-                                PieceRequest {
-                                    content_id: content.id,
-                                    index,
-                                },
-                            );
+                        let k = u32::try_from(k).unwrap_or(u32::MAX);
+                        for first in 0..k {
+                            holders.push(tokio::spawn(hold_slot(
+                                control.clone(),
+                                peer_id,
+                                content.id,
+                                first,
+                                k,
+                                stats.clone(),
+                            )));
                         }
                     }
                     Misbehaviour::LayerFlood(k) => {
@@ -343,65 +443,6 @@ async fn run(
                     }
                 }
             },
-            SwarmEvent::Behaviour(BehaviourEvent::Piece(request_response::Event::Message {
-                peer,
-                message,
-                ..
-            })) => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    stats.answers.fetch_add(1, Ordering::SeqCst);
-                    let piece = find(&request.content_id).and_then(|c| c.piece(request.index));
-                    let answer = match (mode, piece) {
-                        (Misbehaviour::AlwaysBusy, _) => PieceResponse::Busy,
-                        (
-                            Misbehaviour::ClaimAllTellNothing
-                            | Misbehaviour::MemberFlood
-                            | Misbehaviour::HoldSlots(_)
-                            | Misbehaviour::LayerFlood(_),
-                            _,
-                        )
-                        | (_, None) => PieceResponse::NotFound,
-                        (Misbehaviour::FalseHave, Some(_)) if request.index % 2 == 1 => {
-                            PieceResponse::NotFound
-                        }
-                        (Misbehaviour::FlipBytes | Misbehaviour::SwarmLiar, Some(b)) => {
-                            let mut v = b.to_vec();
-                            if let Some(x) = v.first_mut() {
-                                *x ^= 0x01;
-                            }
-                            PieceResponse::Data(Bytes::from(v))
-                        }
-                        (_, Some(b)) => PieceResponse::Data(b),
-                    };
-                    let _ = swarm.behaviour_mut().piece.send_response(channel, answer);
-                }
-                request_response::Message::Response { response, .. } => {
-                    stats.responses.fetch_add(1, Ordering::SeqCst);
-                    match response {
-                        PieceResponse::Data(b) => {
-                            stats
-                                .received_bytes
-                                .fetch_add(b.len() as u64, Ordering::SeqCst);
-                        }
-                        _ => {
-                            stats.refused.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    if matches!(mode, Misbehaviour::HoldSlots(_)) && connected.contains(&peer) {
-                        let index = next_index % n;
-                        next_index += 1;
-                        swarm.behaviour_mut().piece.send_request(
-                            &peer,
-                            PieceRequest {
-                                content_id: content.id,
-                                index,
-                            },
-                        );
-                    }
-                }
-            },
             SwarmEvent::Behaviour(BehaviourEvent::Announce(request_response::Event::Message {
                 message: request_response::Message::Request { channel, .. },
                 ..
@@ -410,6 +451,9 @@ async fn run(
             }
             _ => {}
         }
+    }
+    for h in holders {
+        h.abort();
     }
 }
 

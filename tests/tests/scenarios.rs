@@ -887,6 +887,43 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
 }
 
 #[tokio::test]
+async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    // 4 MiB in 16 KiB pieces: 256 piece requests, all to the one seed.
+    let data = content(4 << 20, 17);
+    origin.put("f.bin", data.clone());
+    let path = dir.path().join("seed.bin");
+    std::fs::write(&path, &data).unwrap();
+    let seed = test_node(&[]).await;
+    seed.seed(&path).await.unwrap();
+    let node = test_node(std::slice::from_ref(&seed)).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let job = start_job(
+        &node,
+        spec(origin.url("f.bin"), &dest, blake3_only(&data)),
+        &rec,
+    )
+    .await;
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).await.unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
+    assert_eq!(origin.state.bytes_served.load(Ordering::SeqCst), 0);
+    let served = seed.upload_stats();
+    assert!(served.pieces >= 256, "{served:?}");
+    // One stream per request would be 256 streams; a leecher's pipeline to one peer is at
+    // most 16 deep, and the streams carry one request after another.
+    assert!(
+        served.streams >= 1 && served.streams <= 32,
+        "piece streams opened: {served:?}"
+    );
+    node.shutdown().await;
+    seed.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;

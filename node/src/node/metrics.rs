@@ -84,6 +84,12 @@ impl Collector for NodeCollector {
                 uploads.busy,
             ),
             (
+                "shoal_upload_streams",
+                "Piece streams peers opened to this node (each carries many piece requests)",
+                None,
+                uploads.streams,
+            ),
+            (
                 "shoal_pieces_rejected",
                 "Pieces that failed verification and were discarded",
                 None,

@@ -4,13 +4,15 @@
 //! cloneable [`Handle`] whose methods send a command over a bounded channel and await the
 //! answer on a oneshot. Inbound requests are answered from the [`ContentStore`] by short-lived
 //! tasks (disk reads never run on the loop), at most [`Config::max_concurrent_uploads`] at once;
-//! beyond that a piece request is answered Busy.
+//! beyond that a piece request is answered Busy. Pieces travel on long-lived streams that
+//! bypass the loop ([`pieces`]).
 
 pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
 pub(crate) mod lan;
 pub(crate) mod mux;
+pub(crate) mod pieces;
 pub(crate) mod tls;
 
 use std::{
@@ -25,19 +27,17 @@ use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, identify, identity, kad, noise, ping,
-    request_response::{
-        self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel,
-    },
+    request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
     tcp,
 };
 use shoal_protocol::{
     ANNOUNCE_PROTOCOL, Ack, HAVE_PROTOCOL, HaveKey, HaveRequest, HaveResponse, Holding,
-    LAYER_PROTOCOL, LayerRequest, LayerResponse, Message, PIECE_PROTOCOL, PieceRequest,
-    PieceResponse, frame::LengthPrefix,
+    LAYER_PROTOCOL, LayerRequest, LayerResponse, Message, PieceRequest, PieceResponse,
+    frame::LengthPrefix,
 };
 use shoal_validator::ContentId;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -80,7 +80,13 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-async fn read_message<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
+/// Reads one framed message (varint length, then the protobuf body), refusing a length over
+/// the type's limit ([`Message::MAX_LEN_BYTES`]) before reading the body.
+///
+/// # Errors
+/// The stream's I/O error (`UnexpectedEof` when it ends early); `InvalidData` for a length
+/// over the limit or a body that does not decode.
+pub async fn read_message<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
     read_message_within(io, M::MAX_LEN_BYTES).await
 }
 
@@ -133,7 +139,11 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T, len: usize) -> io::R
     Ok(crate::bufpool::into_bytes(buf).slice(start..start + len))
 }
 
-async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
+/// Writes one framed message (varint length, then the protobuf body) and flushes.
+///
+/// # Errors
+/// The stream's I/O error.
+pub async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     msg: &M,
 ) -> io::Result<()> {
@@ -191,20 +201,19 @@ where
 
 type HaveBehaviour = request_response::Behaviour<Codec<HaveRequest, HaveResponse>>;
 type LayerBehaviour = request_response::Behaviour<Codec<LayerRequest, LayerResponse>>;
-type PieceBehaviour = request_response::Behaviour<Codec<PieceRequest, PieceResponse>>;
 type AnnounceBehaviour = request_response::Behaviour<Codec<HaveResponse, Ack>>;
 
 mod behaviour {
     #![allow(missing_docs)]
 
     use super::{
-        AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, PieceBehaviour, Toggle,
-        identify, kad, ping,
+        AnnounceBehaviour, HaveBehaviour, LayerBehaviour, NetworkBehaviour, Toggle, identify, kad,
+        ping,
     };
     use crate::swarm::dialscope::ScopedDial;
 
     /// Shoal's network behaviour: identify, ping, the optional Kademlia DHT, and the peer
-    /// protocols. The addresses identify and Kademlia offer for an outgoing connection were
+    /// protocols (pieces on long-lived streams, `stream`). The addresses identify and Kademlia offer for an outgoing connection were
     /// stated by peers: they are dialed only in the open scopes (`dialscope`). (mDNS runs
     /// beside the swarm, `lan`.)
     #[derive(NetworkBehaviour)]
@@ -214,7 +223,7 @@ mod behaviour {
         pub(super) kad: Toggle<ScopedDial<kad::Behaviour<kad::store::MemoryStore>>>,
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
-        pub(super) piece: PieceBehaviour,
+        pub(super) stream: libp2p_stream::Behaviour,
         pub(super) announce: AnnounceBehaviour,
     }
 }
@@ -361,6 +370,17 @@ pub(crate) enum RequestError {
         /// What libp2p reported, kept as its type.
         error: request_response::OutboundFailure,
     },
+    /// A piece exchange on a piece stream failed: the stream could not be opened, the
+    /// request timed out ([`Config::piece_timeout`], `TimedOut`), the stream broke, or the
+    /// codec refused the response (`InvalidData`: longer than the piece, or not a piece
+    /// response).
+    #[error("piece request to {peer} failed: {error}")]
+    Stream {
+        /// The peer.
+        peer: PeerId,
+        /// What failed.
+        error: io::Error,
+    },
     /// The swarm has shut down.
     #[error("the swarm has shut down")]
     Shutdown,
@@ -377,10 +397,6 @@ enum OutRequest {
         LayerRequest,
         oneshot::Sender<Result<LayerResponse, RequestError>>,
     ),
-    Piece(
-        PieceRequest,
-        oneshot::Sender<Result<PieceResponse, RequestError>>,
-    ),
 }
 
 /// A command to the event loop.
@@ -393,18 +409,12 @@ enum Command {
     DhtStatus(oneshot::Sender<DhtStatus>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    RespondPiece(
-        InboundRequestId,
-        ResponseChannel<PieceResponse>,
-        PieceResponse,
-        OwnedSemaphorePermit,
-        PeerId,
-    ),
+    /// Dials the peer (as a request to it would) unless it is connected, then answers.
+    Connect(PeerId, oneshot::Sender<()>),
     RespondLayer(
         ResponseChannel<LayerResponse>,
         LayerResponse,
-        OwnedSemaphorePermit,
-        PeerId,
+        pieces::UploadSlot,
     ),
 }
 
@@ -420,14 +430,18 @@ pub struct UploadStats {
     pub busy: u64,
     /// The most peers served at once so far.
     pub peak_peers: u64,
+    /// Piece streams peers opened to this node (each carries one request after another,
+    /// decision 0021).
+    pub streams: u64,
 }
 
 #[derive(Debug, Default)]
-struct UploadCounters {
+pub(crate) struct UploadCounters {
     pieces: std::sync::atomic::AtomicU64,
     bytes: std::sync::atomic::AtomicU64,
     busy: std::sync::atomic::AtomicU64,
     peak_peers: std::sync::atomic::AtomicU64,
+    streams: std::sync::atomic::AtomicU64,
 }
 
 /// Peer sources, shared between the loop (which learns them) and downloads (which count
@@ -476,6 +490,22 @@ pub(crate) struct Handle {
     connected: tokio::sync::watch::Receiver<usize>,
     cache_nodes: Arc<Vec<PeerId>>,
     max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Opens piece streams.
+    streams: StreamControl,
+    /// The piece streams kept open between requests.
+    pool: Arc<pieces::Pool>,
+    /// The timeout of one piece exchange.
+    piece_timeout: Duration,
+}
+
+/// libp2p-stream's control, which has no `Debug`.
+#[derive(Clone)]
+struct StreamControl(libp2p_stream::Control);
+
+impl std::fmt::Debug for StreamControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamControl")
+    }
 }
 
 /// Announcements buffered per subscriber; a slow download misses old ones (its have queries
@@ -583,6 +613,7 @@ impl Handle {
             bytes: self.uploads.bytes.load(Relaxed),
             busy: self.uploads.busy.load(Relaxed),
             peak_peers: self.uploads.peak_peers.load(Relaxed),
+            streams: self.uploads.streams.load(Relaxed),
         }
     }
 
@@ -656,26 +687,74 @@ impl Handle {
         .await
     }
 
-    /// Asks `peer` for piece `index` of `id`.
+    /// Asks `peer` for piece `index` of `id`, on a piece stream kept open from an earlier
+    /// request or on a new one ([`pieces`]), within [`Config::piece_timeout`]. A kept stream
+    /// that fails other than by a refused response (the peer closed it meanwhile) is dropped
+    /// and the request sent again once on a new stream.
     ///
     /// # Errors
-    /// [`RequestError`] when the request fails.
+    /// [`RequestError::Stream`] when the stream cannot be opened, breaks, times out, or
+    /// brings a response the codec refuses; [`RequestError::Shutdown`].
     pub(crate) async fn piece(
         &self,
         peer: PeerId,
         id: ContentId,
         index: u32,
     ) -> Result<PieceResponse, RequestError> {
-        self.request(peer, |tx| {
-            OutRequest::Piece(
-                PieceRequest {
-                    content_id: id,
-                    index,
+        let request = PieceRequest {
+            content_id: id,
+            index,
+        };
+        let exchange = async {
+            if let Some(mut stream) = self.pool.take(&peer) {
+                match pieces::exchange(&mut stream, &request).await {
+                    Ok(r) => {
+                        self.pool.put(peer, stream);
+                        return Ok(r);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+                        return Err(RequestError::Stream { peer, error });
+                    }
+                    Err(e) => debug!(%peer, "a kept piece stream failed ({e}); opening another"),
+                }
+            }
+            let mut stream = self.open_piece_stream(peer).await?;
+            let r = pieces::exchange(&mut stream, &request)
+                .await
+                .map_err(|error| RequestError::Stream { peer, error })?;
+            self.pool.put(peer, stream);
+            Ok(r)
+        };
+        tokio::time::timeout(self.piece_timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RequestError::Stream {
+                    peer,
+                    error: io::Error::new(io::ErrorKind::TimedOut, "the piece request timed out"),
+                })
+            })
+    }
+
+    /// Opens a piece stream to `peer`, having the loop dial it first when it is not connected
+    /// (from a new port, at the addresses mDNS gave, as for any request).
+    async fn open_piece_stream(&self, peer: PeerId) -> Result<libp2p::Stream, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Connect(peer, tx))
+            .await
+            .map_err(|_| RequestError::Shutdown)?;
+        rx.await.map_err(|_| RequestError::Shutdown)?;
+        let mut control = self.streams.0.clone();
+        control
+            .open_stream(peer, pieces::protocol())
+            .await
+            .map_err(|e| RequestError::Stream {
+                peer,
+                error: match e {
+                    libp2p_stream::OpenStreamError::Io(error) => error,
+                    other => io::Error::new(io::ErrorKind::Unsupported, other.to_string()),
                 },
-                tx,
-            )
-        })
-        .await
+            })
     }
 
     /// The peers connected now.
@@ -992,7 +1071,6 @@ fn build_swarm(
     dial_scopes: &DialScopes,
 ) -> Result<libp2p::Swarm<Behaviour>, Error> {
     let dht_on = config.mode.uses_dht();
-    let piece_timeout = config.piece_timeout;
     let make_behaviour =
         |key: &identity::Keypair| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
             let peer_id = key.public().to_peer_id();
@@ -1018,10 +1096,7 @@ fn build_swarm(
                     [(StreamProtocol::new(LAYER_PROTOCOL), ProtocolSupport::Full)],
                     request_config(Duration::from_secs(20)),
                 ),
-                piece: request_response::Behaviour::new(
-                    [(StreamProtocol::new(PIECE_PROTOCOL), ProtocolSupport::Full)],
-                    request_config(piece_timeout),
-                ),
+                stream: libp2p_stream::Behaviour::new(),
                 announce: request_response::Behaviour::new(
                     [(
                         StreamProtocol::new(ANNOUNCE_PROTOCOL),
@@ -1136,6 +1211,22 @@ pub(crate) async fn spawn(
     let (connected, connected_rx) = tokio::sync::watch::channel(0usize);
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
+    let mut control = swarm.behaviour().stream.new_control();
+    let slots = Arc::new(pieces::UploadSlots::new(
+        config.max_concurrent_uploads,
+        uploads_per_peer(config.max_concurrent_uploads),
+        max_upload_peers.clone(),
+        counters.clone(),
+        bandwidth.clone(),
+    ));
+    let server = (
+        store.clone(),
+        slots.clone(),
+        bandwidth.clone(),
+        counters.clone(),
+    );
+    pieces::Server::new(server, config.piece_timeout).start(&mut control, shutdown.clone())?;
+    let pool = Arc::new(pieces::Pool::default());
     let handle = Handle {
         commands: tx.clone(),
         peer_id,
@@ -1146,7 +1237,10 @@ pub(crate) async fn spawn(
         announcements: announcements.clone(),
         connected: connected_rx,
         cache_nodes: Arc::new(cache_nodes),
-        max_upload_peers: max_upload_peers.clone(),
+        max_upload_peers,
+        streams: StreamControl(control),
+        pool: pool.clone(),
+        piece_timeout: config.piece_timeout,
     };
     let listening = !config.listen.is_empty();
     let (bound_tx, bound) = oneshot::channel();
@@ -1155,12 +1249,8 @@ pub(crate) async fn spawn(
         commands: rx,
         self_tx: tx,
         store,
-        uploads: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
-        uploads_per_peer: uploads_per_peer(config.max_concurrent_uploads),
-        upload_permits: HashMap::new(),
-        upload_peers: HashMap::new(),
-        max_upload_peers,
-        counters,
+        slots,
+        pool,
         gate: ConnectionGate {
             lan_only: config.mode == PeerMode::Lan,
             listed: config
@@ -1179,7 +1269,6 @@ pub(crate) async fn spawn(
         bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
         pending_have: HashMap::new(),
         pending_layer: HashMap::new(),
-        pending_piece: HashMap::new(),
         listen_addrs: HashSet::new(),
         sources,
         lookups: HashMap::new(),
@@ -1221,17 +1310,11 @@ struct EventLoop {
     /// Serving tasks send their answers back through this.
     self_tx: mpsc::Sender<Command>,
     store: Arc<ContentStore>,
-    /// Bounds concurrent uploads: a permit is held from the request until its response is
-    /// flushed (or fails).
-    uploads: Arc<Semaphore>,
-    upload_permits: HashMap<InboundRequestId, (OwnedSemaphorePermit, PeerId)>,
-    /// Piece requests being served, per peer.
-    upload_peers: HashMap<PeerId, usize>,
-    /// The most peers served at once (changed at run time through the handle).
-    max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
-    /// The most piece requests of one peer served at once ([`uploads_per_peer`]).
-    uploads_per_peer: usize,
-    counters: Arc<UploadCounters>,
+    /// The upload slots, shared with the piece streams' server: a slot is held from the
+    /// request until its response is handed to libp2p (or fails).
+    slots: Arc<pieces::UploadSlots>,
+    /// The piece streams kept open between requests (swept here).
+    pool: Arc<pieces::Pool>,
     static_peers: Vec<Multiaddr>,
     /// Which connections the node keeps.
     gate: ConnectionGate,
@@ -1245,7 +1328,6 @@ struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     pending_have: HashMap<OutboundRequestId, oneshot::Sender<Result<HaveResponse, RequestError>>>,
     pending_layer: HashMap<OutboundRequestId, oneshot::Sender<Result<LayerResponse, RequestError>>>,
-    pending_piece: HashMap<OutboundRequestId, oneshot::Sender<Result<PieceResponse, RequestError>>>,
     listen_addrs: HashSet<Multiaddr>,
     sources: Sources,
     lookups: HashMap<kad::QueryId, Lookup>,
@@ -1401,6 +1483,7 @@ impl EventLoop {
         if std::mem::take(&mut self.republish) {
             self.republish_all();
         }
+        self.pool.sweep(None);
         // Without any connection the DHT is cut off: go back to the bootstrap peers.
         if self.swarm.connected_peers().next().is_none() {
             for addr in self.bootstrap.clone() {
@@ -1519,7 +1602,7 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, cmd: Command) {
-        if let Command::Request(peer, _) = &cmd
+        if let Command::Request(peer, _) | Command::Connect(peer, _) = &cmd
             && !self.swarm.is_connected(peer)
         {
             // Dialed here from a new port (see `dial_addr`), at the addresses mDNS gave and
@@ -1548,9 +1631,8 @@ impl EventLoop {
                 let id = b.layer.send_request(&peer, req);
                 self.pending_layer.insert(id, tx);
             }
-            Command::Request(peer, OutRequest::Piece(req, tx)) => {
-                let id = b.piece.send_request(&peer, req);
-                self.pending_piece.insert(id, tx);
+            Command::Connect(_, tx) => {
+                let _ = tx.send(());
             }
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(dial_addr(addr.clone())) {
@@ -1608,22 +1690,9 @@ impl EventLoop {
                     .collect();
                 let _ = tx.send(addrs);
             }
-            Command::RespondLayer(ch, r, permit, peer) => {
+            Command::RespondLayer(ch, r, slot) => {
                 let _ = b.layer.send_response(ch, r);
-                drop(permit);
-                self.upload_done(peer);
-            }
-            Command::RespondPiece(id, ch, r, permit, peer) => {
-                if let PieceResponse::Data(d) = &r {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    self.counters.pieces.fetch_add(1, Relaxed);
-                    self.counters.bytes.fetch_add(d.len() as u64, Relaxed);
-                }
-                if b.piece.send_response(ch, r).is_ok() {
-                    self.upload_permits.insert(id, (permit, peer));
-                } else {
-                    self.upload_done(peer);
-                }
+                drop(slot);
             }
         }
     }
@@ -1646,9 +1715,12 @@ impl EventLoop {
                 self.connected.send_modify(|n| *n += 1);
             }
             SwarmEvent::ConnectionClosed {
-                num_established: 0, ..
+                num_established: 0,
+                peer_id,
+                ..
             } => {
                 self.connected.send_modify(|n| *n = n.saturating_sub(1));
+                self.pool.sweep(Some(peer_id));
             }
             _ => {}
         }
@@ -1723,7 +1795,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Have(e)) => self.on_have(e),
             SwarmEvent::Behaviour(BehaviourEvent::Layer(e)) => self.on_layer(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Piece(e)) => self.on_piece(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Announce(request_response::Event::Message {
                 peer,
                 message:
@@ -1746,7 +1818,7 @@ impl EventLoop {
     }
 
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
-        if let Routed::Request(_, peer, request, channel) = route(&mut self.pending_have, e) {
+        if let Routed::Request(peer, request, channel) = route(&mut self.pending_have, e) {
             // Past the monthly upload cap the node serves nothing, so it holds nothing either.
             let response = if self.bandwidth.cap_reached() {
                 HaveResponse(None)
@@ -1780,11 +1852,11 @@ impl EventLoop {
             request_response::Event::Message { peer, .. } => Some(*peer),
             _ => None,
         };
-        let Routed::Request(_, _, request, channel) = route(&mut self.pending_layer, e) else {
+        let Routed::Request(_, request, channel) = route(&mut self.pending_layer, e) else {
             return;
         };
         let Some(peer) = peer else { return };
-        let Some(permit) = self.upload_permit(peer) else {
+        let Some(slot) = self.slots.take(peer) else {
             let _ = self
                 .swarm
                 .behaviour_mut()
@@ -1810,91 +1882,8 @@ impl EventLoop {
             };
             bandwidth.upload(bytes).await;
             bandwidth.count_upload(bytes);
-            let _ = tx
-                .send(Command::RespondLayer(channel, layer, permit, peer))
-                .await;
+            let _ = tx.send(Command::RespondLayer(channel, layer, slot)).await;
         });
-    }
-
-    /// An upload slot for a request of `peer`: none when the monthly cap is reached, when
-    /// `peer` already has its share of the slots ([`uploads_per_peer`]), when
-    /// [`Config::max_upload_peers`] other peers are being served, or when every slot is taken.
-    /// The caller gives it back with [`Self::upload_done`].
-    fn upload_permit(&mut self, peer: PeerId) -> Option<OwnedSemaphorePermit> {
-        let serving = self.upload_peers.get(&peer).copied().unwrap_or(0);
-        let max_peers = self
-            .max_upload_peers
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if (serving == 0 && self.upload_peers.len() >= max_peers)
-            || serving >= self.uploads_per_peer
-            || self.bandwidth.cap_reached()
-        {
-            return None;
-        }
-        let permit = self.uploads.clone().try_acquire_owned().ok()?;
-        *self.upload_peers.entry(peer).or_default() += 1;
-        self.counters.peak_peers.fetch_max(
-            self.upload_peers.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Some(permit)
-    }
-
-    /// A piece request of `peer` was answered (or failed).
-    fn upload_done(&mut self, peer: PeerId) {
-        if let Some(n) = self.upload_peers.get_mut(&peer) {
-            *n -= 1;
-            if *n == 0 {
-                self.upload_peers.remove(&peer);
-            }
-        }
-    }
-
-    fn on_piece(&mut self, e: request_response::Event<PieceRequest, PieceResponse>) {
-        let peer = match &e {
-            request_response::Event::Message { peer, .. } => Some(*peer),
-            _ => None,
-        };
-        match route(&mut self.pending_piece, e) {
-            Routed::Finished(request_id) => {
-                if let Some((_, peer)) = self.upload_permits.remove(&request_id) {
-                    self.upload_done(peer);
-                }
-            }
-            Routed::Request(request_id, _, request, channel) => {
-                let Some(peer) = peer else { return };
-                let Some(permit) = self.upload_permit(peer) else {
-                    self.counters
-                        .busy
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .piece
-                        .send_response(channel, PieceResponse::Busy);
-                    return;
-                };
-                let store = self.store.clone();
-                let tx = self.self_tx.clone();
-                let bandwidth = self.bandwidth.clone();
-                tokio::spawn(async move {
-                    let response =
-                        tokio::task::spawn_blocking(move || serve_piece(&store, &request))
-                            .await
-                            .unwrap_or(PieceResponse::NotFound);
-                    if let PieceResponse::Data(b) = &response {
-                        bandwidth.upload(b.len() as u64).await;
-                        bandwidth.count_upload(b.len() as u64);
-                    }
-                    let _ = tx
-                        .send(Command::RespondPiece(
-                            request_id, channel, response, permit, peer,
-                        ))
-                        .await;
-                });
-            }
-            Routed::Handled => {}
-        }
     }
 }
 
@@ -1912,15 +1901,13 @@ fn uploads_per_peer(slots: usize) -> usize {
 /// What [`route`] left for the caller.
 enum Routed<Req, Resp> {
     /// An inbound request of a peer to answer.
-    Request(InboundRequestId, PeerId, Req, ResponseChannel<Resp>),
-    /// An inbound request's response was sent, or failed.
-    Finished(InboundRequestId),
+    Request(PeerId, Req, ResponseChannel<Resp>),
     /// Nothing left to do.
     Handled,
 }
 
 /// Routes a request-response event: a response or failure of one of our requests goes to the
-/// caller waiting in `pending`; an inbound request and the end of one are handed back.
+/// caller waiting in `pending`; an inbound request is handed back.
 fn route<Req, Resp>(
     pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, RequestError>>>,
     e: request_response::Event<Req, Resp>,
@@ -1955,15 +1942,13 @@ fn route<Req, Resp>(
             peer,
             message:
                 M::Request {
-                    request_id,
+                    request_id: _,
                     request,
                     channel,
                 },
             ..
-        } => Routed::Request(request_id, peer, request, channel),
-        Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } => {
-            Routed::Finished(request_id)
-        }
+        } => Routed::Request(peer, request, channel),
+        Event::ResponseSent { .. } | Event::InboundFailure { .. } => Routed::Handled,
     }
 }
 
@@ -2053,46 +2038,84 @@ mod tests {
         assert!(q.admit(&record(PeerId::random(), 1, 60), later));
     }
 
+    /// An in-memory stream: reads from `input`, writes into `output`.
+    struct Duplex {
+        input: futures::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl AsyncRead for Duplex {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().input).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Duplex {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.get_mut().output.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
     #[tokio::test]
     async fn a_piece_response_longer_than_the_piece_asked_for_is_refused_before_its_body() {
-        use libp2p::request_response::Codec as _;
         // A content of 16 KiB pieces.
         let id = ContentId::new([1; 32], 64 * 1024).unwrap();
-        let mut codec = Codec::<PieceRequest, PieceResponse>::default();
-        let protocol = StreamProtocol::new(PIECE_PROTOCOL);
-        let mut sent = Vec::new();
-        codec
-            .write_request(
-                &protocol,
-                &mut futures::io::Cursor::new(&mut sent),
-                PieceRequest {
-                    content_id: id,
-                    index: 0,
-                },
+        let request = PieceRequest {
+            content_id: id,
+            index: 0,
+        };
+        // The peer announces a 16 MiB body and sends none of it: refused at the prefix.
+        let (prefix, n) = shoal_protocol::frame::encode_prefix(16 << 20);
+        let mut io = Duplex {
+            input: futures::io::Cursor::new(prefix[..n].to_vec()),
+            output: Vec::new(),
+        };
+        let e = pieces::exchange(&mut io, &request).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // The request went out framed.
+        let sent: PieceRequest = read_message(&mut futures::io::Cursor::new(io.output))
+            .await
+            .unwrap();
+        assert_eq!(sent, request);
+        // A response of the piece's size is read, and the next one on the same stream too.
+        let mut answers = futures::io::Cursor::new(Vec::new());
+        for fill in [7u8, 8] {
+            write_message(
+                &mut answers,
+                &PieceResponse::Data(Bytes::from(vec![fill; 16 * 1024])),
             )
             .await
             .unwrap();
-        // The peer announces a 16 MiB body and sends none of it: refused at the prefix.
-        let (prefix, n) = shoal_protocol::frame::encode_prefix(16 << 20);
-        let mut answer = futures::io::Cursor::new(prefix[..n].to_vec());
-        let e = codec
-            .read_response(&protocol, &mut answer)
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
-        // A response of the piece's size is read.
-        let mut body = Vec::new();
-        write_message(
-            &mut futures::io::Cursor::new(&mut body),
-            &PieceResponse::Data(Bytes::from(vec![7u8; 16 * 1024])),
-        )
-        .await
-        .unwrap();
-        let got = codec
-            .read_response(&protocol, &mut futures::io::Cursor::new(body))
-            .await
-            .unwrap();
-        assert!(matches!(got, PieceResponse::Data(b) if b.len() == 16 * 1024));
+        }
+        let mut io = Duplex {
+            input: futures::io::Cursor::new(answers.into_inner()),
+            output: Vec::new(),
+        };
+        for fill in [7u8, 8] {
+            let got = pieces::exchange(&mut io, &request).await.unwrap();
+            assert!(matches!(&got, PieceResponse::Data(b) if b.len() == 16 * 1024 && b[0] == fill));
+        }
     }
 
     #[test]

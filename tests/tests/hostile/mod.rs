@@ -265,6 +265,10 @@ async fn a_peer_that_hoards_upload_slots_leaves_room_for_others() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Of its 64 piece streams, the seed took 32 (a peer's most); the others were reset.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let up = seed.upload_stats();
+    assert!(up.streams > 0 && up.streams <= 32, "{up:?}");
     // An honest leecher still gets pieces from the seed within 10 s.
     let leecher = honest(std::slice::from_ref(&seed), &[]).await;
     connected(&leecher, 1).await;
