@@ -108,16 +108,22 @@ impl Pool {
     }
 
     /// A buffer of exactly `len` initialised bytes (stale contents when reused, zeros when
-    /// new): a free one whose length is between `len` and `len` plus a quarter, else a new one.
+    /// new): a free one whose capacity is between `len` and `len` plus a quarter, else a new
+    /// one. A reused buffer is cut or grown to `len` within its capacity; growing zeroes only
+    /// the bytes it adds. (Matching on the capacity, not the length, lets a buffer cut to a
+    /// piece's length to serve it come back for a received piece, which is a few KiB longer
+    /// with its head and alignment: a node that both serves and receives would otherwise make
+    /// and zero a new buffer for most pieces it receives.)
     fn take(&self, len: usize) -> Vec<u8> {
         if len >= MIN_POOLED {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(i) = free
                 .iter()
-                .position(|b| b.len() >= len && b.len() - len <= len / 4)
+                .position(|b| b.capacity() >= len && b.capacity() - len <= len / 4)
             {
                 let mut buf = free.swap_remove(i);
-                buf.truncate(len);
+                drop(free);
+                buf.resize(len, 0);
                 return buf;
             }
         }
@@ -137,8 +143,8 @@ impl Pool {
     /// Keeps `buf` if the free list has room.
     fn give_back(&self, buf: Vec<u8>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let held: usize = free.iter().map(Vec::len).sum();
-        if free.len() < MAX_FREE && held + buf.len() <= MAX_FREE_BYTES {
+        let held: usize = free.iter().map(Vec::capacity).sum();
+        if free.len() < MAX_FREE && held + buf.capacity() <= MAX_FREE_BYTES {
             free.push(buf);
         }
     }
@@ -187,6 +193,31 @@ mod tests {
         let b = pool.take(MIN_POOLED * 2 - 100);
         assert_eq!((b.as_ptr(), b.len()), (ptr, MIN_POOLED * 2 - 100));
         assert!(b.iter().all(|&x| x == 7), "reused, not zeroed again");
+    }
+
+    #[test]
+    fn a_buffer_cut_short_to_serve_a_piece_comes_back_for_a_longer_received_one() {
+        let pool = pool();
+        let long = MIN_POOLED * 4 + 4096;
+        let mut a = pool.take(long);
+        a.fill(7);
+        let ptr = a.as_ptr();
+        drop(pool.share(a));
+        // Taken to serve a piece: cut to the piece's length.
+        let b = pool.take(MIN_POOLED * 4);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, MIN_POOLED * 4));
+        drop(pool.share(b));
+        // Taken again to receive one (head and alignment on top): the same buffer, grown back.
+        let c = pool.take(long);
+        assert_eq!((c.as_ptr(), c.len()), (ptr, long));
+        assert!(
+            c[..MIN_POOLED * 4].iter().all(|&x| x == 7),
+            "not zeroed again"
+        );
+        assert!(
+            c[MIN_POOLED * 4..].iter().all(|&x| x == 0),
+            "the grown part is zeroed"
+        );
     }
 
     #[test]
