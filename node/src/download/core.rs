@@ -996,6 +996,9 @@ pub(super) struct Verdict {
     pub(super) source: Source,
     /// The piece's length, in bytes.
     pub(super) bytes: u64,
+    /// The piece's bytes as written, when it passed (for the store's recent pieces,
+    /// [`crate::store::ContentStore::keep_recent`]); the core does not look at them.
+    pub(super) piece: Option<Bytes>,
     /// `Err`: why it failed verification.
     pub(super) result: Result<(), String>,
     /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).
@@ -1138,6 +1141,7 @@ mod tests {
             index,
             source,
             bytes: PIECE,
+            piece: None,
             result: Ok(()),
             cv: None,
             after_layer: false,
@@ -1563,6 +1567,7 @@ mod tests {
                 result: Err("differs from the assembled piece layer".into()),
                 after_layer: true,
                 bytes: 0,
+                piece: None,
                 ..ok(3, Source::Peer(liar))
             },
         );

@@ -33,6 +33,9 @@ pub(super) struct Driver<'a> {
     pub(super) tasks: tokio::task::JoinSet<Event>,
     pub(super) requests: HashMap<(PieceIndex, PeerId), tokio::task::AbortHandle>,
     pub(super) origin_tx: mpsc::Sender<Fetched>,
+    /// The bytes of the piece whose verdict the core is handling, until its store operations
+    /// (verified, or claimed) have kept it among the store's recent pieces.
+    pub(super) passed: Option<(PieceIndex, Bytes)>,
 }
 
 impl Driver<'_> {
@@ -75,7 +78,10 @@ impl Driver<'_> {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
-                Some(v) = verified.recv() => core.handle_verified(now(), v),
+                Some(mut v) = verified.recv() => {
+                    self.passed = v.piece.take().map(|b| (v.index, b));
+                    core.handle_verified(now(), v);
+                }
                 Some(f) = origin_rx.recv() => self.on_fetched(core, f),
                 // An aborted request joins as an error: matched here, so that the branch stays
                 // enabled for the results behind it (a failed pattern would disable it until the
@@ -296,7 +302,15 @@ impl Driver<'_> {
                     (self.progress)(Update::Banned);
                 }
             }
-            Action::Store(op) => self.store(op),
+            Action::Store(op) => {
+                if let StoreOp::MarkVerified(id, index) | StoreOp::AddClaim(id, index, _) = &op
+                    && let Some((i, bytes)) = &self.passed
+                    && i == index
+                {
+                    self.env.store.keep_recent(id, *index, bytes.clone());
+                }
+                self.store(op);
+            }
             Action::PieceDone { bytes, peer } => {
                 let source = peer.map(|p| env.swarm.peer_source(&p));
                 (self.progress)(Update::Piece { bytes, source });
@@ -638,6 +652,7 @@ pub(super) async fn transfer(
         tasks: tokio::task::JoinSet::new(),
         requests: HashMap::new(),
         origin_tx,
+        passed: None,
     };
     let result = driver
         .run(

@@ -267,6 +267,7 @@ pub(super) fn spawn_writer(
                     index,
                     source,
                     bytes: bytes.len() as u64,
+                    piece: result.is_ok().then(|| bytes.clone()),
                     result,
                     cv,
                     after_layer: false,
@@ -375,6 +376,7 @@ fn check_against(
                     .get(&index)
                     .map_or(Source::Origin, |p| Source::Peer(*p)),
                 bytes: 0,
+                piece: None,
                 result: Err("differs from the assembled piece layer".into()),
                 cv: None,
                 after_layer: true,

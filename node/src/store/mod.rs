@@ -34,7 +34,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Instant,
@@ -119,6 +119,9 @@ struct Entry {
     backing: Option<Backing>,
     /// Set when a piece was read to serve a peer; taken by the cache's sweep (its LRU).
     served: Arc<AtomicBool>,
+    /// Set when a peer first asked for a piece this entry offers, and left set: from then on
+    /// the pieces it verifies are kept in memory for a while ([`ContentStore::keep_recent`]).
+    asked: Arc<AtomicBool>,
 }
 
 impl Entry {
@@ -134,6 +137,7 @@ impl Entry {
             path,
             backing: Some(backing),
             served: Arc::default(),
+            asked: Arc::default(),
         }
     }
 
@@ -190,6 +194,8 @@ struct Inner {
 #[derive(Debug, Default)]
 pub(crate) struct ContentStore {
     inner: RwLock<Inner>,
+    /// The pieces verified (or claimed) most recently, served from memory.
+    recent: Mutex<Recent>,
     /// Signalled when the set of content ids or SHA-256s changes (one waiter: the swarm, which
     /// announces them in the DHT).
     changed: tokio::sync::Notify,
@@ -281,6 +287,7 @@ impl ContentStore {
                 path,
                 backing: Some(backing),
                 served: Arc::default(),
+                asked: Arc::default(),
             },
         );
         true
@@ -578,61 +585,116 @@ impl ContentStore {
         }
     }
 
-    /// Reads verified piece `index` of `id` from disk (blocking), or while `id` assembles its
-    /// layer a piece this node fetched from the origin itself (a claim), and, unless only this
-    /// process's user can write the file ([`only_ours`]), checks it again against its chaining
-    /// value (the layer's, or the one claimed). `None` when the piece is not held, the file is
-    /// no longer the one that verified (a symlink, a FIFO or another file at its path), the
-    /// read fails, or a checked piece's bytes changed since they verified (a verified piece is
-    /// then no longer offered).
+    /// Whether piece `index` of `id` is offered: verified, or (while `id` assembles its layer)
+    /// fetched from the origin by this node itself, a claim. Returns the content id it is held
+    /// under (a swarm id resolves to the verified content it aliases) and, for a claim, its
+    /// chaining value. Marks the entry as served.
+    fn offered(
+        &self,
+        id: &ContentId,
+        index: PieceIndex,
+    ) -> Option<(ContentId, Option<ChainingValue>)> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        match (inner.by_id.get(id), inner.aliases.get(id)) {
+            (Some(e), _) if e.layer.is_none() => {
+                let cv = (*e.claims.get(index as usize)?)?;
+                e.served.store(true, Ordering::Relaxed);
+                e.asked.store(true, Ordering::Relaxed);
+                Some((*id, Some(cv)))
+            }
+            (Some(e), _) => {
+                if !e.verified.get(index) {
+                    return None;
+                }
+                e.served.store(true, Ordering::Relaxed);
+                e.asked.store(true, Ordering::Relaxed);
+                Some((*id, None))
+            }
+            // A swarm served from verified content.
+            (None, Some(verified)) => {
+                let verified = *verified;
+                drop(inner);
+                self.offered(&verified, index)
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// Keeps `bytes`, piece `index` of `id` as this node just verified it (or fetched it from
+    /// the origin itself, a claim), among the recent pieces served from memory
+    /// ([`RECENT_BYTES`] at most; the oldest go first), if peers have asked for pieces of `id`
+    /// (a download nobody fetches from keeps none, and no more memory).
+    pub(crate) fn keep_recent(&self, id: &ContentId, index: PieceIndex, bytes: Bytes) {
+        let asked = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            inner
+                .by_id
+                .get(id)
+                .is_some_and(|e| e.asked.load(Ordering::Relaxed))
+        };
+        if !asked {
+            return;
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.keep(*id, index, bytes);
+    }
+
+    /// Piece `index` of `id` if it is offered and among the recent pieces kept in memory: what
+    /// a peer is served without a disk read (the bytes are the ones this node verified or
+    /// fetched from the origin, which no other user can change).
+    #[must_use]
+    pub(crate) fn read_piece_in_memory(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
+        let (id, _) = self.offered(id, index)?;
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.get(&id, index)
+    }
+
+    /// Reads verified piece `index` of `id`, or while `id` assembles its layer a piece this
+    /// node fetched from the origin itself (a claim): from the recent pieces kept in memory, else
+    /// from disk (blocking), and then, unless only this process's user can write the file
+    /// ([`only_ours`]), checks it again against its chaining value (the layer's, or the one
+    /// claimed). `None` when the piece is not held, the file is no longer the one that verified
+    /// (a symlink, a FIFO or another file at its path), the read fails, or a checked piece's
+    /// bytes changed since they verified (a verified piece is then no longer offered).
     #[must_use]
     pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
-        let claim = {
+        let (id, claim) = self.offered(id, index)?;
+        if let Some(b) = self
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id, index)
+        {
+            return Some(b);
+        }
+        let (path, backing, range, layer) = {
             let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            match (inner.by_id.get(id), inner.aliases.get(id)) {
-                (Some(e), _) if e.layer.is_none() => {
-                    let cv = (*e.claims.get(index as usize)?)?;
-                    e.served.store(true, Ordering::Relaxed);
-                    Ok((e.path.clone(), e.backing.clone()?, cv))
-                }
-                (Some(_), _) => Err(None),
-                (None, Some(verified)) => Err(Some(*verified)),
-                (None, None) => return None,
-            }
+            let e = inner.by_id.get(&id)?;
+            let layer = if claim.is_some() {
+                None
+            } else {
+                Some(e.layer.clone()?)
+            };
+            (
+                e.path.clone(),
+                e.backing.clone()?,
+                id.piece_range(index)?,
+                layer,
+            )
         };
-        let claim = match claim {
-            Ok(c) => Some(c),
-            Err(None) => None,
-            // A swarm served from verified content.
-            Err(Some(verified)) => return self.read_piece(&verified, index),
-        };
-        if let Some((path, backing, cv)) = claim {
-            let range = id.piece_range(index)?;
-            let len = usize::try_from(range.end - range.start).ok()?;
-            let (buf, only_ours) = backing.read(&path, range.start, len)?;
-            if !only_ours && shoal_validator::piece_chaining_value(range.start, &buf) != cv {
+        let len = usize::try_from(range.end - range.start).ok()?;
+        let (buf, only_ours) = backing.read(&path, range.start, len)?;
+        if only_ours {
+            return Some(buf);
+        }
+        if let Some(cv) = claim {
+            if shoal_validator::piece_chaining_value(range.start, &buf) != cv {
                 tracing::warn!(%id, index, path = %path.display(), "a claimed piece changed on disk; not offered");
                 return None;
             }
             return Some(buf);
         }
-        let (path, backing, range, layer) = {
-            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            let e = inner.by_id.get(id)?;
-            if !e.verified.get(index) {
-                return None;
-            }
-            e.served.store(true, Ordering::Relaxed);
-            (
-                e.path.clone(),
-                e.backing.clone()?,
-                id.piece_range(index)?,
-                e.layer.clone()?,
-            )
-        };
-        let len = usize::try_from(range.end - range.start).ok()?;
-        let (buf, only_ours) = backing.read(&path, range.start, len)?;
-        if !only_ours && layer.verify_piece(index, &buf).is_err() {
+        if layer.is_some_and(|l| l.verify_piece(index, &buf).is_err()) {
             tracing::warn!(
                 %id,
                 index,
@@ -640,7 +702,7 @@ impl ContentStore {
                 "a piece changed on disk since it verified; no longer offered"
             );
             let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = inner.by_id.get_mut(id)
+            if let Some(e) = inner.by_id.get_mut(&id)
                 && e.path == path
             {
                 e.verified.clear(index);
@@ -648,6 +710,51 @@ impl ContentStore {
             return None;
         }
         Some(buf)
+    }
+}
+
+/// The most bytes of recent pieces a node keeps in memory to serve ([`ContentStore::keep_recent`]):
+/// in a swarm, a piece a node has just verified is what its peers ask for next, and serving it
+/// from memory saves a disk read (pieces are written with O_DIRECT and are not in the page
+/// cache), a copy and a blocking thread's wake-up per piece.
+pub(crate) const RECENT_BYTES: usize = 4 << 20;
+
+/// The recent pieces, oldest first, with their bytes in all.
+#[derive(Debug, Default)]
+struct Recent {
+    pieces: std::collections::VecDeque<(ContentId, PieceIndex, Bytes)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn keep(&mut self, id: ContentId, index: PieceIndex, bytes: Bytes) {
+        if let Some(i) = self
+            .pieces
+            .iter()
+            .position(|(c, x, _)| *x == index && *c == id)
+            && let Some((_, _, old)) = self.pieces.remove(i)
+        {
+            self.bytes -= old.len();
+        }
+        if bytes.len() > RECENT_BYTES {
+            return;
+        }
+        self.bytes += bytes.len();
+        self.pieces.push_back((id, index, bytes));
+        while self.bytes > RECENT_BYTES {
+            match self.pieces.pop_front() {
+                Some((_, _, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
+        self.pieces
+            .iter()
+            .rev()
+            .find(|(c, x, _)| *x == index && c == id)
+            .map(|(_, _, b)| b.clone())
     }
 }
 
@@ -858,6 +965,60 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&secret, &path).unwrap();
         assert_eq!(store.read_piece(&id, 0), Some(piece(0)));
+    }
+
+    #[test]
+    fn a_recent_piece_is_served_from_memory_once_peers_asked_and_only_while_offered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, bytes, layer) = three_pieces(dir.path());
+        let id = layer.content_id();
+        let piece = |i: usize| Bytes::copy_from_slice(&bytes[i * 16384..(i + 1) * 16384]);
+        let store = ContentStore::new();
+        let held = Arc::new(File::open(&path).unwrap());
+        let mut verified = Bitfield::new(3);
+        verified.set(0);
+        verified.set(1);
+        store.insert(layer, verified, path, Backing::Held(held));
+        // Nobody asked yet: a download nobody fetches from keeps nothing in memory.
+        let p0 = piece(0);
+        store.keep_recent(&id, 0, p0.clone());
+        assert_eq!(store.read_piece_in_memory(&id, 0), None);
+        // A peer asked (the read above): from now on verified pieces are kept, and served as
+        // they are, without a read.
+        store.keep_recent(&id, 0, p0.clone());
+        let got = store.read_piece_in_memory(&id, 0).unwrap();
+        assert_eq!(got.as_ptr(), p0.as_ptr());
+        assert_eq!(store.read_piece(&id, 0).unwrap().as_ptr(), p0.as_ptr());
+        // Not kept: read from the file.
+        assert_eq!(store.read_piece_in_memory(&id, 1), None);
+        assert_eq!(store.read_piece(&id, 1), Some(piece(1)));
+        // Kept but not offered (not verified), or another content: never served.
+        store.keep_recent(&id, 2, piece(2));
+        assert_eq!(store.read_piece_in_memory(&id, 2), None);
+        assert_eq!(store.read_piece(&id, 2), None);
+        let other = ContentId::new([9; 32], 3 * 16384).unwrap();
+        assert_eq!(store.read_piece_in_memory(&other, 0), None);
+    }
+
+    #[test]
+    fn the_recent_pieces_are_bounded_and_a_piece_kept_again_replaces_its_copy() {
+        let id = ContentId::new([1; 32], 1 << 30).unwrap();
+        let mut recent = Recent::default();
+        let piece = |fill: u8| Bytes::from(vec![fill; 1 << 20]);
+        for i in 0..10 {
+            recent.keep(id, i, piece(1));
+        }
+        assert_eq!(recent.bytes, RECENT_BYTES);
+        assert_eq!(recent.pieces.len(), RECENT_BYTES >> 20);
+        assert!(recent.get(&id, 0).is_none(), "the oldest went first");
+        assert!(recent.get(&id, 9).is_some());
+        recent.keep(id, 9, piece(2));
+        assert_eq!(recent.pieces.len(), RECENT_BYTES >> 20);
+        assert_eq!(recent.get(&id, 9).unwrap()[0], 2);
+        // A piece larger than the bound is not kept.
+        recent.keep(id, 11, Bytes::from(vec![0; RECENT_BYTES + 1]));
+        assert!(recent.get(&id, 11).is_none());
+        assert_eq!(recent.bytes, RECENT_BYTES);
     }
 
     trait TapMkdir {

@@ -317,11 +317,19 @@ impl Server {
                 }
                 continue;
             };
-            let store = self.store.clone();
-            let response =
-                tokio::task::spawn_blocking(move || super::serve_piece(&store, &request))
-                    .await
-                    .unwrap_or(PieceResponse::NotFound);
+            // A piece this node has just verified is in memory; others are read off the runtime.
+            let response = match self
+                .store
+                .read_piece_in_memory(&request.content_id, request.index)
+            {
+                Some(bytes) => PieceResponse::Data(bytes),
+                None => {
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || super::serve_piece(&store, &request))
+                        .await
+                        .unwrap_or(PieceResponse::NotFound)
+                }
+            };
             if let PieceResponse::Data(b) = &response {
                 let n = b.len() as u64;
                 self.bandwidth.upload(n).await;

@@ -881,6 +881,7 @@ impl World<'_> {
                     index,
                     source,
                     bytes: size,
+                    piece: None,
                     result: if ok {
                         Ok(())
                     } else {
