@@ -14,7 +14,9 @@
 //! - `shoal get` × N, every node listing every other (`--peer`), mDNS off, with the SHA-256
 //!   and the BLAKE3 hash (`blake3`) or the SHA-256 alone (`sha256`);
 //! - with `--contenders seed`, the same `shoal get` × N with a `shoal seed` of the file in the
-//!   host listed too (`--nodes 1`: one seed to one leecher, the baseline of CPU per byte).
+//!   host listed too (`--nodes 1`: one seed to one leecher, the baseline of CPU per byte). The
+//!   seed's CPU counts from when it is ready to serve: its hashing of the file at start (a
+//!   SHA-256 and a BLAKE3 pass, done once whatever the number of leechers) is left out.
 //!
 //! Reported per contender: origin copies (the origin's `eth0` TX bytes over those of one
 //! `curl` of the file, headers included),
@@ -157,8 +159,10 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
         .join(",");
     let (tx, rx) = mpsc::channel();
     let mut children = Vec::new();
-    // `seed`: one `shoal seed` of the file in the host, which every node lists; its CPU counts.
+    // `seed`: one `shoal seed` of the file in the host, which every node lists; its CPU counts
+    // from when it is ready (its start-up hashing of the file is not delivery).
     let seed_port = 22000;
+    let mut seed_ready_cpu = 0.0;
     if contender == "seed" {
         let mut seed = Guard(
             netns::exec(ns, cell.shoal)
@@ -183,6 +187,7 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
             }
         }
         std::thread::spawn(move || lines.for_each(drop));
+        seed_ready_cpu = cpu_seconds(seed.0.id());
         children.push(seed);
     }
     let start = Instant::now();
@@ -268,7 +273,8 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
             Ok((_, Some(t))) => {
                 done.push(t.as_secs_f64());
                 if done.len() == n {
-                    cpu = children.iter().map(|c| cpu_seconds(c.0.id())).sum();
+                    cpu = children.iter().map(|c| cpu_seconds(c.0.id())).sum::<f64>()
+                        - seed_ready_cpu;
                 }
             }
             Ok((i, None)) => {
