@@ -36,6 +36,10 @@ pub(super) struct Driver<'a> {
     /// The bytes of the piece whose verdict the core is handling, until its store operations
     /// (verified, or claimed) have kept it among the store's recent pieces.
     pub(super) passed: Option<(PieceIndex, Bytes)>,
+    /// Whether the writer attaches the bytes of the pieces that pass to their verdicts: set
+    /// while peers have asked this node for the content (otherwise a verdict would hold a
+    /// piece's buffer for nothing).
+    pub(super) keep_pieces: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Driver<'_> {
@@ -66,6 +70,7 @@ impl Driver<'_> {
             while let Some(action) = core.poll_action() {
                 self.execute(core, action).await?;
             }
+            self.passed = None;
             if let Some(end) = core.poll_end() {
                 return self.render(core, end);
             }
@@ -303,11 +308,16 @@ impl Driver<'_> {
                 }
             }
             Action::Store(op) => {
-                if let StoreOp::MarkVerified(id, index) | StoreOp::AddClaim(id, index, _) = &op
-                    && let Some((i, bytes)) = &self.passed
-                    && i == index
-                {
-                    self.env.store.keep_recent(id, *index, bytes.clone());
+                if let StoreOp::MarkVerified(id, index) | StoreOp::AddClaim(id, index, _) = &op {
+                    let asked = self.env.store.asked(id);
+                    self.keep_pieces
+                        .store(asked, std::sync::atomic::Ordering::Relaxed);
+                    if let Some((i, bytes)) = &self.passed
+                        && i == index
+                        && asked
+                    {
+                        self.env.store.keep_recent(id, *index, bytes.clone());
+                    }
                 }
                 self.store(op);
             }
@@ -610,6 +620,7 @@ pub(super) async fn transfer(
     });
     // The descriptor pieces are served through while the file downloads.
     let served_file = file.clone();
+    let keep_pieces = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = spawn_writer(
         file,
         checker,
@@ -619,6 +630,7 @@ pub(super) async fn transfer(
         checkpointing,
         verified_tx,
         env.sha256_always || task.expected.sha256.is_some(),
+        keep_pieces.clone(),
     );
     // 5. Transfer: the core decides, the driver carries out.
     let (mut core, _membership) = start_core(
@@ -653,6 +665,7 @@ pub(super) async fn transfer(
         requests: HashMap::new(),
         origin_tx,
         passed: None,
+        keep_pieces,
     };
     let result = driver
         .run(

@@ -188,6 +188,7 @@ pub(super) fn spawn_writer(
     mut checkpointing: Option<Checkpointing>,
     out: mpsc::Sender<Verdict>,
     sha256: bool,
+    keep_pieces: Arc<std::sync::atomic::AtomicBool>,
 ) -> Writer {
     let (tx, mut rx) = mpsc::channel::<ToWriter>(VERIFY_QUEUE);
     let thread = std::thread::spawn(move || {
@@ -267,7 +268,9 @@ pub(super) fn spawn_writer(
                     index,
                     source,
                     bytes: bytes.len() as u64,
-                    piece: result.is_ok().then(|| bytes.clone()),
+                    piece: (result.is_ok()
+                        && keep_pieces.load(std::sync::atomic::Ordering::Relaxed))
+                    .then(|| bytes.clone()),
                     result,
                     cv,
                     after_layer: false,

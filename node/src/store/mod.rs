@@ -625,18 +625,22 @@ impl ContentStore {
     /// ([`RECENT_BYTES`] at most; the oldest go first), if peers have asked for pieces of `id`
     /// (a download nobody fetches from keeps none, and no more memory).
     pub(crate) fn keep_recent(&self, id: &ContentId, index: PieceIndex, bytes: Bytes) {
-        let asked = {
-            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            inner
-                .by_id
-                .get(id)
-                .is_some_and(|e| e.asked.load(Ordering::Relaxed))
-        };
-        if !asked {
+        if !self.asked(id) {
             return;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.keep(*id, index, bytes);
+    }
+
+    /// Whether a peer has asked this node for a piece of `id` (then the pieces it verifies
+    /// are worth keeping in memory).
+    #[must_use]
+    pub(crate) fn asked(&self, id: &ContentId) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .by_id
+            .get(id)
+            .is_some_and(|e| e.asked.load(Ordering::Relaxed))
     }
 
     /// Piece `index` of `id` if it is offered and among the recent pieces kept in memory: what
