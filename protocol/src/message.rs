@@ -536,7 +536,7 @@ impl Message for LayerResponse {
     }
 }
 
-/// `/shoal/piece/1.0.0` request.
+/// `/shoal/piece/2.0.0` request (one of many on a piece stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PieceRequest {
     /// The content the piece belongs to.
@@ -578,7 +578,7 @@ impl Message for PieceRequest {
     }
 }
 
-/// `/shoal/piece/1.0.0` response.
+/// `/shoal/piece/2.0.0` response (one of many on a piece stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PieceResponse {
     /// The piece's bytes. The receiver checks the length and the chaining value.
