@@ -996,9 +996,10 @@ pub(super) struct Verdict {
     pub(super) source: Source,
     /// The piece's length, in bytes.
     pub(super) bytes: u64,
-    /// The piece's bytes as written, when it passed (for the store's recent pieces,
-    /// [`crate::store::ContentStore::keep_recent`]); the core does not look at them.
-    pub(super) piece: Option<Bytes>,
+    /// The piece's bytes as written, when it passed, with the chaining value they have (the
+    /// layer's they verified against, or the one computed from them), for the store's recent
+    /// pieces ([`crate::store::ContentStore::keep_recent`]); the core does not look at them.
+    pub(super) piece: Option<(Bytes, ChainingValue)>,
     /// `Err`: why it failed verification.
     pub(super) result: Result<(), String>,
     /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).

@@ -35,7 +35,7 @@ pub(super) struct Driver<'a> {
     pub(super) origin_tx: mpsc::Sender<Fetched>,
     /// The bytes of the piece whose verdict the core is handling, until its store operations
     /// (verified, or claimed) have kept it among the store's recent pieces.
-    pub(super) passed: Option<(PieceIndex, Bytes)>,
+    pub(super) passed: Option<(PieceIndex, Bytes, shoal_validator::ChainingValue)>,
     /// Whether the writer attaches the bytes of the pieces that pass to their verdicts: set
     /// while peers have asked this node for the content (otherwise a verdict would hold a
     /// piece's buffer for nothing).
@@ -84,7 +84,7 @@ impl Driver<'_> {
                 biased;
                 () = cancel.cancelled() => return Err(Failure::Cancelled.into()),
                 Some(mut v) = verified.recv() => {
-                    self.passed = v.piece.take().map(|b| (v.index, b));
+                    self.passed = v.piece.take().map(|(b, cv)| (v.index, b, cv));
                     core.handle_verified(now(), v);
                 }
                 Some(f) = origin_rx.recv() => self.on_fetched(core, f),
@@ -312,11 +312,11 @@ impl Driver<'_> {
                     let asked = self.env.store.asked(id);
                     self.keep_pieces
                         .store(asked, std::sync::atomic::Ordering::Relaxed);
-                    if let Some((i, bytes)) = &self.passed
+                    if let Some((i, bytes, cv)) = &self.passed
                         && i == index
                         && asked
                     {
-                        self.env.store.keep_recent(id, *index, bytes.clone());
+                        self.env.store.keep_recent(id, *index, *cv, bytes.clone());
                     }
                 }
                 self.store(op);

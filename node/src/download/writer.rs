@@ -268,9 +268,12 @@ pub(super) fn spawn_writer(
                     index,
                     source,
                     bytes: bytes.len() as u64,
-                    piece: (result.is_ok()
-                        && keep_pieces.load(std::sync::atomic::Ordering::Relaxed))
-                    .then(|| bytes.clone()),
+                    piece: checker
+                        .chaining_value(index)
+                        .filter(|_| {
+                            result.is_ok() && keep_pieces.load(std::sync::atomic::Ordering::Relaxed)
+                        })
+                        .map(|cv| (bytes.clone(), cv)),
                     result,
                     cv,
                     after_layer: false,

@@ -246,6 +246,14 @@ impl ContentStore {
 
     /// Puts `entry` under `id` and tells the swarm the set of keys changed.
     fn put(&self, inner: &mut Inner, id: ContentId, entry: Entry) {
+        // Peers that asked for the content before its layer verified still want it.
+        if inner
+            .by_id
+            .get(&id)
+            .is_some_and(|old| old.asked.load(Ordering::Relaxed))
+        {
+            entry.asked.store(true, Ordering::Relaxed);
+        }
         inner.by_hash.insert(*id.hash(), id);
         inner.by_id.insert(id, entry);
         self.changed.notify_one();
@@ -587,20 +595,21 @@ impl ContentStore {
 
     /// Whether piece `index` of `id` is offered: verified, or (while `id` assembles its layer)
     /// fetched from the origin by this node itself, a claim. Returns the content id it is held
-    /// under (a swarm id resolves to the verified content it aliases) and, for a claim, its
-    /// chaining value. Marks the entry as served.
+    /// under (a swarm id resolves to the verified content it aliases), for a claim its
+    /// chaining value, and the chaining value the piece's bytes must have (the claim's, or the
+    /// verified layer's; `None` for a content of one piece). Marks the entry as served.
     fn offered(
         &self,
         id: &ContentId,
         index: PieceIndex,
-    ) -> Option<(ContentId, Option<ChainingValue>)> {
+    ) -> Option<(ContentId, Option<ChainingValue>, Option<ChainingValue>)> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         match (inner.by_id.get(id), inner.aliases.get(id)) {
             (Some(e), _) if e.layer.is_none() => {
                 let cv = (*e.claims.get(index as usize)?)?;
                 e.served.store(true, Ordering::Relaxed);
                 e.asked.store(true, Ordering::Relaxed);
-                Some((*id, Some(cv)))
+                Some((*id, Some(cv), Some(cv)))
             }
             (Some(e), _) => {
                 if !e.verified.get(index) {
@@ -608,7 +617,12 @@ impl ContentStore {
                 }
                 e.served.store(true, Ordering::Relaxed);
                 e.asked.store(true, Ordering::Relaxed);
-                Some((*id, None))
+                let expected = e
+                    .layer
+                    .as_ref()
+                    .filter(|l| l.chaining_values().len() > 1)
+                    .and_then(|l| l.chaining_values().get(index as usize).copied());
+                Some((*id, None, expected))
             }
             // A swarm served from verified content.
             (None, Some(verified)) => {
@@ -621,15 +635,24 @@ impl ContentStore {
     }
 
     /// Keeps `bytes`, piece `index` of `id` as this node just verified it (or fetched it from
-    /// the origin itself, a claim), among the recent pieces served from memory
-    /// ([`RECENT_BYTES`] at most; the oldest go first), if peers have asked for pieces of `id`
-    /// (a download nobody fetches from keeps none, and no more memory).
-    pub(crate) fn keep_recent(&self, id: &ContentId, index: PieceIndex, bytes: Bytes) {
+    /// the origin itself, a claim), with `cv`, the chaining value they have (the layer's they
+    /// verified against, or the one computed from them), among the recent pieces served from
+    /// memory ([`RECENT_BYTES`] at most; the oldest go first), if peers have asked for pieces of
+    /// `id` (a download nobody fetches from keeps none, and no more memory). A kept piece is
+    /// served only while the store offers the piece with that same chaining value, so a copy
+    /// kept before its claim was refuted, or before a layer rejected it, is never served.
+    pub(crate) fn keep_recent(
+        &self,
+        id: &ContentId,
+        index: PieceIndex,
+        cv: ChainingValue,
+        bytes: Bytes,
+    ) {
         if !self.asked(id) {
             return;
         }
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.keep(*id, index, bytes);
+        recent.keep(*id, index, cv, bytes);
     }
 
     /// Whether a peer has asked this node for a piece of `id` (then the pieces it verifies
@@ -645,12 +668,13 @@ impl ContentStore {
 
     /// Piece `index` of `id` if it is offered and among the recent pieces kept in memory: what
     /// a peer is served without a disk read (the bytes are the ones this node verified or
-    /// fetched from the origin, which no other user can change).
+    /// fetched from the origin, which no other user can change, kept with the chaining value
+    /// the store expects of the piece now).
     #[must_use]
     pub(crate) fn read_piece_in_memory(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
-        let (id, _) = self.offered(id, index)?;
+        let (id, _, expected) = self.offered(id, index)?;
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.get(&id, index)
+        recent.get(&id, index, &expected?)
     }
 
     /// Reads verified piece `index` of `id`, or while `id` assembles its layer a piece this
@@ -662,12 +686,13 @@ impl ContentStore {
     /// bytes changed since they verified (a verified piece is then no longer offered).
     #[must_use]
     pub(crate) fn read_piece(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
-        let (id, claim) = self.offered(id, index)?;
-        if let Some(b) = self
-            .recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id, index)
+        let (id, claim, expected) = self.offered(id, index)?;
+        if let Some(expected) = expected
+            && let Some(b) = self
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id, index, &expected)
         {
             return Some(b);
         }
@@ -723,20 +748,21 @@ impl ContentStore {
 /// cache), a copy and a blocking thread's wake-up per piece.
 pub(crate) const RECENT_BYTES: usize = 4 << 20;
 
-/// The recent pieces, oldest first, with their bytes in all.
+/// The recent pieces, oldest first, each with the chaining value its bytes have, and their
+/// bytes in all.
 #[derive(Debug, Default)]
 struct Recent {
-    pieces: std::collections::VecDeque<(ContentId, PieceIndex, Bytes)>,
+    pieces: std::collections::VecDeque<(ContentId, PieceIndex, ChainingValue, Bytes)>,
     bytes: usize,
 }
 
 impl Recent {
-    fn keep(&mut self, id: ContentId, index: PieceIndex, bytes: Bytes) {
+    fn keep(&mut self, id: ContentId, index: PieceIndex, cv: ChainingValue, bytes: Bytes) {
         if let Some(i) = self
             .pieces
             .iter()
-            .position(|(c, x, _)| *x == index && *c == id)
-            && let Some((_, _, old)) = self.pieces.remove(i)
+            .position(|(c, x, _, _)| *x == index && *c == id)
+            && let Some((_, _, _, old)) = self.pieces.remove(i)
         {
             self.bytes -= old.len();
         }
@@ -744,21 +770,23 @@ impl Recent {
             return;
         }
         self.bytes += bytes.len();
-        self.pieces.push_back((id, index, bytes));
+        self.pieces.push_back((id, index, cv, bytes));
         while self.bytes > RECENT_BYTES {
             match self.pieces.pop_front() {
-                Some((_, _, old)) => self.bytes -= old.len(),
+                Some((_, _, _, old)) => self.bytes -= old.len(),
                 None => break,
             }
         }
     }
 
-    fn get(&self, id: &ContentId, index: PieceIndex) -> Option<Bytes> {
+    /// The kept piece `index` of `id`, if its chaining value is `expected`.
+    fn get(&self, id: &ContentId, index: PieceIndex, expected: &ChainingValue) -> Option<Bytes> {
         self.pieces
             .iter()
             .rev()
-            .find(|(c, x, _)| *x == index && c == id)
-            .map(|(_, _, b)| b.clone())
+            .find(|(c, x, _, _)| *x == index && c == id)
+            .filter(|(_, _, cv, _)| cv == expected)
+            .map(|(_, _, _, b)| b.clone())
     }
 }
 
@@ -976,6 +1004,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, bytes, layer) = three_pieces(dir.path());
         let id = layer.content_id();
+        let cvs = layer.chaining_values().to_vec();
         let piece = |i: usize| Bytes::copy_from_slice(&bytes[i * 16384..(i + 1) * 16384]);
         let store = ContentStore::new();
         let held = Arc::new(File::open(&path).unwrap());
@@ -985,19 +1014,22 @@ mod tests {
         store.insert(layer, verified, path, Backing::Held(held));
         // Nobody asked yet: a download nobody fetches from keeps nothing in memory.
         let p0 = piece(0);
-        store.keep_recent(&id, 0, p0.clone());
+        store.keep_recent(&id, 0, cvs[0], p0.clone());
         assert_eq!(store.read_piece_in_memory(&id, 0), None);
         // A peer asked (the read above): from now on verified pieces are kept, and served as
         // they are, without a read.
-        store.keep_recent(&id, 0, p0.clone());
+        store.keep_recent(&id, 0, cvs[0], p0.clone());
         let got = store.read_piece_in_memory(&id, 0).unwrap();
         assert_eq!(got.as_ptr(), p0.as_ptr());
         assert_eq!(store.read_piece(&id, 0).unwrap().as_ptr(), p0.as_ptr());
-        // Not kept: read from the file.
+        // A copy kept with another chaining value than the layer's (bytes kept before a layer
+        // or a refuted claim said otherwise) is never served: the file's bytes are.
+        let stale = Bytes::from(vec![0xee; 16384]);
+        store.keep_recent(&id, 1, cvs[0], stale);
         assert_eq!(store.read_piece_in_memory(&id, 1), None);
         assert_eq!(store.read_piece(&id, 1), Some(piece(1)));
         // Kept but not offered (not verified), or another content: never served.
-        store.keep_recent(&id, 2, piece(2));
+        store.keep_recent(&id, 2, cvs[2], piece(2));
         assert_eq!(store.read_piece_in_memory(&id, 2), None);
         assert_eq!(store.read_piece(&id, 2), None);
         let other = ContentId::new([9; 32], 3 * 16384).unwrap();
@@ -1007,21 +1039,27 @@ mod tests {
     #[test]
     fn the_recent_pieces_are_bounded_and_a_piece_kept_again_replaces_its_copy() {
         let id = ContentId::new([1; 32], 1 << 30).unwrap();
+        let (cv1, cv2) = ([1u8; 32], [2u8; 32]);
         let mut recent = Recent::default();
         let piece = |fill: u8| Bytes::from(vec![fill; 1 << 20]);
         for i in 0..10 {
-            recent.keep(id, i, piece(1));
+            recent.keep(id, i, cv1, piece(1));
         }
         assert_eq!(recent.bytes, RECENT_BYTES);
         assert_eq!(recent.pieces.len(), RECENT_BYTES >> 20);
-        assert!(recent.get(&id, 0).is_none(), "the oldest went first");
-        assert!(recent.get(&id, 9).is_some());
-        recent.keep(id, 9, piece(2));
+        assert!(recent.get(&id, 0, &cv1).is_none(), "the oldest went first");
+        assert!(recent.get(&id, 9, &cv1).is_some());
+        assert!(
+            recent.get(&id, 9, &cv2).is_none(),
+            "only with its chaining value"
+        );
+        recent.keep(id, 9, cv2, piece(2));
         assert_eq!(recent.pieces.len(), RECENT_BYTES >> 20);
-        assert_eq!(recent.get(&id, 9).unwrap()[0], 2);
+        assert_eq!(recent.get(&id, 9, &cv2).unwrap()[0], 2);
+        assert!(recent.get(&id, 9, &cv1).is_none(), "the old copy is gone");
         // A piece larger than the bound is not kept.
-        recent.keep(id, 11, Bytes::from(vec![0; RECENT_BYTES + 1]));
-        assert!(recent.get(&id, 11).is_none());
+        recent.keep(id, 11, cv1, Bytes::from(vec![0; RECENT_BYTES + 1]));
+        assert!(recent.get(&id, 11, &cv1).is_none());
         assert_eq!(recent.bytes, RECENT_BYTES);
     }
 

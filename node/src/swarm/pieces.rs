@@ -45,7 +45,7 @@ pub(crate) const REUSE_WITHIN: Duration = Duration::from_secs(45);
 /// Piece streams a leecher keeps open to one peer between requests, at most.
 pub(crate) const MAX_IDLE_PER_PEER: usize = super::MAX_UPLOADS_PER_PEER;
 /// Piece streams one peer may have open to this node at once; more are reset at once.
-pub(crate) const MAX_STREAMS_PER_PEER: usize = 2 * super::MAX_UPLOADS_PER_PEER;
+pub(crate) const MAX_STREAMS_PER_PEER: usize = 4 * super::MAX_UPLOADS_PER_PEER;
 
 /// The protocol of piece streams.
 pub(crate) fn protocol() -> StreamProtocol {
