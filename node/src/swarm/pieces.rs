@@ -143,17 +143,12 @@ pub(crate) struct UploadSlot {
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
-        give_back(&self.slots.peers, &self.peer);
-    }
-}
-
-/// Counts one less for `peer` in `counts`, forgetting a peer at zero.
-fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
-    let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = counts.get_mut(peer) {
-        *n -= 1;
-        if *n == 0 {
-            counts.remove(peer);
+        let mut peers = self.slots.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
         }
     }
 }
@@ -368,7 +363,13 @@ struct OpenStream {
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        give_back(&self.server.open, &self.peer);
+        let mut open = self.server.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
     }
 }
 
