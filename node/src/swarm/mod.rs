@@ -1212,20 +1212,12 @@ pub(crate) async fn spawn(
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
     let mut control = swarm.behaviour().stream.new_control();
-    let slots = Arc::new(pieces::UploadSlots::new(
-        config.max_concurrent_uploads,
-        uploads_per_peer(config.max_concurrent_uploads),
-        max_upload_peers.clone(),
-        counters.clone(),
-        bandwidth.clone(),
-    ));
-    let server = (
-        store.clone(),
-        slots.clone(),
-        bandwidth.clone(),
-        counters.clone(),
-    );
-    pieces::Server::new(server, config.piece_timeout).start(&mut control, shutdown.clone())?;
+    let slots = start_pieces(
+        &config,
+        (&store, &bandwidth, &counters, &max_upload_peers),
+        &mut control,
+        &shutdown,
+    )?;
     let pool = Arc::new(pieces::Pool::default());
     let handle = Handle {
         commands: tx.clone(),
@@ -1296,6 +1288,39 @@ pub(crate) async fn spawn(
         let _ = tokio::time::timeout(Duration::from_secs(1), bound).await;
     }
     Ok((handle, task))
+}
+
+/// The upload slots, and the piece streams' server on them, started on `control` until
+/// `shutdown`.
+///
+/// # Errors
+/// [`Error::Swarm`] when piece streams are accepted already.
+fn start_pieces(
+    config: &Config,
+    (store, bandwidth, counters, max_upload_peers): (
+        &Arc<ContentStore>,
+        &Arc<crate::source::bandwidth::Bandwidth>,
+        &Arc<UploadCounters>,
+        &Arc<std::sync::atomic::AtomicUsize>,
+    ),
+    control: &mut libp2p_stream::Control,
+    shutdown: &CancellationToken,
+) -> Result<Arc<pieces::UploadSlots>, Error> {
+    let slots = Arc::new(pieces::UploadSlots::new(
+        config.max_concurrent_uploads,
+        uploads_per_peer(config.max_concurrent_uploads),
+        max_upload_peers.clone(),
+        counters.clone(),
+        bandwidth.clone(),
+    ));
+    let server = (
+        store.clone(),
+        slots.clone(),
+        bandwidth.clone(),
+        counters.clone(),
+    );
+    pieces::Server::new(server, config.piece_timeout).start(control, shutdown.clone())?;
+    Ok(slots)
 }
 
 /// A provider lookup in progress: the providers found so far and who wants to hear of them.

@@ -143,12 +143,17 @@ pub(crate) struct UploadSlot {
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
-        let mut peers = self.slots.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = peers.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                peers.remove(&self.peer);
-            }
+        give_back(&self.slots.peers, &self.peer);
+    }
+}
+
+/// Counts one less for `peer` in `counts`, forgetting a peer at zero.
+fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
+    let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = counts.get_mut(peer) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(peer);
         }
     }
 }
@@ -363,13 +368,7 @@ struct OpenStream {
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        let mut open = self.server.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.peer);
-            }
-        }
+        give_back(&self.server.open, &self.peer);
     }
 }
 
