@@ -7,6 +7,7 @@
 //! beyond that a piece request is answered Busy. Pieces travel on long-lived streams that
 //! bypass the loop ([`pieces`]).
 
+pub(crate) mod accept;
 pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
@@ -224,6 +225,7 @@ mod behaviour {
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
         pub(super) stream: libp2p_stream::Behaviour,
+        pub(super) accept: super::accept::Behaviour,
         pub(super) announce: AnnounceBehaviour,
     }
 }
@@ -1069,6 +1071,7 @@ fn build_swarm(
     keypair: identity::Keypair,
     config: &Config,
     dial_scopes: &DialScopes,
+    accept: accept::Behaviour,
 ) -> Result<libp2p::Swarm<Behaviour>, Error> {
     let dht_on = config.mode.uses_dht();
     let make_behaviour =
@@ -1097,6 +1100,7 @@ fn build_swarm(
                     request_config(Duration::from_secs(20)),
                 ),
                 stream: libp2p_stream::Behaviour::new(),
+                accept,
                 announce: request_response::Behaviour::new(
                     [(
                         StreamProtocol::new(ANNOUNCE_PROTOCOL),
@@ -1168,7 +1172,8 @@ pub(crate) async fn spawn(
     } else {
         None
     };
-    let mut swarm = build_swarm(keypair, &config, &dial_scopes)?;
+    let (accept, incoming) = accept::Behaviour::new();
+    let mut swarm = build_swarm(keypair, &config, &dial_scopes, accept)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -1211,13 +1216,13 @@ pub(crate) async fn spawn(
     let (connected, connected_rx) = tokio::sync::watch::channel(0usize);
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
-    let mut control = swarm.behaviour().stream.new_control();
+    let control = swarm.behaviour().stream.new_control();
     let slots = start_pieces(
         &config,
         (&store, &bandwidth, &counters, &max_upload_peers),
-        &mut control,
+        incoming,
         &shutdown,
-    )?;
+    );
     let pool = Arc::new(pieces::Pool::default());
     let handle = Handle {
         commands: tx.clone(),
@@ -1290,11 +1295,8 @@ pub(crate) async fn spawn(
     Ok((handle, task))
 }
 
-/// The upload slots, and the piece streams' server on them, started on `control` until
-/// `shutdown`.
-///
-/// # Errors
-/// [`Error::Swarm`] when piece streams are accepted already.
+/// The upload slots, and the piece streams' server on them, serving the streams `incoming`
+/// brings until `shutdown`.
 fn start_pieces(
     config: &Config,
     (store, bandwidth, counters, max_upload_peers): (
@@ -1303,9 +1305,9 @@ fn start_pieces(
         &Arc<UploadCounters>,
         &Arc<std::sync::atomic::AtomicUsize>,
     ),
-    control: &mut libp2p_stream::Control,
+    incoming: accept::Incoming,
     shutdown: &CancellationToken,
-) -> Result<Arc<pieces::UploadSlots>, Error> {
+) -> Arc<pieces::UploadSlots> {
     let slots = Arc::new(pieces::UploadSlots::new(
         config.max_concurrent_uploads,
         uploads_per_peer(config.max_concurrent_uploads),
@@ -1319,8 +1321,8 @@ fn start_pieces(
         bandwidth.clone(),
         counters.clone(),
     );
-    pieces::Server::new(server, config.piece_timeout).start(control, shutdown.clone())?;
-    Ok(slots)
+    pieces::Server::new(server, config.piece_timeout).start(incoming, shutdown.clone());
+    slots
 }
 
 /// A provider lookup in progress: the providers found so far and who wants to hear of them.

@@ -25,7 +25,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_protocol::{Message, PIECE_PROTOCOL, PieceRequest, PieceResponse};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -238,33 +237,22 @@ impl Server {
         }
     }
 
-    /// Accepts piece streams on `control` and serves them from a task of its own until
-    /// `shutdown`.
-    ///
-    /// # Errors
-    /// [`crate::Error::Swarm`] when piece streams are accepted already.
-    pub(crate) fn start(
-        self,
-        control: &mut libp2p_stream::Control,
-        shutdown: CancellationToken,
-    ) -> Result<(), crate::Error> {
-        let incoming = control
-            .accept(protocol())
-            .map_err(|e| crate::Error::Swarm(format!("cannot serve piece streams: {e}")))?;
+    /// Serves the piece streams `incoming` brings (from [`super::accept::Behaviour`]) from a
+    /// task of its own until `shutdown`.
+    pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
         tokio::spawn(Arc::new(self).run(incoming, shutdown));
-        Ok(())
     }
 
     /// Serves every piece stream peers open, each in a task of its own, until `shutdown`.
     async fn run(
         self: Arc<Self>,
-        mut incoming: libp2p_stream::IncomingStreams,
+        mut incoming: super::accept::Incoming,
         shutdown: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                next = incoming.next() => {
+                next = incoming.recv() => {
                     let Some((peer, stream)) = next else { break };
                     if let Some(guard) = self.admit(peer) {
                         self.counters.streams.fetch_add(1, Relaxed);
