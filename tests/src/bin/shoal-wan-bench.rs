@@ -255,6 +255,11 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if line.contains(marker) {
+                    if marker == " file(s), " {
+                        // What the node got from where: bytes from peers beyond the file's
+                        // size were fetched twice.
+                        eprintln!("    node {i}: {line}");
+                    }
                     let _ = tx.send((i, Some(start.elapsed())));
                     return;
                 }
