@@ -126,6 +126,21 @@ struct Outcome {
     origin_bytes: u64,
     done: Vec<f64>,
     cpu: f64,
+    /// The largest peak resident set of the N processes, MiB.
+    peak_rss_mib: f64,
+}
+
+/// The peak resident set of a live process (`VmHWM` in `/proc/PID/status`), MiB; 0 when
+/// unknown.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// CPU seconds (user + system) a live process has used, from `/proc/PID/stat`.
@@ -273,6 +288,7 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
     let bound = Duration::from_secs_f64(one_copy * (n as f64 + 2.0) * 1.5 + 60.0);
     let mut done = Vec::new();
     let mut cpu = 0.0;
+    let mut peak = 0.0f64;
     while done.len() < n {
         match rx.recv_timeout(bound.saturating_sub(start.elapsed())) {
             Ok((_, Some(t))) => {
@@ -280,6 +296,13 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
                 if done.len() == n {
                     cpu = children.iter().map(|c| cpu_seconds(c.0.id())).sum::<f64>()
                         - seed_ready_cpu;
+                    // The seed (the first child, with `seed`) is not a leecher.
+                    let skip = usize::from(contender == "seed");
+                    peak = children
+                        .iter()
+                        .skip(skip)
+                        .map(|c| peak_rss_mib(c.0.id()))
+                        .fold(0.0, f64::max);
                 }
             }
             Ok((i, None)) => {
@@ -317,6 +340,7 @@ fn run_contender(cell: &Cell, contender: &str, digest: &str, n: usize) -> Result
         origin_bytes: tx1 - tx0,
         done,
         cpu,
+        peak_rss_mib: peak,
     })
 }
 
@@ -445,13 +469,14 @@ fn run() -> Result<(), String> {
                         for run in 0..args.runs {
                             let o = run_contender(&cell, contender, digest, n)?;
                             eprintln!(
-                                "  N={n} {contender} {digest} run {run}: {:.3} copies, done {:?}, CPU {:.2} s",
+                                "  N={n} {contender} {digest} run {run}: {:.3} copies, done {:?}, CPU {:.2} s, peak RSS {:.1} MiB",
                                 o.origin_bytes as f64 / unit,
                                 o.done
                                     .iter()
                                     .map(|t| (t * 10.0).round() / 10.0)
                                     .collect::<Vec<_>>(),
-                                o.cpu
+                                o.cpu,
+                                o.peak_rss_mib
                             );
                             copies.push(o.origin_bytes as f64 / unit);
                             last.push(o.done[n - 1]);
