@@ -157,30 +157,14 @@ mod tests {
     use std::time::Duration;
 
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-    use libp2p::{multiaddr::Protocol, noise, swarm::SwarmEvent, tcp, yamux};
+    use libp2p::{multiaddr::Protocol, swarm::SwarmEvent};
 
     use super::*;
-
-    /// A swarm on 127.0.0.1 with behaviour `b`.
-    fn swarm<B: NetworkBehaviour>(b: B) -> libp2p::Swarm<B> {
-        libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .unwrap()
-            .with_behaviour(|_| b)
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build()
-    }
 
     #[tokio::test]
     async fn piece_streams_wait_in_the_queue_until_the_server_takes_them() {
         let (accept, mut incoming) = Behaviour::new();
-        let mut server = swarm(accept);
+        let mut server = super::super::test_swarm(|_| accept);
         server
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
             .unwrap();
@@ -195,7 +179,7 @@ mod tests {
                 server.select_next_some().await;
             }
         });
-        let mut client = swarm(libp2p_stream::Behaviour::new());
+        let mut client = super::super::test_swarm(|_| libp2p_stream::Behaviour::new());
         let mut control = client.behaviour().new_control();
         client.dial(addr.with(Protocol::P2p(server_id))).unwrap();
         let client_id = *client.local_peer_id();

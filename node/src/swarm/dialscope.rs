@@ -342,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn an_address_a_peer_stated_is_dialed_only_in_an_open_scope() {
         use futures::StreamExt;
-        use libp2p::{kad, noise, swarm::DialError, tcp, yamux};
+        use libp2p::{kad, swarm::DialError};
         use std::time::Duration;
         for open in [false, true] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -352,23 +352,13 @@ mod tests {
             } else {
                 DialScopes::new([&a("/ip4/8.8.8.8/tcp/4001")], false)
             };
-            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-                .with_tokio()
-                .with_tcp(
-                    tcp::Config::default(),
-                    noise::Config::new,
-                    yamux::Config::default,
+            let mut swarm = crate::swarm::test_swarm(|key| {
+                let me = key.public().to_peer_id();
+                ScopedDial::new(
+                    kad::Behaviour::new(me, kad::store::MemoryStore::new(me)),
+                    scopes,
                 )
-                .unwrap()
-                .with_behaviour(|key| {
-                    let me = key.public().to_peer_id();
-                    ScopedDial::new(
-                        kad::Behaviour::new(me, kad::store::MemoryStore::new(me)),
-                        scopes,
-                    )
-                })
-                .unwrap()
-                .build();
+            });
             let stranger = PeerId::random();
             swarm
                 .behaviour_mut()

@@ -1986,6 +1986,30 @@ fn serve_piece(store: &ContentStore, req: &PieceRequest) -> PieceResponse {
     }
 }
 
+/// A swarm for tests: TCP with noise and yamux, the behaviour `make` builds from the new
+/// identity, connections kept 60 s idle.
+///
+/// # Panics
+/// When the transport or the behaviour cannot be built.
+#[cfg(test)]
+pub(crate) fn test_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    make: impl FnOnce(&identity::Keypair) -> B,
+) -> Swarm<B> {
+    use libp2p::{noise, yamux};
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp transport")
+        .with_behaviour(make)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use futures::io::Cursor;
