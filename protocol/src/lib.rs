@@ -36,6 +36,11 @@ pub use message::{
 /// The protocol name of the have query, on which a node asks what a peer holds of a content id
 /// or of a SHA-256 digest.
 pub const HAVE_PROTOCOL: &str = "/shoal/have/1.0.0";
+/// The protocol name of have queries on a long-lived stream: one [`HaveRequest`], then its
+/// [`HaveResponse`], each framed like every message, then the next request, and so on, the
+/// way [`PIECE_PROTOCOL`] carries pieces (`docs/protocol.md`). A node asks a peer that does
+/// not speak it with [`HAVE_PROTOCOL`], one request-response stream per query.
+pub const HAVE_STREAM_PROTOCOL: &str = "/shoal/have/2.0.0";
 /// The protocol name of the piece layer fetch.
 pub const LAYER_PROTOCOL: &str = "/shoal/layer/1.0.0";
 /// The protocol name of announcements: a node pushes what it holds and fetches of a content

@@ -924,6 +924,46 @@ async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
 }
 
 #[tokio::test]
+async fn have_queries_to_one_peer_share_one_long_lived_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    // 3 MiB from a seed that uploads 1 MiB/s: the download spans several have rounds (one
+    // every 250 ms).
+    let data = content(3 << 20, 18);
+    origin.put("f.bin", data.clone());
+    let path = dir.path().join("seed.bin");
+    std::fs::write(&path, &data).unwrap();
+    let seed = test_node(&[]).await;
+    seed.set_bandwidth(shoal_node::config::BandwidthLimits {
+        upload: Some(1 << 20),
+        ..Default::default()
+    });
+    seed.seed(&path).await.unwrap();
+    let node = test_node(std::slice::from_ref(&seed)).await;
+    let rec = Arc::new(Recorder::default());
+    let dest = dir.path().join("out.bin");
+    let job = start_job(
+        &node,
+        spec(origin.url("f.bin"), &dest, blake3_only(&data)),
+        &rec,
+    )
+    .await;
+    let info = wait_for(&node, job, &[State::Transferred]).await;
+    node.complete(job).await.unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
+    let served = seed.upload_stats();
+    // Every query came on a have stream, one after another on the same one or two.
+    assert_eq!(served.have_requests, 0, "{served:?}");
+    assert!(
+        (1..=2).contains(&served.have_streams) && served.have_on_streams >= 4,
+        "{served:?}"
+    );
+    node.shutdown().await;
+    seed.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;

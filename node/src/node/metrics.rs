@@ -10,6 +10,9 @@
 //! | `shoal_downloaded_bytes_total` | counter | `source` = origin, lan, group, cache |
 //! | `shoal_uploaded_bytes_total` | counter | |
 //! | `shoal_upload_busy_total` (piece requests answered Busy) | counter | |
+//! | `shoal_upload_streams_total` (piece streams peers opened) | counter | |
+//! | `shoal_have_streams_total` (have streams peers opened) | counter | |
+//! | `shoal_have_requests_total` (have queries from peers without have streams) | counter | |
 //! | `shoal_pieces_rejected_total` | counter | |
 //! | `shoal_peers_banned_total` | counter | |
 //! | `shoal_percent_peer_caching` | gauge | |
@@ -88,6 +91,18 @@ impl Collector for NodeCollector {
                 "Piece streams peers opened to this node (each carries many piece requests)",
                 None,
                 uploads.streams,
+            ),
+            (
+                "shoal_have_streams",
+                "Have streams peers opened to this node (each carries many have queries)",
+                None,
+                uploads.have_streams,
+            ),
+            (
+                "shoal_have_requests",
+                "Have queries answered with request-response, from peers without have streams",
+                None,
+                uploads.have_requests,
             ),
             (
                 "shoal_pieces_rejected",

@@ -1,4 +1,4 @@
-//! Inbound piece streams, handed to the piece server without being dropped under load.
+//! Inbound piece and have streams, handed to their servers without being dropped under load.
 //!
 //! `libp2p-stream` 0.5.0-alpha hands inbound streams over a channel of capacity one
 //! (`mpsc::channel(0)` with one sender) and drops (resets) a stream that arrives while the
@@ -7,14 +7,17 @@
 //! node, 25 piece streams were reset this way, each a failed piece request at the client, and
 //! once in a while a client gave up on the cache node for a piece and took it from the origin.
 //! Newer `libp2p-stream` sources take a buffer size, but no release that works with
-//! `libp2p-swarm` 0.48 does. This behaviour accepts [`pieces::protocol`] on every connection
-//! and queues what arrives, up to [`BACKLOG`] streams; outbound piece streams still open
-//! through `libp2p-stream`'s `Control`. Decision record: `docs/decisions/0021-piece-streams.md`.
+//! `libp2p-swarm` 0.48 does. This behaviour accepts [`pieces::protocol`] and
+//! [`have::protocol`] on every connection and queues what arrives, up to [`BACKLOG`] streams of
+//! each; outbound streams still open through `libp2p-stream`'s `Control`. Decision records:
+//! `docs/decisions/0021-piece-streams.md`, `docs/decisions/0022-have-streams.md`.
 //!
 //! [`pieces::protocol`]: super::pieces::protocol
+//! [`have::protocol`]: super::have::protocol
 
 use std::{
     convert::Infallible,
+    iter,
     task::{Context, Poll},
 };
 
@@ -23,7 +26,7 @@ use libp2p::{
     core::{
         Endpoint,
         transport::PortUse,
-        upgrade::{DeniedUpgrade, ReadyUpgrade},
+        upgrade::{DeniedUpgrade, InboundUpgrade, UpgradeInfo},
     },
     swarm::{
         ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
@@ -34,33 +37,52 @@ use libp2p::{
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::pieces;
+use super::{have, pieces};
 
-/// Inbound piece streams queued for the server at most, from all peers together; one more is
-/// reset. The server takes each at once (it only counts it and starts a task), so the queue
-/// fills only when that task cannot run; each peer's streams are limited after it,
-/// [`pieces::MAX_STREAMS_PER_PEER`].
+/// Inbound streams of one protocol queued for its server at most, from all peers together; one
+/// more is reset. A server takes each at once (it only counts it and starts a task), so a queue
+/// fills only when that task cannot run; each peer's streams are limited after it
+/// ([`pieces::MAX_STREAMS_PER_PEER`], [`have::MAX_STREAMS_PER_PEER`]).
 pub(crate) const BACKLOG: usize = 1024;
 
-/// Inbound piece streams with the peer that opened each, in the order they were negotiated.
+/// Inbound streams of one protocol with the peer that opened each, in the order they were
+/// negotiated.
 pub(crate) type Incoming = mpsc::Receiver<(PeerId, Stream)>;
 
-/// The behaviour that accepts inbound piece streams; it emits no events.
+/// The streams this behaviour's connections negotiated: piece streams and have streams, each
+/// in its queue.
+pub(crate) struct Accepted {
+    /// Piece streams ([`pieces::protocol`]).
+    pub(crate) pieces: Incoming,
+    /// Have streams ([`have::protocol`]).
+    pub(crate) have: Incoming,
+}
+
+/// The behaviour that accepts inbound piece and have streams; it emits no events.
 pub(crate) struct Behaviour {
-    queue: mpsc::Sender<(PeerId, Stream)>,
+    pieces: mpsc::Sender<(PeerId, Stream)>,
+    have: mpsc::Sender<(PeerId, Stream)>,
 }
 
 impl Behaviour {
-    /// The behaviour and the queue its connections fill ([`BACKLOG`] streams at most).
-    pub(crate) fn new() -> (Self, Incoming) {
-        let (queue, incoming) = mpsc::channel(BACKLOG);
-        (Self { queue }, incoming)
+    /// The behaviour and the queues its connections fill ([`BACKLOG`] streams of each at most).
+    pub(crate) fn new() -> (Self, Accepted) {
+        let (pieces, pieces_rx) = mpsc::channel(BACKLOG);
+        let (have, have_rx) = mpsc::channel(BACKLOG);
+        (
+            Self { pieces, have },
+            Accepted {
+                pieces: pieces_rx,
+                have: have_rx,
+            },
+        )
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
         Handler {
             peer,
-            queue: self.queue.clone(),
+            pieces: self.pieces.clone(),
+            have: self.have.clone(),
         }
     }
 }
@@ -106,23 +128,47 @@ impl NetworkBehaviour for Behaviour {
     }
 }
 
-/// One connection's side: offers the piece protocol to every inbound substream and queues the
-/// streams negotiated on it.
+/// The protocols accepted: the stream as negotiated, with its protocol.
+#[derive(Clone, Debug)]
+pub(crate) struct Protocols;
+
+impl UpgradeInfo for Protocols {
+    type Info = libp2p::StreamProtocol;
+    type InfoIter = iter::Chain<iter::Once<Self::Info>, iter::Once<Self::Info>>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        iter::once(pieces::protocol()).chain(iter::once(have::protocol()))
+    }
+}
+
+impl InboundUpgrade<Stream> for Protocols {
+    type Output = (Stream, libp2p::StreamProtocol);
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Output, Infallible>>;
+
+    fn upgrade_inbound(self, stream: Stream, protocol: Self::Info) -> Self::Future {
+        std::future::ready(Ok((stream, protocol)))
+    }
+}
+
+/// One connection's side: offers the piece and have protocols to every inbound substream and
+/// queues the streams negotiated on it, each in its protocol's queue.
 pub(crate) struct Handler {
     peer: PeerId,
-    queue: mpsc::Sender<(PeerId, Stream)>,
+    pieces: mpsc::Sender<(PeerId, Stream)>,
+    have: mpsc::Sender<(PeerId, Stream)>,
 }
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = Infallible;
     type ToBehaviour = Infallible;
-    type InboundProtocol = ReadyUpgrade<libp2p::StreamProtocol>;
+    type InboundProtocol = Protocols;
     type OutboundProtocol = DeniedUpgrade;
     type InboundOpenInfo = ();
     type OutboundOpenInfo = Infallible;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
-        SubstreamProtocol::new(ReadyUpgrade::new(pieces::protocol()), ())
+        SubstreamProtocol::new(Protocols, ())
     }
 
     fn poll(
@@ -141,13 +187,19 @@ impl ConnectionHandler for Handler {
         event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Infallible>,
     ) {
         if let ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
-            protocol: stream,
+            protocol: (stream, protocol),
             ..
         }) = event
-            && let Err(e) = self.queue.try_send((self.peer, stream))
         {
-            // Dropping the stream resets it; the peer sees its request fail.
-            debug!(peer = %self.peer, "piece stream reset: {e}");
+            let queue = if protocol == have::protocol() {
+                &self.have
+            } else {
+                &self.pieces
+            };
+            if let Err(e) = queue.try_send((self.peer, stream)) {
+                // Dropping the stream resets it; the peer sees its request fail.
+                debug!(peer = %self.peer, %protocol, "inbound stream reset: {e}");
+            }
         }
     }
 }
@@ -163,7 +215,13 @@ mod tests {
 
     #[tokio::test]
     async fn piece_streams_wait_in_the_queue_until_the_server_takes_them() {
-        let (accept, mut incoming) = Behaviour::new();
+        let (
+            accept,
+            Accepted {
+                pieces: mut incoming,
+                ..
+            },
+        ) = Behaviour::new();
         let mut server = super::super::test_swarm(|_| accept);
         server
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())

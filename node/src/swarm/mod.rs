@@ -11,6 +11,7 @@ pub(crate) mod accept;
 pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
+pub(crate) mod have;
 pub(crate) mod lan;
 pub(crate) mod mux;
 pub(crate) mod pieces;
@@ -372,11 +373,12 @@ pub(crate) enum RequestError {
         /// What libp2p reported, kept as its type.
         error: request_response::OutboundFailure,
     },
-    /// A piece exchange on a piece stream failed: the stream could not be opened, the
-    /// request timed out ([`Config::piece_timeout`], `TimedOut`), the stream broke, or the
-    /// codec refused the response (`InvalidData`: longer than the piece, or not a piece
-    /// response).
-    #[error("piece request to {peer} failed: {error}")]
+    /// An exchange on a piece or have stream failed: the stream could not be opened
+    /// (`Unsupported`: the peer does not speak the protocol), the request timed out
+    /// ([`Config::piece_timeout`], [`HAVE_TIMEOUT`]; `TimedOut`), the stream broke, or the
+    /// codec refused the response (`InvalidData`: longer than asked, or not the response
+    /// expected).
+    #[error("request to {peer} on a stream failed: {error}")]
     Stream {
         /// The peer.
         peer: PeerId,
@@ -435,6 +437,14 @@ pub struct UploadStats {
     /// Piece streams peers opened to this node (each carries one request after another,
     /// decision 0021).
     pub streams: u64,
+    /// Have streams peers opened to this node (each carries one query after another,
+    /// decision 0022).
+    pub have_streams: u64,
+    /// Have queries answered on have streams.
+    pub have_on_streams: u64,
+    /// Have queries answered with request-response (`/shoal/have/1.0.0`, from peers that do
+    /// not speak have streams).
+    pub have_requests: u64,
 }
 
 #[derive(Debug, Default)]
@@ -444,6 +454,9 @@ pub(crate) struct UploadCounters {
     busy: std::sync::atomic::AtomicU64,
     peak_peers: std::sync::atomic::AtomicU64,
     streams: std::sync::atomic::AtomicU64,
+    pub(crate) have_streams: std::sync::atomic::AtomicU64,
+    pub(crate) have_on_streams: std::sync::atomic::AtomicU64,
+    pub(crate) have_requests: std::sync::atomic::AtomicU64,
 }
 
 /// Peer sources, shared between the loop (which learns them) and downloads (which count
@@ -496,6 +509,9 @@ pub(crate) struct Handle {
     streams: StreamControl,
     /// The piece streams kept open between requests.
     pool: Arc<pieces::Pool>,
+    /// The have streams kept open between queries, and the peers that speak only
+    /// request-response have queries.
+    have: Arc<have::Client>,
     /// The timeout of one piece exchange.
     piece_timeout: Duration,
 }
@@ -616,6 +632,9 @@ impl Handle {
             busy: self.uploads.busy.load(Relaxed),
             peak_peers: self.uploads.peak_peers.load(Relaxed),
             streams: self.uploads.streams.load(Relaxed),
+            have_streams: self.uploads.have_streams.load(Relaxed),
+            have_on_streams: self.uploads.have_on_streams.load(Relaxed),
+            have_requests: self.uploads.have_requests.load(Relaxed),
         }
     }
 
@@ -652,15 +671,36 @@ impl Handle {
         &self.cache_nodes
     }
 
-    /// Asks `peer` what it holds of a key (`request.origin_url` is for cache nodes).
+    /// Asks `peer` what it holds of a key (`request.origin_url` is for cache nodes): on a have
+    /// stream kept open from an earlier query or on a new one ([`have`]), within
+    /// [`HAVE_TIMEOUT`]; with request-response when the peer does not speak the stream
+    /// protocol.
     ///
     /// # Errors
-    /// [`RequestError`] when the request fails.
+    /// [`RequestError`] when the query fails.
     pub(crate) async fn have(
         &self,
         peer: PeerId,
         request: HaveRequest,
     ) -> Result<HaveResponse, RequestError> {
+        if !self.have.is_old(&peer) {
+            let asked = self
+                .exchange_on(
+                    (&self.have.pool, have::protocol(), HAVE_TIMEOUT),
+                    peer,
+                    &request,
+                    HaveResponse::MAX_LEN_BYTES,
+                )
+                .await;
+            match asked {
+                Err(RequestError::Stream { error, .. })
+                    if error.kind() == io::ErrorKind::Unsupported =>
+                {
+                    self.have.set_old(peer);
+                }
+                other => return other,
+            }
+        }
         self.request(peer, |tx| OutRequest::Have(request, tx)).await
     }
 
@@ -707,39 +747,78 @@ impl Handle {
             content_id: id,
             index,
         };
+        let limit = request
+            .response_limit_bytes()
+            .unwrap_or(PieceResponse::MAX_LEN_BYTES);
+        self.exchange_on(
+            (&self.pool, pieces::protocol(), self.piece_timeout),
+            peer,
+            &request,
+            limit,
+        )
+        .await
+    }
+
+    /// One exchange with `peer` on a stream of `protocol` taken from `pool` (or a new one),
+    /// within `timeout`: writes `request`, reads a response of at most `limit` bytes, and keeps
+    /// the stream in `pool` for the next. A kept stream that fails other than by a refused
+    /// response (the peer closed it meanwhile) is dropped and the request sent again once on a
+    /// new stream.
+    ///
+    /// # Errors
+    /// [`RequestError::Stream`]: `Unsupported` when the peer does not speak `protocol`,
+    /// `TimedOut`, `InvalidData` for a response the codec refuses, or the stream's I/O error.
+    async fn exchange_on<Req: Message, Resp: Message>(
+        &self,
+        (pool, protocol, timeout): (&pieces::Pool, StreamProtocol, Duration),
+        peer: PeerId,
+        request: &Req,
+        limit: usize,
+    ) -> Result<Resp, RequestError> {
+        let once = |mut stream: libp2p::Stream| async move {
+            write_message(&mut stream, request).await?;
+            let r = read_message_within(&mut stream, limit).await?;
+            Ok::<_, io::Error>((r, stream))
+        };
         let exchange = async {
-            if let Some(mut stream) = self.pool.take(&peer) {
-                match pieces::exchange(&mut stream, &request).await {
-                    Ok(r) => {
-                        self.pool.put(peer, stream);
+            if let Some(stream) = pool.take(&peer) {
+                match once(stream).await {
+                    Ok((r, stream)) => {
+                        pool.put(peer, stream);
                         return Ok(r);
                     }
                     Err(error) if error.kind() == io::ErrorKind::InvalidData => {
                         return Err(RequestError::Stream { peer, error });
                     }
-                    Err(e) => debug!(%peer, "a kept piece stream failed ({e}); opening another"),
+                    Err(e) => {
+                        debug!(%peer, %protocol, "a kept stream failed ({e}); opening another")
+                    }
                 }
             }
-            let mut stream = self.open_piece_stream(peer).await?;
-            let r = pieces::exchange(&mut stream, &request)
+            let stream = self.open_stream(peer, protocol.clone()).await?;
+            let (r, stream) = once(stream)
                 .await
                 .map_err(|error| RequestError::Stream { peer, error })?;
-            self.pool.put(peer, stream);
+            pool.put(peer, stream);
             Ok(r)
         };
-        tokio::time::timeout(self.piece_timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(RequestError::Stream {
                     peer,
-                    error: io::Error::new(io::ErrorKind::TimedOut, "the piece request timed out"),
+                    error: io::Error::new(io::ErrorKind::TimedOut, "the request timed out"),
                 })
             })
     }
 
-    /// Opens a piece stream to `peer`, having the loop dial it first when it is not connected
-    /// (from a new port, at the addresses mDNS gave, as for any request).
-    async fn open_piece_stream(&self, peer: PeerId) -> Result<libp2p::Stream, RequestError> {
+    /// Opens a stream of `protocol` to `peer`, having the loop dial it first when it is not
+    /// connected (from a new port, at the addresses mDNS gave, as for any request).
+    async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p::Stream, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Connect(peer, tx))
@@ -748,7 +827,7 @@ impl Handle {
         rx.await.map_err(|_| RequestError::Shutdown)?;
         let mut control = self.streams.0.clone();
         control
-            .open_stream(peer, pieces::protocol())
+            .open_stream(peer, protocol)
             .await
             .map_err(|e| RequestError::Stream {
                 peer,
@@ -808,6 +887,9 @@ fn dial_addr(addr: Multiaddr) -> DialOpts {
         .allocate_new_port()
         .build()
 }
+
+/// How long one have query may take, on either protocol.
+pub(crate) const HAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn request_config(timeout: Duration) -> request_response::Config {
     request_response::Config::default()
@@ -1093,7 +1175,7 @@ fn build_swarm(
                 ),
                 have: request_response::Behaviour::new(
                     [(StreamProtocol::new(HAVE_PROTOCOL), ProtocolSupport::Full)],
-                    request_config(Duration::from_secs(10)),
+                    request_config(HAVE_TIMEOUT),
                 ),
                 layer: request_response::Behaviour::new(
                     [(StreamProtocol::new(LAYER_PROTOCOL), ProtocolSupport::Full)],
@@ -1172,7 +1254,7 @@ pub(crate) async fn spawn(
     } else {
         None
     };
-    let (accept, incoming) = accept::Behaviour::new();
+    let (accept, accepted) = accept::Behaviour::new();
     let mut swarm = build_swarm(keypair, &config, &dial_scopes, accept)?;
     for addr in &config.listen {
         swarm
@@ -1217,13 +1299,14 @@ pub(crate) async fn spawn(
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
     let control = swarm.behaviour().stream.new_control();
-    let slots = start_pieces(
+    let (slots, answers) = start_servers(
         &config,
         (&store, &bandwidth, &counters, &max_upload_peers),
-        incoming,
+        (accepted, fills),
         &shutdown,
     );
     let pool = Arc::new(pieces::Pool::default());
+    let have_client = Arc::new(have::Client::default());
     let handle = Handle {
         commands: tx.clone(),
         peer_id,
@@ -1237,6 +1320,7 @@ pub(crate) async fn spawn(
         max_upload_peers,
         streams: StreamControl(control),
         pool: pool.clone(),
+        have: have_client.clone(),
         piece_timeout: config.piece_timeout,
     };
     let listening = !config.listen.is_empty();
@@ -1277,7 +1361,8 @@ pub(crate) async fn spawn(
         announcements,
         connected,
         metrics: registry.map(libp2p::metrics::Metrics::new),
-        fills,
+        answers,
+        have_client,
         bandwidth,
         dht_protocol: config
             .group
@@ -1297,7 +1382,9 @@ pub(crate) async fn spawn(
 
 /// The upload slots, and the piece streams' server on them, serving the streams `incoming`
 /// brings until `shutdown`.
-fn start_pieces(
+/// Starts the servers of inbound piece streams and have streams (`fills`: a cache node's fill
+/// task); returns the upload slots and how have queries are answered.
+fn start_servers(
     config: &Config,
     (store, bandwidth, counters, max_upload_peers): (
         &Arc<ContentStore>,
@@ -1305,9 +1392,16 @@ fn start_pieces(
         &Arc<UploadCounters>,
         &Arc<std::sync::atomic::AtomicUsize>,
     ),
-    incoming: accept::Incoming,
+    (accepted, fills): (accept::Accepted, Option<mpsc::Sender<FillRequest>>),
     shutdown: &CancellationToken,
-) -> Arc<pieces::UploadSlots> {
+) -> (Arc<pieces::UploadSlots>, have::Answers) {
+    let answers = have::Answers {
+        store: store.clone(),
+        bandwidth: bandwidth.clone(),
+        fills,
+        counters: counters.clone(),
+    };
+    have::Server::new(answers.clone()).start(accepted.have, shutdown.clone());
     let slots = Arc::new(pieces::UploadSlots::new(
         config.max_concurrent_uploads,
         uploads_per_peer(config.max_concurrent_uploads),
@@ -1321,8 +1415,8 @@ fn start_pieces(
         bandwidth.clone(),
         counters.clone(),
     );
-    pieces::Server::new(server, config.piece_timeout).start(incoming, shutdown.clone());
-    slots
+    pieces::Server::new(server, config.piece_timeout).start(accepted.pieces, shutdown.clone());
+    (slots, answers)
 }
 
 /// A provider lookup in progress: the providers found so far and who wants to hear of them.
@@ -1372,8 +1466,11 @@ struct EventLoop {
     /// Peers connected now (read by the metrics).
     connected: tokio::sync::watch::Sender<usize>,
     metrics: Option<libp2p::metrics::Metrics>,
-    /// A cache node's fill task: have requests with an origin URL for content not held.
-    fills: Option<mpsc::Sender<FillRequest>>,
+    /// How have queries are answered (request-response ones here, stream ones in `have`); a
+    /// cache node's fill task takes those with an origin URL for content not held.
+    answers: have::Answers,
+    /// The have streams kept open (swept here when a peer disconnects).
+    have_client: Arc<have::Client>,
     /// The upload bucket and the monthly upload cap.
     bandwidth: Arc<crate::source::bandwidth::Bandwidth>,
     dht_protocol: String,
@@ -1511,6 +1608,7 @@ impl EventLoop {
             self.republish_all();
         }
         self.pool.sweep(None);
+        self.have_client.sweep(None);
         // Without any connection the DHT is cut off: go back to the bootstrap peers.
         if self.swarm.connected_peers().next().is_none() {
             for addr in self.bootstrap.clone() {
@@ -1748,6 +1846,7 @@ impl EventLoop {
             } => {
                 self.connected.send_modify(|n| *n = n.saturating_sub(1));
                 self.pool.sweep(Some(peer_id));
+                self.have_client.sweep(Some(peer_id));
             }
             _ => {}
         }
@@ -1847,22 +1946,7 @@ impl EventLoop {
     fn on_have(&mut self, e: request_response::Event<HaveRequest, HaveResponse>) {
         if let Routed::Request(peer, request, channel) = route(&mut self.pending_have, e) {
             // Past the monthly upload cap the node serves nothing, so it holds nothing either.
-            let response = if self.bandwidth.cap_reached() {
-                HaveResponse(None)
-            } else {
-                HaveResponse(self.store.have(&request.key))
-            };
-            if response.0.is_none()
-                && !self.bandwidth.cap_reached()
-                && let (Some(fills), Some(url)) = (&self.fills, request.origin_url)
-            {
-                // A full queue drops the request: the asker asks again.
-                let _ = fills.try_send(FillRequest {
-                    peer,
-                    key: request.key,
-                    origin_url: url,
-                });
-            }
+            let response = self.answers.answer(peer, request, false);
             let _ = self
                 .swarm
                 .behaviour_mut()

@@ -147,7 +147,7 @@ impl Drop for UploadSlot {
 }
 
 /// Counts one less for `peer` in `counts`, forgetting a peer at zero.
-fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
+pub(super) fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
     let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(n) = counts.get_mut(peer) {
         *n -= 1;

@@ -724,6 +724,15 @@ async fn prometheus_metrics_count_bytes_by_source_next_to_libp2p_metrics() {
             "shoal_jobs{state=\"Transferred\"} 1"
         );
         assert!(text.contains("shoal_percent_peer_caching 100"), "{text}");
+        // The leecher asked; nobody asked it, on either have protocol.
+        assert_eq!(
+            line("shoal_have_streams_total"),
+            "shoal_have_streams_total 0"
+        );
+        assert_eq!(
+            line("shoal_have_requests_total"),
+            "shoal_have_requests_total 0"
+        );
         // libp2p's metrics are in the same registry.
         assert!(
             text.contains("libp2p_swarm_connections_established_total"),
