@@ -24,6 +24,8 @@ pub(super) struct Assembly {
     pub(super) swarm_of: Option<shoal_validator::Sha256Digest>,
     /// Own pieces or claims changed since coverage was last checked.
     pub(super) changed: bool,
+    /// When the last gathering from claims started.
+    pub(super) last_gather: Option<std::time::Instant>,
 }
 
 impl Assembly {
@@ -38,6 +40,20 @@ impl Assembly {
         self.claims
             .values()
             .any(|b| b.ones().any(|i| !self.knows(i as usize)))
+    }
+
+    /// Whether every chaining value is known here or can be told by some peer: a gathering
+    /// now could assemble the layer.
+    pub(super) fn could_complete(&self) -> bool {
+        let mut told: Vec<bool> = (0..self.own.len()).map(|i| self.knows(i)).collect();
+        for b in self.claims.values() {
+            for i in b.ones() {
+                if let Some(t) = told.get_mut(i as usize) {
+                    *t = true;
+                }
+            }
+        }
+        told.iter().all(|&t| t)
     }
 
     /// The chaining values known here: own, else relayed.

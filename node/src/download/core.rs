@@ -967,7 +967,9 @@ impl Core {
             });
         }
         // Gather chaining values from peers that can tell ones not known here, and assemble
-        // the layer once all are known (a peer with a verified layer gives it whole).
+        // the layer once all are known (a peer with a verified layer gives it whole). Values
+        // that cannot complete the layer yet are gathered at most every `GATHER_EVERY`; once
+        // every value is known here or told by some peer, at once.
         if self.layer.is_none()
             && let Some(a) = &mut self.assembly
             && !a.running
@@ -975,16 +977,20 @@ impl Core {
             && a.swarm_of.is_none()
             // Checked only after own pieces or peers' values changed: it walks every piece
             // against every peer.
-            && std::mem::take(&mut a.changed)
-            && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
+            && a.changed
+            && (a.last_gather.is_none_or(|t| now >= t + super::GATHER_EVERY) || a.could_complete())
         {
-            a.running = true;
-            self.actions.push_back(Action::Gather {
-                content_id: a.id,
-                known: a.known(),
-                claims: a.claims.iter().map(|(p, b)| (*p, b.clone())).collect(),
-                full_from: Vec::new(),
-            });
+            a.changed = false;
+            if a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)) {
+                a.running = true;
+                a.last_gather = Some(now);
+                self.actions.push_back(Action::Gather {
+                    content_id: a.id,
+                    known: a.known(),
+                    claims: a.claims.iter().map(|(p, b)| (*p, b.clone())).collect(),
+                    full_from: Vec::new(),
+                });
+            }
         }
     }
 }
@@ -1059,6 +1065,7 @@ mod tests {
             running: true,
             swarm_of: None,
             changed: false,
+            last_gather: None,
         };
         Core::new(
             Setup {
@@ -1482,6 +1489,7 @@ mod tests {
             running: false,
             swarm_of: None,
             changed: false,
+            last_gather: None,
         };
         // No origin: what is missing comes from peers or not at all.
         let mut core = Core::new(
@@ -1627,6 +1635,57 @@ mod tests {
         assert!(pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
         core.handle_failed(t0, 0, peer, true);
         assert!(!pieces_asked(&drain(&mut core, t0)).contains(&(peer, 0)));
+    }
+
+    #[test]
+    fn values_that_cannot_complete_the_layer_are_gathered_once_a_second_and_the_last_at_once() {
+        let t0 = Instant::now();
+        let (layer, _) = layer_of(4);
+        let id = layer.content_id();
+        let cvs = layer.chaining_values().to_vec();
+        let mut core = assembling(&layer, vec![None; 4], vec![None; 4], t0);
+        core.assembly.as_mut().unwrap().running = false;
+        core.start(t0, Vec::new());
+        drain(&mut core, t0);
+        let claims = |pieces: &[u32]| Holding {
+            claimed: {
+                let mut b = Bitfield::new(4);
+                for &i in pieces {
+                    b.set(i);
+                }
+                b
+            },
+            ..holding(id, &[])
+        };
+        let gathers = |actions: &[Action]| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Gather { .. }))
+                .count()
+        };
+        // A first claim: gathered at once.
+        core.handle_holding(t0, PeerId::random(), claims(&[0]));
+        assert_eq!(gathers(&drain(&mut core, t0)), 1);
+        let t1 = t0 + Duration::from_millis(10);
+        core.handle_assembled(t1, Assembled::Learned(vec![(0, cvs[0])]));
+        drain(&mut core, t1);
+        // A second claim within the second, with pieces 2 and 3 known nowhere: it waits.
+        let t2 = t0 + Duration::from_millis(300);
+        core.handle_holding(t2, PeerId::random(), claims(&[1]));
+        assert_eq!(gathers(&drain(&mut core, t2)), 0);
+        let t3 = t0 + Duration::from_millis(600);
+        core.handle_timeout(t3);
+        assert_eq!(gathers(&drain(&mut core, t3)), 0);
+        // A second after the first, it goes.
+        let t4 = t0 + super::super::GATHER_EVERY;
+        core.handle_timeout(t4);
+        assert_eq!(gathers(&drain(&mut core, t4)), 1);
+        core.handle_assembled(t4, Assembled::Learned(vec![(1, cvs[1])]));
+        drain(&mut core, t4);
+        // The claims that complete the layer are gathered at once.
+        let t5 = t4 + Duration::from_millis(100);
+        core.handle_holding(t5, PeerId::random(), claims(&[2, 3]));
+        assert_eq!(gathers(&drain(&mut core, t5)), 1);
     }
 
     #[test]
