@@ -886,23 +886,24 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
     seed.shutdown().await;
 }
 
-#[tokio::test]
-async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
+/// A seed of `data` (`setup` runs on it before it seeds) and a node that fetches `data` from
+/// it with its BLAKE3 given: the seed, the node, and the job at Transferred, completed, with
+/// every byte from the seed and none from the origin.
+async fn fetch_from_one_seed(data: &[u8], setup: impl FnOnce(&Node)) -> (Node, Node, JobInfo) {
     let dir = tempfile::tempdir().unwrap();
     let origin = TestOrigin::start().await;
-    // 4 MiB in 16 KiB pieces: 256 piece requests, all to the one seed.
-    let data = content(4 << 20, 17);
-    origin.put("f.bin", data.clone());
+    origin.put("f.bin", data.to_vec());
     let path = dir.path().join("seed.bin");
-    std::fs::write(&path, &data).unwrap();
+    std::fs::write(&path, data).unwrap();
     let seed = test_node(&[]).await;
+    setup(&seed);
     seed.seed(&path).await.unwrap();
     let node = test_node(std::slice::from_ref(&seed)).await;
     let rec = Arc::new(Recorder::default());
     let dest = dir.path().join("out.bin");
     let job = start_job(
         &node,
-        spec(origin.url("f.bin"), &dest, blake3_only(&data)),
+        spec(origin.url("f.bin"), &dest, blake3_only(data)),
         &rec,
     )
     .await;
@@ -911,6 +912,13 @@ async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
     assert_eq!(origin.state.bytes_served.load(Ordering::SeqCst), 0);
+    (seed, node, info)
+}
+
+#[tokio::test]
+async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
+    // 4 MiB in 16 KiB pieces: 256 piece requests, all to the one seed.
+    let (seed, node, _) = fetch_from_one_seed(&content(4 << 20, 17), |_| {}).await;
     let served = seed.upload_stats();
     assert!(served.pieces >= 256, "{served:?}");
     // One stream per request would be 256 streams; a leecher's pipeline to one peer is at
@@ -925,33 +933,15 @@ async fn piece_requests_to_one_peer_share_a_few_long_lived_streams() {
 
 #[tokio::test]
 async fn have_queries_to_one_peer_share_one_long_lived_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let origin = TestOrigin::start().await;
     // 3 MiB from a seed that uploads 1 MiB/s: the download spans several have rounds (one
     // every 250 ms).
-    let data = content(3 << 20, 18);
-    origin.put("f.bin", data.clone());
-    let path = dir.path().join("seed.bin");
-    std::fs::write(&path, &data).unwrap();
-    let seed = test_node(&[]).await;
-    seed.set_bandwidth(shoal_node::config::BandwidthLimits {
-        upload: Some(1 << 20),
-        ..Default::default()
-    });
-    seed.seed(&path).await.unwrap();
-    let node = test_node(std::slice::from_ref(&seed)).await;
-    let rec = Arc::new(Recorder::default());
-    let dest = dir.path().join("out.bin");
-    let job = start_job(
-        &node,
-        spec(origin.url("f.bin"), &dest, blake3_only(&data)),
-        &rec,
-    )
+    let (seed, node, _) = fetch_from_one_seed(&content(3 << 20, 18), |seed| {
+        seed.set_bandwidth(shoal_node::config::BandwidthLimits {
+            upload: Some(1 << 20),
+            ..Default::default()
+        });
+    })
     .await;
-    let info = wait_for(&node, job, &[State::Transferred]).await;
-    node.complete(job).await.unwrap();
-    assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert_eq!(info.files[0].bytes_from.peers(), data.len() as u64);
     let served = seed.upload_stats();
     // Every query came on a have stream, one after another on the same one or two.
     assert_eq!(served.have_requests, 0, "{served:?}");

@@ -17,8 +17,7 @@
 //! streams open to a node.
 
 use std::{
-    collections::{HashMap, HashSet},
-    io,
+    collections::HashSet,
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
 };
 
@@ -26,11 +25,14 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_protocol::{HAVE_STREAM_PROTOCOL, HaveRequest, HaveResponse};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use crate::{source::bandwidth::Bandwidth, store::ContentStore};
 
-use super::{FillRequest, UploadCounters, pieces, read_message, write_message};
+use super::{
+    FillRequest, UploadCounters,
+    pieces::{self, OpenStreams, next_request, serve_streams},
+    write_message,
+};
 
 /// Have streams one peer may have open to this node at once; more are reset at once. A node
 /// asks each peer one query at a time per download, so a few downloads at once fit.
@@ -92,79 +94,38 @@ impl Answers {
 #[derive(Debug)]
 pub(crate) struct Server {
     answers: Answers,
-    /// Have streams open now, per peer.
-    open: Mutex<HashMap<PeerId, usize>>,
 }
 
 impl Server {
     /// A server answering with `answers`.
     pub(crate) fn new(answers: Answers) -> Self {
-        Self {
-            answers,
-            open: Mutex::new(HashMap::new()),
-        }
+        Self { answers }
     }
 
     /// Serves the have streams `incoming` brings (from [`super::accept::Behaviour`]), each in a
-    /// task of its own, until `shutdown`.
-    pub(crate) fn start(self, mut incoming: super::accept::Incoming, shutdown: CancellationToken) {
+    /// task of its own, until `shutdown`; at most [`MAX_STREAMS_PER_PEER`] of one peer at once
+    /// ([`pieces::serve_streams`]).
+    pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
         let server = Arc::new(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    next = incoming.recv() => {
-                        let Some((peer, stream)) = next else { break };
-                        let Some(guard) = server.admit(peer) else {
-                            debug!(%peer, "too many have streams from one peer; one reset");
-                            continue;
-                        };
-                        server.answers.counters.have_streams.fetch_add(1, Relaxed);
-                        let s = server.clone();
-                        let stop = shutdown.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                () = stop.cancelled() => {}
-                                () = s.serve(peer, stream) => {}
-                            }
-                            drop(guard);
-                        });
-                    }
-                }
-            }
-        });
-    }
-
-    /// Counts a new stream of `peer`, unless it has [`MAX_STREAMS_PER_PEER`] open.
-    fn admit(self: &Arc<Self>, peer: PeerId) -> Option<OpenStream> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(peer).or_default();
-        if *n >= MAX_STREAMS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(OpenStream {
-            peer,
-            server: self.clone(),
-        })
+        let counters = server.answers.counters.clone();
+        serve_streams(
+            (incoming, OpenStreams::new(MAX_STREAMS_PER_PEER), "have"),
+            shutdown,
+            move || {
+                counters.have_streams.fetch_add(1, Relaxed);
+            },
+            move |peer, stream| {
+                let s = server.clone();
+                async move { s.serve(peer, stream).await }
+            },
+        );
     }
 
     /// Answers the queries on one stream until the peer closes it, stays silent for
     /// [`pieces::STREAM_IDLE`], sends what the codec refuses, or does not read an answer
     /// within [`super::HAVE_TIMEOUT`].
     async fn serve(&self, peer: PeerId, mut stream: Stream) {
-        loop {
-            let request: HaveRequest =
-                match tokio::time::timeout(pieces::STREAM_IDLE, read_message(&mut stream)).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        if e.kind() != io::ErrorKind::UnexpectedEof {
-                            debug!(%peer, "have stream closed: {e}");
-                        }
-                        return;
-                    }
-                    Err(_) => return,
-                };
+        while let Some(request) = next_request::<HaveRequest>(&mut stream, &peer, "have").await {
             let response = self.answers.answer(peer, request, true);
             let written =
                 tokio::time::timeout(super::HAVE_TIMEOUT, write_message(&mut stream, &response))
@@ -173,18 +134,6 @@ impl Server {
                 return;
             }
         }
-    }
-}
-
-/// One open have stream of a peer, counted until dropped.
-struct OpenStream {
-    peer: PeerId,
-    server: Arc<Server>,
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        pieces::give_back(&self.server.open, &self.peer);
     }
 }
 

@@ -147,7 +147,7 @@ impl Drop for UploadSlot {
 }
 
 /// Counts one less for `peer` in `counts`, forgetting a peer at zero.
-pub(super) fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
+fn give_back(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
     let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(n) = counts.get_mut(peer) {
         *n -= 1;
@@ -212,7 +212,7 @@ pub(crate) struct Server {
     /// The longest a response may take to be written.
     pub(crate) write_timeout: Duration,
     /// Piece streams open now, per peer.
-    open: Mutex<HashMap<PeerId, usize>>,
+    open: OpenStreams,
 }
 
 impl Server {
@@ -233,58 +233,27 @@ impl Server {
             bandwidth,
             counters,
             write_timeout,
-            open: Mutex::new(HashMap::new()),
+            open: OpenStreams::new(MAX_STREAMS_PER_PEER),
         }
     }
 
-    /// Serves the piece streams `incoming` brings (from [`super::accept::Behaviour`]) from a
-    /// task of its own until `shutdown`.
+    /// Serves the piece streams `incoming` brings (from [`super::accept::Behaviour`]), each in
+    /// a task of its own, until `shutdown` ([`serve_streams`]).
     pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
-        tokio::spawn(Arc::new(self).run(incoming, shutdown));
-    }
-
-    /// Serves every piece stream peers open, each in a task of its own, until `shutdown`.
-    async fn run(
-        self: Arc<Self>,
-        mut incoming: super::accept::Incoming,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = incoming.recv() => {
-                    let Some((peer, stream)) = next else { break };
-                    if let Some(guard) = self.admit(peer) {
-                        self.counters.streams.fetch_add(1, Relaxed);
-                        let s = self.clone();
-                        let stop = shutdown.clone();
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                () = stop.cancelled() => {}
-                                () = s.serve(peer, stream) => {}
-                            }
-                            drop(guard);
-                        });
-                    } else {
-                        debug!(%peer, "too many piece streams from one peer; one reset");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Counts a new stream of `peer`, unless it has [`MAX_STREAMS_PER_PEER`] open.
-    fn admit(self: &Arc<Self>, peer: PeerId) -> Option<OpenStream> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(peer).or_default();
-        if *n >= MAX_STREAMS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(OpenStream {
-            peer,
-            server: self.clone(),
-        })
+        let server = Arc::new(self);
+        let counters = server.counters.clone();
+        let open = server.open.clone();
+        serve_streams(
+            (incoming, open, "piece"),
+            shutdown,
+            move || {
+                counters.streams.fetch_add(1, Relaxed);
+            },
+            move |peer, stream| {
+                let s = server.clone();
+                async move { s.serve(peer, stream).await }
+            },
+        );
     }
 
     /// Answers the requests on one stream, one after another, until the peer closes it, stays
@@ -292,17 +261,10 @@ impl Server {
     /// within the write timeout.
     async fn serve(&self, peer: PeerId, mut stream: Stream) {
         loop {
-            let request: PieceRequest =
-                match tokio::time::timeout(STREAM_IDLE, read_message(&mut stream)).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        if e.kind() != io::ErrorKind::UnexpectedEof {
-                            debug!(%peer, "piece stream closed: {e}");
-                        }
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let Some(request) = next_request::<PieceRequest>(&mut stream, &peer, "piece").await
+            else {
+                return;
+            };
             let Some(slot) = self.slots.take(peer) else {
                 self.counters.busy.fetch_add(1, Relaxed);
                 if !self.respond(&mut stream, &PieceResponse::Busy).await {
@@ -348,15 +310,103 @@ impl Server {
     }
 }
 
-/// One open piece stream of a peer, counted until dropped.
-struct OpenStream {
+/// Streams of one protocol open now, per peer, at most `max` of one peer; cloned, the same
+/// counts.
+#[derive(Clone, Debug)]
+pub(crate) struct OpenStreams {
+    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
+    max: usize,
+}
+
+impl OpenStreams {
+    /// No stream open yet; at most `max` of one peer.
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            counts: Arc::default(),
+            max,
+        }
+    }
+
+    /// Counts a new stream of `peer`, unless it has `max` open; the count drops with the guard.
+    pub(crate) fn admit(&self, peer: PeerId) -> Option<OpenStream> {
+        let mut open = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(peer).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(OpenStream {
+            peer,
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+/// One open stream of a peer, counted until dropped.
+pub(crate) struct OpenStream {
     peer: PeerId,
-    server: Arc<Server>,
+    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        give_back(&self.server.open, &self.peer);
+        give_back(&self.counts, &self.peer);
+    }
+}
+
+/// Takes the streams `incoming` brings (of the protocol named `what`, for the logs) until
+/// `shutdown`, in a task of its own: each is admitted against `open` (else reset), counted
+/// with `opened`, and served by `serve` in a task of its own, which `shutdown` ends too.
+pub(crate) fn serve_streams<Fut>(
+    (mut incoming, open, what): (super::accept::Incoming, OpenStreams, &'static str),
+    shutdown: CancellationToken,
+    opened: impl Fn() + Send + 'static,
+    serve: impl Fn(PeerId, Stream) -> Fut + Send + 'static,
+) where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = incoming.recv() => {
+                    let Some((peer, stream)) = next else { break };
+                    let Some(guard) = open.admit(peer) else {
+                        debug!(%peer, "too many {what} streams from one peer; one reset");
+                        continue;
+                    };
+                    opened();
+                    let served = serve(peer, stream);
+                    let stop = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = served => {}
+                        }
+                        drop(guard);
+                    });
+                }
+            }
+        }
+    });
+}
+
+/// The next request on a served stream of the protocol named `what` (for the logs): `None`
+/// when the peer closed it, sent nothing for [`STREAM_IDLE`], or sent what the codec refuses.
+pub(crate) async fn next_request<M: Message>(
+    stream: &mut Stream,
+    peer: &PeerId,
+    what: &str,
+) -> Option<M> {
+    match tokio::time::timeout(STREAM_IDLE, read_message(stream)).await {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(e)) => {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                debug!(%peer, "{what} stream closed: {e}");
+            }
+            None
+        }
+        Err(_) => None,
     }
 }
 
