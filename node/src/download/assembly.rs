@@ -26,6 +26,9 @@ pub(super) struct Assembly {
     pub(super) changed: bool,
     /// When the last gathering from claims started.
     pub(super) last_gather: Option<std::time::Instant>,
+    /// A gathering is due (peers can tell values not known here), with whether it could
+    /// complete the layer ([`Self::could_complete`]); checked when `changed`.
+    pub(super) due: Option<bool>,
 }
 
 impl Assembly {

@@ -975,13 +975,18 @@ impl Core {
             && !a.running
             && !a.failed
             && a.swarm_of.is_none()
+        {
             // Checked only after own pieces or peers' values changed: it walks every piece
             // against every peer.
-            && a.changed
-            && (a.last_gather.is_none_or(|t| now >= t + super::GATHER_EVERY) || a.could_complete())
-        {
-            a.changed = false;
-            if a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)) {
+            if std::mem::take(&mut a.changed)
+                && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
+            {
+                a.due = Some(a.could_complete());
+            }
+            if let Some(complete) = a.due
+                && (complete || a.last_gather.is_none_or(|t| now >= t + super::GATHER_EVERY))
+            {
+                a.due = None;
                 a.running = true;
                 a.last_gather = Some(now);
                 self.actions.push_back(Action::Gather {
@@ -1066,6 +1071,7 @@ mod tests {
             swarm_of: None,
             changed: false,
             last_gather: None,
+            due: None,
         };
         Core::new(
             Setup {
@@ -1490,6 +1496,7 @@ mod tests {
             swarm_of: None,
             changed: false,
             last_gather: None,
+            due: None,
         };
         // No origin: what is missing comes from peers or not at all.
         let mut core = Core::new(

@@ -378,6 +378,7 @@ pub(super) async fn open_file<'r>(
         swarm_of,
         changed: true,
         last_gather: None,
+        due: None,
     };
     let sharing = use_peers && piece_count > 1 && !never_origin;
     let assembly = match (&layer, expected.blake3, expected.sha256) {
