@@ -776,8 +776,7 @@ impl Handle {
         limit: usize,
     ) -> Result<Resp, RequestError> {
         let once = |mut stream: libp2p::Stream| async move {
-            write_message(&mut stream, request).await?;
-            let r = read_message_within(&mut stream, limit).await?;
+            let r = pieces::exchange_within(&mut stream, request, limit).await?;
             Ok::<_, io::Error>((r, stream))
         };
         let exchange = async {

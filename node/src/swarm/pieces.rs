@@ -61,10 +61,27 @@ pub async fn exchange<S>(stream: &mut S, request: &PieceRequest) -> io::Result<P
 where
     S: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
 {
-    write_message(stream, request).await?;
     let limit = request
         .response_limit_bytes()
         .unwrap_or(PieceResponse::MAX_LEN_BYTES);
+    exchange_within(stream, request, limit).await
+}
+
+/// One exchange on a stream of one request after another (pieces, have queries): writes
+/// `request`, reads its response, of at most `limit` bytes.
+///
+/// # Errors
+/// The stream's I/O error; `InvalidData` for a response the codec refuses (longer than
+/// `limit`, or not a `Resp`).
+pub(crate) async fn exchange_within<Req: Message, Resp: Message, S>(
+    stream: &mut S,
+    request: &Req,
+    limit: usize,
+) -> io::Result<Resp>
+where
+    S: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
+{
+    write_message(stream, request).await?;
     read_message_within(stream, limit).await
 }
 
@@ -211,8 +228,6 @@ pub(crate) struct Server {
     pub(crate) counters: Arc<UploadCounters>,
     /// The longest a response may take to be written.
     pub(crate) write_timeout: Duration,
-    /// Piece streams open now, per peer.
-    open: OpenStreams,
 }
 
 impl Server {
@@ -233,7 +248,6 @@ impl Server {
             bandwidth,
             counters,
             write_timeout,
-            open: OpenStreams::new(MAX_STREAMS_PER_PEER),
         }
     }
 
@@ -242,9 +256,8 @@ impl Server {
     pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
         let server = Arc::new(self);
         let counters = server.counters.clone();
-        let open = server.open.clone();
         serve_streams(
-            (incoming, open, "piece"),
+            (incoming, OpenStreams::new(MAX_STREAMS_PER_PEER), "piece"),
             shutdown,
             move || {
                 counters.streams.fetch_add(1, Relaxed);
