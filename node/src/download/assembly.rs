@@ -37,26 +37,32 @@ impl Assembly {
         self.own[i].is_some() || self.relayed[i].is_some()
     }
 
+    /// The pieces whose chaining values are known here, as a bitfield.
+    fn known_bits(&self) -> Bitfield {
+        let mut known = Bitfield::new(self.own.len() as u32);
+        for i in (0..self.own.len()).filter(|&i| self.knows(i)) {
+            known.set(i as PieceIndex);
+        }
+        known
+    }
+
     /// Whether some peer can tell a chaining value not known here: a gathering round would
-    /// learn something.
+    /// learn something. Word by word: it runs after every change of own pieces or claims.
     pub(super) fn peers_know_more(&self) -> bool {
+        let known = self.known_bits();
         self.claims
             .values()
-            .any(|b| b.ones().any(|i| !self.knows(i as usize)))
+            .any(|b| b.words().zip(known.words()).any(|(c, k)| c & !k != 0))
     }
 
     /// Whether every chaining value is known here or can be told by some peer: a gathering
     /// now could assemble the layer.
     pub(super) fn could_complete(&self) -> bool {
-        let mut told: Vec<bool> = (0..self.own.len()).map(|i| self.knows(i)).collect();
+        let mut told = self.known_bits();
         for b in self.claims.values() {
-            for i in b.ones() {
-                if let Some(t) = told.get_mut(i as usize) {
-                    *t = true;
-                }
-            }
+            told.union_with(b);
         }
-        told.iter().all(|&t| t)
+        told.is_full()
     }
 
     /// The chaining values known here: own, else relayed.

@@ -2,6 +2,7 @@
 //! cache nodes and the origin may be used) and the bandwidth limits.
 
 pub(crate) mod bandwidth;
+pub(crate) mod lowat;
 pub(crate) mod origin;
 pub(crate) mod policy;
 pub(crate) mod upload;
