@@ -7,11 +7,14 @@ use super::*;
 /// itself and those its peers claim (see `docs/scheduling.md`).
 pub(super) struct Assembly {
     pub(super) id: ContentId,
-    /// Chaining values of the pieces this node fetched and recorded.
-    pub(super) own: Vec<Option<shoal_validator::ChainingValue>>,
+    /// Chaining values of the pieces this node fetched and recorded ([`Self::set_own`]).
+    own: Vec<Option<shoal_validator::ChainingValue>>,
     /// Chaining values taken in from peers' partial layers (untrusted until the layer
-    /// verifies); passed on to peers in turn.
-    pub(super) relayed: Vec<Option<shoal_validator::ChainingValue>>,
+    /// verifies); passed on to peers in turn ([`Self::set_relayed`]).
+    relayed: Vec<Option<shoal_validator::ChainingValue>>,
+    /// The pieces whose chaining values are known here (own or relayed), kept beside them:
+    /// the checks after every change of claims go a word at a time.
+    known: Bitfield,
     /// Pieces whose chaining values each peer can tell (its claims and what it relays).
     pub(super) claims: HashMap<PeerId, Bitfield>,
     /// Set after an assembled layer failed: claims are ignored from then on.
@@ -32,33 +35,82 @@ pub(super) struct Assembly {
 }
 
 impl Assembly {
-    /// Whether the chaining value of piece `i` is known here (own or relayed).
-    pub(super) fn knows(&self, i: usize) -> bool {
-        self.own[i].is_some() || self.relayed[i].is_some()
+    /// An assembly of content `id` with `pieces` pieces and no value known yet; `swarm_of` as
+    /// the field says.
+    pub(super) fn new(
+        id: ContentId,
+        pieces: u32,
+        swarm_of: Option<shoal_validator::Sha256Digest>,
+    ) -> Self {
+        Self {
+            id,
+            own: vec![None; pieces as usize],
+            relayed: vec![None; pieces as usize],
+            known: Bitfield::new(pieces),
+            claims: HashMap::new(),
+            failed: false,
+            running: false,
+            swarm_of,
+            changed: true,
+            last_gather: None,
+            due: None,
+        }
     }
 
-    /// The pieces whose chaining values are known here, as a bitfield.
-    fn known_bits(&self) -> Bitfield {
-        let mut known = Bitfield::new(self.own.len() as u32);
-        for i in (0..self.own.len()).filter(|&i| self.knows(i)) {
-            known.set(i as PieceIndex);
+    /// Whether the chaining value of piece `i` is known here (own or relayed).
+    pub(super) fn knows(&self, i: usize) -> bool {
+        self.known.get(i as PieceIndex)
+    }
+
+    /// Whether every chaining value is known here.
+    pub(super) fn knows_all(&self) -> bool {
+        self.known.is_full()
+    }
+
+    /// Records the chaining value of piece `i`, fetched and checked by this node.
+    pub(super) fn set_own(&mut self, i: PieceIndex, cv: shoal_validator::ChainingValue) {
+        if let Some(slot) = self.own.get_mut(i as usize) {
+            *slot = Some(cv);
+            self.known.set(i);
         }
-        known
+    }
+
+    /// Records the chaining value of piece `i` as a peer told it (untrusted).
+    pub(super) fn set_relayed(&mut self, i: PieceIndex, cv: shoal_validator::ChainingValue) {
+        if let Some(slot) = self.relayed.get_mut(i as usize) {
+            *slot = Some(cv);
+            self.known.set(i);
+        }
+    }
+
+    /// Forgets every relayed value (an assembled layer failed); own values stay.
+    pub(super) fn forget_relayed(&mut self) {
+        self.relayed.iter_mut().for_each(|c| *c = None);
+        self.known.clear_all();
+        for (i, cv) in self.own.iter().enumerate() {
+            if cv.is_some() {
+                self.known.set(i as PieceIndex);
+            }
+        }
+    }
+
+    /// This node's own chaining values, by piece.
+    pub(super) fn own(&self) -> &[Option<shoal_validator::ChainingValue>] {
+        &self.own
     }
 
     /// Whether some peer can tell a chaining value not known here: a gathering round would
     /// learn something. Word by word: it runs after every change of own pieces or claims.
     pub(super) fn peers_know_more(&self) -> bool {
-        let known = self.known_bits();
         self.claims
             .values()
-            .any(|b| b.words().zip(known.words()).any(|(c, k)| c & !k != 0))
+            .any(|b| b.words().zip(self.known.words()).any(|(c, k)| c & !k != 0))
     }
 
     /// Whether every chaining value is known here or can be told by some peer: a gathering
     /// now could assemble the layer.
     pub(super) fn could_complete(&self) -> bool {
-        let mut told = self.known_bits();
+        let mut told = self.known.clone();
         for b in self.claims.values() {
             told.union_with(b);
         }

@@ -654,7 +654,7 @@ impl Core {
                     && !a.failed
                     && !a.knows(v.index as usize)
                 {
-                    a.relayed[v.index as usize] = Some(cv);
+                    a.set_relayed(v.index, cv);
                     a.changed = true;
                     self.actions.push_back(Action::Store(StoreOp::SetRelayed(
                         a.id,
@@ -677,7 +677,7 @@ impl Core {
                 if let (Some(a), Some(cv)) = (&mut self.assembly, v.cv)
                     && self.layer.is_none()
                 {
-                    a.own[v.index as usize] = Some(cv);
+                    a.set_own(v.index, cv);
                     a.changed = true;
                     self.actions
                         .push_back(Action::Store(StoreOp::AddClaim(a.id, v.index, cv)));
@@ -720,7 +720,7 @@ impl Core {
                 // Only own pieces whose chaining value is the layer's are servable; the writer
                 // checks every recorded piece against the layer too.
                 let mut verified = Bitfield::new(self.piece_count);
-                for (i, cv) in a.own.iter().enumerate() {
+                for (i, cv) in a.own().iter().enumerate() {
                     if cv.is_some_and(|cv| l.agrees(i as u32, &cv)) {
                         verified.set(i as u32);
                     }
@@ -762,7 +762,7 @@ impl Core {
                 // Passed on to peers from now on; the rest is asked for again when peers tell
                 // more (or at the next have round).
                 for (i, cv) in &entries {
-                    a.relayed[*i as usize] = Some(*cv);
+                    a.set_relayed(*i, *cv);
                 }
                 if !entries.is_empty() {
                     self.actions
@@ -778,7 +778,7 @@ impl Core {
                         "the piece layer assembled from peers' claims fails ({reason}); fetching the rest from the origin"
                     );
                     a.failed = true;
-                    a.relayed.iter_mut().for_each(|c| *c = None);
+                    a.forget_relayed();
                     self.actions
                         .push_back(Action::Store(StoreOp::SetRelayed(a.id, Vec::new())));
                     self.sched.drop_claims();
@@ -978,9 +978,7 @@ impl Core {
         {
             // Checked only after own pieces or peers' values changed: it walks every piece
             // against every peer.
-            if std::mem::take(&mut a.changed)
-                && (a.peers_know_more() || (0..a.own.len()).all(|i| a.knows(i)))
-            {
+            if std::mem::take(&mut a.changed) && (a.peers_know_more() || a.knows_all()) {
                 a.due = Some(a.could_complete());
             }
             if let Some(complete) = a.due
@@ -1022,7 +1020,6 @@ pub(super) struct Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     const PIECE: u64 = 16 * 1024;
 
@@ -1061,18 +1058,20 @@ mod tests {
         relayed: Vec<Option<ChainingValue>>,
         t0: Instant,
     ) -> Core {
-        let assembly = Assembly {
-            id: layer.content_id(),
-            own,
-            relayed,
-            claims: HashMap::new(),
-            failed: false,
-            running: true,
-            swarm_of: None,
-            changed: false,
-            last_gather: None,
-            due: None,
-        };
+        let id = layer.content_id();
+        let mut assembly = Assembly::new(id, id.piece_count(), None);
+        for (i, cv) in own.into_iter().enumerate() {
+            if let Some(cv) = cv {
+                assembly.set_own(i as PieceIndex, cv);
+            }
+        }
+        for (i, cv) in relayed.into_iter().enumerate() {
+            if let Some(cv) = cv {
+                assembly.set_relayed(i as PieceIndex, cv);
+            }
+        }
+        assembly.running = true;
+        assembly.changed = false;
         Core::new(
             Setup {
                 layer: None,
@@ -1486,18 +1485,13 @@ mod tests {
         let mut kept = Bitfield::new(n as u32);
         kept.set(0);
         kept.set(1);
-        let assembly = Assembly {
-            id,
-            own,
-            relayed: vec![None; n],
-            claims: HashMap::new(),
-            failed: false,
-            running: false,
-            swarm_of: None,
-            changed: false,
-            last_gather: None,
-            due: None,
-        };
+        let mut assembly = Assembly::new(id, n as u32, None);
+        for (i, cv) in own.into_iter().enumerate() {
+            if let Some(cv) = cv {
+                assembly.set_own(i as PieceIndex, cv);
+            }
+        }
+        assembly.changed = false;
         // No origin: what is missing comes from peers or not at all.
         let mut core = Core::new(
             Setup {

@@ -439,8 +439,8 @@ pub(super) fn register(
             *assembly = None;
         } else if let Checker::Builder(b) = checker {
             for i in kept.ones() {
-                a.own[i as usize] = b.chaining_value(i);
-                if let Some(cv) = a.own[i as usize] {
+                if let Some(cv) = b.chaining_value(i) {
+                    a.set_own(i, cv);
                     env.store.add_claim(&a.id, &task.temp, i, cv);
                 }
             }

@@ -368,18 +368,8 @@ pub(super) async fn open_file<'r>(
     // pieces this node and its peers fetch from the origin. With only the SHA-256, the nodes
     // share those pieces under the SHA-256's swarm id, and each checks the whole file's
     // SHA-256 at the end (decision 0016).
-    let swarm = |id: ContentId, swarm_of: Option<Sha256Digest>| Assembly {
-        id,
-        own: vec![None; piece_count as usize],
-        relayed: vec![None; piece_count as usize],
-        claims: HashMap::new(),
-        failed: false,
-        running: false,
-        swarm_of,
-        changed: true,
-        last_gather: None,
-        due: None,
-    };
+    let swarm =
+        |id: ContentId, swarm_of: Option<Sha256Digest>| Assembly::new(id, piece_count, swarm_of);
     let sharing = use_peers && piece_count > 1 && !never_origin;
     let assembly = match (&layer, expected.blake3, expected.sha256) {
         (None, Some(h), _) if sharing => ContentId::new(h, length).ok().map(|id| swarm(id, None)),
