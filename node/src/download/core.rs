@@ -218,6 +218,9 @@ pub(super) struct Core {
     /// The generation of the member view's fetchers last given to the scheduler.
     fetchers_generation: Option<u64>,
     announced_growth: Option<Instant>,
+    /// This download announced its first origin run to its peers (later runs are not
+    /// announced: peers see them at their next have round).
+    origin_announced: bool,
     rounds_answered: u32,
     /// Have rounds in a row each known peer missed.
     misses: BTreeMap<PeerId, u32>,
@@ -312,6 +315,7 @@ impl Core {
             settle_from: not_before.unwrap_or(now),
             fetchers_generation: None,
             announced_growth: None,
+            origin_announced: false,
             rounds_answered: 0,
             misses: BTreeMap::new(),
             in_verifier: 0,
@@ -919,8 +923,12 @@ impl Core {
                 id,
                 self.sched.in_flight(),
             )));
-            // Starting on the origin: tell the peers fetching the same content at once.
-            if origin_run {
+            // Starting on the origin: tell the peers fetching the same content at once. Only
+            // the first run: it makes this node a fetcher in their views, so later runs fall
+            // in the shares they expect, and their have rounds show them within
+            // `PEER_REFRESH`. Every run announced cost eight nodes about 1,000 announcements
+            // (a substream and two timers each) per 256 MiB.
+            if origin_run && !std::mem::replace(&mut self.origin_announced, true) {
                 self.actions.push_back(Action::Announce {
                     content_id: id,
                     to: self.sched.peer_ids(),
