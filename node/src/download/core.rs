@@ -984,8 +984,8 @@ impl Core {
             && !a.failed
             && a.swarm_of.is_none()
         {
-            // Checked only after own pieces or peers' values changed: it walks every piece
-            // against every peer.
+            // Checked only after own pieces or peers' values changed: it compares every
+            // peer's claims with the known values, a word at a time.
             if std::mem::take(&mut a.changed) && (a.peers_know_more() || a.knows_all()) {
                 a.due = Some(a.could_complete());
             }
