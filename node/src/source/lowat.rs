@@ -30,15 +30,15 @@ use std::time::Duration;
 
 /// The low-water mark set on an origin connection while a long body streams: 64 KiB (about
 /// 45 segments of 1,448 bytes; 2.6 ms of a 200 Mbit/s link, 10 ms of 50 Mbit/s).
-pub(crate) const MARK: usize = 64 << 10;
+const MARK: usize = 64 << 10;
 
 /// Bodies shorter than this (bytes) keep the default mark: the lookup of the socket costs a
 /// system call or three per descriptor of the process.
-pub(crate) const MIN_BODY: u64 = 1 << 20;
+const MIN_BODY: u64 = 1 << 20;
 
 /// How long a chunk may take while the mark is set before the mark is dropped for the rest of
 /// the body (an origin slower than [`MARK`] bytes per `STALL`, or a mark above what is left).
-pub(crate) const STALL: Duration = Duration::from_millis(200);
+const STALL: Duration = Duration::from_millis(200);
 
 /// The low-water mark of one response's connection; back to one byte when dropped.
 pub(crate) struct LowWater {
@@ -79,13 +79,13 @@ impl LowWater {
 
     /// Whether the mark is set (a chunk then waits at most [`STALL`] before
     /// [`LowWater::stalled`]).
-    pub(crate) fn is_on(&self) -> bool {
+    fn is_on(&self) -> bool {
         self.on
     }
 
     /// Counts a chunk of `len` body bytes; drops the mark once what is left is within [`MARK`]
     /// plus twice the largest chunk.
-    pub(crate) fn received(&mut self, len: usize) {
+    fn received(&mut self, len: usize) {
         self.remaining = self.remaining.saturating_sub(len as u64);
         self.largest = self.largest.max(len);
         if self.remaining <= (MARK + 2 * self.largest) as u64 {
@@ -94,7 +94,7 @@ impl LowWater {
     }
 
     /// No chunk came for [`STALL`] while the mark was set: drops it for the rest of the body.
-    pub(crate) fn stalled(&mut self) {
+    fn stalled(&mut self) {
         self.stalled = true;
         self.off();
     }
