@@ -1,0 +1,178 @@
+//! `hash_locality`: what the piece work costs when a piece's bytes are in the CPU's cache and
+//! when they come from main memory, per GiB, on a release build:
+//!
+//! ```sh
+//! cargo run --release -p shoal-tests --example hash_locality
+//! ```
+//!
+//! Each row hashes or copies 1 MiB pieces (Shoal's piece size) either all from one buffer of
+//! 512 MiB, read once after another buffer as large was walked ("from memory"), or one 1 MiB
+//! piece over and over, so that it stays in the core's cache ("in cache"); the figures are
+//! medians of five runs, scaled to seconds per GiB. It explains part of why one byte costs
+//! more in a swarm of eight nodes on two cores than from one seed to one leecher: there a
+//! piece waits in memory, behind seven other processes, before it is hashed and served
+//! (`docs/benchmarks.md`, session 29). The row with 1 KiB steps is a prefetch `Sha256Stream`
+//! did not take: as fast from memory as from the cache here, but no faster download and a
+//! higher peak RSS in `shoal-bench` (the same section).
+
+use std::{hint::black_box, time::Instant};
+
+use shoal_validator::{Sha256Stream, piece_chaining_value};
+
+/// Bytes of the buffer the "from memory" rows read once.
+const BUF: usize = 512 << 20;
+/// Shoal's piece size, bytes.
+const PIECE: usize = 1 << 20;
+/// Runs of each row; the median is reported.
+const RUNS: usize = 5;
+
+/// Asks the CPU to bring `bytes` into its caches, one request per 64-byte line.
+#[cfg(target_arch = "x86_64")]
+fn prefetch(bytes: &[u8]) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    for line in bytes.chunks(64) {
+        // SAFETY: SSE is part of every x86_64 CPU, and a prefetch reads nothing: it is a hint
+        // that never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+}
+
+/// Elsewhere, nothing.
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch(_bytes: &[u8]) {}
+
+/// SHA-256 of `pieces` in `step`-byte updates, each after a prefetch of the step `lead` bytes
+/// ahead: the variant `Sha256Stream` did not take (`docs/benchmarks.md`, session 29).
+fn sha_stepped<'a>(pieces: impl Iterator<Item = &'a [u8]>, step: usize, lead: usize) {
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    for p in pieces {
+        prefetch(&p[..p.len().min(lead)]);
+        let mut at = 0;
+        while at < p.len() {
+            let end = (at + step).min(p.len());
+            let ahead = (at + lead).min(p.len());
+            prefetch(&p[ahead..(ahead + step).min(p.len())]);
+            sha2::Digest::update(&mut h, &p[at..end]);
+            at = end;
+        }
+    }
+    black_box(sha2::Digest::finalize(h));
+}
+
+/// Seconds per GiB of `f`, the median of [`RUNS`] runs, each after `setup` (not timed); `f`
+/// handles [`BUF`] bytes.
+fn per_gib(mut setup: impl FnMut(), mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            setup();
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * (1 << 30) as f64 / BUF as f64
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[RUNS / 2]
+}
+
+fn main() {
+    let mut big: Vec<u8> = (0..BUF).map(|i| (i % 251) as u8).collect();
+    let mut other = vec![7u8; BUF];
+    // Before each "from memory" run, another buffer is walked, so nothing of `big` stays
+    // cached.
+    let mut evict = || {
+        for b in other.iter_mut().step_by(64) {
+            *b = b.wrapping_add(1);
+        }
+        black_box(&other);
+    };
+    let pieces = BUF / PIECE;
+    let sha = |bytes: &mut dyn Iterator<Item = &[u8]>| {
+        let mut s = Sha256Stream::new();
+        for p in bytes {
+            s.update(p);
+        }
+        black_box(s.finish());
+    };
+    let rows: Vec<(&str, f64, f64)> = vec![
+        (
+            "SHA-256 (Sha256Stream: 16 KiB steps, prefetch the next)",
+            per_gib(&mut evict, || {
+                sha(&mut big.chunks(PIECE));
+            }),
+            per_gib(
+                || {},
+                || sha(&mut std::iter::repeat_n(&big[..PIECE], pieces)),
+            ),
+        ),
+        (
+            "SHA-256, 1 KiB steps, prefetch 4 KiB ahead",
+            per_gib(&mut evict, || sha_stepped(big.chunks(PIECE), 1024, 4096)),
+            per_gib(
+                || {},
+                || sha_stepped(std::iter::repeat_n(&big[..PIECE], pieces), 1024, 4096),
+            ),
+        ),
+        (
+            "SHA-256 (sha2, no prefetch)",
+            per_gib(&mut evict, || {
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                for p in big.chunks(PIECE) {
+                    sha2::Digest::update(&mut h, p);
+                }
+                black_box(sha2::Digest::finalize(h));
+            }),
+            per_gib(
+                || {},
+                || {
+                    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                    for _ in 0..pieces {
+                        sha2::Digest::update(&mut h, &big[..PIECE]);
+                    }
+                    black_box(sha2::Digest::finalize(h));
+                },
+            ),
+        ),
+        (
+            "BLAKE3 piece chaining value",
+            per_gib(&mut evict, || {
+                for (i, p) in big.chunks(PIECE).enumerate() {
+                    black_box(piece_chaining_value((i * PIECE) as u64, p));
+                }
+            }),
+            per_gib(
+                || {},
+                || {
+                    for i in 0..pieces {
+                        black_box(piece_chaining_value((i * PIECE) as u64, &big[..PIECE]));
+                    }
+                },
+            ),
+        ),
+    ];
+    let mut dst = vec![0u8; PIECE];
+    let copy_mem = per_gib(&mut evict, || {
+        for p in big.chunks(PIECE) {
+            dst.copy_from_slice(p);
+            black_box(&dst);
+        }
+    });
+    let copy_hot = per_gib(
+        || {},
+        || {
+            for _ in 0..pieces {
+                dst.copy_from_slice(&big[..PIECE]);
+                black_box(&dst);
+            }
+        },
+    );
+    big[0] = black_box(big[0]);
+    println!("| work per 1 MiB piece | from memory (s/GiB) | in cache (s/GiB) | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for (name, mem, hot) in rows.into_iter().chain(std::iter::once((
+        "copy into a 1 MiB buffer",
+        copy_mem,
+        copy_hot,
+    ))) {
+        println!("| {name} | {mem:.3} | {hot:.3} | {:.2}x |", mem / hot);
+    }
+}
