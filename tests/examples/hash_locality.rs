@@ -17,7 +17,7 @@
 
 use std::{hint::black_box, time::Instant};
 
-use shoal_validator::{Sha256Stream, piece_chaining_value};
+use shoal_validator::{Sha256Stream, piece_chaining_value, prefetch};
 
 /// Bytes of the buffer the "from memory" rows read once.
 const BUF: usize = 512 << 20;
@@ -25,21 +25,6 @@ const BUF: usize = 512 << 20;
 const PIECE: usize = 1 << 20;
 /// Runs of each row; the median is reported.
 const RUNS: usize = 5;
-
-/// Asks the CPU to bring `bytes` into its caches, one request per 64-byte line.
-#[cfg(target_arch = "x86_64")]
-fn prefetch(bytes: &[u8]) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    for line in bytes.chunks(64) {
-        // SAFETY: SSE is part of every x86_64 CPU, and a prefetch reads nothing: it is a hint
-        // that never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-    }
-}
-
-/// Elsewhere, nothing.
-#[cfg(not(target_arch = "x86_64"))]
-fn prefetch(_bytes: &[u8]) {}
 
 /// SHA-256 of `pieces` in `step`-byte updates, each after a prefetch of the step `lead` bytes
 /// ahead: the variant `Sha256Stream` did not take (`docs/benchmarks.md`, session 29).
