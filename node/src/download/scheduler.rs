@@ -13,7 +13,8 @@
 //!   first; among equals, those in a window of 16 from the first missing piece, at random
 //!   inside it. While the file has fewer than [`Config::random_first`] pieces,
 //!   pieces are picked at random instead, so a new node soon has something to share (BEP 3's
-//!   "random first piece").
+//!   "random first piece"). A node with a single peer has nobody to share with: it takes the
+//!   pieces in file order, the order its SHA-256 hashes them.
 //! - **Pipelining by throughput**: a peer's pipeline depth is sized to keep
 //!   [`Config::target_queue`] worth of its measured rate in flight, between 2 and
 //!   [`Config::max_per_peer`]; a fast peer gets more requests, a slow one fewer.
@@ -1012,14 +1013,24 @@ impl Scheduler {
             wanted.clear();
             wanted.extend(Bitfield::ones_of_words(words));
             wanted.shuffle(&mut self.rng);
-            if self.done >= self.config.random_first {
-                // Rarest first; among equals, the window of `ORDER_WINDOW` pieces nearest the
-                // first missing one first, at random inside it. The file then fills roughly
-                // in order (the SHA-256 runs in file order, and pieces that arrive far ahead
-                // of it are read back from disk), while nodes fetching from one peer still
-                // take different pieces of each window to trade.
+            // A node with one peer has nobody to trade with: it takes the pieces in file
+            // order, with no random first pieces, so the SHA-256 hashes each piece as it
+            // lands (at random inside windows of 16, a tenth of a 1 GiB file was read back
+            // from disk, `docs/scheduling.md`). With two peers or more, random picks keep
+            // nodes that fetch from one peer apart.
+            let window = if self.peers.len() > 1 {
+                ORDER_WINDOW
+            } else {
+                1
+            };
+            if self.done >= self.config.random_first || window == 1 {
+                // Rarest first; among equals, the window of `window` pieces nearest the first
+                // missing one first, at random inside it. The file then fills roughly in
+                // order (the SHA-256 runs in file order, and pieces that arrive far ahead of
+                // it are read back from disk), while nodes fetching from one peer still take
+                // different pieces of each window to trade.
                 let low = wanted.iter().copied().min().unwrap_or(0);
-                wanted.sort_by_key(|&i| (self.have_count[i as usize], (i - low) / ORDER_WINDOW));
+                wanted.sort_by_key(|&i| (self.have_count[i as usize], (i - low) / window));
             }
             // The eligible peers, ranked as `best_peer` ranks them, taken once: a request
             // changes only its own peer's entry.
@@ -1684,16 +1695,63 @@ mod tests {
             ..Config::default()
         };
         let now = Instant::now();
-        let a = PeerId::random();
+        let (a, b) = (PeerId::random(), PeerId::random());
         let mut firsts = HashSet::new();
         for seed in 0..40 {
             let mut s = sched(64, cfg.clone());
             s.set_seed(seed);
             holds(&mut s, a, &(0..64).collect::<Vec<_>>(), now);
+            holds(&mut s, b, &(0..64).collect::<Vec<_>>(), now);
             firsts.extend(peer_pieces(&s.next_actions(now)));
         }
         // Not always piece 0, nor any one piece.
         assert!(firsts.len() > 10, "{firsts:?}");
+    }
+
+    #[test]
+    fn a_node_with_one_peer_takes_the_pieces_in_file_order() {
+        let now = Instant::now();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut shuffled = 0;
+        for seed in 0..20 {
+            let mut s = sched(64, Config::default());
+            s.set_seed(seed);
+            holds(&mut s, a, &(0..64).collect::<Vec<_>>(), now);
+            // The first pipeline, and every later pick, in file order: what the SHA-256 needs.
+            let first = peer_pieces(&s.next_actions(now));
+            assert!(first.len() > 1);
+            assert_eq!(
+                first,
+                (0..first.len() as u32).collect::<Vec<_>>(),
+                "seed {seed}"
+            );
+            for &i in &first[..2] {
+                s.on_received(i, Source::Peer(a), PIECE, now);
+                s.on_done(i, Source::Peer(a));
+            }
+            let n = first.len() as u32;
+            assert_eq!(
+                peer_pieces(&s.next_actions(now)),
+                vec![n, n + 1],
+                "seed {seed}"
+            );
+            // A second peer to trade with: picks inside the window are random again.
+            holds(&mut s, b, &(0..64).collect::<Vec<_>>(), now);
+            for &i in &first[2..] {
+                s.on_received(i, Source::Peer(a), PIECE, now);
+                s.on_done(i, Source::Peer(a));
+            }
+            let next = peer_pieces(&s.next_actions(now));
+            assert!(next.len() > 2, "{next:?}");
+            if next != (n + 2..n + 2 + next.len() as u32).collect::<Vec<_>>() {
+                shuffled += 1;
+            }
+        }
+        assert!(
+            shuffled > 10,
+            "in file order with two peers for {} seeds of 20",
+            20 - shuffled
+        );
     }
 
     #[test]
