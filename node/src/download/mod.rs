@@ -90,8 +90,14 @@ const PEER_REFRESH: Duration = Duration::from_millis(250);
 const TICK: Duration = Duration::from_millis(100);
 /// Origin pieces buffered between the HTTP stream and the verifier.
 const ORIGIN_QUEUE: usize = 4;
-/// Pieces buffered in front of the verifier thread.
-const VERIFY_QUEUE: usize = 4;
+/// Pieces buffered in front of the verifier thread. Each is a piece buffer held while the
+/// writer is the slower side; 2 took less time and 2 to 5 MiB less peak RSS than 4, from one
+/// seed and from the origin, on tmpfs and ext4 (`docs/benchmarks.md`, session 30).
+const VERIFY_QUEUE: usize = 2;
+/// Pieces written and waiting for the SHA-256 thread (how far it can fall behind before the
+/// writer waits): 2 and 4 took the same time from one seed; 4 held 1 to 3 MiB more at the
+/// peak (`docs/benchmarks.md`, session 30).
+const SHA_QUEUE: usize = 2;
 /// Bytes of early pieces the SHA-256 thread keeps in memory rather than read back from disk
 /// (pieces written with `O_DIRECT` are not in the page cache, so reading them back is disk I/O).
 /// 16 MiB covers the reordering of one peer's pipeline even with 1 MiB pieces.

@@ -127,10 +127,13 @@ impl Default for Config {
 }
 
 /// The most bytes requested from one peer at a time: a peer's pipeline holds at most this
-/// many bytes of pieces (8 pieces of 1 MiB), whatever [`Config::max_per_peer`] allows. It
-/// bounds the memory of pieces in flight (issue 2's 64 MiB for a 1 GiB download) and is far
-/// more than a LAN's bandwidth-delay product.
-pub(crate) const PEER_WINDOW_BYTES: u64 = 8 << 20;
+/// many bytes of pieces (4 pieces of 1 MiB), whatever [`Config::max_per_peer`] allows. It
+/// bounds the memory of pieces in flight: a response being received holds a piece buffer,
+/// and when the leecher is the slower side every request in flight holds one. Far more than
+/// a LAN's bandwidth-delay product; it caps one peer 50 ms away at about 80 MiB/s. 8 MiB took
+/// the same time from one seed over loopback with 12 MiB more peak RSS (`docs/benchmarks.md`,
+/// session 30).
+pub(crate) const PEER_WINDOW_BYTES: u64 = 4 << 20;
 /// The most bytes requested from all peers together at a time (16 pieces of 1 MiB).
 pub(crate) const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
 /// The most members that share out the origin for one download: those with the lowest seeds.

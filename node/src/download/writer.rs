@@ -351,7 +351,7 @@ type ShaThread = (
 
 /// Starts a thread hashing `file` in order ([`sha_in_order`]).
 fn spawn_sha(file: &Arc<File>, piece_size: u64, length: u64) -> ShaThread {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<ShaPiece>(VERIFY_QUEUE);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ShaPiece>(SHA_QUEUE);
     let file = file.clone();
     let thread = std::thread::spawn(move || sha_in_order(&file, rx, piece_size, length));
     (tx, thread)

@@ -5,7 +5,8 @@
 //!    `shoal get` (fully verified, SHA-256 and BLAKE3 given, written and completed), wall time
 //!    and peak RSS;
 //! 2. one seed to one leecher: `shoal seed` against `shoal get --peer` over libp2p (TCP, TLS,
-//!    yamux), with the origin still there but not needed, and libtorrent (Debian's
+//!    yamux), given the BLAKE3 content id and, separately, only the SHA-256 (what apt and dnf
+//!    catalogs give), with the origin still there but not needed, and libtorrent (Debian's
 //!    python3-libtorrent, `tests/bench/libtorrent_node.py`, a v1 torrent with Shoal's piece size
 //!    and no web seed) from a libtorrent seed to a libtorrent leecher, on the same storage.
 //!
@@ -230,41 +231,47 @@ fn start_libtorrent_seed(st: &Setup) -> Result<Option<(Guard, PathBuf, u16)>, St
 /// A contender's median time in seconds and median peak RSS in MiB.
 type Medians = (f64, f64);
 
-/// Medians of the shoal leecher, and of the libtorrent leecher when libtorrent is there.
-fn seed_to_leecher(st: &Setup) -> Result<(Medians, Option<Medians>), String> {
+/// Medians of the shoal leecher given the BLAKE3 content id, of the shoal leecher given only
+/// the SHA-256 (apt's case: it hashes the whole file in order besides the pieces), and of the
+/// libtorrent leecher when libtorrent is there.
+fn seed_to_leecher(st: &Setup) -> Result<(Medians, Medians, Option<Medians>), String> {
     let (_seed, peer) = start_shoal_seed(st)?;
     let lt = start_libtorrent_seed(st)?;
     let out_s = st.out.to_string_lossy().into_owned();
     let shoal = st.args.shoal.to_string_lossy().into_owned();
     let lt_out = st.work.join("lt-out");
-    let (mut p2p_t, mut p2p_rss, mut lt_t, mut lt_rss) = (vec![], vec![], vec![], vec![]);
+    let (mut t, mut rss): ([Vec<f64>; 3], [Vec<f64>; 3]) = Default::default();
+    let digests = [("--blake3", &st.blake3), ("--sha256", &st.sha256)];
     for run in 0..st.args.runs {
-        let (t, rss, stdout) = timed(&[
-            &shoal,
-            "get",
-            &st.url,
-            "-o",
-            &out_s,
-            "--blake3",
-            &st.blake3,
-            "--peer",
-            &peer,
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])?;
-        if !stdout.contains(&format!("{} from peers", st.args.size)) {
-            return Err(format!(
-                "leecher did not get everything from the seed: {stdout}"
-            ));
+        eprint!("run {run}: shoal seed to leecher");
+        for (i, (flag, digest)) in digests.iter().enumerate() {
+            let (secs, kib, stdout) = timed(&[
+                &shoal,
+                "get",
+                &st.url,
+                "-o",
+                &out_s,
+                flag,
+                digest,
+                "--peer",
+                &peer,
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])?;
+            if !stdout.contains(&format!("{} from peers", st.args.size)) {
+                return Err(format!(
+                    "leecher given {flag} did not get everything from the seed: {stdout}"
+                ));
+            }
+            t[i].push(secs);
+            rss[i].push(kib as f64 / 1024.0);
+            let _ = std::fs::remove_file(&st.out);
+            eprint!(" {flag} {secs:.2} s, {kib} KiB;");
         }
-        p2p_t.push(t);
-        p2p_rss.push(rss as f64 / 1024.0);
-        let _ = std::fs::remove_file(&st.out);
-        eprint!("run {run}: shoal seed to leecher {t:.2} s, {rss} KiB");
         if let Some((_, torrent, seed_port)) = &lt {
             std::fs::create_dir_all(&lt_out).map_err(|e| e.to_string())?;
-            let (t, rss, stdout) = timed(&[
+            let (secs, kib, stdout) = timed(&[
                 "/usr/bin/python3",
                 &lt_script().to_string_lossy(),
                 "get",
@@ -280,16 +287,15 @@ fn seed_to_leecher(st: &Setup) -> Result<(Medians, Option<Medians>), String> {
             if got.as_ref().ok() != Some(&st.args.size) {
                 return Err(format!("libtorrent leecher wrote {got:?} bytes"));
             }
-            lt_t.push(t);
-            lt_rss.push(rss as f64 / 1024.0);
+            t[2].push(secs);
+            rss[2].push(kib as f64 / 1024.0);
             let _ = std::fs::remove_dir_all(&lt_out);
-            eprint!(", libtorrent {t:.2} s, {rss} KiB");
+            eprint!(" libtorrent {secs:.2} s, {kib} KiB");
         }
         eprintln!();
     }
-    let shoal = (median(&mut p2p_t), median(&mut p2p_rss));
-    let lt = lt.map(|_| (median(&mut lt_t), median(&mut lt_rss)));
-    Ok((shoal, lt))
+    let [b3, sha, lib] = [0, 1, 2].map(|i| (median(&mut t[i]), median(&mut rss[i])));
+    Ok((b3, sha, lt.map(|_| lib)))
 }
 
 fn run() -> Result<(), String> {
@@ -324,7 +330,7 @@ fn run() -> Result<(), String> {
         st.args.runs
     );
     let [(c, _), (cs, _), (s, r)] = origin_only(&st)?;
-    let ((p, pr), lt) = seed_to_leecher(&st)?;
+    let ((p, pr), (ps, psr), lt) = seed_to_leecher(&st)?;
     println!("| measurement | median time (s) | throughput (MiB/s) | peak RSS (MiB) |");
     println!("| --- | --- | --- | --- |");
     println!("| curl -o from nginx | {c:.2} | {:.0} | |", mib / c);
@@ -336,6 +342,10 @@ fn run() -> Result<(), String> {
     println!(
         "| shoal get, one seed over libp2p | {p:.2} | {:.0} | {pr:.1} |",
         mib / p
+    );
+    println!(
+        "| shoal get, one seed over libp2p, only the SHA-256 given | {ps:.2} | {:.0} | {psr:.1} |",
+        mib / ps
     );
     if let Some((l, lr)) = lt {
         println!(
@@ -351,6 +361,10 @@ fn run() -> Result<(), String> {
     );
     if let Some((l, _)) = lt {
         println!("seed to leecher, shoal/libtorrent throughput: {:.2}", l / p);
+        println!(
+            "seed to leecher with only the SHA-256, shoal/libtorrent throughput: {:.2}",
+            l / ps
+        );
     }
     let _ = std::fs::remove_dir_all(&st.work);
     Ok(())
