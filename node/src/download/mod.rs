@@ -94,9 +94,10 @@ const ORIGIN_QUEUE: usize = 4;
 /// writer is the slower side; 2 took less time and 2 to 5 MiB less peak RSS than 4, from one
 /// seed and from the origin, on tmpfs and ext4 (`docs/benchmarks.md`, session 30).
 const VERIFY_QUEUE: usize = 2;
-/// Pieces written and waiting for the SHA-256 thread (how far it can fall behind before the
-/// writer waits): 2 and 4 took the same time from one seed; 4 held 1 to 3 MiB more at the
-/// peak (`docs/benchmarks.md`, session 30).
+/// Pieces written and waiting for the SHA-256 thread: how far it can fall behind before the
+/// writer waits, each piece a buffer held. 1, 2 and 4 measured the same from one seed within
+/// the noise (`docs/benchmarks.md`, session 30); 2 keeps the thread fed while the writer
+/// flushes.
 const SHA_QUEUE: usize = 2;
 /// Bytes of early pieces the SHA-256 thread keeps in memory rather than read back from disk
 /// (pieces written with `O_DIRECT` are not in the page cache, so reading them back is disk I/O).

@@ -131,8 +131,8 @@ impl Default for Config {
 /// bounds the memory of pieces in flight: a response being received holds a piece buffer,
 /// and when the leecher is the slower side every request in flight holds one. Far more than
 /// a LAN's bandwidth-delay product; it caps one peer 50 ms away at about 80 MiB/s. 8 MiB took
-/// the same time from one seed over loopback with 12 MiB more peak RSS (`docs/benchmarks.md`,
-/// session 30).
+/// the same time from one seed over loopback with 6 to 13 MiB more peak RSS
+/// (`docs/benchmarks.md`, session 30).
 pub(crate) const PEER_WINDOW_BYTES: u64 = 4 << 20;
 /// The most bytes requested from all peers together at a time (16 pieces of 1 MiB).
 pub(crate) const TOTAL_WINDOW_BYTES: u64 = 16 << 20;
