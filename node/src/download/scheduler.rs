@@ -1015,13 +1015,13 @@ impl Scheduler {
             let mut wanted = std::mem::take(&mut self.wanted);
             wanted.clear();
             wanted.extend(Bitfield::ones_of_words(words));
-            wanted.shuffle(&mut self.rng);
             // A node with one peer has nobody to trade with: it takes the pieces in file
             // order, with no random first pieces, so the SHA-256 hashes each piece as it
             // lands (at random inside windows of 16, a tenth of a 1 GiB file was read back
             // from disk, `docs/scheduling.md`). With two peers or more, random picks keep
             // nodes that fetch from one peer apart.
             let window = if self.peers.len() > 1 {
+                wanted.shuffle(&mut self.rng);
                 ORDER_WINDOW
             } else {
                 1
