@@ -855,6 +855,14 @@ async fn uploads_beyond_the_bound_are_answered_busy_and_the_download_still_compl
         .listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
         .mdns(false)
         .max_concurrent_uploads(1)
+        // 1 MiB/s after a burst of 1 MiB: past the burst, the one slot is held about 16 ms
+        // a piece, so the leecher's other requests in flight find it taken however loaded
+        // the machine is (without a limit, a piece can be served before the next request is
+        // read, and nothing is ever busy).
+        .bandwidth(shoal_node::config::BandwidthLimits {
+            upload: Some(1 << 20),
+            ..Default::default()
+        })
         .build()
         .await
         .unwrap();
