@@ -367,8 +367,9 @@ async fn serve(
                 Ok::<_, std::io::Error>(c)
             }
         }))
-    } else if let rate @ 1.. = state.throttle_bytes_per_sec.load(Ordering::SeqCst) {
-        // Chunks of 16 KiB, each after the delay the rate asks for; bytes are counted as sent.
+    } else if state.throttle_bytes_per_sec.load(Ordering::SeqCst) > 0 {
+        // Chunks of 16 KiB, each after the delay the rate asks for when it is its turn (a
+        // rate set to 0 meanwhile lets the rest go at once); bytes are counted as sent.
         const CHUNK: usize = 16 * 1024;
         let counter = state.clone();
         let chunks: Vec<Bytes> = (0..body.len().div_ceil(CHUNK))
@@ -377,7 +378,10 @@ async fn serve(
         Body::from_stream(futures::stream::iter(chunks).then(move |c| {
             let counter = counter.clone();
             async move {
-                tokio::time::sleep(Duration::from_secs_f64(c.len() as f64 / rate as f64)).await;
+                let rate = counter.throttle_bytes_per_sec.load(Ordering::SeqCst);
+                if rate > 0 {
+                    tokio::time::sleep(Duration::from_secs_f64(c.len() as f64 / rate as f64)).await;
+                }
                 counter
                     .bytes_served
                     .fetch_add(c.len() as u64, Ordering::SeqCst);
@@ -406,13 +410,21 @@ pub fn content(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A node on 127.0.0.1 (TCP), mDNS off, short retry delay and origin backoff, dialing `peers`.
+/// A node on 127.0.0.1 (TCP), mDNS off, short retry delay and origin backoff, dialing `peers`;
+/// returned once connected to them all, or after 10 s (a test of a peer that cannot be reached
+/// goes on): on a loaded machine a job started at once could give up on its peers for the
+/// origin before the dials complete, and a test that expects bytes from peers would fail.
 pub async fn test_node(peers: &[Node]) -> Node {
-    test_builder(peers)
+    let node = test_builder(peers)
         .await
         .build()
         .await
-        .expect("node starts on 127.0.0.1")
+        .expect("node starts on 127.0.0.1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while node.connected_count() < peers.len() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node
 }
 
 /// A [`test_node`] that also dials the hostile peers `bad`.

@@ -967,11 +967,12 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     let origin = TestOrigin::start().await;
     let data = content(2 << 20, 16);
     origin.put("f.bin", data.clone());
-    // The origin is slow, and the only seed serves the even pieces alone (it claims all).
+    // The origin is slow (A's odd pieces take 16 s, until B has had pieces from A), and the
+    // only seed serves the even pieces alone (it claims all).
     origin
         .state
         .throttle_bytes_per_sec
-        .store(512 * 1024, Ordering::SeqCst);
+        .store(64 * 1024, Ordering::SeqCst);
     let half = BadPeer::start(Misbehaviour::FalseHave, &data).await;
     let a = test_node_with(&[], &[&half]).await;
     let expected = blake3_only(&data);
@@ -1002,6 +1003,10 @@ async fn a_node_serves_verified_pieces_of_a_file_it_is_still_downloading() {
     // B received verified pieces from A while A was still transferring.
     assert_ne!(a.info(job_a).unwrap().state, State::Transferred);
     assert!(a.upload_stats().pieces > 0);
+    origin
+        .state
+        .throttle_bytes_per_sec
+        .store(0, Ordering::SeqCst);
     wait_for(&b, job_b, &[State::Transferred]).await;
     b.complete(job_b).await.unwrap();
     assert_eq!(std::fs::read(&dest_b).unwrap(), data);
@@ -1566,7 +1571,8 @@ async fn api_validation_verdicts_come_from_the_client_or_the_timeout() {
     origin.put("v.bin", data.clone());
     let config = shoal_node::daemon::DaemonConfig {
         notify: shoal_node::daemon::NotifyConfig {
-            validation_timeout: Duration::from_millis(300),
+            // Long enough for case 1's verdict on a loaded machine; case 2 waits it out.
+            validation_timeout: Duration::from_secs(2),
             ..Default::default()
         },
         ..Default::default()

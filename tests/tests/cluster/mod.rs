@@ -757,6 +757,14 @@ async fn a_seed_serves_at_most_its_upload_peers_at_once() {
         let seed = test_builder(&[])
             .await
             .max_upload_peers(1)
+            // 2 MiB/s after a burst of 2 MiB: past it (the three want 6 MiB), a piece holds
+            // the peer's slot about 8 ms, so the other leechers' requests find it taken
+            // however loaded the machine is (unlimited, the three downloads can run one after
+            // another on loopback, and nothing is busy).
+            .bandwidth(shoal_node::config::BandwidthLimits {
+                upload: Some(2 << 20),
+                ..Default::default()
+            })
             .build()
             .await
             .unwrap();
