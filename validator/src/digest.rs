@@ -31,14 +31,20 @@ impl Sha256Stream {
         Self::default()
     }
 
-    /// Feeds the next bytes of the file.
+    /// Feeds the next bytes of the file. Hashes them in steps of 1 KiB, each after asking the
+    /// CPU for the step 4 KiB ahead ([`prefetch`]):
+    /// bytes that waited in main memory (a piece held for its turn, or read back) then hash
+    /// about as fast as bytes in the cache (`tests/examples/hash_locality.rs`;
+    /// `docs/benchmarks.md`, sessions 29 and 31).
     pub fn update(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks(PREFETCH_CHUNK).peekable();
-        while let Some(chunk) = chunks.next() {
-            if let Some(next) = chunks.peek() {
-                prefetch(next);
-            }
-            self.0.update(chunk);
+        prefetch(&bytes[..bytes.len().min(PREFETCH_LEAD)]);
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + PREFETCH_STEP).min(bytes.len());
+            let ahead = (at + PREFETCH_LEAD).min(bytes.len());
+            prefetch(&bytes[ahead..(ahead + PREFETCH_STEP).min(bytes.len())]);
+            self.0.update(&bytes[at..end]);
+            at = end;
         }
     }
 
@@ -49,8 +55,10 @@ impl Sha256Stream {
     }
 }
 
-/// Bytes hashed between prefetches ([`Sha256Stream::update`]).
-const PREFETCH_CHUNK: usize = 16 * 1024;
+/// Bytes hashed between prefetches ([`Sha256Stream::update`]), bytes.
+const PREFETCH_STEP: usize = 1024;
+/// How far ahead of the bytes being hashed the prefetches run, bytes.
+const PREFETCH_LEAD: usize = 4096;
 
 /// Asks the CPU to bring `bytes` into its caches, one request per 64-byte line, without
 /// waiting for them (x86-64's `prefetcht0`; nothing elsewhere). A hint: it reads nothing and
@@ -420,19 +428,23 @@ mod tests {
 
     #[test]
     fn the_stream_hashes_the_same_whatever_the_slices_and_the_prefetch_chunks() {
-        let bytes: Vec<u8> = (0..3 * PREFETCH_CHUNK as u32 + 77)
+        let bytes: Vec<u8> = (0..3 * PREFETCH_LEAD as u32 + 77)
             .map(|i| (i * 7 % 253) as u8)
             .collect();
         let want = Sha256Digest(Sha256::digest(&bytes).into());
-        let chunk = PREFETCH_CHUNK;
+        let (step, lead) = (PREFETCH_STEP, PREFETCH_LEAD);
         for cut in [
             0,
             1,
             63,
-            chunk - 1,
-            chunk,
-            chunk + 1,
-            2 * chunk + 5,
+            step - 1,
+            step,
+            step + 1,
+            lead - 1,
+            lead,
+            lead + 1,
+            2 * lead + 5,
+            bytes.len() - 1,
             bytes.len(),
         ] {
             let mut s = Sha256Stream::new();
