@@ -17,7 +17,7 @@
 
 use std::{hint::black_box, time::Instant};
 
-use shoal_validator::{Sha256Stream, piece_chaining_value, prefetch};
+use shoal_validator::{Sha256Stream, piece_chaining_value};
 
 /// Bytes of the buffer the "from memory" rows read once.
 const BUF: usize = 512 << 20;
@@ -27,21 +27,14 @@ const PIECE: usize = 1 << 20;
 const RUNS: usize = 5;
 
 /// SHA-256 of `pieces` in `step`-byte updates, each after a prefetch of the step `lead` bytes
-/// ahead: with 16 KiB steps 16 KiB ahead, what `Sha256Stream` did before session 31.
+/// ahead ([`Sha256Stream::update_in_steps`]): with 16 KiB steps 16 KiB ahead, what
+/// `Sha256Stream` did before session 31.
 fn sha_stepped<'a>(pieces: impl Iterator<Item = &'a [u8]>, step: usize, lead: usize) {
-    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    let mut h = Sha256Stream::new();
     for p in pieces {
-        prefetch(&p[..p.len().min(lead)]);
-        let mut at = 0;
-        while at < p.len() {
-            let end = (at + step).min(p.len());
-            let ahead = (at + lead).min(p.len());
-            prefetch(&p[ahead..(ahead + step).min(p.len())]);
-            sha2::Digest::update(&mut h, &p[at..end]);
-            at = end;
-        }
+        h.update_in_steps(p, step, lead);
     }
-    black_box(sha2::Digest::finalize(h));
+    black_box(h.finish());
 }
 
 /// SHA-256 of `pieces` with the `sha2` crate alone, no prefetch.

@@ -32,17 +32,26 @@ impl Sha256Stream {
     }
 
     /// Feeds the next bytes of the file. Hashes them in steps of 1 KiB, each after asking the
-    /// CPU for the step 4 KiB ahead ([`prefetch`]):
+    /// CPU for the step 4 KiB ahead (x86-64's `prefetcht0`):
     /// bytes that waited in main memory (a piece held for its turn, or read back) then hash
     /// about as fast as bytes in the cache (`tests/examples/hash_locality.rs`;
     /// `docs/benchmarks.md`, sessions 29 and 31).
     pub fn update(&mut self, bytes: &[u8]) {
-        prefetch(&bytes[..bytes.len().min(PREFETCH_LEAD)]);
+        self.update_in_steps(bytes, PREFETCH_STEP, PREFETCH_LEAD);
+    }
+
+    /// Feeds the next bytes of the file in steps of `step` bytes (at least 1), each after a
+    /// prefetch of the step `lead` bytes ahead. [`Sha256Stream::update`] is this with 1 KiB
+    /// steps 4 KiB ahead; other sizes are for measuring (`tests/examples/hash_locality.rs`
+    /// keeps the 16 KiB steps used before session 31). The digest does not depend on them.
+    pub fn update_in_steps(&mut self, bytes: &[u8], step: usize, lead: usize) {
+        let step = step.max(1);
+        prefetch(&bytes[..bytes.len().min(lead)]);
         let mut at = 0;
         while at < bytes.len() {
-            let end = (at + PREFETCH_STEP).min(bytes.len());
-            let ahead = (at + PREFETCH_LEAD).min(bytes.len());
-            prefetch(&bytes[ahead..(ahead + PREFETCH_STEP).min(bytes.len())]);
+            let end = (at + step).min(bytes.len());
+            let ahead = (at + lead).min(bytes.len());
+            prefetch(&bytes[ahead..(ahead + step).min(bytes.len())]);
             self.0.update(&bytes[at..end]);
             at = end;
         }
@@ -62,10 +71,9 @@ const PREFETCH_LEAD: usize = 4096;
 
 /// Asks the CPU to bring `bytes` into its caches, one request per 64-byte line, without
 /// waiting for them (x86-64's `prefetcht0`; nothing elsewhere). A hint: it reads nothing and
-/// never faults. [`Sha256Stream::update`] uses it; public for the measurement in
-/// `tests/examples/hash_locality.rs`.
+/// never faults. [`Sha256Stream::update_in_steps`] uses it.
 #[cfg(target_arch = "x86_64")]
-pub fn prefetch(bytes: &[u8]) {
+fn prefetch(bytes: &[u8]) {
     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     for line in bytes.chunks(64) {
         // SAFETY: SSE is part of every x86_64 CPU, and a prefetch reads nothing: it is a hint
@@ -76,7 +84,7 @@ pub fn prefetch(bytes: &[u8]) {
 
 /// Elsewhere, nothing: [`prefetch`] is a hint.
 #[cfg(not(target_arch = "x86_64"))]
-pub fn prefetch(_bytes: &[u8]) {}
+fn prefetch(_bytes: &[u8]) {}
 
 /// The SHA-256 (FIPS 180-4) of a file whose pieces verify in any order, taken in file order.
 ///
@@ -451,6 +459,15 @@ mod tests {
             s.update(&bytes[..cut]);
             s.update(&bytes[cut..]);
             assert_eq!(s.finish(), want, "split at {cut}");
+        }
+        // Any step and lead give the same digest; a step of 0 counts as 1 (and ends).
+        for (step, lead) in [(0, 0), (1, 0), (100, 7), (16 << 10, 16 << 10)] {
+            for cut in [0, 99, 4096, bytes.len()] {
+                let mut s = Sha256Stream::new();
+                s.update_in_steps(&bytes[..cut], step, lead);
+                s.update_in_steps(&bytes[cut..], step, lead);
+                assert_eq!(s.finish(), want, "step {step}, lead {lead}, split at {cut}");
+            }
         }
     }
 

@@ -20,7 +20,7 @@ mod layer;
 mod swarm_id;
 
 pub use digest::{
-    Expected, FileDigests, OrderedSha256, Sha256Stream, ValidationState, hash_reader, prefetch,
+    Expected, FileDigests, OrderedSha256, Sha256Stream, ValidationState, hash_reader,
 };
 pub use layer::{
     ChainingValue, LayerBuilder, PieceLayer, chaining_values_from_bytes, check_piece,
