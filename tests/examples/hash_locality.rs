@@ -28,7 +28,8 @@ const RUNS: usize = 5;
 
 /// SHA-256 of `pieces` in `step`-byte updates, each after a prefetch of the step `lead` bytes
 /// ahead ([`Sha256Stream::update_in_steps`]): with 16 KiB steps 16 KiB ahead, what
-/// `Sha256Stream` did before session 31.
+/// `Sha256Stream` did before session 31 (which did not also prefetch the first 16 KiB of each
+/// piece, one prefetch in 64 per piece).
 fn sha_stepped<'a>(pieces: impl Iterator<Item = &'a [u8]>, step: usize, lead: usize) {
     let mut h = Sha256Stream::new();
     for p in pieces {
