@@ -49,6 +49,7 @@ mod error;
 pub mod events;
 pub mod job;
 mod node;
+mod piece_bytes;
 pub(crate) mod source;
 pub(crate) mod store;
 pub(crate) mod swarm;
