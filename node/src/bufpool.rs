@@ -23,9 +23,64 @@ const MAX_FREE_BYTES: usize = 24 << 20;
 /// Buffers shorter than this, in bytes, are not pooled (small bodies are cheap to allocate).
 pub(crate) const MIN_POOLED: usize = 64 * 1024;
 
-/// The alignment of pieces received from peers, in bytes: what O_DIRECT writes need
-/// (`swarm::read_body`).
+/// The alignment of pieces in [`Filling`] buffers, in bytes: what O_DIRECT writes need.
 pub(crate) const ALIGN: usize = 4096;
+
+/// A piece being filled from a stream (an origin response), in a pooled buffer where it
+/// starts [`ALIGN`]-aligned, so that it goes to disk with O_DIRECT without another copy.
+pub(crate) struct Filling {
+    buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+    want: usize,
+}
+
+impl Filling {
+    /// An empty piece of `want` bytes (nothing is allocated for none).
+    pub(crate) fn new(want: usize) -> Self {
+        if want == 0 {
+            return Self {
+                buf: Vec::new(),
+                start: 0,
+                filled: 0,
+                want,
+            };
+        }
+        let buf = take(want + ALIGN);
+        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Self {
+            buf,
+            start,
+            filled: 0,
+            want,
+        }
+    }
+
+    /// Bytes in so far.
+    pub(crate) fn len(&self) -> usize {
+        self.filled
+    }
+
+    /// Bytes still wanted.
+    pub(crate) fn remaining(&self) -> usize {
+        self.want - self.filled
+    }
+
+    /// Appends `src`, at most [`Filling::remaining`] bytes of it; returns how many it took.
+    pub(crate) fn extend(&mut self, src: &[u8]) -> usize {
+        let n = src.len().min(self.remaining());
+        let at = self.start + self.filled;
+        self.buf[at..at + n].copy_from_slice(&src[..n]);
+        self.filled += n;
+        n
+    }
+
+    /// The piece so far as [`Bytes`] (the buffer goes back to the pool when it drops).
+    pub(crate) fn freeze(self) -> Bytes {
+        let (start, end) = (self.start, self.start + self.filled);
+        into_bytes(self.buf).slice(start..end)
+    }
+}
 
 /// Free buffers, each with every byte below its length initialised.
 pub(crate) struct Pool {
@@ -163,6 +218,23 @@ mod tests {
             c[MIN_POOLED * 4..].iter().all(|&x| x == 0),
             "the grown part is zeroed"
         );
+    }
+
+    #[test]
+    fn a_filling_piece_starts_aligned_and_takes_no_more_than_it_wants() {
+        let mut f = Filling::new(MIN_POOLED + 10);
+        assert_eq!(f.extend(&[1; 100]), 100);
+        assert_eq!(f.extend(&vec![2; MIN_POOLED]), MIN_POOLED - 90);
+        assert_eq!(f.remaining(), 0);
+        assert_eq!(f.extend(&[3; 5]), 0);
+        let b = f.freeze();
+        assert_eq!(b.len(), MIN_POOLED + 10);
+        assert_eq!(b.as_ptr().align_offset(ALIGN), 0);
+        assert_eq!((b[0], b[99], b[100], b[MIN_POOLED + 9]), (1, 1, 2, 2));
+        // The empty piece after a response's last one.
+        let mut none = Filling::new(0);
+        assert_eq!((none.extend(&[1]), none.remaining()), (0, 0));
+        assert!(none.freeze().is_empty());
     }
 
     #[test]

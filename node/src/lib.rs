@@ -49,7 +49,6 @@ mod error;
 pub mod events;
 pub mod job;
 mod node;
-mod piece_bytes;
 pub(crate) mod source;
 pub(crate) mod store;
 pub(crate) mod swarm;

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use libp2p::PeerId;
 use rand::{SeedableRng, rngs::StdRng};
 use shoal_protocol::{Bitfield, ContentId, Holding, Member, PieceIndex};
@@ -26,7 +27,6 @@ use super::{
     Assembled, Assembly, DHT_EVERY_REFRESHES, MAX_SETTLE, PEER_MISSES, PEER_REFRESH, SETTLE,
     STUCK_GRACE, TICK, origin_start,
 };
-use crate::piece_bytes::PieceBytes;
 use crate::source::origin::OriginError;
 
 /// What the core starts from: the file's geometry and what the preamble found.
@@ -113,7 +113,7 @@ pub(super) enum Action {
     Write {
         index: PieceIndex,
         source: Source,
-        bytes: PieceBytes,
+        bytes: Bytes,
     },
     /// Drop these pieces, written from peers before a layer could check them: the writer
     /// forgets them (the layer assembled from claims failed, so they are fetched again).
@@ -549,7 +549,7 @@ impl Core {
         now: Instant,
         index: PieceIndex,
         source: Source,
-        bytes: PieceBytes,
+        bytes: Bytes,
     ) {
         if let Source::Peer(p) = source {
             self.requests.remove(&(index, p));
@@ -1016,7 +1016,7 @@ pub(super) struct Verdict {
     /// The piece's bytes as written, when it passed, with the chaining value they have (the
     /// layer's they verified against, or the one computed from them), for the store's recent
     /// pieces ([`crate::store::ContentStore::keep_recent`]); the core does not look at them.
-    pub(super) piece: Option<(PieceBytes, ChainingValue)>,
+    pub(super) piece: Option<(Bytes, ChainingValue)>,
     /// `Err`: why it failed verification.
     pub(super) result: Result<(), String>,
     /// The piece's chaining value, when it was recorded to derive the layer (no layer yet).
@@ -1027,8 +1027,6 @@ pub(super) struct Verdict {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
 
     const PIECE: u64 = 16 * 1024;
@@ -1199,7 +1197,7 @@ mod tests {
         for i in 0..4u32 {
             let piece =
                 Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize]);
-            core.handle_piece(t0, i, Source::Peer(peer), piece.into());
+            core.handle_piece(t0, i, Source::Peer(peer), piece);
         }
         let actions = drain(&mut core, t0);
         assert_eq!(
@@ -1241,7 +1239,6 @@ mod tests {
         assert_eq!(origin_runs(&actions), vec![(0, 3)]);
         let piece = |i: u32| {
             Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize])
-                .into()
         };
         core.handle_piece(t0, 0, Source::Origin, piece(0));
         // The same piece again (a late duplicate) is not written twice.
@@ -1263,7 +1260,7 @@ mod tests {
             t0,
             0,
             Source::Peer(bad),
-            Bytes::from_static(b"not the piece").into(),
+            Bytes::from_static(b"not the piece"),
         );
         drain(&mut core, t0);
         core.handle_holding(t0, good, holding(id, &[0, 1]));
@@ -1534,10 +1531,9 @@ mod tests {
         assert_eq!(asked, vec![(honest, 2), (liar, 3)]);
         let piece = |i: u32| {
             Bytes::copy_from_slice(&bytes[(u64::from(i) * PIECE) as usize..][..PIECE as usize])
-                .into()
         };
         core.handle_piece(t0, 2, Source::Peer(honest), piece(2));
-        core.handle_piece(t0, 3, Source::Peer(liar), Bytes::from_static(b"made up").into());
+        core.handle_piece(t0, 3, Source::Peer(liar), Bytes::from_static(b"made up"));
         drain(&mut core, t0);
         // The writer takes both (no layer to check them against), with their values.
         core.handle_verified(

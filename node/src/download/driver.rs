@@ -35,7 +35,7 @@ pub(super) struct Driver<'a> {
     pub(super) origin_tx: mpsc::Sender<Fetched>,
     /// The bytes of the piece whose verdict the core is handling, until its store operations
     /// (verified, or claimed) have kept it among the store's recent pieces.
-    pub(super) passed: Option<(PieceIndex, PieceBytes, shoal_validator::ChainingValue)>,
+    pub(super) passed: Option<(PieceIndex, Bytes, shoal_validator::ChainingValue)>,
     /// Whether the writer attaches the bytes of the pieces that pass to their verdicts: set
     /// while peers have asked this node for the content (otherwise a verdict would hold a
     /// piece's buffer for nothing).
@@ -199,7 +199,7 @@ impl Driver<'_> {
                     Event::Fetched(match swarm.piece(peer, content_id, index).await {
                         Ok(PieceResponse::Data(b)) => {
                             bandwidth.download(fg, b.len() as u64).await;
-                            Fetched::Piece(index, Source::Peer(peer), b.into())
+                            Fetched::Piece(index, Source::Peer(peer), b)
                         }
                         Ok(PieceResponse::Busy) => Fetched::Busy(index, peer),
                         Ok(PieceResponse::NotFound) => {
@@ -316,8 +316,7 @@ impl Driver<'_> {
                         && i == index
                         && asked
                     {
-                        // One buffer to serve from: the parts of an origin piece copied.
-                        self.env.store.keep_recent(id, *index, *cv, bytes.contiguous());
+                        self.env.store.keep_recent(id, *index, *cv, bytes.clone());
                     }
                 }
                 self.store(op);

@@ -60,7 +60,6 @@ use self::{
 use crate::{
     download::scheduler::Source,
     job::{ByteRange, ErrorContext, JobError, JobId},
-    piece_bytes::PieceBytes,
     source::origin::{self, OriginError, Remote},
     store::fsuser::FileIdentity,
     store::state::{ResumeDisk, ResumePoint},
@@ -472,7 +471,7 @@ const STUCK_GRACE: Duration = Duration::from_secs(5);
 const DHT_EVERY_REFRESHES: u32 = 40;
 
 enum Fetched {
-    Piece(PieceIndex, Source, PieceBytes),
+    Piece(PieceIndex, Source, Bytes),
     /// A peer did not send the piece.
     Failed(PieceIndex, PeerId, PieceFailure),
     /// The peer holds the piece but had no upload slot free.

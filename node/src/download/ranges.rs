@@ -76,7 +76,7 @@ pub(super) async fn download_ranges(
                 let foreground = task.priority == crate::job::Priority::Foreground;
                 async move {
                     bandwidth.download(foreground, n).await;
-                    let r = tokio::task::spawn_blocking(move || bytes.write_all_at(&file, offset))
+                    let r = tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
                         .await
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                     let ok = r.is_ok();

@@ -6,7 +6,7 @@ use super::*;
 /// What the writer thread is sent.
 pub(super) enum ToWriter {
     /// A piece to check and write.
-    Piece(PieceIndex, Source, PieceBytes),
+    Piece(PieceIndex, Source, Bytes),
     /// From now on check pieces against this verified layer (assembled while downloading);
     /// the pieces recorded so far are checked against it too.
     Layer(PieceLayer),
@@ -62,7 +62,7 @@ impl Checker {
 /// the chaining value it verified with, which bytes read back from the file must still have.
 pub(super) type ShaPiece = (
     PieceIndex,
-    Option<PieceBytes>,
+    Option<Bytes>,
     Option<shoal_validator::ChainingValue>,
 );
 
@@ -72,11 +72,9 @@ pub(super) const DIRECT_ALIGN: usize = swarm::BULK_ALIGN;
 /// Writes pieces at their offsets. Where the file system allows it, aligned pieces go through a
 /// second descriptor opened with `O_DIRECT`: on the 2-core machines Shoal is measured on, the
 /// kernel's copy into the page cache costs more CPU than hashing, and direct writes skip it
-/// (see `docs/benchmarks.md`). A piece in one aligned buffer (from a peer) is written as it
-/// is; a piece in parts (from the origin) is copied into `scratch` first. Other pieces, and
-/// every piece when `O_DIRECT` is refused or is no direct write (tmpfs, where the file is the
-/// page cache: the copy into `scratch` would be one more), go through the page cache, part by
-/// part. Reads (serving, SHA-256 read-back) see both, as the kernel keeps them coherent.
+/// (see `docs/benchmarks.md`). Other pieces, and every piece when `O_DIRECT` is refused, go
+/// through the page cache. Reads (serving, SHA-256 read-back) see both, as the kernel keeps
+/// them coherent.
 pub(super) struct PieceWriter {
     pub(super) buffered: Arc<File>,
     pub(super) direct: Option<File>,
@@ -92,8 +90,7 @@ impl PieceWriter {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
-            .ok()
-            .filter(|_| !on_tmpfs(&buffered));
+            .ok();
         let scratch = if direct.is_some() {
             vec![0u8; piece_size as usize + DIRECT_ALIGN]
         } else {
@@ -106,27 +103,21 @@ impl PieceWriter {
         }
     }
 
-    pub(super) fn write(&mut self, offset: u64, piece: &PieceBytes) -> std::io::Result<()> {
-        let len = piece.len();
-        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
+    pub(super) fn write(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let aligned =
+            offset.is_multiple_of(DIRECT_ALIGN as u64) && bytes.len().is_multiple_of(DIRECT_ALIGN);
         if let Some(direct) = &self.direct
             && aligned
-            && len + DIRECT_ALIGN <= self.scratch.len()
+            && bytes.len() + DIRECT_ALIGN <= self.scratch.len()
         {
-            // Pieces from peers arrive in one aligned buffer (`swarm::read_body`); others are
-            // copied first.
-            let window: &[u8] = match piece.as_parts() {
-                [one] if one.as_ptr().align_offset(DIRECT_ALIGN) == 0 => one,
-                parts => {
-                    let start = self.scratch.as_ptr().align_offset(DIRECT_ALIGN);
-                    let window = &mut self.scratch[start..start + len];
-                    let mut at = 0;
-                    for p in parts {
-                        window[at..at + p.len()].copy_from_slice(p);
-                        at += p.len();
-                    }
-                    window
-                }
+            // Pieces from peers arrive aligned (`swarm::read_body`); others are copied first.
+            let window = if bytes.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+                bytes
+            } else {
+                let start = self.scratch.as_ptr().align_offset(DIRECT_ALIGN);
+                let window = &mut self.scratch[start..start + bytes.len()];
+                window.copy_from_slice(bytes);
+                window
             };
             match direct.write_all_at(window, offset) {
                 Ok(()) => return Ok(()),
@@ -134,16 +125,8 @@ impl PieceWriter {
                 Err(e) => return Err(e),
             }
         }
-        piece.write_all_at(&self.buffered, offset)
+        self.buffered.write_all_at(bytes, offset)
     }
-}
-
-/// Whether `file` is on tmpfs, where an `O_DIRECT` write goes through the page cache anyway
-/// (`shmem`'s direct I/O writes nothing itself, and the kernel falls back to a buffered write).
-fn on_tmpfs(file: &File) -> bool {
-    /// `TMPFS_MAGIC`, `statfs(2)`.
-    const TMPFS_MAGIC: rustix::fs::FsWord = 0x0102_1994;
-    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type == TMPFS_MAGIC)
 }
 
 /// What the writer thread records with each checkpoint.
@@ -451,7 +434,7 @@ pub(super) fn sha_in_order(
     // when someone other than this process's user could have written the file since
     // (decision 0020): the job's owner, when the daemon runs the job for a user.
     let mut read_at = |at: u64, len: usize| {
-        let bytes = PieceBytes::from(back.read(at, len)?);
+        let bytes = back.read(at, len)?;
         Ok((bytes, !crate::store::fsuser::only_ours(file)))
     };
     let mut pieces = 0u32;
@@ -617,7 +600,7 @@ mod tests {
     #[test]
     fn a_write_batch_holds_at_most_four_mib_of_pieces_however_fast_they_come() {
         let piece =
-            |i: u32, len: usize| ToWriter::Piece(i, Source::Origin, Bytes::from(vec![0; len]).into());
+            |i: u32, len: usize| ToWriter::Piece(i, Source::Origin, Bytes::from(vec![0; len]));
         let (tx, mut rx) = mpsc::channel(256);
         // 1 MiB pieces waiting (the senders refill the queue as the writer drains it):
         // four go into one batch, not 64 (64 MiB).
@@ -659,10 +642,7 @@ mod tests {
             for i in [2u32, 1] {
                 tx.send((i, None, Some(cvs[i as usize]))).unwrap();
             }
-            // Piece 0 in two parts, as from the origin.
-            let mut p0 = PieceBytes::new();
-            p0.push(Bytes::copy_from_slice(&bytes[..1000]));
-            p0.push(Bytes::copy_from_slice(&bytes[1000..piece as usize]));
+            let p0 = Bytes::copy_from_slice(&bytes[..piece as usize]);
             tx.send((0, Some(p0), Some(cvs[0]))).unwrap();
             drop(tx);
             sha_in_order(file, rx, piece, bytes.len() as u64)
@@ -699,7 +679,7 @@ mod tests {
         let piece = 16 * 1024u64;
         // Two whole pieces and a short last one, as a download writes them: piece 0 through
         // `O_DIRECT` where the file system allows it, pieces 1 and 2 through the page cache
-        // (still dirty when read back), piece 2 in parts.
+        // (still dirty when read back).
         let bytes: Vec<u8> = (0..2 * piece + 100).map(|i| (i % 253) as u8).collect();
         // In the crate's directory: on the disk's file system (`/tmp` may be a tmpfs).
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
@@ -708,15 +688,10 @@ mod tests {
         let mut aligned = crate::bufpool::take(piece as usize + DIRECT_ALIGN);
         let start = aligned.as_ptr().align_offset(DIRECT_ALIGN);
         aligned[start..start + piece as usize].copy_from_slice(&bytes[..piece as usize]);
-        let aligned = crate::bufpool::into_bytes(aligned).slice(start..start + piece as usize);
-        writer.write(0, &aligned.into()).unwrap();
-        file.write_all_at(&bytes[piece as usize..2 * piece as usize], piece)
+        writer
+            .write(0, &aligned[start..start + piece as usize])
             .unwrap();
-        let mut last = PieceBytes::new();
-        for part in bytes[2 * piece as usize..].chunks(33) {
-            last.push(Bytes::copy_from_slice(part));
-        }
-        writer.write(2 * piece, &last).unwrap();
+        file.write_all_at(&bytes[piece as usize..], piece).unwrap();
         let mut back = ReadBack::new(&file);
         let direct = back.direct.is_some();
         for i in [2u64, 0, 1] {
@@ -731,35 +706,5 @@ mod tests {
         }
         // Past the end: short, never padded.
         assert_eq!(back.read(2 * piece, piece as usize).unwrap().len(), 100);
-    }
-
-    #[test]
-    fn a_piece_in_parts_is_written_whole_on_disk_and_on_tmpfs() {
-        let piece = 64 * 1024u64;
-        let bytes: Vec<u8> = (0..2 * piece).map(|i| (i % 241) as u8).collect();
-        // On the disk's file system (in the crate's directory), where `O_DIRECT` copies the
-        // parts into the scratch buffer, and on `/dev/shm` (tmpfs) where it is not used.
-        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let shm = tempfile::tempdir_in("/dev/shm").ok();
-        for dir in std::iter::once(&disk).chain(shm.as_ref()) {
-            let path = dir.path().join("t");
-            let file = Arc::new(create_temp(&path, None, bytes.len() as u64).unwrap());
-            let mut writer = PieceWriter::new(file.clone(), piece);
-            if dir.path().starts_with("/dev/shm") {
-                assert!(writer.direct.is_none(), "no O_DIRECT on tmpfs");
-            }
-            // Piece 1 first, in parts of odd lengths that cross the 4 KiB pages; then piece 0.
-            for i in [1u64, 0] {
-                let mut p = PieceBytes::new();
-                let at = (i * piece) as usize;
-                for part in bytes[at..at + piece as usize].chunks(5000 + 3 * i as usize) {
-                    p.push(Bytes::copy_from_slice(part));
-                }
-                assert!(p.as_parts().len() > 1);
-                writer.write(i * piece, &p).unwrap();
-            }
-            file.sync_data().unwrap();
-            assert!(std::fs::read(&path).unwrap() == bytes, "{}", dir.path().display());
-        }
     }
 }

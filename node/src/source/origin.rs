@@ -27,11 +27,10 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use reqwest::{StatusCode, header};
 use thiserror::Error;
 use url::Url;
-
-use crate::piece_bytes::PieceBytes;
 
 /// Origin client settings.
 #[derive(Clone, Debug)]
@@ -598,7 +597,7 @@ impl Client {
         remote: &Remote,
         range: Range<u64>,
         piece_size: u64,
-        mut sink: impl FnMut(PieceBytes) -> F,
+        mut sink: impl FnMut(Bytes) -> F,
     ) -> Result<(), OriginError>
     where
         F: Future<Output = bool>,
@@ -631,7 +630,7 @@ impl Client {
         pos: &mut u64,
         end: u64,
         piece_size: u64,
-        sink: &mut impl FnMut(PieceBytes) -> F,
+        sink: &mut impl FnMut(Bytes) -> F,
     ) -> Result<Attempt<()>, OriginError>
     where
         F: Future<Output = bool>,
@@ -658,9 +657,8 @@ impl Client {
         // Fewer wake-ups while a long body trickles in (decision 0023).
         let mut mark = super::lowat::LowWater::for_response(&resp);
         let mut body = resp.bytes_stream();
-        // Each piece as the parts of the body it was cut from, not copied (`PieceBytes`).
-        let mut piece = PieceBytes::new();
-        let mut want = piece_size.min(end - *pos) as usize;
+        // Each piece in a reused buffer, aligned for a direct write.
+        let mut buf = crate::bufpool::Filling::new(piece_size.min(end - *pos) as usize);
         while let Some(chunk) = super::lowat::next_chunk(&mut mark, &mut body).await {
             let mut chunk = match chunk {
                 Ok(c) => c,
@@ -672,22 +670,23 @@ impl Client {
                 skip -= n;
             }
             while !chunk.is_empty() {
-                let take = chunk.len().min(want - piece.len());
-                piece.push(chunk.split_to(take));
-                if piece.len() == want {
-                    let full = std::mem::take(&mut piece);
-                    *pos += full.len() as u64;
-                    let more = sink(full).await;
+                let took = buf.extend(&chunk);
+                let _ = chunk.split_to(took);
+                if buf.remaining() == 0 {
+                    let next_len = piece_size.min(end - *pos - buf.len() as u64) as usize;
+                    let piece = std::mem::replace(&mut buf, crate::bufpool::Filling::new(next_len))
+                        .freeze();
+                    *pos += piece.len() as u64;
+                    let more = sink(piece).await;
                     if !more || *pos >= end {
                         return Ok(Attempt::Done(()));
                     }
-                    want = piece_size.min(end - *pos) as usize;
                 }
             }
         }
         Ok(Attempt::Retry(format!(
             "response ended at byte {} of {end}",
-            *pos + piece.len() as u64
+            *pos + buf.len() as u64
         )))
     }
 }

@@ -830,7 +830,7 @@ impl World<'_> {
         }
         let len = self.piece_len(index) as usize;
         if let Some(c) = &mut self.nodes[i].core {
-            c.handle_piece(now, index, source, Bytes::from_static(&ZEROS[..len]).into());
+            c.handle_piece(now, index, source, Bytes::from_static(&ZEROS[..len]));
         }
     }
 
