@@ -57,13 +57,6 @@ impl Sha256Stream {
         }
     }
 
-    /// Feeds the next bytes of the file, every part in order ([`Sha256Stream::update`]).
-    pub fn update_parts(&mut self, bytes: &(impl crate::Parts + ?Sized)) {
-        for part in bytes.parts() {
-            self.update(part);
-        }
-    }
-
     /// The digest of everything fed.
     #[must_use]
     pub fn finish(self) -> Sha256Digest {
@@ -102,8 +95,7 @@ fn prefetch(_bytes: &[u8]) {}
 /// BEP 3) would otherwise take the room of the window of pieces right after the next one. A
 /// piece read back from a file someone else may have written since it verified is checked
 /// again against the chaining value it verified with (BLAKE3, [`crate::check_piece`]): what
-/// is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`, or
-/// anything in several [`crate::Parts`]). Does
+/// is hashed must be what verified. `B` is the caller's byte buffer (`Vec<u8>`, `Bytes`). Does
 /// no I/O itself: the caller's `read_at(offset, len)` returns the `len` bytes of the file at
 /// `offset` (in whatever buffer suits its I/O: an aligned one for `O_DIRECT`, say) and whether
 /// someone other than the caller could have changed them (`true` makes the check).
@@ -126,7 +118,7 @@ pub struct OrderedSha256<B> {
     read_back: u32,
 }
 
-impl<B: crate::Parts> OrderedSha256<B> {
+impl<B: AsRef<[u8]>> OrderedSha256<B> {
     /// For a file of `length` bytes in pieces of `piece_size` bytes, holding at most
     /// `hold_bytes` of early pieces in memory.
     #[must_use]
@@ -160,9 +152,9 @@ impl<B: crate::Parts> OrderedSha256<B> {
         if index != self.next {
             let ahead = u64::from(index.saturating_sub(self.next)) * self.piece_size;
             let near = ahead <= self.hold_bytes as u64;
-            let keep = bytes.filter(|b| near && self.held + b.byte_len() <= self.hold_bytes);
+            let keep = bytes.filter(|b| near && self.held + b.as_ref().len() <= self.hold_bytes);
             if let Some(b) = &keep {
-                self.held += b.byte_len();
+                self.held += b.as_ref().len();
             }
             self.later.insert(index, (keep, cv));
             return Ok(());
@@ -170,7 +162,7 @@ impl<B: crate::Parts> OrderedSha256<B> {
         self.take(bytes, cv, read_at)?;
         while let Some((b, cv)) = self.later.remove(&self.next) {
             if let Some(b) = &b {
-                self.held -= b.byte_len();
+                self.held -= b.as_ref().len();
             }
             self.take(b, cv, read_at)?;
         }
@@ -186,29 +178,29 @@ impl<B: crate::Parts> OrderedSha256<B> {
     ) -> std::io::Result<()> {
         let index = self.next;
         match bytes {
-            Some(b) => self.sha.update_parts(&b),
+            Some(b) => self.sha.update(b.as_ref()),
             None => {
                 let start = u64::from(index) * self.piece_size;
                 let len = self.length.saturating_sub(start).min(self.piece_size);
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
-                let (piece, shared) = read_at(start, len)?;
-                let got = piece.byte_len();
-                if got != len {
+                let (read, shared) = read_at(start, len)?;
+                let piece = read.as_ref();
+                if piece.len() != len {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
-                        format!("piece {index} read back as {got} of {len} bytes"),
+                        format!("piece {index} read back as {} of {len} bytes", piece.len()),
                     ));
                 }
                 self.read_back += 1;
                 if let Some(cv) = cv.filter(|_| shared) {
-                    crate::check_piece(index, start, &piece, &cv).map_err(|e| {
+                    crate::check_piece(index, start, piece, &cv).map_err(|e| {
                         std::io::Error::new(
                             std::io::ErrorKind::InvalidData,
                             format!("the temporary file changed after its piece verified: {e}"),
                         )
                     })?;
                 }
-                self.sha.update_parts(&piece);
+                self.sha.update(piece);
             }
         }
         self.next += 1;

@@ -14,32 +14,21 @@ use blake3::hazmat::{
 };
 use shoal_protocol::{ContentId, PieceIndex};
 
-use crate::{Error, Parts};
+use crate::Error;
 
 /// A 32-byte BLAKE3 chaining value.
 pub type ChainingValue = [u8; 32];
 
 /// The chaining value of a piece that starts `offset` bytes into a file of more than one piece.
 ///
-/// The caller must pass a piece-aligned `offset` and a whole piece, in one part or several;
-/// [`PieceLayer`] and [`LayerBuilder`] do.
+/// The caller must pass a piece-aligned `offset` and a whole piece; [`PieceLayer`] and
+/// [`LayerBuilder`] do.
 #[must_use]
-pub fn piece_chaining_value(offset: u64, bytes: &(impl Parts + ?Sized)) -> ChainingValue {
+pub fn piece_chaining_value(offset: u64, bytes: &[u8]) -> ChainingValue {
     let mut hasher = blake3::Hasher::new();
     hasher.set_input_offset(offset);
-    for part in bytes.parts() {
-        hasher.update(part);
-    }
+    hasher.update(bytes);
     hasher.finalize_non_root()
-}
-
-/// The BLAKE3 hash of `bytes`, all parts in order (the root of a one-piece file).
-fn root_hash(bytes: &(impl Parts + ?Sized)) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    for part in bytes.parts() {
-        hasher.update(part);
-    }
-    *hasher.finalize().as_bytes()
 }
 
 /// Chaining values from their concatenation (32 bytes each, as a piece layer is stored).
@@ -69,7 +58,7 @@ pub fn chaining_values_from_bytes(flat: &[u8]) -> Result<Vec<ChainingValue>, Err
 pub fn check_piece(
     index: PieceIndex,
     offset: u64,
-    bytes: &(impl Parts + ?Sized),
+    bytes: &[u8],
     cv: &ChainingValue,
 ) -> Result<(), Error> {
     if piece_chaining_value(offset, bytes) == *cv {
@@ -166,11 +155,7 @@ impl PieceLayer {
     /// # Errors
     /// [`Error::PieceOutOfRange`], [`Error::PieceLength`] when `bytes` is not exactly the piece's
     /// length, [`Error::PieceMismatch`] when the bytes hash differently.
-    pub fn verify_piece(
-        &self,
-        index: PieceIndex,
-        bytes: &(impl Parts + ?Sized),
-    ) -> Result<(), Error> {
+    pub fn verify_piece(&self, index: PieceIndex, bytes: &[u8]) -> Result<(), Error> {
         let range = self
             .content_id
             .piece_range(index)
@@ -178,16 +163,15 @@ impl PieceLayer {
                 index,
                 piece_count: self.content_id.piece_count(),
             })?;
-        let got = bytes.byte_len() as u64;
-        if got != range.end - range.start {
+        if bytes.len() as u64 != range.end - range.start {
             return Err(Error::PieceLength {
                 index,
                 expected: range.end - range.start,
-                got,
+                got: bytes.len() as u64,
             });
         }
         let good = if self.cvs.is_empty() {
-            root_hash(bytes) == *self.content_id.hash()
+            blake3::hash(bytes).as_bytes() == self.content_id.hash()
         } else {
             piece_chaining_value(range.start, bytes) == self.cvs[index as usize]
         };
@@ -234,11 +218,7 @@ impl LayerBuilder {
     /// # Errors
     /// [`Error::PieceOutOfRange`] or [`Error::PieceLength`] when the piece does not fit the
     /// file's geometry.
-    pub fn add_piece(
-        &mut self,
-        index: PieceIndex,
-        bytes: &(impl Parts + ?Sized),
-    ) -> Result<(), Error> {
+    pub fn add_piece(&mut self, index: PieceIndex, bytes: &[u8]) -> Result<(), Error> {
         let start = u64::from(index) * self.piece_size;
         if index >= self.piece_count {
             return Err(Error::PieceOutOfRange {
@@ -247,16 +227,15 @@ impl LayerBuilder {
             });
         }
         let expected = (start + self.piece_size).min(self.length) - start;
-        let got = bytes.byte_len() as u64;
-        if got != expected {
+        if bytes.len() as u64 != expected {
             return Err(Error::PieceLength {
                 index,
                 expected,
-                got,
+                got: bytes.len() as u64,
             });
         }
         if self.piece_count == 1 {
-            self.single_root = Some(root_hash(bytes));
+            self.single_root = Some(*blake3::hash(bytes).as_bytes());
         }
         self.cvs[index as usize] = Some(piece_chaining_value(start, bytes));
         Ok(())

@@ -11,15 +11,12 @@
 //! - [`Sha256Stream`] and [`Expected`]: the whole-file digests a job may expect;
 //!   [`OrderedSha256`]: the SHA-256 of pieces verified out of order, taken in file order.
 //! - [`hash_reader`]: content id, SHA-256 and piece layer of a whole file in one pass.
-//! - [`Parts`]: bytes in one or more parts (a piece as the parts of a response body), which
-//!   everything here that hashes a piece takes.
 //! - [`sha256_swarm_id`]: the id of a swarm that knows its content only by its SHA-256.
 //!
 //! The tree arithmetic follows section 2.1 of the BLAKE3 paper, through `blake3::hazmat`.
 
 mod digest;
 mod layer;
-mod parts;
 mod swarm_id;
 
 pub use digest::{
@@ -29,7 +26,6 @@ pub use layer::{
     ChainingValue, LayerBuilder, PieceLayer, chaining_values_from_bytes, check_piece,
     piece_chaining_value,
 };
-pub use parts::Parts;
 pub use shoal_protocol::{ContentId, Sha256Digest};
 pub use swarm_id::{SHA256_SWARM_CONTEXT, sha256_swarm_id};
 
