@@ -103,9 +103,9 @@ const SHA_QUEUE: usize = 2;
 /// (pieces written with `O_DIRECT` are not in the page cache, so reading them back is disk I/O).
 /// The largest item of a leecher's memory bound: 16 MiB covered every reordering of one peer's
 /// pipeline, but a piece that came late let the thread hold 16 pieces of 1 MiB behind it, and
-/// a leecher given only the SHA-256 then went over target 3's 48 MiB peak in about one run in
-/// ten. With 8 MiB the thread read back 0-7 pieces per run from one seed where 16 MiB read
-/// back none, at the same median peak (`docs/benchmarks.md`, sessions 32 and 33).
+/// a leecher given only the SHA-256 then peaked over 48 MiB resident in about one run in ten.
+/// With 8 MiB the thread read back 0-7 pieces per run from one seed where 16 MiB read back
+/// none, at the same median peak and time (`docs/benchmarks.md`, sessions 32 and 33).
 const SHA_HOLD_BYTES: usize = 8 << 20;
 /// Before its first origin run, a node of a swarm waits until no new member that uses the
 /// origin was learned for this long (a little over one have round), so that the shares it
