@@ -102,10 +102,10 @@ impl Server {
         Self { answers }
     }
 
-    /// Serves the have streams `incoming` brings (from [`super::accept::Behaviour`]), each in a
+    /// Serves the have streams `incoming` brings (from [`super::streams::Behaviour`]), each in a
     /// task of its own, until `shutdown`; at most [`MAX_STREAMS_PER_PEER`] of one peer at once
     /// ([`pieces::serve_streams`]).
-    pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
+    pub(crate) fn start(self, incoming: super::streams::Incoming, shutdown: CancellationToken) {
         let server = Arc::new(self);
         let counters = server.answers.counters.clone();
         serve_streams(

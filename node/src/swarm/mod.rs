@@ -7,7 +7,6 @@
 //! beyond that a piece request is answered Busy. Pieces travel on long-lived streams that
 //! bypass the loop ([`pieces`]).
 
-pub(crate) mod accept;
 pub(crate) mod dialscope;
 pub(crate) mod discovered;
 pub(crate) mod group;
@@ -15,6 +14,7 @@ pub(crate) mod have;
 pub(crate) mod lan;
 pub(crate) mod mux;
 pub(crate) mod pieces;
+pub(crate) mod streams;
 pub(crate) mod tls;
 
 use std::{
@@ -225,8 +225,7 @@ mod behaviour {
         pub(super) kad: Toggle<ScopedDial<kad::Behaviour<kad::store::MemoryStore>>>,
         pub(super) have: HaveBehaviour,
         pub(super) layer: LayerBehaviour,
-        pub(super) stream: libp2p_stream::Behaviour,
-        pub(super) accept: super::accept::Behaviour,
+        pub(super) streams: super::streams::Behaviour,
         pub(super) announce: AnnounceBehaviour,
     }
 }
@@ -506,7 +505,7 @@ pub(crate) struct Handle {
     cache_nodes: Arc<Vec<PeerId>>,
     max_upload_peers: Arc<std::sync::atomic::AtomicUsize>,
     /// Opens piece streams.
-    streams: StreamControl,
+    streams: streams::Control,
     /// The piece streams kept open between requests.
     pool: Arc<pieces::Pool>,
     /// The have streams kept open between queries, and the peers that speak only
@@ -514,16 +513,6 @@ pub(crate) struct Handle {
     have: Arc<have::Client>,
     /// The timeout of one piece exchange.
     piece_timeout: Duration,
-}
-
-/// libp2p-stream's control, which has no `Debug`.
-#[derive(Clone)]
-struct StreamControl(libp2p_stream::Control);
-
-impl std::fmt::Debug for StreamControl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StreamControl")
-    }
 }
 
 /// Announcements buffered per subscriber; a slow download misses old ones (its have queries
@@ -824,17 +813,10 @@ impl Handle {
             .await
             .map_err(|_| RequestError::Shutdown)?;
         rx.await.map_err(|_| RequestError::Shutdown)?;
-        let mut control = self.streams.0.clone();
-        control
+        self.streams
             .open_stream(peer, protocol)
             .await
-            .map_err(|e| RequestError::Stream {
-                peer,
-                error: match e {
-                    libp2p_stream::OpenStreamError::Io(error) => error,
-                    other => io::Error::new(io::ErrorKind::Unsupported, other.to_string()),
-                },
-            })
+            .map_err(|error| RequestError::Stream { peer, error })
     }
 
     /// The peers connected now.
@@ -1152,7 +1134,7 @@ fn build_swarm(
     keypair: identity::Keypair,
     config: &Config,
     dial_scopes: &DialScopes,
-    accept: accept::Behaviour,
+    streams: streams::Behaviour,
 ) -> Result<libp2p::Swarm<Behaviour>, Error> {
     let dht_on = config.mode.uses_dht();
     let make_behaviour =
@@ -1180,8 +1162,7 @@ fn build_swarm(
                     [(StreamProtocol::new(LAYER_PROTOCOL), ProtocolSupport::Full)],
                     request_config(Duration::from_secs(20)),
                 ),
-                stream: libp2p_stream::Behaviour::new(),
-                accept,
+                streams,
                 announce: request_response::Behaviour::new(
                     [(
                         StreamProtocol::new(ANNOUNCE_PROTOCOL),
@@ -1253,8 +1234,8 @@ pub(crate) async fn spawn(
     } else {
         None
     };
-    let (accept, accepted) = accept::Behaviour::new();
-    let mut swarm = build_swarm(keypair, &config, &dial_scopes, accept)?;
+    let (streams, accepted, control) = streams::Behaviour::new();
+    let mut swarm = build_swarm(keypair, &config, &dial_scopes, streams)?;
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -1297,7 +1278,6 @@ pub(crate) async fn spawn(
     let (connected, connected_rx) = tokio::sync::watch::channel(0usize);
     let peer_id = *swarm.local_peer_id();
     let counters = Arc::new(UploadCounters::default());
-    let control = swarm.behaviour().stream.new_control();
     let (slots, answers) = start_servers(
         &config,
         (&store, &bandwidth, &counters, &max_upload_peers),
@@ -1317,7 +1297,7 @@ pub(crate) async fn spawn(
         connected: connected_rx,
         cache_nodes: Arc::new(cache_nodes),
         max_upload_peers,
-        streams: StreamControl(control),
+        streams: control,
         pool: pool.clone(),
         have: have_client.clone(),
         piece_timeout: config.piece_timeout,
@@ -1391,7 +1371,7 @@ fn start_servers(
         &Arc<UploadCounters>,
         &Arc<std::sync::atomic::AtomicUsize>,
     ),
-    (accepted, fills): (accept::Accepted, Option<mpsc::Sender<FillRequest>>),
+    (accepted, fills): (streams::Accepted, Option<mpsc::Sender<FillRequest>>),
     shutdown: &CancellationToken,
 ) -> (Arc<pieces::UploadSlots>, have::Answers) {
     let answers = have::Answers {
@@ -1920,7 +1900,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Have(e)) => self.on_have(e),
             SwarmEvent::Behaviour(BehaviourEvent::Layer(e)) => self.on_layer(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Stream(())) => {}
+            SwarmEvent::Behaviour(BehaviourEvent::Streams(never)) => match never {},
             SwarmEvent::Behaviour(BehaviourEvent::Announce(request_response::Event::Message {
                 peer,
                 message:

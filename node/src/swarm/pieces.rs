@@ -251,9 +251,9 @@ impl Server {
         }
     }
 
-    /// Serves the piece streams `incoming` brings (from [`super::accept::Behaviour`]), each in
+    /// Serves the piece streams `incoming` brings (from [`super::streams::Behaviour`]), each in
     /// a task of its own, until `shutdown` ([`serve_streams`]).
-    pub(crate) fn start(self, incoming: super::accept::Incoming, shutdown: CancellationToken) {
+    pub(crate) fn start(self, incoming: super::streams::Incoming, shutdown: CancellationToken) {
         let server = Arc::new(self);
         let counters = server.counters.clone();
         serve_streams(
@@ -371,7 +371,7 @@ impl Drop for OpenStream {
 /// `shutdown`, in a task of its own: each is admitted against `open` (else reset), counted
 /// with `opened`, and served by `serve` in a task of its own, which `shutdown` ends too.
 pub(crate) fn serve_streams<Fut>(
-    (mut incoming, open, what): (super::accept::Incoming, OpenStreams, &'static str),
+    (mut incoming, open, what): (super::streams::Incoming, OpenStreams, &'static str),
     shutdown: CancellationToken,
     opened: impl Fn() + Send + 'static,
     serve: impl Fn(PeerId, Stream) -> Fut + Send + 'static,
