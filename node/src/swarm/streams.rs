@@ -99,7 +99,7 @@ pub(crate) struct Control {
 }
 
 impl Control {
-    /// Opens a stream of `protocol` to `peer` on one of its connections (the newest). When
+    /// Opens a stream of `protocol` to `peer` on one of its connections (at random). When
     /// `peer` is not connected, the open waits for a connection: a dial under way (the caller
     /// starts one with its addresses), or one this behaviour asks the swarm for.
     ///
@@ -133,6 +133,22 @@ impl Control {
     }
 }
 
+/// The established connections to one peer.
+#[derive(Default)]
+struct Live {
+    ids: Vec<ConnectionId>,
+}
+
+impl Live {
+    /// One of the connections, chosen at random as `libp2p-stream` did (the streams to a peer
+    /// with two connections, as two nodes dialing each other at once end up with, share both
+    /// connections' tasks); never called on an empty list (a peer's entry goes with its last
+    /// connection).
+    fn next(&mut self) -> ConnectionId {
+        self.ids[rand::random_range(0..self.ids.len())]
+    }
+}
+
 /// The behaviour that accepts inbound piece and have streams and opens outbound streams for
 /// its [`Control`]; it emits no events. Its state is the live connections of each peer and
 /// the opens waiting for a connection, nothing per closed connection.
@@ -140,8 +156,8 @@ pub(crate) struct Behaviour {
     pieces: mpsc::Sender<(PeerId, Stream)>,
     have: mpsc::Sender<(PeerId, Stream)>,
     opens: mpsc::Receiver<Open>,
-    /// The established connections of each peer, oldest first.
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// The established connections of each peer.
+    connections: HashMap<PeerId, Live>,
     /// Opens for peers not connected yet, until a connection is established or the dial fails.
     waiting: HashMap<PeerId, Vec<Open>>,
     /// What to hand the swarm next: opens for their connections, dials.
@@ -178,6 +194,7 @@ impl Behaviour {
             pieces: self.pieces.clone(),
             have: self.have.clone(),
             opens: VecDeque::new(),
+            negotiating: false,
         }
     }
 
@@ -187,13 +204,13 @@ impl Behaviour {
         (self.connections.len(), self.waiting.len())
     }
 
-    /// Sends `open` to the newest connection of its peer, or parks it until one is
+    /// Sends `open` to one of its peer's connections, or parks it until one is
     /// established (asking the swarm to dial when no dial is under way).
     fn route(&mut self, open: Open) {
         if open.reply.is_closed() {
             return;
         }
-        if let Some(&connection) = self.connections.get(&open.peer).and_then(|c| c.last()) {
+        if let Some(connection) = self.connections.get_mut(&open.peer).map(Live::next) {
             self.out.push_back(ToSwarm::NotifyHandler {
                 peer_id: open.peer,
                 handler: NotifyHandler::One(connection),
@@ -252,6 +269,7 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .entry(peer_id)
                     .or_default()
+                    .ids
                     .push(connection_id);
                 for open in self.waiting.remove(&peer_id).unwrap_or_default() {
                     self.route(open);
@@ -263,8 +281,8 @@ impl NetworkBehaviour for Behaviour {
                 ..
             }) => {
                 if let Some(c) = self.connections.get_mut(&peer_id) {
-                    c.retain(|&id| id != connection_id);
-                    if c.is_empty() {
+                    c.ids.retain(|&id| id != connection_id);
+                    if c.ids.is_empty() {
                         self.connections.remove(&peer_id);
                     }
                 }
@@ -369,6 +387,9 @@ pub(crate) struct Handler {
     have: mpsc::Sender<(PeerId, Stream)>,
     /// Opens routed here and not yet requested from the connection.
     opens: VecDeque<Open>,
+    /// Whether an outbound stream is being negotiated: one at a time per connection, as
+    /// `libp2p-stream` did.
+    negotiating: bool,
 }
 
 /// The open info of an outbound stream: the protocol asked for and where its stream goes.
@@ -390,10 +411,13 @@ impl ConnectionHandler for Handler {
         &mut self,
         _: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Reply, Infallible>> {
-        while let Some(open) = self.opens.pop_front() {
+        while !self.negotiating
+            && let Some(open) = self.opens.pop_front()
+        {
             if open.reply.is_closed() {
                 continue;
             }
+            self.negotiating = true;
             return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                 protocol: SubstreamProtocol::new(
                     Outbound(open.protocol.clone()),
@@ -431,6 +455,7 @@ impl ConnectionHandler for Handler {
                 protocol: stream,
                 info: (_, reply),
             }) => {
+                self.negotiating = false;
                 // A caller that gave up drops the stream, which resets it.
                 let _ = reply.send(Ok(stream));
             }
@@ -438,6 +463,7 @@ impl ConnectionHandler for Handler {
                 info: (protocol, reply),
                 error,
             }) => {
+                self.negotiating = false;
                 let error = match error {
                     StreamUpgradeError::Timeout => open_error(
                         io::ErrorKind::TimedOut,
