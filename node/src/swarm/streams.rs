@@ -514,6 +514,12 @@ mod tests {
         (id, addr, accepted, task)
     }
 
+    /// A client swarm (not listening) and the control that opens its streams.
+    fn client() -> (Swarm<Behaviour>, Control) {
+        let (behaviour, _, control) = Behaviour::new();
+        (super::super::test_swarm(|_| behaviour), control)
+    }
+
     /// Polls `swarm` until `done` finishes (at most 10 s) and returns its output.
     async fn drive<T>(
         swarm: &mut Swarm<Behaviour>,
@@ -561,8 +567,7 @@ mod tests {
     async fn piece_streams_wait_in_the_queue_until_the_server_takes_them() {
         let (server_id, addr, accepted, server_task) = server().await;
         let mut incoming = accepted.pieces;
-        let (behaviour, _, control) = Behaviour::new();
-        let mut client = super::super::test_swarm(|_| behaviour);
+        let (mut client, control) = client();
         client.dial(addr.with(Protocol::P2p(server_id))).unwrap();
         let client_id = *client.local_peer_id();
         let client_task = tokio::spawn(async move {
@@ -600,8 +605,7 @@ mod tests {
     async fn an_open_waits_for_the_dial_under_way_then_uses_its_connection() {
         let (server_id, addr, accepted, server_task) = server().await;
         let mut incoming = accepted.have;
-        let (behaviour, _, control) = Behaviour::new();
-        let mut client = super::super::test_swarm(|_| behaviour);
+        let (mut client, control) = client();
         // The dial starts before the open and the swarm has not run yet: the open finds no
         // connection and waits for this one.
         client.dial(addr.with(Protocol::P2p(server_id))).unwrap();
@@ -628,8 +632,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_connects_and_disconnects_again_and_again_leaves_nothing_held() {
         let (server_id, addr, _accepted, server_task) = server().await;
-        let (behaviour, _, control) = Behaviour::new();
-        let mut client = super::super::test_swarm(|_| behaviour);
+        let (mut client, control) = client();
         let addr = addr.with(Protocol::P2p(server_id));
         for _ in 0..20 {
             client.dial(addr.clone()).unwrap();
@@ -656,8 +659,7 @@ mod tests {
     #[tokio::test]
     async fn an_open_fails_with_the_reason_when_the_peer_cannot_be_reached_or_lacks_the_protocol() {
         let (server_id, addr, _accepted, server_task) = server().await;
-        let (behaviour, _, control) = Behaviour::new();
-        let mut client = super::super::test_swarm(|_| behaviour);
+        let (mut client, control) = client();
         // Not connected and no address to dial: the dial this behaviour asks for fails.
         let unknown = PeerId::random();
         let e = drive(
