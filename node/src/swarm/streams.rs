@@ -77,12 +77,6 @@ pub(crate) struct Accepted {
 /// requests in flight.
 const OPEN_QUEUE: usize = 256;
 
-/// Why an outbound stream could not be opened, as the `io::Error` [`Control::open_stream`]
-/// returns.
-fn open_error(kind: io::ErrorKind, what: impl Into<String>) -> io::Error {
-    io::Error::new(kind, what.into())
-}
-
 /// A request to open an outbound stream of `protocol` to `peer`; the stream, or why it could
 /// not be opened, goes back on `reply`.
 #[derive(Debug)]
@@ -107,14 +101,13 @@ impl Control {
     /// `BrokenPipe` when the swarm has stopped; `NotConnected` when the dial to `peer` failed
     /// (the dial's error in the message); `Unsupported` when `peer` does not speak
     /// `protocol`; `TimedOut` when the negotiation took longer than libp2p's substream
-    /// timeout (10 s); `ConnectionAborted` when the connection closed first; or the
-    /// negotiation's I/O error. The caller bounds the wait itself.
+    /// timeout (10 s); `ConnectionAborted` when the connection closed (or the swarm stopped)
+    /// first; or the negotiation's I/O error. The caller bounds the wait itself.
     pub(crate) async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> io::Result<Stream> {
-        let stopped = || open_error(io::ErrorKind::BrokenPipe, "the swarm has stopped");
         let (reply, answer) = oneshot::channel();
         self.opens
             .send(Open {
@@ -123,29 +116,13 @@ impl Control {
                 reply,
             })
             .await
-            .map_err(|_| stopped())?;
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the swarm has stopped"))?;
         answer.await.unwrap_or_else(|_| {
-            Err(open_error(
+            Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the connection closed before the stream opened",
             ))
         })
-    }
-}
-
-/// The established connections to one peer.
-#[derive(Default)]
-struct Live {
-    ids: Vec<ConnectionId>,
-}
-
-impl Live {
-    /// One of the connections, chosen at random as `libp2p-stream` did (the streams to a peer
-    /// with two connections, as two nodes dialing each other at once end up with, share both
-    /// connections' tasks); never called on an empty list (a peer's entry goes with its last
-    /// connection).
-    fn next(&mut self) -> ConnectionId {
-        self.ids[rand::random_range(0..self.ids.len())]
     }
 }
 
@@ -156,8 +133,8 @@ pub(crate) struct Behaviour {
     pieces: mpsc::Sender<(PeerId, Stream)>,
     have: mpsc::Sender<(PeerId, Stream)>,
     opens: mpsc::Receiver<Open>,
-    /// The established connections of each peer.
-    connections: HashMap<PeerId, Live>,
+    /// The established connections of each peer (an entry goes with its last connection).
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
     /// Opens for peers not connected yet, until a connection is established or the dial fails.
     waiting: HashMap<PeerId, Vec<Open>>,
     /// What to hand the swarm next: opens for their connections, dials.
@@ -204,13 +181,15 @@ impl Behaviour {
         (self.connections.len(), self.waiting.len())
     }
 
-    /// Sends `open` to one of its peer's connections, or parks it until one is
-    /// established (asking the swarm to dial when no dial is under way).
+    /// Sends `open` to one of its peer's connections, chosen at random as `libp2p-stream` did
+    /// (the streams to a peer with two connections share both connections' tasks), or parks
+    /// it until one is established (asking the swarm to dial when no dial is under way).
     fn route(&mut self, open: Open) {
         if open.reply.is_closed() {
             return;
         }
-        if let Some(connection) = self.connections.get_mut(&open.peer).map(Live::next) {
+        if let Some(c) = self.connections.get(&open.peer).filter(|c| !c.is_empty()) {
+            let connection = c[rand::random_range(0..c.len())];
             self.out.push_back(ToSwarm::NotifyHandler {
                 peer_id: open.peer,
                 handler: NotifyHandler::One(connection),
@@ -269,7 +248,6 @@ impl NetworkBehaviour for Behaviour {
                 self.connections
                     .entry(peer_id)
                     .or_default()
-                    .ids
                     .push(connection_id);
                 for open in self.waiting.remove(&peer_id).unwrap_or_default() {
                     self.route(open);
@@ -281,8 +259,8 @@ impl NetworkBehaviour for Behaviour {
                 ..
             }) => {
                 if let Some(c) = self.connections.get_mut(&peer_id) {
-                    c.ids.retain(|&id| id != connection_id);
-                    if c.ids.is_empty() {
+                    c.retain(|&id| id != connection_id);
+                    if c.is_empty() {
                         self.connections.remove(&peer_id);
                     }
                 }
@@ -300,7 +278,7 @@ impl NetworkBehaviour for Behaviour {
                     return;
                 }
                 for open in self.waiting.remove(&peer).unwrap_or_default() {
-                    let _ = open.reply.send(Err(open_error(
+                    let _ = open.reply.send(Err(io::Error::new(
                         io::ErrorKind::NotConnected,
                         format!("cannot connect to {peer}: {error}"),
                     )));
@@ -465,11 +443,11 @@ impl ConnectionHandler for Handler {
             }) => {
                 self.negotiating = false;
                 let error = match error {
-                    StreamUpgradeError::Timeout => open_error(
+                    StreamUpgradeError::Timeout => io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!("opening a {protocol} stream timed out"),
                     ),
-                    StreamUpgradeError::NegotiationFailed => open_error(
+                    StreamUpgradeError::NegotiationFailed => io::Error::new(
                         io::ErrorKind::Unsupported,
                         format!("the peer does not support {protocol}"),
                     ),
