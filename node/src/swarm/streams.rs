@@ -188,7 +188,7 @@ impl Behaviour {
         if open.reply.is_closed() {
             return;
         }
-        if let Some(c) = self.connections.get(&open.peer).filter(|c| !c.is_empty()) {
+        if let Some(c) = self.connections.get(&open.peer) {
             let connection = c[rand::random_range(0..c.len())];
             self.out.push_back(ToSwarm::NotifyHandler {
                 peer_id: open.peer,
